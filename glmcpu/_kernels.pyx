@@ -1,0 +1,178 @@
+# The hot loops behind glmcpu.ops. Built once per instruction set through one-line shims
+# (_kernels_avx2.pyx: `include "_kernels.pyx"`); kernels.h picks its SIMD path from the
+# compiler's ISA macros. Thin `def` wrappers check shapes once; the work runs without the GIL.
+from cython.parallel cimport prange, parallel
+from libc.stdint cimport uint8_t, uint16_t, int8_t, int32_t
+from libc.stdlib cimport malloc, free
+from libc.math cimport sqrtf, expf, cos, sin, pow
+import numpy as np
+
+cdef extern from "kernels.h" nogil:
+    const char *GLMCPU_ISA
+    int QK
+    void quantize_row_q8(int n, const float *x, int8_t *xq, float *xd, float *xs)
+    void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1,
+                   int T, const float *x, const int8_t *xq, const float *xd, const float *xs,
+                   float *out, int ldo)
+    void attend_one(int hd, int n, const float *q, const float *k, const float *v,
+                    size_t kv_stride, float scale, float *scratch, float *out)
+
+ISA = GLMCPU_ISA.decode()
+
+# ggml type -> (block size, bytes per block) for the types the kernels run
+TYPE_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 30: (1, 2)}
+INT_TYPES = (2, 8)
+
+
+def quantize_q8(const float[:, ::1] x):
+    """[T, n] float32 -> (xq int8 [T, n], xd float32 [T, n/32], xs float32 [T, n/32])."""
+    cdef int T = x.shape[0], n = x.shape[1], t
+    if n % QK:
+        raise ValueError(f"row length {n} is not a multiple of {QK}")
+    xq = np.empty((T, n), np.int8)
+    xd = np.empty((T, n // QK), np.float32)
+    xs = np.empty((T, n // QK), np.float32)
+    cdef int8_t[:, ::1] q = xq
+    cdef float[:, ::1] d = xd, s = xs
+    with nogil:
+        for t in range(T):
+            quantize_row_q8(n, &x[t, 0], &q[t, 0], &d[t, 0], &s[t, 0])
+    return xq, xd, xs
+
+
+def gemm(const uint8_t[:, ::1] w, int wtype, int n, const float[:, ::1] x, float[:, ::1] out,
+         int threads=1):
+    """out[T, N] = x[T, n] @ W[N, n]^T for W stored as ggml type `wtype`, one row per line
+    of `w` (bytes). Q4_0/Q8_0 weights use x quantised to int8 blocks, as ggml does."""
+    cdef int N = w.shape[0], T = x.shape[0], nchunks, c, r0, r1
+    if wtype not in TYPE_SIZES:
+        raise ValueError(f"unsupported ggml type {wtype}")
+    bs, bb = TYPE_SIZES[wtype]
+    if n % bs or w.shape[1] != n // bs * bb:
+        raise ValueError(f"weight rows of {w.shape[1]} bytes do not hold {n} values of type {wtype}")
+    if x.shape[1] != n or out.shape[0] != T or out.shape[1] != N:
+        raise ValueError(f"shape mismatch: x [{x.shape[0]}, {x.shape[1]}], W [{N}, {n}], out [{out.shape[0]}, {out.shape[1]}]")
+    if N == 0 or T == 0:
+        return out
+    cdef const int8_t *pq = NULL
+    cdef const float *pd = NULL
+    cdef const float *ps = NULL
+    cdef int8_t[:, ::1] xq
+    cdef float[:, ::1] xd, xs
+    if wtype in INT_TYPES:
+        aq, ad, as_ = quantize_q8(x)
+        xq, xd, xs = aq, ad, as_
+        pq, pd, ps = &xq[0, 0], &xd[0, 0], &xs[0, 0]
+    threads = max(1, threads)
+    nchunks = min(N, threads * 4)
+    with nogil:
+        for c in prange(nchunks, num_threads=threads, schedule='static'):
+            r0 = <int>((<long long>c * N) // nchunks)
+            r1 = <int>((<long long>(c + 1) * N) // nchunks)
+            gemm_rows(wtype, n, &w[0, 0], w.shape[1], r0, r1, T, &x[0, 0], pq, pd, ps,
+                      &out[0, 0], N)
+    return out
+
+
+def rmsnorm(const float[:, ::1] x, const float[::1] w, float eps, float[:, ::1] out):
+    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, in float32 with a double accumulator."""
+    cdef int T = x.shape[0], D = x.shape[1], t, j
+    cdef double ss
+    cdef float r
+    if w.shape[0] != D or out.shape[0] != T or out.shape[1] != D:
+        raise ValueError("rmsnorm: shape mismatch")
+    with nogil:
+        for t in range(T):
+            ss = 0
+            for j in range(D):
+                ss = ss + x[t, j] * x[t, j]
+            r = 1.0 / sqrtf(<float>(ss / D) + eps)
+            for j in range(D):
+                out[t, j] = x[t, j] * r * w[j]
+    return out
+
+
+def rope(float[:, :, ::1] x, const int32_t[::1] pos, int n_rot, double theta, bint neox):
+    """Rotate the first n_rot dims of every head of x [T, H, D] in place.
+    neox=False: pairs (2i, 2i+1) (GGUF chatglm/glm4); neox=True: pairs (i, i + n_rot/2)."""
+    cdef int T = x.shape[0], H = x.shape[1], D = x.shape[2], half = n_rot // 2, t, h, i, a, b
+    cdef float c, s, x0, x1
+    cdef double ang
+    if n_rot > D or n_rot % 2 or pos.shape[0] != T:
+        raise ValueError("rope: bad n_rot or positions")
+    with nogil:
+        for t in range(T):
+            for i in range(half):
+                ang = pos[t] * pow(theta, -2.0 * i / n_rot)
+                c = <float>cos(ang)
+                s = <float>sin(ang)
+                if neox:
+                    a = i
+                    b = i + half
+                else:
+                    a = 2 * i
+                    b = 2 * i + 1
+                for h in range(H):
+                    x0 = x[t, h, a]
+                    x1 = x[t, h, b]
+                    x[t, h, a] = x0 * c - x1 * s
+                    x[t, h, b] = x1 * c + x0 * s
+    return x
+
+
+def softmax(float[:, ::1] x):
+    """Row-wise softmax in place (float32, max-subtracted)."""
+    cdef int T = x.shape[0], N = x.shape[1], t, j
+    cdef float mx, tot
+    with nogil:
+        for t in range(T):
+            mx = x[t, 0]
+            for j in range(N):
+                if x[t, j] > mx:
+                    mx = x[t, j]
+            tot = 0
+            for j in range(N):
+                x[t, j] = expf(x[t, j] - mx)
+                tot = tot + x[t, j]
+            for j in range(N):
+                x[t, j] = x[t, j] / tot
+    return x
+
+
+def silu_mul(const float[:, ::1] gu, float[:, ::1] out):
+    """gu [T, 2F] = [gate | up] -> out [T, F] = silu(gate) * up."""
+    cdef int T = gu.shape[0], F = gu.shape[1] // 2, t, j
+    cdef float g
+    if gu.shape[1] != 2 * F or out.shape[0] != T or out.shape[1] != F:
+        raise ValueError("silu_mul: shape mismatch")
+    with nogil:
+        for t in range(T):
+            for j in range(F):
+                g = gu[t, j]
+                out[t, j] = g / (1.0 + expf(-g)) * gu[t, F + j]
+    return out
+
+
+def attention(const float[:, :, ::1] q, const float[:, :, ::1] kc, const float[:, :, ::1] vc,
+              int pos0, float scale, float[:, :, ::1] out, int threads=1):
+    """Causal grouped-query attention of q [T, Hq, D] (positions pos0..pos0+T-1) over the cache
+    kc/vc [Hkv, S, D] (filled up to pos0+T); kv head j serves q heads j*G .. j*G+G-1."""
+    cdef int T = q.shape[0], Hq = q.shape[1], D = q.shape[2], Hkv = kc.shape[0], S = kc.shape[1]
+    cdef int G, i, t, h
+    cdef float *scratch
+    if Hkv == 0 or Hq % Hkv or kc.shape[2] != D or vc.shape[0] != Hkv or vc.shape[1] != S \
+            or vc.shape[2] != D or pos0 + T > S or out.shape[0] != T or out.shape[1] != Hq \
+            or out.shape[2] != D:
+        raise ValueError("attention: shape mismatch")
+    if T == 0:
+        return out
+    G = Hq // Hkv
+    with nogil, parallel(num_threads=max(1, threads)):
+        scratch = <float *>malloc(sizeof(float) * (pos0 + T))
+        for i in prange(T * Hq, schedule='dynamic'):
+            t = i // Hq
+            h = i % Hq
+            attend_one(D, pos0 + t + 1, &q[t, h, 0], &kc[h // G, 0, 0], &vc[h // G, 0, 0], D,
+                       scale, scratch, &out[t, h, 0])
+        free(scratch)
+    return out

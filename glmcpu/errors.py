@@ -1,0 +1,25 @@
+"""One exception type per kind of mistake a user can make; the CLI prints them in one line."""
+
+
+class GlmcpuError(Exception):
+    """Base class: a problem the user can fix; the message says how."""
+
+
+class ModelFileError(GlmcpuError):
+    """The file is missing, not a GGUF, truncated or corrupt."""
+
+
+class UnsupportedArchitecture(GlmcpuError):
+    """A GGUF of a model family glmcpu does not run."""
+
+
+class UnsupportedTensorType(GlmcpuError):
+    """A tensor stored in a ggml type the kernels do not handle (yet)."""
+
+
+class ContextOverflow(GlmcpuError):
+    """The prompt (plus what is asked to be generated) does not fit the context."""
+
+
+class ConvertError(GlmcpuError):
+    """A checkpoint the converter cannot turn into a GGUF."""

@@ -1,0 +1,352 @@
+/* glmcpu hot loops: dot products of one weight row against float32 activations.
+ *
+ * One header, compiled once per instruction set (see setup.py): each function has
+ * an AVX-512 / AVX2 / NEON body that falls through to the shared scalar tail, and a
+ * build with none of those macros is the portable scalar twin.  No model knowledge here.
+ */
+#ifndef GLMCPU_KERNELS_H
+#define GLMCPU_KERNELS_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+#include <math.h>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
+#if defined(GLMCPU_SCALAR)
+static const char GLMCPU_ISA[] = "generic";   /* the portable twin every SIMD path is tested against */
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define GLMCPU_AVX512 1
+static const char GLMCPU_ISA[] = "avx512";
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define GLMCPU_AVX2 1
+static const char GLMCPU_ISA[] = "avx2";
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#define GLMCPU_NEON 1
+static const char GLMCPU_ISA[] = "neon";
+#else
+static const char GLMCPU_ISA[] = "generic";
+#endif
+
+/* ggml tensor types we run (values of ggml_type / gguf.GGMLQuantizationType). */
+enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q8_0 = 8, GT_BF16 = 30 };
+
+#define QK 32
+/* Q4_0: 32 weights in 18 bytes; fp16 scale d, then 16 bytes: weight j (0..15) is the LOW
+ * nibble of qs[j], weight j+16 the HIGH nibble; value = (nibble - 8) * d. */
+typedef struct { uint16_t d; uint8_t qs[QK / 2]; } block_q4_0;
+/* Q8_0: 32 weights in 34 bytes; fp16 scale d, then 32 int8; value = q * d. */
+typedef struct { uint16_t d; int8_t qs[QK]; } block_q8_0;
+_Static_assert(sizeof(block_q4_0) == 18, "Q4_0 block is 18 bytes");
+_Static_assert(sizeof(block_q8_0) == 34, "Q8_0 block is 34 bytes");
+
+/* Activations quantised for the integer kernels: int8 values xq[n], one float scale xd[b]
+ * per block of 32 and xs[b] = xd[b] * sum(xq of block b) (lets Q4_0 skip the "- 8"). */
+
+static inline float fp16_to_fp32(uint16_t h) {
+#if defined(__F16C__) && !defined(GLMCPU_SCALAR)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp == 0) {
+        if (man == 0) { bits = sign; }
+        else {                                 /* subnormal: renormalise */
+            int e = -1;
+            do { man <<= 1; e++; } while (!(man & 0x400));
+            bits = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ff) << 13);
+        }
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f; memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+static inline float bf16_to_fp32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16; float f; memcpy(&f, &bits, 4); return f;
+}
+
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+/* 32 Q4_0 nibbles -> 32 unsigned bytes in element order. */
+static inline __m256i unpack_q4_0(const uint8_t *qs) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)qs);
+    __m256i both = _mm256_set_m128i(_mm_srli_epi16(raw, 4), raw);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0f));
+}
+#endif
+
+/* ---- activations -> int8 blocks -------------------------------------------------- */
+
+static void quantize_row_q8(int n, const float *x, int8_t *xq, float *xd, float *xs) {
+    for (int b = 0; b < n / QK; b++) {
+        const float *v = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) { float a = fabsf(v[j]); amax = a > amax ? a : amax; }
+        float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; j++) {
+            int q = (int)lrintf(v[j] * id);
+            xq[b * QK + j] = (int8_t)q; sum += q;
+        }
+        xd[b] = d; xs[b] = d * (float)sum;
+    }
+}
+
+/* ---- one weight row . activations ----------------------------------------------- */
+
+static float vec_dot_q4_0_q8_0(int n, const block_q4_0 *w, const int8_t *xq, const float *xd,
+                               const float *xs) {
+    int nb = n / QK, b = 0;
+    float sum = 0.0f, corr = 0.0f;
+#if defined(GLMCPU_AVX512)
+    __m512 acc = _mm512_setzero_ps();
+    const __m512i ones = _mm512_set1_epi16(1);
+    for (; b + 1 < nb; b += 2) {
+        __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(unpack_q4_0(w[b].qs)),
+                                       unpack_q4_0(w[b + 1].qs), 1);
+        __m512i x = _mm512_loadu_si512((const void *)(xq + b * QK));
+        __m512i p = _mm512_madd_epi16(_mm512_maddubs_epi16(q, x), ones);
+        __m512 d = _mm512_insertf32x8(_mm512_set1_ps(fp16_to_fp32(w[b].d) * xd[b]),
+                                      _mm256_set1_ps(fp16_to_fp32(w[b + 1].d) * xd[b + 1]), 1);
+        acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc);
+        corr += fp16_to_fp32(w[b].d) * xs[b] + fp16_to_fp32(w[b + 1].d) * xs[b + 1];
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#elif defined(GLMCPU_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (; b < nb; b++) {
+        __m256i q = unpack_q4_0(w[b].qs);
+        __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
+        float dw = fp16_to_fp32(w[b].d);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[b]), _mm256_cvtepi32_ps(p), acc);
+        corr += dw * xs[b];
+    }
+    sum = hsum256(acc);
+#elif defined(GLMCPU_NEON)
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    const uint8x16_t m4 = vdupq_n_u8(0x0f);
+    for (; b < nb; b++) {
+        uint8x16_t raw = vld1q_u8(w[b].qs);
+        int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(raw, m4));
+        int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
+        int8x16_t x0 = vld1q_s8(xq + b * QK), x1 = vld1q_s8(xq + b * QK + 16);
+        int16x8_t p0 = vmull_s8(vget_low_s8(lo), vget_low_s8(x0));
+        p0 = vmlal_s8(p0, vget_high_s8(lo), vget_high_s8(x0));
+        int16x8_t p1 = vmull_s8(vget_low_s8(hi), vget_low_s8(x1));
+        p1 = vmlal_s8(p1, vget_high_s8(hi), vget_high_s8(x1));
+        int32x4_t p = vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1));
+        float dw = fp16_to_fp32(w[b].d);
+        acc = vmlaq_n_f32(acc, vcvtq_f32_s32(p), dw * xd[b]);
+        corr += dw * xs[b];
+    }
+    sum = vaddvq_f32(acc);
+#endif
+    for (; b < nb; b++) {                       /* scalar twin / tail */
+        int isum = 0;
+        for (int j = 0; j < QK / 2; j++) {
+            isum += (w[b].qs[j] & 0x0f) * xq[b * QK + j];
+            isum += (w[b].qs[j] >> 4) * xq[b * QK + j + QK / 2];
+        }
+        float dw = fp16_to_fp32(w[b].d);
+        sum += dw * xd[b] * (float)isum;
+        corr += dw * xs[b];
+    }
+    return sum - 8.0f * corr;
+}
+
+static float vec_dot_q8_0_q8_0(int n, const block_q8_0 *w, const int8_t *xq, const float *xd) {
+    int nb = n / QK, b = 0;
+    float sum = 0.0f;
+#if defined(GLMCPU_AVX512)
+    __m512 acc = _mm512_setzero_ps();
+    const __m512i ones = _mm512_set1_epi16(1), zero = _mm512_setzero_si512();
+    for (; b + 1 < nb; b += 2) {
+        __m512i q = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)w[b].qs)),
+            _mm256_loadu_si256((const __m256i *)w[b + 1].qs), 1);
+        __m512i x = _mm512_loadu_si512((const void *)(xq + b * QK));
+        /* maddubs wants unsigned x signed: move the weight's sign onto x */
+        __mmask64 neg = _mm512_movepi8_mask(q);
+        __m512i sx = _mm512_mask_sub_epi8(x, neg, zero, x);
+        __m512i p = _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(q), sx), ones);
+        __m512 d = _mm512_insertf32x8(_mm512_set1_ps(fp16_to_fp32(w[b].d) * xd[b]),
+                                      _mm256_set1_ps(fp16_to_fp32(w[b + 1].d) * xd[b + 1]), 1);
+        acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#elif defined(GLMCPU_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (; b < nb; b++) {
+        __m256i q = _mm256_loadu_si256((const __m256i *)w[b].qs);
+        __m256i x = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+        __m256i p = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)), ones);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(fp16_to_fp32(w[b].d) * xd[b]),
+                              _mm256_cvtepi32_ps(p), acc);
+    }
+    sum = hsum256(acc);
+#elif defined(GLMCPU_NEON)
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    for (; b < nb; b++) {
+        int8x16_t q0 = vld1q_s8(w[b].qs), q1 = vld1q_s8(w[b].qs + 16);
+        int8x16_t x0 = vld1q_s8(xq + b * QK), x1 = vld1q_s8(xq + b * QK + 16);
+        int16x8_t p0 = vmull_s8(vget_low_s8(q0), vget_low_s8(x0));
+        p0 = vmlal_s8(p0, vget_high_s8(q0), vget_high_s8(x0));
+        int16x8_t p1 = vmull_s8(vget_low_s8(q1), vget_low_s8(x1));
+        p1 = vmlal_s8(p1, vget_high_s8(q1), vget_high_s8(x1));
+        int32x4_t p = vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1));
+        acc = vmlaq_n_f32(acc, vcvtq_f32_s32(p), fp16_to_fp32(w[b].d) * xd[b]);
+    }
+    sum = vaddvq_f32(acc);
+#endif
+    for (; b < nb; b++) {
+        int isum = 0;
+        for (int j = 0; j < QK; j++) isum += w[b].qs[j] * xq[b * QK + j];
+        sum += fp16_to_fp32(w[b].d) * xd[b] * (float)isum;
+    }
+    return sum;
+}
+
+static float vec_dot_f32_f32(int n, const float *w, const float *x) {
+    int j = 0;
+    float sum = 0.0f;
+#if defined(GLMCPU_AVX512)
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(w + j), _mm512_loadu_ps(x + j), acc);
+    sum = _mm512_reduce_add_ps(acc);
+#elif defined(GLMCPU_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), acc);
+    sum = hsum256(acc);
+#elif defined(GLMCPU_NEON)
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    for (; j + 4 <= n; j += 4) acc = vfmaq_f32(acc, vld1q_f32(w + j), vld1q_f32(x + j));
+    sum = vaddvq_f32(acc);
+#endif
+    for (; j < n; j++) sum += w[j] * x[j];
+    return sum;
+}
+
+static float vec_dot_f16_f32(int n, const uint16_t *w, const float *x) {
+    int j = 0;
+    float sum = 0.0f;
+#if defined(GLMCPU_AVX512)
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16)
+        acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + j))),
+                              _mm512_loadu_ps(x + j), acc);
+    sum = _mm512_reduce_add_ps(acc);
+#elif defined(GLMCPU_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j))),
+                              _mm256_loadu_ps(x + j), acc);
+    sum = hsum256(acc);
+#elif defined(GLMCPU_NEON)
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    for (; j + 4 <= n; j += 4)
+        acc = vfmaq_f32(acc, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(w + j))), vld1q_f32(x + j));
+    sum = vaddvq_f32(acc);
+#endif
+    for (; j < n; j++) sum += fp16_to_fp32(w[j]) * x[j];
+    return sum;
+}
+
+static float vec_dot_bf16_f32(int n, const uint16_t *w, const float *x) {
+    int j = 0;
+    float sum = 0.0f;
+#if defined(GLMCPU_AVX512)
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16) {
+        __m512i wi = _mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + j))), 16);
+        acc = _mm512_fmadd_ps(_mm512_castsi512_ps(wi), _mm512_loadu_ps(x + j), acc);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#elif defined(GLMCPU_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+        __m256i wi = _mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + j))), 16);
+        acc = _mm256_fmadd_ps(_mm256_castsi256_ps(wi), _mm256_loadu_ps(x + j), acc);
+    }
+    sum = hsum256(acc);
+#elif defined(GLMCPU_NEON)
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    for (; j + 4 <= n; j += 4)
+        acc = vfmaq_f32(acc, vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(w + j), 16)),
+                        vld1q_f32(x + j));
+    sum = vaddvq_f32(acc);
+#endif
+    for (; j < n; j++) sum += bf16_to_fp32(w[j]) * x[j];
+    return sum;
+}
+
+/* Rows r0..r1 of W (row_bytes apart) against T activation rows: out[t*ldo + r].
+ * Integer types read xq/xd/xs (quantised once per call); float types read x. */
+static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1,
+                      int T, const float *x, const int8_t *xq, const float *xd, const float *xs,
+                      float *out, int ldo) {
+    int nb = n / QK;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = w + (size_t)r * row_bytes;
+        for (int t = 0; t < T; t++) {
+            float v;
+            switch (type) {
+            case GT_Q4_0:
+                v = vec_dot_q4_0_q8_0(n, (const block_q4_0 *)row, xq + (size_t)t * n,
+                                      xd + (size_t)t * nb, xs + (size_t)t * nb);
+                break;
+            case GT_Q8_0:
+                v = vec_dot_q8_0_q8_0(n, (const block_q8_0 *)row, xq + (size_t)t * n,
+                                      xd + (size_t)t * nb);
+                break;
+            case GT_F16: v = vec_dot_f16_f32(n, (const uint16_t *)row, x + (size_t)t * n); break;
+            case GT_BF16: v = vec_dot_bf16_f32(n, (const uint16_t *)row, x + (size_t)t * n); break;
+            default: v = vec_dot_f32_f32(n, (const float *)row, x + (size_t)t * n); break;
+            }
+            out[(size_t)t * ldo + r] = v;
+        }
+    }
+}
+
+/* out[d] += a * v[d] */
+static inline void axpy_f32(int n, float a, const float *v, float *out) {
+    for (int j = 0; j < n; j++) out[j] += a * v[j];
+}
+
+/* One query head over n cached positions: softmax(q.K^T * scale) V.  scratch holds n floats. */
+static void attend_one(int hd, int n, const float *q, const float *k, const float *v,
+                       size_t kv_stride, float scale, float *scratch, float *out) {
+    float mx = -INFINITY;
+    for (int p = 0; p < n; p++) {
+        float s = vec_dot_f32_f32(hd, k + (size_t)p * kv_stride, q) * scale;
+        scratch[p] = s; mx = s > mx ? s : mx;
+    }
+    float tot = 0.0f;
+    for (int p = 0; p < n; p++) { float e = expf(scratch[p] - mx); scratch[p] = e; tot += e; }
+    float inv = 1.0f / tot;
+    memset(out, 0, sizeof(float) * hd);
+    for (int p = 0; p < n; p++) axpy_f32(hd, scratch[p] * inv, v + (size_t)p * kv_stride, out);
+}
+
+#endif

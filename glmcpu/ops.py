@@ -1,0 +1,108 @@
+"""The kernel variant for this CPU, chosen once at import, and the thread count.
+
+`GLMCPU_KERNELS=generic|avx2|avx512|neon` forces a variant (for tests, or a CPU that
+misreports its features)."""
+import importlib
+import os
+
+import numpy as np
+
+from .errors import GlmcpuError
+
+# variant -> CPU features it needs (NumPy's names for them)
+NEEDS = {
+    "avx512": ("AVX512F", "AVX512BW", "AVX512VL", "AVX512DQ", "AVX2", "FMA3", "F16C"),
+    "avx2": ("AVX2", "FMA3", "F16C"),
+    "neon": ("ASIMD",),
+    "generic": (),
+}
+
+
+def cpu_features() -> dict:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # NumPy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__
+    return __cpu_features__
+
+
+def _importable(name):
+    try:
+        return importlib.import_module(f"glmcpu._kernels_{name}")
+    except ImportError:
+        return None
+
+
+def available_variants() -> list:
+    """Variants that are built and that this CPU can run, best first."""
+    feats = cpu_features()
+    out = []
+    for name, needs in NEEDS.items():
+        if all(feats.get(f) for f in needs) and _importable(name) is not None:
+            out.append(name)
+    return out
+
+
+def load_variant(name: str):
+    if name not in NEEDS:
+        raise GlmcpuError(f"GLMCPU_KERNELS={name!r} is not a kernel variant; use one of {', '.join(NEEDS)}")
+    mod = _importable(name)
+    if mod is None:
+        raise GlmcpuError(f"kernel variant {name!r} is not built for this machine; built and usable: "
+                          f"{', '.join(available_variants()) or 'none'}")
+    missing = [f for f in NEEDS[name] if not cpu_features().get(f)]
+    if missing:
+        raise GlmcpuError(f"this CPU lacks {', '.join(missing)}, needed by kernel variant {name!r}")
+    return mod
+
+
+def _choose():
+    forced = os.environ.get("GLMCPU_KERNELS")
+    if forced:
+        return load_variant(forced)
+    variants = available_variants()
+    if not variants:
+        raise GlmcpuError("glmcpu's compiled kernels are missing: reinstall with `pip install .`")
+    return load_variant(variants[0])
+
+
+K = _choose()
+VARIANT = K.ISA
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use (hyperthreads share a core's load/store units)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:
+        allowed = set(range(os.cpu_count() or 1))
+    try:
+        cores, cpu = set(), None
+        with open("/proc/cpuinfo") as f:
+            info = {}
+            for line in f:
+                if not line.strip():
+                    if info.get("processor") is not None and int(info["processor"]) in allowed:
+                        cores.add((info.get("physical id"), info.get("core id")))
+                    info = {}
+                    continue
+                k, _, v = line.partition(":")
+                info[k.strip()] = v.strip()
+        if cores and (None, None) not in cores:
+            return max(1, len(cores))
+    except (OSError, ValueError):
+        pass
+    return max(1, len(allowed))
+
+
+def default_threads() -> int:
+    env = os.environ.get("GLMCPU_THREADS")
+    return int(env) if env else physical_cores()
+
+
+def linear(w, wtype: int, n: int, x: np.ndarray, threads: int, out=None) -> np.ndarray:
+    """x [T, n] float32 @ W^T -> [T, N] for W as rows of ggml-typed bytes [N, row_bytes]."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if out is None:
+        out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    return K.gemm(w, wtype, n, x, out, threads)

@@ -1,0 +1,173 @@
+"""Every kernel variant this CPU runs, against NumPy references and gguf.quants."""
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as GT
+from gguf import quants
+
+from glmcpu import ops
+
+VARIANTS = ops.available_variants()
+SIZES = [1, 3, 17, 33, 4097]          # awkward column counts for the float types
+QSIZES = [32, 96, 544, 4096 + 32]     # block multiples for the integer types (1, 3, 17, 129 blocks)
+FLOAT_TOL = 2e-5                      # relative to sum |w x|: float kernels differ only by summation order
+Q8_TOL = 1.2e-2                       # int8 activations: |x - dq(q(x))| <= d/2 per element
+
+
+@pytest.fixture(params=VARIANTS)
+def K(request):
+    return ops.load_variant(request.param)
+
+
+def make_weights(rng, rows, cols, qtype):
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    if cols >= 64:
+        w[:, 32:64] = 0.0                       # a zero block
+    if qtype == GT.F32:
+        return w.view(np.uint8), w
+    if qtype == GT.F16:
+        h = w.astype(np.float16)
+        return h.view(np.uint8), h.astype(np.float32)
+    if qtype == GT.BF16:
+        raw = quants.quantize(w, GT.BF16)
+        return raw, quants.dequantize(raw, GT.BF16)
+    raw = quants.quantize(w, qtype)
+    return raw, quants.dequantize(raw, qtype)
+
+
+@pytest.mark.parametrize("qtype", [GT.F32, GT.F16, GT.BF16])
+@pytest.mark.parametrize("cols", SIZES)
+def test_gemm_float_types(K, qtype, cols):
+    rng = np.random.default_rng(cols)
+    raw, deq = make_weights(rng, 7, cols, qtype)
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    out = np.empty((3, 7), np.float32)
+    K.gemm(raw, int(qtype), cols, x, out, 2)
+    ref = x.astype(np.float64) @ deq.astype(np.float64).T
+    scale = np.abs(x).astype(np.float64) @ np.abs(deq).astype(np.float64).T
+    assert np.all(np.abs(out - ref) <= FLOAT_TOL * scale + 1e-6)
+
+
+def q8_reference(x):
+    """NumPy twin of the kernels' activation quantiser (same rule as ggml's Q8_0, float scale)."""
+    b = x.reshape(x.shape[0], -1, 32).astype(np.float32)
+    d = np.abs(b).max(-1, keepdims=True) / np.float32(127)
+    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    q = np.rint(b * inv).astype(np.int8)
+    return q, d[..., 0]
+
+
+@pytest.mark.parametrize("qtype", [GT.Q4_0, GT.Q8_0])
+@pytest.mark.parametrize("cols", QSIZES)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_gemm_int_types(K, qtype, cols, tokens):
+    rng = np.random.default_rng(cols + tokens)
+    raw, deq = make_weights(rng, 9, cols, qtype)
+    x = rng.standard_normal((tokens, cols)).astype(np.float32)
+    out = np.empty((tokens, 9), np.float32)
+    K.gemm(raw, int(qtype), cols, x, out, 2)
+    # tight: against the exact math of the kernel (gguf's dequantised weights x our int8 activations)
+    q, d = q8_reference(x)
+    xdq = (q.astype(np.float64) * d[..., None]).reshape(tokens, cols)
+    exact = xdq @ deq.astype(np.float64).T
+    scale = np.abs(xdq) @ np.abs(deq).astype(np.float64).T
+    assert np.all(np.abs(out - exact) <= 1e-5 * scale + 1e-6)
+    # loose: against float64 with unquantised activations
+    ref = x.astype(np.float64) @ deq.astype(np.float64).T
+    assert np.all(np.abs(out - ref) <= Q8_TOL * scale + 1e-5)
+
+
+def test_quantize_q8_matches_reference(K):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 96)).astype(np.float32)
+    x[1, :32] = 0
+    xq, xd, xs = K.quantize_q8(x)
+    q, d = q8_reference(x)
+    assert np.array_equal(xq.reshape(q.shape), q)
+    np.testing.assert_allclose(xd, d, rtol=1e-7)
+    np.testing.assert_allclose(xs, d * q.sum(-1), rtol=1e-6)
+
+
+def test_gemm_rejects_bad_shapes(K):
+    w = np.zeros((4, 18), np.uint8)
+    with pytest.raises(ValueError):
+        K.gemm(w, int(GT.Q4_0), 64, np.zeros((1, 64), np.float32), np.zeros((1, 4), np.float32), 1)
+    with pytest.raises(ValueError):
+        K.gemm(w, 99, 32, np.zeros((1, 32), np.float32), np.zeros((1, 4), np.float32), 1)
+
+
+def test_rmsnorm(K):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 33)).astype(np.float32)
+    w = rng.standard_normal(33).astype(np.float32)
+    out = K.rmsnorm(x, w, 1e-5, np.empty_like(x))
+    ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def rope_reference(x, pos, n_rot, theta, neox):
+    x = x.astype(np.float64).copy()
+    half = n_rot // 2
+    inv = theta ** (-2.0 * np.arange(half) / n_rot)
+    ang = pos[:, None] * inv[None]                          # [T, half]
+    c, s = np.cos(ang)[:, None], np.sin(ang)[:, None]       # [T, 1, half]
+    if neox:
+        a, b = x[..., :half].copy(), x[..., half:n_rot].copy()
+        x[..., :half], x[..., half:n_rot] = a * c - b * s, b * c + a * s
+    else:
+        a, b = x[..., 0:n_rot:2].copy(), x[..., 1:n_rot:2].copy()
+        x[..., 0:n_rot:2], x[..., 1:n_rot:2] = a * c - b * s, b * c + a * s
+    return x
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope(K, neox):
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((5, 3, 16)).astype(np.float32)
+    pos = np.array([0, 1, 7, 100, 3000], np.int32)
+    ref = rope_reference(x, pos, 8, 5e5, neox)
+    out = K.rope(x.copy(), pos, 8, 5e5, neox)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-6)
+    assert np.array_equal(np.asarray(out)[..., 8:], x[..., 8:])  # dims past n_rot pass through
+
+
+def test_softmax_and_silu(K):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((3, 17)) * 10).astype(np.float32)
+    ref = np.exp(x - x.max(-1, keepdims=True))
+    ref /= ref.sum(-1, keepdims=True)
+    np.testing.assert_allclose(K.softmax(x.copy()), ref, rtol=1e-5, atol=1e-7)
+    gu = rng.standard_normal((3, 34)).astype(np.float32)
+    g, u = gu[:, :17], gu[:, 17:]
+    np.testing.assert_allclose(K.silu_mul(gu, np.empty((3, 17), np.float32)),
+                               g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+
+
+def attention_reference(q, kc, vc, pos0):
+    T, Hq, D = q.shape
+    G = Hq // kc.shape[0]
+    out = np.zeros_like(q, dtype=np.float64)
+    for t in range(T):
+        n = pos0 + t + 1
+        for h in range(Hq):
+            s = kc[h // G, :n] @ q[t, h] / np.sqrt(D)
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ vc[h // G, :n]
+    return out
+
+
+@pytest.mark.parametrize("pos0,T", [(0, 1), (0, 6), (9, 1), (4, 3)])
+def test_attention_gqa(K, pos0, T):
+    rng = np.random.default_rng(4 + pos0)
+    Hq, Hkv, D, S = 6, 2, 16, 20
+    q = rng.standard_normal((T, Hq, D)).astype(np.float32)
+    kc = rng.standard_normal((Hkv, S, D)).astype(np.float32)
+    vc = rng.standard_normal((Hkv, S, D)).astype(np.float32)
+    out = K.attention(q, kc, vc, pos0, 1 / np.sqrt(D), np.empty_like(q), 2)
+    np.testing.assert_allclose(out, attention_reference(q, kc, vc, pos0), rtol=1e-4, atol=1e-5)
+
+
+def test_variant_override(monkeypatch):
+    from glmcpu.errors import GlmcpuError
+    with pytest.raises(GlmcpuError):
+        ops.load_variant("sse9")
+    assert ops.load_variant("generic").ISA == "generic"
