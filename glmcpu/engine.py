@@ -1,0 +1,66 @@
+"""The public API: `load(path) -> Model` with logits / generate / chat, like llama-cpp-python's Llama."""
+import numpy as np
+
+from . import ops
+from .errors import GlmcpuError
+from .generate import check_fits, generate_ids, prefill
+from .gguf import GGUFFile
+from .models import model_class
+from .sampling import Sampler
+from .tokenizer import Detokenizer, Tokenizer
+
+
+class Model:
+    def __init__(self, path, threads=None, ctx=None):
+        self.file = GGUFFile(path)
+        self.path = self.file.path
+        self.threads = int(threads) if threads else ops.default_threads()
+        self.net = model_class(self.file.arch)(self.file, self.threads)
+        self.cfg = self.net.cfg
+        self.ctx = int(ctx) if ctx else min(self.cfg.n_ctx_train, 4096)
+        if self.ctx < 1:
+            raise GlmcpuError(f"context size must be positive, not {ctx}")
+        self.tokenizer = Tokenizer.from_gguf(self.file)
+        self.last_stats = {}
+
+    def logits(self, token_ids) -> np.ndarray:
+        """float32 [len(token_ids), n_vocab]: a full causal forward from position 0."""
+        ids = [int(i) for i in token_ids]
+        check_fits(len(ids) - 1, self.ctx)      # logits of n tokens need n cache positions
+        bad = [i for i in ids if not 0 <= i < self.cfg.n_vocab]
+        if bad:
+            raise GlmcpuError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.n_vocab - 1})")
+        return prefill(self.net, self.net.new_cache(max(1, len(ids))), ids, all_logits=True)
+
+    def generate(self, prompt, max_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
+                 repeat_penalty=1.0, seed=None, ignore_eos=False):
+        """Yield text pieces continuing `prompt` (a string, or a list of token ids)."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not ids:
+            raise GlmcpuError("the prompt is empty")
+        check_fits(len(ids), self.ctx)
+        sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+        stops = set() if ignore_eos else self.tokenizer.stop_ids
+        self.last_stats = {}
+        detok = Detokenizer(self.tokenizer)
+        cache = self.net.new_cache(self.ctx)
+        for tok in generate_ids(self.net, cache, ids, sampler, max_tokens, stops, self.last_stats):
+            piece = detok.push(tok)
+            if piece:
+                yield piece
+        rest = detok.flush()
+        if rest:
+            yield rest
+
+    def chat(self, messages, **kwargs):
+        """Render `messages` ([{"role", "content"}]) with the file's chat template, then generate."""
+        return self.generate(self.tokenizer.render(messages), **kwargs)
+
+    def __repr__(self):
+        c = self.cfg
+        return (f"<glmcpu.Model {c.arch} {c.n_layer} layers d={c.d_model} ctx={self.ctx} "
+                f"threads={self.threads} kernels={ops.VARIANT}>")
+
+
+def load(path, threads=None, ctx=None) -> Model:
+    return Model(path, threads=threads, ctx=ctx)

@@ -1,0 +1,52 @@
+"""The prefill/decode loop: a generator of token ids that records its own timing."""
+import time
+
+import numpy as np
+
+from .errors import ContextOverflow
+
+PREFILL_CHUNK = 256     # tokens per prefill step: bounds activation memory, keeps weights hot
+
+
+def prefill(model, cache, ids, all_logits=False, chunk=PREFILL_CHUNK) -> np.ndarray:
+    """Feed `ids` into the cache in chunks; logits of every token or of the last one."""
+    outs = []
+    for s in range(0, len(ids), chunk):
+        part = ids[s:s + chunk]
+        last = s + chunk >= len(ids)
+        if all_logits or last:
+            outs.append(model.forward(part, cache, all_logits=all_logits))
+        else:
+            model.forward(part, cache, all_logits=False)
+    return np.concatenate(outs, 0)
+
+
+def check_fits(n_prompt: int, n_ctx: int):
+    if n_prompt >= n_ctx:
+        raise ContextOverflow(f"the prompt has {n_prompt} tokens but the context holds {n_ctx}; "
+                              "shorten it or raise --ctx")
+
+
+def generate_ids(model, cache, prompt_ids, sampler, max_tokens, stop_ids, stats):
+    """Yield sampled ids after `prompt_ids` until a stop id (not yielded), max_tokens or a full
+    context. `stats` (a dict) is filled as it goes, so it is right even if the caller stops early."""
+    check_fits(len(prompt_ids), cache.n_ctx)
+    stats.update(prompt_tokens=len(prompt_ids), prompt_seconds=0.0, gen_tokens=0, gen_seconds=0.0)
+    t = time.perf_counter()
+    logits = prefill(model, cache, list(prompt_ids))[-1]
+    stats["prompt_seconds"] = time.perf_counter() - t
+    history = list(prompt_ids)
+    tok = None
+    for i in range(max_tokens):
+        t = time.perf_counter()                 # time the work, not the consumer of the ids
+        if i > 0:
+            if cache.pos >= cache.n_ctx:
+                break
+            logits = model.forward([tok], cache)[-1]
+        tok = sampler(logits, history)
+        stats["gen_seconds"] += time.perf_counter() - t
+        if tok in stop_ids:
+            break
+        history.append(tok)
+        stats["gen_tokens"] += 1
+        yield tok

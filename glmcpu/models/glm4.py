@@ -1,0 +1,150 @@
+"""GLM-4 dense models: GGUF `chatglm` (GLM-4-9B-chat; transformers GlmForCausalLM) and
+`glm4` (GLM-4-0414; Glm4ForCausalLM, which adds the post-attention and post-MLP norms).
+
+The whole forward pass is `Model.forward`; the math is ../shared/SPEC.md's."""
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import ops
+from ..gguf import GGUFFile, dequantize
+
+K = ops.K
+
+
+@dataclass(frozen=True)
+class Config:
+    arch: str
+    n_layer: int
+    d_model: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_rot: int          # rotated dims at the start of each head; the rest pass through
+    rope_theta: float
+    neox: bool          # RoPE pairs (i, i + n_rot/2) instead of (2i, 2i+1)
+    eps: float
+    n_ctx_train: int
+    n_vocab: int
+
+    @classmethod
+    def from_gguf(cls, f: GGUFFile) -> "Config":
+        d = int(f.require("embedding_length"))
+        n_head = int(f.require("attention.head_count"))
+        head_dim = int(f.arch_get("attention.key_length", d // n_head))
+        return cls(
+            arch=f.arch,
+            n_layer=int(f.require("block_count")) - int(f.arch_get("nextn_predict_layers", 0)),
+            d_model=d,
+            n_ff=int(f.require("feed_forward_length")),
+            n_head=n_head,
+            n_head_kv=int(f.arch_get("attention.head_count_kv", n_head)),
+            head_dim=head_dim,
+            n_rot=int(f.arch_get("rope.dimension_count", head_dim)),
+            rope_theta=float(f.arch_get("rope.freq_base", 10000.0)),
+            neox=f.arch == "glm4moe",
+            eps=float(f.require("attention.layer_norm_rms_epsilon")),
+            n_ctx_train=int(f.arch_get("context_length", 4096)),
+            n_vocab=int(f.tensor("token_embd.weight").shape[1]),
+        )
+
+
+class Linear:
+    """A weight as the kernels see it: rows of ggml-typed bytes, memory-mapped; optional bias."""
+
+    def __init__(self, f: GGUFFile, name: str, bias: bool = False):
+        self.name = name
+        self.w, self.type, self.n_out, self.n_in = f.matrix(f"{name}.weight")  # w: [n_out, row_bytes]
+        self.b = f.vector(f"{name}.bias") if bias and f.has(f"{name}.bias") else None
+
+    def __call__(self, x, threads):            # x [T, n_in] -> [T, n_out]
+        y = ops.linear(self.w, self.type, self.n_in, x, threads)
+        if self.b is not None:
+            y += self.b
+        return y
+
+
+class KVCache:
+    def __init__(self, cfg: Config, n_ctx: int):
+        shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
+        self.k = np.zeros(shape, np.float32)      # [n_layer, n_head_kv, n_ctx, head_dim]
+        self.v = np.zeros(shape, np.float32)      # [n_layer, n_head_kv, n_ctx, head_dim]
+        self.n_ctx = n_ctx
+        self.pos = 0                              # positions filled so far
+
+
+class Layer:
+    def __init__(self, f: GGUFFile, i: int):
+        p = f"blk.{i}."
+        self.attn_norm = f.vector(p + "attn_norm.weight")
+        if f.has(p + "attn_qkv.weight"):         # chatglm files may fuse Q, K, V (rows in that order)
+            self.qkv = [Linear(f, p + "attn_qkv", bias=True)]
+        else:
+            self.qkv = [Linear(f, p + n, bias=True) for n in ("attn_q", "attn_k", "attn_v")]
+        self.wo = Linear(f, p + "attn_output")
+        self.post_attn_norm = (f.vector(p + "post_attention_norm.weight")
+                               if f.has(p + "post_attention_norm.weight") else None)
+        self.ffn_norm = f.vector(p + "ffn_norm.weight")
+        # ffn_up holds [gate | up] rows unless the file stores ffn_gate apart
+        self.gate = Linear(f, p + "ffn_gate") if f.has(p + "ffn_gate.weight") else None
+        self.up = Linear(f, p + "ffn_up")
+        self.down = Linear(f, p + "ffn_down")
+        self.post_ffw_norm = (f.vector(p + "post_ffw_norm.weight")
+                              if f.has(p + "post_ffw_norm.weight") else None)
+
+
+class Model:
+    def __init__(self, f: GGUFFile, threads: int):
+        self.cfg = cfg = Config.from_gguf(f)
+        self.threads = threads
+        self.embd = f.tensor("token_embd.weight")               # [n_vocab, d_model], any type
+        self.layers = [Layer(f, i) for i in range(cfg.n_layer)]
+        self.out_norm = f.vector("output_norm.weight")
+        self.output = Linear(f, "output" if f.has("output.weight") else "token_embd")
+        self.scale = 1.0 / np.sqrt(cfg.head_dim)
+        q_width = cfg.n_head * cfg.head_dim
+        kv_width = cfg.n_head_kv * cfg.head_dim
+        self.split = (q_width, q_width + kv_width)               # fused qkv -> q | k | v
+
+    def new_cache(self, n_ctx: int) -> KVCache:
+        return KVCache(self.cfg, n_ctx)
+
+    def rmsnorm(self, x, w):
+        return K.rmsnorm(x, w, self.cfg.eps, np.empty_like(x))
+
+    def forward(self, ids, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """Run tokens `ids` at positions cache.pos.. and advance the cache.
+        Returns logits [T, n_vocab] (all_logits) or [1, n_vocab] for the last token."""
+        c, th = self.cfg, self.threads
+        T, pos0 = len(ids), cache.pos
+        pos = np.arange(pos0, pos0 + T, dtype=np.int32)
+        h = dequantize(self.embd, np.asarray(ids)).reshape(T, c.d_model).copy()   # [T, d_model]
+        for l, L in enumerate(self.layers):
+            x = self.rmsnorm(h, L.attn_norm)
+            if len(L.qkv) == 1:
+                qkv = L.qkv[0](x, th)
+                q, k, v = qkv[:, :self.split[0]], qkv[:, self.split[0]:self.split[1]], qkv[:, self.split[1]:]
+            else:
+                q, k, v = (lin(x, th) for lin in L.qkv)
+            q = np.ascontiguousarray(q).reshape(T, c.n_head, c.head_dim)
+            k = np.ascontiguousarray(k).reshape(T, c.n_head_kv, c.head_dim)
+            K.rope(q, pos, c.n_rot, c.rope_theta, c.neox)
+            K.rope(k, pos, c.n_rot, c.rope_theta, c.neox)
+            cache.k[l, :, pos0:pos0 + T] = k.transpose(1, 0, 2)
+            cache.v[l, :, pos0:pos0 + T] = v.reshape(T, c.n_head_kv, c.head_dim).transpose(1, 0, 2)
+            a = K.attention(q, cache.k[l], cache.v[l], pos0, self.scale, np.empty_like(q), th)
+            o = L.wo(np.asarray(a).reshape(T, -1), th)
+            if L.post_attn_norm is not None:
+                o = self.rmsnorm(o, L.post_attn_norm)
+            h += o
+            x = self.rmsnorm(h, L.ffn_norm)
+            gu = L.up(x, th) if L.gate is None else np.concatenate([L.gate(x, th), L.up(x, th)], 1)
+            y = L.down(K.silu_mul(gu, np.empty((T, gu.shape[1] // 2), np.float32)), th)
+            if L.post_ffw_norm is not None:
+                y = self.rmsnorm(y, L.post_ffw_norm)
+            h += y
+        cache.pos += T
+        if not all_logits:
+            h = h[-1:]
+        return self.output(self.rmsnorm(np.ascontiguousarray(h), self.out_norm), th)

@@ -1,0 +1,43 @@
+"""Next-token choice from logits, in llama.cpp's order: penalty, top-k, top-p, min-p, temperature."""
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Sampler:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: int | None = None
+
+    def __post_init__(self):
+        self.rng = np.random.default_rng(self.seed)
+
+    def __call__(self, logits: np.ndarray, history) -> int:
+        logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+        if self.repeat_penalty != 1.0 and len(history):
+            seen = np.unique(np.asarray(history[-self.repeat_last_n:], dtype=np.int64))
+            seen = seen[seen < logits.shape[0]]
+            logits = logits.copy()
+            v = logits[seen]
+            logits[seen] = np.where(v > 0, v / self.repeat_penalty, v * self.repeat_penalty)
+        if self.temperature <= 0:
+            return int(np.argmax(logits))
+        idx = np.argsort(-logits, kind="stable")           # candidates, best first
+        if self.top_k > 0:
+            idx = idx[:self.top_k]
+        z = logits[idx].astype(np.float64)
+        p = np.exp(z - z[0])
+        p /= p.sum()
+        if self.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(p), self.top_p) + 1)
+            idx, z, p = idx[:keep], z[:keep], p[:keep]
+        if self.min_p > 0:
+            keep = p >= self.min_p * p[0]
+            idx, z = idx[keep], z[keep]
+        p = np.exp((z - z[0]) / self.temperature)
+        return int(self.rng.choice(idx, p=p / p.sum()))

@@ -1,0 +1,127 @@
+"""Byte-level BPE from a GGUF's own metadata (or a tokenizer.json), chat templates with jinja2,
+and a streaming detokeniser that never emits half a UTF-8 character."""
+import json
+import os
+
+import jinja2.sandbox
+from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+from .errors import ModelFileError
+
+# cl100k-style split shared by GGUF tokenizer.ggml.pre = chatglm-bpe and glm4
+GLM4_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+              r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+KNOWN_PRE = ("chatglm-bpe", "glm4", "default", None)
+CONTROL = 3                 # llama.cpp token type of special tokens
+STOP_TEXTS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+
+# used when a file carries no tokenizer.chat_template
+GLM4_TEMPLATE = (
+    "[gMASK]<sop>{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>\n{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}<|user|>\n{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] }}"
+    "{% elif m['role'] == 'observation' %}<|observation|>\n{{ m['content'] }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer, chat_template=None, stop_ids=()):
+        self.tok = tok
+        self.chat_template = chat_template or GLM4_TEMPLATE
+        self.stop_ids = set(stop_ids) | {i for t in STOP_TEXTS if (i := tok.token_to_id(t)) is not None}
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise
+        self._template = env.from_string(self.chat_template)
+
+    @property
+    def vocab_size(self):
+        return self.tok.get_vocab_size()
+
+    @classmethod
+    def from_gguf(cls, f) -> "Tokenizer":
+        kind = f.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ModelFileError(f"{f.path}: tokenizer type {kind!r} is not byte-level BPE ('gpt2'), "
+                                 "which every GLM-4 file uses")
+        pre = f.get("tokenizer.ggml.pre")
+        if pre not in KNOWN_PRE:
+            raise ModelFileError(f"{f.path}: pre-tokenizer {pre!r} is not a GLM one ({', '.join(p for p in KNOWN_PRE if p)})")
+        tokens = f.array("tokenizer.ggml.tokens")
+        merges = f.array("tokenizer.ggml.merges") or []
+        types = f.array("tokenizer.ggml.token_type") or [1] * len(tokens)
+        bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                         merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=False)
+        tok = HFTokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(GLM4_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([t for t, ty in zip(tokens, types) if ty == CONTROL])
+        stops = [f.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                     "tokenizer.ggml.eom_token_id")]
+        return cls(tok, f.get("tokenizer.chat_template"), [s for s in stops if s is not None])
+
+    @classmethod
+    def from_dir(cls, path) -> "Tokenizer":
+        """tokenizer.json (+ tokenizer_config.json for the chat template and eos)."""
+        tj = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        folder = os.path.dirname(tj)
+        tok = HFTokenizer.from_file(tj)
+        tok.post_processor = None        # GLM's post-processor prepends [gMASK]<sop]: the template does
+        template, stops = None, []
+        cfg = os.path.join(folder, "tokenizer_config.json")
+        if os.path.exists(cfg):
+            with open(cfg) as fh:
+                c = json.load(fh)
+            template = c.get("chat_template")
+            eos = c.get("eos_token")
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+            if eos and tok.token_to_id(eos) is not None:
+                stops.append(tok.token_to_id(eos))
+        tmpl = os.path.join(folder, "chat_template.jinja")
+        if template is None and os.path.exists(tmpl):
+            with open(tmpl) as fh:
+                template = fh.read()
+        return cls(tok, template, stops)
+
+    def encode(self, text: str) -> list:
+        """Text -> ids; special tokens written in the text ([gMASK], <|user|>...) become their ids."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def render(self, messages, add_generation_prompt=True, **kwargs) -> str:
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **kwargs)
+
+    def special_tokens(self):
+        return [t.content for t in self.tok.get_added_tokens_decoder().values() if t.special]
+
+
+def _raise(msg):
+    raise jinja2.exceptions.TemplateError(msg)
+
+
+class Detokenizer:
+    """Turns a stream of ids into text pieces, holding back ids until they end a character."""
+
+    MAX_HELD = 8     # a run of ids that never forms valid UTF-8 is flushed as replacement chars
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.held = []
+
+    def push(self, token_id: int) -> str:
+        self.held.append(token_id)
+        text = self.tokenizer.decode(self.held)
+        if text.endswith("\ufffd") and len(self.held) < self.MAX_HELD:
+            return ""
+        self.held = []
+        return text
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.held) if self.held else ""
+        self.held = []
+        return text

@@ -1,0 +1,95 @@
+"""Tiny random GLM checkpoints built with transformers, converted by glmcpu's converter."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>",
+            "<|user|>", "<|assistant|>", "<|observation|>"]
+TEXT = ("The quick brown fox jumps over the lazy dog. A small model reads the same words again "
+        "and again; numbers like 12, 345 and 6789 split too. Über café naïve — ünïcödé text, "
+        "and emoji 🙂 appear. ") * 20
+N_VOCAB = 384          # model rows: more than the tokenizer has, as real GLM files do
+
+
+def make_tokenizer(folder):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from glmcpu.tokenizer import GLM4_SPLIT, GLM4_TEMPLATE
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GLM4_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=340, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([TEXT], trainer)
+    tok.add_special_tokens(SPECIALS)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": GLM4_TEMPLATE, "eos_token": "<|endoftext|>"}, f)
+    return tok
+
+
+def make_hf_model(folder, family="glm4", layers=3, seed=0, theta=25000.0, dtype="float32"):
+    """A random GlmForCausalLM (family 'glm') or Glm4ForCausalLM with non-unit norms and biases."""
+    import torch
+    import transformers
+
+    os.makedirs(folder, exist_ok=True)
+    tok = make_tokenizer(folder)
+    torch.manual_seed(seed)
+    cls = {"glm": (transformers.GlmConfig, transformers.GlmForCausalLM),
+           "glm4": (transformers.Glm4Config, transformers.Glm4ForCausalLM)}[family]
+    cfg = cls[0](vocab_size=N_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 partial_rotary_factor=0.5, rope_parameters={"rope_type": "default", "rope_theta": theta},
+                 rms_norm_eps=1e-5 if family == "glm4" else 1.5625e-07, attention_bias=True,
+                 max_position_embeddings=256, tie_word_embeddings=False,
+                 pad_token_id=tok.token_to_id("<|endoftext|>"),
+                 eos_token_id=[tok.token_to_id(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")])
+    model = cls[1](cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    model.to(getattr(torch, dtype)).save_pretrained(folder)
+    return model.float()
+
+
+def hf_logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Factory: (family, gguf type, **kw) -> (transformers model, gguf path), cached per session."""
+    from glmcpu.convert import convert
+
+    cache = {}
+
+    def get(family="glm4", out_type="f32", fuse_qkv=False, **kw):
+        key = (family, out_type, fuse_qkv, tuple(sorted(kw.items())))
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"{family}_{out_type}")
+            hf = str(d / "hf")
+            model = make_hf_model(hf, family, **kw)
+            path = str(d / "model.gguf")
+            convert(hf, path, out_type, fuse_qkv=fuse_qkv)
+            cache[key] = (model, path, hf)
+        return cache[key]
+
+    return get
+
+
+def test_ids(n=40, seed=1, vocab=340):
+    return [int(i) for i in np.random.default_rng(seed).integers(0, vocab, n)]
