@@ -1,0 +1,192 @@
+"""glmcpu command line: run, info, convert."""
+import argparse
+import os
+import sys
+from importlib import resources
+
+from .errors import GlmcpuError
+
+
+def demo_model_path() -> str:
+    return str(resources.files("glmcpu") / "data" / "demo.gguf")
+
+
+def add_sampling(p):
+    p.add_argument("--max-tokens", "-n", type=int, default=256, help="most tokens to generate")
+    p.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text tokens")
+
+
+def add_engine(p):
+    p.add_argument("--threads", "-t", type=int, default=None, help="default: physical cores")
+    p.add_argument("--ctx", "-c", type=int, default=None, help="context length (default: min(file's, 4096))")
+
+
+def sampling_kwargs(a):
+    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                min_p=a.min_p, repeat_penalty=a.repeat_penalty, seed=a.seed, ignore_eos=a.ignore_eos)
+
+
+def stats_line(s) -> str:
+    def rate(n, t):
+        return f"{n / t:.1f} tok/s" if t > 0 else "-"
+    return (f"prompt: {s.get('prompt_tokens', 0)} tokens, {rate(s.get('prompt_tokens', 0), s.get('prompt_seconds', 0))}"
+            f" | generation: {s.get('gen_tokens', 0)} tokens, {rate(s.get('gen_tokens', 0), s.get('gen_seconds', 0))}")
+
+
+def stream(pieces, out=sys.stdout):
+    text = []
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+        text.append(piece)
+    return "".join(text)
+
+
+def cmd_run(a):
+    from . import load
+
+    model = load(a.model or demo_model_path(), threads=a.threads, ctx=a.ctx)
+    kw = sampling_kwargs(a)
+    if a.prompt is not None or not sys.stdin.isatty():
+        prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+        if a.raw:
+            pieces = model.generate(prompt, **kw)
+        else:
+            pieces = model.chat([{"role": "user", "content": prompt}], **kw)
+        text = stream(pieces)
+        if not text.endswith("\n"):
+            sys.stdout.write("\n")
+        print(stats_line(model.last_stats), file=sys.stderr)
+        return 0
+    print(f"glmcpu chat with {os.path.basename(model.path)} ({model.cfg.arch}, {model.threads} threads). "
+          "Ctrl-D to leave.", file=sys.stderr)
+    messages = []
+    if a.system:
+        messages.append({"role": "system", "content": a.system})
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not user.strip():
+            continue
+        messages.append({"role": "user", "content": user})
+        try:
+            answer = stream(model.chat(messages, **kw))
+        except KeyboardInterrupt:                 # stop this answer, keep the chat
+            answer = ""
+        print()
+        print(stats_line(model.last_stats), file=sys.stderr)
+        messages.append({"role": "assistant", "content": answer.strip()})
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+def cmd_info(a):
+    from collections import Counter
+
+    from . import ops
+    from .engine import Model
+
+    m = Model(a.model or demo_model_path(), threads=a.threads, ctx=a.ctx)
+    c = m.cfg
+    types, sizes = Counter(), Counter()
+    for t in m.file.tensors.values():
+        types[t.tensor_type.name] += 1
+        sizes[t.tensor_type.name] += t.n_bytes
+    weights = sum(sizes.values())
+    kv = 2 * c.n_layer * c.n_head_kv * m.ctx * c.head_dim * 4
+    rows = [
+        ("file", m.path),
+        ("architecture", f"{c.arch} ({m.file.get('general.name', '?')})"),
+        ("layers", c.n_layer),
+        ("hidden / ffn", f"{c.d_model} / {c.n_ff}"),
+        ("heads q / kv / dim", f"{c.n_head} / {c.n_head_kv} / {c.head_dim} (rope on {c.n_rot}, theta {c.rope_theta:g})"),
+        ("vocabulary", c.n_vocab),
+        ("context", f"{m.ctx} (trained {c.n_ctx_train})"),
+        ("tensor types", ", ".join(f"{k} x{v} ({human(sizes[k])})" for k, v in types.most_common())),
+        ("memory", f"{human(weights)} weights (memory-mapped) + {human(kv)} KV cache at ctx {m.ctx}"),
+        ("kernels", f"{ops.VARIANT} (built: {', '.join(ops.available_variants())})"),
+        ("threads", m.threads),
+    ]
+    for k, v in rows:
+        print(f"{k:>20}  {v}")
+    return 0
+
+
+def cmd_convert(a):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .convert import convert
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=False, disable=a.quiet) as bar:
+        task = bar.add_task("converting", total=None)
+
+        def progress(done, total, name):
+            bar.update(task, completed=done, total=total, description=f"{name:<32}")
+
+        convert(a.hf_dir, a.output, a.type, fuse_qkv=a.fuse_qkv, progress=progress)
+    print(f"wrote {a.output} ({human(os.path.getsize(a.output))})", file=sys.stderr)
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="glmcpu", description="GLM-4 language models on ordinary CPUs")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="chat with a model, or answer one prompt (-p)")
+    r.add_argument("model", nargs="?", help="a .gguf file (default: the built-in demo model)")
+    r.add_argument("-p", "--prompt", help="answer this prompt and exit")
+    r.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
+    r.add_argument("--system", help="system message for the chat")
+    add_sampling(r)
+    add_engine(r)
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("info", help="what a model file holds and what running it needs")
+    i.add_argument("model", nargs="?")
+    add_engine(i)
+    i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("convert", help="Hugging Face GLM checkpoint -> GGUF")
+    c.add_argument("hf_dir")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"])
+    c.add_argument("--fuse-qkv", action="store_true", help="chatglm: one attn_qkv tensor, as THUDM's files")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(func=cmd_convert)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GlmcpuError as e:
+        if args.debug:
+            raise
+        print(f"glmcpu: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

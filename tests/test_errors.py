@@ -1,0 +1,96 @@
+"""Bad input: a named exception from the API, one line and exit code 1 from the CLI."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as GT
+from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
+
+import glmcpu
+from glmcpu.errors import (ContextOverflow, ModelFileError, UnsupportedArchitecture,
+                           UnsupportedTensorType)
+
+
+def rewrite(src, dst, arch=None, retype=None):
+    """Copy a GGUF, optionally renaming its architecture or re-storing one tensor in another type."""
+    r = GGUFReader(src)
+    old = r.fields["general.architecture"].contents()
+    w = GGUFWriter(dst, arch or old)
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k == "general.architecture":
+            continue
+        v = f.contents()
+        key = k.replace(f"{old}.", f"{arch}.", 1) if arch else k
+        if f.types[0] == GGUFValueType.ARRAY:
+            w.add_key_value(key, v, GGUFValueType.ARRAY, sub_type=f.types[-1])
+        else:
+            w.add_key_value(key, v, f.types[0])
+    for t in r.tensors:
+        data = np.array(t.data)
+        if retype and t.name == retype[0]:
+            w.add_tensor(t.name, quants.quantize(data, retype[1]), raw_dtype=retype[1])
+        else:
+            w.add_tensor(t.name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def bad_files(tiny, tmp_path_factory):
+    _, good, _ = tiny("glm4", "f32")
+    d = tmp_path_factory.mktemp("bad")
+    data = open(good, "rb").read()
+    (d / "truncated.gguf").write_bytes(data[: len(data) * 2 // 3])
+    (d / "header_only.gguf").write_bytes(data[:100])
+    (d / "text.gguf").write_text("this is a text file, not a model\n" * 10)
+    rewrite(good, str(d / "llama.gguf"), arch="llama")
+    rewrite(good, str(d / "q5.gguf"), retype=("blk.1.attn_q.weight", GT.Q5_0))
+    return {"good": good, "dir": d}
+
+
+CASES = [("truncated.gguf", ModelFileError, "truncated"),
+         ("header_only.gguf", ModelFileError, "damaged or truncated"),
+         ("text.gguf", ModelFileError, "not a GGUF file"),
+         ("missing.gguf", ModelFileError, "no such file"),
+         ("llama.gguf", UnsupportedArchitecture, "'llama'"),
+         ("q5.gguf", UnsupportedTensorType, "Q5_0")]
+
+
+@pytest.mark.parametrize("name,exc,words", CASES)
+def test_api_raises_named_error(bad_files, name, exc, words):
+    with pytest.raises(exc, match=words):
+        glmcpu.load(str(bad_files["dir"] / name))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "glmcpu", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("name,exc,words", CASES)
+def test_cli_one_line(bad_files, name, exc, words):
+    p = run_cli("run", str(bad_files["dir"] / name), "-p", "hi", "--max-tokens", "2")
+    assert p.returncode == 1
+    assert p.stdout == ""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("glmcpu: error:") and words in lines[0]
+    assert "Traceback" not in p.stderr
+
+
+def test_prompt_longer_than_context(bad_files):
+    m = glmcpu.load(bad_files["good"], ctx=16)
+    with pytest.raises(ContextOverflow):
+        list(m.generate("word " * 40, max_tokens=4))
+    with pytest.raises(ContextOverflow):
+        m.logits(list(range(20)))
+    p = run_cli("run", bad_files["good"], "-p", "word " * 40, "--ctx", "16", "--raw")
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1
+    assert "context holds 16" in p.stderr
+
+
+def test_debug_shows_traceback(bad_files):
+    p = run_cli("--debug", "info", str(bad_files["dir"] / "text.gguf"))
+    assert p.returncode != 0 and "Traceback" in p.stderr
