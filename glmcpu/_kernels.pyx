@@ -40,10 +40,10 @@ def quantize_q8(const float[:, ::1] x):
     return xq, xd, xs
 
 
-def gemm(const uint8_t[:, ::1] w, int wtype, int n, const float[:, ::1] x, float[:, ::1] out,
-         int threads=1):
+def gemm(const uint8_t[:, ::1] w, int wtype, int n, const float[:, ::1] x, out_arr, int threads=1):
     """out[T, N] = x[T, n] @ W[N, n]^T for W stored as ggml type `wtype`, one row per line
     of `w` (bytes). Q4_0/Q8_0 weights use x quantised to int8 blocks, as ggml does."""
+    cdef float[:, ::1] out = out_arr
     cdef int N = w.shape[0], T = x.shape[0], nchunks, c, r0, r1
     if wtype not in TYPE_SIZES:
         raise ValueError(f"unsupported ggml type {wtype}")
@@ -53,7 +53,7 @@ def gemm(const uint8_t[:, ::1] w, int wtype, int n, const float[:, ::1] x, float
     if x.shape[1] != n or out.shape[0] != T or out.shape[1] != N:
         raise ValueError(f"shape mismatch: x [{x.shape[0]}, {x.shape[1]}], W [{N}, {n}], out [{out.shape[0]}, {out.shape[1]}]")
     if N == 0 or T == 0:
-        return out
+        return out_arr
     cdef const int8_t *pq = NULL
     cdef const float *pd = NULL
     cdef const float *ps = NULL
@@ -71,11 +71,12 @@ def gemm(const uint8_t[:, ::1] w, int wtype, int n, const float[:, ::1] x, float
             r1 = <int>((<long long>(c + 1) * N) // nchunks)
             gemm_rows(wtype, n, &w[0, 0], w.shape[1], r0, r1, T, &x[0, 0], pq, pd, ps,
                       &out[0, 0], N)
-    return out
+    return out_arr
 
 
-def rmsnorm(const float[:, ::1] x, const float[::1] w, float eps, float[:, ::1] out):
+def rmsnorm(const float[:, ::1] x, const float[::1] w, float eps, out_arr):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, in float32 with a double accumulator."""
+    cdef float[:, ::1] out = out_arr
     cdef int T = x.shape[0], D = x.shape[1], t, j
     cdef double ss
     cdef float r
@@ -89,12 +90,13 @@ def rmsnorm(const float[:, ::1] x, const float[::1] w, float eps, float[:, ::1] 
             r = 1.0 / sqrtf(<float>(ss / D) + eps)
             for j in range(D):
                 out[t, j] = x[t, j] * r * w[j]
-    return out
+    return out_arr
 
 
-def rope(float[:, :, ::1] x, const int32_t[::1] pos, int n_rot, double theta, bint neox):
+def rope(x_arr, const int32_t[::1] pos, int n_rot, double theta, bint neox):
     """Rotate the first n_rot dims of every head of x [T, H, D] in place.
     neox=False: pairs (2i, 2i+1) (GGUF chatglm/glm4); neox=True: pairs (i, i + n_rot/2)."""
+    cdef float[:, :, ::1] x = x_arr
     cdef int T = x.shape[0], H = x.shape[1], D = x.shape[2], half = n_rot // 2, t, h, i, a, b
     cdef float c, s, x0, x1
     cdef double ang
@@ -117,11 +119,12 @@ def rope(float[:, :, ::1] x, const int32_t[::1] pos, int n_rot, double theta, bi
                     x1 = x[t, h, b]
                     x[t, h, a] = x0 * c - x1 * s
                     x[t, h, b] = x1 * c + x0 * s
-    return x
+    return x_arr
 
 
-def softmax(float[:, ::1] x):
+def softmax(x_arr):
     """Row-wise softmax in place (float32, max-subtracted)."""
+    cdef float[:, ::1] x = x_arr
     cdef int T = x.shape[0], N = x.shape[1], t, j
     cdef float mx, tot
     with nogil:
@@ -136,11 +139,12 @@ def softmax(float[:, ::1] x):
                 tot = tot + x[t, j]
             for j in range(N):
                 x[t, j] = x[t, j] / tot
-    return x
+    return x_arr
 
 
-def silu_mul(const float[:, ::1] gu, float[:, ::1] out):
+def silu_mul(const float[:, ::1] gu, out_arr):
     """gu [T, 2F] = [gate | up] -> out [T, F] = silu(gate) * up."""
+    cdef float[:, ::1] out = out_arr
     cdef int T = gu.shape[0], F = gu.shape[1] // 2, t, j
     cdef float g
     if gu.shape[1] != 2 * F or out.shape[0] != T or out.shape[1] != F:
@@ -150,13 +154,14 @@ def silu_mul(const float[:, ::1] gu, float[:, ::1] out):
             for j in range(F):
                 g = gu[t, j]
                 out[t, j] = g / (1.0 + expf(-g)) * gu[t, F + j]
-    return out
+    return out_arr
 
 
 def attention(const float[:, :, ::1] q, const float[:, :, ::1] kc, const float[:, :, ::1] vc,
-              int pos0, float scale, float[:, :, ::1] out, int threads=1):
+              int pos0, float scale, out_arr, int threads=1):
     """Causal grouped-query attention of q [T, Hq, D] (positions pos0..pos0+T-1) over the cache
     kc/vc [Hkv, S, D] (filled up to pos0+T); kv head j serves q heads j*G .. j*G+G-1."""
+    cdef float[:, :, ::1] out = out_arr
     cdef int T = q.shape[0], Hq = q.shape[1], D = q.shape[2], Hkv = kc.shape[0], S = kc.shape[1]
     cdef int G, i, t, h
     cdef float *scratch
@@ -165,7 +170,7 @@ def attention(const float[:, :, ::1] q, const float[:, :, ::1] kc, const float[:
             or out.shape[2] != D:
         raise ValueError("attention: shape mismatch")
     if T == 0:
-        return out
+        return out_arr
     G = Hq // Hkv
     with nogil, parallel(num_threads=max(1, threads)):
         scratch = <float *>malloc(sizeof(float) * (pos0 + T))
@@ -175,4 +180,4 @@ def attention(const float[:, :, ::1] q, const float[:, :, ::1] kc, const float[:
             attend_one(D, pos0 + t + 1, &q[t, h, 0], &kc[h // G, 0, 0], &vc[h // G, 0, 0], D,
                        scale, scratch, &out[t, h, 0])
         free(scratch)
-    return out
+    return out_arr

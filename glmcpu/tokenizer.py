@@ -50,8 +50,11 @@ class Tokenizer:
         tokens = f.array("tokenizer.ggml.tokens")
         merges = f.array("tokenizer.ggml.merges") or []
         types = f.array("tokenizer.ggml.token_type") or [1] * len(tokens)
-        bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                         merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=False)
+        try:
+            bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                             merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=False)
+        except Exception as e:       # tokenizers raises a bare Exception for a bad vocabulary
+            raise ModelFileError(f"{f.path}: its tokenizer metadata is inconsistent ({e})") from None
         tok = HFTokenizer(bpe)
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(GLM4_SPLIT), behavior="isolated"),

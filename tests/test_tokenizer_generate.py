@@ -1,0 +1,102 @@
+"""Tokenizer from GGUF metadata vs tokenizer.json, streaming text, chat template, sampling, stops."""
+import numpy as np
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+
+import glmcpu
+from glmcpu.sampling import Sampler
+from glmcpu.tokenizer import Detokenizer, Tokenizer
+
+SAMPLES = ["Hello world", "The quick brown fox, 12345 jumps!\n\n  indented\tTab",
+           "Über café naïve — ünïcödé 🙂🙂 text", "[gMASK]<sop><|user|>\nhi<|assistant|>",
+           "don't won't I'll we've", "   leading spaces and trailing   "]
+
+
+@pytest.fixture(scope="module")
+def model(tiny):
+    _, path, hf = tiny("glm4", "q8_0")
+    return glmcpu.load(path, threads=2), hf
+
+
+def test_gguf_tokenizer_encodes_like_tokenizer_json(model):
+    m, hf = model
+    ref = HFTokenizer.from_file(f"{hf}/tokenizer.json")
+    for s in SAMPLES:
+        assert m.tokenizer.encode(s) == ref.encode(s, add_special_tokens=False).ids, s
+        assert m.tokenizer.decode(m.tokenizer.encode(s)) == s
+    ids = m.tokenizer.encode("[gMASK]<sop><|user|>")
+    assert [m.tokenizer.decode([i]) for i in ids] == ["[gMASK]", "<sop>", "<|user|>"]
+    assert Tokenizer.from_dir(hf).encode(SAMPLES[2]) == m.tokenizer.encode(SAMPLES[2])
+
+
+def test_stream_never_splits_a_character(model):
+    m, _ = model
+    text = "Über 🙂 naïve — 🙂🙂 ok"
+    ids = m.tokenizer.encode(text)
+    # byte-level BPE splits the emoji over several ids: the stream must hold them back
+    assert any("\ufffd" in m.tokenizer.decode([i]) for i in ids)
+    d = Detokenizer(m.tokenizer)
+    pieces = [d.push(i) for i in ids] + [d.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_chat_template_renders_glm_prompt(model):
+    m, _ = model
+    s = m.tokenizer.render([{"role": "system", "content": "Be brief."},
+                            {"role": "user", "content": "Hi"}])
+    assert s == "[gMASK]<sop><|system|>\nBe brief.<|user|>\nHi<|assistant|>"
+
+
+def test_sampler_greedy_topk_seed():
+    logits = np.array([0.1, 3.0, 2.9, -1.0, 0.0], np.float32)
+    assert Sampler(temperature=0)(logits, []) == 1
+    draws = [Sampler(temperature=1.0, top_k=2, top_p=1.0, min_p=0.0, seed=s)(logits, []) for s in range(50)]
+    assert set(draws) == {1, 2}
+    a = [Sampler(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=3)(logits, []) for _ in range(5)]
+    b = [Sampler(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=3)(logits, []) for _ in range(5)]
+    assert a == b
+    # top-p 0.3 keeps only the best (p = 0.49); min-p 0.99 too
+    assert {Sampler(1.0, 0, 0.3, 0.0, seed=s)(logits, []) for s in range(30)} == {1}
+    assert {Sampler(1.0, 0, 1.0, 0.99, seed=s)(logits, []) for s in range(30)} == {1}
+    # repetition penalty pushes a seen token below the other
+    assert Sampler(temperature=0, repeat_penalty=2.0)(logits, [1]) == 2
+
+
+def test_generate_greedy_matches_logits_argmax(model):
+    m, _ = model
+    prompt = m.tokenizer.encode("The quick brown")
+    list(m.generate(prompt, max_tokens=6, temperature=0, ignore_eos=True))
+    st = m.last_stats
+    assert st["prompt_tokens"] == len(prompt) and st["gen_tokens"] == 6
+    assert st["prompt_seconds"] > 0 and st["gen_seconds"] > 0
+    ids = list(prompt)
+    for _ in range(6):
+        ids.append(int(m.logits(ids)[-1].argmax()))
+    text = "".join(m.generate(prompt, max_tokens=6, temperature=0, ignore_eos=True))
+    assert text == m.tokenizer.decode(ids[len(prompt):])
+
+
+def test_generate_stops_on_end_token(model, monkeypatch):
+    m, _ = model
+    prompt = m.tokenizer.encode("The quick brown")
+    first = int(m.logits(prompt)[-1].argmax())
+    monkeypatch.setattr(m.tokenizer, "stop_ids", {first})
+    assert "".join(m.generate(prompt, max_tokens=5, temperature=0)) == ""
+    assert m.last_stats["gen_tokens"] == 0
+    out = list(m.generate(prompt, max_tokens=3, temperature=0, ignore_eos=True))
+    assert m.last_stats["gen_tokens"] == 3 and out
+
+
+def test_stop_ids_from_file(model):
+    m, _ = model
+    t = m.tokenizer
+    assert {t.tok.token_to_id(s) for s in ("<|endoftext|>", "<|user|>", "<|observation|>")} <= t.stop_ids
+
+
+def test_generation_stops_at_full_context(tiny):
+    _, path, _ = tiny("glm4", "q8_0")
+    m = glmcpu.load(path, ctx=12)
+    list(m.generate(list(range(5, 10)), max_tokens=50, temperature=0, ignore_eos=True))
+    # 5 prompt positions + 7 decoded fill the 12; the 8th token comes from the last logits
+    assert m.last_stats["gen_tokens"] == 8

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Decode and prefill speed of glmcpu and (when llama-cpp-python is installed) llama.cpp on the
+same GGUF file and thread count: alternating runs, medians, and the ratio.
+
+    python tools/bench.py model.gguf --threads 2 --runs 5
+
+Both engines see the same token ids: a prompt of --prompt random ids, then --gen fixed ids fed
+one at a time (no sampling, so only the engines are timed). This machine's memory bandwidth
+drifts over minutes: only the ratio within one run means much."""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+class GlmcpuEngine:
+    name = "glmcpu"
+
+    def __init__(self, path, threads, n_ctx):
+        import glmcpu
+        self.m = glmcpu.load(path, threads=threads, ctx=n_ctx)
+        self.n_ctx = n_ctx
+
+    def run(self, prompt, gen):
+        net = self.m.net
+        cache = net.new_cache(self.n_ctx)
+        t0 = time.perf_counter()
+        from glmcpu.generate import prefill
+        prefill(net, cache, prompt)
+        t1 = time.perf_counter()
+        for tok in gen:
+            net.forward([tok], cache)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+
+class LlamaCppEngine:
+    name = "llama.cpp"
+
+    def __init__(self, path, threads, n_ctx):
+        from llama_cpp import Llama
+        self.llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                         n_batch=512, n_ubatch=512, verbose=False)
+
+    def run(self, prompt, gen):
+        self.llm.reset()
+        self.llm._ctx.kv_cache_clear() if hasattr(self.llm._ctx, "kv_cache_clear") else None
+        t0 = time.perf_counter()
+        self.llm.eval(prompt)
+        t1 = time.perf_counter()
+        for tok in gen:
+            self.llm.eval([tok])
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
+    p.add_argument("--gen", type=int, default=32, help="decoded tokens")
+    p.add_argument("--no-llama", action="store_true", help="glmcpu only")
+    a = p.parse_args()
+
+    engines = [GlmcpuEngine(a.model, a.threads, a.prompt + a.gen + 8)]
+    if not a.no_llama:
+        try:
+            engines.append(LlamaCppEngine(a.model, a.threads, a.prompt + a.gen + 8))
+        except ImportError:
+            print("llama-cpp-python is not installed: glmcpu only", file=sys.stderr)
+    n_vocab = engines[0].m.cfg.n_vocab
+    rng = np.random.default_rng(0)
+    prompt = [int(i) for i in rng.integers(0, min(n_vocab, 100000), a.prompt)]
+    gen = [int(i) for i in rng.integers(0, min(n_vocab, 100000), a.gen)]
+    for e in engines:                                  # warm-up: page the weights in
+        e.run(prompt[:8], gen[:2])
+    times = {e.name: ([], []) for e in engines}
+    for r in range(a.runs):
+        for e in (engines if r % 2 == 0 else engines[::-1]):   # alternate who goes first
+            tp, tg = e.run(prompt, gen)
+            times[e.name][0].append(a.prompt / tp)
+            times[e.name][1].append(a.gen / tg)
+            print(f"run {r + 1}: {e.name:<10} prefill {a.prompt / tp:8.1f} tok/s   decode {a.gen / tg:7.2f} tok/s",
+                  file=sys.stderr)
+    print(f"\n{os.path.basename(a.model)}, {a.threads} threads, {a.runs} runs, medians "
+          f"(kernels: {__import__('glmcpu').ops.VARIANT})")
+    med = {k: (statistics.median(v[0]), statistics.median(v[1])) for k, v in times.items()}
+    for k, (pp, tg) in med.items():
+        print(f"  {k:<10} prefill {pp:8.1f} tok/s   decode {tg:7.2f} tok/s")
+    if "llama.cpp" in med:
+        g, l = med["glmcpu"], med["llama.cpp"]
+        print(f"  glmcpu / llama.cpp: prefill {g[0] / l[0]:.2f}x   decode {g[1] / l[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Write a random-weight GGUF of the real GLM-4-9B shape (or a smaller one), N layers.
+
+The weights are random blocks written directly in the target type (no float pass), so a
+4-layer Q4_0 file of the full width (~1.2 GB) takes seconds. For speed tests, not for text.
+
+    python tools/make_model.py glm4-9b-4l-q4_0.gguf --layers 4 --type q4_0
+"""
+import argparse
+
+import numpy as np
+from gguf import GGMLQuantizationType as GT
+from gguf import GGUFWriter, LlamaFileType, TokenType
+
+SHAPE_9B = dict(d=4096, ff=13696, heads=32, kv=2, head_dim=128, vocab=151552)
+SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>",
+            "<|user|>", "<|assistant|>", "<|observation|>"]
+FIRST_SPECIAL = 151329
+STD = 0.02          # weight standard deviation: keeps 4 random layers' activations finite in fp16
+FTYPES = {"q4_0": (GT.Q4_0, LlamaFileType.MOSTLY_Q4_0), "q8_0": (GT.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+          "f16": (GT.F16, LlamaFileType.MOSTLY_F16)}
+
+
+def byte_level_alphabet():
+    """GPT-2's printable stand-ins for the 256 byte values (the first 256 tokens)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def random_weight(rng, rows, cols, qtype):
+    """[rows, cols] random weights stored as `qtype` (bytes for Q types, float16 for F16)."""
+    if qtype == GT.F16:
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * STD).astype(np.float16)
+    nb = cols // 32
+    if qtype == GT.Q4_0:
+        blocks = rng.integers(0, 256, (rows, nb, 18), dtype=np.uint8)
+        d = STD / 4.6                                    # std of a uniform nibble - 8 is ~4.6
+    else:
+        blocks = rng.integers(0, 256, (rows, nb, 34), dtype=np.uint8)
+        blocks[..., 2:] = rng.integers(-127, 128, (rows, nb, 32), dtype=np.int8).view(np.uint8)
+        d = STD / 73.0                                   # std of uniform int8 in [-127, 127]
+    scales = (d * rng.uniform(0.5, 1.5, (rows, nb))).astype(np.float16)
+    blocks[..., :2] = scales[..., None].view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+def write(path, layers, qtype_name, arch="glm4", seed=0, shape=SHAPE_9B):
+    qtype, ftype = FTYPES[qtype_name]
+    s, rng = shape, np.random.default_rng(seed)
+    w = GGUFWriter(path, arch)
+    w.add_name(f"random GLM-4-9B-shaped {layers}-layer {qtype_name}")
+    w.add_context_length(8192)
+    w.add_embedding_length(s["d"])
+    w.add_block_count(layers)
+    w.add_feed_forward_length(s["ff"])
+    w.add_head_count(s["heads"])
+    w.add_head_count_kv(s["kv"])
+    w.add_key_length(s["head_dim"])
+    w.add_value_length(s["head_dim"])
+    w.add_layer_norm_rms_eps(1.5625e-07 if arch == "chatglm" else 1e-5)
+    w.add_rope_dimension_count(s["head_dim"] // 2)
+    w.add_rope_freq_base(10000.0)
+    w.add_file_type(ftype)
+    alphabet = byte_level_alphabet()
+    tokens = alphabet + ["to", "Ġt"] + [f"tok{i}" for i in range(258, s["vocab"])]
+    types = [TokenType.NORMAL] * s["vocab"]
+    for j, t in enumerate(SPECIALS):
+        tokens[FIRST_SPECIAL + j], types[FIRST_SPECIAL + j] = t, TokenType.CONTROL
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("chatglm-bpe" if arch == "chatglm" else "glm4")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(["t o", "Ġ t"])
+    w.add_eos_token_id(FIRST_SPECIAL)
+    w.add_eot_token_id(FIRST_SPECIAL + 7)
+
+    d, qkv = s["d"], (s["heads"] + 2 * s["kv"]) * s["head_dim"]
+    ones = np.ones(d, np.float32)
+    raw = None if qtype == GT.F16 else qtype
+    w.add_tensor("token_embd.weight", random_weight(rng, s["vocab"], d, qtype), raw_dtype=raw)
+    for i in range(layers):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", ones)
+        w.add_tensor(p + "attn_qkv.weight" if arch == "chatglm" else p + "attn_q.weight",
+                     random_weight(rng, qkv if arch == "chatglm" else s["heads"] * s["head_dim"], d, qtype),
+                     raw_dtype=raw)
+        if arch == "chatglm":
+            w.add_tensor(p + "attn_qkv.bias", np.zeros(qkv, np.float32))
+        else:
+            w.add_tensor(p + "attn_q.bias", np.zeros(s["heads"] * s["head_dim"], np.float32))
+            for n in ("attn_k", "attn_v"):
+                w.add_tensor(p + n + ".weight", random_weight(rng, s["kv"] * s["head_dim"], d, qtype), raw_dtype=raw)
+                w.add_tensor(p + n + ".bias", np.zeros(s["kv"] * s["head_dim"], np.float32))
+        w.add_tensor(p + "attn_output.weight", random_weight(rng, d, s["heads"] * s["head_dim"], qtype), raw_dtype=raw)
+        if arch == "glm4":
+            w.add_tensor(p + "post_attention_norm.weight", ones)
+        w.add_tensor(p + "ffn_norm.weight", ones)
+        w.add_tensor(p + "ffn_up.weight", random_weight(rng, 2 * s["ff"], d, qtype), raw_dtype=raw)
+        w.add_tensor(p + "ffn_down.weight", random_weight(rng, d, s["ff"], qtype), raw_dtype=raw)
+        if arch == "glm4":
+            w.add_tensor(p + "post_ffw_norm.weight", ones)
+    w.add_tensor("output_norm.weight", ones)
+    w.add_tensor("output.weight", random_weight(rng, s["vocab"], d, qtype), raw_dtype=raw)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("output")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--type", default="q4_0", choices=list(FTYPES))
+    p.add_argument("--arch", default="glm4", choices=["glm4", "chatglm"])
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    write(a.output, a.layers, a.type, a.arch, a.seed)
+    print(f"wrote {a.output}")
+
+
+if __name__ == "__main__":
+    main()
