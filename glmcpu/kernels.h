@@ -301,6 +301,54 @@ static float vec_dot_bf16_f32(int n, const uint16_t *w, const float *x) {
     return sum;
 }
 
+/* Prefill: one weight row against 4 activation rows at once, so each block is unpacked once
+ * and used 4 times (xq rows n apart, xd/xs rows n/32 apart). res[t] as vec_dot would give. */
+static void vec_dot4_q4_0_q8_0(int n, const block_q4_0 *w, const int8_t *xq, const float *xd,
+                               const float *xs, float *res) {
+    int nb = n / QK;
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float corr[4] = {0, 0, 0, 0};
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int b = 0; b < nb; b++) {
+        __m256i q = unpack_q4_0(w[b].qs);
+        float dw = fp16_to_fp32(w[b].d);
+        for (int t = 0; t < 4; t++) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * n + b * QK));
+            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), ones);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[t * nb + b]), _mm256_cvtepi32_ps(p), acc[t]);
+            corr[t] += dw * xs[t * nb + b];
+        }
+    }
+    for (int t = 0; t < 4; t++) res[t] = hsum256(acc[t]) - 8.0f * corr[t];
+#else
+    for (int t = 0; t < 4; t++)
+        res[t] = vec_dot_q4_0_q8_0(n, w, xq + (size_t)t * n, xd + t * nb, xs + t * nb);
+#endif
+}
+
+static void vec_dot4_q8_0_q8_0(int n, const block_q8_0 *w, const int8_t *xq, const float *xd,
+                               float *res) {
+    int nb = n / QK;
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int b = 0; b < nb; b++) {
+        __m256i q = _mm256_loadu_si256((const __m256i *)w[b].qs);
+        __m256i aq = _mm256_sign_epi8(q, q);
+        float dw = fp16_to_fp32(w[b].d);
+        for (int t = 0; t < 4; t++) {
+            __m256i x = _mm256_loadu_si256((const __m256i *)(xq + (size_t)t * n + b * QK));
+            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(x, q)), ones);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[t * nb + b]), _mm256_cvtepi32_ps(p), acc[t]);
+        }
+    }
+    for (int t = 0; t < 4; t++) res[t] = hsum256(acc[t]);
+#else
+    for (int t = 0; t < 4; t++) res[t] = vec_dot_q8_0_q8_0(n, w, xq + (size_t)t * n, xd + t * nb);
+#endif
+}
+
 /* Rows r0..r1 of W (row_bytes apart) against T activation rows: out[t*ldo + r].
  * Integer types read xq/xd/xs (quantised once per call); float types read x. */
 static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1,
@@ -309,7 +357,20 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
     int nb = n / QK;
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = w + (size_t)r * row_bytes;
-        for (int t = 0; t < T; t++) {
+        int t = 0;
+        if (type == GT_Q4_0 || type == GT_Q8_0) {
+            for (; t + 4 <= T; t += 4) {
+                float res[4];
+                if (type == GT_Q4_0)
+                    vec_dot4_q4_0_q8_0(n, (const block_q4_0 *)row, xq + (size_t)t * n,
+                                       xd + (size_t)t * nb, xs + (size_t)t * nb, res);
+                else
+                    vec_dot4_q8_0_q8_0(n, (const block_q8_0 *)row, xq + (size_t)t * n,
+                                       xd + (size_t)t * nb, res);
+                for (int j = 0; j < 4; j++) out[(size_t)(t + j) * ldo + r] = res[j];
+            }
+        }
+        for (; t < T; t++) {
             float v;
             switch (type) {
             case GT_Q4_0:

@@ -1,0 +1,61 @@
+"""Peer check with llama.cpp (llama-cpp-python) on the very same GGUF files.
+
+- each engine reads the other's files: llama.cpp loads what glmcpu's converter writes, glmcpu loads
+  what llama.cpp's own quantiser writes;
+- on a Q8_0 file glmcpu is at least as close to transformers as llama.cpp is (KL within 1.5x)."""
+import numpy as np
+import pytest
+
+import glmcpu
+from conftest import hf_logits, test_ids as make_ids
+from test_models import kl
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python to compare with llama.cpp")
+
+KL_RATIO = 1.5        # glmcpu's KL to transformers may be at most this times llama.cpp's
+LLAMA_F32_TOL = 2e-2  # llama.cpp keeps its KV cache in f16: ~1e-3 off transformers on tiny models
+
+
+def llama_logits(path, ids):
+    llm = llama_cpp.Llama(model_path=path, n_ctx=128, n_batch=128, logits_all=True, verbose=False,
+                          n_threads=2)
+    llm.eval(ids)
+    out = np.array(llm.scores[:len(ids)], dtype=np.float32)
+    llm.close() if hasattr(llm, "close") else None
+    return out
+
+
+@pytest.mark.parametrize("family,fuse", [("glm", False), ("glm", True), ("glm4", False)])
+def test_llama_cpp_reads_glmcpu_files(tiny, family, fuse):
+    model, path, _ = tiny(family, "f32", fuse_qkv=fuse)
+    ids = make_ids(36, seed=11)
+    want = hf_logits(model, ids)
+    assert np.abs(llama_logits(path, ids) - want).max() < LLAMA_F32_TOL
+
+
+@pytest.mark.parametrize("family", ["glm", "glm4"])
+def test_q8_0_kl_against_llama_cpp(tiny, family):
+    model, path, _ = tiny(family, "q8_0")
+    ids = make_ids(40, seed=7)
+    want = hf_logits(model, ids)
+    ours = glmcpu.load(path, threads=2).logits(ids)
+    theirs = llama_logits(path, ids)
+    kl_ours, kl_theirs = kl(want, ours), kl(want, theirs)
+    print(f"{family}: KL(transformers || glmcpu) = {kl_ours:.3e}, KL(transformers || llama.cpp) = {kl_theirs:.3e}")
+    assert (ours.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    assert kl_ours <= KL_RATIO * kl_theirs
+
+
+@pytest.mark.parametrize("family", ["glm", "glm4"])
+def test_glmcpu_reads_llama_cpp_quantized_files(tiny, tmp_path, family):
+    model, path, _ = tiny(family, "f32")
+    out = str(tmp_path / "llama_q8_0.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    assert llama_cpp.llama_model_quantize(path.encode(), out.encode(), params) == 0
+    m = glmcpu.load(out, threads=2)
+    assert any(t.tensor_type.name == "Q8_0" for t in m.file.tensors.values())
+    ids = make_ids(36, seed=13)
+    got, want = m.logits(ids), hf_logits(model, ids)
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    assert kl(want, got) < 0.01
