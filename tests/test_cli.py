@@ -1,0 +1,91 @@
+"""The command line: one-shot run, stdin prompts, the chat loop, info, convert, the demo model."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import glmcpu
+from glmcpu import cli
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "glmcpu", *args], capture_output=True, text=True,
+                          input=stdin, timeout=300)
+
+
+def test_demo_model_writes_english():
+    path = cli.demo_model_path()
+    assert os.path.exists(path), "the built-in demo model is missing from the package"
+    assert os.path.getsize(path) < 32 * 2**20
+    p = run_cli("run", "-p", "Once upon a time", "--max-tokens", "24", "--seed", "1")
+    assert p.returncode == 0, p.stderr
+    words = re.findall(r"[A-Za-z]+", p.stdout)
+    common = {"the", "and", "of", "to", "that", "he", "his", "in", "unto", "a", "i", "they", "is",
+              "was", "for", "shall", "be", "with", "not", "them", "him", "it", "all", "lord", "said"}
+    assert len(words) >= 8 and sum(w.lower() in common for w in words) >= 3, p.stdout
+    assert re.search(r"prompt: \d+ tokens, [\d.]+ tok/s \| generation: \d+ tokens, [\d.]+ tok/s", p.stderr)
+
+
+def test_stdin_prompt_and_greedy_is_repeatable(tiny):
+    _, path, _ = tiny("glm4", "q8_0")
+    a = run_cli("run", path, "--temperature", "0", "-n", "8", "--ignore-eos", stdin="The quick")
+    b = run_cli("run", path, "-p", "The quick", "--temperature", "0", "-n", "8", "--ignore-eos")
+    assert a.returncode == b.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
+
+
+def test_chat_loop(tiny, monkeypatch, capsys):
+    _, path, _ = tiny("glm4", "q8_0")
+    lines = iter(["hello there", "", "and again"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    seen = []
+    real_chat = glmcpu.Model.chat
+
+    def spy(self, messages, **kw):
+        seen.append([dict(m) for m in messages])
+        return real_chat(self, messages, **kw)
+    monkeypatch.setattr(glmcpu.Model, "chat", spy)
+    assert cli.main(["run", path, "-n", "4", "--seed", "0", "--ignore-eos"]) == 0
+    assert [m["role"] for m in seen[1]] == ["user", "assistant", "user"]   # history kept
+    assert seen[1][2]["content"] == "and again"
+    assert capsys.readouterr().err.count("generation:") == 2
+
+
+def test_info(tiny):
+    _, path, _ = tiny("glm", "q8_0")
+    p = run_cli("info", path, "--threads", "3")
+    assert p.returncode == 0, p.stderr
+    for word in ("chatglm", "Q8_0", "KV cache", "kernels", glmcpu.ops.VARIANT):
+        assert word in p.stdout
+    assert re.search(r"threads\s+3", p.stdout)
+
+
+def test_convert_command(tiny, tmp_path):
+    model, _, hf = tiny("glm", "f32")
+    out = tmp_path / "cli.gguf"
+    p = run_cli("convert", hf, "-o", str(out), "--type", "q4_0", "--quiet")
+    assert p.returncode == 0, p.stderr
+    m = glmcpu.load(str(out))
+    types = {t.name: t.tensor_type.name for t in m.file.tensors.values()}
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.0.attn_norm.weight"] == "F32"
+    assert types["blk.0.attn_q.bias"] == "F32"
+    assert m.tokenizer.chat_template.startswith("[gMASK]<sop>")
+    bad = run_cli("convert", str(tmp_path), "-o", str(tmp_path / "x.gguf"))
+    assert bad.returncode == 1 and "config.json" in bad.stderr
+
+
+def test_python_api_generate_and_stats(tiny):
+    _, path, _ = tiny("glm4", "q8_0")
+    m = glmcpu.load(path, threads=1, ctx=64)
+    text = "".join(m.chat([{"role": "user", "content": "hi"}], max_tokens=5, seed=3, ignore_eos=True))
+    assert isinstance(text, str) and set(m.last_stats) == {"prompt_tokens", "prompt_seconds",
+                                                           "gen_tokens", "gen_seconds"}
+    assert m.last_stats["gen_tokens"] == 5
