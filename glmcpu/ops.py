@@ -77,7 +77,7 @@ def physical_cores() -> int:
     except AttributeError:
         allowed = set(range(os.cpu_count() or 1))
     try:
-        cores, cpu = set(), None
+        cores = set()
         with open("/proc/cpuinfo") as f:
             info = {}
             for line in f:

@@ -33,7 +33,7 @@ def make_tokenizer(folder):
     return tok
 
 
-def make_hf_model(folder, family="glm4", layers=3, seed=0, theta=25000.0, dtype="float32"):
+def make_hf_model(folder, family="glm4", layers=3, seed=0, theta=25000.0, dtype="float32", shard=None):
     """A random GlmForCausalLM (family 'glm') or Glm4ForCausalLM with non-unit norms and biases."""
     import torch
     import transformers
@@ -59,7 +59,8 @@ def make_hf_model(folder, family="glm4", layers=3, seed=0, theta=25000.0, dtype=
                 p.copy_(0.2 * torch.randn_like(p))
             else:
                 p.copy_(0.08 * torch.randn_like(p))
-    model.to(getattr(torch, dtype)).save_pretrained(folder)
+    kw = {"max_shard_size": shard} if shard else {}
+    model.to(getattr(torch, dtype)).save_pretrained(folder, **kw)
     return model.float()
 
 

@@ -4,7 +4,6 @@ import re
 import subprocess
 import sys
 
-import pytest
 
 import glmcpu
 from glmcpu import cli
@@ -89,3 +88,16 @@ def test_python_api_generate_and_stats(tiny):
     assert isinstance(text, str) and set(m.last_stats) == {"prompt_tokens", "prompt_seconds",
                                                            "gen_tokens", "gen_seconds"}
     assert m.last_stats["gen_tokens"] == 5
+
+
+def test_kernel_variant_forced_by_environment(tiny):
+    _, path, _ = tiny("glm4", "q8_0")
+    env = dict(os.environ, GLMCPU_KERNELS="generic")
+    p = subprocess.run([sys.executable, "-m", "glmcpu", "info", path], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 0 and re.search(r"kernels\s+generic", p.stdout)
+    env["GLMCPU_KERNELS"] = "sse9"
+    p = subprocess.run([sys.executable, "-m", "glmcpu", "info", path], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert p.returncode == 1 and p.stderr.startswith("glmcpu: error:") and "sse9" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

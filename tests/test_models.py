@@ -58,3 +58,23 @@ def test_q8_0_close_to_transformers(tiny, family):
     got, want = m.logits(ids), hf_logits(model, ids)
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
     assert kl(want, got) < 0.01
+
+
+def test_sharded_bf16_checkpoint(tiny):
+    """A bfloat16 checkpoint in several shards (as real GLM checkpoints are) converts exactly."""
+    import glob
+    import os
+    model, path, hf = tiny("glm4", "f32", dtype="bfloat16", shard="60KB", seed=4)
+    assert len(glob.glob(os.path.join(hf, "*.safetensors"))) > 1
+    ids = make_ids(32, seed=9)
+    assert np.abs(glmcpu.load(path).logits(ids) - hf_logits(model, ids)).max() < F32_TOL
+
+
+@pytest.mark.parametrize("out_type,tol", [("f16", 2e-2), ("bf16", 1e-1), ("q4_0", None)])
+def test_other_types(tiny, out_type, tol):
+    model, path, _ = tiny("glm", out_type)
+    ids = make_ids(40, seed=3)
+    got, want = glmcpu.load(path).logits(ids), hf_logits(model, ids)
+    if tol:
+        assert np.abs(got - want).max() < tol
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= (0.9 if tol else 0.7)
