@@ -181,3 +181,104 @@ def attention(const float[:, :, ::1] q, const float[:, :, ::1] kc, const float[:
                        scale, scratch, &out[t, h, 0])
         free(scratch)
     return out_arr
+
+
+def _quantize_into(const float[:, ::1] x, int8_t[:, ::1] q, float[:, ::1] d, float[:, ::1] s, int threads):
+    cdef int T = x.shape[0], n = x.shape[1], t
+    with nogil:
+        for t in prange(T, num_threads=threads, schedule='static'):
+            quantize_row_q8(n, &x[t, 0], &q[t, 0], &d[t, 0], &s[t, 0])
+
+
+cdef void _expert_gemm(int wtype, int n, const uint8_t[:, :, ::1] w, const long long[:, ::1] items,
+                       const long long[::1] start, const float[:, ::1] x, const int8_t[:, ::1] xq,
+                       const float[:, ::1] xd, const float[:, ::1] xs, bint quant, float[:, ::1] out,
+                       int threads) noexcept nogil:
+    """items[i] = (expert, row0, row1): rows of expert e against its tokens start[e]..start[e+1]."""
+    cdef Py_ssize_t i
+    cdef long long e, a, m
+    cdef int rows = out.shape[1]
+    for i in prange(items.shape[0], num_threads=threads, schedule='dynamic'):
+        e = items[i, 0]
+        a = start[e]
+        m = start[e + 1] - a
+        gemm_rows(wtype, n, &w[e, 0, 0], w.shape[2], <int>items[i, 1], <int>items[i, 2], <int>m,
+                  &x[a, 0], &xq[a, 0] if quant else NULL, &xd[a, 0] if quant else NULL,
+                  &xs[a, 0] if quant else NULL, &out[a, 0], rows)
+
+
+def _work_items(counts, int rows, int threads, int min_rows=16):
+    """(expert, row0, row1) pieces of the used experts, about 4 per thread in all."""
+    used = np.nonzero(counts)[0]
+    if len(used) == 0:
+        return np.zeros((0, 3), np.int64)
+    per = max(1, (threads * 4 + len(used) - 1) // len(used))
+    step = max(min_rows, (rows + per - 1) // per)
+    edges = np.arange(0, rows, step)
+    items = np.empty((len(used) * len(edges), 3), np.int64)
+    items[:, 0] = np.repeat(used, len(edges))
+    items[:, 1] = np.tile(edges, len(used))
+    items[:, 2] = np.minimum(items[:, 1] + step, rows)
+    return items
+
+
+def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int threads=1):
+    """Routed experts of one MoE layer for T tokens, in one call.
+
+    x [T, n] float32; gate, up: [E, F, row_bytes] (ggml type wtype_gu); down: [E, n, row_bytes];
+    ids [T, k] int32 chosen experts; weights [T, k] float32 -> out [T, n] = sum_j weights[t, j] *
+    down_e (silu(gate_e x) * up_e x). Tokens are grouped by expert, so each expert's rows are read
+    once per call however many tokens chose it."""
+    cdef int T = x.shape[0], n = x.shape[1], E = gate.shape[0], F = gate.shape[1], k = ids.shape[1]
+    cdef bint q_gu = wtype_gu in INT_TYPES, q_dn = wtype_down in INT_TYPES
+    if up.shape[0] != E or up.shape[1] != F or down.shape[0] != E or down.shape[1] != n:
+        raise ValueError("moe: expert tensor shapes disagree")
+    flat = np.asarray(ids, np.int64).reshape(-1)                      # [T*k] assignment -> expert
+    if flat.size and (flat.min() < 0 or flat.max() >= E):
+        raise ValueError("moe: expert id out of range")
+    order = np.argsort(flat, kind="stable")                          # assignments grouped by expert
+    counts = np.bincount(flat, minlength=E)
+    start = np.zeros(E + 1, np.int64)
+    np.cumsum(counts, out=start[1:])
+    xs_sorted = np.ascontiguousarray(np.asarray(x, np.float32)[order // k])   # [T*k, n]
+    A = xs_sorted.shape[0]
+    dummy_q = np.zeros((max(A, 1), 32), np.int8)
+    dummy_f = np.zeros((max(A, 1), 1), np.float32)
+
+    def quantized(a, flag):
+        if not flag:
+            return dummy_q, dummy_f, dummy_f
+        rows, cols = a.shape
+        q = np.empty((rows, cols), np.int8)
+        d = np.empty((rows, cols // QK), np.float32)
+        s = np.empty((rows, cols // QK), np.float32)
+        _quantize_into(a, q, d, s, threads)
+        return q, d, s
+
+    if (q_gu and n % QK) or (q_dn and F % QK):
+        raise ValueError("moe: rows are not whole 32-blocks")
+    g = np.empty((A, F), np.float32)
+    u = np.empty((A, F), np.float32)
+    cdef const uint8_t[:, :, ::1] wg = gate, wu = up, wd = down
+    cdef const long long[::1] st = start
+    cdef const long long[:, ::1] it
+    cdef const float[:, ::1] xa, da, sa
+    cdef const int8_t[:, ::1] qa
+    cdef float[:, ::1] ga = g, ua = u, ya
+    xq, xd, xsum = quantized(xs_sorted, q_gu)
+    it, xa, qa, da, sa = _work_items(counts, F, threads), xs_sorted, xq, xd, xsum
+    with nogil:
+        _expert_gemm(wtype_gu, n, wg, it, st, xa, qa, da, sa, q_gu, ga, threads)
+        _expert_gemm(wtype_gu, n, wu, it, st, xa, qa, da, sa, q_gu, ua, threads)
+    h = np.empty((A, F), np.float32)
+    silu_mul(np.concatenate([g, u], 1), h)
+    hq, hd, hs = quantized(h, q_dn)
+    y = np.empty((A, n), np.float32)
+    it, xa, qa, da, sa, ya = _work_items(counts, n, threads), h, hq, hd, hs, y
+    with nogil:
+        _expert_gemm(wtype_down, F, wd, it, st, xa, qa, da, sa, q_dn, ya, threads)
+    w_sorted = np.asarray(weights, np.float32).reshape(-1)[order]
+    res = np.zeros((T, n), np.float32)
+    np.add.at(res, order // k, y * w_sorted[:, None])
+    out[...] = res
+    return out
