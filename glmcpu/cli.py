@@ -39,9 +39,15 @@ def stats_line(s) -> str:
             f" | generation: {s.get('gen_tokens', 0)} tokens, {rate(s.get('gen_tokens', 0), s.get('gen_seconds', 0))}")
 
 
-def stream(pieces, out=sys.stdout):
+def stream(pieces, out=None):
+    """Print pieces as they come; GLM answers open with a newline, which is not shown."""
+    out = out or sys.stdout
     text = []
     for piece in pieces:
+        if not text:
+            piece = piece.lstrip("\n")
+            if not piece:
+                continue
         out.write(piece)
         out.flush()
         text.append(piece)

@@ -9,13 +9,13 @@ from glob import glob
 
 import numpy as np
 from gguf import GGMLQuantizationType as GT
-from gguf import GGUFWriter, LlamaFileType, TokenType, quants
+from gguf import ExpertGatingFuncType, GGUFWriter, LlamaFileType, TokenType, quants
 from safetensors import safe_open
 
 from .errors import ConvertError
 
-ARCHES = {"GlmForCausalLM": "chatglm", "Glm4ForCausalLM": "glm4"}
-PRE = {"chatglm": "chatglm-bpe", "glm4": "glm4"}
+ARCHES = {"GlmForCausalLM": "chatglm", "Glm4ForCausalLM": "glm4", "Glm4MoeForCausalLM": "glm4moe"}
+PRE = {"chatglm": "chatglm-bpe", "glm4": "glm4", "glm4moe": "glm4"}
 TYPES = {"f32": (GT.F32, LlamaFileType.ALL_F32), "f16": (GT.F16, LlamaFileType.MOSTLY_F16),
          "bf16": (GT.BF16, LlamaFileType.MOSTLY_BF16), "q8_0": (GT.Q8_0, LlamaFileType.MOSTLY_Q8_0),
          "q4_0": (GT.Q4_0, LlamaFileType.MOSTLY_Q4_0)}
@@ -27,12 +27,34 @@ LAYER_NAMES = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "post_self_attn_layernorm": "post_attention_norm",   # glm4: norm of the attention output
     "post_attention_layernorm": "ffn_norm",              # the pre-FFN norm, despite its name
     "post_mlp_layernorm": "post_ffw_norm",
     "mlp.gate_up_proj": "ffn_up",                        # [gate | up] rows, kept fused
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",                          # the MoE router
+    "mlp.gate.e_score_correction_bias": "exp_probs_b.bias",
+    "mlp.shared_experts.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_experts.up_proj": "ffn_up_shexp",
+    "mlp.shared_experts.down_proj": "ffn_down_shexp",
+    "mlp.experts.*.gate_proj": "ffn_gate_exps",          # one HF tensor per expert, stacked
+    "mlp.experts.*.up_proj": "ffn_up_exps",
+    "mlp.experts.*.down_proj": "ffn_down_exps",
+    # the MTP ("nextn") block that GLM-4.5 checkpoints store as layer num_hidden_layers
+    "eh_proj": "nextn.eh_proj",
+    "enorm": "nextn.enorm",
+    "hnorm": "nextn.hnorm",
+    "shared_head.head": "nextn.shared_head_head",
+    "shared_head.norm": "nextn.shared_head_norm",
+    "embed_tokens": "nextn.embed_tokens",
 }
+# glm4moe calls its pre-FFN norm post_attention_norm (it has no sandwich norms)
+ARCH_NAMES = {"glm4moe": {"post_attention_layernorm": "post_attention_norm"}}
+KEEP_F32 = ("ffn_gate_inp.weight",)                     # the router stays exact, as in llama.cpp
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
@@ -81,20 +103,29 @@ def load_tensor(name, path, info):
         return f.get_tensor(name).astype(np.float32)
 
 
-def gguf_name(name):
-    m = re.match(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$", name)
+def gguf_name(name, arch):
+    """(GGUF name, expert index or None) for a Hugging Face tensor name, or (None, None)."""
+    m = re.match(r"model\.layers\.(\d+)\.(.+?)(?:\.(weight|bias))?$", name)
     if m:
-        short = LAYER_NAMES.get(m.group(2))
-        return None if short is None else f"blk.{m.group(1)}.{short}.{m.group(3)}"
+        key, expert = m.group(2), None
+        e = re.match(r"mlp\.experts\.(\d+)\.(.+)$", key)
+        if e:
+            key, expert = f"mlp.experts.*.{e.group(2)}", int(e.group(1))
+        short = ARCH_NAMES.get(arch, {}).get(key) or LAYER_NAMES.get(key)
+        if short is None:
+            return None, None
+        suffix = "" if short.endswith(".bias") else f".{m.group(3) or 'weight'}"
+        return f"blk.{m.group(1)}.{short}{suffix}", expert
     m = re.match(r"(.+)\.(weight|bias)$", name)
     if m and m.group(1) in TOP_NAMES:
-        return f"{TOP_NAMES[m.group(1)]}.{m.group(2)}"
-    return None
+        return f"{TOP_NAMES[m.group(1)]}.{m.group(2)}", None
+    return None, None
 
 
-def pick_type(shape, qtype):
-    """1-D tensors (norms, biases) stay F32; rows that are not whole 32-blocks fall back to F16."""
-    if len(shape) < 2:
+def pick_type(name, shape, qtype):
+    """1-D tensors (norms, biases) and the router stay F32; rows that are not whole 32-blocks
+    fall back to F16."""
+    if len(shape) < 2 or name.endswith(KEEP_F32):
         return GT.F32
     if qtype in (GT.Q8_0, GT.Q4_0) and shape[-1] % 32:
         return GT.F16
@@ -175,7 +206,12 @@ def convert(hf_dir, out_path, out_type="f16", fuse_qkv=False, progress=None):
     w.add_name(os.path.basename(os.path.normpath(hf_dir)))
     w.add_context_length(cfg.get("max_position_embeddings", 4096))
     w.add_embedding_length(d)
-    w.add_block_count(n_layer)
+    found = scan_safetensors(hf_dir)
+    # GLM-4.5 checkpoints carry their MTP block as layer num_hidden_layers: llama.cpp counts it in
+    # block_count and says so in nextn_predict_layers
+    n_nextn = len({m.group(1) for n in found if (m := re.match(r"model\.layers\.(\d+)\.", n))
+                   and int(m.group(1)) >= n_layer})
+    w.add_block_count(n_layer + n_nextn)
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_head_count(n_head)
     w.add_head_count_kv(cfg.get("num_key_value_heads", n_head))
@@ -185,29 +221,48 @@ def convert(hf_dir, out_path, out_type="f16", fuse_qkv=False, progress=None):
     w.add_rope_dimension_count(int(head_dim * rope_param(cfg, "partial_rotary_factor", 0.5)))
     w.add_rope_freq_base(float(rope_param(cfg, "rope_theta", 10000.0)))
     w.add_file_type(ftype)
+    if arch == "glm4moe":
+        if int(cfg.get("n_group", 1)) > 1:
+            raise ConvertError(f"{hf_dir}: grouped routing (n_group > 1) is not supported")
+        w.add_expert_count(cfg["n_routed_experts"])
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        w.add_expert_shared_count(cfg.get("n_shared_experts", 0))
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        w.add_leading_dense_block_count(cfg.get("first_k_dense_replace", 0))
+        w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
+        w.add_expert_weights_scale(float(cfg.get("routed_scaling_factor", 1.0)))
+        w.add_expert_weights_norm(bool(cfg.get("norm_topk_prob", True)))
+        w.add_nextn_predict_layers(n_nextn)
     add_tokenizer(w, hf_dir, arch, n_vocab)
 
     # plan every tensor first (GGUF writes all tensor infos before any data), then stream the
     # data one tensor at a time so a checkpoint larger than RAM converts
-    found = scan_safetensors(hf_dir)
-    plan, qkv = [], {}                                 # plan: (gguf name, shape, [hf names])
+    plan, qkv, experts = [], {}, {}        # plan: (gguf name, shape, [hf names], "cat" | "stack")
     for name, (path, info) in found.items():
-        g = gguf_name(name)
+        g, expert = gguf_name(name, arch)
         if g is None:
             if "rotary_emb" in name:
                 continue
             raise ConvertError(f"{hf_dir}: tensor {name} has no GGUF name; is this a {arch} checkpoint?")
-        if fuse_qkv and re.search(r"\.attn_[qkv]\.", g):
+        if expert is not None:
+            experts.setdefault(g, {})[expert] = name
+        elif fuse_qkv and re.search(r"\.attn_[qkv]\.", g):
             qkv[g] = name
-            continue
-        plan.append((g, tuple(info["shape"]), [name]))
+        else:
+            plan.append((g, tuple(info["shape"]), [name], "cat"))
     for i in range(n_layer) if fuse_qkv else ():
         for kind in ("weight", "bias"):
             names = [qkv.pop(f"blk.{i}.attn_{x}.{kind}") for x in "qkv"]   # rows: Q, then K, then V
             shapes = [found[n][1]["shape"] for n in names]
-            plan.append((f"blk.{i}.attn_qkv.{kind}", (sum(s[0] for s in shapes), *shapes[0][1:]), names))
-    for g, shape, _ in plan:
-        qt = pick_type(shape, qtype)
+            plan.append((f"blk.{i}.attn_qkv.{kind}", (sum(s[0] for s in shapes), *shapes[0][1:]), names, "cat"))
+    for g, by_index in experts.items():
+        n_exp = cfg.get("n_routed_experts")
+        if sorted(by_index) != list(range(n_exp)):
+            raise ConvertError(f"{hf_dir}: {g} has experts {sorted(by_index)[:5]}..., not 0..{n_exp - 1}")
+        names = [by_index[e] for e in range(n_exp)]
+        plan.append((g, (n_exp, *found[names[0]][1]["shape"]), names, "stack"))
+    for g, shape, _, _ in plan:
+        qt = pick_type(g, shape, qtype)
         if qt in (GT.F32, GT.F16):
             dt = np.float32 if qt == GT.F32 else np.float16
             w.add_tensor_info(g, shape, np.dtype(dt), int(np.prod(shape)) * np.dtype(dt).itemsize)
@@ -217,9 +272,10 @@ def convert(hf_dir, out_path, out_type="f16", fuse_qkv=False, progress=None):
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for i, (g, shape, names) in enumerate(plan):
-        arr = np.concatenate([load_tensor(n, *found[n]) for n in names], 0)
-        w.write_tensor_data(encode_tensor(arr, pick_type(shape, qtype)))
+    for i, (g, shape, names, how) in enumerate(plan):
+        parts = [load_tensor(n, *found[n]) for n in names]
+        arr = np.stack(parts) if how == "stack" else np.concatenate(parts, 0)
+        w.write_tensor_data(encode_tensor(arr, pick_type(g, shape, qtype)))
         if progress:
             progress(i + 1, len(plan), g)
     w.close()

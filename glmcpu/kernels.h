@@ -305,12 +305,31 @@ static float vec_dot_bf16_f32(int n, const uint16_t *w, const float *x) {
  * and used 4 times (xq rows n apart, xd/xs rows n/32 apart). res[t] as vec_dot would give. */
 static void vec_dot4_q4_0_q8_0(int n, const block_q4_0 *w, const int8_t *xq, const float *xd,
                                const float *xs, float *res) {
-    int nb = n / QK;
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    int nb = n / QK, b = 0;
+    float sum[4] = {0, 0, 0, 0}, corr[4] = {0, 0, 0, 0};
+    /* same accumulation order as vec_dot_q4_0_q8_0, so a prompt gives bit-identical logits
+     * whether it is fed in one batch or token by token */
+#if defined(GLMCPU_AVX512)
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m512i ones = _mm512_set1_epi16(1);
+    for (; b + 1 < nb; b += 2) {
+        __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(unpack_q4_0(w[b].qs)),
+                                       unpack_q4_0(w[b + 1].qs), 1);
+        float d0 = fp16_to_fp32(w[b].d), d1 = fp16_to_fp32(w[b + 1].d);
+        for (int t = 0; t < 4; t++) {
+            const float *td = xd + t * nb, *ts = xs + t * nb;
+            __m512i x = _mm512_loadu_si512((const void *)(xq + (size_t)t * n + b * QK));
+            __m512i p = _mm512_madd_epi16(_mm512_maddubs_epi16(q, x), ones);
+            __m512 d = _mm512_insertf32x8(_mm512_set1_ps(d0 * td[b]), _mm256_set1_ps(d1 * td[b + 1]), 1);
+            acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc[t]);
+            corr[t] += d0 * ts[b] + d1 * ts[b + 1];
+        }
+    }
+    for (int t = 0; t < 4; t++) sum[t] = _mm512_reduce_add_ps(acc[t]);
+#elif defined(GLMCPU_AVX2)
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    float corr[4] = {0, 0, 0, 0};
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int b = 0; b < nb; b++) {
+    for (; b < nb; b++) {
         __m256i q = unpack_q4_0(w[b].qs);
         float dw = fp16_to_fp32(w[b].d);
         for (int t = 0; t < 4; t++) {
@@ -320,20 +339,55 @@ static void vec_dot4_q4_0_q8_0(int n, const block_q4_0 *w, const int8_t *xq, con
             corr[t] += dw * xs[t * nb + b];
         }
     }
-    for (int t = 0; t < 4; t++) res[t] = hsum256(acc[t]) - 8.0f * corr[t];
+    for (int t = 0; t < 4; t++) sum[t] = hsum256(acc[t]);
 #else
     for (int t = 0; t < 4; t++)
         res[t] = vec_dot_q4_0_q8_0(n, w, xq + (size_t)t * n, xd + t * nb, xs + t * nb);
+    return;
 #endif
+    for (int t = 0; t < 4; t++) {
+        const int8_t *x = xq + (size_t)t * n;
+        for (int bb = b; bb < nb; bb++) {            /* the scalar tail of vec_dot_q4_0_q8_0 */
+            int isum = 0;
+            for (int j = 0; j < QK / 2; j++) {
+                isum += (w[bb].qs[j] & 0x0f) * x[bb * QK + j];
+                isum += (w[bb].qs[j] >> 4) * x[bb * QK + j + QK / 2];
+            }
+            float dw = fp16_to_fp32(w[bb].d);
+            sum[t] += dw * xd[t * nb + bb] * (float)isum;
+            corr[t] += dw * xs[t * nb + bb];
+        }
+        res[t] = sum[t] - 8.0f * corr[t];
+    }
 }
 
 static void vec_dot4_q8_0_q8_0(int n, const block_q8_0 *w, const int8_t *xq, const float *xd,
                                float *res) {
-    int nb = n / QK;
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    int nb = n / QK, b = 0;
+    float sum[4] = {0, 0, 0, 0};
+#if defined(GLMCPU_AVX512)
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m512i ones = _mm512_set1_epi16(1), zero = _mm512_setzero_si512();
+    for (; b + 1 < nb; b += 2) {
+        __m512i q = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)w[b].qs)),
+            _mm256_loadu_si256((const __m256i *)w[b + 1].qs), 1);
+        __mmask64 neg = _mm512_movepi8_mask(q);
+        __m512i aq = _mm512_abs_epi8(q);
+        float d0 = fp16_to_fp32(w[b].d), d1 = fp16_to_fp32(w[b + 1].d);
+        for (int t = 0; t < 4; t++) {
+            const float *td = xd + t * nb;
+            __m512i x = _mm512_loadu_si512((const void *)(xq + (size_t)t * n + b * QK));
+            __m512i p = _mm512_madd_epi16(_mm512_maddubs_epi16(aq, _mm512_mask_sub_epi8(x, neg, zero, x)), ones);
+            __m512 d = _mm512_insertf32x8(_mm512_set1_ps(d0 * td[b]), _mm256_set1_ps(d1 * td[b + 1]), 1);
+            acc[t] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(p), acc[t]);
+        }
+    }
+    for (int t = 0; t < 4; t++) sum[t] = _mm512_reduce_add_ps(acc[t]);
+#elif defined(GLMCPU_AVX2)
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int b = 0; b < nb; b++) {
+    for (; b < nb; b++) {
         __m256i q = _mm256_loadu_si256((const __m256i *)w[b].qs);
         __m256i aq = _mm256_sign_epi8(q, q);
         float dw = fp16_to_fp32(w[b].d);
@@ -343,10 +397,20 @@ static void vec_dot4_q8_0_q8_0(int n, const block_q8_0 *w, const int8_t *xq, con
             acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xd[t * nb + b]), _mm256_cvtepi32_ps(p), acc[t]);
         }
     }
-    for (int t = 0; t < 4; t++) res[t] = hsum256(acc[t]);
+    for (int t = 0; t < 4; t++) sum[t] = hsum256(acc[t]);
 #else
     for (int t = 0; t < 4; t++) res[t] = vec_dot_q8_0_q8_0(n, w, xq + (size_t)t * n, xd + t * nb);
+    return;
 #endif
+    for (int t = 0; t < 4; t++) {
+        const int8_t *x = xq + (size_t)t * n;
+        for (int bb = b; bb < nb; bb++) {
+            int isum = 0;
+            for (int j = 0; j < QK; j++) isum += w[bb].qs[j] * x[bb * QK + j];
+            sum[t] += fp16_to_fp32(w[bb].d) * xd[t * nb + bb] * (float)isum;
+        }
+        res[t] = sum[t];
+    }
 }
 
 /* Rows r0..r1 of W (row_bytes apart) against T activation rows: out[t*ldo + r].

@@ -64,6 +64,53 @@ def make_hf_model(folder, family="glm4", layers=3, seed=0, theta=25000.0, dtype=
     return model.float()
 
 
+def make_hf_moe(folder, layers=4, seed=0, qk_norm=False, scaling=1.0, bias_std=0.5, mtp=False,
+                n_expert=8, top_k=2):
+    """A random Glm4MoeForCausalLM: first layer dense, then MoE with one shared expert and a
+    correction bias large enough to change the choice. mtp=True adds a GLM-4.5-style MTP block
+    as layer `layers` (transformers ignores it; GGUF counts it in block_count)."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(folder, exist_ok=True)
+    tok = make_tokenizer(folder)
+    torch.manual_seed(seed)
+    cfg = transformers.Glm4MoeConfig(
+        vocab_size=N_VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        n_routed_experts=n_expert, num_experts_per_tok=top_k, n_shared_experts=1,
+        first_k_dense_replace=1, partial_rotary_factor=0.5, use_qk_norm=qk_norm,
+        routed_scaling_factor=scaling, norm_topk_prob=True, attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, rms_norm_eps=1e-5,
+        max_position_embeddings=256, tie_word_embeddings=False, num_nextn_predict_layers=int(mtp),
+        pad_token_id=tok.token_to_id("<|endoftext|>"))
+    model = transformers.Glm4MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.copy_(bias_std * torch.randn(n_expert))
+    model.save_pretrained(folder)
+    if mtp:   # append layer `layers`: a copy of the last layer, perturbed, plus the nextn extras
+        path = os.path.join(folder, "model.safetensors")
+        sd = load_file(path)
+        last = f"model.layers.{layers - 1}."
+        for k in [k for k in sd if k.startswith(last)]:
+            sd[k.replace(last, f"model.layers.{layers}.")] = sd[k] + 0.05 * torch.randn_like(sd[k])
+        extra = f"model.layers.{layers}."
+        sd[extra + "eh_proj.weight"] = 0.1 * torch.randn(64, 128)
+        for n in ("enorm", "hnorm", "shared_head.norm"):
+            sd[extra + n + ".weight"] = torch.ones(64)
+        save_file(sd, path, metadata={"format": "pt"})
+    return model
+
+
 def hf_logits(model, ids):
     import torch
 
@@ -83,7 +130,7 @@ def tiny(tmp_path_factory):
         if key not in cache:
             d = tmp_path_factory.mktemp(f"{family}_{out_type}")
             hf = str(d / "hf")
-            model = make_hf_model(hf, family, **kw)
+            model = make_hf_moe(hf, **kw) if family == "glm4_moe" else make_hf_model(hf, family, **kw)
             path = str(d / "model.gguf")
             convert(hf, path, out_type, fuse_qkv=fuse_qkv)
             cache[key] = (model, path, hf)

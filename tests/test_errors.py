@@ -12,21 +12,24 @@ from glmcpu.errors import (ContextOverflow, ModelFileError, UnsupportedArchitect
                            UnsupportedTensorType)
 
 
-def rewrite(src, dst, arch=None, retype=None):
-    """Copy a GGUF, optionally renaming its architecture or re-storing one tensor in another type."""
+def rewrite(src, dst, arch=None, retype=None, meta=None, drop=()):
+    """Copy a GGUF, optionally renaming its architecture, re-storing one tensor in another type,
+    changing metadata values or dropping tensors."""
     r = GGUFReader(src)
     old = r.fields["general.architecture"].contents()
     w = GGUFWriter(dst, arch or old)
     for k, f in r.fields.items():
         if k.startswith("GGUF.") or k == "general.architecture":
             continue
-        v = f.contents()
+        v = (meta or {}).get(k, f.contents())
         key = k.replace(f"{old}.", f"{arch}.", 1) if arch else k
         if f.types[0] == GGUFValueType.ARRAY:
             w.add_key_value(key, v, GGUFValueType.ARRAY, sub_type=f.types[-1])
         else:
             w.add_key_value(key, v, f.types[0])
     for t in r.tensors:
+        if t.name in drop:
+            continue
         data = np.array(t.data)
         if retype and t.name == retype[0]:
             w.add_tensor(t.name, quants.quantize(data, retype[1]), raw_dtype=retype[1])
@@ -36,6 +39,10 @@ def rewrite(src, dst, arch=None, retype=None):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def rewrite_meta(src, dst, meta):
+    rewrite(src, dst, meta=meta)
 
 
 @pytest.fixture(scope="module")

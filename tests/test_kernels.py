@@ -171,3 +171,17 @@ def test_variant_override(monkeypatch):
     with pytest.raises(GlmcpuError):
         ops.load_variant("sse9")
     assert ops.load_variant("generic").ISA == "generic"
+
+
+@pytest.mark.parametrize("qtype", [GT.Q4_0, GT.Q8_0])
+@pytest.mark.parametrize("cols", QSIZES)
+def test_batched_rows_equal_single_rows(K, qtype, cols):
+    """The 4-token prefill path sums in the same order as the 1-token path: bit-identical, so a
+    near-tie in a MoE router cannot flip between prefill and decode."""
+    rng = np.random.default_rng(cols)
+    raw, _ = make_weights(rng, 5, cols, qtype)
+    x = rng.standard_normal((9, cols)).astype(np.float32)
+    batch = K.gemm(raw, int(qtype), cols, x, np.empty((9, 5), np.float32), 2)
+    single = np.concatenate([K.gemm(raw, int(qtype), cols, x[i:i + 1], np.empty((1, 5), np.float32), 1)
+                             for i in range(9)])
+    assert np.array_equal(batch, single)

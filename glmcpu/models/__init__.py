@@ -1,7 +1,7 @@
 """GGUF architecture -> the module that runs it (one family per file)."""
 from ..errors import UnsupportedArchitecture
 
-FAMILIES = {"chatglm": "glm4", "glm4": "glm4"}
+FAMILIES = {"chatglm": "glm4", "glm4": "glm4", "glm4moe": "glm4_moe"}
 
 
 def model_class(arch: str):

@@ -43,7 +43,7 @@ class Config:
             head_dim=head_dim,
             n_rot=int(f.arch_get("rope.dimension_count", head_dim)),
             rope_theta=float(f.arch_get("rope.freq_base", 10000.0)),
-            neox=f.arch == "glm4moe",
+            neox=False,
             eps=float(f.require("attention.layer_norm_rms_epsilon")),
             n_ctx_train=int(f.arch_get("context_length", 4096)),
             n_vocab=int(f.tensor("token_embd.weight").shape[1]),
@@ -74,38 +74,91 @@ class KVCache:
         self.pos = 0                              # positions filled so far
 
 
-class Layer:
-    def __init__(self, f: GGUFFile, i: int):
-        p = f"blk.{i}."
-        self.attn_norm = f.vector(p + "attn_norm.weight")
+def optional_vector(f: GGUFFile, name: str):
+    return f.vector(name) if f.has(name) else None
+
+
+class Attention:
+    """Pre-normed causal GQA with biases, partial RoPE and a KV cache; optional per-head q/k norm."""
+
+    def __init__(self, f: GGUFFile, p: str, cfg: Config):
+        self.cfg = cfg
         if f.has(p + "attn_qkv.weight"):         # chatglm files may fuse Q, K, V (rows in that order)
             self.qkv = [Linear(f, p + "attn_qkv", bias=True)]
         else:
             self.qkv = [Linear(f, p + n, bias=True) for n in ("attn_q", "attn_k", "attn_v")]
+        self.q_norm = optional_vector(f, p + "attn_q_norm.weight")       # [head_dim]
+        self.k_norm = optional_vector(f, p + "attn_k_norm.weight")       # [head_dim]
         self.wo = Linear(f, p + "attn_output")
-        self.post_attn_norm = (f.vector(p + "post_attention_norm.weight")
-                               if f.has(p + "post_attention_norm.weight") else None)
+        self.scale = 1.0 / np.sqrt(cfg.head_dim)
+        q_width = cfg.n_head * cfg.head_dim
+        self.split = (q_width, q_width + cfg.n_head_kv * cfg.head_dim)   # fused qkv -> q | k | v
+
+    def __call__(self, x, cache, l: int, pos, th):     # x [T, d_model] (normed) -> [T, d_model]
+        c, T, pos0 = self.cfg, x.shape[0], cache.pos
+        if len(self.qkv) == 1:
+            qkv = self.qkv[0](x, th)
+            q, k, v = qkv[:, :self.split[0]], qkv[:, self.split[0]:self.split[1]], qkv[:, self.split[1]:]
+        else:
+            q, k, v = (lin(x, th) for lin in self.qkv)
+        q = np.ascontiguousarray(q).reshape(T, c.n_head, c.head_dim)
+        k = np.ascontiguousarray(k).reshape(T, c.n_head_kv, c.head_dim)
+        if self.q_norm is not None:
+            q = head_norm(q, self.q_norm, c.eps)
+            k = head_norm(k, self.k_norm, c.eps)
+        K.rope(q, pos, c.n_rot, c.rope_theta, c.neox)
+        K.rope(k, pos, c.n_rot, c.rope_theta, c.neox)
+        cache.k[l, :, pos0:pos0 + T] = k.transpose(1, 0, 2)
+        cache.v[l, :, pos0:pos0 + T] = v.reshape(T, c.n_head_kv, c.head_dim).transpose(1, 0, 2)
+        a = K.attention(q, cache.k[l], cache.v[l], pos0, self.scale, np.empty_like(q), th)
+        return self.wo(a.reshape(T, -1), th)
+
+
+def head_norm(x, w, eps):
+    """RMSNorm over each head's dims: x [T, H, D], w [D]."""
+    T, H, D = x.shape
+    return K.rmsnorm(x.reshape(T * H, D), w, eps, np.empty((T * H, D), np.float32)).reshape(T, H, D)
+
+
+class DenseFFN:
+    """silu(x Wg) * (x Wu) -> Wd, with gate and up fused in one [gate | up] tensor or apart."""
+
+    def __init__(self, f: GGUFFile, p: str, suffix: str = ""):
+        self.gate = Linear(f, p + "ffn_gate" + suffix) if f.has(p + "ffn_gate" + suffix + ".weight") else None
+        self.up = Linear(f, p + "ffn_up" + suffix)
+        self.down = Linear(f, p + "ffn_down" + suffix)
+
+    def __call__(self, x, th):                           # x [T, d_model] -> [T, d_model]
+        gu = self.up(x, th) if self.gate is None else np.concatenate([self.gate(x, th), self.up(x, th)], 1)
+        return self.down(K.silu_mul(gu, np.empty((x.shape[0], gu.shape[1] // 2), np.float32)), th)
+
+
+class Layer:
+    def __init__(self, f: GGUFFile, i: int, cfg: Config):
+        p = f"blk.{i}."
+        self.attn_norm = f.vector(p + "attn_norm.weight")
+        self.attn = Attention(f, p, cfg)
+        # glm4 only: norms of the attention and FFN outputs ("sandwich" norms)
+        sandwich = cfg.arch == "glm4"
+        self.post_attn_norm = f.vector(p + "post_attention_norm.weight") if sandwich else None
         self.ffn_norm = f.vector(p + "ffn_norm.weight")
-        # ffn_up holds [gate | up] rows unless the file stores ffn_gate apart
-        self.gate = Linear(f, p + "ffn_gate") if f.has(p + "ffn_gate.weight") else None
-        self.up = Linear(f, p + "ffn_up")
-        self.down = Linear(f, p + "ffn_down")
-        self.post_ffw_norm = (f.vector(p + "post_ffw_norm.weight")
-                              if f.has(p + "post_ffw_norm.weight") else None)
+        self.ffn = DenseFFN(f, p)
+        self.post_ffw_norm = f.vector(p + "post_ffw_norm.weight") if sandwich else None
 
 
 class Model:
+    config_class = Config
+
     def __init__(self, f: GGUFFile, threads: int):
-        self.cfg = cfg = Config.from_gguf(f)
+        self.cfg = cfg = self.config_class.from_gguf(f)
         self.threads = threads
         self.embd = f.tensor("token_embd.weight")               # [n_vocab, d_model], any type
-        self.layers = [Layer(f, i) for i in range(cfg.n_layer)]
+        self.layers = [self.make_layer(f, i) for i in range(cfg.n_layer)]
         self.out_norm = f.vector("output_norm.weight")
         self.output = Linear(f, "output" if f.has("output.weight") else "token_embd")
-        self.scale = 1.0 / np.sqrt(cfg.head_dim)
-        q_width = cfg.n_head * cfg.head_dim
-        kv_width = cfg.n_head_kv * cfg.head_dim
-        self.split = (q_width, q_width + kv_width)               # fused qkv -> q | k | v
+
+    def make_layer(self, f, i):
+        return Layer(f, i, self.cfg)
 
     def new_cache(self, n_ctx: int) -> KVCache:
         return KVCache(self.cfg, n_ctx)
@@ -116,31 +169,15 @@ class Model:
     def forward(self, ids, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` at positions cache.pos.. and advance the cache.
         Returns logits [T, n_vocab] (all_logits) or [1, n_vocab] for the last token."""
-        c, th = self.cfg, self.threads
-        T, pos0 = len(ids), cache.pos
-        pos = np.arange(pos0, pos0 + T, dtype=np.int32)
+        c, th, T = self.cfg, self.threads, len(ids)
+        pos = np.arange(cache.pos, cache.pos + T, dtype=np.int32)
         h = dequantize(self.embd, np.asarray(ids)).reshape(T, c.d_model).copy()   # [T, d_model]
         for l, L in enumerate(self.layers):
-            x = self.rmsnorm(h, L.attn_norm)
-            if len(L.qkv) == 1:
-                qkv = L.qkv[0](x, th)
-                q, k, v = qkv[:, :self.split[0]], qkv[:, self.split[0]:self.split[1]], qkv[:, self.split[1]:]
-            else:
-                q, k, v = (lin(x, th) for lin in L.qkv)
-            q = np.ascontiguousarray(q).reshape(T, c.n_head, c.head_dim)
-            k = np.ascontiguousarray(k).reshape(T, c.n_head_kv, c.head_dim)
-            K.rope(q, pos, c.n_rot, c.rope_theta, c.neox)
-            K.rope(k, pos, c.n_rot, c.rope_theta, c.neox)
-            cache.k[l, :, pos0:pos0 + T] = k.transpose(1, 0, 2)
-            cache.v[l, :, pos0:pos0 + T] = v.reshape(T, c.n_head_kv, c.head_dim).transpose(1, 0, 2)
-            a = K.attention(q, cache.k[l], cache.v[l], pos0, self.scale, np.empty_like(q), th)
-            o = L.wo(np.asarray(a).reshape(T, -1), th)
+            o = L.attn(self.rmsnorm(h, L.attn_norm), cache, l, pos, th)
             if L.post_attn_norm is not None:
                 o = self.rmsnorm(o, L.post_attn_norm)
             h += o
-            x = self.rmsnorm(h, L.ffn_norm)
-            gu = L.up(x, th) if L.gate is None else np.concatenate([L.gate(x, th), L.up(x, th)], 1)
-            y = L.down(K.silu_mul(gu, np.empty((T, gu.shape[1] // 2), np.float32)), th)
+            y = L.ffn(self.rmsnorm(h, L.ffn_norm), th)
             if L.post_ffw_norm is not None:
                 y = self.rmsnorm(y, L.post_ffw_norm)
             h += y

@@ -1,0 +1,77 @@
+"""GLM-4.5 (glm4moe) against transformers' Glm4MoeForCausalLM on tiny random models."""
+import numpy as np
+import pytest
+import torch
+
+import glmcpu
+from conftest import hf_logits, test_ids as make_ids
+from test_models import F32_TOL, kl
+
+VARIANTS = [dict(qk_norm=False, scaling=1.0), dict(qk_norm=True, scaling=2.5)]
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=["plain", "qknorm-scaled"])
+def test_f32_logits_match_transformers(tiny, kw):
+    model, path, _ = tiny("glm4_moe", "f32", **kw)
+    m = glmcpu.load(path, threads=2)
+    c = m.cfg
+    assert (c.arch, c.n_layer, c.n_dense_lead, c.n_expert, c.n_expert_used, c.n_expert_shared) == \
+        ("glm4moe", 4, 1, 8, 2, 1)
+    assert c.expert_scale == kw["scaling"] and c.neox
+    ids = make_ids(40, seed=2)
+    got, want = m.logits(ids), hf_logits(model, ids)
+    assert np.abs(got - want).max() < F32_TOL
+    hits = m.net.expert_stats()
+    assert sorted(hits) == [1, 2, 3] and all(h.sum() == 40 * 2 for h in hits.values())
+
+
+def test_correction_bias_changes_the_choice(tiny):
+    """The bias must matter in these tests, or a router that ignores it would pass."""
+    model, path, _ = tiny("glm4_moe", "f32", **VARIANTS[0])
+    seen = {}
+    gate = model.model.layers[2].mlp.gate
+
+    def grab(mod, inp, out):
+        seen.setdefault("x", inp[0].detach())
+    handle = gate.register_forward_hook(grab)
+    hf_logits(model, make_ids(40, seed=2))
+    handle.remove()
+    x = seen["x"].reshape(-1, 64)
+    s = torch.sigmoid(x @ gate.weight.T)
+    with_bias = torch.topk(s + gate.e_score_correction_bias, 2).indices.sort().values
+    without = torch.topk(s, 2).indices.sort().values
+    assert (with_bias != without).any(1).float().mean() > 0.2
+
+
+@pytest.mark.parametrize("kw", VARIANTS, ids=["plain", "qknorm-scaled"])
+def test_q8_0_close_to_transformers(tiny, kw):
+    model, path, _ = tiny("glm4_moe", "q8_0", **kw)
+    ids = make_ids(40, seed=7)
+    got, want = glmcpu.load(path, threads=2).logits(ids), hf_logits(model, ids)
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.85
+    assert kl(want, got) < 0.02
+
+
+def test_prefill_equals_token_by_token(tiny):
+    _, path, _ = tiny("glm4_moe", "q8_0", **VARIANTS[1])
+    m = glmcpu.load(path, threads=2)
+    ids = make_ids(33, seed=5)
+    full = m.logits(ids)
+    cache = m.net.new_cache(64)
+    steps = np.concatenate([m.net.forward([t], cache) for t in ids])
+    np.testing.assert_allclose(full, steps, rtol=1e-4, atol=1e-4)
+
+
+def test_nextn_block_is_not_run(tiny, tmp_path):
+    from test_errors import rewrite_meta
+    model, path, _ = tiny("glm4_moe", "f32", mtp=True, **VARIANTS[0])
+    m = glmcpu.load(path)
+    assert m.file.arch_get("block_count") == 5 and m.file.arch_get("nextn_predict_layers") == 1
+    assert m.file.has("blk.4.nextn.eh_proj.weight") and m.cfg.n_layer == 4
+    ids = make_ids(36, seed=4)
+    want = hf_logits(model, ids)
+    assert np.abs(m.logits(ids) - want).max() < F32_TOL
+    # the same file told it has no MTP block runs all 5 blocks: the logits move
+    five = str(tmp_path / "five.gguf")
+    rewrite_meta(path, five, {"glm4moe.nextn_predict_layers": 0})
+    assert np.abs(glmcpu.load(five).logits(ids) - want).max() > 10 * F32_TOL
