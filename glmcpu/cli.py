@@ -25,6 +25,8 @@ def add_sampling(p):
 def add_engine(p):
     p.add_argument("--threads", "-t", type=int, default=None, help="default: physical cores")
     p.add_argument("--ctx", "-c", type=int, default=None, help="context length (default: min(file's, 4096))")
+    p.add_argument("--mlock", action="store_true",
+                   help="lock the non-expert weights in RAM (experts stay paged from the file)")
 
 
 def sampling_kwargs(a):
@@ -57,7 +59,7 @@ def stream(pieces, out=None):
 def cmd_run(a):
     from . import load
 
-    model = load(a.model or demo_model_path(), threads=a.threads, ctx=a.ctx)
+    model = load(a.model or demo_model_path(), threads=a.threads, ctx=a.ctx, mlock=a.mlock)
     kw = sampling_kwargs(a)
     if a.prompt is not None or not sys.stdin.isatty():
         prompt = a.prompt if a.prompt is not None else sys.stdin.read()
@@ -69,6 +71,8 @@ def cmd_run(a):
         if not text.endswith("\n"):
             sys.stdout.write("\n")
         print(stats_line(model.last_stats), file=sys.stderr)
+        if a.stats:
+            print_expert_stats(model)
         return 0
     print(f"glmcpu chat with {os.path.basename(model.path)} ({model.cfg.arch}, {model.threads} threads). "
           "Ctrl-D to leave.", file=sys.stderr)
@@ -90,7 +94,17 @@ def cmd_run(a):
             answer = ""
         print()
         print(stats_line(model.last_stats), file=sys.stderr)
+        if a.stats:
+            print_expert_stats(model)
         messages.append({"role": "assistant", "content": answer.strip()})
+
+
+def print_expert_stats(model):
+    from .engine import expert_summary
+
+    lines = expert_summary(model.expert_stats)
+    for line in lines or ["expert statistics: this model has no experts"]:
+        print(line, file=sys.stderr)
 
 
 def human(n: float) -> str:
@@ -104,7 +118,7 @@ def cmd_info(a):
     from collections import Counter
 
     from . import ops
-    from .engine import Model
+    from .engine import Model, is_expert
 
     m = Model(a.model or demo_model_path(), threads=a.threads, ctx=a.ctx)
     c = m.cfg
@@ -124,6 +138,16 @@ def cmd_info(a):
         ("context", f"{m.ctx} (trained {c.n_ctx_train})"),
         ("tensor types", ", ".join(f"{k} x{v} ({human(sizes[k])})" for k, v in types.most_common())),
         ("memory", f"{human(weights)} weights (memory-mapped) + {human(kv)} KV cache at ctx {m.ctx}"),
+    ]
+    experts = sum(t.n_bytes for n, t in m.file.tensors.items() if is_expert(n))
+    if experts:
+        rows += [
+            ("experts", f"{c.n_expert} per layer, {c.n_expert_used} used per token + {c.n_expert_shared} shared, "
+                        f"{c.n_layer - c.n_dense_lead} MoE layers after {c.n_dense_lead} dense"),
+            ("RAM needed", f"{human(weights - experts + kv)} (non-expert weights + KV cache; lock with --mlock)"),
+            ("expert weights", f"{human(experts)} read from the file on demand (the OS pages them in and out)"),
+        ]
+    rows += [
         ("kernels", f"{ops.VARIANT} (built: {', '.join(ops.available_variants())})"),
         ("threads", m.threads),
     ]
@@ -159,6 +183,7 @@ def build_parser():
     r.add_argument("-p", "--prompt", help="answer this prompt and exit")
     r.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
     r.add_argument("--system", help="system message for the chat")
+    r.add_argument("--stats", action="store_true", help="print per-layer expert hit counts (MoE models)")
     add_sampling(r)
     add_engine(r)
     r.set_defaults(func=cmd_run)

@@ -11,7 +11,7 @@ from .tokenizer import Detokenizer, Tokenizer
 
 
 class Model:
-    def __init__(self, path, threads=None, ctx=None):
+    def __init__(self, path, threads=None, ctx=None, mlock=False):
         self.file = GGUFFile(path)
         self.path = self.file.path
         self.threads = int(threads) if threads else ops.default_threads()
@@ -22,6 +22,14 @@ class Model:
             raise GlmcpuError(f"context size must be positive, not {ctx}")
         self.tokenizer = Tokenizer.from_gguf(self.file)
         self.last_stats = {}
+        if mlock:       # keep what every token reads in RAM; experts stay paged on demand
+            self.file.lock([n for n in self.file.tensors if not is_expert(n)])
+
+    @property
+    def expert_stats(self) -> dict:
+        """{layer: tokens routed to each expert (int64 [n_expert])} since load; {} for dense models."""
+        fn = getattr(self.net, "expert_stats", None)
+        return fn() if fn else {}
 
     def logits(self, token_ids) -> np.ndarray:
         """float32 [len(token_ids), n_vocab]: a full causal forward from position 0."""
@@ -62,5 +70,26 @@ class Model:
                 f"threads={self.threads} kernels={ops.VARIANT}>")
 
 
-def load(path, threads=None, ctx=None) -> Model:
-    return Model(path, threads=threads, ctx=ctx)
+def load(path, threads=None, ctx=None, mlock=False) -> Model:
+    return Model(path, threads=threads, ctx=ctx, mlock=mlock)
+
+
+def is_expert(tensor_name: str) -> bool:
+    """Routed-expert tensors: read on demand, 8 of 128 per token in GLM-4.5-Air."""
+    return "_exps." in tensor_name
+
+
+def expert_summary(stats: dict) -> list:
+    """One line per MoE layer: experts used, and how evenly tokens fell on them (1.0 = perfectly
+    even: the entropy of the hit distribution over log(n_expert))."""
+    lines = []
+    for layer, hits in sorted(stats.items()):
+        total = hits.sum()
+        if total == 0:
+            continue
+        p = hits[hits > 0] / total
+        evenness = float(-(p * np.log(p)).sum() / np.log(len(hits))) if len(hits) > 1 else 1.0
+        top = np.argsort(-hits)[:3]
+        lines.append(f"layer {layer:>3}: {int((hits > 0).sum())}/{len(hits)} experts used, evenness "
+                     f"{evenness:.2f}, busiest {', '.join(f'#{e} ({hits[e]})' for e in top)}")
+    return lines

@@ -11,7 +11,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 from gguf import quants
 
-from .errors import ModelFileError, UnsupportedTensorType
+from .errors import GlmcpuError, ModelFileError, UnsupportedTensorType
 
 GT = GGMLQuantizationType
 VT = GGUFValueType
@@ -133,6 +133,24 @@ class GGUFFile:
     def array(self, key):
         """A metadata array (token list, merges), or None."""
         return self.meta.get(key)
+
+    def lock(self, names):
+        """mlock the pages of these tensors (so the OS never pages them out)."""
+        import ctypes
+        import ctypes.util
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = 0
+        for n in names:
+            t = self.tensors[n]
+            start = t.data.ctypes.data // page * page
+            length = t.data.ctypes.data + t.n_bytes - start
+            if libc.mlock(ctypes.c_void_p(start), ctypes.c_size_t(length)) != 0:
+                err = ctypes.get_errno()
+                raise GlmcpuError(f"cannot lock {total + length} bytes of weights in RAM ({os.strerror(err)}); "
+                                  "raise the limit with `ulimit -l unlimited` or run without --mlock")
+            total += length
+        return total
 
     def get(self, key, default=None):
         return self.meta.get(key, default)

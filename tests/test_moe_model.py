@@ -75,3 +75,51 @@ def test_nextn_block_is_not_run(tiny, tmp_path):
     five = str(tmp_path / "five.gguf")
     rewrite_meta(path, five, {"glm4moe.nextn_predict_layers": 0})
     assert np.abs(glmcpu.load(five).logits(ids) - want).max() > 10 * F32_TOL
+
+
+@pytest.fixture(scope="module")
+def moe_bad(tiny, tmp_path_factory):
+    from test_errors import rewrite
+    _, path, _ = tiny("glm4_moe", "f32", **VARIANTS[0])
+    d = tmp_path_factory.mktemp("moe_bad")
+    rewrite(path, str(d / "missing.gguf"), drop=("blk.2.ffn_up_exps.weight",))
+    rewrite(path, str(d / "count.gguf"), meta={"glm4moe.expert_count": 6})
+    return d
+
+
+@pytest.mark.parametrize("name,words", [("missing.gguf", "blk.2.ffn_up_exps.weight is missing"),
+                                        ("count.gguf", "blk.1.ffn_gate_inp.weight")])
+def test_bad_moe_files(moe_bad, name, words):
+    from glmcpu.errors import ModelFileError
+    from test_errors import run_cli
+    with pytest.raises(ModelFileError, match=words):
+        glmcpu.load(str(moe_bad / name))
+    p = run_cli("run", str(moe_bad / name), "-p", "hi")
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and words in p.stderr
+
+
+def test_expert_tensor_shape_checked(tiny, tmp_path):
+    """Router and experts agree with each other but not with the metadata: the experts are named."""
+    from glmcpu.errors import ModelFileError
+    from glmcpu.gguf import GGUFFile
+    from glmcpu.models.glm4_moe import Config, expert_tensor
+    import dataclasses
+    _, path, _ = tiny("glm4_moe", "f32", **VARIANTS[0])
+    f = GGUFFile(path)
+    cfg = dataclasses.replace(Config.from_gguf(f), n_expert=6)
+    with pytest.raises(ModelFileError, match="blk.1.ffn_gate_exps.weight has shape"):
+        expert_tensor(f, "blk.1.ffn_gate_exps.weight", 32, 64, cfg)
+
+
+def test_stats_info_and_mlock(tiny):
+    from test_errors import run_cli
+    _, path, _ = tiny("glm4_moe", "q8_0", **VARIANTS[0])
+    p = run_cli("run", path, "-p", "hello", "-n", "3", "--stats", "--mlock", "--ignore-eos")
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("experts used, evenness") == 3          # MoE layers 1, 2, 3
+    p = run_cli("info", path)
+    assert "RAM needed" in p.stdout and "read from the file on demand" in p.stdout
+    m = glmcpu.load(path, mlock=True)
+    assert m.expert_stats and all(h.sum() == 0 for h in m.expert_stats.values())
+    list(m.generate([5, 6, 7], max_tokens=2, ignore_eos=True))
+    assert all(h.sum() == (3 + 1) * 2 for h in m.expert_stats.values())   # 4 tokens run, top-2
