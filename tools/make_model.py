@@ -1,18 +1,21 @@
 #!/usr/bin/env python3
-"""Write a random-weight GGUF of the real GLM-4-9B shape (or a smaller one), N layers.
+"""Write a random-weight GGUF of the real GLM-4-9B or GLM-4.5-Air shape, N layers.
 
 The weights are random blocks written directly in the target type (no float pass), so a
 4-layer Q4_0 file of the full width (~1.2 GB) takes seconds. For speed tests, not for text.
 
     python tools/make_model.py glm4-9b-4l-q4_0.gguf --layers 4 --type q4_0
+    python tools/make_model.py air-3l-q4_0.gguf --arch glm4moe --layers 3   # 1 dense + 2 MoE
 """
 import argparse
 
 import numpy as np
 from gguf import GGMLQuantizationType as GT
-from gguf import GGUFWriter, LlamaFileType, TokenType
+from gguf import ExpertGatingFuncType, GGUFWriter, LlamaFileType, TokenType
 
 SHAPE_9B = dict(d=4096, ff=13696, heads=32, kv=2, head_dim=128, vocab=151552)
+SHAPE_AIR = dict(d=4096, ff=10944, heads=96, kv=8, head_dim=128, vocab=151552,
+                 experts=128, used=8, ff_exp=1408, dense=1)
 SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>",
             "<|user|>", "<|assistant|>", "<|observation|>"]
 FIRST_SPECIAL = 151329
@@ -51,11 +54,12 @@ def random_weight(rng, rows, cols, qtype):
     return blocks.reshape(rows, -1)
 
 
-def write(path, layers, qtype_name, arch="glm4", seed=0, shape=SHAPE_9B):
+def write(path, layers, qtype_name, arch="glm4", seed=0, shape=None):
     qtype, ftype = FTYPES[qtype_name]
+    shape = shape or (SHAPE_AIR if arch == "glm4moe" else SHAPE_9B)
     s, rng = shape, np.random.default_rng(seed)
     w = GGUFWriter(path, arch)
-    w.add_name(f"random GLM-4-9B-shaped {layers}-layer {qtype_name}")
+    w.add_name(f"random {'GLM-4.5-Air' if arch == 'glm4moe' else 'GLM-4-9B'}-shaped {layers}-layer {qtype_name}")
     w.add_context_length(8192)
     w.add_embedding_length(s["d"])
     w.add_block_count(layers)
@@ -66,8 +70,18 @@ def write(path, layers, qtype_name, arch="glm4", seed=0, shape=SHAPE_9B):
     w.add_value_length(s["head_dim"])
     w.add_layer_norm_rms_eps(1.5625e-07 if arch == "chatglm" else 1e-5)
     w.add_rope_dimension_count(s["head_dim"] // 2)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(1e6 if arch == "glm4moe" else 10000.0)
     w.add_file_type(ftype)
+    if arch == "glm4moe":
+        w.add_expert_count(s["experts"])
+        w.add_expert_used_count(s["used"])
+        w.add_expert_shared_count(1)
+        w.add_expert_feed_forward_length(s["ff_exp"])
+        w.add_leading_dense_block_count(s["dense"])
+        w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
+        w.add_expert_weights_scale(1.0)
+        w.add_expert_weights_norm(True)
+        w.add_nextn_predict_layers(0)
     alphabet = byte_level_alphabet()
     tokens = alphabet + ["to", "Ġt"] + [f"tok{i}" for i in range(258, s["vocab"])]
     types = [TokenType.NORMAL] * s["vocab"]
@@ -88,12 +102,12 @@ def write(path, layers, qtype_name, arch="glm4", seed=0, shape=SHAPE_9B):
     for i in range(layers):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", ones)
-        w.add_tensor(p + "attn_qkv.weight" if arch == "chatglm" else p + "attn_q.weight",
-                     random_weight(rng, qkv if arch == "chatglm" else s["heads"] * s["head_dim"], d, qtype),
-                     raw_dtype=raw)
         if arch == "chatglm":
+            w.add_tensor(p + "attn_qkv.weight", random_weight(rng, qkv, d, qtype), raw_dtype=raw)
             w.add_tensor(p + "attn_qkv.bias", np.zeros(qkv, np.float32))
         else:
+            w.add_tensor(p + "attn_q.weight", random_weight(rng, s["heads"] * s["head_dim"], d, qtype),
+                         raw_dtype=raw)
             w.add_tensor(p + "attn_q.bias", np.zeros(s["heads"] * s["head_dim"], np.float32))
             for n in ("attn_k", "attn_v"):
                 w.add_tensor(p + n + ".weight", random_weight(rng, s["kv"] * s["head_dim"], d, qtype), raw_dtype=raw)
@@ -101,9 +115,24 @@ def write(path, layers, qtype_name, arch="glm4", seed=0, shape=SHAPE_9B):
         w.add_tensor(p + "attn_output.weight", random_weight(rng, d, s["heads"] * s["head_dim"], qtype), raw_dtype=raw)
         if arch == "glm4":
             w.add_tensor(p + "post_attention_norm.weight", ones)
-        w.add_tensor(p + "ffn_norm.weight", ones)
-        w.add_tensor(p + "ffn_up.weight", random_weight(rng, 2 * s["ff"], d, qtype), raw_dtype=raw)
-        w.add_tensor(p + "ffn_down.weight", random_weight(rng, d, s["ff"], qtype), raw_dtype=raw)
+        if arch == "glm4moe":                       # glm4moe's pre-FFN norm has this name
+            w.add_tensor(p + "post_attention_norm.weight", ones)
+        else:
+            w.add_tensor(p + "ffn_norm.weight", ones)
+        if arch == "glm4moe" and i >= s["dense"]:
+            E, fe = s["experts"], s["ff_exp"]
+            w.add_tensor(p + "ffn_gate_inp.weight", (rng.standard_normal((E, d)) * STD).astype(np.float32))
+            w.add_tensor(p + "exp_probs_b.bias", (rng.standard_normal(E) * 0.01).astype(np.float32))
+            for n, rows, cols in (("gate", fe, d), ("up", fe, d), ("down", d, fe)):
+                exps = np.stack([random_weight(rng, rows, cols, qtype) for _ in range(E)])
+                w.add_tensor(p + f"ffn_{n}_exps.weight", exps, raw_dtype=raw)
+                w.add_tensor(p + f"ffn_{n}_shexp.weight", random_weight(rng, rows, cols, qtype), raw_dtype=raw)
+        elif arch == "glm4moe":
+            for n, rows, cols in (("gate", s["ff"], d), ("up", s["ff"], d), ("down", d, s["ff"])):
+                w.add_tensor(p + f"ffn_{n}.weight", random_weight(rng, rows, cols, qtype), raw_dtype=raw)
+        else:
+            w.add_tensor(p + "ffn_up.weight", random_weight(rng, 2 * s["ff"], d, qtype), raw_dtype=raw)
+            w.add_tensor(p + "ffn_down.weight", random_weight(rng, d, s["ff"], qtype), raw_dtype=raw)
         if arch == "glm4":
             w.add_tensor(p + "post_ffw_norm.weight", ones)
     w.add_tensor("output_norm.weight", ones)
@@ -119,7 +148,8 @@ def main():
     p.add_argument("output")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--type", default="q4_0", choices=list(FTYPES))
-    p.add_argument("--arch", default="glm4", choices=["glm4", "chatglm"])
+    p.add_argument("--arch", default="glm4", choices=["glm4", "chatglm", "glm4moe"],
+                   help="glm4/chatglm: GLM-4-9B shape; glm4moe: GLM-4.5-Air shape")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     write(a.output, a.layers, a.type, a.arch, a.seed)
