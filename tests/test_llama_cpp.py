@@ -59,3 +59,23 @@ def test_glmcpu_reads_llama_cpp_quantized_files(tiny, tmp_path, family):
     got, want = m.logits(ids), hf_logits(model, ids)
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
     assert kl(want, got) < 0.01
+
+
+@pytest.mark.parametrize("kw", [dict(qk_norm=False, scaling=1.0), dict(qk_norm=True, scaling=2.5)],
+                         ids=["plain", "qknorm-scaled"])
+def test_moe_q8_0_kl_against_llama_cpp(tiny, kw):
+    model, path, _ = tiny("glm4_moe", "q8_0", **kw)
+    ids = make_ids(40, seed=7)
+    want = hf_logits(model, ids)
+    ours = glmcpu.load(path, threads=2).logits(ids)
+    theirs = llama_logits(path, ids)
+    kl_ours, kl_theirs = kl(want, ours), kl(want, theirs)
+    print(f"glm4moe {kw}: KL(transformers || glmcpu) = {kl_ours:.3e}, KL(transformers || llama.cpp) = {kl_theirs:.3e}")
+    assert (ours.argmax(-1) == want.argmax(-1)).mean() >= 0.85
+    assert kl_ours <= KL_RATIO * kl_theirs
+
+
+def test_llama_cpp_reads_glmcpu_moe_file(tiny):
+    model, path, _ = tiny("glm4_moe", "f32", qk_norm=True, scaling=2.5)
+    ids = make_ids(36, seed=11)
+    assert np.abs(llama_logits(path, ids) - hf_logits(model, ids)).max() < LLAMA_F32_TOL
