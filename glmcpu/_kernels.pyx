@@ -4,6 +4,7 @@
 from cython.parallel cimport prange, parallel
 from libc.stdint cimport uint8_t, uint16_t, int8_t, int32_t
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 from libc.math cimport sqrtf, expf, cos, sin, pow
 import numpy as np
 
@@ -16,6 +17,8 @@ cdef extern from "kernels.h" nogil:
                    float *out, int ldo)
     void attend_one(int hd, int n, const float *q, const float *k, const float *v,
                     size_t kv_stride, float scale, float *scratch, float *out)
+    void gemm_q4_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, const int8_t *xq,
+                            const float *xd, const float *xs, float *out, int ldo)
 
 ISA = GLMCPU_ISA.decode()
 
@@ -71,6 +74,51 @@ def gemm(const uint8_t[:, ::1] w, int wtype, int n, const float[:, ::1] x, out_a
             r1 = <int>((<long long>(c + 1) * N) // nchunks)
             gemm_rows(wtype, n, &w[0, 0], w.shape[1], r0, r1, T, &x[0, 0], pq, pd, ps,
                       &out[0, 0], N)
+    return out_arr
+
+
+def repack_q4_0x8(const uint8_t[:, ::1] w, int threads=4):
+    """Q4_0 rows [N, n/32*18] (N a multiple of 8) -> q4_0x8 groups [N/8, n/32*144] (see kernels.h)."""
+    cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, k
+    if N % 8 or rb % 18:
+        raise ValueError("repack_q4_0x8 needs whole groups of 8 rows of Q4_0 blocks")
+    nb, G = rb // 18, N // 8
+    packed = np.empty((G, nb * 144), np.uint8)
+    cdef uint8_t[:, ::1] out = packed
+    cdef const uint8_t *src
+    cdef uint8_t *dst
+    with nogil:
+        for g in prange(G, num_threads=max(1, threads), schedule='static'):
+            for b in range(nb):
+                dst = &out[g, b * 144]
+                for r in range(8):
+                    src = &w[g * 8 + r, b * 18]
+                    memcpy(dst + 2 * r, src, 2)                          # d[r]
+                    for k in range(4):                                   # qs[(k*8 + r)*4 + i]
+                        memcpy(dst + 16 + (k * 8 + r) * 4, src + 2 + 4 * k, 4)
+    return packed
+
+
+def gemm_q4_0x8(const uint8_t[:, ::1] w, int n, const float[:, ::1] x, out_arr, int threads=1):
+    """out[T, N] = x[T, n] @ W^T for W repacked by repack_q4_0x8 (w: [N/8, n/32*144])."""
+    cdef float[:, ::1] out = out_arr
+    cdef int G = w.shape[0], T = x.shape[0], N, nchunks, c, g0, g1
+    N = G * 8
+    if n % QK or w.shape[1] != n // QK * 144 or x.shape[1] != n or out.shape[0] != T or out.shape[1] != N:
+        raise ValueError(f"gemm_q4_0x8: shape mismatch (w {w.shape[0]}x{w.shape[1]}, n {n}, "
+                         f"x {x.shape[0]}x{x.shape[1]}, out {out.shape[0]}x{out.shape[1]})")
+    if G == 0 or T == 0:
+        return out_arr
+    xq_arr, xd_arr, xs_arr = quantize_q8(x)
+    cdef int8_t[:, ::1] xq = xq_arr
+    cdef float[:, ::1] xd = xd_arr, xs = xs_arr
+    threads = max(1, threads)
+    nchunks = min(G, threads * 4)
+    with nogil:
+        for c in prange(nchunks, num_threads=threads, schedule='static'):
+            g0 = <int>((<long long>c * G) // nchunks)
+            g1 = <int>((<long long>(c + 1) * G) // nchunks)
+            gemm_q4_0x8_groups(n, &w[0, 0], g0, g1, T, &xq[0, 0], &xd[0, 0], &xs[0, 0], &out[0, 0], N)
     return out_arr
 
 

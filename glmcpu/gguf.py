@@ -152,6 +152,19 @@ class GGUFFile:
             total += length
         return total
 
+    def release(self, name):
+        """Tell the OS this process no longer needs a tensor's pages (after copying it)."""
+        import mmap
+        mm = getattr(self.mm, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        t = self.tensors[name]
+        page = mmap.PAGESIZE
+        start = (t.data_offset + page - 1) // page * page
+        end = (t.data_offset + t.n_bytes) // page * page
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def get(self, key, default=None):
         return self.meta.get(key, default)
 

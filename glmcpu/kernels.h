@@ -454,6 +454,87 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
     }
 }
 
+/* ---- Q4_0 rows repacked 8 at a time ("q4_0x8") ------------------------------------
+ * For each block column b of a group of 8 rows: d[r] is row r's scale and
+ * qs[(k*8 + r)*4 + i] = row r's qs[4k + i] (k, i = 0..3). One 32-byte load then holds bytes
+ * 4k..4k+3 of all 8 rows: their low nibbles are weights 4k..4k+3, their high nibbles weights
+ * 16+4k..16+4k+3, so a broadcast of 4 activation bytes meets 8 rows at once and no horizontal
+ * sums are needed. Same bytes as 8 Q4_0 blocks, in another order. */
+typedef struct { uint16_t d[8]; uint8_t qs[128]; } block_q4_0x8;
+_Static_assert(sizeof(block_q4_0x8) == 144, "q4_0x8 block is 144 bytes");
+
+/* 8 rows x TC tokens (TC <= 4) from one group: out[t*ldo + r]. Each token's sums run in the
+ * same order whatever TC is, so batched and single-token results are bit-identical. */
+static inline void gemv_q4_0x8_tc(int n, const block_q4_0x8 *w, const int TC, const int8_t *xq,
+                                  const float *xd, const float *xs, float *out, int ldo) {
+    int nb = n / QK;
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    for (int b = 0; b < nb; b++) {
+        __m256i lo[4], hi[4];
+        for (int k = 0; k < 4; k++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * k));
+            lo[k] = _mm256_and_si256(v, m4);
+            hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        }
+        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].d));
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = xq + (size_t)t * n + b * QK;
+            __m256i s16 = _mm256_setzero_si256();   /* |sum| <= 8 * 3810 fits int16 */
+            for (int k = 0; k < 4; k++) {
+                int32_t xl, xh;
+                memcpy(&xl, x + 4 * k, 4);
+                memcpy(&xh, x + 16 + 4 * k, 4);
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[k], _mm256_set1_epi32(xl)));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[k], _mm256_set1_epi32(xh)));
+            }
+            __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+            __m256 v = _mm256_fmsub_ps(_mm256_set1_ps(xd[t * nb + b]), isum, _mm256_set1_ps(8.0f * xs[t * nb + b]));
+            acc[t] = _mm256_fmadd_ps(dw, v, acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) {
+        float r[8];
+        _mm256_storeu_ps(r, acc[t]);
+        for (int j = 0; j < 8; j++) out[(size_t)t * ldo + j] = r[j];
+    }
+#else
+    for (int t = 0; t < TC; t++) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        const int8_t *xt = xq + (size_t)t * n;
+        for (int b = 0; b < nb; b++) {
+            for (int r = 0; r < 8; r++) {
+                int isum = 0;
+                for (int k = 0; k < 4; k++)
+                    for (int i = 0; i < 4; i++) {
+                        uint8_t q = w[b].qs[(k * 8 + r) * 4 + i];
+                        isum += (q & 0x0f) * xt[b * QK + 4 * k + i] + (q >> 4) * xt[b * QK + 16 + 4 * k + i];
+                    }
+                acc[r] += fp16_to_fp32(w[b].d[r]) * (xd[t * nb + b] * (float)isum - 8.0f * xs[t * nb + b]);
+            }
+        }
+        for (int r = 0; r < 8; r++) out[(size_t)t * ldo + r] = acc[r];
+    }
+#endif
+}
+
+/* Groups g0..g1 of a q4_0x8 matrix (row group g = rows 8g..8g+7) against T tokens. */
+static void gemm_q4_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, const int8_t *xq,
+                               const float *xd, const float *xs, float *out, int ldo) {
+    int nb = n / QK;
+    for (int g = g0; g < g1; g++) {
+        const block_q4_0x8 *grp = (const block_q4_0x8 *)(w + (size_t)g * nb * sizeof(block_q4_0x8));
+        int t = 0;
+        for (; t + 4 <= T; t += 4)
+            gemv_q4_0x8_tc(n, grp, 4, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb,
+                           out + (size_t)t * ldo + 8 * g, ldo);
+        for (; t < T; t++)
+            gemv_q4_0x8_tc(n, grp, 1, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb,
+                           out + (size_t)t * ldo + 8 * g, ldo);
+    }
+}
+
 /* out[d] += a * v[d] */
 static inline void axpy_f32(int n, float a, const float *v, float *out) {
     for (int j = 0; j < n; j++) out[j] += a * v[j];

@@ -68,6 +68,9 @@ def _choose():
 
 K = _choose()
 VARIANT = K.ISA
+Q4_0, Q8_0 = 2, 8
+# GLMCPU_REPACK=0 runs Q4_0 straight from the file's layout (less RAM, slower)
+REPACK = os.environ.get("GLMCPU_REPACK", "1") != "0"
 
 
 def physical_cores() -> int:

@@ -78,3 +78,16 @@ def test_other_types(tiny, out_type, tol):
     if tol:
         assert np.abs(got - want).max() < tol
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= (0.9 if tol else 0.7)
+
+
+def test_repacked_q4_0_equals_file_layout(tiny, monkeypatch):
+    from glmcpu import ops
+    _, path, _ = tiny("glm4", "q4_0")
+    ids = make_ids(20, seed=2)
+    m = glmcpu.load(path)
+    assert m.net.layers[0].ffn.up.packed
+    packed = m.logits(ids)
+    monkeypatch.setattr(ops, "REPACK", False)
+    m = glmcpu.load(path)
+    assert not m.net.layers[0].ffn.up.packed
+    np.testing.assert_allclose(packed, m.logits(ids), rtol=1e-4, atol=1e-4)
