@@ -17,14 +17,14 @@ cdef extern from "kernels.h" nogil:
                    float *out, int ldo)
     void attend_one(int hd, int n, const float *q, const float *k, const float *v,
                     size_t kv_stride, float scale, float *scratch, float *out)
-    void gemm_q4_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, const int8_t *xq,
-                            const float *xd, const float *xs, float *out, int ldo)
 
 ISA = GLMCPU_ISA.decode()
 
 # ggml type -> (block size, bytes per block) for the types the kernels run
-TYPE_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 30: (1, 2)}
-INT_TYPES = (2, 8)
+TYPE_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 30: (1, 2), 1002: (32, 144)}
+INT_TYPES = (2, 8, 1002)
+Q4_0X8 = 1002       # Q4_0 repacked by repack_q4_0x8: one line of `w` per group of 8 rows
+GROUP = {1002: 8}   # rows per line of `w`
 
 
 def quantize_q8(const float[:, ::1] x):
@@ -45,9 +45,11 @@ def quantize_q8(const float[:, ::1] x):
 
 def gemm(const uint8_t[:, ::1] w, int wtype, int n, const float[:, ::1] x, out_arr, int threads=1):
     """out[T, N] = x[T, n] @ W[N, n]^T for W stored as ggml type `wtype`, one row per line
-    of `w` (bytes). Q4_0/Q8_0 weights use x quantised to int8 blocks, as ggml does."""
+    of `w` (bytes; one group of 8 rows per line for Q4_0X8). Q4_0/Q8_0 weights use x
+    quantised to int8 blocks, as ggml does."""
     cdef float[:, ::1] out = out_arr
-    cdef int N = w.shape[0], T = x.shape[0], nchunks, c, r0, r1
+    cdef int grp = GROUP.get(wtype, 1)
+    cdef int N = w.shape[0] * grp, T = x.shape[0], nchunks, c, r0, r1
     if wtype not in TYPE_SIZES:
         raise ValueError(f"unsupported ggml type {wtype}")
     bs, bb = TYPE_SIZES[wtype]
@@ -67,11 +69,11 @@ def gemm(const uint8_t[:, ::1] w, int wtype, int n, const float[:, ::1] x, out_a
         xq, xd, xs = aq, ad, as_
         pq, pd, ps = &xq[0, 0], &xd[0, 0], &xs[0, 0]
     threads = max(1, threads)
-    nchunks = min(N, threads * 4)
+    nchunks = min(N // grp, threads * 4)
     with nogil:
         for c in prange(nchunks, num_threads=threads, schedule='static'):
-            r0 = <int>((<long long>c * N) // nchunks)
-            r1 = <int>((<long long>(c + 1) * N) // nchunks)
+            r0 = <int>((<long long>c * (N // grp)) // nchunks) * grp
+            r1 = <int>((<long long>(c + 1) * (N // grp)) // nchunks) * grp
             gemm_rows(wtype, n, &w[0, 0], w.shape[1], r0, r1, T, &x[0, 0], pq, pd, ps,
                       &out[0, 0], N)
     return out_arr
@@ -97,29 +99,6 @@ def repack_q4_0x8(const uint8_t[:, ::1] w, int threads=4):
                     for k in range(4):                                   # qs[(k*8 + r)*4 + i]
                         memcpy(dst + 16 + (k * 8 + r) * 4, src + 2 + 4 * k, 4)
     return packed
-
-
-def gemm_q4_0x8(const uint8_t[:, ::1] w, int n, const float[:, ::1] x, out_arr, int threads=1):
-    """out[T, N] = x[T, n] @ W^T for W repacked by repack_q4_0x8 (w: [N/8, n/32*144])."""
-    cdef float[:, ::1] out = out_arr
-    cdef int G = w.shape[0], T = x.shape[0], N, nchunks, c, g0, g1
-    N = G * 8
-    if n % QK or w.shape[1] != n // QK * 144 or x.shape[1] != n or out.shape[0] != T or out.shape[1] != N:
-        raise ValueError(f"gemm_q4_0x8: shape mismatch (w {w.shape[0]}x{w.shape[1]}, n {n}, "
-                         f"x {x.shape[0]}x{x.shape[1]}, out {out.shape[0]}x{out.shape[1]})")
-    if G == 0 or T == 0:
-        return out_arr
-    xq_arr, xd_arr, xs_arr = quantize_q8(x)
-    cdef int8_t[:, ::1] xq = xq_arr
-    cdef float[:, ::1] xd = xd_arr, xs = xs_arr
-    threads = max(1, threads)
-    nchunks = min(G, threads * 4)
-    with nogil:
-        for c in prange(nchunks, num_threads=threads, schedule='static'):
-            g0 = <int>((<long long>c * G) // nchunks)
-            g1 = <int>((<long long>(c + 1) * G) // nchunks)
-            gemm_q4_0x8_groups(n, &w[0, 0], g0, g1, T, &xq[0, 0], &xd[0, 0], &xs[0, 0], &out[0, 0], N)
-    return out_arr
 
 
 def rmsnorm(const float[:, ::1] x, const float[::1] w, float eps, out_arr):
@@ -256,12 +235,14 @@ cdef void _expert_gemm(int wtype, int n, const uint8_t[:, :, ::1] w, const long 
 
 
 def _work_items(counts, int rows, int threads, int min_rows=16):
-    """(expert, row0, row1) pieces of the used experts, about 4 per thread in all."""
+    """(expert, row0, row1) pieces of the used experts, about 4 per thread in all; row0/row1
+    are multiples of 8 (whole Q4_0X8 groups) when rows is."""
     used = np.nonzero(counts)[0]
     if len(used) == 0:
         return np.zeros((0, 3), np.int64)
     per = max(1, (threads * 4 + len(used) - 1) // len(used))
     step = max(min_rows, (rows + per - 1) // per)
+    step = (step + 7) // 8 * 8
     edges = np.arange(0, rows, step)
     items = np.empty((len(used) * len(edges), 3), np.int64)
     items[:, 0] = np.repeat(used, len(edges))
@@ -277,9 +258,11 @@ def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int 
     ids [T, k] int32 chosen experts; weights [T, k] float32 -> out [T, n] = sum_j weights[t, j] *
     down_e (silu(gate_e x) * up_e x). Tokens are grouped by expert, so each expert's rows are read
     once per call however many tokens chose it."""
-    cdef int T = x.shape[0], n = x.shape[1], E = gate.shape[0], F = gate.shape[1], k = ids.shape[1]
+    cdef int T = x.shape[0], n = x.shape[1], E = gate.shape[0], k = ids.shape[1]
+    cdef int F = gate.shape[1] * GROUP.get(wtype_gu, 1)
     cdef bint q_gu = wtype_gu in INT_TYPES, q_dn = wtype_down in INT_TYPES
-    if up.shape[0] != E or up.shape[1] != F or down.shape[0] != E or down.shape[1] != n:
+    if up.shape[0] != E or up.shape[1] != gate.shape[1] or down.shape[0] != E \
+            or down.shape[1] * GROUP.get(wtype_down, 1) != n:
         raise ValueError("moe: expert tensor shapes disagree")
     flat = np.asarray(ids, np.int64).reshape(-1)                      # [T*k] assignment -> expert
     if flat.size and (flat.min() < 0 or flat.max() >= E):

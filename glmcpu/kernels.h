@@ -35,7 +35,8 @@ static const char GLMCPU_ISA[] = "generic";
 #endif
 
 /* ggml tensor types we run (values of ggml_type / gguf.GGMLQuantizationType). */
-enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q8_0 = 8, GT_BF16 = 30 };
+enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q8_0 = 8, GT_BF16 = 30,
+       GT_Q4_0X8 = 1002 /* glmcpu's own: Q4_0 repacked in 8-row groups, see block_q4_0x8 */ };
 
 #define QK 32
 /* Q4_0: 32 weights in 18 bytes; fp16 scale d, then 16 bytes: weight j (0..15) is the LOW
@@ -413,12 +414,19 @@ static void vec_dot4_q8_0_q8_0(int n, const block_q8_0 *w, const int8_t *xq, con
     }
 }
 
+static void gemm_q4_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, const int8_t *xq,
+                               const float *xd, const float *xs, float *out, int ldo);
+
 /* Rows r0..r1 of W (row_bytes apart) against T activation rows: out[t*ldo + r].
  * Integer types read xq/xd/xs (quantised once per call); float types read x. */
 static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1,
                       int T, const float *x, const int8_t *xq, const float *xd, const float *xs,
                       float *out, int ldo) {
     int nb = n / QK;
+    if (type == GT_Q4_0X8) {            /* r0, r1 are multiples of 8; row_bytes is unused */
+        gemm_q4_0x8_groups(n, w, r0 / 8, r1 / 8, T, xq, xd, xs, out, ldo);
+        return;
+    }
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = w + (size_t)r * row_bytes;
         int t = 0;

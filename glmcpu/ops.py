@@ -68,9 +68,31 @@ def _choose():
 
 K = _choose()
 VARIANT = K.ISA
-Q4_0, Q8_0 = 2, 8
-# GLMCPU_REPACK=0 runs Q4_0 straight from the file's layout (less RAM, slower)
-REPACK = os.environ.get("GLMCPU_REPACK", "1") != "0"
+Q4_0, Q8_0, Q4_0X8 = 2, 8, K.Q4_0X8
+# Q4_0 weights are repacked into RAM at load (q4_0x8: faster kernels). Routed experts are too when
+# the whole file fits comfortably in RAM, else they run from the memory map in the file's layout.
+# GLMCPU_REPACK=0: never repack (least RAM); =all: repack experts too, whatever the RAM.
+REPACK = os.environ.get("GLMCPU_REPACK", "1").lower()
+
+
+def repack_experts(file_bytes: int) -> bool:
+    if REPACK in ("0", "no", "off"):
+        return False
+    if REPACK == "all":
+        return True
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return False
+    return file_bytes < 0.6 * avail
+
+
+def repack(w, wtype: int):
+    """(weight lines, type) in the fastest layout for this type; rows of Q4_0 in groups of 8."""
+    if wtype == Q4_0 and w.shape[0] % 8 == 0 and REPACK not in ("0", "no", "off"):
+        return K.repack_q4_0x8(w), Q4_0X8
+    return w, wtype
 
 
 def physical_cores() -> int:
@@ -103,9 +125,9 @@ def default_threads() -> int:
     return int(env) if env else physical_cores()
 
 
-def linear(w, wtype: int, n: int, x: np.ndarray, threads: int, out=None) -> np.ndarray:
-    """x [T, n] float32 @ W^T -> [T, N] for W as rows of ggml-typed bytes [N, row_bytes]."""
+def linear(w, wtype: int, n: int, x: np.ndarray, threads: int, n_out: int = None) -> np.ndarray:
+    """x [T, n] float32 @ W^T -> [T, n_out] for W as lines of ggml-typed bytes (rows, or groups
+    of 8 rows for Q4_0X8)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if out is None:
-        out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    out = np.empty((x.shape[0], n_out or w.shape[0]), np.float32)
     return K.gemm(w, wtype, n, x, out, threads)

@@ -194,13 +194,13 @@ def test_q4_0x8_repacked_gemm(K, rows, cols, tokens):
     packed = K.repack_q4_0x8(raw)
     assert packed.nbytes == raw.nbytes                      # same bytes, another order
     x = rng.standard_normal((tokens, cols)).astype(np.float32)
-    got = K.gemm_q4_0x8(packed, cols, x, np.empty((tokens, rows), np.float32), 2)
+    got = K.gemm(packed, K.Q4_0X8, cols, x, np.empty((tokens, rows), np.float32), 2)
     q, d = q8_reference(x)
     xdq = (q.astype(np.float64) * d[..., None]).reshape(tokens, cols)
     exact = xdq @ deq.astype(np.float64).T
     scale = np.abs(xdq) @ np.abs(deq).astype(np.float64).T
     assert np.all(np.abs(got - exact) <= 1e-5 * scale + 1e-6)
-    single = np.concatenate([K.gemm_q4_0x8(packed, cols, x[i:i + 1], np.empty((1, rows), np.float32), 1)
+    single = np.concatenate([K.gemm(packed, K.Q4_0X8, cols, x[i:i + 1], np.empty((1, rows), np.float32), 1)
                              for i in range(tokens)])
     assert np.array_equal(got, single)
     with pytest.raises(ValueError):

@@ -91,7 +91,7 @@ def test_repacked_q4_0_equals_file_layout(tiny, monkeypatch):
     m = glmcpu.load(path)
     assert m.net.layers[0].ffn.up.packed
     packed = m.logits(ids)
-    monkeypatch.setattr(ops, "REPACK", False)
+    monkeypatch.setattr(ops, "REPACK", "0")
     m = glmcpu.load(path)
     assert not m.net.layers[0].ffn.up.packed
     plain = m.logits(ids)

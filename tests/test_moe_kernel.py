@@ -54,3 +54,27 @@ def test_moe_bad_ids():
     with pytest.raises(ValueError):
         K.moe(np.zeros((1, 32), np.float32), z, z, z, 0, 0, np.array([[5]], np.int32),
               np.ones((1, 1), np.float32), np.zeros((1, 32), np.float32), 1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("T", [1, 6])
+def test_moe_with_repacked_experts(variant, T):
+    """Q4_0 experts repacked into 8-row groups give the same answer as the file's layout."""
+    K = ops.load_variant(variant)
+    rng = np.random.default_rng(10 + T)
+    E, F, n, k = 4, 64, 96, 2
+    g_raw, g = stored(rng, (E, F, n), GT.Q4_0)
+    u_raw, u = stored(rng, (E, F, n), GT.Q4_0)
+    d_raw, d = stored(rng, (E, n, F), GT.Q4_0)
+
+    def pack(raw, rows):
+        return K.repack_q4_0x8(raw.reshape(E * rows, -1)).reshape(E, rows // 8, -1)
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
+    wts = rng.uniform(0.1, 1.0, (T, k)).astype(np.float32)
+    plain = K.moe(x, g_raw, u_raw, d_raw, int(GT.Q4_0), int(GT.Q4_0), ids, wts, np.empty_like(x), 2)
+    packed = K.moe(x, pack(g_raw, F), pack(u_raw, F), pack(d_raw, n), K.Q4_0X8, K.Q4_0X8, ids, wts,
+                   np.empty_like(x), 2)
+    np.testing.assert_allclose(packed, plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max())
+    ref = reference(x.astype(np.float64), g, u, d, ids, wts)
+    assert np.abs(packed - ref).max() <= 3e-2 * np.abs(ref).max()

@@ -123,3 +123,20 @@ def test_stats_info_and_mlock(tiny):
     assert m.expert_stats and all(h.sum() == 0 for h in m.expert_stats.values())
     list(m.generate([5, 6, 7], max_tokens=2, ignore_eos=True))
     assert all(h.sum() == (3 + 1) * 2 for h in m.expert_stats.values())   # 4 tokens run, top-2
+
+
+def test_repacked_q4_0_experts(tiny, monkeypatch):
+    from glmcpu import ops
+    model, path, _ = tiny("glm4_moe", "q4_0", **VARIANTS[0])
+    ids = make_ids(40, seed=2)
+    want = hf_logits(model, ids)
+    monkeypatch.setattr(ops, "REPACK", "all")
+    m = glmcpu.load(path)
+    assert m.net.layers[1].ffn.gu_type == ops.Q4_0X8
+    packed = m.logits(ids)
+    monkeypatch.setattr(ops, "REPACK", "0")
+    m = glmcpu.load(path)
+    assert m.net.layers[1].ffn.gu_type == ops.Q4_0
+    plain = m.logits(ids)
+    assert (packed.argmax(-1) == plain.argmax(-1)).mean() >= 0.9
+    assert kl(want, packed) < 1.5 * kl(want, plain) and kl(want, plain) < 1.5 * kl(want, packed)

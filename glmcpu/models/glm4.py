@@ -59,18 +59,13 @@ class Linear:
         self.name = name
         self.w, self.type, self.n_out, self.n_in = f.matrix(f"{name}.weight")  # w: [n_out, row_bytes]
         self.b = f.vector(f"{name}.bias") if bias and f.has(f"{name}.bias") else None
-        self.packed = self.type == ops.Q4_0 and self.n_out % 8 == 0 and ops.REPACK
-        if self.packed:
-            self.w = K.repack_q4_0x8(self.w)                    # [n_out/8, n_in/32 * 144]
-            if not name.startswith("token_embd"):               # embedding rows are still read
-                f.release(f"{name}.weight")
+        self.w, self.type = ops.repack(self.w, self.type)        # Q4_0: [n_out/8, n_in/32 * 144]
+        self.packed = self.type == ops.Q4_0X8
+        if self.packed and not name.startswith("token_embd"):   # embedding rows are still read
+            f.release(f"{name}.weight")
 
     def __call__(self, x, threads):            # x [T, n_in] -> [T, n_out]
-        if self.packed:
-            x = np.ascontiguousarray(x, dtype=np.float32)
-            y = K.gemm_q4_0x8(self.w, self.n_in, x, np.empty((x.shape[0], self.n_out), np.float32), threads)
-        else:
-            y = ops.linear(self.w, self.type, self.n_in, x, threads)
+        y = ops.linear(self.w, self.type, self.n_in, x, threads, self.n_out)
         if self.b is not None:
             y += self.b
         return y

@@ -4,11 +4,13 @@ The dense GLM-4 layer with three changes: NeoX (half-split) RoPE, optional per-h
 from layer `leading_dense_block_count` on a mixture of experts in place of the FFN: a sigmoid
 router whose correction bias only chooses, top-k routed experts weighted by their normalised,
 scaled scores, plus one always-on shared expert. The MTP ("nextn") block is not run."""
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from ..errors import ModelFileError, UnsupportedArchitecture
+from .. import ops
 from ..gguf import GGUFFile
 from . import glm4
 from .glm4 import K, Attention, DenseFFN, Linear, optional_vector
@@ -43,19 +45,25 @@ class Config(glm4.Config):
                    expert_norm=bool(f.arch_get("expert_weights_norm", True)))
 
 
-def expert_tensor(f: GGUFFile, name: str, rows: int, cols: int, cfg: Config):
-    """A stacked expert tensor as [n_expert, rows, row_bytes] bytes + its ggml type, shape-checked."""
+def expert_tensor(f: GGUFFile, name: str, rows: int, cols: int, cfg: Config, repack=False):
+    """A stacked expert tensor as [n_expert, rows, row_bytes] bytes + its ggml type, shape-checked;
+    with repack, Q4_0 experts are copied into RAM as [n_expert, rows/8, ...] Q4_0X8 groups."""
     t = f.tensor(name)
     want = (cols, rows, cfg.n_expert)
     if tuple(int(d) for d in t.shape) != want:
         raise ModelFileError(f"{f.path}: tensor {name} has shape {tuple(int(d) for d in t.shape)} (ggml order) "
                              f"but the metadata says {want} ({cfg.n_expert} experts of {rows} x {cols})")
     w, wtype, _, _ = f.matrix(name)               # validates the type
+    if repack:
+        packed, ptype = ops.repack(w, wtype)
+        if ptype != wtype:
+            f.release(name)
+            return packed.reshape(cfg.n_expert, rows // 8, -1), ptype
     return w.reshape(cfg.n_expert, rows, -1), wtype
 
 
 class MoE:
-    def __init__(self, f: GGUFFile, p: str, cfg: Config):
+    def __init__(self, f: GGUFFile, p: str, cfg: Config, repack: bool):
         self.cfg = cfg
         self.router = Linear(f, p + "ffn_gate_inp")                       # [n_expert, d_model]
         if self.router.n_out != cfg.n_expert:
@@ -63,9 +71,9 @@ class MoE:
                                  f"experts, the metadata says {cfg.n_expert}")
         self.bias = optional_vector(f, p + "exp_probs_b.bias")            # [n_expert], choice only
         d, ff = cfg.d_model, cfg.n_ff_exp
-        self.gate, tg = expert_tensor(f, p + "ffn_gate_exps.weight", ff, d, cfg)   # [E, ff, bytes]
-        self.up, tu = expert_tensor(f, p + "ffn_up_exps.weight", ff, d, cfg)       # [E, ff, bytes]
-        self.down, self.down_type = expert_tensor(f, p + "ffn_down_exps.weight", d, ff, cfg)  # [E, d, bytes]
+        self.gate, tg = expert_tensor(f, p + "ffn_gate_exps.weight", ff, d, cfg, repack)  # [E, ff, bytes]
+        self.up, tu = expert_tensor(f, p + "ffn_up_exps.weight", ff, d, cfg, repack)      # [E, ff, bytes]
+        self.down, self.down_type = expert_tensor(f, p + "ffn_down_exps.weight", d, ff, cfg, repack)
         if tg != tu:
             raise ModelFileError(f"{f.path}: {p}ffn_gate_exps and ffn_up_exps differ in type")
         self.gu_type = tg
@@ -94,13 +102,13 @@ class MoE:
 
 
 class Layer:
-    def __init__(self, f: GGUFFile, i: int, cfg: Config):
+    def __init__(self, f: GGUFFile, i: int, cfg: Config, repack: bool):
         p = f"blk.{i}."
         self.attn_norm = f.vector(p + "attn_norm.weight")
         self.attn = Attention(f, p, cfg)
         self.post_attn_norm = None
         self.ffn_norm = f.vector(p + "post_attention_norm.weight")       # the pre-FFN norm here
-        self.ffn = DenseFFN(f, p) if i < cfg.n_dense_lead else MoE(f, p, cfg)
+        self.ffn = DenseFFN(f, p) if i < cfg.n_dense_lead else MoE(f, p, cfg, repack)
         self.post_ffw_norm = None
 
 
@@ -108,7 +116,9 @@ class Model(glm4.Model):
     config_class = Config
 
     def make_layer(self, f, i):
-        return Layer(f, i, self.cfg)
+        if i == 0:
+            self.repack_experts = ops.repack_experts(os.path.getsize(f.path))
+        return Layer(f, i, self.cfg, self.repack_experts)
 
     def expert_stats(self) -> dict:
         """{layer: hits per expert [n_expert]} for the MoE layers since load."""
