@@ -21,10 +21,12 @@ cdef extern from "kernels.h" nogil:
 ISA = GLMCPU_ISA.decode()
 
 # ggml type -> (block size, bytes per block) for the types the kernels run
-TYPE_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 30: (1, 2), 1002: (32, 144)}
-INT_TYPES = (2, 8, 1002)
-Q4_0X8 = 1002       # Q4_0 repacked by repack_q4_0x8: one line of `w` per group of 8 rows
-GROUP = {1002: 8}   # rows per line of `w`
+TYPE_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 30: (1, 2), 1002: (32, 144),
+              1008: (32, 272)}
+INT_TYPES = (2, 8, 1002, 1008)
+Q4_0X8 = 1002       # Q4_0 repacked by repack_x8: one line of `w` per group of 8 rows
+Q8_0X8 = 1008       # Q8_0 likewise
+GROUP = {1002: 8, 1008: 8}   # rows per line of `w`
 
 
 def quantize_q8(const float[:, ::1] x):
@@ -79,26 +81,37 @@ def gemm(const uint8_t[:, ::1] w, int wtype, int n, const float[:, ::1] x, out_a
     return out_arr
 
 
-def repack_q4_0x8(const uint8_t[:, ::1] w, int threads=4):
-    """Q4_0 rows [N, n/32*18] (N a multiple of 8) -> q4_0x8 groups [N/8, n/32*144] (see kernels.h)."""
-    cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, k
-    if N % 8 or rb % 18:
-        raise ValueError("repack_q4_0x8 needs whole groups of 8 rows of Q4_0 blocks")
-    nb, G = rb // 18, N // 8
-    packed = np.empty((G, nb * 144), np.uint8)
+def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4):
+    """Q4_0 or Q8_0 rows [N, row_bytes] (N a multiple of 8) -> 8-row groups [N/8, 8 * row_bytes]
+    laid out as kernels.h's block_q4_0x8 / block_q8_0x8. Returns (groups, Q4_0X8 or Q8_0X8)."""
+    cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, k, bsz, nk
+    if wtype == 2:
+        bsz, nk, ptype = 18, 4, Q4_0X8
+    elif wtype == 8:
+        bsz, nk, ptype = 34, 8, Q8_0X8
+    else:
+        raise ValueError(f"ggml type {wtype} has no 8-row layout")
+    if N % 8 or rb % bsz:
+        raise ValueError("repack_x8 needs whole groups of 8 rows of whole blocks")
+    nb, G = rb // bsz, N // 8
+    packed = np.empty((G, nb * 8 * bsz), np.uint8)
     cdef uint8_t[:, ::1] out = packed
     cdef const uint8_t *src
     cdef uint8_t *dst
     with nogil:
         for g in prange(G, num_threads=max(1, threads), schedule='static'):
             for b in range(nb):
-                dst = &out[g, b * 144]
+                dst = &out[g, b * 8 * bsz]
                 for r in range(8):
-                    src = &w[g * 8 + r, b * 18]
+                    src = &w[g * 8 + r, b * bsz]
                     memcpy(dst + 2 * r, src, 2)                          # d[r]
-                    for k in range(4):                                   # qs[(k*8 + r)*4 + i]
+                    for k in range(nk):                                  # qs[(k*8 + r)*4 + i]
                         memcpy(dst + 16 + (k * 8 + r) * 4, src + 2 + 4 * k, 4)
-    return packed
+    return packed, ptype
+
+
+def repack_q4_0x8(const uint8_t[:, ::1] w, int threads=4):
+    return repack_x8(w, 2, threads)[0]
 
 
 def rmsnorm(const float[:, ::1] x, const float[::1] w, float eps, out_arr):

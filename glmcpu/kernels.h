@@ -36,7 +36,8 @@ static const char GLMCPU_ISA[] = "generic";
 
 /* ggml tensor types we run (values of ggml_type / gguf.GGMLQuantizationType). */
 enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q8_0 = 8, GT_BF16 = 30,
-       GT_Q4_0X8 = 1002 /* glmcpu's own: Q4_0 repacked in 8-row groups, see block_q4_0x8 */ };
+       /* glmcpu's own: Q4_0 / Q8_0 repacked in 8-row groups, see block_q4_0x8, block_q8_0x8 */
+       GT_Q4_0X8 = 1002, GT_Q8_0X8 = 1008 };
 
 #define QK 32
 /* Q4_0: 32 weights in 18 bytes; fp16 scale d, then 16 bytes: weight j (0..15) is the LOW
@@ -416,6 +417,8 @@ static void vec_dot4_q8_0_q8_0(int n, const block_q8_0 *w, const int8_t *xq, con
 
 static void gemm_q4_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, const int8_t *xq,
                                const float *xd, const float *xs, float *out, int ldo);
+static void gemm_q8_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, const int8_t *xq,
+                               const float *xd, float *out, int ldo);
 
 /* Rows r0..r1 of W (row_bytes apart) against T activation rows: out[t*ldo + r].
  * Integer types read xq/xd/xs (quantised once per call); float types read x. */
@@ -425,6 +428,10 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
     int nb = n / QK;
     if (type == GT_Q4_0X8) {            /* r0, r1 are multiples of 8; row_bytes is unused */
         gemm_q4_0x8_groups(n, w, r0 / 8, r1 / 8, T, xq, xd, xs, out, ldo);
+        return;
+    }
+    if (type == GT_Q8_0X8) {
+        gemm_q8_0x8_groups(n, w, r0 / 8, r1 / 8, T, xq, xd, out, ldo);
         return;
     }
     for (int r = r0; r < r1; r++) {
@@ -540,6 +547,73 @@ static void gemm_q4_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
         for (; t < T; t++)
             gemv_q4_0x8_tc(n, grp, 1, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb,
                            out + (size_t)t * ldo + 8 * g, ldo);
+    }
+}
+
+/* ---- Q8_0 rows repacked 8 at a time ("q8_0x8") ------------------------------------
+ * Per block column of 8 rows: d[r], then qs[(k*8 + r)*4 + i] = row r's qs[4k + i] (k = 0..7):
+ * one 32-byte load holds weights 4k..4k+3 of all 8 rows. */
+typedef struct { uint16_t d[8]; int8_t qs[256]; } block_q8_0x8;
+_Static_assert(sizeof(block_q8_0x8) == 272, "q8_0x8 block is 272 bytes");
+
+static inline void gemv_q8_0x8_tc(int n, const block_q8_0x8 *w, const int TC, const int8_t *xq,
+                                  const float *xd, float *out, int ldo) {
+    int nb = n / QK;
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int b = 0; b < nb; b++) {
+        __m256i q[8], aq[8];
+        for (int k = 0; k < 8; k++) {
+            q[k] = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * k));
+            aq[k] = _mm256_sign_epi8(q[k], q[k]);
+        }
+        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].d));
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = xq + (size_t)t * n + b * QK;
+            __m256i s32 = _mm256_setzero_si256();
+            for (int k = 0; k < 8; k++) {
+                int32_t xk;
+                memcpy(&xk, x + 4 * k, 4);
+                __m256i p = _mm256_maddubs_epi16(aq[k], _mm256_sign_epi8(_mm256_set1_epi32(xk), q[k]));
+                s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, ones));
+            }
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xd[t * nb + b])),
+                                     _mm256_cvtepi32_ps(s32), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) {
+        float r[8];
+        _mm256_storeu_ps(r, acc[t]);
+        for (int j = 0; j < 8; j++) out[(size_t)t * ldo + j] = r[j];
+    }
+#else
+    for (int t = 0; t < TC; t++) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        const int8_t *xt = xq + (size_t)t * n;
+        for (int b = 0; b < nb; b++)
+            for (int r = 0; r < 8; r++) {
+                int isum = 0;
+                for (int k = 0; k < 8; k++)
+                    for (int i = 0; i < 4; i++)
+                        isum += w[b].qs[(k * 8 + r) * 4 + i] * xt[b * QK + 4 * k + i];
+                acc[r] += fp16_to_fp32(w[b].d[r]) * xd[t * nb + b] * (float)isum;
+            }
+        for (int r = 0; r < 8; r++) out[(size_t)t * ldo + r] = acc[r];
+    }
+#endif
+}
+
+static void gemm_q8_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, const int8_t *xq,
+                               const float *xd, float *out, int ldo) {
+    int nb = n / QK;
+    for (int g = g0; g < g1; g++) {
+        const block_q8_0x8 *grp = (const block_q8_0x8 *)(w + (size_t)g * nb * sizeof(block_q8_0x8));
+        int t = 0;
+        for (; t + 4 <= T; t += 4)
+            gemv_q8_0x8_tc(n, grp, 4, xq + (size_t)t * n, xd + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo);
+        for (; t < T; t++)
+            gemv_q8_0x8_tc(n, grp, 1, xq + (size_t)t * n, xd + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo);
     }
 }
 

@@ -68,8 +68,8 @@ def _choose():
 
 K = _choose()
 VARIANT = K.ISA
-Q4_0, Q8_0, Q4_0X8 = 2, 8, K.Q4_0X8
-# Q4_0 weights are repacked into RAM at load (q4_0x8: faster kernels). Routed experts are too when
+Q4_0, Q8_0, Q4_0X8, Q8_0X8 = 2, 8, K.Q4_0X8, K.Q8_0X8
+# Q4_0 / Q8_0 weights are repacked into RAM at load (8-row groups: faster kernels). Routed experts are too when
 # the whole file fits comfortably in RAM, else they run from the memory map in the file's layout.
 # GLMCPU_REPACK=0: never repack (least RAM); =all: repack experts too, whatever the RAM.
 REPACK = os.environ.get("GLMCPU_REPACK", "1").lower()
@@ -89,9 +89,11 @@ def repack_experts(file_bytes: int) -> bool:
 
 
 def repack(w, wtype: int):
-    """(weight lines, type) in the fastest layout for this type; rows of Q4_0 in groups of 8."""
-    if wtype == Q4_0 and w.shape[0] % 8 == 0 and REPACK not in ("0", "no", "off"):
-        return K.repack_q4_0x8(w), Q4_0X8
+    """(weight lines, type) in the fastest layout for this type: Q4_0 and Q8_0 rows in groups of 8."""
+    # the 8-row kernels have AVX2/AVX-512 bodies; elsewhere (NEON, generic) the file's layout is faster
+    if (wtype in (Q4_0, Q8_0) and w.shape[0] % 8 == 0 and REPACK not in ("0", "no", "off")
+            and VARIANT in ("avx2", "avx512")):
+        return K.repack_x8(w, wtype)
     return w, wtype
 
 

@@ -187,21 +187,23 @@ def test_batched_rows_equal_single_rows(K, qtype, cols):
     assert np.array_equal(batch, single)
 
 
+@pytest.mark.parametrize("qtype", [GT.Q4_0, GT.Q8_0])
 @pytest.mark.parametrize("rows,cols,tokens", [(8, 32, 1), (16, 96, 5), (24, 544, 3), (64, 4128, 9)])
-def test_q4_0x8_repacked_gemm(K, rows, cols, tokens):
+def test_repacked_x8_gemm(K, qtype, rows, cols, tokens):
+    """8-row groups (q4_0x8 / q8_0x8): same bytes in another order, same sums."""
     rng = np.random.default_rng(rows + cols)
-    raw, deq = make_weights(rng, rows, cols, GT.Q4_0)
-    packed = K.repack_q4_0x8(raw)
-    assert packed.nbytes == raw.nbytes                      # same bytes, another order
+    raw, deq = make_weights(rng, rows, cols, qtype)
+    packed, ptype = K.repack_x8(raw, int(qtype))
+    assert packed.nbytes == raw.nbytes and ptype == {GT.Q4_0: K.Q4_0X8, GT.Q8_0: K.Q8_0X8}[qtype]
     x = rng.standard_normal((tokens, cols)).astype(np.float32)
-    got = K.gemm(packed, K.Q4_0X8, cols, x, np.empty((tokens, rows), np.float32), 2)
+    got = K.gemm(packed, ptype, cols, x, np.empty((tokens, rows), np.float32), 2)
     q, d = q8_reference(x)
     xdq = (q.astype(np.float64) * d[..., None]).reshape(tokens, cols)
     exact = xdq @ deq.astype(np.float64).T
     scale = np.abs(xdq) @ np.abs(deq).astype(np.float64).T
     assert np.all(np.abs(got - exact) <= 1e-5 * scale + 1e-6)
-    single = np.concatenate([K.gemm(packed, K.Q4_0X8, cols, x[i:i + 1], np.empty((1, rows), np.float32), 1)
+    single = np.concatenate([K.gemm(packed, ptype, cols, x[i:i + 1], np.empty((1, rows), np.float32), 1)
                              for i in range(tokens)])
     assert np.array_equal(got, single)
     with pytest.raises(ValueError):
-        K.repack_q4_0x8(raw[:rows - 1])
+        K.repack_x8(raw[:rows - 1], int(qtype))

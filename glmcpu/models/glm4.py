@@ -52,15 +52,15 @@ class Config:
 
 class Linear:
     """A weight as the kernels see it: rows of ggml-typed bytes, memory-mapped; optional bias.
-    Q4_0 weights are repacked at load into 8-row groups (kernels.h: q4_0x8), which the kernels
+    Q4_0/Q8_0 weights are repacked at load into 8-row groups (kernels.h: q4_0x8), which the kernels
     read about twice as fast; the file's pages of them are then given back to the OS."""
 
     def __init__(self, f: GGUFFile, name: str, bias: bool = False):
         self.name = name
         self.w, self.type, self.n_out, self.n_in = f.matrix(f"{name}.weight")  # w: [n_out, row_bytes]
         self.b = f.vector(f"{name}.bias") if bias and f.has(f"{name}.bias") else None
-        self.w, self.type = ops.repack(self.w, self.type)        # Q4_0: [n_out/8, n_in/32 * 144]
-        self.packed = self.type == ops.Q4_0X8
+        self.w, self.type = ops.repack(self.w, self.type)        # Q4_0/Q8_0: [n_out/8, 8 * row_bytes]
+        self.packed = self.type in (ops.Q4_0X8, ops.Q8_0X8)
         if self.packed and not name.startswith("token_embd"):   # embedding rows are still read
             f.release(f"{name}.weight")
 
