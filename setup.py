@@ -19,6 +19,8 @@ if MACHINE in ("x86_64", "amd64", "i686", "x86"):
         "generic": ["-DGLMCPU_SCALAR"],
         "avx2": ["-mavx2", "-mfma", "-mf16c"],
         "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+        "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx2",
+                       "-mfma", "-mf16c"],
     }
 elif MACHINE in ("aarch64", "arm64"):
     VARIANTS = {"generic": ["-DGLMCPU_SCALAR"], "neon": []}  # NEON is baseline on arm64

@@ -23,7 +23,12 @@
 static const char GLMCPU_ISA[] = "generic";   /* the portable twin every SIMD path is tested against */
 #elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define GLMCPU_AVX512 1
+#if defined(__AVX512VNNI__)
+#define GLMCPU_VNNI 1          /* u8 x s8 dot products of 4 accumulated into int32 in one instruction */
+static const char GLMCPU_ISA[] = "avx512vnni";
+#else
 static const char GLMCPU_ISA[] = "avx512";
+#endif
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define GLMCPU_AVX2 1
 static const char GLMCPU_ISA[] = "avx2";
@@ -476,15 +481,22 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
  * 16+4k..16+4k+3, so a broadcast of 4 activation bytes meets 8 rows at once and no horizontal
  * sums are needed. Same bytes as 8 Q4_0 blocks, in another order. */
 typedef struct { uint16_t d[8]; uint8_t qs[128]; } block_q4_0x8;
+/* tokens per pass over a block column: AVX-512 builds have 32 vector registers to hold them */
+#if defined(GLMCPU_AVX512)
+#define TCMAX 4
+#else
+#define TCMAX 4
+#endif
 _Static_assert(sizeof(block_q4_0x8) == 144, "q4_0x8 block is 144 bytes");
 
-/* 8 rows x TC tokens (TC <= 4) from one group: out[t*ldo + r]. Each token's sums run in the
+/* 8 rows x TC tokens (TC <= TCMAX) from one group: out[t*ldo + r]. Each token's sums run in the
  * same order whatever TC is, so batched and single-token results are bit-identical. */
 static inline void gemv_q4_0x8_tc(int n, const block_q4_0x8 *w, const int TC, const int8_t *xq,
                                   const float *xd, const float *xs, float *out, int ldo) {
     int nb = n / QK;
 #if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc[TCMAX];
+    for (int t = 0; t < TCMAX; t++) acc[t] = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     for (int b = 0; b < nb; b++) {
         __m256i lo[4], hi[4];
@@ -496,6 +508,18 @@ static inline void gemv_q4_0x8_tc(int n, const block_q4_0x8 *w, const int TC, co
         __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].d));
         for (int t = 0; t < TC; t++) {
             const int8_t *x = xq + (size_t)t * n + b * QK;
+#if defined(GLMCPU_VNNI)
+            __m256i sa = _mm256_setzero_si256(), sb = _mm256_setzero_si256();   /* 2 chains: latency */
+            for (int k = 0; k < 4; k++) {
+                int32_t xl, xh;
+                memcpy(&xl, x + 4 * k, 4);
+                memcpy(&xh, x + 16 + 4 * k, 4);
+                sa = _mm256_dpbusd_epi32(sa, lo[k], _mm256_set1_epi32(xl));
+                sb = _mm256_dpbusd_epi32(sb, hi[k], _mm256_set1_epi32(xh));
+            }
+            __m256 isum = _mm256_cvtepi32_ps(_mm256_add_epi32(sa, sb));
+            (void)ones;
+#else
             __m256i s16 = _mm256_setzero_si256();   /* |sum| <= 8 * 3810 fits int16 */
             for (int k = 0; k < 4; k++) {
                 int32_t xl, xh;
@@ -505,6 +529,7 @@ static inline void gemv_q4_0x8_tc(int n, const block_q4_0x8 *w, const int TC, co
                 s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[k], _mm256_set1_epi32(xh)));
             }
             __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+#endif
             __m256 v = _mm256_fmsub_ps(_mm256_set1_ps(xd[t * nb + b]), isum, _mm256_set1_ps(8.0f * xs[t * nb + b]));
             acc[t] = _mm256_fmadd_ps(dw, v, acc[t]);
         }
@@ -541,8 +566,8 @@ static void gemm_q4_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
     for (int g = g0; g < g1; g++) {
         const block_q4_0x8 *grp = (const block_q4_0x8 *)(w + (size_t)g * nb * sizeof(block_q4_0x8));
         int t = 0;
-        for (; t + 4 <= T; t += 4)
-            gemv_q4_0x8_tc(n, grp, 4, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb,
+        for (; t + TCMAX <= T; t += TCMAX)
+            gemv_q4_0x8_tc(n, grp, TCMAX, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb,
                            out + (size_t)t * ldo + 8 * g, ldo);
         for (; t < T; t++)
             gemv_q4_0x8_tc(n, grp, 1, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb,
@@ -560,7 +585,8 @@ static inline void gemv_q8_0x8_tc(int n, const block_q8_0x8 *w, const int TC, co
                                   const float *xd, float *out, int ldo) {
     int nb = n / QK;
 #if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m256 acc[TCMAX];
+    for (int t = 0; t < TCMAX; t++) acc[t] = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
     for (int b = 0; b < nb; b++) {
         __m256i q[8], aq[8];
@@ -575,8 +601,12 @@ static inline void gemv_q8_0x8_tc(int n, const block_q8_0x8 *w, const int TC, co
             for (int k = 0; k < 8; k++) {
                 int32_t xk;
                 memcpy(&xk, x + 4 * k, 4);
+#if defined(GLMCPU_VNNI)
+                s32 = _mm256_dpbusd_epi32(s32, aq[k], _mm256_sign_epi8(_mm256_set1_epi32(xk), q[k]));
+#else
                 __m256i p = _mm256_maddubs_epi16(aq[k], _mm256_sign_epi8(_mm256_set1_epi32(xk), q[k]));
                 s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, ones));
+#endif
             }
             acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xd[t * nb + b])),
                                      _mm256_cvtepi32_ps(s32), acc[t]);
@@ -610,8 +640,8 @@ static void gemm_q8_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
     for (int g = g0; g < g1; g++) {
         const block_q8_0x8 *grp = (const block_q8_0x8 *)(w + (size_t)g * nb * sizeof(block_q8_0x8));
         int t = 0;
-        for (; t + 4 <= T; t += 4)
-            gemv_q8_0x8_tc(n, grp, 4, xq + (size_t)t * n, xd + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo);
+        for (; t + TCMAX <= T; t += TCMAX)
+            gemv_q8_0x8_tc(n, grp, TCMAX, xq + (size_t)t * n, xd + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo);
         for (; t < T; t++)
             gemv_q8_0x8_tc(n, grp, 1, xq + (size_t)t * n, xd + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo);
     }

@@ -1,6 +1,6 @@
 """The kernel variant for this CPU, chosen once at import, and the thread count.
 
-`GLMCPU_KERNELS=generic|avx2|avx512|neon` forces a variant (for tests, or a CPU that
+`GLMCPU_KERNELS=generic|avx2|avx512|avx512vnni|neon` forces a variant (for tests, or a CPU that
 misreports its features)."""
 import importlib
 import os
@@ -11,6 +11,7 @@ from .errors import GlmcpuError
 
 # variant -> CPU features it needs (NumPy's names for them)
 NEEDS = {
+    "avx512vnni": ("AVX512F", "AVX512BW", "AVX512VL", "AVX512DQ", "AVX512VNNI", "AVX2", "FMA3", "F16C"),
     "avx512": ("AVX512F", "AVX512BW", "AVX512VL", "AVX512DQ", "AVX2", "FMA3", "F16C"),
     "avx2": ("AVX2", "FMA3", "F16C"),
     "neon": ("ASIMD",),
@@ -92,7 +93,7 @@ def repack(w, wtype: int):
     """(weight lines, type) in the fastest layout for this type: Q4_0 and Q8_0 rows in groups of 8."""
     # the 8-row kernels have AVX2/AVX-512 bodies; elsewhere (NEON, generic) the file's layout is faster
     if (wtype in (Q4_0, Q8_0) and w.shape[0] % 8 == 0 and REPACK not in ("0", "no", "off")
-            and VARIANT in ("avx2", "avx512")):
+            and VARIANT in ("avx2", "avx512", "avx512vnni")):
         return K.repack_x8(w, wtype)
     return w, wtype
 
