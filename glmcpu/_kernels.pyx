@@ -29,7 +29,7 @@ Q8_0X8 = 1008       # Q8_0 likewise
 GROUP = {1002: 8, 1008: 8}   # rows per line of `w`
 
 
-def quantize_q8(const float[:, ::1] x):
+def quantize_q8(const float[:, ::1] x, int threads=1):
     """[T, n] float32 -> (xq int8 [T, n], xd float32 [T, n/32], xs float32 [T, n/32])."""
     cdef int T = x.shape[0], n = x.shape[1], t
     if n % QK:
@@ -40,7 +40,7 @@ def quantize_q8(const float[:, ::1] x):
     cdef int8_t[:, ::1] q = xq
     cdef float[:, ::1] d = xd, s = xs
     with nogil:
-        for t in range(T):
+        for t in prange(T, num_threads=max(1, threads), schedule='static'):
             quantize_row_q8(n, &x[t, 0], &q[t, 0], &d[t, 0], &s[t, 0])
     return xq, xd, xs
 
@@ -67,7 +67,7 @@ def gemm(const uint8_t[:, ::1] w, int wtype, int n, const float[:, ::1] x, out_a
     cdef int8_t[:, ::1] xq
     cdef float[:, ::1] xd, xs
     if wtype in INT_TYPES:
-        aq, ad, as_ = quantize_q8(x)
+        aq, ad, as_ = quantize_q8(x, threads if x.shape[0] > 1 else 1)
         xq, xd, xs = aq, ad, as_
         pq, pd, ps = &xq[0, 0], &xd[0, 0], &xs[0, 0]
     threads = max(1, threads)
@@ -182,7 +182,7 @@ def softmax(x_arr):
     return x_arr
 
 
-def silu_mul(const float[:, ::1] gu, out_arr):
+def silu_mul(const float[:, ::1] gu, out_arr, int threads=1):
     """gu [T, 2F] = [gate | up] -> out [T, F] = silu(gate) * up."""
     cdef float[:, ::1] out = out_arr
     cdef int T = gu.shape[0], F = gu.shape[1] // 2, t, j
@@ -190,7 +190,7 @@ def silu_mul(const float[:, ::1] gu, out_arr):
     if gu.shape[1] != 2 * F or out.shape[0] != T or out.shape[1] != F:
         raise ValueError("silu_mul: shape mismatch")
     with nogil:
-        for t in range(T):
+        for t in prange(T, num_threads=max(1, threads), schedule='static'):
             for j in range(F):
                 g = gu[t, j]
                 out[t, j] = g / (1.0 + expf(-g)) * gu[t, F + j]
@@ -315,7 +315,7 @@ def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int 
         _expert_gemm(wtype_gu, n, wg, it, st, xa, qa, da, sa, q_gu, ga, threads)
         _expert_gemm(wtype_gu, n, wu, it, st, xa, qa, da, sa, q_gu, ua, threads)
     h = np.empty((A, F), np.float32)
-    silu_mul(np.concatenate([g, u], 1), h)
+    silu_mul(np.concatenate([g, u], 1), h, threads)
     hq, hd, hs = quantized(h, q_dn)
     y = np.empty((A, n), np.float32)
     it, xa, qa, da, sa, ya = _work_items(counts, n, threads), h, hq, hd, hs, y

@@ -64,6 +64,25 @@ class Linear:
         if self.packed and not name.startswith("token_embd"):   # embedding rows are still read
             f.release(f"{name}.weight")
 
+    @classmethod
+    def fused(cls, parts):
+        """One Linear of several with the same input (q|k|v, gate|up): one activation
+        quantisation and one thread split instead of several; rows stacked in order. None if
+        their layouts differ (or a fused row count would split an 8-row group)."""
+        first = parts[0]
+        if any(p.type != first.type or p.n_in != first.n_in for p in parts) or (
+                first.packed and any(p.n_out % 8 for p in parts)):
+            return None
+        if any((p.b is None) != (first.b is None) for p in parts):
+            return None
+        new = cls.__new__(cls)
+        new.name = "+".join(p.name for p in parts)
+        new.w = np.concatenate([p.w for p in parts], 0)          # a copy: only of packed (RAM) weights
+        new.type, new.n_in, new.packed = first.type, first.n_in, first.packed
+        new.n_out = sum(p.n_out for p in parts)
+        new.b = None if first.b is None else np.concatenate([p.b for p in parts])
+        return new
+
     def __call__(self, x, threads):            # x [T, n_in] -> [T, n_out]
         y = ops.linear(self.w, self.type, self.n_in, x, threads, self.n_out)
         if self.b is not None:
@@ -93,6 +112,9 @@ class Attention:
             self.qkv = [Linear(f, p + "attn_qkv", bias=True)]
         else:
             self.qkv = [Linear(f, p + n, bias=True) for n in ("attn_q", "attn_k", "attn_v")]
+            if self.qkv[0].packed:           # already copied into RAM: fuse into one matrix
+                fused = Linear.fused(self.qkv)
+                self.qkv = [fused] if fused is not None else self.qkv
         self.q_norm = optional_vector(f, p + "attn_q_norm.weight")       # [head_dim]
         self.k_norm = optional_vector(f, p + "attn_k_norm.weight")       # [head_dim]
         self.wo = Linear(f, p + "attn_output")
@@ -133,10 +155,14 @@ class DenseFFN:
         self.gate = Linear(f, p + "ffn_gate" + suffix) if f.has(p + "ffn_gate" + suffix + ".weight") else None
         self.up = Linear(f, p + "ffn_up" + suffix)
         self.down = Linear(f, p + "ffn_down" + suffix)
+        if self.gate is not None and self.gate.packed:      # in RAM already: fuse to [gate | up]
+            fused = Linear.fused([self.gate, self.up])
+            if fused is not None:
+                self.gate, self.up = None, fused
 
     def __call__(self, x, th):                           # x [T, d_model] -> [T, d_model]
         gu = self.up(x, th) if self.gate is None else np.concatenate([self.gate(x, th), self.up(x, th)], 1)
-        return self.down(K.silu_mul(gu, np.empty((x.shape[0], gu.shape[1] // 2), np.float32)), th)
+        return self.down(K.silu_mul(gu, np.empty((x.shape[0], gu.shape[1] // 2), np.float32), th), th)
 
 
 class Layer:
