@@ -15,6 +15,7 @@ cdef extern from "kernels.h" nogil:
     void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1,
                    int T, const float *x, const int8_t *xq, const float *xd, const float *xs,
                    float *out, int ldo)
+    unsigned long long stream_xor(const uint8_t *p, size_t n)
     void attend_one(int hd, int n, const float *q, const float *k, const float *v,
                     size_t kv_stride, float scale, float *scratch, float *out)
 
@@ -112,6 +113,19 @@ def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4):
 
 def repack_q4_0x8(const uint8_t[:, ::1] w, int threads=4):
     return repack_x8(w, 2, threads)[0]
+
+
+def stream_read(const uint8_t[::1] buf, int threads=1):
+    """Read every byte of buf once across `threads` (a bandwidth probe); returns their XOR."""
+    cdef Py_ssize_t n = buf.shape[0], c, per
+    cdef int T = max(1, threads)
+    cdef unsigned long long r = 0
+    per = (n // T + 4095) // 4096 * 4096
+    with nogil:
+        for c in prange(T, num_threads=T, schedule='static'):
+            if c * per < n:
+                r ^= stream_xor(&buf[c * per], min(per, n - c * per))
+    return r
 
 
 def rmsnorm(const float[:, ::1] x, const float[::1] w, float eps, out_arr):

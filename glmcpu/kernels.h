@@ -715,6 +715,38 @@ static void gemm_q8_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
     }
 }
 
+/* Memory read bandwidth probe (tools/membw.py): XOR of every 64-bit word, 4 chains. */
+static uint64_t stream_xor(const uint8_t *p, size_t n) {
+    size_t i = 0;
+    uint64_t r = 0;
+#if defined(GLMCPU_AVX512)
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 256 <= n; i += 256) {
+        a0 = _mm512_xor_si512(a0, _mm512_loadu_si512((const void *)(p + i)));
+        a1 = _mm512_xor_si512(a1, _mm512_loadu_si512((const void *)(p + i + 64)));
+        a2 = _mm512_xor_si512(a2, _mm512_loadu_si512((const void *)(p + i + 128)));
+        a3 = _mm512_xor_si512(a3, _mm512_loadu_si512((const void *)(p + i + 192)));
+    }
+    uint64_t t[8];
+    _mm512_storeu_si512((void *)t, _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)));
+    for (int j = 0; j < 8; j++) r ^= t[j];
+#elif defined(GLMCPU_AVX2)
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 128 <= n; i += 128) {
+        a0 = _mm256_xor_si256(a0, _mm256_loadu_si256((const __m256i *)(p + i)));
+        a1 = _mm256_xor_si256(a1, _mm256_loadu_si256((const __m256i *)(p + i + 32)));
+        a2 = _mm256_xor_si256(a2, _mm256_loadu_si256((const __m256i *)(p + i + 64)));
+        a3 = _mm256_xor_si256(a3, _mm256_loadu_si256((const __m256i *)(p + i + 96)));
+    }
+    uint64_t t[4];
+    _mm256_storeu_si256((__m256i *)t, _mm256_xor_si256(_mm256_xor_si256(a0, a1), _mm256_xor_si256(a2, a3)));
+    for (int j = 0; j < 4; j++) r ^= t[j];
+#endif
+    for (; i + 8 <= n; i += 8) { uint64_t v; memcpy(&v, p + i, 8); r ^= v; }
+    for (; i < n; i++) r ^= p[i];
+    return r;
+}
+
 /* out[d] += a * v[d] */
 static inline void axpy_f32(int n, float a, const float *v, float *out) {
     for (int j = 0; j < n; j++) out[j] += a * v[j];

@@ -207,3 +207,14 @@ def test_repacked_x8_gemm(K, qtype, rows, cols, tokens):
     assert np.array_equal(got, single)
     with pytest.raises(ValueError):
         K.repack_x8(raw[:rows - 1], int(qtype))
+
+
+@pytest.mark.parametrize("n", [1, 7, 4096, 4096 * 3 + 5])
+def test_stream_read_reads_every_byte(K, n):
+    buf = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8)
+    words = np.frombuffer(buf[: n // 8 * 8].tobytes(), np.uint64)
+    want = int(np.bitwise_xor.reduce(words)) if len(words) else 0
+    for b in buf[n // 8 * 8:]:
+        want ^= int(b)
+    for threads in (1, 2, 3):
+        assert K.stream_read(buf, threads) == want

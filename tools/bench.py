@@ -59,6 +59,19 @@ class LlamaCppEngine:
         return t1 - t0, t2 - t1
 
 
+def bytes_per_token(model) -> int:
+    """Bytes of weights one decoded token reads: everything but the embedding table (one row)
+    and the MTP block; routed experts count at n_used / n_expert."""
+    import re
+    c, total = model.cfg, 0
+    for name, t in model.file.tensors.items():
+        m = re.match(r"blk\.(\d+)\.", name)
+        if (m and int(m.group(1)) >= c.n_layer) or (name == "token_embd.weight" and "output.weight" in model.file.tensors):
+            continue
+        total += t.n_bytes * (c.n_expert_used / c.n_expert if "_exps." in name else 1)
+    return int(total)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
@@ -67,7 +80,10 @@ def main():
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
     p.add_argument("--gen", type=int, default=32, help="decoded tokens")
     p.add_argument("--no-llama", action="store_true", help="glmcpu only")
+    p.add_argument("--no-membw", action="store_true", help="skip the memory bandwidth measurement")
     a = p.parse_args()
+    from membw import read_bandwidth
+    bw = [] if a.no_membw else [read_bandwidth(a.threads)]
 
     engines = [GlmcpuEngine(a.model, a.threads, a.prompt + a.gen + 8)]
     if not a.no_llama:
@@ -92,8 +108,18 @@ def main():
     print(f"\n{os.path.basename(a.model)}, {a.threads} threads, {a.runs} runs, medians "
           f"(kernels: {__import__('glmcpu').ops.VARIANT})")
     med = {k: (statistics.median(v[0]), statistics.median(v[1])) for k, v in times.items()}
+    if not a.no_membw:
+        bw.append(read_bandwidth(a.threads))
+    per_tok = bytes_per_token(engines[0].m)
     for k, (pp, tg) in med.items():
-        print(f"  {k:<10} prefill {pp:8.1f} tok/s   decode {tg:7.2f} tok/s")
+        line = f"  {k:<10} prefill {pp:8.1f} tok/s   decode {tg:7.2f} tok/s"
+        if bw:
+            gbs = per_tok * tg / 1e9
+            line += f"   = {gbs:5.1f} GB/s of weights, {gbs / statistics.mean(bw):.0%} of the read bandwidth"
+        print(line)
+    if bw:
+        print(f"  read bandwidth (tools/membw.py, before/after): {' / '.join(f'{b:.1f}' for b in bw)} GB/s; "
+              f"{per_tok / 1e9:.2f} GB of weights per token")
     if "llama.cpp" in med:
         g, l = med["glmcpu"], med["llama.cpp"]
         print(f"  glmcpu / llama.cpp: prefill {g[0] / l[0]:.2f}x   decode {g[1] / l[1]:.2f}x")
