@@ -120,7 +120,7 @@ def stream_read(const uint8_t[::1] buf, int threads=1):
     cdef Py_ssize_t n = buf.shape[0], c, per
     cdef int T = max(1, threads)
     cdef unsigned long long r = 0
-    per = (n // T + 4095) // 4096 * 4096
+    per = ((n + T - 1) // T + 4095) // 4096 * 4096      # slices start 4096-aligned
     with nogil:
         for c in prange(T, num_threads=T, schedule='static'):
             if c * per < n:
