@@ -33,6 +33,32 @@ def make_tokenizer(folder):
     return tok
 
 
+def randomize(model, std):
+    """Non-unit norms, non-zero biases, weights of standard deviation `std`: nothing the engine
+    could get right by accident."""
+    import torch
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            elif p.ndim == 1:
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(std * torch.randn_like(p))
+    return model
+
+
+def assert_prefill_equals_steps(m, ids):
+    """A whole-prompt forward equals feeding the tokens one by one, and chunked prefill too."""
+    from glmcpu.generate import prefill
+    full = m.logits(ids)
+    cache = m.net.new_cache(len(ids) + 1)
+    steps = np.concatenate([m.net.forward([t], cache) for t in ids])
+    np.testing.assert_allclose(full, steps, rtol=1e-4, atol=1e-4)
+    chunked = prefill(m.net, m.net.new_cache(len(ids) + 1), ids, all_logits=True, chunk=7)
+    np.testing.assert_allclose(full, chunked, rtol=1e-4, atol=1e-4)
+
+
 def make_hf_model(folder, family="glm4", layers=3, seed=0, theta=25000.0, dtype="float32", shard=None):
     """A random GlmForCausalLM (family 'glm') or Glm4ForCausalLM with non-unit norms and biases."""
     import torch
@@ -50,15 +76,7 @@ def make_hf_model(folder, family="glm4", layers=3, seed=0, theta=25000.0, dtype=
                  max_position_embeddings=256, tie_word_embeddings=False,
                  pad_token_id=tok.token_to_id("<|endoftext|>"),
                  eos_token_id=[tok.token_to_id(t) for t in ("<|endoftext|>", "<|user|>", "<|observation|>")])
-    model = cls[1](cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.08 * torch.randn_like(p))
+    model = randomize(cls[1](cfg).eval(), 0.08)
     kw = {"max_shard_size": shard} if shard else {}
     model.to(getattr(torch, dtype)).save_pretrained(folder, **kw)
     return model.float()
@@ -85,15 +103,8 @@ def make_hf_moe(folder, layers=4, seed=0, qk_norm=False, scaling=1.0, bias_std=0
         rope_parameters={"rope_type": "default", "rope_theta": 50000.0}, rms_norm_eps=1e-5,
         max_position_embeddings=256, tie_word_embeddings=False, num_nextn_predict_layers=int(mtp),
         pad_token_id=tok.token_to_id("<|endoftext|>"))
-    model = transformers.Glm4MoeForCausalLM(cfg).eval()
+    model = randomize(transformers.Glm4MoeForCausalLM(cfg).eval(), 0.1)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(1 + 0.3 * torch.randn_like(p))
-            elif p.ndim == 1:
-                p.copy_(0.2 * torch.randn_like(p))
-            else:
-                p.copy_(0.1 * torch.randn_like(p))
         for layer in model.model.layers[1:]:
             layer.mlp.gate.e_score_correction_bias.copy_(bias_std * torch.randn(n_expert))
     model.save_pretrained(folder)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import glmcpu
-from conftest import hf_logits, test_ids as make_ids
+from conftest import assert_prefill_equals_steps, hf_logits, test_ids as make_ids
 
 F32_TOL = 2e-3      # max |logit difference| on float32 weights
 
@@ -29,16 +29,7 @@ def test_fused_file_really_is_fused(tiny):
 @pytest.mark.parametrize("family", ["glm", "glm4"])
 def test_prefill_equals_token_by_token(tiny, family):
     _, path, _ = tiny(family, "q8_0")
-    m = glmcpu.load(path, threads=2)
-    ids = make_ids(33, seed=5)
-    full = m.logits(ids)
-    cache = m.net.new_cache(64)
-    steps = np.concatenate([m.net.forward([t], cache) for t in ids])
-    np.testing.assert_allclose(full, steps, rtol=1e-4, atol=1e-4)
-    # chunked prefill (chunks of 7) gives the same answer too
-    from glmcpu.generate import prefill
-    chunked = prefill(m.net, m.net.new_cache(64), ids, all_logits=True, chunk=7)
-    np.testing.assert_allclose(full, chunked, rtol=1e-4, atol=1e-4)
+    assert_prefill_equals_steps(glmcpu.load(path, threads=2), make_ids(33, seed=5))
 
 
 def kl(p_logits, q_logits):

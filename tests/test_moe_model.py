@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import glmcpu
-from conftest import hf_logits, test_ids as make_ids
+from conftest import assert_prefill_equals_steps, hf_logits, test_ids as make_ids
 from test_models import F32_TOL, kl
 
 VARIANTS = [dict(qk_norm=False, scaling=1.0), dict(qk_norm=True, scaling=2.5)]
@@ -54,12 +54,7 @@ def test_q8_0_close_to_transformers(tiny, kw):
 
 def test_prefill_equals_token_by_token(tiny):
     _, path, _ = tiny("glm4_moe", "q8_0", **VARIANTS[1])
-    m = glmcpu.load(path, threads=2)
-    ids = make_ids(33, seed=5)
-    full = m.logits(ids)
-    cache = m.net.new_cache(64)
-    steps = np.concatenate([m.net.forward([t], cache) for t in ids])
-    np.testing.assert_allclose(full, steps, rtol=1e-4, atol=1e-4)
+    assert_prefill_equals_steps(glmcpu.load(path, threads=2), make_ids(33, seed=5))
 
 
 def test_nextn_block_is_not_run(tiny, tmp_path):
