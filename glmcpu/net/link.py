@@ -1,0 +1,169 @@
+"""ZeroMQ links between a root and its workers: CurveZMQ-encrypted and authenticated by default.
+
+A worker (`Server`) answers one request at a time on a ROUTER socket and never dies on a bad
+message; a root (`Client`) talks to one worker over a DEALER socket with a deadline per request.
+Keys are CurveZMQ key pairs in Z85 text files made by `keygen`."""
+import os
+import time
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from .protocol import ProtocolError, pack, unpack
+
+MAX_MESSAGE = 1 << 30          # one peer cannot make the other allocate more than this
+
+
+class LinkError(Exception):
+    """A worker that cannot be reached, does not answer in time, or answers with an error."""
+
+
+def keygen(path: str) -> str:
+    """Write a key pair: PATH (secret, mode 600) and PATH.pub (public, to give to the other side)."""
+    public, secret = zmq.curve_keypair()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"public = {public.decode()}\nsecret = {secret.decode()}\n")
+    with open(path + ".pub", "w") as f:
+        f.write(public.decode() + "\n")
+    return public.decode()
+
+
+def load_keypair(path: str) -> tuple:
+    vals = {}
+    with open(path) as f:
+        for line in f:
+            k, _, v = line.partition("=")
+            vals[k.strip()] = v.strip().encode()
+    if set(vals) < {"public", "secret"}:
+        raise LinkError(f"{path} is not a glmcpu key file (make one with `glmcpu keygen`)")
+    return vals["public"], vals["secret"]
+
+
+def load_public(path_or_key: str) -> bytes:
+    """A public key given inline (40 Z85 characters) or as a .pub file."""
+    if len(path_or_key) == 40 and not os.path.exists(path_or_key):
+        return path_or_key.encode()
+    with open(path_or_key) as f:
+        return f.read().split()[0].encode()
+
+
+class _Allowed:
+    def __init__(self, keys):
+        self.keys = set(keys)
+
+    def callback(self, domain, key):
+        return zmq.utils.z85.encode(key) in self.keys if len(key) == 32 else key in self.keys
+
+
+class Server:
+    """Binds `endpoint`; `handler(op, meta, arrays) -> (meta, arrays)` answers each request."""
+
+    def __init__(self, endpoint, handler, keypair=None, allowed=(), ctx=None):
+        self.ctx = ctx or zmq.Context()
+        self.handler = handler
+        self.auth = None
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if keypair is not None:
+            self.auth = ThreadAuthenticator(self.ctx)
+            self.auth.start()
+            self.auth.configure_curve_callback("*", _Allowed(allowed))
+            self.sock.curve_publickey, self.sock.curve_secretkey = keypair
+            self.sock.curve_server = True
+        self.sock.bind(endpoint)
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.served = self.refused = 0
+
+    def serve(self, stop=lambda: False, poll_ms=200):
+        """Answer requests until stop() is true; malformed ones get an error reply."""
+        while not stop():
+            if not self.sock.poll(poll_ms):
+                continue
+            try:
+                frames = self.sock.recv_multipart(copy=False)
+            except zmq.ZMQError:
+                continue
+            ident, body = frames[0], [f.buffer for f in frames[1:]]
+            try:
+                op, meta, arrays = unpack(body)
+                rmeta, rarrays = self.handler(op, meta, arrays)
+                reply = pack("ok", rmeta, rarrays)
+                self.served += 1
+            except ProtocolError as e:
+                self.refused += 1
+                reply = pack("error", {"kind": "protocol", "message": str(e)})
+            except Exception as e:             # a handler bug must not take the worker down
+                self.refused += 1
+                reply = pack("error", {"kind": type(e).__name__, "message": str(e)[:500]})
+            try:
+                self.sock.send_multipart([ident] + reply)
+            except zmq.ZMQError:
+                pass
+
+    def close(self):
+        self.sock.close(0)
+        if self.auth is not None:
+            self.auth.stop()
+
+
+class Client:
+    """One worker seen from the root. `request` raises LinkError on timeout or an error reply."""
+
+    def __init__(self, endpoint, keypair=None, server_key=None, timeout=5.0, ctx=None):
+        self.endpoint, self.timeout = endpoint, timeout
+        self.ctx = ctx or zmq.Context.instance()
+        self.keypair, self.server_key = keypair, server_key
+        self.sent = self.received = self.round_trips = 0
+        self._connect()
+
+    def _connect(self):
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if self.keypair is not None:
+            self.sock.curve_publickey, self.sock.curve_secretkey = self.keypair
+            self.sock.curve_serverkey = self.server_key
+        self.sock.connect(self.endpoint)
+        self.pending = False
+
+    def send(self, op, meta=None, arrays=()):
+        if self.pending:                          # a reply we gave up on: start clean
+            self.reset()
+        frames = pack(op, meta, arrays)
+        self.sock.send_multipart(frames, copy=False)
+        self.sent += sum(len(f) for f in frames)
+        self.pending = True
+
+    def recv(self, timeout=None):
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+                if time.monotonic() >= deadline:
+                    raise LinkError(f"{self.endpoint} did not answer within {self.timeout:g} s")
+                continue
+            frames = self.sock.recv_multipart(copy=False)
+            self.pending = False
+            self.received += sum(len(f.buffer) for f in frames)
+            self.round_trips += 1
+            try:
+                op, meta, arrays = unpack([f.buffer for f in frames])
+            except ProtocolError as e:
+                raise LinkError(f"{self.endpoint} sent a malformed reply ({e})") from None
+            if op == "error":
+                raise LinkError(f"{self.endpoint}: {meta.get('kind')}: {meta.get('message')}")
+            return meta, arrays
+
+    def request(self, op, meta=None, arrays=(), timeout=None):
+        self.send(op, meta, arrays)
+        return self.recv(timeout)
+
+    def reset(self):
+        self.sock.close(0)
+        self._connect()
+
+    def close(self):
+        self.sock.close(0)

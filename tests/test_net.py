@@ -1,0 +1,140 @@
+"""The net layer alone (no model): framing, CurveZMQ keys, and a server that survives garbage."""
+import os
+import threading
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from glmcpu.net.link import Client, LinkError, Server, keygen, load_keypair, load_public
+from glmcpu.net.protocol import ProtocolError, pack, unpack
+
+
+def handler(op, meta, arrays):
+    if op == "add":
+        return {"n": len(arrays)}, [arrays[0] + arrays[1]]
+    if op == "ping":
+        return {"pong": meta.get("x")}, []
+    raise ProtocolError(f"unknown op {op!r}")
+
+
+@pytest.fixture
+def keys(tmp_path):
+    for name in ("worker", "root", "stranger"):
+        keygen(str(tmp_path / name))
+    return {n: load_keypair(str(tmp_path / n)) for n in ("worker", "root", "stranger")}, tmp_path
+
+
+def start(keypair=None, allowed=()):
+    stop = threading.Event()
+    srv = Server("tcp://127.0.0.1:*", handler, keypair=keypair, allowed=allowed)
+    t = threading.Thread(target=srv.serve, kwargs={"stop": stop.is_set, "poll_ms": 20}, daemon=True)
+    t.start()
+
+    def finish():
+        stop.set()
+        t.join(5)
+        srv.close()
+    return srv, finish
+
+
+def test_roundtrip_and_arrays():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    op, meta, arrays = unpack(pack("add", {"k": [1, "x"]}, [a, a.astype(np.float16)]))
+    assert op == "add" and meta == {"k": [1, "x"]}
+    assert np.array_equal(arrays[0], a) and arrays[1].dtype == np.float16
+
+
+@pytest.mark.parametrize("frames,words", [
+    ([b"\xc1\xff\x00"], "bad header"),
+    ([msgpack.packb([1, 2])], "not a glmcpu header"),
+    ([msgpack.packb({"v": 99, "op": "x", "meta": {}, "arrays": []})], "version"),
+    ([msgpack.packb({"v": 1, "op": "x", "meta": {}, "arrays": [["f32", [4]]]}), b"\x00" * 8], "does not match"),
+    ([msgpack.packb({"v": 1, "op": "x", "meta": {}, "arrays": [["obj", [1]]]}), b"\x00"], "bad array"),
+    ([msgpack.packb({"v": 1, "op": "x", "meta": {}, "arrays": []}), b"extra"], "carries"),
+    ([msgpack.packb({"v": 1, "op": "x", "meta": msgpack.ExtType(1, b"boom"), "arrays": []})], "extension"),
+])
+def test_malformed_frames_are_refused(frames, words):
+    with pytest.raises(ProtocolError, match=words):
+        unpack(frames)
+
+
+def test_server_survives_garbage_then_serves(keys):
+    (k, _) = keys
+    srv, finish = start(k["worker"], [k["root"][0]])
+    try:
+        good = Client(srv.endpoint, k["root"], k["worker"][0], timeout=5)
+        rng = np.random.default_rng(0)
+        raw = good.ctx.socket(zmq.DEALER)
+        raw.curve_publickey, raw.curve_secretkey = k["root"]
+        raw.curve_serverkey = k["worker"][0]
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(srv.endpoint)
+        bad = [[rng.bytes(int(n))] for n in rng.integers(0, 300, 20)]
+        bad += [[msgpack.packb({"v": 1, "op": "nope", "meta": {}, "arrays": []})],
+                [msgpack.packb({"v": 1, "op": "add", "meta": {}, "arrays": [["f32", [2]]]}), b"1234"]]
+        for frames in bad:
+            raw.send_multipart(frames)
+            assert raw.poll(5000), "the worker stopped answering"
+            reply = raw.recv_multipart()
+            assert unpack(reply)[0] == "error"
+        raw.close()
+        with pytest.raises(LinkError, match="unknown op"):
+            good.request("frobnicate")
+        meta, (s,) = good.request("add", {}, [np.ones(3, np.float32), np.ones(3, np.float32)])
+        assert np.array_equal(s, [2, 2, 2]) and srv.refused >= len(bad)
+        good.close()
+    finally:
+        finish()
+
+
+def test_oversize_message_is_dropped_not_fatal(keys, monkeypatch):
+    import glmcpu.net.link as link
+    monkeypatch.setattr(link, "MAX_MESSAGE", 1 << 16)
+    (k, _) = keys
+    srv, finish = start(k["worker"], [k["root"][0]])
+    try:
+        c = Client(srv.endpoint, k["root"], k["worker"][0], timeout=1)
+        with pytest.raises(LinkError):          # ZeroMQ drops the peer that sent too much
+            c.request("add", {}, [np.ones(1 << 15, np.float32), np.ones(1 << 15, np.float32)])
+        c.close()
+        c = Client(srv.endpoint, k["root"], k["worker"][0], timeout=5)
+        assert c.request("ping", {"x": 3})[0] == {"pong": 3}
+        c.close()
+    finally:
+        finish()
+
+
+def test_unlisted_key_and_plaintext_are_refused(keys):
+    (k, folder) = keys
+    srv, finish = start(k["worker"], [k["root"][0]])
+    try:
+        stranger = Client(srv.endpoint, k["stranger"], k["worker"][0], timeout=1)
+        with pytest.raises(LinkError, match="did not answer"):
+            stranger.request("ping")
+        plain = Client(srv.endpoint, timeout=1)
+        with pytest.raises(LinkError, match="did not answer"):
+            plain.request("ping")
+        wrong_server = Client(srv.endpoint, k["root"], k["stranger"][0], timeout=1)
+        with pytest.raises(LinkError, match="did not answer"):   # the root checks the worker's key
+            wrong_server.request("ping")
+        ok = Client(srv.endpoint, k["root"], load_public(str(folder / "worker.pub")), timeout=5)
+        assert ok.request("ping", {"x": "hi"})[0] == {"pong": "hi"}
+        for c in (stranger, plain, wrong_server, ok):
+            c.close()
+        assert srv.served == 1
+        assert oct(os.stat(folder / "root").st_mode & 0o777) == "0o600"
+    finally:
+        finish()
+
+
+def test_insecure_mode_works_without_keys():
+    srv, finish = start()
+    try:
+        c = Client(srv.endpoint, timeout=5)
+        assert c.request("ping", {"x": 1})[0] == {"pong": 1}
+        assert c.round_trips == 1 and c.sent > 0 and c.received > 0
+        c.close()
+    finally:
+        finish()
