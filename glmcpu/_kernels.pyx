@@ -282,7 +282,7 @@ def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int 
     """Routed experts of one MoE layer for T tokens, in one call.
 
     x [T, n] float32; gate, up: [E, F, row_bytes] (ggml type wtype_gu); down: [E, n, row_bytes];
-    ids [T, k] int32 chosen experts; weights [T, k] float32 -> out [T, n] = sum_j weights[t, j] *
+    ids [T, k] int32 chosen experts (-1: skip); weights [T, k] float32 -> out [T, n] = sum_j weights[t, j] *
     down_e (silu(gate_e x) * up_e x). Tokens are grouped by expert, so each expert's rows are read
     once per call however many tokens chose it."""
     cdef int T = x.shape[0], n = x.shape[1], E = gate.shape[0], k = ids.shape[1]
@@ -292,10 +292,11 @@ def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int 
             or down.shape[1] * GROUP.get(wtype_down, 1) != n:
         raise ValueError("moe: expert tensor shapes disagree")
     flat = np.asarray(ids, np.int64).reshape(-1)                      # [T*k] assignment -> expert
-    if flat.size and (flat.min() < 0 or flat.max() >= E):
+    if flat.size and (flat.min() < -1 or flat.max() >= E):
         raise ValueError("moe: expert id out of range")
-    order = np.argsort(flat, kind="stable")                          # assignments grouped by expert
-    counts = np.bincount(flat, minlength=E)
+    live = np.nonzero(flat >= 0)[0]                                  # -1: an expert held elsewhere
+    order = live[np.argsort(flat[live], kind="stable")]              # assignments grouped by expert
+    counts = np.bincount(flat[live], minlength=E)
     start = np.zeros(E + 1, np.int64)
     np.cumsum(counts, out=start[1:])
     xs_sorted = np.ascontiguousarray(np.asarray(x, np.float32)[order // k])   # [T*k, n]

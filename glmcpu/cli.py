@@ -5,6 +5,7 @@ import sys
 from importlib import resources
 
 from .errors import GlmcpuError
+from .net.link import LinkError
 
 
 def demo_model_path() -> str:
@@ -20,6 +21,67 @@ def add_sampling(p):
     p.add_argument("--repeat-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text tokens")
+
+
+def add_cluster(p):
+    p.add_argument("--workers", help="comma-separated tcp://host:port of `glmcpu worker`s")
+    p.add_argument("--key", help="this root's key file (glmcpu keygen)")
+    p.add_argument("--worker-key", help="the workers' public key (.pub file or 40 characters)")
+    p.add_argument("--insecure", action="store_true", help="plain TCP, no keys (trusted networks only)")
+    p.add_argument("--shares", help="comma-separated relative shares, root first (default: equal)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds before a silent worker is replaced")
+
+
+def cluster_kwargs(a):
+    if not getattr(a, "workers", None):
+        return {}
+    shares = [float(s) for s in a.shares.split(",")] if a.shares else None
+    return dict(workers=a.workers, key=a.key, worker_key=a.worker_key, insecure=a.insecure,
+                timeout=a.timeout, shares=shares)
+
+
+def cmd_worker(a):
+    from .cluster import WorkerService
+    from .net.link import Server, load_keypair, load_public
+
+    if a.insecure:
+        keypair, allowed = None, ()
+    elif a.key and a.allow:
+        keypair, allowed = load_keypair(a.key), [load_public(k) for k in a.allow]
+    else:
+        raise GlmcpuError("a worker needs --key (its key file) and --allow (the root's public key), "
+                          "made with `glmcpu keygen`; or --insecure")
+    service = WorkerService(a.model, a.threads)
+    server = Server(a.bind, service, keypair=keypair, allowed=allowed)
+    print(f"glmcpu worker on {server.endpoint} ({'insecure' if a.insecure else 'CurveZMQ'}; "
+          f"public key {keypair[0].decode() if keypair else '-'})", flush=True)
+    try:
+        server.serve()
+    finally:
+        server.close()
+    return 0
+
+
+def cmd_keygen(a):
+    from .net.link import keygen
+
+    public = keygen(a.path)
+    print(f"wrote {a.path} (secret: keep it on this machine) and {a.path}.pub (public: {public})")
+    return 0
+
+
+def cmd_plan(a):
+    from .cluster import make_plan
+    from .gguf import GGUFFile
+    from .models import model_class
+
+    f = GGUFFile(a.model)
+    cfg = model_class(f.arch).config_class.from_gguf(f)
+    nodes = ["root"] + [w for w in (a.workers or "").split(",") if w]
+    shares = [float(s) for s in a.shares.split(",")] if a.shares else None
+    for line in make_plan(cfg, nodes, shares).describe(cfg):
+        print(line)
+    return 0
 
 
 def add_engine(p):
@@ -59,7 +121,8 @@ def stream(pieces, out=None):
 def cmd_run(a):
     from . import load
 
-    model = load(a.model or demo_model_path(), threads=a.threads, ctx=a.ctx, mlock=a.mlock)
+    model = load(a.model or demo_model_path(), threads=a.threads, ctx=a.ctx, mlock=a.mlock,
+                 **cluster_kwargs(a))
     kw = sampling_kwargs(a)
     if a.prompt is not None or not sys.stdin.isatty():
         prompt = a.prompt if a.prompt is not None else sys.stdin.read()
@@ -73,6 +136,8 @@ def cmd_run(a):
         print(stats_line(model.last_stats), file=sys.stderr)
         if a.stats:
             print_expert_stats(model)
+            if model.cluster:
+                print(f"cluster: {model.cluster.stats}", file=sys.stderr)
         return 0
     print(f"glmcpu chat with {os.path.basename(model.path)} ({model.cfg.arch}, {model.threads} threads). "
           "Ctrl-D to leave.", file=sys.stderr)
@@ -186,7 +251,27 @@ def build_parser():
     r.add_argument("--stats", action="store_true", help="print per-layer expert hit counts (MoE models)")
     add_sampling(r)
     add_engine(r)
+    add_cluster(r)
     r.set_defaults(func=cmd_run)
+
+    w = sub.add_parser("worker", help="serve a share of a model to a root on the LAN")
+    w.add_argument("--bind", required=True, help="tcp://HOST:PORT (HOST 0.0.0.0 for every interface)")
+    w.add_argument("--model", help="this machine's copy of the GGUF file")
+    w.add_argument("--key", help="this worker's key file (glmcpu keygen)")
+    w.add_argument("--allow", action="append", help="a root's public key allowed to connect (repeatable)")
+    w.add_argument("--insecure", action="store_true", help="plain TCP, anyone may connect")
+    w.add_argument("--threads", "-t", type=int, default=None)
+    w.set_defaults(func=cmd_worker)
+
+    k = sub.add_parser("keygen", help="make a CurveZMQ key pair for a root or a worker")
+    k.add_argument("path")
+    k.set_defaults(func=cmd_keygen)
+
+    pl = sub.add_parser("plan", help="show how a model would be split over workers")
+    pl.add_argument("model")
+    pl.add_argument("--workers", default="")
+    pl.add_argument("--shares")
+    pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("info", help="what a model file holds and what running it needs")
     i.add_argument("model", nargs="?")
@@ -207,7 +292,9 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except GlmcpuError as e:
+    except BrokenPipeError:
+        return 0
+    except (GlmcpuError, LinkError, OSError) as e:
         if args.debug:
             raise
         print(f"glmcpu: error: {e}", file=sys.stderr)
@@ -215,8 +302,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
 
 
 if __name__ == "__main__":

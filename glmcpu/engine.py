@@ -11,11 +11,18 @@ from .tokenizer import Detokenizer, Tokenizer
 
 
 class Model:
-    def __init__(self, path, threads=None, ctx=None, mlock=False):
+    def __init__(self, path, threads=None, ctx=None, mlock=False, workers=None, key=None,
+                 worker_key=None, insecure=False, timeout=5.0, shares=None):
         self.file = GGUFFile(path)
         self.path = self.file.path
         self.threads = int(threads) if threads else ops.default_threads()
-        self.net = model_class(self.file.arch)(self.file, self.threads)
+        cls = model_class(self.file.arch)
+        self.cluster = None
+        if workers:
+            self.cluster = connect(self.file, cls.config_class.from_gguf(self.file), workers, key,
+                                   worker_key, insecure, timeout, shares)
+        self.net = cls(self.file, self.threads,
+                       ffn_factory=self.cluster.ffn_factory if self.cluster else None)
         self.cfg = self.net.cfg
         self.ctx = int(ctx) if ctx else min(self.cfg.n_ctx_train, 4096)
         if self.ctx < 1:
@@ -70,8 +77,25 @@ class Model:
                 f"threads={self.threads} kernels={ops.VARIANT}>")
 
 
-def load(path, threads=None, ctx=None, mlock=False) -> Model:
-    return Model(path, threads=threads, ctx=ctx, mlock=mlock)
+def load(path, threads=None, ctx=None, mlock=False, workers=None, **cluster) -> Model:
+    """workers: endpoints ("tcp://host:port") of `glmcpu worker`s to share the work with; then
+    key= (this root's key file) and worker_key= (the workers' public key), or insecure=True."""
+    return Model(path, threads=threads, ctx=ctx, mlock=mlock, workers=workers, **cluster)
+
+
+def connect(f, cfg, workers, key, worker_key, insecure, timeout, shares):
+    from .cluster import Cluster
+    from .net.link import load_keypair, load_public
+    if insecure:
+        keypair = server_key = None
+    elif key and worker_key:
+        keypair, server_key = load_keypair(key), load_public(worker_key)
+    else:
+        raise GlmcpuError("a cluster needs --key (this root's key file) and --worker-key (the workers' "
+                          "public key), made with `glmcpu keygen`; or --insecure on every machine")
+    if isinstance(workers, str):
+        workers = [w for w in workers.split(",") if w]
+    return Cluster(f, cfg, workers, keypair, server_key, timeout=timeout, shares=shares)
 
 
 def is_expert(tensor_name: str) -> bool:

@@ -112,6 +112,7 @@ class GGUFFile:
             infos.append((name, GT(c.take("<I")), ne, c.take("<Q")))
         align = int(meta.get("general.alignment", 32))
         start = (c.pos + align - 1) // align * align
+        self.data_start = start
         tensors = {}
         for name, ttype, ne, off in infos:
             block, nbytes_block = GGML_QUANT_SIZES[ttype]
@@ -129,6 +130,14 @@ class GGUFFile:
                 data = raw.reshape(*np_shape[:-1], ne[0] // block * nbytes_block)
             tensors[name] = Tensor(name, ttype, ne, nbytes, begin, data)
         return meta, tensors
+
+    def fingerprint(self) -> str:
+        """sha256 of the header (metadata + tensor table) and the file size: cheap, and it changes
+        whenever the model, its quantisation or its tokenizer does."""
+        import hashlib
+        h = hashlib.sha256(memoryview(self.mm[:self.data_start]))
+        h.update(str(os.path.getsize(self.path)).encode())
+        return h.hexdigest()[:32]
 
     def array(self, key):
         """A metadata array (token list, merges), or None."""

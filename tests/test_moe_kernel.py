@@ -78,3 +78,24 @@ def test_moe_with_repacked_experts(variant, T):
     np.testing.assert_allclose(packed, plain, rtol=1e-4, atol=1e-4 * np.abs(plain).max())
     ref = reference(x.astype(np.float64), g, u, d, ids, wts)
     assert np.abs(packed - ref).max() <= 3e-2 * np.abs(ref).max()
+
+
+def test_moe_skips_experts_held_elsewhere():
+    """ids of -1 are skipped: two halves of the experts, computed apart, sum to the whole."""
+    K = ops.K
+    rng = np.random.default_rng(3)
+    E, F, n, k, T = 6, 64, 64, 3, 5
+    g_raw, g = stored(rng, (E, F, n), GT.Q8_0)
+    u_raw, u = stored(rng, (E, F, n), GT.Q8_0)
+    d_raw, d = stored(rng, (E, n, F), GT.Q8_0)
+    x = rng.standard_normal((T, n)).astype(np.float32)
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(T)]).astype(np.int32)
+    wts = rng.uniform(0.1, 1.0, (T, k)).astype(np.float32)
+    whole = K.moe(x, g_raw, u_raw, d_raw, 8, 8, ids, wts, np.empty_like(x), 2)
+    lo = K.moe(x, g_raw[:3], u_raw[:3], d_raw[:3], 8, 8, np.where(ids < 3, ids, -1).astype(np.int32), wts,
+               np.empty_like(x), 2)
+    hi = K.moe(x, g_raw[3:], u_raw[3:], d_raw[3:], 8, 8, np.where(ids >= 3, ids - 3, -1).astype(np.int32),
+               wts, np.empty_like(x), 2)
+    np.testing.assert_allclose(lo + hi, whole, rtol=1e-5, atol=1e-5)
+    none = K.moe(x, g_raw, u_raw, d_raw, 8, 8, np.full_like(ids, -1), wts, np.empty_like(x), 2)
+    assert not none.any()

@@ -166,7 +166,7 @@ class DenseFFN:
 
 
 class Layer:
-    def __init__(self, f: GGUFFile, i: int, cfg: Config):
+    def __init__(self, f: GGUFFile, i: int, cfg: Config, ffn_factory=None):
         p = f"blk.{i}."
         self.attn_norm = f.vector(p + "attn_norm.weight")
         self.attn = Attention(f, p, cfg)
@@ -174,23 +174,26 @@ class Layer:
         sandwich = cfg.arch == "glm4"
         self.post_attn_norm = f.vector(p + "post_attention_norm.weight") if sandwich else None
         self.ffn_norm = f.vector(p + "ffn_norm.weight")
-        self.ffn = DenseFFN(f, p)
+        self.ffn = ffn_factory(f, p, i, "dense") if ffn_factory else DenseFFN(f, p)
         self.post_ffw_norm = f.vector(p + "post_ffw_norm.weight") if sandwich else None
 
 
 class Model:
     config_class = Config
 
-    def __init__(self, f: GGUFFile, threads: int):
+    def __init__(self, f: GGUFFile, threads: int, ffn_factory=None):
+        """ffn_factory(f, prefix, layer, "dense" | "moe") builds the FFN modules instead (the
+        cluster uses it to build only this machine's share)."""
         self.cfg = cfg = self.config_class.from_gguf(f)
         self.threads = threads
+        self.ffn_factory = ffn_factory
         self.embd = f.tensor("token_embd.weight")               # [n_vocab, d_model], any type
         self.layers = [self.make_layer(f, i) for i in range(cfg.n_layer)]
         self.out_norm = f.vector("output_norm.weight")
         self.output = Linear(f, "output" if f.has("output.weight") else "token_embd")
 
     def make_layer(self, f, i):
-        return Layer(f, i, self.cfg)
+        return Layer(f, i, self.cfg, self.ffn_factory)
 
     def new_cache(self, n_ctx: int) -> KVCache:
         return KVCache(self.cfg, n_ctx)

@@ -62,14 +62,33 @@ def expert_tensor(f: GGUFFile, name: str, rows: int, cols: int, cfg: Config, rep
     return w.reshape(cfg.n_expert, rows, -1), wtype
 
 
+class Router:
+    """Sigmoid scores; the correction bias only chooses; top-k weights normalised and scaled."""
+
+    def __init__(self, f: GGUFFile, p: str, cfg: Config):
+        self.cfg = cfg
+        self.gate = Linear(f, p + "ffn_gate_inp")                         # [n_expert, d_model]
+        if self.gate.n_out != cfg.n_expert:
+            raise ModelFileError(f"{f.path}: tensor {p}ffn_gate_inp.weight routes to {self.gate.n_out} "
+                                 f"experts, the metadata says {cfg.n_expert}")
+        self.bias = optional_vector(f, p + "exp_probs_b.bias")            # [n_expert], choice only
+
+    def __call__(self, x, th):
+        """x [T, d] -> expert ids [T, k] int32, weights [T, k] float32 (SPEC: 'MoE router')."""
+        c = self.cfg
+        s = 1.0 / (1.0 + np.exp(-self.gate(x, th)))                        # [T, n_expert]
+        choice = s + self.bias if self.bias is not None else s
+        idx = np.argpartition(-choice, c.n_expert_used - 1, axis=1)[:, :c.n_expert_used]
+        w = np.take_along_axis(s, idx, 1)
+        if c.expert_norm:
+            w = w / (w.sum(1, keepdims=True) + 1e-20)
+        return idx.astype(np.int32), (w * c.expert_scale).astype(np.float32)
+
+
 class MoE:
     def __init__(self, f: GGUFFile, p: str, cfg: Config, repack: bool):
         self.cfg = cfg
-        self.router = Linear(f, p + "ffn_gate_inp")                       # [n_expert, d_model]
-        if self.router.n_out != cfg.n_expert:
-            raise ModelFileError(f"{f.path}: tensor {p}ffn_gate_inp.weight routes to {self.router.n_out} "
-                                 f"experts, the metadata says {cfg.n_expert}")
-        self.bias = optional_vector(f, p + "exp_probs_b.bias")            # [n_expert], choice only
+        self.route = Router(f, p, cfg)
         d, ff = cfg.d_model, cfg.n_ff_exp
         self.gate, tg = expert_tensor(f, p + "ffn_gate_exps.weight", ff, d, cfg, repack)  # [E, ff, bytes]
         self.up, tu = expert_tensor(f, p + "ffn_up_exps.weight", ff, d, cfg, repack)      # [E, ff, bytes]
@@ -79,17 +98,6 @@ class MoE:
         self.gu_type = tg
         self.shared = DenseFFN(f, p, "_shexp") if cfg.n_expert_shared else None
         self.hits = np.zeros(cfg.n_expert, np.int64)                      # tokens routed to each expert
-
-    def route(self, x, th):
-        """x [T, d] -> expert ids [T, k] int32, weights [T, k] float32 (SPEC: 'MoE router')."""
-        c = self.cfg
-        s = 1.0 / (1.0 + np.exp(-self.router(x, th)))                      # [T, n_expert]
-        choice = s + self.bias if self.bias is not None else s
-        idx = np.argpartition(-choice, c.n_expert_used - 1, axis=1)[:, :c.n_expert_used]
-        w = np.take_along_axis(s, idx, 1)
-        if c.expert_norm:
-            w = w / (w.sum(1, keepdims=True) + 1e-20)
-        return idx.astype(np.int32), (w * c.expert_scale).astype(np.float32)
 
     def __call__(self, x, th):
         idx, w = self.route(x, th)
@@ -102,13 +110,17 @@ class MoE:
 
 
 class Layer:
-    def __init__(self, f: GGUFFile, i: int, cfg: Config, repack: bool):
+    def __init__(self, f: GGUFFile, i: int, cfg: Config, repack: bool, ffn_factory=None):
         p = f"blk.{i}."
         self.attn_norm = f.vector(p + "attn_norm.weight")
         self.attn = Attention(f, p, cfg)
         self.post_attn_norm = None
         self.ffn_norm = f.vector(p + "post_attention_norm.weight")       # the pre-FFN norm here
-        self.ffn = DenseFFN(f, p) if i < cfg.n_dense_lead else MoE(f, p, cfg, repack)
+        kind = "dense" if i < cfg.n_dense_lead else "moe"
+        if ffn_factory:
+            self.ffn = ffn_factory(f, p, i, kind)
+        else:
+            self.ffn = DenseFFN(f, p) if kind == "dense" else MoE(f, p, cfg, repack)
         self.post_ffw_norm = None
 
 
@@ -118,8 +130,8 @@ class Model(glm4.Model):
     def make_layer(self, f, i):
         if i == 0:
             self.repack_experts = ops.repack_experts(os.path.getsize(f.path))
-        return Layer(f, i, self.cfg, self.repack_experts)
+        return Layer(f, i, self.cfg, self.repack_experts, self.ffn_factory)
 
     def expert_stats(self) -> dict:
         """{layer: hits per expert [n_expert]} for the MoE layers since load."""
-        return {i: L.ffn.hits.copy() for i, L in enumerate(self.layers) if isinstance(L.ffn, MoE)}
+        return {i: L.ffn.hits.copy() for i, L in enumerate(self.layers) if hasattr(L.ffn, "hits")}

@@ -1,0 +1,325 @@
+"""Several machines, one model: the plan, the worker's service, and the root's sharded FFN / MoE.
+
+This first version keeps attention (and its KV cache) on the root and spreads what dominates the
+weights: dense FFN layers by slices of the intermediate dimension (whole 32-blocks), MoE layers by
+ranges of whole experts. Every distributed layer costs one round trip per token, all workers at
+once; the root computes its own share while the workers compute theirs. Workers hold no state
+between tokens, so a worker that dies or stops answering is simply replaced: the root computes
+its share from its own memory map of the file, and the answer does not change.
+
+The net layer (glmcpu.net) moves the arrays; everything here knows the model."""
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import ops
+from .errors import GlmcpuError
+from .net.link import Client, LinkError
+from .net.protocol import ProtocolError
+
+K = ops.K
+BLOCK = 32            # FFN slices are whole quantisation blocks of the down projection's rows
+
+
+class ClusterError(GlmcpuError):
+    """A worker that cannot be used: unreachable at start, wrong model, wrong protocol."""
+
+
+@dataclass
+class Plan:
+    """Who computes what. Node 0 is the root; shares are fractions of the work."""
+    nodes: list                                   # "root", then worker endpoints
+    shares: list
+    ffn: dict = field(default_factory=dict)       # layer -> [(node, a, b)] slices of n_ff
+    experts: dict = field(default_factory=dict)   # layer -> [(node, e0, e1)] expert ranges
+
+    def describe(self, cfg) -> list:
+        """Lines for `glmcpu plan`: shares, and per token the round trips and bytes moved."""
+        d = cfg.d_model
+        workers = len(self.nodes) - 1
+        layers = sorted(set(self.ffn) | set(self.experts))
+        per_layer_out = d * 4                                      # f32 hidden vector
+        moe_extra = cfg.n_expert_used * 8 if getattr(cfg, "n_expert", 0) else 0
+        sent = sum(workers * (per_layer_out + (moe_extra if l in self.experts else 0)) for l in layers)
+        back = len(layers) * workers * per_layer_out
+        lines = [f"{len(self.nodes)} nodes: " + ", ".join(
+            f"{n} {s:.0%}" for n, s in zip(self.nodes, self.shares))]
+        for l in layers[:3]:
+            parts = self.ffn.get(l) or self.experts.get(l)
+            what = "FFN rows" if l in self.ffn else "experts"
+            lines.append(f"layer {l}: {what} " + ", ".join(f"{self.nodes[n]} [{a}, {b})" for n, a, b in parts))
+        if len(layers) > 3:
+            lines.append(f"... {len(layers) - 3} more layers split the same way")
+        lines.append(f"per token: {len(layers) if workers else 0} round trips (all workers at once), "
+                     f"{sent / 1024:.1f} KiB sent, {back / 1024:.1f} KiB received by the root")
+        return lines
+
+
+def split(total: int, shares, unit: int = 1) -> list:
+    """[a, b) ranges of `total` in whole units, proportional to shares, covering it exactly."""
+    units = total // unit
+    cuts = np.round(np.cumsum([0.0] + list(shares)) / sum(shares) * units).astype(int)
+    out = [(int(cuts[i]) * unit, int(cuts[i + 1]) * unit) for i in range(len(shares))]
+    out[-1] = (out[-1][0], total)
+    return out
+
+
+def make_plan(cfg, nodes, shares=None) -> Plan:
+    shares = list(shares or [1.0] * len(nodes))
+    plan = Plan(list(nodes), [s / sum(shares) for s in shares])
+    n_dense = getattr(cfg, "n_dense_lead", cfg.n_layer) if getattr(cfg, "n_expert", 0) else cfg.n_layer
+    for l in range(cfg.n_layer):
+        if l < n_dense:
+            unit = BLOCK if cfg.n_ff % BLOCK == 0 else 1
+            plan.ffn[l] = [(i, a, b) for i, (a, b) in enumerate(split(cfg.n_ff, shares, unit)) if b > a]
+        else:
+            plan.experts[l] = [(i, a, b) for i, (a, b) in enumerate(split(cfg.n_expert, shares)) if b > a]
+    return plan
+
+
+# ---- building one share of a layer from the file --------------------------------------------
+
+class Slice:
+    """Rows [a, b) of one or more weights stacked (gate|up), or columns [a, b) of one (down)."""
+
+    def __init__(self, f, parts, cols=None):
+        ws = []
+        for name, (a, b) in parts:
+            w, wtype, _, n_in = f.matrix(name)
+            ws.append(w[a:b])
+        self.n_in = n_in
+        w = np.concatenate(ws, 0) if len(ws) > 1 else ws[0]
+        if cols is not None:                       # whole blocks of each row: a copy of the slice
+            bs, bb = K.TYPE_SIZES[wtype]
+            a, b = cols
+            w = np.ascontiguousarray(w[:, a // bs * bb: b // bs * bb])
+            self.n_in = b - a
+        self.n_out = w.shape[0]
+        self.w, self.type = ops.repack(np.ascontiguousarray(w), wtype)
+
+    def __call__(self, x, th):
+        return ops.linear(self.w, self.type, self.n_in, x, th, self.n_out)
+
+
+class FFNShare:
+    """silu(x Wg[a:b]) * (x Wu[a:b]) -> Wd[:, a:b]: one slice of the intermediate dimension."""
+
+    def __init__(self, f, p, a, b, n_ff, suffix=""):
+        if f.has(p + f"ffn_gate{suffix}.weight"):
+            gu = [(p + f"ffn_gate{suffix}.weight", (a, b)), (p + f"ffn_up{suffix}.weight", (a, b))]
+        else:                                          # fused [gate | up] rows
+            gu = [(p + "ffn_up.weight", (a, b)), (p + "ffn_up.weight", (n_ff + a, n_ff + b))]
+        self.gate_up = Slice(f, gu)
+        self.down = Slice(f, [(p + f"ffn_down{suffix}.weight", (0, None))], cols=(a, b))
+
+    def __call__(self, x, th):
+        gu = self.gate_up(x, th)
+        return self.down(K.silu_mul(gu, np.empty((x.shape[0], gu.shape[1] // 2), np.float32), th), th)
+
+
+class ExpertShare:
+    """Experts [e0, e1) of one MoE layer: views of the file's stacked tensors (repacked if allowed)."""
+
+    def __init__(self, f, p, e0, e1, cfg, repack):
+        from .models.glm4_moe import expert_tensor
+        d, ff = cfg.d_model, cfg.n_ff_exp
+        self.e0, self.e1 = e0, e1
+        mats = []
+        for name, rows, cols in (("gate", ff, d), ("up", ff, d), ("down", d, ff)):
+            w, wtype = expert_tensor(f, p + f"ffn_{name}_exps.weight", rows, cols, cfg)
+            w = w[e0:e1]
+            if repack:
+                pw, ptype = ops.repack(np.ascontiguousarray(w).reshape((e1 - e0) * rows, -1), wtype)
+                if ptype != wtype:
+                    w, wtype = pw.reshape(e1 - e0, rows // 8, -1), ptype
+            mats.append((w, wtype))
+        (self.gate, self.gu_type), (self.up, _), (self.down, self.down_type) = mats
+
+    def __call__(self, x, ids, weights, th):
+        local = np.where((ids >= self.e0) & (ids < self.e1), ids - self.e0, -1).astype(np.int32)
+        return K.moe(x, self.gate, self.up, self.down, self.gu_type, self.down_type, local,
+                     np.ascontiguousarray(weights, np.float32), np.empty_like(x), th)
+
+
+# ---- the worker ----------------------------------------------------------------------------
+
+class WorkerService:
+    """What `glmcpu worker` serves: hello, load (its share of a plan), ffn, moe, ping."""
+
+    def __init__(self, model_path=None, threads=None):
+        from .gguf import GGUFFile
+        self.file = GGUFFile(model_path) if model_path else None
+        self.threads = int(threads) if threads else ops.default_threads()
+        self.print = self.file.fingerprint() if self.file else None
+        self.shares = {}
+
+    def __call__(self, op, meta, arrays):
+        if op == "ping":
+            return {}, []
+        if op == "hello":
+            from . import __version__
+            return {"fingerprint": self.print, "threads": self.threads, "version": __version__}, []
+        if op == "load":
+            return self.load(meta), []
+        if op == "ffn":
+            share = self._share(meta, "ffn")
+            (x,) = self._arrays(arrays, 1)
+            return {}, [share(np.ascontiguousarray(x, np.float32), self.threads)]
+        if op == "moe":
+            share = self._share(meta, "moe")
+            x, ids, w = self._arrays(arrays, 3)
+            if ids.shape != w.shape or ids.shape[0] != x.shape[0]:
+                raise ProtocolError("moe: ids, weights and x disagree")
+            return {}, [share(np.ascontiguousarray(x, np.float32), ids.astype(np.int32), w, self.threads)]
+        raise ProtocolError(f"unknown op {op!r}")
+
+    @staticmethod
+    def _arrays(arrays, n):
+        if len(arrays) != n:
+            raise ProtocolError(f"expected {n} arrays, got {len(arrays)}")
+        return arrays
+
+    def _share(self, meta, kind):
+        share = self.shares.get((kind, meta.get("layer")))
+        if share is None:
+            raise ProtocolError(f"no {kind} share loaded for layer {meta.get('layer')!r}")
+        return share
+
+    def load(self, meta):
+        """Build this worker's slices from its own copy of the file (checked by fingerprint)."""
+        from .models import model_class
+        if self.file is None:
+            raise ProtocolError("this worker has no copy of the model (start it with --model PATH)")
+        if meta.get("fingerprint") != self.print:
+            raise ProtocolError("this worker's model file differs from the root's (fingerprint mismatch)")
+        cfg = model_class(self.file.arch).config_class.from_gguf(self.file)
+        self.shares = {}
+        repack = ops.repack_experts(os.path.getsize(self.file.path))
+        for l, (a, b) in meta.get("ffn", {}).items():
+            self.shares[("ffn", int(l))] = FFNShare(self.file, f"blk.{l}.", a, b, cfg.n_ff)
+        for l, (e0, e1) in meta.get("experts", {}).items():
+            self.shares[("moe", int(l))] = ExpertShare(self.file, f"blk.{l}.", e0, e1, cfg, repack)
+        return {"loaded": len(self.shares)}
+
+
+# ---- the root ------------------------------------------------------------------------------
+
+class Cluster:
+    """The root's view: one Client per worker, the plan, per-token figures, and fallbacks."""
+
+    def __init__(self, f, cfg, endpoints, keypair=None, worker_key=None, timeout=5.0, shares=None):
+        self.file, self.cfg = f, cfg
+        self.clients = [Client(e, keypair, worker_key, timeout=timeout) for e in endpoints]
+        self.alive = [True] * len(self.clients)
+        fp = f.fingerprint()
+        for c in self.clients:
+            try:
+                meta, _ = c.request("hello")
+            except LinkError as e:
+                raise ClusterError(f"worker {c.endpoint} is not reachable ({e}); is it running, with "
+                                   "matching keys (or --insecure on both sides)?") from None
+            if meta.get("fingerprint") != fp:
+                raise ClusterError(f"worker {c.endpoint} has a different model file (or none)")
+        self.plan = make_plan(cfg, ["root"] + list(endpoints), shares)
+        loads = [{"fingerprint": fp, "ffn": {}, "experts": {}} for _ in self.clients]
+        for kind, table in (("ffn", self.plan.ffn), ("experts", self.plan.experts)):
+            for l, parts in table.items():
+                for node, a, b in parts:
+                    if node > 0:
+                        loads[node - 1][kind][str(l)] = [a, b]
+        for c, load in zip(self.clients, loads):
+            try:
+                c.request("load", load, timeout=600)
+            except LinkError as e:
+                raise ClusterError(f"worker {c.endpoint} could not load its share: {e}") from None
+        self.repack = ops.repack_experts(os.path.getsize(f.path))
+        self.fallbacks = {}
+        self.stats = {"round_trips": 0, "failovers": 0}
+
+    def ffn_factory(self, f, p, i, kind):
+        if kind == "dense":
+            return ShardedFFN(self, f, p, i)
+        return ShardedMoE(self, f, p, i)
+
+    def share_of(self, kind, layer, node):
+        """Build (once) any node's share on the root, for when that node is gone."""
+        key = (kind, layer, node)
+        if key not in self.fallbacks:
+            table = self.plan.ffn if kind == "ffn" else self.plan.experts
+            _, a, b = next(t for t in table[layer] if t[0] == node)
+            p = f"blk.{layer}."
+            self.fallbacks[key] = (FFNShare(self.file, p, a, b, self.cfg.n_ff) if kind == "ffn" else
+                                   ExpertShare(self.file, p, a, b, self.cfg, self.repack))
+        return self.fallbacks[key]
+
+    def run(self, kind, layer, arrays, local, compute_share):
+        """Send to the live workers of this layer, compute the root's share, add the replies;
+        a worker that fails is computed here instead, and left out from then on."""
+        table = self.plan.ffn if kind == "ffn" else self.plan.experts
+        remote = [n for n, _, _ in table[layer] if n > 0]
+        asked = []
+        for n in remote:
+            if self.alive[n - 1]:
+                try:
+                    self.clients[n - 1].send(kind, {"layer": layer}, arrays)
+                    asked.append(n)
+                except Exception:
+                    self.alive[n - 1] = False
+        y = local()
+        for n in remote:
+            part = None
+            if n in asked:
+                try:
+                    _, (part,) = self.clients[n - 1].recv()
+                    self.stats["round_trips"] += 1
+                except (LinkError, ValueError):
+                    self.alive[n - 1] = False
+                    self.stats["failovers"] += 1
+                    self.clients[n - 1].reset()
+            if part is None:
+                part = compute_share(self.share_of(kind, layer, n))
+            y = part if y is None else y + part
+        return y
+
+    def close(self):
+        for c in self.clients:
+            c.close()
+
+
+class ShardedFFN:
+    def __init__(self, cluster, f, p, layer):
+        self.cluster, self.layer = cluster, layer
+        mine = [(a, b) for n, a, b in cluster.plan.ffn[layer] if n == 0]
+        self.local = FFNShare(f, p, *mine[0], cluster.cfg.n_ff) if mine else None
+
+    def __call__(self, x, th):
+        x = np.ascontiguousarray(x, np.float32)
+        return self.cluster.run("ffn", self.layer, [x],
+                                lambda: self.local(x, th) if self.local else None,
+                                lambda share: share(x, th))
+
+
+class ShardedMoE:
+    """Router and shared expert on the root; routed experts wherever the plan put them."""
+
+    def __init__(self, cluster, f, p, layer):
+        from .models.glm4 import DenseFFN
+        from .models.glm4_moe import Router
+        self.cluster, self.layer = cluster, layer
+        self.route = Router(f, p, cluster.cfg)
+        self.shared = DenseFFN(f, p, "_shexp") if cluster.cfg.n_expert_shared else None
+        mine = [(a, b) for n, a, b in cluster.plan.experts[layer] if n == 0]
+        self.local = ExpertShare(f, p, *mine[0], cluster.cfg, cluster.repack) if mine else None
+        self.hits = np.zeros(cluster.cfg.n_expert, np.int64)
+
+    def __call__(self, x, th):
+        x = np.ascontiguousarray(x, np.float32)
+        ids, w = self.route(x, th)
+        self.hits += np.bincount(ids.reshape(-1), minlength=self.cluster.cfg.n_expert)
+        y = self.cluster.run("moe", self.layer, [x, ids, w],
+                             lambda: self.local(x, ids, w, th) if self.local else None,
+                             lambda share: share(x, ids, w, th))
+        if self.shared is not None:
+            y = y + self.shared(x, th)
+        return y

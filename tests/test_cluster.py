@@ -1,0 +1,133 @@
+"""Real `glmcpu worker` processes on 127.0.0.1: same answers as one process, faults, keys."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zmq
+
+import glmcpu
+from glmcpu.cluster import ClusterError, make_plan
+from glmcpu.net.link import keygen
+
+PROMPT = list(range(5, 17))
+
+
+def start_worker(path, *extra):
+    p = subprocess.Popen([sys.executable, "-m", "glmcpu", "worker", "--bind", "tcp://127.0.0.1:*",
+                          "--model", path, "-t", "1", *extra], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.startswith("glmcpu worker on "), p.stderr.read()
+    return p, line.split()[3]
+
+
+@pytest.fixture
+def workers():
+    procs = []
+
+    def start(path, n, *extra):
+        started = [start_worker(path, *extra) for _ in range(n)]
+        procs.extend(p for p, _ in started)
+        return [p for p, _ in started], [e for _, e in started]
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def greedy(m, n=12):
+    return list(m.generate(PROMPT, max_tokens=n, temperature=0, ignore_eos=True))
+
+
+@pytest.mark.parametrize("family", ["glm4", "glm4_moe"])
+@pytest.mark.parametrize("n_workers,shares", [(1, None), (2, None), (2, [1, 3, 2])])
+def test_cluster_answers_like_one_process(tiny, workers, family, n_workers, shares):
+    _, path, _ = tiny(family, "q8_0")
+    want = greedy(glmcpu.load(path, threads=1))
+    _, eps = workers(path, n_workers, "--insecure")
+    m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=5, shares=shares)
+    assert greedy(m) == want
+    assert m.cluster.stats["round_trips"] > 0 and m.cluster.stats["failovers"] == 0
+    if shares:   # an uneven plan really is uneven
+        sizes = [b - a for _, a, b in next(iter((m.cluster.plan.ffn or m.cluster.plan.experts).values()))]
+        assert len(set(sizes)) > 1
+
+
+@pytest.mark.parametrize("family", ["glm4", "glm4_moe"])
+def test_worker_killed_mid_answer(tiny, workers, family):
+    _, path, _ = tiny(family, "q8_0")
+    want = greedy(glmcpu.load(path, threads=1), 16)
+    procs, eps = workers(path, 2, "--insecure")
+    m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=1.5)
+    got = []
+    for i, piece in enumerate(m.generate(PROMPT, max_tokens=16, temperature=0, ignore_eos=True)):
+        got.append(piece)
+        if i == 4:
+            procs[1].kill()                     # kill -9 in the middle of the answer
+            procs[1].wait()
+    assert got == want and m.cluster.stats["failovers"] == 1
+
+
+def test_keys_required_and_checked(tiny, workers, tmp_path):
+    _, path, _ = tiny("glm4", "q8_0")
+    for name in ("root", "worker", "stranger"):
+        keygen(str(tmp_path / name))
+    _, eps = workers(path, 1, "--key", str(tmp_path / "worker"), "--allow", str(tmp_path / "root.pub"))
+    want = greedy(glmcpu.load(path, threads=1))
+    m = glmcpu.load(path, threads=1, workers=eps, key=str(tmp_path / "root"),
+                    worker_key=str(tmp_path / "worker.pub"))
+    assert greedy(m) == want
+    m.cluster.close()
+    with pytest.raises(ClusterError, match="not reachable"):      # a key the worker was not given
+        glmcpu.load(path, workers=eps, key=str(tmp_path / "stranger"),
+                    worker_key=str(tmp_path / "worker.pub"), timeout=1)
+    with pytest.raises(ClusterError, match="not reachable"):      # plain text gets nothing
+        glmcpu.load(path, workers=eps, insecure=True, timeout=1)
+    with pytest.raises(glmcpu.GlmcpuError, match="--key"):
+        glmcpu.load(path, workers=eps)
+    # the worker is still fine for the right root
+    m = glmcpu.load(path, threads=1, workers=eps, key=str(tmp_path / "root"),
+                    worker_key=str(tmp_path / "worker.pub"))
+    assert greedy(m) == want
+
+
+def test_worker_survives_garbage_and_wrong_model(tiny, workers):
+    _, path, _ = tiny("glm4", "q8_0")
+    _, other, _ = tiny("glm", "q8_0")
+    procs, eps = workers(path, 1, "--insecure")
+    ctx = zmq.Context.instance()
+    raw = ctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(eps[0])
+    rng = np.random.default_rng(1)
+    import msgpack
+    junk = [[rng.bytes(50)], [msgpack.packb({"v": 1, "op": "ffn", "meta": {"layer": 0}, "arrays": []})],
+            [msgpack.packb({"v": 1, "op": "ffn", "meta": {"layer": 99},
+                            "arrays": [["f32", [1, 64]]]}), b"\x00" * 256],
+            [msgpack.packb({"v": 1, "op": "moe", "meta": {}, "arrays": [["f32", [2]]]}), b"\x00" * 8],
+            [msgpack.packb({"v": 1, "op": "load", "meta": {"fingerprint": "x"}, "arrays": []})]]
+    for frames in junk:
+        raw.send_multipart(frames)
+        assert raw.poll(10000)
+        raw.recv_multipart()
+    raw.close()
+    assert procs[0].poll() is None
+    with pytest.raises(ClusterError, match="different model"):
+        glmcpu.load(other, workers=eps, insecure=True)
+    want = greedy(glmcpu.load(path, threads=1))
+    assert greedy(glmcpu.load(path, threads=1, workers=eps, insecure=True)) == want
+
+
+def test_plan_command_and_figures(tiny):
+    _, path, _ = tiny("glm4_moe", "q8_0")
+    p = subprocess.run([sys.executable, "-m", "glmcpu", "plan", path, "--workers",
+                        "tcp://a:1,tcp://b:2", "--shares", "2,1,1"], capture_output=True, text=True)
+    assert p.returncode == 0 and "3 nodes: root 50%" in p.stdout and "round trips" in p.stdout
+    f = glmcpu.load(path).cfg
+    plan = make_plan(f, ["root", "a", "b"], [1, 1, 1])
+    assert all(sum(b - a for _, a, b in parts) == f.n_ff for parts in plan.ffn.values())
+    assert all(sum(b - a for _, a, b in parts) == f.n_expert for parts in plan.experts.values())
+    p = subprocess.run([sys.executable, "-m", "glmcpu", "worker", "--bind", "tcp://127.0.0.1:*"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "--insecure" in p.stderr and len(p.stderr.strip().splitlines()) == 1
