@@ -51,7 +51,7 @@ def cmd_worker(a):
     else:
         raise GlmcpuError("a worker needs --key (its key file) and --allow (the root's public key), "
                           "made with `glmcpu keygen`; or --insecure")
-    service = WorkerService(a.model, a.threads)
+    service = WorkerService(a.model, a.threads, a.memory)
     server = Server(a.bind, service, keypair=keypair, allowed=allowed)
     print(f"glmcpu worker on {server.endpoint} ({'insecure' if a.insecure else 'CurveZMQ'}; "
           f"public key {keypair[0].decode() if keypair else '-'})", flush=True)
@@ -137,7 +137,11 @@ def cmd_run(a):
         if a.stats:
             print_expert_stats(model)
             if model.cluster:
-                print(f"cluster: {model.cluster.stats}", file=sys.stderr)
+                f = model.cluster.per_token()
+                print(f"cluster, per token: {f['sent_kib']:.1f} KiB sent, {f['received_kib']:.1f} KiB received, "
+                      f"{f['round_trips']:.1f} round trips, {f['network_ms']:.2f} ms waiting on the network vs "
+                      f"{f['compute_ms']:.2f} ms on the root's shares; workers alive {f['alive']}, "
+                      f"failovers {f['failovers']}", file=sys.stderr)
         return 0
     print(f"glmcpu chat with {os.path.basename(model.path)} ({model.cfg.arch}, {model.threads} threads). "
           "Ctrl-D to leave.", file=sys.stderr)
@@ -261,6 +265,7 @@ def build_parser():
     w.add_argument("--allow", action="append", help="a root's public key allowed to connect (repeatable)")
     w.add_argument("--insecure", action="store_true", help="plain TCP, anyone may connect")
     w.add_argument("--threads", "-t", type=int, default=None)
+    w.add_argument("--memory", type=float, default=None, help="GB this worker offers (default: available RAM)")
     w.set_defaults(func=cmd_worker)
 
     k = sub.add_parser("keygen", help="make a CurveZMQ key pair for a root or a worker")

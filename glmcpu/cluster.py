@@ -9,6 +9,7 @@ its share from its own memory map of the file, and the answer does not change.
 
 The net layer (glmcpu.net) moves the arrays; everything here knows the model."""
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -144,13 +145,22 @@ class ExpertShare:
 
 # ---- the worker ----------------------------------------------------------------------------
 
+def available_gb() -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("MemAvailable:")) / 2**20
+    except (OSError, StopIteration):
+        return 0.0
+
+
 class WorkerService:
     """What `glmcpu worker` serves: hello, load (its share of a plan), ffn, moe, ping."""
 
-    def __init__(self, model_path=None, threads=None):
+    def __init__(self, model_path=None, threads=None, memory_gb=None):
         from .gguf import GGUFFile
         self.file = GGUFFile(model_path) if model_path else None
         self.threads = int(threads) if threads else ops.default_threads()
+        self.memory = float(memory_gb) if memory_gb else available_gb()
         self.print = self.file.fingerprint() if self.file else None
         self.shares = {}
 
@@ -159,7 +169,8 @@ class WorkerService:
             return {}, []
         if op == "hello":
             from . import __version__
-            return {"fingerprint": self.print, "threads": self.threads, "version": __version__}, []
+            return {"fingerprint": self.print, "threads": self.threads, "memory_gb": self.memory,
+                    "version": __version__}, []
         if op == "load":
             return self.load(meta), []
         if op == "ffn":
@@ -208,34 +219,65 @@ class WorkerService:
 class Cluster:
     """The root's view: one Client per worker, the plan, per-token figures, and fallbacks."""
 
-    def __init__(self, f, cfg, endpoints, keypair=None, worker_key=None, timeout=5.0, shares=None):
+    def __init__(self, f, cfg, endpoints, keypair=None, worker_key=None, timeout=5.0, shares=None,
+                 threads=1):
         self.file, self.cfg = f, cfg
         self.clients = [Client(e, keypair, worker_key, timeout=timeout) for e in endpoints]
         self.alive = [True] * len(self.clients)
-        fp = f.fingerprint()
-        for c in self.clients:
-            try:
-                meta, _ = c.request("hello")
-            except LinkError as e:
-                raise ClusterError(f"worker {c.endpoint} is not reachable ({e}); is it running, with "
-                                   "matching keys (or --insecure on both sides)?") from None
-            if meta.get("fingerprint") != fp:
-                raise ClusterError(f"worker {c.endpoint} has a different model file (or none)")
+        self.fingerprint = f.fingerprint()
+        self.info = [self.hello(c) for c in self.clients]
+        # by default each node's share follows its threads (a proxy for its speed)
+        shares = shares or [threads] + [i.get("threads", 1) for i in self.info]
         self.plan = make_plan(cfg, ["root"] + list(endpoints), shares)
-        loads = [{"fingerprint": fp, "ffn": {}, "experts": {}} for _ in self.clients]
+        self.loads = [{"fingerprint": self.fingerprint, "ffn": {}, "experts": {}} for _ in self.clients]
         for kind, table in (("ffn", self.plan.ffn), ("experts", self.plan.experts)):
             for l, parts in table.items():
                 for node, a, b in parts:
                     if node > 0:
-                        loads[node - 1][kind][str(l)] = [a, b]
-        for c, load in zip(self.clients, loads):
+                        self.loads[node - 1][kind][str(l)] = [a, b]
+        for c, load in zip(self.clients, self.loads):
             try:
                 c.request("load", load, timeout=600)
             except LinkError as e:
                 raise ClusterError(f"worker {c.endpoint} could not load its share: {e}") from None
         self.repack = ops.repack_experts(os.path.getsize(f.path))
         self.fallbacks = {}
-        self.stats = {"round_trips": 0, "failovers": 0}
+        self.stats = {"tokens": 0, "round_trips": 0, "failovers": 0, "net_seconds": 0.0,
+                      "compute_seconds": 0.0}
+
+    def hello(self, c):
+        try:
+            meta, _ = c.request("hello")
+        except LinkError as e:
+            raise ClusterError(f"worker {c.endpoint} is not reachable ({e}); is it running, with "
+                               "matching keys (or --insecure on both sides)?") from None
+        if meta.get("fingerprint") != self.fingerprint:
+            raise ClusterError(f"worker {c.endpoint} has a different model file (or none)")
+        return meta
+
+    def revive(self, timeout=0.5):
+        """Give workers that failed earlier another chance (called before each request)."""
+        for i, c in enumerate(self.clients):
+            if self.alive[i]:
+                continue
+            try:
+                c.reset()
+                if c.request("hello", timeout=timeout)[0].get("fingerprint") == self.fingerprint:
+                    c.request("load", self.loads[i], timeout=600)
+                    self.alive[i] = True
+            except LinkError:
+                c.reset()
+
+    def per_token(self) -> dict:
+        """Network figures per token so far: bytes each way, round trips, seconds waiting."""
+        n = max(1, self.stats["tokens"])
+        return {"tokens": self.stats["tokens"],
+                "sent_kib": sum(c.sent for c in self.clients) / 1024 / n,
+                "received_kib": sum(c.received for c in self.clients) / 1024 / n,
+                "round_trips": self.stats["round_trips"] / n,
+                "network_ms": 1e3 * self.stats["net_seconds"] / n,
+                "compute_ms": 1e3 * self.stats["compute_seconds"] / n,
+                "failovers": self.stats["failovers"], "alive": f"{sum(self.alive)}/{len(self.alive)}"}
 
     def ffn_factory(self, f, p, i, kind):
         if kind == "dense":
@@ -266,7 +308,10 @@ class Cluster:
                     asked.append(n)
                 except Exception:
                     self.alive[n - 1] = False
+        t0 = time.perf_counter()
         y = local()
+        t1 = time.perf_counter()
+        self.stats["compute_seconds"] += t1 - t0
         for n in remote:
             part = None
             if n in asked:
@@ -280,6 +325,7 @@ class Cluster:
             if part is None:
                 part = compute_share(self.share_of(kind, layer, n))
             y = part if y is None else y + part
+        self.stats["net_seconds"] += time.perf_counter() - t1     # waiting beyond our own share
         return y
 
     def close(self):

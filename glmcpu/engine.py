@@ -20,7 +20,7 @@ class Model:
         self.cluster = None
         if workers:
             self.cluster = connect(self.file, cls.config_class.from_gguf(self.file), workers, key,
-                                   worker_key, insecure, timeout, shares)
+                                   worker_key, insecure, timeout, shares, self.threads)
         self.net = cls(self.file, self.threads,
                        ffn_factory=self.cluster.ffn_factory if self.cluster else None)
         self.cfg = self.net.cfg
@@ -45,6 +45,9 @@ class Model:
         bad = [i for i in ids if not 0 <= i < self.cfg.n_vocab]
         if bad:
             raise GlmcpuError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.n_vocab - 1})")
+        if self.cluster:
+            self.cluster.revive()
+            self.cluster.stats["tokens"] += len(ids)
         return prefill(self.net, self.net.new_cache(max(1, len(ids))), ids, all_logits=True)
 
     def generate(self, prompt, max_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
@@ -59,7 +62,12 @@ class Model:
         self.last_stats = {}
         detok = Detokenizer(self.tokenizer)
         cache = self.net.new_cache(self.ctx)
+        if self.cluster:
+            self.cluster.revive()
+            self.cluster.stats["tokens"] += len(ids)
         for tok in generate_ids(self.net, cache, ids, sampler, max_tokens, stops, self.last_stats):
+            if self.cluster:
+                self.cluster.stats["tokens"] += 1
             piece = detok.push(tok)
             if piece:
                 yield piece
@@ -83,7 +91,7 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, **cluster) -> 
     return Model(path, threads=threads, ctx=ctx, mlock=mlock, workers=workers, **cluster)
 
 
-def connect(f, cfg, workers, key, worker_key, insecure, timeout, shares):
+def connect(f, cfg, workers, key, worker_key, insecure, timeout, shares, threads):
     from .cluster import Cluster
     from .net.link import load_keypair, load_public
     if insecure:
@@ -95,7 +103,7 @@ def connect(f, cfg, workers, key, worker_key, insecure, timeout, shares):
                           "public key), made with `glmcpu keygen`; or --insecure on every machine")
     if isinstance(workers, str):
         workers = [w for w in workers.split(",") if w]
-    return Cluster(f, cfg, workers, keypair, server_key, timeout=timeout, shares=shares)
+    return Cluster(f, cfg, workers, keypair, server_key, timeout=timeout, shares=shares, threads=threads)
 
 
 def is_expert(tensor_name: str) -> bool:

@@ -41,7 +41,7 @@ def greedy(m, n=12):
 
 
 @pytest.mark.parametrize("family", ["glm4", "glm4_moe"])
-@pytest.mark.parametrize("n_workers,shares", [(1, None), (2, None), (2, [1, 3, 2])])
+@pytest.mark.parametrize("n_workers,shares", [(2, None), (3, None), (2, [1, 3, 2])])
 def test_cluster_answers_like_one_process(tiny, workers, family, n_workers, shares):
     _, path, _ = tiny(family, "q8_0")
     want = greedy(glmcpu.load(path, threads=1))
@@ -67,6 +67,23 @@ def test_worker_killed_mid_answer(tiny, workers, family):
             procs[1].kill()                     # kill -9 in the middle of the answer
             procs[1].wait()
     assert got == want and m.cluster.stats["failovers"] == 1
+    assert m.cluster.per_token()["alive"] == "1/2"
+    # the worker comes back on the same address: it is used again from the next request
+    back, _ = start_worker_at(path, eps[1])
+    try:
+        assert greedy(m, 16) == want and m.cluster.per_token()["alive"] == "2/2"
+        assert m.cluster.stats["failovers"] == 1
+    finally:
+        back.kill()
+        back.wait()
+
+
+def start_worker_at(path, endpoint):
+    p = subprocess.Popen([sys.executable, "-m", "glmcpu", "worker", "--bind", endpoint, "--model", path,
+                          "-t", "1", "--insecure"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    assert line.startswith("glmcpu worker on "), p.stderr.read()
+    return p, endpoint
 
 
 def test_keys_required_and_checked(tiny, workers, tmp_path):
@@ -117,6 +134,16 @@ def test_worker_survives_garbage_and_wrong_model(tiny, workers):
         glmcpu.load(other, workers=eps, insecure=True)
     want = greedy(glmcpu.load(path, threads=1))
     assert greedy(glmcpu.load(path, threads=1, workers=eps, insecure=True)) == want
+
+
+def test_stats_line(tiny, workers):
+    _, path, _ = tiny("glm4_moe", "q8_0")
+    _, eps = workers(path, 2, "--insecure")
+    p = subprocess.run([sys.executable, "-m", "glmcpu", "run", path, "-p", "hi", "-n", "4", "--ignore-eos",
+                        "--workers", ",".join(eps), "--insecure", "--stats"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "cluster, per token:" in p.stderr and "round trips" in p.stderr and "alive 2/2" in p.stderr
 
 
 def test_plan_command_and_figures(tiny):
