@@ -1,11 +1,16 @@
-"""Several machines, one model: the plan, the worker's service, and the root's sharded FFN / MoE.
+"""Several machines, one model: the plan, the worker's service, and the root's sharded layers.
 
-This first version keeps attention (and its KV cache) on the root and spreads what dominates the
-weights: dense FFN layers by slices of the intermediate dimension (whole 32-blocks), MoE layers by
-ranges of whole experts. Every distributed layer costs one round trip per token, all workers at
-once; the root computes its own share while the workers compute theirs. Workers hold no state
-between tokens, so a worker that dies or stops answering is simply replaced: the root computes
-its share from its own memory map of the file, and the answer does not change.
+Attention is split by query heads (whole KV-head groups while there are fewer nodes than KV heads,
+slices of a group beyond that: no node-count limit), each node keeping the KV cache of its heads;
+dense FFN layers by slices of the intermediate dimension (whole 32-blocks); MoE layers by ranges of
+whole experts. Per layer the root sends the normed hidden state and adds up the partial outputs:
+two round trips per layer, all workers at once, the root computing its own share meanwhile.
+
+A worker that dies or stops answering is replaced by the root, which computes that share from its
+own memory map of the file. FFN and expert shares hold no state, so they are redone on the spot;
+an attention share held a KV cache, so the root replays the sequence so far with the new plan.
+The kernels give the same bits whether tokens come in a batch or one by one, so the answer is
+the same as without the fault.
 
 The net layer (glmcpu.net) moves the arrays; everything here knows the model."""
 import os
@@ -27,11 +32,16 @@ class ClusterError(GlmcpuError):
     """A worker that cannot be used: unreachable at start, wrong model, wrong protocol."""
 
 
+class WorkerLost(Exception):
+    """A worker holding KV-cache state stopped answering mid-sequence (handled by a replay)."""
+
+
 @dataclass
 class Plan:
     """Who computes what. Node 0 is the root; shares are fractions of the work."""
     nodes: list                                   # "root", then worker endpoints
     shares: list
+    attn: dict = field(default_factory=dict)      # layer -> [(node, q0, q1)] query-head ranges
     ffn: dict = field(default_factory=dict)       # layer -> [(node, a, b)] slices of n_ff
     experts: dict = field(default_factory=dict)   # layer -> [(node, e0, e1)] expert ranges
 
@@ -40,19 +50,22 @@ class Plan:
         d = cfg.d_model
         workers = len(self.nodes) - 1
         layers = sorted(set(self.ffn) | set(self.experts))
-        per_layer_out = d * 4                                      # f32 hidden vector
+        per_layer_out = d * 4 + 64                                 # f32 hidden vector + framing
         moe_extra = cfg.n_expert_used * 8 if getattr(cfg, "n_expert", 0) else 0
-        sent = sum(workers * (per_layer_out + (moe_extra if l in self.experts else 0)) for l in layers)
-        back = len(layers) * workers * per_layer_out
+        trips = 2 * len(layers) if workers else 0                  # attention, then FFN / experts
+        sent = sum(workers * (2 * per_layer_out + (moe_extra if l in self.experts else 0)) for l in layers)
+        back = 2 * len(layers) * workers * per_layer_out
         lines = [f"{len(self.nodes)} nodes: " + ", ".join(
             f"{n} {s:.0%}" for n, s in zip(self.nodes, self.shares))]
         for l in layers[:3]:
             parts = self.ffn.get(l) or self.experts.get(l)
             what = "FFN rows" if l in self.ffn else "experts"
-            lines.append(f"layer {l}: {what} " + ", ".join(f"{self.nodes[n]} [{a}, {b})" for n, a, b in parts))
+            heads = ", ".join(f"{self.nodes[n]} [{a}, {b})" for n, a, b in self.attn[l])
+            lines.append(f"layer {l}: q heads {heads}; {what} " +
+                         ", ".join(f"{self.nodes[n]} [{a}, {b})" for n, a, b in parts))
         if len(layers) > 3:
             lines.append(f"... {len(layers) - 3} more layers split the same way")
-        lines.append(f"per token: {len(layers) if workers else 0} round trips (all workers at once), "
+        lines.append(f"per token: {trips} round trips (all workers at once), "
                      f"{sent / 1024:.1f} KiB sent, {back / 1024:.1f} KiB received by the root")
         return lines
 
@@ -69,8 +82,14 @@ def split(total: int, shares, unit: int = 1) -> list:
 def make_plan(cfg, nodes, shares=None) -> Plan:
     shares = list(shares or [1.0] * len(nodes))
     plan = Plan(list(nodes), [s / sum(shares) for s in shares])
+    G = cfg.n_head // cfg.n_head_kv
+    unit = int(32 // np.gcd(cfg.head_dim, 32))         # Wo column slices must be whole 32-blocks
+    if len(nodes) <= cfg.n_head_kv:
+        unit = int(np.lcm(unit, G))                     # whole KV groups: no K/V computed twice
+    heads = [(i, a, b) for i, (a, b) in enumerate(split(cfg.n_head, shares, unit)) if b > a]
     n_dense = getattr(cfg, "n_dense_lead", cfg.n_layer) if getattr(cfg, "n_expert", 0) else cfg.n_layer
     for l in range(cfg.n_layer):
+        plan.attn[l] = heads
         if l < n_dense:
             unit = BLOCK if cfg.n_ff % BLOCK == 0 else 1
             plan.ffn[l] = [(i, a, b) for i, (a, b) in enumerate(split(cfg.n_ff, shares, unit)) if b > a]
@@ -101,6 +120,65 @@ class Slice:
 
     def __call__(self, x, th):
         return ops.linear(self.w, self.type, self.n_in, x, th, self.n_out)
+
+
+class AttnShare:
+    """Query heads [q0, q1) of one layer and the KV heads they read, with their own KV cache;
+    returns this share's part of the attention output projection."""
+
+    def __init__(self, f, p, cfg, q0, q1, n_ctx):
+        hd, G = cfg.head_dim, cfg.n_head // cfg.n_head_kv
+        self.cfg, self.q0, self.q1 = cfg, q0, q1
+        self.kv0, self.kv1 = q0 // G, (q1 - 1) // G + 1
+        q, k, v = (q0 * hd, q1 * hd), (self.kv0 * hd, self.kv1 * hd), (self.kv0 * hd, self.kv1 * hd)
+        if f.has(p + "attn_qkv.weight"):                 # rows Q, then K, then V
+            off_k, off_v = cfg.n_head * hd, (cfg.n_head + cfg.n_head_kv) * hd
+            parts = [(p + "attn_qkv", q), (p + "attn_qkv", (off_k + k[0], off_k + k[1])),
+                     (p + "attn_qkv", (off_v + v[0], off_v + v[1]))]
+        else:
+            parts = [(p + "attn_q", q), (p + "attn_k", k), (p + "attn_v", v)]
+        self.qkv = Slice(f, [(n + ".weight", r) for n, r in parts])
+        self.bias = (np.concatenate([f.vector(n + ".bias")[a:b] for n, (a, b) in parts])
+                     if f.has(parts[0][0] + ".bias") else None)
+        self.q_norm = f.vector(p + "attn_q_norm.weight") if f.has(p + "attn_q_norm.weight") else None
+        self.k_norm = f.vector(p + "attn_k_norm.weight") if f.has(p + "attn_k_norm.weight") else None
+        self.wo = Slice(f, [(p + "attn_output.weight", (0, None))], cols=q)
+        self.nq, self.nkv = q1 - q0, self.kv1 - self.kv0
+        self.k = np.zeros((self.nkv, n_ctx, hd), np.float32)   # [local kv heads, n_ctx, head_dim]
+        self.v = np.zeros((self.nkv, n_ctx, hd), np.float32)
+        self.scale = 1.0 / np.sqrt(hd)
+        # whole groups map local q head i to local kv head i // G; a slice of a group needs care
+        self.aligned = q0 % G == 0 and (q1 - q0) % G == 0
+
+    def __call__(self, x, pos0, th):
+        from .models.glm4 import head_norm
+        c, T, hd = self.cfg, x.shape[0], self.cfg.head_dim
+        if pos0 + T > self.k.shape[1]:
+            raise ProtocolError(f"positions {pos0}..{pos0 + T} are past this share's context")
+        qkv = self.qkv(x, th)
+        if self.bias is not None:
+            qkv += self.bias
+        q = np.ascontiguousarray(qkv[:, :self.nq * hd]).reshape(T, self.nq, hd)
+        k = np.ascontiguousarray(qkv[:, self.nq * hd:(self.nq + self.nkv) * hd]).reshape(T, self.nkv, hd)
+        v = qkv[:, (self.nq + self.nkv) * hd:].reshape(T, self.nkv, hd)
+        if self.q_norm is not None:
+            q, k = head_norm(q, self.q_norm, c.eps), head_norm(k, self.k_norm, c.eps)
+        pos = np.arange(pos0, pos0 + T, dtype=np.int32)
+        K.rope(q, pos, c.n_rot, c.rope_theta, c.neox)
+        K.rope(k, pos, c.n_rot, c.rope_theta, c.neox)
+        self.k[:, pos0:pos0 + T] = k.transpose(1, 0, 2)
+        self.v[:, pos0:pos0 + T] = v.transpose(1, 0, 2)
+        out = np.empty_like(q)
+        if self.aligned:
+            K.attention(q, self.k, self.v, pos0, self.scale, out, th)
+        else:
+            G = c.n_head // c.n_head_kv
+            for i in range(self.nq):
+                j = (self.q0 + i) // G - self.kv0
+                out[:, i:i + 1] = K.attention(np.ascontiguousarray(q[:, i:i + 1]), self.k[j:j + 1],
+                                              self.v[j:j + 1], pos0, self.scale,
+                                              np.empty((T, 1, hd), np.float32), th)
+        return self.wo(out.reshape(T, -1), th)
 
 
 class FFNShare:
@@ -173,6 +251,13 @@ class WorkerService:
                     "version": __version__}, []
         if op == "load":
             return self.load(meta), []
+        if op == "attn":
+            share = self._share(meta, "attn")
+            (x,) = self._arrays(arrays, 1)
+            pos0 = meta.get("pos0")
+            if not isinstance(pos0, int) or pos0 < 0:
+                raise ProtocolError("attn: pos0 must be a position")
+            return {}, [share(np.ascontiguousarray(x, np.float32), pos0, self.threads)]
         if op == "ffn":
             share = self._share(meta, "ffn")
             (x,) = self._arrays(arrays, 1)
@@ -207,6 +292,9 @@ class WorkerService:
         cfg = model_class(self.file.arch).config_class.from_gguf(self.file)
         self.shares = {}
         repack = ops.repack_experts(os.path.getsize(self.file.path))
+        n_ctx = int(meta.get("ctx", 4096))
+        for l, (q0, q1) in meta.get("attn", {}).items():
+            self.shares[("attn", int(l))] = AttnShare(self.file, f"blk.{l}.", cfg, q0, q1, n_ctx)
         for l, (a, b) in meta.get("ffn", {}).items():
             self.shares[("ffn", int(l))] = FFNShare(self.file, f"blk.{l}.", a, b, cfg.n_ff)
         for l, (e0, e1) in meta.get("experts", {}).items():
@@ -220,8 +308,8 @@ class Cluster:
     """The root's view: one Client per worker, the plan, per-token figures, and fallbacks."""
 
     def __init__(self, f, cfg, endpoints, keypair=None, worker_key=None, timeout=5.0, shares=None,
-                 threads=1):
-        self.file, self.cfg = f, cfg
+                 threads=1, n_ctx=4096):
+        self.file, self.cfg, self.n_ctx = f, cfg, n_ctx
         self.clients = [Client(e, keypair, worker_key, timeout=timeout) for e in endpoints]
         self.alive = [True] * len(self.clients)
         self.fingerprint = f.fingerprint()
@@ -229,8 +317,9 @@ class Cluster:
         # by default each node's share follows its threads (a proxy for its speed)
         shares = shares or [threads] + [i.get("threads", 1) for i in self.info]
         self.plan = make_plan(cfg, ["root"] + list(endpoints), shares)
-        self.loads = [{"fingerprint": self.fingerprint, "ffn": {}, "experts": {}} for _ in self.clients]
-        for kind, table in (("ffn", self.plan.ffn), ("experts", self.plan.experts)):
+        self.loads = [{"fingerprint": self.fingerprint, "ctx": n_ctx, "attn": {}, "ffn": {}, "experts": {}}
+                      for _ in self.clients]
+        for kind, table in (("attn", self.plan.attn), ("ffn", self.plan.ffn), ("experts", self.plan.experts)):
             for l, parts in table.items():
                 for node, a, b in parts:
                     if node > 0:
@@ -279,32 +368,57 @@ class Cluster:
                 "compute_ms": 1e3 * self.stats["compute_seconds"] / n,
                 "failovers": self.stats["failovers"], "alive": f"{sum(self.alive)}/{len(self.alive)}"}
 
-    def ffn_factory(self, f, p, i, kind):
+    def factory(self, f, p, i, kind):
+        if kind == "attn":
+            return ShardedAttention(self, f, p, i)
         if kind == "dense":
             return ShardedFFN(self, f, p, i)
         return ShardedMoE(self, f, p, i)
+
+    def forward(self, net, ids, cache, all_logits):
+        """net.run, but when a worker holding attention heads is lost, the sequence so far is
+        replayed with the new plan (rebuilding every KV cache), then this step is run again."""
+        while True:
+            history, pos = list(cache.tokens), cache.pos
+            try:
+                return net.run(ids, cache, all_logits)
+            except WorkerLost:
+                cache.pos, cache.tokens = 0, []
+                try:
+                    for s in range(0, len(history), 256):
+                        net.run(history[s:s + 256], cache, False)
+                except WorkerLost:
+                    cache.pos, cache.tokens = pos, history        # lost another: start over
+                    continue
+
+    def table(self, kind):
+        return {"attn": self.plan.attn, "ffn": self.plan.ffn, "moe": self.plan.experts}[kind]
 
     def share_of(self, kind, layer, node):
         """Build (once) any node's share on the root, for when that node is gone."""
         key = (kind, layer, node)
         if key not in self.fallbacks:
-            table = self.plan.ffn if kind == "ffn" else self.plan.experts
-            _, a, b = next(t for t in table[layer] if t[0] == node)
+            _, a, b = next(t for t in self.table(kind)[layer] if t[0] == node)
             p = f"blk.{layer}."
-            self.fallbacks[key] = (FFNShare(self.file, p, a, b, self.cfg.n_ff) if kind == "ffn" else
-                                   ExpertShare(self.file, p, a, b, self.cfg, self.repack))
+            if kind == "attn":
+                share = AttnShare(self.file, p, self.cfg, a, b, self.n_ctx)
+            elif kind == "ffn":
+                share = FFNShare(self.file, p, a, b, self.cfg.n_ff)
+            else:
+                share = ExpertShare(self.file, p, a, b, self.cfg, self.repack)
+            self.fallbacks[key] = share
         return self.fallbacks[key]
 
-    def run(self, kind, layer, arrays, local, compute_share):
+    def run(self, kind, layer, arrays, local, compute_share, meta=None):
         """Send to the live workers of this layer, compute the root's share, add the replies;
-        a worker that fails is computed here instead, and left out from then on."""
-        table = self.plan.ffn if kind == "ffn" else self.plan.experts
-        remote = [n for n, _, _ in table[layer] if n > 0]
-        asked = []
+        a worker that fails is computed here instead, and left out from then on (for an
+        attention share, whose KV cache is gone with it, WorkerLost asks for a replay)."""
+        remote = [n for n, _, _ in self.table(kind)[layer] if n > 0]
+        asked, lost = [], False
         for n in remote:
             if self.alive[n - 1]:
                 try:
-                    self.clients[n - 1].send(kind, {"layer": layer}, arrays)
+                    self.clients[n - 1].send(kind, dict(meta or {}, layer=layer), arrays)
                     asked.append(n)
                 except Exception:
                     self.alive[n - 1] = False
@@ -322,15 +436,35 @@ class Cluster:
                     self.alive[n - 1] = False
                     self.stats["failovers"] += 1
                     self.clients[n - 1].reset()
+                    lost = kind == "attn"
+            if lost:
+                continue
             if part is None:
                 part = compute_share(self.share_of(kind, layer, n))
             y = part if y is None else y + part
         self.stats["net_seconds"] += time.perf_counter() - t1     # waiting beyond our own share
+        if lost:
+            raise WorkerLost()
         return y
 
     def close(self):
         for c in self.clients:
             c.close()
+
+
+class ShardedAttention:
+    """Replaces a layer's Attention on the root: same call, work spread by the plan."""
+
+    def __init__(self, cluster, f, p, layer):
+        self.cluster, self.layer = cluster, layer
+        mine = [(a, b) for n, a, b in cluster.plan.attn[layer] if n == 0]
+        self.local = AttnShare(f, p, cluster.cfg, *mine[0], cluster.n_ctx) if mine else None
+
+    def __call__(self, x, cache, l, pos, th):
+        x, pos0 = np.ascontiguousarray(x, np.float32), cache.pos
+        return self.cluster.run("attn", self.layer, [x],
+                                lambda: self.local(x, pos0, th) if self.local else None,
+                                lambda share: share(x, pos0, th), meta={"pos0": pos0})
 
 
 class ShardedFFN:

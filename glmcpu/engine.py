@@ -17,14 +17,17 @@ class Model:
         self.path = self.file.path
         self.threads = int(threads) if threads else ops.default_threads()
         cls = model_class(self.file.arch)
+        cfg = cls.config_class.from_gguf(self.file)
+        self.ctx = int(ctx) if ctx else min(cfg.n_ctx_train, 4096)
         self.cluster = None
         if workers:
-            self.cluster = connect(self.file, cls.config_class.from_gguf(self.file), workers, key,
-                                   worker_key, insecure, timeout, shares, self.threads)
+            self.cluster = connect(self.file, cfg, workers, key, worker_key, insecure, timeout, shares,
+                                   self.threads, self.ctx)
         self.net = cls(self.file, self.threads,
-                       ffn_factory=self.cluster.ffn_factory if self.cluster else None)
+                       factory=self.cluster.factory if self.cluster else None)
+        if self.cluster:
+            self.net.runner = self.cluster.forward
         self.cfg = self.net.cfg
-        self.ctx = int(ctx) if ctx else min(self.cfg.n_ctx_train, 4096)
         if self.ctx < 1:
             raise GlmcpuError(f"context size must be positive, not {ctx}")
         self.tokenizer = Tokenizer.from_gguf(self.file)
@@ -91,7 +94,7 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, **cluster) -> 
     return Model(path, threads=threads, ctx=ctx, mlock=mlock, workers=workers, **cluster)
 
 
-def connect(f, cfg, workers, key, worker_key, insecure, timeout, shares, threads):
+def connect(f, cfg, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx):
     from .cluster import Cluster
     from .net.link import load_keypair, load_public
     if insecure:
@@ -103,7 +106,8 @@ def connect(f, cfg, workers, key, worker_key, insecure, timeout, shares, threads
                           "public key), made with `glmcpu keygen`; or --insecure on every machine")
     if isinstance(workers, str):
         workers = [w for w in workers.split(",") if w]
-    return Cluster(f, cfg, workers, keypair, server_key, timeout=timeout, shares=shares, threads=threads)
+    return Cluster(f, cfg, workers, keypair, server_key, timeout=timeout, shares=shares, threads=threads,
+                   n_ctx=n_ctx)
 
 
 def is_expert(tensor_name: str) -> bool:

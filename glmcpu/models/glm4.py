@@ -91,12 +91,13 @@ class Linear:
 
 
 class KVCache:
-    def __init__(self, cfg: Config, n_ctx: int):
-        shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
+    def __init__(self, cfg: Config, n_ctx: int, allocate: bool = True):
+        shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim) if allocate else (0, 0, 0, 0)
         self.k = np.zeros(shape, np.float32)      # [n_layer, n_head_kv, n_ctx, head_dim]
         self.v = np.zeros(shape, np.float32)      # [n_layer, n_head_kv, n_ctx, head_dim]
         self.n_ctx = n_ctx
         self.pos = 0                              # positions filled so far
+        self.tokens = []                          # the ids at those positions (a cluster replays them)
 
 
 def optional_vector(f: GGUFFile, name: str):
@@ -166,37 +167,38 @@ class DenseFFN:
 
 
 class Layer:
-    def __init__(self, f: GGUFFile, i: int, cfg: Config, ffn_factory=None):
+    def __init__(self, f: GGUFFile, i: int, cfg: Config, factory=None):
         p = f"blk.{i}."
         self.attn_norm = f.vector(p + "attn_norm.weight")
-        self.attn = Attention(f, p, cfg)
+        self.attn = factory(f, p, i, "attn") if factory else Attention(f, p, cfg)
         # glm4 only: norms of the attention and FFN outputs ("sandwich" norms)
         sandwich = cfg.arch == "glm4"
         self.post_attn_norm = f.vector(p + "post_attention_norm.weight") if sandwich else None
         self.ffn_norm = f.vector(p + "ffn_norm.weight")
-        self.ffn = ffn_factory(f, p, i, "dense") if ffn_factory else DenseFFN(f, p)
+        self.ffn = factory(f, p, i, "dense") if factory else DenseFFN(f, p)
         self.post_ffw_norm = f.vector(p + "post_ffw_norm.weight") if sandwich else None
 
 
 class Model:
     config_class = Config
 
-    def __init__(self, f: GGUFFile, threads: int, ffn_factory=None):
-        """ffn_factory(f, prefix, layer, "dense" | "moe") builds the FFN modules instead (the
+    def __init__(self, f: GGUFFile, threads: int, factory=None):
+        """factory(f, prefix, layer, "attn" | "dense" | "moe") builds those modules instead (the
         cluster uses it to build only this machine's share)."""
         self.cfg = cfg = self.config_class.from_gguf(f)
         self.threads = threads
-        self.ffn_factory = ffn_factory
+        self.factory = factory
+        self.runner = None
         self.embd = f.tensor("token_embd.weight")               # [n_vocab, d_model], any type
         self.layers = [self.make_layer(f, i) for i in range(cfg.n_layer)]
         self.out_norm = f.vector("output_norm.weight")
         self.output = Linear(f, "output" if f.has("output.weight") else "token_embd")
 
     def make_layer(self, f, i):
-        return Layer(f, i, self.cfg, self.ffn_factory)
+        return Layer(f, i, self.cfg, self.factory)
 
     def new_cache(self, n_ctx: int) -> KVCache:
-        return KVCache(self.cfg, n_ctx)
+        return KVCache(self.cfg, n_ctx, allocate=self.factory is None)   # a cluster's shares keep their own
 
     def rmsnorm(self, x, w):
         return K.rmsnorm(x, w, self.cfg.eps, np.empty_like(x))
@@ -204,6 +206,11 @@ class Model:
     def forward(self, ids, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` at positions cache.pos.. and advance the cache.
         Returns logits [T, n_vocab] (all_logits) or [1, n_vocab] for the last token."""
+        if self.runner is not None:           # a cluster: replays the sequence if a worker is lost
+            return self.runner(self, ids, cache, all_logits)
+        return self.run(ids, cache, all_logits)
+
+    def run(self, ids, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         c, th, T = self.cfg, self.threads, len(ids)
         pos = np.arange(cache.pos, cache.pos + T, dtype=np.int32)
         h = dequantize(self.embd, np.asarray(ids)).reshape(T, c.d_model).copy()   # [T, d_model]
@@ -217,6 +224,7 @@ class Model:
                 y = self.rmsnorm(y, L.post_ffw_norm)
             h += y
         cache.pos += T
+        cache.tokens += [int(i) for i in ids]
         if not all_logits:
             h = h[-1:]
         return self.output(self.rmsnorm(np.ascontiguousarray(h), self.out_norm), th)

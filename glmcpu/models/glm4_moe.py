@@ -110,15 +110,15 @@ class MoE:
 
 
 class Layer:
-    def __init__(self, f: GGUFFile, i: int, cfg: Config, repack: bool, ffn_factory=None):
+    def __init__(self, f: GGUFFile, i: int, cfg: Config, repack: bool, factory=None):
         p = f"blk.{i}."
         self.attn_norm = f.vector(p + "attn_norm.weight")
-        self.attn = Attention(f, p, cfg)
+        self.attn = factory(f, p, i, "attn") if factory else Attention(f, p, cfg)
         self.post_attn_norm = None
         self.ffn_norm = f.vector(p + "post_attention_norm.weight")       # the pre-FFN norm here
         kind = "dense" if i < cfg.n_dense_lead else "moe"
-        if ffn_factory:
-            self.ffn = ffn_factory(f, p, i, kind)
+        if factory:
+            self.ffn = factory(f, p, i, kind)
         else:
             self.ffn = DenseFFN(f, p) if kind == "dense" else MoE(f, p, cfg, repack)
         self.post_ffw_norm = None
@@ -130,7 +130,7 @@ class Model(glm4.Model):
     def make_layer(self, f, i):
         if i == 0:
             self.repack_experts = ops.repack_experts(os.path.getsize(f.path))
-        return Layer(f, i, self.cfg, self.repack_experts, self.ffn_factory)
+        return Layer(f, i, self.cfg, self.repack_experts, self.factory)
 
     def expert_stats(self) -> dict:
         """{layer: hits per expert [n_expert]} for the MoE layers since load."""
