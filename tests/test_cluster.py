@@ -59,7 +59,7 @@ def test_worker_killed_mid_answer(tiny, workers, family):
     _, path, _ = tiny(family, "q8_0")
     want = greedy(glmcpu.load(path, threads=1), 16)
     procs, eps = workers(path, 2, "--insecure")
-    m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=1.5)
+    m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=3)
     got = []
     for i, piece in enumerate(m.generate(PROMPT, max_tokens=16, temperature=0, ignore_eos=True)):
         got.append(piece)
