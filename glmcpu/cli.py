@@ -30,6 +30,8 @@ def add_cluster(p):
     p.add_argument("--insecure", action="store_true", help="plain TCP, no keys (trusted networks only)")
     p.add_argument("--shares", help="comma-separated relative shares, root first (default: equal)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds before a silent worker is replaced")
+    p.add_argument("--wire", default="f32", choices=["f32", "f16"],
+                   help="hidden vectors on the network: f32 (exact) or f16 (half the bytes)")
 
 
 def cluster_kwargs(a):
@@ -37,7 +39,7 @@ def cluster_kwargs(a):
         return {}
     shares = [float(s) for s in a.shares.split(",")] if a.shares else None
     return dict(workers=a.workers, key=a.key, worker_key=a.worker_key, insecure=a.insecure,
-                timeout=a.timeout, shares=shares)
+                timeout=a.timeout, shares=shares, wire=a.wire)
 
 
 def cmd_worker(a):
@@ -79,7 +81,9 @@ def cmd_plan(a):
     cfg = model_class(f.arch).config_class.from_gguf(f)
     nodes = ["root"] + [w for w in (a.workers or "").split(",") if w]
     shares = [float(s) for s in a.shares.split(",")] if a.shares else None
-    for line in make_plan(cfg, nodes, shares).describe(cfg):
+    plan = make_plan(cfg, nodes, shares)
+    plan.bytes_per_value = 2 if a.wire == "f16" else 4
+    for line in plan.describe(cfg):
         print(line)
     return 0
 
@@ -276,6 +280,7 @@ def build_parser():
     pl.add_argument("model")
     pl.add_argument("--workers", default="")
     pl.add_argument("--shares")
+    pl.add_argument("--wire", default="f32", choices=["f32", "f16"])
     pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("info", help="what a model file holds and what running it needs")

@@ -44,13 +44,14 @@ class Plan:
     attn: dict = field(default_factory=dict)      # layer -> [(node, q0, q1)] query-head ranges
     ffn: dict = field(default_factory=dict)       # layer -> [(node, a, b)] slices of n_ff
     experts: dict = field(default_factory=dict)   # layer -> [(node, e0, e1)] expert ranges
+    bytes_per_value: int = 4                      # of the hidden vectors on the wire (f32; f16: 2)
 
     def describe(self, cfg) -> list:
         """Lines for `glmcpu plan`: shares, and per token the round trips and bytes moved."""
         d = cfg.d_model
         workers = len(self.nodes) - 1
         layers = sorted(set(self.ffn) | set(self.experts))
-        per_layer_out = d * 4 + 64                                 # f32 hidden vector + framing
+        per_layer_out = d * self.bytes_per_value + 64              # hidden vector + framing
         moe_extra = cfg.n_expert_used * 8 if getattr(cfg, "n_expert", 0) else 0
         trips = 2 * len(layers) if workers else 0                  # attention, then FFN / experts
         sent = sum(workers * (2 * per_layer_out + (moe_extra if l in self.experts else 0)) for l in layers)
@@ -257,17 +258,18 @@ class WorkerService:
             pos0 = meta.get("pos0")
             if not isinstance(pos0, int) or pos0 < 0:
                 raise ProtocolError("attn: pos0 must be a position")
-            return {}, [share(np.ascontiguousarray(x, np.float32), pos0, self.threads)]
+            return {}, [share(np.ascontiguousarray(x, np.float32), pos0, self.threads).astype(x.dtype)]
         if op == "ffn":
             share = self._share(meta, "ffn")
             (x,) = self._arrays(arrays, 1)
-            return {}, [share(np.ascontiguousarray(x, np.float32), self.threads)]
+            return {}, [share(np.ascontiguousarray(x, np.float32), self.threads).astype(x.dtype)]
         if op == "moe":
             share = self._share(meta, "moe")
             x, ids, w = self._arrays(arrays, 3)
             if ids.shape != w.shape or ids.shape[0] != x.shape[0]:
                 raise ProtocolError("moe: ids, weights and x disagree")
-            return {}, [share(np.ascontiguousarray(x, np.float32), ids.astype(np.int32), w, self.threads)]
+            y = share(np.ascontiguousarray(x, np.float32), ids.astype(np.int32), w, self.threads)
+            return {}, [y.astype(x.dtype)]
         raise ProtocolError(f"unknown op {op!r}")
 
     @staticmethod
@@ -308,8 +310,11 @@ class Cluster:
     """The root's view: one Client per worker, the plan, per-token figures, and fallbacks."""
 
     def __init__(self, f, cfg, endpoints, keypair=None, worker_key=None, timeout=5.0, shares=None,
-                 threads=1, n_ctx=4096):
+                 threads=1, n_ctx=4096, wire="f32"):
+        if wire not in ("f32", "f16"):
+            raise ClusterError(f"--wire {wire}: use f32 (exact) or f16 (half the bytes)")
         self.file, self.cfg, self.n_ctx = f, cfg, n_ctx
+        self.wire = np.float16 if wire == "f16" else np.float32
         self.clients = [Client(e, keypair, worker_key, timeout=timeout) for e in endpoints]
         self.alive = [True] * len(self.clients)
         self.fingerprint = f.fingerprint()
@@ -317,6 +322,7 @@ class Cluster:
         # by default each node's share follows its threads (a proxy for its speed)
         shares = shares or [threads] + [i.get("threads", 1) for i in self.info]
         self.plan = make_plan(cfg, ["root"] + list(endpoints), shares)
+        self.plan.bytes_per_value = np.dtype(self.wire).itemsize
         self.loads = [{"fingerprint": self.fingerprint, "ctx": n_ctx, "attn": {}, "ffn": {}, "experts": {}}
                       for _ in self.clients]
         for kind, table in (("attn", self.plan.attn), ("ffn", self.plan.ffn), ("experts", self.plan.experts)):
@@ -415,10 +421,11 @@ class Cluster:
         attention share, whose KV cache is gone with it, WorkerLost asks for a replay)."""
         remote = [n for n, _, _ in self.table(kind)[layer] if n > 0]
         asked, lost = [], False
+        wire = [arrays[0].astype(self.wire, copy=False)] + list(arrays[1:])   # the hidden state
         for n in remote:
             if self.alive[n - 1]:
                 try:
-                    self.clients[n - 1].send(kind, dict(meta or {}, layer=layer), arrays)
+                    self.clients[n - 1].send(kind, dict(meta or {}, layer=layer), wire)
                     asked.append(n)
                 except Exception:
                     self.alive[n - 1] = False
@@ -431,6 +438,7 @@ class Cluster:
             if n in asked:
                 try:
                     _, (part,) = self.clients[n - 1].recv()
+                    part = part.astype(np.float32)
                     self.stats["round_trips"] += 1
                 except (LinkError, ValueError):
                     self.alive[n - 1] = False

@@ -12,7 +12,7 @@ from .tokenizer import Detokenizer, Tokenizer
 
 class Model:
     def __init__(self, path, threads=None, ctx=None, mlock=False, workers=None, key=None,
-                 worker_key=None, insecure=False, timeout=5.0, shares=None):
+                 worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32"):
         self.file = GGUFFile(path)
         self.path = self.file.path
         self.threads = int(threads) if threads else ops.default_threads()
@@ -22,7 +22,7 @@ class Model:
         self.cluster = None
         if workers:
             self.cluster = connect(self.file, cfg, workers, key, worker_key, insecure, timeout, shares,
-                                   self.threads, self.ctx)
+                                   self.threads, self.ctx, wire)
         self.net = cls(self.file, self.threads,
                        factory=self.cluster.factory if self.cluster else None)
         if self.cluster:
@@ -94,7 +94,7 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, **cluster) -> 
     return Model(path, threads=threads, ctx=ctx, mlock=mlock, workers=workers, **cluster)
 
 
-def connect(f, cfg, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx):
+def connect(f, cfg, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire):
     from .cluster import Cluster
     from .net.link import load_keypair, load_public
     if insecure:
@@ -107,7 +107,7 @@ def connect(f, cfg, workers, key, worker_key, insecure, timeout, shares, threads
     if isinstance(workers, str):
         workers = [w for w in workers.split(",") if w]
     return Cluster(f, cfg, workers, keypair, server_key, timeout=timeout, shares=shares, threads=threads,
-                   n_ctx=n_ctx)
+                   n_ctx=n_ctx, wire=wire)
 
 
 def is_expert(tensor_name: str) -> bool:

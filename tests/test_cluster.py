@@ -158,3 +158,18 @@ def test_plan_command_and_figures(tiny):
     p = subprocess.run([sys.executable, "-m", "glmcpu", "worker", "--bind", "tcp://127.0.0.1:*"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "--insecure" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_f16_wire_halves_the_bytes(tiny, workers):
+    _, path, _ = tiny("glm4_moe", "q8_0")
+    single = glmcpu.load(path, threads=1)
+    _, eps = workers(path, 2, "--insecure")
+    exact = glmcpu.load(path, threads=1, workers=eps, insecure=True)
+    half = glmcpu.load(path, threads=1, workers=eps, insecure=True, wire="f16")
+    want = single.logits(PROMPT)
+    assert np.abs(exact.logits(PROMPT) - want).max() < 1e-4
+    got = half.logits(PROMPT)
+    # f16 rounding of the hidden state is of the order of the int8 activation rounding (~0.1 here)
+    assert np.abs(got - want).max() < 0.2 and (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    a, b = exact.cluster.per_token(), half.cluster.per_token()
+    assert b["sent_kib"] < 0.7 * a["sent_kib"] and b["received_kib"] < 0.7 * a["received_kib"]
