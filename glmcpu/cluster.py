@@ -384,17 +384,19 @@ class Cluster:
     def forward(self, net, ids, cache, all_logits):
         """net.run, but when a worker holding attention heads is lost, the sequence so far is
         replayed with the new plan (rebuilding every KV cache), then this step is run again."""
+        history = list(cache.tokens)
         while True:
-            history, pos = list(cache.tokens), cache.pos
             try:
                 return net.run(ids, cache, all_logits)
             except WorkerLost:
+                pass
+            while True:                       # replay until one whole pass gets through
                 cache.pos, cache.tokens = 0, []
                 try:
                     for s in range(0, len(history), 256):
                         net.run(history[s:s + 256], cache, False)
-                except WorkerLost:
-                    cache.pos, cache.tokens = pos, history        # lost another: start over
+                    break
+                except WorkerLost:            # lost another one meanwhile: again, without it
                     continue
 
     def table(self, kind):

@@ -173,3 +173,19 @@ def test_f16_wire_halves_the_bytes(tiny, workers):
     assert np.abs(got - want).max() < 0.2 and (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
     a, b = exact.cluster.per_token(), half.cluster.per_token()
     assert b["sent_kib"] < 0.7 * a["sent_kib"] and b["received_kib"] < 0.7 * a["received_kib"]
+
+
+def test_every_worker_lost(tiny, workers):
+    """Both workers die at different points: the root ends up doing everything, same answer."""
+    _, path, _ = tiny("glm4_moe", "q8_0")
+    want = greedy(glmcpu.load(path, threads=1), 16)
+    procs, eps = workers(path, 2, "--insecure")
+    m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=3)
+    got = []
+    for i, piece in enumerate(m.generate(PROMPT, max_tokens=16, temperature=0, ignore_eos=True)):
+        got.append(piece)
+        if i in (3, 9):
+            p = procs[0 if i == 3 else 1]
+            p.kill()
+            p.wait()
+    assert got == want and m.cluster.stats["failovers"] == 2 and m.cluster.per_token()["alive"] == "0/2"
