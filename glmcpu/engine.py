@@ -125,7 +125,7 @@ def expert_summary(stats: dict) -> list:
             continue
         p = hits[hits > 0] / total
         evenness = float(-(p * np.log(p)).sum() / np.log(len(hits))) if len(hits) > 1 else 1.0
-        top = np.argsort(-hits)[:3]
+        top = [e for e in np.argsort(-hits)[:3] if hits[e] > 0]
         lines.append(f"layer {layer:>3}: {int((hits > 0).sum())}/{len(hits)} experts used, evenness "
                      f"{evenness:.2f}, busiest {', '.join(f'#{e} ({hits[e]})' for e in top)}")
     return lines
