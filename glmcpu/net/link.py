@@ -13,6 +13,14 @@ from zmq.auth.thread import ThreadAuthenticator
 from .protocol import ProtocolError, pack, unpack
 
 MAX_MESSAGE = 1 << 30          # one peer cannot make the other allocate more than this
+HEARTBEAT_MS = 1000            # ZMTP pings on idle links; a peer silent for 5 beats is dropped
+
+
+def _common(sock):
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * HEARTBEAT_MS)
 
 
 class LinkError(Exception):
@@ -65,8 +73,7 @@ class Server:
         self.handler = handler
         self.auth = None
         self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        _common(self.sock)
         if keypair is not None:
             self.auth = ThreadAuthenticator(self.ctx)
             self.auth.start()
@@ -121,8 +128,7 @@ class Client:
 
     def _connect(self):
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
-        self.sock.setsockopt(zmq.LINGER, 0)
+        _common(self.sock)
         if self.keypair is not None:
             self.sock.curve_publickey, self.sock.curve_secretkey = self.keypair
             self.sock.curve_serverkey = self.server_key
