@@ -53,7 +53,7 @@ def cmd_worker(a):
     else:
         raise GlmcpuError("a worker needs --key (its key file) and --allow (the root's public key), "
                           "made with `glmcpu keygen`; or --insecure")
-    service = WorkerService(a.model, a.threads, a.memory)
+    service = WorkerService(a.model, a.threads, a.memory, a.cache)
     server = Server(a.bind, service, keypair=keypair, allowed=allowed)
     print(f"glmcpu worker on {server.endpoint} ({'insecure' if a.insecure else 'CurveZMQ'}; "
           f"public key {keypair[0].decode() if keypair else '-'})", flush=True)
@@ -264,7 +264,9 @@ def build_parser():
 
     w = sub.add_parser("worker", help="serve a share of a model to a root on the LAN")
     w.add_argument("--bind", required=True, help="tcp://HOST:PORT (HOST 0.0.0.0 for every interface)")
-    w.add_argument("--model", help="this machine's copy of the GGUF file")
+    w.add_argument("--model", help="this machine's copy of the GGUF file (without one, the root sends "
+                                  "this worker's share once and it is kept in --cache)")
+    w.add_argument("--cache", help="where shares sent by a root are kept (default ~/.cache/glmcpu/worker)")
     w.add_argument("--key", help="this worker's key file (glmcpu keygen)")
     w.add_argument("--allow", action="append", help="a root's public key allowed to connect (repeatable)")
     w.add_argument("--insecure", action="store_true", help="plain TCP, anyone may connect")

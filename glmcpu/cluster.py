@@ -13,6 +13,7 @@ The kernels give the same bits whether tokens come in a batch or one by one, so 
 the same as without the fault.
 
 The net layer (glmcpu.net) moves the arrays; everything here knows the model."""
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -101,22 +102,100 @@ def make_plan(cfg, nodes, shares=None) -> Plan:
 
 # ---- building one share of a layer from the file --------------------------------------------
 
-class Slice:
-    """Rows [a, b) of one or more weights stacked (gate|up), or columns [a, b) of one (down)."""
+class FileSource:
+    """Where a share's weights come from: slices of the GGUF file, read without copying the rest."""
 
-    def __init__(self, f, parts, cols=None):
-        ws = []
-        for name, (a, b) in parts:
-            w, wtype, _, n_in = f.matrix(name)
-            ws.append(w[a:b])
-        self.n_in = n_in
+    def __init__(self, f):
+        self.f = f
+
+    def has(self, name):
+        return self.f.has(name)
+
+    def rows(self, name, a, b):                   # -> raw rows [b-a, row_bytes], ggml type, n_in
+        w, wtype, _, n_in = self.f.matrix(name)
+        return np.ascontiguousarray(w[a:b]), wtype, n_in
+
+    def cols(self, name, a, b):                   # columns [a, b) of every row: whole blocks
+        w, wtype, _, _ = self.f.matrix(name)
+        bs, bb = K.TYPE_SIZES[wtype]
+        return np.ascontiguousarray(w[:, a // bs * bb: b // bs * bb]), wtype, b - a
+
+    def vector(self, name):
+        return self.f.vector(name)
+
+    def experts(self, name, rows, cols, cfg, e0, e1):
+        from .models.glm4_moe import expert_tensor
+        w, wtype = expert_tensor(self.f, name, rows, cols, cfg)
+        return np.ascontiguousarray(w[e0:e1]), wtype
+
+
+class Recorder:
+    """A source that keeps what it hands out: the payload that rebuilds the same share on a worker
+    that has no copy of the file (Replay), and what the worker caches."""
+
+    def __init__(self, source):
+        self.source, self.log = source, []
+
+    def __getattr__(self, method):
+        fn = getattr(self.source, method)
+
+        def call(*args):
+            out = fn(*args)
+            self.log.append((method, args, out))
+            return out
+        return call
+
+    def payload(self):
+        """(meta, arrays) for the wire: plain values in meta, arrays in order."""
+        entries, arrays = [], []
+        for method, args, out in self.log:
+            args = [a for a in args if not hasattr(a, "n_layer")]        # the config travels apart
+            if method == "has":
+                entries.append([method, args, bool(out)])
+            elif method == "vector":
+                entries.append([method, args, len(arrays)])
+                arrays.append(out)
+            else:                                       # (array, ggml type[, n_in])
+                entries.append([method, args, [len(arrays)] + [int(v) for v in out[1:]]])
+                arrays.append(out[0])
+        return {"entries": entries}, arrays
+
+
+class Replay:
+    """The worker's side of Recorder: answers the same calls from the shipped arrays."""
+
+    def __init__(self, meta, arrays):
+        self.answers = {}
+        try:
+            for method, args, out in meta["entries"]:
+                if method == "has":
+                    value = bool(out)
+                elif method == "vector":
+                    value = arrays[out]
+                else:
+                    value = (arrays[out[0]], *out[1:])
+                self.answers[(method, repr(list(args)))] = value
+        except (TypeError, ValueError, IndexError, KeyError):
+            raise ProtocolError("a shipped share's description does not match its arrays") from None
+
+    def __getattr__(self, method):
+        def call(*args):
+            args = [a for a in args if not hasattr(a, "n_layer")]
+            key = (method, repr(list(args)))
+            if key not in self.answers:
+                raise ProtocolError(f"the shipped share lacks {method}{tuple(args)}")
+            return self.answers[key]
+        return call
+
+
+class Slice:
+    """Raw weight rows (gate|up stacked, or a column range of one), in the fastest layout."""
+
+    def __init__(self, parts):
+        ws = [w for w, _, _ in parts]
+        wtype, n_in = parts[0][1], parts[0][2]
         w = np.concatenate(ws, 0) if len(ws) > 1 else ws[0]
-        if cols is not None:                       # whole blocks of each row: a copy of the slice
-            bs, bb = K.TYPE_SIZES[wtype]
-            a, b = cols
-            w = np.ascontiguousarray(w[:, a // bs * bb: b // bs * bb])
-            self.n_in = b - a
-        self.n_out = w.shape[0]
+        self.n_in, self.n_out = n_in, w.shape[0]
         self.w, self.type = ops.repack(np.ascontiguousarray(w), wtype)
 
     def __call__(self, x, th):
@@ -127,23 +206,23 @@ class AttnShare:
     """Query heads [q0, q1) of one layer and the KV heads they read, with their own KV cache;
     returns this share's part of the attention output projection."""
 
-    def __init__(self, f, p, cfg, q0, q1, n_ctx):
+    def __init__(self, src, p, cfg, q0, q1, n_ctx):
         hd, G = cfg.head_dim, cfg.n_head // cfg.n_head_kv
         self.cfg, self.q0, self.q1 = cfg, q0, q1
         self.kv0, self.kv1 = q0 // G, (q1 - 1) // G + 1
         q, k, v = (q0 * hd, q1 * hd), (self.kv0 * hd, self.kv1 * hd), (self.kv0 * hd, self.kv1 * hd)
-        if f.has(p + "attn_qkv.weight"):                 # rows Q, then K, then V
+        if src.has(p + "attn_qkv.weight"):               # rows Q, then K, then V
             off_k, off_v = cfg.n_head * hd, (cfg.n_head + cfg.n_head_kv) * hd
             parts = [(p + "attn_qkv", q), (p + "attn_qkv", (off_k + k[0], off_k + k[1])),
                      (p + "attn_qkv", (off_v + v[0], off_v + v[1]))]
         else:
             parts = [(p + "attn_q", q), (p + "attn_k", k), (p + "attn_v", v)]
-        self.qkv = Slice(f, [(n + ".weight", r) for n, r in parts])
-        self.bias = (np.concatenate([f.vector(n + ".bias")[a:b] for n, (a, b) in parts])
-                     if f.has(parts[0][0] + ".bias") else None)
-        self.q_norm = f.vector(p + "attn_q_norm.weight") if f.has(p + "attn_q_norm.weight") else None
-        self.k_norm = f.vector(p + "attn_k_norm.weight") if f.has(p + "attn_k_norm.weight") else None
-        self.wo = Slice(f, [(p + "attn_output.weight", (0, None))], cols=q)
+        self.qkv = Slice([src.rows(n + ".weight", a, b) for n, (a, b) in parts])
+        self.bias = (np.concatenate([src.vector(n + ".bias")[a:b] for n, (a, b) in parts])
+                     if src.has(parts[0][0] + ".bias") else None)
+        self.q_norm = src.vector(p + "attn_q_norm.weight") if src.has(p + "attn_q_norm.weight") else None
+        self.k_norm = src.vector(p + "attn_k_norm.weight") if src.has(p + "attn_k_norm.weight") else None
+        self.wo = Slice([src.cols(p + "attn_output.weight", *q)])
         self.nq, self.nkv = q1 - q0, self.kv1 - self.kv0
         self.k = np.zeros((self.nkv, n_ctx, hd), np.float32)   # [local kv heads, n_ctx, head_dim]
         self.v = np.zeros((self.nkv, n_ctx, hd), np.float32)
@@ -185,13 +264,13 @@ class AttnShare:
 class FFNShare:
     """silu(x Wg[a:b]) * (x Wu[a:b]) -> Wd[:, a:b]: one slice of the intermediate dimension."""
 
-    def __init__(self, f, p, a, b, n_ff, suffix=""):
-        if f.has(p + f"ffn_gate{suffix}.weight"):
-            gu = [(p + f"ffn_gate{suffix}.weight", (a, b)), (p + f"ffn_up{suffix}.weight", (a, b))]
+    def __init__(self, src, p, a, b, n_ff, suffix=""):
+        if src.has(p + f"ffn_gate{suffix}.weight"):
+            gu = [(p + f"ffn_gate{suffix}.weight", a, b), (p + f"ffn_up{suffix}.weight", a, b)]
         else:                                          # fused [gate | up] rows
-            gu = [(p + "ffn_up.weight", (a, b)), (p + "ffn_up.weight", (n_ff + a, n_ff + b))]
-        self.gate_up = Slice(f, gu)
-        self.down = Slice(f, [(p + f"ffn_down{suffix}.weight", (0, None))], cols=(a, b))
+            gu = [(p + "ffn_up.weight", a, b), (p + "ffn_up.weight", n_ff + a, n_ff + b)]
+        self.gate_up = Slice([src.rows(*g) for g in gu])
+        self.down = Slice([src.cols(p + f"ffn_down{suffix}.weight", a, b)])
 
     def __call__(self, x, th):
         gu = self.gate_up(x, th)
@@ -201,14 +280,12 @@ class FFNShare:
 class ExpertShare:
     """Experts [e0, e1) of one MoE layer: views of the file's stacked tensors (repacked if allowed)."""
 
-    def __init__(self, f, p, e0, e1, cfg, repack):
-        from .models.glm4_moe import expert_tensor
+    def __init__(self, src, p, e0, e1, cfg, repack):
         d, ff = cfg.d_model, cfg.n_ff_exp
         self.e0, self.e1 = e0, e1
         mats = []
         for name, rows, cols in (("gate", ff, d), ("up", ff, d), ("down", d, ff)):
-            w, wtype = expert_tensor(f, p + f"ffn_{name}_exps.weight", rows, cols, cfg)
-            w = w[e0:e1]
+            w, wtype = src.experts(p + f"ffn_{name}_exps.weight", rows, cols, cfg, e0, e1)
             if repack:
                 pw, ptype = ops.repack(np.ascontiguousarray(w).reshape((e1 - e0) * rows, -1), wtype)
                 if ptype != wtype:
@@ -222,6 +299,19 @@ class ExpertShare:
                      np.ascontiguousarray(weights, np.float32), np.empty_like(x), th)
 
 
+def build_share(src, kind, layer, a, b, cfg, n_ctx, repack):
+    """One node's part of one layer, from a FileSource, a Recorder or a Replay."""
+    p = f"blk.{layer}."
+    if kind == "attn":
+        return AttnShare(src, p, cfg, a, b, n_ctx)
+    if kind == "ffn":
+        return FFNShare(src, p, a, b, cfg.n_ff)
+    return ExpertShare(src, p, a, b, cfg, repack)
+
+
+KINDS = {"attn": "attn", "ffn": "ffn", "experts": "moe"}      # plan table -> op name
+
+
 # ---- the worker ----------------------------------------------------------------------------
 
 def available_gb() -> float:
@@ -233,14 +323,18 @@ def available_gb() -> float:
 
 
 class WorkerService:
-    """What `glmcpu worker` serves: hello, load (its share of a plan), ffn, moe, ping."""
+    """What `glmcpu worker` serves: hello, load (its share of a plan), put (a share's weights, for a
+    worker without the file), attn, ffn, moe, ping. Shipped shares are kept in a cache directory
+    keyed by the model's fingerprint, so the next start needs nothing from the root."""
 
-    def __init__(self, model_path=None, threads=None, memory_gb=None):
+    def __init__(self, model_path=None, threads=None, memory_gb=None, cache_dir=None):
         from .gguf import GGUFFile
         self.file = GGUFFile(model_path) if model_path else None
         self.threads = int(threads) if threads else ops.default_threads()
         self.memory = float(memory_gb) if memory_gb else available_gb()
         self.print = self.file.fingerprint() if self.file else None
+        self.cache_dir = cache_dir or os.environ.get("GLMCPU_CACHE") or os.path.join(
+            os.path.expanduser("~"), ".cache", "glmcpu", "worker")
         self.shares = {}
 
     def __call__(self, op, meta, arrays):
@@ -252,6 +346,8 @@ class WorkerService:
                     "version": __version__}, []
         if op == "load":
             return self.load(meta), []
+        if op == "put":
+            return self.put(meta, arrays), []
         if op == "attn":
             share = self._share(meta, "attn")
             (x,) = self._arrays(arrays, 1)
@@ -284,24 +380,69 @@ class WorkerService:
             raise ProtocolError(f"no {kind} share loaded for layer {meta.get('layer')!r}")
         return share
 
-    def load(self, meta):
-        """Build this worker's slices from its own copy of the file (checked by fingerprint)."""
+    def _cfg(self, meta):
         from .models import model_class
-        if self.file is None:
-            raise ProtocolError("this worker has no copy of the model (start it with --model PATH)")
-        if meta.get("fingerprint") != self.print:
-            raise ProtocolError("this worker's model file differs from the root's (fingerprint mismatch)")
-        cfg = model_class(self.file.arch).config_class.from_gguf(self.file)
-        self.shares = {}
-        repack = ops.repack_experts(os.path.getsize(self.file.path))
+        if self.file is not None and meta.get("fingerprint") == self.print:
+            return model_class(self.file.arch).config_class.from_gguf(self.file)
+        c = meta.get("config")
+        if not isinstance(c, dict) or not isinstance(c.get("arch"), str):
+            raise ProtocolError("load: no model configuration")
+        try:
+            return model_class(c["arch"]).config_class(**c)
+        except (TypeError, GlmcpuError) as e:
+            raise ProtocolError(f"load: bad model configuration ({e})") from None
+
+    def _cached(self, fingerprint, kind, layer, a, b):
+        if not isinstance(fingerprint, str) or not fingerprint.isalnum():
+            raise ProtocolError("bad fingerprint")
+        return os.path.join(self.cache_dir, fingerprint, f"{kind}-{int(layer)}-{int(a)}-{int(b)}")
+
+    def load(self, meta):
+        """Build this worker's shares: from its own copy of the file when the fingerprints match,
+        else from its cache; answer which shares are missing so the root can send them."""
+        fp = meta.get("fingerprint")
+        cfg = self._cfg(meta)
         n_ctx = int(meta.get("ctx", 4096))
-        for l, (q0, q1) in meta.get("attn", {}).items():
-            self.shares[("attn", int(l))] = AttnShare(self.file, f"blk.{l}.", cfg, q0, q1, n_ctx)
-        for l, (a, b) in meta.get("ffn", {}).items():
-            self.shares[("ffn", int(l))] = FFNShare(self.file, f"blk.{l}.", a, b, cfg.n_ff)
-        for l, (e0, e1) in meta.get("experts", {}).items():
-            self.shares[("moe", int(l))] = ExpertShare(self.file, f"blk.{l}.", e0, e1, cfg, repack)
-        return {"loaded": len(self.shares)}
+        own = self.file is not None and fp == self.print
+        repack = ops.repack_experts(os.path.getsize(self.file.path)) if own else ops.REPACK == "all"
+        shares, missing = {}, []
+        for table, kind in KINDS.items():
+            for l, rng in meta.get(table, {}).items():
+                a, b = int(rng[0]), int(rng[1])
+                if own:
+                    src = FileSource(self.file)
+                else:
+                    path = self._cached(fp, kind, l, a, b)
+                    if not os.path.exists(path + ".npz"):
+                        missing.append([kind, int(l), a, b])
+                        continue
+                    import json
+                    with open(path + ".json") as fh, np.load(path + ".npz") as z:
+                        src = Replay(json.load(fh), [z[f"arr_{i}"] for i in range(len(z.files))])
+                shares[(kind, int(l))] = build_share(src, kind, int(l), a, b, cfg, n_ctx, repack)
+        if not missing:
+            self.shares = shares
+        return {"loaded": len(shares), "missing": missing}
+
+    def put(self, meta, arrays):
+        """Keep one shipped share in the cache (json + npz, written atomically)."""
+        import json
+        if meta.get("kind") not in KINDS.values() or not isinstance(meta.get("entries"), list):
+            raise ProtocolError("put: bad share description")
+        try:
+            path = self._cached(meta.get("fingerprint"), meta["kind"], int(meta.get("layer")),
+                                int(meta.get("a")), int(meta.get("b")))
+        except (TypeError, ValueError):
+            raise ProtocolError("put: bad share position") from None
+        Replay({"entries": meta["entries"]}, arrays)                    # validates indices
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp.npz", "wb") as fh:
+            np.savez(fh, *arrays)
+        with open(path + ".json.tmp", "w") as fh:
+            json.dump({"entries": meta["entries"]}, fh)
+        os.replace(path + ".json.tmp", path + ".json")
+        os.replace(path + ".tmp.npz", path + ".npz")
+        return {"stored": sum(a.nbytes for a in arrays)}
 
 
 # ---- the root ------------------------------------------------------------------------------
@@ -330,9 +471,13 @@ class Cluster:
                 for node, a, b in parts:
                     if node > 0:
                         self.loads[node - 1][kind][str(l)] = [a, b]
+        config = {k: (float(v) if isinstance(v, float) else v) for k, v in dataclasses.asdict(cfg).items()}
+        for load in self.loads:
+            load["config"] = config
+        self.shipped = 0
         for c, load in zip(self.clients, self.loads):
             try:
-                c.request("load", load, timeout=600)
+                self.load(c, load)
             except LinkError as e:
                 raise ClusterError(f"worker {c.endpoint} could not load its share: {e}") from None
         self.repack = ops.repack_experts(os.path.getsize(f.path))
@@ -340,14 +485,31 @@ class Cluster:
         self.stats = {"tokens": 0, "round_trips": 0, "failovers": 0, "net_seconds": 0.0,
                       "compute_seconds": 0.0}
 
+    def load(self, c, load):
+        """Ask a worker to build its shares; send the weights of any it has neither in a copy of
+        the file nor in its cache (once: the worker keeps them)."""
+        missing = c.request("load", load, timeout=600)[0].get("missing", [])
+        if not missing:
+            return
+        import sys
+        print(f"glmcpu: sending {len(missing)} shares of weights to {c.endpoint} (once; it caches them)",
+              file=sys.stderr)
+        for kind, layer, a, b in missing:
+            rec = Recorder(FileSource(self.file))
+            build_share(rec, kind, layer, a, b, self.cfg, 1, False)
+            meta, arrays = rec.payload()
+            meta.update(fingerprint=self.fingerprint, kind=kind, layer=layer, a=a, b=b)
+            c.request("put", meta, arrays, timeout=600)
+            self.shipped += sum(x.nbytes for x in arrays)
+        if c.request("load", load, timeout=600)[0].get("missing"):
+            raise LinkError(f"{c.endpoint} still lacks shares after they were sent")
+
     def hello(self, c):
         try:
             meta, _ = c.request("hello")
         except LinkError as e:
             raise ClusterError(f"worker {c.endpoint} is not reachable ({e}); is it running, with "
                                "matching keys (or --insecure on both sides)?") from None
-        if meta.get("fingerprint") != self.fingerprint:
-            raise ClusterError(f"worker {c.endpoint} has a different model file (or none)")
         return meta
 
     def revive(self, timeout=0.5):
@@ -357,9 +519,9 @@ class Cluster:
                 continue
             try:
                 c.reset()
-                if c.request("hello", timeout=timeout)[0].get("fingerprint") == self.fingerprint:
-                    c.request("load", self.loads[i], timeout=600)
-                    self.alive[i] = True
+                c.request("hello", timeout=timeout)
+                self.load(c, self.loads[i])
+                self.alive[i] = True
             except LinkError:
                 c.reset()
 
@@ -407,14 +569,8 @@ class Cluster:
         key = (kind, layer, node)
         if key not in self.fallbacks:
             _, a, b = next(t for t in self.table(kind)[layer] if t[0] == node)
-            p = f"blk.{layer}."
-            if kind == "attn":
-                share = AttnShare(self.file, p, self.cfg, a, b, self.n_ctx)
-            elif kind == "ffn":
-                share = FFNShare(self.file, p, a, b, self.cfg.n_ff)
-            else:
-                share = ExpertShare(self.file, p, a, b, self.cfg, self.repack)
-            self.fallbacks[key] = share
+            self.fallbacks[key] = build_share(FileSource(self.file), kind, layer, a, b, self.cfg,
+                                              self.n_ctx, self.repack)
         return self.fallbacks[key]
 
     def run(self, kind, layer, arrays, local, compute_share, meta=None):
@@ -468,7 +624,7 @@ class ShardedAttention:
     def __init__(self, cluster, f, p, layer):
         self.cluster, self.layer = cluster, layer
         mine = [(a, b) for n, a, b in cluster.plan.attn[layer] if n == 0]
-        self.local = AttnShare(f, p, cluster.cfg, *mine[0], cluster.n_ctx) if mine else None
+        self.local = AttnShare(FileSource(f), p, cluster.cfg, *mine[0], cluster.n_ctx) if mine else None
 
     def __call__(self, x, cache, l, pos, th):
         x, pos0 = np.ascontiguousarray(x, np.float32), cache.pos
@@ -481,7 +637,7 @@ class ShardedFFN:
     def __init__(self, cluster, f, p, layer):
         self.cluster, self.layer = cluster, layer
         mine = [(a, b) for n, a, b in cluster.plan.ffn[layer] if n == 0]
-        self.local = FFNShare(f, p, *mine[0], cluster.cfg.n_ff) if mine else None
+        self.local = FFNShare(FileSource(f), p, *mine[0], cluster.cfg.n_ff) if mine else None
 
     def __call__(self, x, th):
         x = np.ascontiguousarray(x, np.float32)
@@ -500,7 +656,7 @@ class ShardedMoE:
         self.route = Router(f, p, cluster.cfg)
         self.shared = DenseFFN(f, p, "_shexp") if cluster.cfg.n_expert_shared else None
         mine = [(a, b) for n, a, b in cluster.plan.experts[layer] if n == 0]
-        self.local = ExpertShare(f, p, *mine[0], cluster.cfg, cluster.repack) if mine else None
+        self.local = ExpertShare(FileSource(f), p, *mine[0], cluster.cfg, cluster.repack) if mine else None
         self.hits = np.zeros(cluster.cfg.n_expert, np.int64)
 
     def __call__(self, x, th):

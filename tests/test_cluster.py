@@ -13,21 +13,21 @@ from glmcpu.net.link import keygen
 PROMPT = list(range(5, 17))
 
 
-def start_worker(path, *extra):
-    p = subprocess.Popen([sys.executable, "-m", "glmcpu", "worker", "--bind", "tcp://127.0.0.1:*",
-                          "--model", path, "-t", "1", *extra], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+def start_worker(path, *extra, bind="tcp://127.0.0.1:*"):
+    model = ["--model", path] if path else []
+    p = subprocess.Popen([sys.executable, "-m", "glmcpu", "worker", "--bind", bind, *model, "-t", "1",
+                          *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = p.stdout.readline()
     assert line.startswith("glmcpu worker on "), p.stderr.read()
     return p, line.split()[3]
 
 
 @pytest.fixture
-def workers():
+def workers(tmp_path):
     procs = []
 
     def start(path, n, *extra):
-        started = [start_worker(path, *extra) for _ in range(n)]
+        started = [start_worker(path, "--cache", str(tmp_path / f"cache{i}"), *extra) for i in range(n)]
         procs.extend(p for p, _ in started)
         return [p for p, _ in started], [e for _, e in started]
     yield start
@@ -79,11 +79,7 @@ def test_worker_killed_mid_answer(tiny, workers, family):
 
 
 def start_worker_at(path, endpoint):
-    p = subprocess.Popen([sys.executable, "-m", "glmcpu", "worker", "--bind", endpoint, "--model", path,
-                          "-t", "1", "--insecure"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = p.stdout.readline()
-    assert line.startswith("glmcpu worker on "), p.stderr.read()
-    return p, endpoint
+    return start_worker(path, "--insecure", bind=endpoint)
 
 
 def test_keys_required_and_checked(tiny, workers, tmp_path):
@@ -130,10 +126,12 @@ def test_worker_survives_garbage_and_wrong_model(tiny, workers):
         raw.recv_multipart()
     raw.close()
     assert procs[0].poll() is None
-    with pytest.raises(ClusterError, match="different model"):
-        glmcpu.load(other, workers=eps, insecure=True)
+    # a worker holding another model gets this one's shares sent (and answers right)
+    m = glmcpu.load(other, threads=1, workers=eps, insecure=True)
+    assert m.cluster.shipped > 0 and greedy(m) == greedy(glmcpu.load(other, threads=1))
     want = greedy(glmcpu.load(path, threads=1))
-    assert greedy(glmcpu.load(path, threads=1, workers=eps, insecure=True)) == want
+    m = glmcpu.load(path, threads=1, workers=eps, insecure=True)
+    assert m.cluster.shipped == 0 and greedy(m) == want
 
 
 def test_stats_line(tiny, workers):
@@ -189,3 +187,40 @@ def test_every_worker_lost(tiny, workers):
             p.kill()
             p.wait()
     assert got == want and m.cluster.stats["failovers"] == 2 and m.cluster.per_token()["alive"] == "0/2"
+
+
+@pytest.mark.parametrize("family", ["glm4", "glm4_moe"])
+def test_worker_without_the_file_gets_its_share_once(tiny, tmp_path, family):
+    """No copy of the GGUF: the root sends the worker's slices, the worker caches them, and the
+    next start of the worker needs nothing."""
+    _, path, _ = tiny(family, "q8_0")
+    want = greedy(glmcpu.load(path, threads=1))
+    cache = str(tmp_path / "cache")
+    for round_ in range(2):
+        p, ep = start_worker(None, "--insecure", "--cache", cache)
+        try:
+            m = glmcpu.load(path, threads=1, workers=[ep], insecure=True)
+            assert greedy(m) == want
+            shipped = m.cluster.shipped
+            if round_ == 0:
+                full = sum(t.n_bytes for t in m.file.tensors.values())
+                assert 0 < shipped < full       # only this worker's slices, not the file
+            else:
+                assert shipped == 0             # all from the worker's cache
+        finally:
+            p.kill()
+            p.wait()
+
+
+def test_bad_put_never_writes_outside_the_cache(tmp_path):
+    from glmcpu.cluster import WorkerService
+    from glmcpu.net.protocol import ProtocolError
+    w = WorkerService(None, 1, 1, str(tmp_path / "cache"))
+    bad = [{"kind": "../../x", "entries": [], "fingerprint": "ab", "layer": 0, "a": 0, "b": 1},
+           {"kind": "ffn", "entries": [], "fingerprint": "../..", "layer": 0, "a": 0, "b": 1},
+           {"kind": "ffn", "entries": [["rows", [], [5, 8, 32]]], "fingerprint": "ab", "layer": 0, "a": 0, "b": 1},
+           {"kind": "ffn", "entries": [], "fingerprint": "ab", "layer": "x", "a": 0, "b": 1}]
+    for meta in bad:
+        with pytest.raises(ProtocolError):
+            w("put", meta, [])
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("**/*.npz"))
