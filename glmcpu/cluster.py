@@ -314,6 +314,31 @@ KINDS = {"attn": "attn", "ffn": "ffn", "experts": "moe"}      # plan table -> op
 
 # ---- the worker ----------------------------------------------------------------------------
 
+def measure_bandwidth(threads, mib=256) -> float:
+    """This machine's read bandwidth in GB/s (decode speed follows it): a quick probe at start."""
+    buf = np.ones(mib << 20, np.uint8)
+    K.stream_read(buf, threads)
+    t = time.perf_counter()
+    K.stream_read(buf, threads)
+    return buf.nbytes / max(time.perf_counter() - t, 1e-9) / 1e9
+
+
+def weigh(speeds, memories, need_gb) -> list:
+    """Shares proportional to speed, then trimmed so no node holds more than 90% of its memory
+    (what is trimmed goes to the others, in proportion)."""
+    shares = np.array(speeds, float) / sum(speeds)
+    caps = np.array([0.9 * m / need_gb if m and need_gb else np.inf for m in memories])
+    for _ in range(len(shares)):
+        over = shares > caps
+        if not over.any() or caps.sum() < 1:
+            break
+        spare = (shares[over] - caps[over]).sum()
+        shares[over] = caps[over]
+        free = ~over & (shares < caps)
+        shares[free] += spare * shares[free] / shares[free].sum()
+    return [float(x) for x in shares]
+
+
 def available_gb() -> float:
     try:
         with open("/proc/meminfo") as f:
@@ -332,6 +357,7 @@ class WorkerService:
         self.file = GGUFFile(model_path) if model_path else None
         self.threads = int(threads) if threads else ops.default_threads()
         self.memory = float(memory_gb) if memory_gb else available_gb()
+        self.bandwidth = measure_bandwidth(self.threads)
         self.print = self.file.fingerprint() if self.file else None
         self.cache_dir = cache_dir or os.environ.get("GLMCPU_CACHE") or os.path.join(
             os.path.expanduser("~"), ".cache", "glmcpu", "worker")
@@ -343,7 +369,7 @@ class WorkerService:
         if op == "hello":
             from . import __version__
             return {"fingerprint": self.print, "threads": self.threads, "memory_gb": self.memory,
-                    "version": __version__}, []
+                    "bandwidth_gbs": self.bandwidth, "version": __version__}, []
         if op == "load":
             return self.load(meta), []
         if op == "put":
@@ -460,8 +486,12 @@ class Cluster:
         self.alive = [True] * len(self.clients)
         self.fingerprint = f.fingerprint()
         self.info = [self.hello(c) for c in self.clients]
-        # by default each node's share follows its threads (a proxy for its speed)
-        shares = shares or [threads] + [i.get("threads", 1) for i in self.info]
+        # by default shares follow each node's measured read bandwidth (decode is bound by it),
+        # trimmed to what each node's memory holds
+        if not shares:
+            speeds = [measure_bandwidth(threads)] + [float(i.get("bandwidth_gbs") or 1) for i in self.info]
+            memories = [available_gb()] + [float(i.get("memory_gb") or 0) for i in self.info]
+            shares = weigh(speeds, memories, os.path.getsize(f.path) / 2**30)
         self.plan = make_plan(cfg, ["root"] + list(endpoints), shares)
         self.plan.bytes_per_value = np.dtype(self.wire).itemsize
         self.loads = [{"fingerprint": self.fingerprint, "ctx": n_ctx, "attn": {}, "ffn": {}, "experts": {}}
@@ -491,16 +521,20 @@ class Cluster:
         missing = c.request("load", load, timeout=600)[0].get("missing", [])
         if not missing:
             return
-        import sys
-        print(f"glmcpu: sending {len(missing)} shares of weights to {c.endpoint} (once; it caches them)",
-              file=sys.stderr)
-        for kind, layer, a, b in missing:
-            rec = Recorder(FileSource(self.file))
-            build_share(rec, kind, layer, a, b, self.cfg, 1, False)
-            meta, arrays = rec.payload()
-            meta.update(fingerprint=self.fingerprint, kind=kind, layer=layer, a=a, b=b)
-            c.request("put", meta, arrays, timeout=600)
-            self.shipped += sum(x.nbytes for x in arrays)
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        with Progress(TextColumn(f"sending weights to {c.endpoint} (once: it caches them)"), BarColumn(),
+                      MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True),
+                      transient=True) as bar:
+            task = bar.add_task("", total=len(missing))
+            for kind, layer, a, b in missing:
+                rec = Recorder(FileSource(self.file))
+                build_share(rec, kind, layer, a, b, self.cfg, 1, False)
+                meta, arrays = rec.payload()
+                meta.update(fingerprint=self.fingerprint, kind=kind, layer=layer, a=a, b=b)
+                c.request("put", meta, arrays, timeout=600)
+                self.shipped += sum(x.nbytes for x in arrays)
+                bar.advance(task)
         if c.request("load", load, timeout=600)[0].get("missing"):
             raise LinkError(f"{c.endpoint} still lacks shares after they were sent")
 

@@ -224,3 +224,10 @@ def test_bad_put_never_writes_outside_the_cache(tmp_path):
         with pytest.raises(ProtocolError):
             w("put", meta, [])
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob("**/*.npz"))
+
+
+def test_shares_follow_speed_within_memory():
+    from glmcpu.cluster import weigh
+    s = weigh([20, 10, 10], [16, 8, 1], need_gb=10)       # the third can hold 9% of a 10 GB model
+    assert abs(sum(s) - 1) < 1e-9 and s[2] <= 0.09 + 1e-9 and s[0] > s[1] > s[2]
+    assert weigh([1, 1, 1], [0, 0, 0], 10) == [1 / 3] * 3   # memory unknown: speed alone
