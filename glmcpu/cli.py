@@ -28,7 +28,8 @@ def add_cluster(p):
     p.add_argument("--key", help="this root's key file (glmcpu keygen)")
     p.add_argument("--worker-key", help="the workers' public key (.pub file or 40 characters)")
     p.add_argument("--insecure", action="store_true", help="plain TCP, no keys (trusted networks only)")
-    p.add_argument("--shares", help="comma-separated relative shares, root first (default: equal)")
+    p.add_argument("--shares", help="comma-separated relative shares, root first; 'auto' follows measured "
+                                    "memory bandwidth (default: threads, within each machine's memory)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds before a silent worker is replaced")
     p.add_argument("--wire", default="f32", choices=["f32", "f16"],
                    help="hidden vectors on the network: f32 (exact) or f16 (half the bytes)")
@@ -37,7 +38,7 @@ def add_cluster(p):
 def cluster_kwargs(a):
     if not getattr(a, "workers", None):
         return {}
-    shares = [float(s) for s in a.shares.split(",")] if a.shares else None
+    shares = a.shares if a.shares in (None, "auto") else [float(s) for s in a.shares.split(",")]
     return dict(workers=a.workers, key=a.key, worker_key=a.worker_key, insecure=a.insecure,
                 timeout=a.timeout, shares=shares, wire=a.wire)
 

@@ -314,7 +314,7 @@ KINDS = {"attn": "attn", "ffn": "ffn", "experts": "moe"}      # plan table -> op
 
 # ---- the worker ----------------------------------------------------------------------------
 
-def measure_bandwidth(threads, mib=256) -> float:
+def measure_bandwidth(threads, mib=128) -> float:
     """This machine's read bandwidth in GB/s (decode speed follows it): a quick probe at start."""
     buf = np.ones(mib << 20, np.uint8)
     K.stream_read(buf, threads)
@@ -486,10 +486,12 @@ class Cluster:
         self.alive = [True] * len(self.clients)
         self.fingerprint = f.fingerprint()
         self.info = [self.hello(c) for c in self.clients]
-        # by default shares follow each node's measured read bandwidth (decode is bound by it),
-        # trimmed to what each node's memory holds
-        if not shares:
-            speeds = [measure_bandwidth(threads)] + [float(i.get("bandwidth_gbs") or 1) for i in self.info]
+        # by default shares follow each node's threads, trimmed to what its memory holds; "auto"
+        # follows the read bandwidth each node measured (decode is bound by it), which is truer but
+        # noisy, and a plan that moves makes workers' caches of shipped weights miss
+        if not shares or shares == "auto":
+            speeds = ([measure_bandwidth(threads)] + [float(i.get("bandwidth_gbs") or 1) for i in self.info]
+                      if shares == "auto" else [threads] + [float(i.get("threads") or 1) for i in self.info])
             memories = [available_gb()] + [float(i.get("memory_gb") or 0) for i in self.info]
             shares = weigh(speeds, memories, os.path.getsize(f.path) / 2**30)
         self.plan = make_plan(cfg, ["root"] + list(endpoints), shares)
