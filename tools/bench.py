@@ -49,7 +49,6 @@ class LlamaCppEngine:
 
     def run(self, prompt, gen):
         self.llm.reset()
-        self.llm._ctx.kv_cache_clear() if hasattr(self.llm._ctx, "kv_cache_clear") else None
         t0 = time.perf_counter()
         self.llm.eval(prompt)
         t1 = time.perf_counter()
