@@ -12,6 +12,22 @@ from test_models import kl
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python to compare with llama.cpp")
 
+
+@pytest.fixture(scope="module", autouse=True)
+def llama_cpp_runs_here(tiny):
+    """A llama.cpp built with -march=native on a VM that lists AMX it cannot run dies with SIGILL,
+    taking pytest with it: try it once in a child process first."""
+    import subprocess
+    import sys
+    _, path, _ = tiny("glm4", "q8_0")
+    probe = ("import llama_cpp; m = llama_cpp.Llama(model_path=%r, n_ctx=32, verbose=False); "
+             "m.eval([1, 2, 3])" % path)
+    p = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=300)
+    if p.returncode != 0:
+        pytest.skip(f"this llama-cpp-python build cannot run here (exit {p.returncode}); rebuild it with "
+                    'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" '
+                    "pip install --no-cache-dir --force-reinstall llama-cpp-python")
+
 KL_RATIO = 1.5        # glmcpu's KL to transformers may be at most this times llama.cpp's
 LLAMA_F32_TOL = 2e-2  # llama.cpp keeps its KV cache in f16: ~1e-3 off transformers on tiny models
 
