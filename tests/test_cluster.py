@@ -40,6 +40,17 @@ def greedy(m, n=12):
     return list(m.generate(PROMPT, max_tokens=n, temperature=0, ignore_eos=True))
 
 
+def greedy_killing(m, kills, n=16):
+    """Greedy pieces, with kill -9 of kills[i] right after piece i."""
+    got = []
+    for i, piece in enumerate(m.generate(PROMPT, max_tokens=n, temperature=0, ignore_eos=True)):
+        got.append(piece)
+        if i in kills:
+            kills[i].kill()
+            kills[i].wait()
+    return got
+
+
 @pytest.mark.parametrize("family", ["glm4", "glm4_moe"])
 @pytest.mark.parametrize("n_workers,shares", [(2, None), (3, None), (2, [1, 3, 2])])
 def test_cluster_answers_like_one_process(tiny, workers, family, n_workers, shares):
@@ -60,12 +71,7 @@ def test_worker_killed_mid_answer(tiny, workers, family):
     want = greedy(glmcpu.load(path, threads=1), 16)
     procs, eps = workers(path, 2, "--insecure")
     m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=3)
-    got = []
-    for i, piece in enumerate(m.generate(PROMPT, max_tokens=16, temperature=0, ignore_eos=True)):
-        got.append(piece)
-        if i == 4:
-            procs[1].kill()                     # kill -9 in the middle of the answer
-            procs[1].wait()
+    got = greedy_killing(m, {4: procs[1]})       # kill -9 in the middle of the answer
     assert got == want and m.cluster.stats["failovers"] == 1
     assert m.cluster.per_token()["alive"] == "1/2"
     # the worker comes back on the same address: it is used again from the next request
@@ -179,13 +185,7 @@ def test_every_worker_lost(tiny, workers):
     want = greedy(glmcpu.load(path, threads=1), 16)
     procs, eps = workers(path, 2, "--insecure")
     m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=3)
-    got = []
-    for i, piece in enumerate(m.generate(PROMPT, max_tokens=16, temperature=0, ignore_eos=True)):
-        got.append(piece)
-        if i in (3, 9):
-            p = procs[0 if i == 3 else 1]
-            p.kill()
-            p.wait()
+    got = greedy_killing(m, {3: procs[0], 9: procs[1]})
     assert got == want and m.cluster.stats["failovers"] == 2 and m.cluster.per_token()["alive"] == "0/2"
 
 

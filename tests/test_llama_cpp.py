@@ -49,17 +49,21 @@ def test_llama_cpp_reads_glmcpu_files(tiny, family, fuse):
     assert np.abs(llama_logits(path, ids) - want).max() < LLAMA_F32_TOL
 
 
-@pytest.mark.parametrize("family", ["glm", "glm4"])
-def test_q8_0_kl_against_llama_cpp(tiny, family):
-    model, path, _ = tiny(family, "q8_0")
+def assert_kl_within_llama_cpp(model, path, label, top1):
+    """glmcpu's top-1 agreement with transformers >= top1, and its KL at most KL_RATIO x llama.cpp's."""
     ids = make_ids(40, seed=7)
     want = hf_logits(model, ids)
     ours = glmcpu.load(path, threads=2).logits(ids)
-    theirs = llama_logits(path, ids)
-    kl_ours, kl_theirs = kl(want, ours), kl(want, theirs)
-    print(f"{family}: KL(transformers || glmcpu) = {kl_ours:.3e}, KL(transformers || llama.cpp) = {kl_theirs:.3e}")
-    assert (ours.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    kl_ours, kl_theirs = kl(want, ours), kl(want, llama_logits(path, ids))
+    print(f"{label}: KL(transformers || glmcpu) = {kl_ours:.3e}, KL(transformers || llama.cpp) = {kl_theirs:.3e}")
+    assert (ours.argmax(-1) == want.argmax(-1)).mean() >= top1
     assert kl_ours <= KL_RATIO * kl_theirs
+
+
+@pytest.mark.parametrize("family", ["glm", "glm4"])
+def test_q8_0_kl_against_llama_cpp(tiny, family):
+    model, path, _ = tiny(family, "q8_0")
+    assert_kl_within_llama_cpp(model, path, family, 0.9)
 
 
 @pytest.mark.parametrize("family", ["glm", "glm4"])
@@ -81,14 +85,7 @@ def test_glmcpu_reads_llama_cpp_quantized_files(tiny, tmp_path, family):
                          ids=["plain", "qknorm-scaled"])
 def test_moe_q8_0_kl_against_llama_cpp(tiny, kw):
     model, path, _ = tiny("glm4_moe", "q8_0", **kw)
-    ids = make_ids(40, seed=7)
-    want = hf_logits(model, ids)
-    ours = glmcpu.load(path, threads=2).logits(ids)
-    theirs = llama_logits(path, ids)
-    kl_ours, kl_theirs = kl(want, ours), kl(want, theirs)
-    print(f"glm4moe {kw}: KL(transformers || glmcpu) = {kl_ours:.3e}, KL(transformers || llama.cpp) = {kl_theirs:.3e}")
-    assert (ours.argmax(-1) == want.argmax(-1)).mean() >= 0.85
-    assert kl_ours <= KL_RATIO * kl_theirs
+    assert_kl_within_llama_cpp(model, path, f"glm4moe {kw}", 0.85)
 
 
 def test_llama_cpp_reads_glmcpu_moe_file(tiny):
