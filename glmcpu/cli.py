@@ -104,7 +104,10 @@ def sampling_kwargs(a):
 def stats_line(s) -> str:
     def rate(n, t):
         return f"{n / t:.1f} tok/s" if t > 0 else "-"
-    return (f"prompt: {s.get('prompt_tokens', 0)} tokens, {rate(s.get('prompt_tokens', 0), s.get('prompt_seconds', 0))}"
+    cached = s.get("cached_tokens", 0)
+    computed = s.get("prompt_tokens", 0) - cached
+    return (f"prompt: {s.get('prompt_tokens', 0)} tokens{f' ({cached} cached)' if cached else ''}, "
+            f"{rate(computed, s.get('prompt_seconds', 0))}"
             f" | generation: {s.get('gen_tokens', 0)} tokens, {rate(s.get('gen_tokens', 0), s.get('gen_seconds', 0))}")
 
 

@@ -549,7 +549,9 @@ class Cluster:
         return meta
 
     def revive(self, timeout=0.5):
-        """Give workers that failed earlier another chance (called before each request)."""
+        """Give workers that failed earlier another chance (called before each request);
+        returns how many came back (their shares start with empty KV caches)."""
+        back = 0
         for i, c in enumerate(self.clients):
             if self.alive[i]:
                 continue
@@ -558,8 +560,10 @@ class Cluster:
                 c.request("hello", timeout=timeout)
                 self.load(c, self.loads[i])
                 self.alive[i] = True
+                back += 1
             except LinkError:
                 c.reset()
+        return back
 
     def per_token(self) -> dict:
         """Network figures per token so far: bytes each way, round trips, seconds waiting."""

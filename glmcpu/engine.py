@@ -32,6 +32,7 @@ class Model:
             raise GlmcpuError(f"context size must be positive, not {ctx}")
         self.tokenizer = Tokenizer.from_gguf(self.file)
         self.last_stats = {}
+        self.cache = None           # the KV cache kept between calls, for prompts sharing a prefix
         if mlock:       # keep what every token reads in RAM; experts stay paged on demand
             self.file.lock([n for n in self.file.tensors if not is_expert(n)])
 
@@ -51,11 +52,15 @@ class Model:
         if self.cluster:
             self.cluster.revive()
             self.cluster.stats["tokens"] += len(ids)
+            self.reset()                # the workers' KV caches are about to be overwritten
         return prefill(self.net, self.net.new_cache(max(1, len(ids))), ids, all_logits=True)
 
     def generate(self, prompt, max_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
-                 repeat_penalty=1.0, seed=None, ignore_eos=False):
-        """Yield text pieces continuing `prompt` (a string, or a list of token ids)."""
+                 repeat_penalty=1.0, seed=None, ignore_eos=False, progress=None):
+        """Yield text pieces continuing `prompt` (a string, or a list of token ids).
+        The KV cache is kept between calls: a prompt that starts like the previous conversation
+        (the next turn of a chat) only computes its new tokens. progress(done, total) follows
+        the prompt's prefill. Not thread-safe: one generation at a time per Model."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             raise GlmcpuError("the prompt is empty")
@@ -64,11 +69,11 @@ class Model:
         stops = set() if ignore_eos else self.tokenizer.stop_ids
         self.last_stats = {}
         detok = Detokenizer(self.tokenizer)
-        cache = self.net.new_cache(self.ctx)
+        cache = self.reuse_cache(ids)
         if self.cluster:
-            self.cluster.revive()
-            self.cluster.stats["tokens"] += len(ids)
-        for tok in generate_ids(self.net, cache, ids, sampler, max_tokens, stops, self.last_stats):
+            self.cluster.stats["tokens"] += len(ids) - cache.pos
+        for tok in generate_ids(self.net, cache, ids, sampler, max_tokens, stops, self.last_stats,
+                                progress):
             if self.cluster:
                 self.cluster.stats["tokens"] += 1
             piece = detok.push(tok)
@@ -78,9 +83,30 @@ class Model:
         if rest:
             yield rest
 
-    def chat(self, messages, **kwargs):
-        """Render `messages` ([{"role", "content"}]) with the file's chat template, then generate."""
-        return self.generate(self.tokenizer.render(messages), **kwargs)
+    def reuse_cache(self, ids):
+        """The kept cache, cut back to the longest prefix it shares with `ids` (at least one
+        token of `ids` is left to compute: its logits start the answer)."""
+        if self.cache is None:
+            self.cache = self.net.new_cache(self.ctx)
+        cache = self.cache
+        if self.cluster and self.cluster.revive():      # a worker came back without its KV cache
+            cache.pos, cache.tokens = 0, []
+        keep = 0
+        for a, b in zip(cache.tokens[:len(ids) - 1], ids):
+            if a != b:
+                break
+            keep += 1
+        cache.pos, cache.tokens = keep, cache.tokens[:keep]
+        return cache
+
+    def reset(self):
+        """Forget the kept KV cache."""
+        self.cache = None
+
+    def chat(self, messages, template_kwargs=None, **kwargs):
+        """Render `messages` ([{"role", "content"}]) with the file's chat template, then generate.
+        template_kwargs go to the template (e.g. enable_thinking=False for GLM-4.5)."""
+        return self.generate(self.tokenizer.render(messages, **(template_kwargs or {})), **kwargs)
 
     def __repr__(self):
         c = self.cfg

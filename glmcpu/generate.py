@@ -8,8 +8,9 @@ from .errors import ContextOverflow
 PREFILL_CHUNK = 256     # tokens per prefill step: bounds activation memory, keeps weights hot
 
 
-def prefill(model, cache, ids, all_logits=False, chunk=PREFILL_CHUNK) -> np.ndarray:
-    """Feed `ids` into the cache in chunks; logits of every token or of the last one."""
+def prefill(model, cache, ids, all_logits=False, chunk=PREFILL_CHUNK, progress=None) -> np.ndarray:
+    """Feed `ids` into the cache in chunks; logits of every token or of the last one.
+    progress(done, total) is called after each chunk."""
     outs = []
     for s in range(0, len(ids), chunk):
         part = ids[s:s + chunk]
@@ -18,6 +19,8 @@ def prefill(model, cache, ids, all_logits=False, chunk=PREFILL_CHUNK) -> np.ndar
             outs.append(model.forward(part, cache, all_logits=all_logits))
         else:
             model.forward(part, cache, all_logits=False)
+        if progress:
+            progress(min(s + chunk, len(ids)), len(ids))
     return np.concatenate(outs, 0)
 
 
@@ -27,13 +30,18 @@ def check_fits(n_prompt: int, n_ctx: int):
                               "shorten it or raise --ctx")
 
 
-def generate_ids(model, cache, prompt_ids, sampler, max_tokens, stop_ids, stats):
+def generate_ids(model, cache, prompt_ids, sampler, max_tokens, stop_ids, stats, progress=None):
     """Yield sampled ids after `prompt_ids` until a stop id (not yielded), max_tokens or a full
-    context. `stats` (a dict) is filled as it goes, so it is right even if the caller stops early."""
+    context. The cache may already hold a prefix of `prompt_ids` (cache.pos of them): only the
+    rest is computed. `stats` (a dict) is filled as it goes, so it is right even if the caller
+    stops early."""
     check_fits(len(prompt_ids), cache.n_ctx)
-    stats.update(prompt_tokens=len(prompt_ids), prompt_seconds=0.0, gen_tokens=0, gen_seconds=0.0)
+    if not 0 <= cache.pos < len(prompt_ids) or list(cache.tokens) != list(prompt_ids[:cache.pos]):
+        raise ValueError("the cache must hold a proper prefix of the prompt")
+    stats.update(prompt_tokens=len(prompt_ids), cached_tokens=cache.pos, prompt_seconds=0.0,
+                 gen_tokens=0, gen_seconds=0.0)
     t = time.perf_counter()
-    logits = prefill(model, cache, list(prompt_ids))[-1]
+    logits = prefill(model, cache, list(prompt_ids[cache.pos:]), progress=progress)[-1]
     stats["prompt_seconds"] = time.perf_counter() - t
     history = list(prompt_ids)
     tok = None

@@ -85,7 +85,7 @@ def test_python_api_generate_and_stats(tiny):
     _, path, _ = tiny("glm4", "q8_0")
     m = glmcpu.load(path, threads=1, ctx=64)
     text = "".join(m.chat([{"role": "user", "content": "hi"}], max_tokens=5, seed=3, ignore_eos=True))
-    assert isinstance(text, str) and set(m.last_stats) == {"prompt_tokens", "prompt_seconds",
+    assert isinstance(text, str) and set(m.last_stats) == {"prompt_tokens", "cached_tokens", "prompt_seconds",
                                                            "gen_tokens", "gen_seconds"}
     assert m.last_stats["gen_tokens"] == 5
 

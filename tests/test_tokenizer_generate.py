@@ -100,3 +100,26 @@ def test_generation_stops_at_full_context(tiny):
     list(m.generate(list(range(5, 10)), max_tokens=50, temperature=0, ignore_eos=True))
     # 5 prompt positions + 7 decoded fill the 12; the 8th token comes from the last logits
     assert m.last_stats["gen_tokens"] == 8
+
+
+def test_kept_cache_reuses_a_shared_prefix_and_answers_the_same(tiny):
+    _, path, _ = tiny("glm4", "q8_0")
+    m, fresh = glmcpu.load(path, threads=2), glmcpu.load(path, threads=2)
+    turn1 = m.tokenizer.encode("The quick brown fox")
+    kw = dict(max_tokens=5, temperature=0, ignore_eos=True)
+    answer1 = "".join(m.generate(turn1, **kw))
+    turn2 = turn1 + m.tokenizer.encode(answer1 + " and then")        # the next turn of a chat
+    seen = []
+    answer2 = "".join(m.generate(turn2, progress=lambda done, total: seen.append((done, total)), **kw))
+    st = m.last_stats
+    assert st["prompt_tokens"] == len(turn2)
+    assert len(turn1) <= st["cached_tokens"] < len(turn2)
+    assert seen[-1] == (len(turn2) - st["cached_tokens"],) * 2
+    assert answer2 == "".join(fresh.generate(turn2, **kw))
+    assert fresh.last_stats["cached_tokens"] == 0
+    # a prompt that diverges early, the same prompt again, and one that is a strict prefix
+    other = m.tokenizer.encode("A quick brown fox")
+    assert "".join(m.generate(other, **kw)) == "".join(fresh.generate(other, **kw))
+    assert "".join(m.generate(other, **kw)) == "".join(fresh.generate(other, **kw))
+    assert m.last_stats["cached_tokens"] == len(other) - 1
+    assert "".join(m.generate(other[:2], **kw)) == "".join(glmcpu.load(path).generate(other[:2], **kw))
