@@ -1,15 +1,23 @@
-"""glmcpu command line: run, info, convert."""
+"""glmcpu command line: run, info, convert, pull, list, plan, worker, keygen."""
 import argparse
 import os
 import sys
 from importlib import resources
 
 from .errors import GlmcpuError
+from .hub import human
 from .net.link import LinkError
 
 
 def demo_model_path() -> str:
     return str(resources.files("glmcpu") / "data" / "demo.gguf")
+
+
+def model_path(name) -> str:
+    """The file for a model argument (path, local or catalogue name); the demo model when absent."""
+    from .hub import resolve
+
+    return resolve(name) if name else demo_model_path()
 
 
 def add_sampling(p):
@@ -54,7 +62,7 @@ def cmd_worker(a):
     else:
         raise GlmcpuError("a worker needs --key (its key file) and --allow (the root's public key), "
                           "made with `glmcpu keygen`; or --insecure")
-    service = WorkerService(a.model, a.threads, a.memory, a.cache)
+    service = WorkerService(a.model and model_path(a.model), a.threads, a.memory, a.cache)
     server = Server(a.bind, service, keypair=keypair, allowed=allowed)
     print(f"glmcpu worker on {server.endpoint} ({'insecure' if a.insecure else 'CurveZMQ'}; "
           f"public key {keypair[0].decode() if keypair else '-'})", flush=True)
@@ -78,7 +86,7 @@ def cmd_plan(a):
     from .gguf import GGUFFile
     from .models import model_class
 
-    f = GGUFFile(a.model)
+    f = GGUFFile(model_path(a.model))
     cfg = model_class(f.arch).config_class.from_gguf(f)
     nodes = ["root"] + [w for w in (a.workers or "").split(",") if w]
     shares = [float(s) for s in a.shares.split(",")] if a.shares else None
@@ -129,7 +137,7 @@ def stream(pieces, out=None):
 def cmd_run(a):
     from . import load
 
-    model = load(a.model or demo_model_path(), threads=a.threads, ctx=a.ctx, mlock=a.mlock,
+    model = load(model_path(a.model), threads=a.threads, ctx=a.ctx, mlock=a.mlock,
                  **cluster_kwargs(a))
     kw = sampling_kwargs(a)
     if a.prompt is not None or not sys.stdin.isatty():
@@ -184,20 +192,13 @@ def print_expert_stats(model):
         print(line, file=sys.stderr)
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-
-
 def cmd_info(a):
     from collections import Counter
 
     from . import ops
     from .engine import Model, is_expert
 
-    m = Model(a.model or demo_model_path(), threads=a.threads, ctx=a.ctx)
+    m = Model(model_path(a.model), threads=a.threads, ctx=a.ctx)
     c = m.cfg
     types, sizes = Counter(), Counter()
     for t in m.file.tensors.values():
@@ -250,13 +251,52 @@ def cmd_convert(a):
     return 0
 
 
+def cmd_pull(a):
+    from .hub import pull
+
+    for path in pull(a.name, progress=not a.quiet):
+        print(path)
+    return 0
+
+
+def cmd_list(a):
+    from rich.console import Console
+    from rich.table import Table
+
+    from .hub import CATALOGUE, demo_path, local_models, missing_kernels, models_dir
+
+    # a pipe gets wide lines rather than names folded at 80 columns
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    local = Table(title=f"local models ({models_dir()}; GLMCPU_MODELS moves it)", title_justify="left")
+    for col in ("name", "size", "path"):
+        local.add_column(col, no_wrap=col != "path")
+    local.add_row("demo", human(os.path.getsize(demo_path())), "built in (a tiny model for trying glmcpu)")
+    for m in local_models():
+        local.add_row(m.name, human(m.size) + (" (partial: `glmcpu pull` resumes)" if m.partial else ""), m.path)
+    console.print(local)
+    cat = Table(title="catalogue (`glmcpu pull NAME`; repositories and sizes written from knowledge, "
+                      "not checked online)", title_justify="left")
+    for col in ("name", "downloaded", "size", "RAM", "arch", "glmcpu runs it", "repository / file", "note"):
+        cat.add_column(col, no_wrap=col in ("name", "size", "RAM"))
+    for e in CATALOGUE:
+        missing = missing_kernels(e)
+        runs = "no: split file, merge it first" if e.split else (
+            f"not yet: needs {', '.join(missing)} kernels" if missing else "yes")
+        files = e.files[0] + (f" (+{len(e.files) - 1} more parts)" if e.split else "")
+        cat.add_row(e.name, "yes" if e.downloaded() else "-", f"~{e.size / 1e9:.1f} GB", f"~{e.ram / 1e9:.0f} GB",
+                    e.arch, runs, f"{e.repo} / {files}", e.note)
+    console.print(cat)
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="glmcpu", description="GLM-4 language models on ordinary CPUs")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="chat with a model, or answer one prompt (-p)")
-    r.add_argument("model", nargs="?", help="a .gguf file (default: the built-in demo model)")
+    r.add_argument("model", nargs="?", help="a .gguf file, or a name from `glmcpu list` (default: the "
+                                           "built-in demo model)")
     r.add_argument("-p", "--prompt", help="answer this prompt and exit")
     r.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
     r.add_argument("--system", help="system message for the chat")
@@ -290,7 +330,7 @@ def build_parser():
     pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("info", help="what a model file holds and what running it needs")
-    i.add_argument("model", nargs="?")
+    i.add_argument("model", nargs="?", help="a .gguf file or a name from `glmcpu list` (default: the demo model)")
     add_engine(i)
     i.set_defaults(func=cmd_info)
 
@@ -301,6 +341,15 @@ def build_parser():
     c.add_argument("--fuse-qkv", action="store_true", help="chatglm: one attn_qkv tensor, as THUDM's files")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_convert)
+
+    pu = sub.add_parser("pull", help="download a model from the Hugging Face Hub (resumable, checksummed)")
+    pu.add_argument("name", help="a catalogue name (`glmcpu list`), OWNER/REPO (its Q4_K_M GGUF) or "
+                                 "OWNER/REPO:FILE.gguf")
+    pu.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    pu.set_defaults(func=cmd_pull)
+
+    ls = sub.add_parser("list", help="downloaded models and the catalogue of known GLM GGUF files")
+    ls.set_defaults(func=cmd_list)
     return p
 
 

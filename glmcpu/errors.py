@@ -23,3 +23,23 @@ class ContextOverflow(GlmcpuError):
 
 class ConvertError(GlmcpuError):
     """A checkpoint the converter cannot turn into a GGUF."""
+
+
+class ModelNotFound(GlmcpuError):
+    """A model name that is no file, no downloaded model and no catalogue entry (or one not pulled yet)."""
+
+
+class HubError(GlmcpuError):
+    """The Hugging Face Hub cannot be reached, or has no such repository or file."""
+
+
+class DownloadInterrupted(GlmcpuError):
+    """A download stopped part way; the part is kept and the next `glmcpu pull` resumes it."""
+
+
+class NotEnoughDiskSpace(GlmcpuError):
+    """The models directory's disk cannot hold the download."""
+
+
+class ChecksumMismatch(GlmcpuError):
+    """A downloaded file whose sha256 differs from the one the hub publishes."""

@@ -90,6 +90,11 @@ class GGUFFile:
             self.meta, self.tensors = self._parse(size)
         except (ValueError, OverflowError, struct.error) as e:
             raise ModelFileError(f"{self.path} is a damaged GGUF file ({e}); download it again") from None
+        if int(self.meta.get("split.count", 1)) > 1:
+            raise ModelFileError(
+                f"{self.path} is part {int(self.meta.get('split.no', 0)) + 1} of {self.meta['split.count']} of a "
+                "split GGUF; glmcpu reads single files: merge the parts with llama.cpp's "
+                "`llama-gguf-split --merge FIRST-PART OUT.gguf`")
         self.arch = self.meta.get("general.architecture")
         if self.arch is None:
             raise ModelFileError(f"{self.path} has no general.architecture: not a model GGUF")

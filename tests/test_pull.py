@@ -1,0 +1,284 @@
+"""`glmcpu pull` / `list` / names, against a fake Hugging Face Hub on 127.0.0.1: just the endpoints
+huggingface_hub calls (HEAD/GET .../resolve/..., the tree listing), with Range, a dropped connection
+and corrupted bytes on demand. Nothing here leaves this machine."""
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from types import SimpleNamespace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+from glmcpu import cli, hub
+from glmcpu.errors import (ChecksumMismatch, HubError, ModelFileError, ModelNotFound,
+                           NotEnoughDiskSpace)
+
+COMMIT = "c0ffee" * 6 + "c0ff"          # 40 hex digits, as the hub's X-Repo-Commit
+DEMO = open(cli.demo_model_path(), "rb").read()
+
+
+class FakeHub:
+    """repos: {"owner/name": {path: bytes}}. cut_after=N: the next GET of a file stops after N bytes of
+    its body and the hub then answers 503 until `up()`; stay_up=True keeps it answering instead.
+    corrupt=True: GETs send the right length of wrong bytes."""
+
+    def __init__(self, repos):
+        self.repos = repos
+        self.requests = []            # (method, path, Range header)
+        self.cut_after, self.stay_up, self.down, self.corrupt = None, False, False, False
+        hub_ = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                hub_.answer(self, body=False)
+
+            def do_GET(self):
+                hub_.answer(self, body=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def up(self):
+        self.down, self.cut_after = False, None
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def ranges(self):
+        return [r for m, _, r in self.requests if m == "GET" and r]
+
+    def answer(self, h, body):
+        path = unquote(urlparse(h.path).path)
+        self.requests.append((h.command, path, h.headers.get("Range")))
+        if self.down:
+            return self.send(h, 503, b"hub down", body)
+        if path.startswith("/api/models/") and "/tree/" in path:
+            repo = path[len("/api/models/"):].split("/tree/")[0]
+            if repo not in self.repos:
+                return self.send(h, 404, b"{}", body, {"X-Error-Code": "RepoNotFound"})
+            tree = [{"type": "file", "path": p, "size": len(d), "oid": hashlib.sha1(d).hexdigest(),
+                     "lfs": {"oid": hashlib.sha256(d).hexdigest(), "size": len(d), "pointerSize": 134}}
+                    for p, d in self.repos[repo].items()]
+            return self.send(h, 200, json.dumps(tree).encode(), body, {"Content-Type": "application/json"})
+        owner, name, kind, rev, *rest = path.strip("/").split("/") + [""] * 4
+        repo, filename = f"{owner}/{name}", "/".join(rest).strip("/")
+        if kind != "resolve" or repo not in self.repos:
+            return self.send(h, 404, b"", body, {"X-Error-Code": "RepoNotFound"})
+        if filename not in self.repos[repo]:
+            return self.send(h, 404, b"", body, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": COMMIT})
+        data = self.repos[repo][filename]
+        sha = hashlib.sha256(data).hexdigest()
+        if self.corrupt:
+            data = bytes(b ^ 0xFF for b in data[:64]) + data[64:]
+        headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{sha}"', "X-Linked-Etag": f'"{sha}"',
+                   "X-Linked-Size": str(len(data)), "Accept-Ranges": "bytes"}
+        start, status = 0, 200
+        if h.headers.get("Range"):
+            start, status = int(h.headers["Range"].split("=")[1].split("-")[0]), 206
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        if body and self.cut_after is not None:
+            self.down = not self.stay_up
+            cut, self.cut_after = self.cut_after, None
+            return self.send(h, status, data[start:], body, headers, cut=cut)
+        self.send(h, status, data[start:], body, headers)
+
+    @staticmethod
+    def send(h, status, data, body, headers=(), cut=None):
+        h.send_response(status)
+        for k, v in dict(headers).items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if not body:
+            return
+        h.wfile.write(data[:cut])
+        if cut is not None:               # the connection drops mid-body
+            h.wfile.flush()
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    split = {f"x-Q4_K_M-0000{i}-of-00002.gguf": DEMO[(i - 1) * 1000:i * 1000] for i in (1, 2)}
+    fh = FakeHub({"glmtest/Demo-GGUF": {"demo-Q8_0.gguf": DEMO, "README.md": b"# demo\n"},
+                  "glmtest/Split-GGUF": {"x-Q8_0.gguf": DEMO[:500], **split}})
+    # for the in-process tests: what huggingface_hub derived from HF_ENDPOINT when it was imported
+    monkeypatch.setattr(constants, "ENDPOINT", fh.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fh.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setenv("GLMCPU_MODELS", str(tmp_path / "models"))
+    yield fh
+    fh.close()
+
+
+def run_cli(fake_hub, tmp_path, *args):
+    """The CLI in a child process: huggingface_hub reads HF_ENDPOINT when it is imported."""
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith("HF_")}
+    env.update(HF_ENDPOINT=fake_hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1",
+               HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1", NO_PROXY="127.0.0.1",
+               GLMCPU_MODELS=str(tmp_path / "models"))
+    return subprocess.run([sys.executable, "-m", "glmcpu", *args], capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def one_line_error(p, *words):
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("glmcpu: error: ") and all(w in last for w in words), p.stderr
+    return last
+
+
+def test_interrupted_pull_resumes_then_runs(fake_hub, tmp_path):
+    dest = tmp_path / "models" / "glmtest" / "Demo-GGUF" / "demo-Q8_0.gguf"
+    fake_hub.cut_after = 3_000_000
+    p = run_cli(fake_hub, tmp_path, "pull", "glmtest/Demo-GGUF:demo-Q8_0.gguf")
+    one_line_error(p, "stopped at", "again to resume")
+    [part] = dest.parent.glob("*.part")
+    kept = part.stat().st_size                 # whole 1 MiB chunks received before the cut
+    assert not dest.exists() and 0 < kept <= 3_000_000 and part.read_bytes() == DEMO[:kept]
+
+    fake_hub.up()
+    fake_hub.requests.clear()
+    p = run_cli(fake_hub, tmp_path, "pull", "glmtest/Demo-GGUF:demo-Q8_0.gguf")
+    assert p.returncode == 0, p.stderr
+    assert fake_hub.ranges() == [f"bytes={kept}-"]              # only the rest was fetched
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == hashlib.sha256(DEMO).hexdigest()
+    assert not list(dest.parent.glob("*.part")) and p.stdout.strip() == str(dest)
+
+    p = run_cli(fake_hub, tmp_path, "run", "glmtest/Demo-GGUF:demo-Q8_0.gguf", "-p", "hi", "-n", "4")
+    assert p.returncode == 0 and "generation:" in p.stderr, p.stderr
+    p = run_cli(fake_hub, tmp_path, "info", "demo-Q8_0")                  # the file's name alone
+    assert p.returncode == 0 and str(dest) in p.stdout, p.stderr
+    p = run_cli(fake_hub, tmp_path, "list")
+    assert p.returncode == 0 and "glmtest/Demo-GGUF/demo-Q8_0" in p.stdout and "glm-4.5-air" in p.stdout
+
+
+def test_dropped_connection_is_resumed_within_one_pull(fake_hub):
+    fake_hub.cut_after, fake_hub.stay_up = 2_500_000, True     # huggingface_hub retries with a Range
+    [path] = hub.pull("glmtest/Demo-GGUF:demo-Q8_0.gguf", progress=False, log=lambda m: None)
+    [asked] = fake_hub.ranges()
+    assert asked.startswith("bytes=") and 0 < int(asked[6:-1]) <= 2_500_000
+    assert open(path, "rb").read() == DEMO
+
+
+def test_corrupt_download_fails_the_checksum(fake_hub, capsys):
+    fake_hub.corrupt = True
+    assert cli.main(["pull", "-q", "glmtest/Demo-GGUF:demo-Q8_0.gguf"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("glmcpu: error: ") and "sha256" in err and "deleted" in err
+    folder = os.path.join(hub.models_dir(), "glmtest", "Demo-GGUF")
+    assert os.listdir(folder) == []                            # neither the file nor a part is left
+
+
+def test_repo_without_file_takes_q4_k_m_and_all_its_parts(fake_hub):
+    paths = hub.pull("glmtest/Split-GGUF", progress=False, log=lambda m: None)
+    assert [os.path.basename(p) for p in paths] == ["x-Q4_K_M-00001-of-00002.gguf", "x-Q4_K_M-00002-of-00002.gguf"]
+    assert open(paths[1], "rb").read() == DEMO[1000:2000]
+    assert hub.resolve("glmtest/Split-GGUF:x-Q4_K_M-00001-of-00002.gguf") == paths[0]
+    # naming the first part of a split file fetches every part; a second pull finds them there
+    seen = []
+    hub.pull("glmtest/Split-GGUF:x-Q4_K_M-00001-of-00002.gguf", progress=False, log=seen.append)
+    assert sum("already downloaded" in m for m in seen) == 2 and any("merge" in m for m in seen)
+
+
+def test_choosing_a_file():
+    assert hub.choose_file("o/r", ["README.md", "only.gguf"]) == ("only.gguf",)
+    assert hub.choose_file("o/r", ["m-Q8_0.gguf", "m-Q4_0.gguf"]) == ("m-Q4_0.gguf",)
+    with pytest.raises(ModelNotFound, match="name one: `glmcpu pull o/r:FILE`.*m-IQ2_XS.gguf"):
+        hub.choose_file("o/r", ["m-IQ2_XS.gguf", "m-F16.gguf"])
+    with pytest.raises(HubError, match="no .gguf"):
+        hub.choose_file("o/r", ["config.json", "model.safetensors"])
+
+
+def test_hub_errors_are_one_line(fake_hub, monkeypatch):
+    quiet = dict(progress=False, log=lambda m: None)
+    with pytest.raises(HubError, match="no such repository"):
+        hub.pull("glmtest/Nope-GGUF:x.gguf", **quiet)
+    with pytest.raises(HubError, match="has no file 'nope.gguf'"):
+        hub.pull("glmtest/Demo-GGUF:nope.gguf", **quiet)
+    with pytest.raises(ModelNotFound, match="unknown model 'no-such-model'"):
+        hub.pull("no-such-model", **quiet)
+    with socket.socket() as s:                                 # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
+    with pytest.raises(HubError, match="cannot reach"):
+        hub.pull("glmtest/Demo-GGUF:demo-Q8_0.gguf", **quiet)
+
+
+def test_disk_space_is_checked_first(fake_hub, monkeypatch):
+    monkeypatch.setattr(hub.shutil, "disk_usage", lambda path: SimpleNamespace(total=10**12, used=0, free=1000))
+    with pytest.raises(NotEnoughDiskSpace, match="GLMCPU_MODELS"):
+        hub.pull("glmtest/Demo-GGUF:demo-Q8_0.gguf", progress=False, log=lambda m: None)
+    assert fake_hub.ranges() == [] and not [m for m, _, _ in fake_hub.requests if m == "GET"]
+
+
+def test_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("GLMCPU_MODELS", str(tmp_path))
+    assert hub.resolve(cli.demo_model_path()) == cli.demo_model_path()
+    assert hub.resolve("demo") == hub.demo_path()
+    with pytest.raises(ModelNotFound, match=r"run `glmcpu pull glm-4-9b-0414:q4_k_m` first"):
+        hub.resolve("glm-4-9b-0414")                           # a family means its first entry
+    with pytest.raises(ModelNotFound, match="not a file, not one of the 0 models"):
+        hub.resolve("nothing-like-this")
+    entry = hub.find_entry("glm-4-9b-0414:q8_0")
+    for path in entry.paths():
+        os.makedirs(os.path.dirname(path))
+        open(path, "wb").write(DEMO)
+    assert hub.resolve("glm-4-9b-0414:q8_0") == entry.paths()[0]
+    assert hub.resolve("THUDM_GLM-4-9B-0414-Q8_0") == entry.paths()[0]
+    assert hub.resolve(entry.repo) == entry.paths()[0]         # OWNER/REPO with one model in it
+
+
+def test_models_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("GLMCPU_MODELS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert hub.models_dir() == os.path.join(str(tmp_path), "glmcpu", "models")
+    monkeypatch.setenv("GLMCPU_MODELS", str(tmp_path / "m"))
+    assert hub.models_dir() == str(tmp_path / "m")
+
+
+def test_catalogue_is_consistent():
+    names = [e.name for e in hub.CATALOGUE]
+    assert len(set(names)) == len(names)
+    for e in hub.CATALOGUE:
+        assert e.files == hub.expand_parts(e.files[0]) and e.size < e.ram
+        assert e.repo.count("/") == 1 and all(f.endswith(".gguf") for f in e.files)
+    families = {e.family for e in hub.CATALOGUE}
+    assert {"glm-4-9b-chat", "glm-4-9b-0414", "glm-4-32b-0414", "glm-4.5-air", "intellect-3"} <= families
+
+
+def test_split_gguf_is_refused_by_the_loader(tmp_path):
+    import gguf
+    import numpy as np
+
+    from glmcpu.gguf import GGUFFile
+
+    path = str(tmp_path / "m-00001-of-00002.gguf")
+    w = gguf.GGUFWriter(path, "glm4")
+    w.add_uint16("split.no", 0)
+    w.add_uint16("split.count", 2)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelFileError, match="part 1 of 2 of a split GGUF.*llama-gguf-split --merge"):
+        GGUFFile(path)
