@@ -326,7 +326,8 @@ def _check_space(dests, metas):
 def _fetch(repo, filename, dest, meta, spec, progress, log):
     from huggingface_hub import constants
     from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
+    from huggingface_hub.utils import (are_progress_bars_disabled, build_hf_headers, disable_progress_bars,
+                                       enable_progress_bars)
 
     # httpx hands over a chunk only when it is full, so a dropped connection loses the chunk in
     # flight: 1 MiB rather than huggingface_hub's 10 MiB keeps more of a stopped download
@@ -346,18 +347,24 @@ def _fetch(repo, filename, dest, meta, spec, progress, log):
     # the hub's token only goes to the hub itself, never to the CDN a large file is served from
     same_host = urlparse(meta.location).netloc == urlparse(_endpoint()).netloc
     headers = build_hf_headers() if same_host else {}
+    hide = not progress and not are_progress_bars_disabled()
+    if hide:
+        disable_progress_bars()
     try:
         with open(part, "ab") as out:
             # huggingface_hub's own loop: Range requests, a tqdm bar, and a few in-process retries when
             # the connection drops mid-body; what it cannot finish stays in `part` for the next pull
             http_get(meta.location, out, resume_size=have, headers=headers, expected_size=meta.size,
-                     displayed_filename=os.path.basename(filename), tqdm_class=None if progress else _Quiet)
+                     displayed_filename=os.path.basename(filename))
     except (KeyboardInterrupt, OSError, *_network_errors(), *_hub_http_errors()) as e:
         got = os.path.getsize(part) if os.path.isfile(part) else 0
         why = "stopped by Ctrl-C" if isinstance(e, KeyboardInterrupt) else _first_line(e)
         raise DownloadInterrupted(f"download of {repo}/{filename} stopped at {human(got)} of "
                                   f"{human(meta.size) if meta.size else '?'} ({why}); "
                                   f"run `glmcpu pull {spec}` again to resume") from None
+    finally:
+        if hide:
+            enable_progress_bars()
     _verify(part, meta.etag, f"{repo}/{filename}", progress, log)
     os.replace(part, dest)
 
@@ -366,22 +373,6 @@ def _hub_http_errors() -> tuple:
     from huggingface_hub.errors import HfHubHTTPError
 
     return (HfHubHTTPError,)
-
-
-class _Quiet:
-    """A tqdm stand-in that shows nothing (pull(progress=False))."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def update(self, n=1):
-        pass
 
 
 def _verify(path, etag, what, progress, log):
