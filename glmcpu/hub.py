@@ -172,6 +172,8 @@ def resolve(name: str) -> str:
             return entry.paths()[0]            # llama.cpp's convention: the first part names a split model
         raise ModelNotFound(f"{entry.name} is not downloaded yet (about {entry.size / GB:.1f} GB): "
                             f"run `glmcpu pull {entry.name}` first")
+    if os.path.isabs(name) or name.endswith(".gguf") or name.startswith((".", "~")):
+        raise ModelNotFound(f"{name}: no such file (nor a model of that name in {root}; see `glmcpu list`)")
     raise ModelNotFound(f"no model {name!r}: it is not a file, not one of the {len(complete)} models in "
                         f"{root}, and not a catalogue name (see `glmcpu list`; "
                         "`glmcpu pull OWNER/REPO:FILE.gguf` fetches any GGUF from the Hugging Face Hub)")

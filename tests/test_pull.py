@@ -143,7 +143,7 @@ def one_line_error(p, *words):
     return last
 
 
-def test_interrupted_pull_resumes_then_runs(fake_hub, tmp_path):
+def test_interrupted_pull_resumes_then_runs(fake_hub, tmp_path, capsys):
     dest = tmp_path / "models" / "glmtest" / "Demo-GGUF" / "demo-Q8_0.gguf"
     fake_hub.cut_after = 3_000_000
     p = run_cli(fake_hub, tmp_path, "pull", "glmtest/Demo-GGUF:demo-Q8_0.gguf")
@@ -151,6 +151,9 @@ def test_interrupted_pull_resumes_then_runs(fake_hub, tmp_path):
     [part] = dest.parent.glob("*.part")
     kept = part.stat().st_size                 # whole 1 MiB chunks received before the cut
     assert not dest.exists() and 0 < kept <= 3_000_000 and part.read_bytes() == DEMO[:kept]
+    assert cli.main(["list"]) == 0
+    [row] = [line for line in capsys.readouterr().out.splitlines() if "glmtest/Demo-GGUF/demo-Q8_0 " in line]
+    assert "partial" in row
 
     fake_hub.up()
     fake_hub.requests.clear()
@@ -238,6 +241,8 @@ def test_names(tmp_path, monkeypatch):
         hub.resolve("glm-4-9b-0414")                           # a family means its first entry
     with pytest.raises(ModelNotFound, match="not a file, not one of the 0 models"):
         hub.resolve("nothing-like-this")
+    with pytest.raises(ModelNotFound, match="no such file"):
+        hub.resolve(str(tmp_path / "missing.gguf"))
     entry = hub.find_entry("glm-4-9b-0414:q8_0")
     for path in entry.paths():
         os.makedirs(os.path.dirname(path))
