@@ -269,6 +269,8 @@ def _plan(spec: str):
         raise ModelNotFound(f"unknown model {spec!r}: not a catalogue name (see `glmcpu list`) and not "
                             "OWNER/REPO[:FILE.gguf] on the Hugging Face Hub")
     if filename:
+        if filename.startswith("/") or ".." in filename.split("/"):    # it becomes a path under models_dir()
+            raise ModelNotFound(f"{filename!r} is not a file name inside a repository")
         return repo, expand_parts(filename), spec
     from huggingface_hub import HfApi
 
@@ -301,7 +303,8 @@ def pull(spec: str, progress: bool = True, log=None) -> list:
             continue
         log(f"pulling {repo}/{f} ({human(meta.size) if meta.size else 'size unknown'})")
         _fetch(repo, f, dest, meta, spec, progress, log)
-    log(f"ready: glmcpu run {name}")
+    log(f"downloaded {len(files)} parts: merge them (above) to run the model" if len(files) > 1
+        else f"ready: glmcpu run {name}")
     return dests
 
 
