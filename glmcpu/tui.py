@@ -107,7 +107,7 @@ class Chat:
             try:
                 for piece in gen:
                     pieces.append(piece)
-                    draw(self.render("".join(pieces)))
+                    draw(Group(self.render("".join(pieces)), Text(self.status_line(False), style="dim")))
             except KeyboardInterrupt:           # stop this answer, keep the chat
                 stopped = True
             finally:

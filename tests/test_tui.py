@@ -137,6 +137,7 @@ class Tmux:
 
 
 STATUS = r"tok/s · (\d+) tokens · context (\d+)/512"
+DONE = STATUS + r"[^\n]*\n>"         # the status line under a finished answer, then the prompt
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")
@@ -148,24 +149,24 @@ def test_chat_in_a_real_terminal(tmp_path):
         t.wait(r"/help for commands.*\n>")
         t.keys("In the beginning God created", "Enter")
         frames = []
-        first = t.wait(STATUS, seen=frames)
+        first = t.wait(DONE, seen=frames)
         # the answer streamed: some frame showed part of it before the status line came
-        partial = [f for f in frames if "In the beginning God created\n" in f and not re.search(STATUS, f)
+        partial = [f for f in frames if "In the beginning God created\n" in f and not re.search(DONE, f)
                    and f.split("In the beginning God created\n", 1)[1].strip()]
         assert partial, "no frame showed a partial answer"
         answer = first.split("In the beginning God created\n", 1)[1].split("\n\n")[0]
         assert len(answer.split()) > 20
-        assert re.search(STATUS, first).group(1) == "150"
+        assert re.search(DONE, first).group(1) == "150"
 
         t.keys("/reset", "Enter")
         t.wait("New conversation")
         t.keys("Tell me of Moses", "Enter")
-        s = t.wait(r"New conversation.*" + STATUS + r".*prompt (\d+)")
-        after_reset = re.search(r"New conversation.*" + STATUS + r".*prompt (\d+)", s, re.S)
+        s = t.wait(r"New conversation.*" + STATUS + r".*prompt (\d+)[^\n]*\n>")
+        after_reset = re.search(r"New conversation.*" + STATUS + r".*prompt (\d+)[^\n]*\n>", s, re.S)
         assert int(after_reset.group(3)) < 20          # the first conversation (159 tokens) is gone
         t.keys("Again", "Enter")
-        s = t.wait(r"Again\n.*" + STATUS + r".*\((\d+) cached\)")
-        cached = re.search(r"Again\n.*" + STATUS + r".*\((\d+) cached\)", s, re.S).group(3)
+        s = t.wait(r"Again\n.*" + STATUS + r".*\((\d+) cached\)[^\n]*\n>")
+        cached = re.search(r"Again\n.*" + STATUS + r".*\((\d+) cached\)[^\n]*\n>", s, re.S).group(3)
         assert int(cached) > 150                       # the next turn computed only its new tokens
 
         t.keys("/exit", "Enter")
