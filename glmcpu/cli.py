@@ -1,7 +1,8 @@
-"""glmcpu command line: run, info, convert, pull, list, plan, worker, keygen."""
+"""glmcpu command line: run, info, convert, pull, list, worker, keygen, plan."""
 import argparse
 import os
 import sys
+import time
 from importlib import resources
 
 from .errors import GlmcpuError
@@ -134,14 +135,43 @@ def stream(pieces, out=None):
     return "".join(text)
 
 
-def cmd_run(a):
+class StepBar:
+    """A transient progress bar on stderr for work that turns out slow (over `after` seconds):
+    quick steps print nothing, and nothing is drawn when stderr is not a terminal."""
+
+    def __init__(self, what: str, after: float = 1.0):
+        self.what, self.after, self.bar, self.task = what, after, None, None
+        self.t0 = time.perf_counter()
+
+    def __call__(self, done, total):
+        if self.bar is None:
+            if time.perf_counter() - self.t0 < self.after or done >= total or not sys.stderr.isatty():
+                return
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            self.bar = Progress(TextColumn(self.what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                transient=True, console=Console(stderr=True))
+            self.bar.start()
+            self.task = self.bar.add_task(self.what, total=total)
+        self.bar.update(self.task, completed=done, total=total)
+        if done >= total:
+            self.bar.stop()
+
+
+def load_model(a):
     from . import load
 
-    model = load(model_path(a.model), threads=a.threads, ctx=a.ctx, mlock=a.mlock,
-                 **cluster_kwargs(a))
+    path = model_path(a.model)
+    return load(path, threads=a.threads, ctx=a.ctx, mlock=a.mlock,
+                progress=StepBar(f"loading {os.path.basename(path)}: layers"), **cluster_kwargs(a))
+
+
+def cmd_run(a):
+    model = load_model(a)
     kw = sampling_kwargs(a)
     if a.prompt is not None or not sys.stdin.isatty():
         prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+        kw["progress"] = StepBar("reading the prompt: tokens", after=0.5)
         if a.raw:
             pieces = model.generate(prompt, **kw)
         else:
@@ -153,43 +183,37 @@ def cmd_run(a):
         if a.stats:
             print_expert_stats(model)
             if model.cluster:
-                f = model.cluster.per_token()
-                print(f"cluster, per token: {f['sent_kib']:.1f} KiB sent, {f['received_kib']:.1f} KiB received, "
-                      f"{f['round_trips']:.1f} round trips, {f['network_ms']:.2f} ms waiting on the network vs "
-                      f"{f['compute_ms']:.2f} ms on the root's shares; workers alive {f['alive']}, "
-                      f"failovers {f['failovers']}", file=sys.stderr)
+                print(cluster_line(model.cluster.per_token()), file=sys.stderr)
         return 0
-    print(f"glmcpu chat with {os.path.basename(model.path)} ({model.cfg.arch}, {model.threads} threads). "
-          "Ctrl-D to leave.", file=sys.stderr)
-    messages = []
-    if a.system:
-        messages.append({"role": "system", "content": a.system})
-    while True:
-        try:
-            user = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if not user.strip():
-            continue
-        messages.append({"role": "user", "content": user})
-        try:
-            answer = stream(model.chat(messages, **kw))
-        except KeyboardInterrupt:                 # stop this answer, keep the chat
-            answer = ""
-        print()
-        print(stats_line(model.last_stats), file=sys.stderr)
-        if a.stats:
-            print_expert_stats(model)
-        messages.append({"role": "assistant", "content": answer.strip()})
+    from . import tui
+
+    def extra():
+        lines = expert_lines(model)
+        if model.cluster:
+            lines.append(cluster_line(model.cluster.per_token()))
+        return lines
+
+    history = os.path.join(os.path.expanduser("~"), ".cache", "glmcpu", "chat_history")
+    return tui.run(model, kw, system=a.system, stats_extra=extra, history_file=history)
+
+
+def expert_lines(model) -> list:
+    from .engine import expert_summary
+
+    return expert_summary(model.expert_stats) or ["expert statistics: this model has no experts"]
 
 
 def print_expert_stats(model):
-    from .engine import expert_summary
-
-    lines = expert_summary(model.expert_stats)
-    for line in lines or ["expert statistics: this model has no experts"]:
+    for line in expert_lines(model):
         print(line, file=sys.stderr)
+
+
+def cluster_line(f) -> str:
+    return (f"cluster, per token: {f['sent_kib']:.1f} KiB sent, {f['received_kib']:.1f} KiB received, "
+            f"{f['round_trips']:.1f} round trips, {f['network_ms']:.2f} ms waiting on the network vs "
+            f"{f['compute_ms']:.2f} ms on the root's shares; workers alive {f['alive']}, "
+            f"failovers {f['failovers']}")
+
 
 
 def cmd_info(a):

@@ -12,7 +12,7 @@ from .tokenizer import Detokenizer, Tokenizer
 
 class Model:
     def __init__(self, path, threads=None, ctx=None, mlock=False, workers=None, key=None,
-                 worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32"):
+                 worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32", progress=None):
         self.file = GGUFFile(path)
         self.path = self.file.path
         self.threads = int(threads) if threads else ops.default_threads()
@@ -24,7 +24,7 @@ class Model:
             self.cluster = connect(self.file, cfg, workers, key, worker_key, insecure, timeout, shares,
                                    self.threads, self.ctx, wire)
         self.net = cls(self.file, self.threads,
-                       factory=self.cluster.factory if self.cluster else None)
+                       factory=self.cluster.factory if self.cluster else None, progress=progress)
         if self.cluster:
             self.net.runner = self.cluster.forward
         self.cfg = self.net.cfg
@@ -114,10 +114,11 @@ class Model:
                 f"threads={self.threads} kernels={ops.VARIANT}>")
 
 
-def load(path, threads=None, ctx=None, mlock=False, workers=None, **cluster) -> Model:
+def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None, **cluster) -> Model:
     """workers: endpoints ("tcp://host:port") of `glmcpu worker`s to share the work with; then
-    key= (this root's key file) and worker_key= (the workers' public key), or insecure=True."""
-    return Model(path, threads=threads, ctx=ctx, mlock=mlock, workers=workers, **cluster)
+    key= (this root's key file) and worker_key= (the workers' public key), or insecure=True.
+    progress(done, total) is called as layers are built."""
+    return Model(path, threads=threads, ctx=ctx, mlock=mlock, workers=workers, progress=progress, **cluster)
 
 
 def connect(f, cfg, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire):

@@ -34,17 +34,22 @@ def test_stdin_prompt_and_greedy_is_repeatable(tiny):
     assert a.returncode == b.returncode == 0 and a.stdout == b.stdout and a.stdout.strip()
 
 
-def test_chat_loop(tiny, monkeypatch, capsys):
+def test_chat_loop(tiny, monkeypatch, capsys, tmp_path):
     _, path, _ = tiny("glm4", "q8_0")
-    lines = iter(["hello there", "", "and again"])
+    lines = iter(["hello there", "", "/stats", "and again"])
 
-    def fake_input(prompt=""):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError
-    monkeypatch.setattr("builtins.input", fake_input)
+    class Session:                      # prompt_toolkit's, typed into
+        def __init__(self, **kw):
+            pass
+
+        def prompt(self, prompt=""):
+            try:
+                return next(lines)
+            except StopIteration:
+                raise EOFError from None
+    monkeypatch.setattr("prompt_toolkit.PromptSession", Session)
     monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setenv("HOME", str(tmp_path))
     seen = []
     real_chat = glmcpu.Model.chat
 
@@ -55,7 +60,8 @@ def test_chat_loop(tiny, monkeypatch, capsys):
     assert cli.main(["run", path, "-n", "4", "--seed", "0", "--ignore-eos"]) == 0
     assert [m["role"] for m in seen[1]] == ["user", "assistant", "user"]   # history kept
     assert seen[1][2]["content"] == "and again"
-    assert capsys.readouterr().err.count("generation:") == 2
+    out = capsys.readouterr().out
+    assert out.count("tok/s") == 2 and "expert statistics: this model has no experts" in out
 
 
 def test_info(tiny):

@@ -182,15 +182,19 @@ class Layer:
 class Model:
     config_class = Config
 
-    def __init__(self, f: GGUFFile, threads: int, factory=None):
+    def __init__(self, f: GGUFFile, threads: int, factory=None, progress=None):
         """factory(f, prefix, layer, "attn" | "dense" | "moe") builds those modules instead (the
-        cluster uses it to build only this machine's share)."""
+        cluster uses it to build only this machine's share); progress(done, total) per layer."""
         self.cfg = cfg = self.config_class.from_gguf(f)
         self.threads = threads
         self.factory = factory
         self.runner = None
         self.embd = f.tensor("token_embd.weight")               # [n_vocab, d_model], any type
-        self.layers = [self.make_layer(f, i) for i in range(cfg.n_layer)]
+        self.layers = []
+        for i in range(cfg.n_layer):
+            self.layers.append(self.make_layer(f, i))
+            if progress:
+                progress(i + 1, cfg.n_layer)
         self.out_norm = f.vector("output_norm.weight")
         self.output = Linear(f, "output" if f.has("output.weight") else "token_embd")
 
