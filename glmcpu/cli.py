@@ -304,8 +304,7 @@ def cmd_list(a):
         cat.add_column(col, no_wrap=col in ("name", "size", "RAM"))
     for e in CATALOGUE:
         missing = missing_kernels(e)
-        runs = "no: split file, merge it first" if e.split else (
-            f"not yet: needs {', '.join(missing)} kernels" if missing else "yes")
+        runs = f"not yet: needs {', '.join(missing)} kernels" if missing else "yes"
         files = e.files[0] + (f" (+{len(e.files) - 1} more parts)" if e.split else "")
         cat.add_row(e.name, "yes" if e.downloaded() else "-", f"~{e.size / 1e9:.1f} GB", f"~{e.ram / 1e9:.0f} GB",
                     e.arch, runs, f"{e.repo} / {files}", e.note)

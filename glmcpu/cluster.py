@@ -430,7 +430,7 @@ class WorkerService:
         cfg = self._cfg(meta)
         n_ctx = int(meta.get("ctx", 4096))
         own = self.file is not None and fp == self.print
-        repack = ops.repack_experts(os.path.getsize(self.file.path)) if own else ops.REPACK == "all"
+        repack = ops.repack_experts(self.file.size) if own else ops.REPACK == "all"
         shares, missing = {}, []
         for table, kind in KINDS.items():
             for l, rng in meta.get(table, {}).items():
@@ -493,7 +493,7 @@ class Cluster:
             speeds = ([measure_bandwidth(threads)] + [float(i.get("bandwidth_gbs") or 1) for i in self.info]
                       if shares == "auto" else [threads] + [float(i.get("threads") or 1) for i in self.info])
             memories = [available_gb()] + [float(i.get("memory_gb") or 0) for i in self.info]
-            shares = weigh(speeds, memories, os.path.getsize(f.path) / 2**30)
+            shares = weigh(speeds, memories, f.size / 2**30)
         self.plan = make_plan(cfg, ["root"] + list(endpoints), shares)
         self.plan.bytes_per_value = np.dtype(self.wire).itemsize
         self.loads = [{"fingerprint": self.fingerprint, "ctx": n_ctx, "attn": {}, "ffn": {}, "experts": {}}
@@ -512,7 +512,7 @@ class Cluster:
                 self.load(c, load)
             except LinkError as e:
                 raise ClusterError(f"worker {c.endpoint} could not load its share: {e}") from None
-        self.repack = ops.repack_experts(os.path.getsize(f.path))
+        self.repack = ops.repack_experts(f.size)
         self.fallbacks = {}
         self.stats = {"tokens": 0, "round_trips": 0, "failovers": 0, "net_seconds": 0.0,
                       "compute_seconds": 0.0}

@@ -4,6 +4,7 @@ The header is parsed here rather than with gguf.GGUFReader: the reader builds a 
 string and takes ~9 s on a 151k-token GLM vocabulary, this parser ~0.2 s. Everything else
 (type codes, block sizes, reference dequantisation, writing) comes from the `gguf` package."""
 import os
+import re
 import struct
 from typing import NamedTuple
 
@@ -30,6 +31,7 @@ class Tensor(NamedTuple):
     n_bytes: int
     data_offset: int
     data: np.ndarray      # NumPy order; float types as floats, others as rows of bytes
+    part: int = 0         # which file of a split GGUF holds it
 
 
 class _Cursor:
@@ -72,39 +74,76 @@ class _Cursor:
         return self.take("<" + SCALARS[vtype])
 
 
+SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")    # llama.cpp's gguf-split naming
+
+
 class GGUFFile:
+    """One GGUF file, or all parts of a split one (given the first part: its metadata is the
+    model's; every part adds its tensors)."""
+
     def __init__(self, path):
         self.path = str(path)
-        if not os.path.exists(self.path):
-            raise ModelFileError(f"{self.path}: no such file")
-        if os.path.isdir(self.path):
-            raise ModelFileError(f"{self.path} is a directory; give the path of a .gguf file "
-                                 "(convert a Hugging Face folder with `glmcpu convert`)")
-        size = os.path.getsize(self.path)
-        with open(self.path, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            raise ModelFileError(f"{self.path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-        self.mm = np.memmap(self.path, np.uint8, "r")
-        try:
-            self.meta, self.tensors = self._parse(size)
-        except (ValueError, OverflowError, struct.error) as e:
-            raise ModelFileError(f"{self.path} is a damaged GGUF file ({e}); download it again") from None
-        if int(self.meta.get("split.count", 1)) > 1:
-            raise ModelFileError(
-                f"{self.path} is part {int(self.meta.get('split.no', 0)) + 1} of {self.meta['split.count']} of a "
-                "split GGUF; glmcpu reads single files: merge the parts with llama.cpp's "
-                "`llama-gguf-split --merge FIRST-PART OUT.gguf`")
+        self.meta, self.tensors, self.parts = self._open(self.path, 0)
+        count = int(self.meta.get("split.count", 1))
+        if count > 1:
+            if int(self.meta.get("split.no", 0)) != 0:
+                raise ModelFileError(
+                    f"{self.path} is part {int(self.meta['split.no']) + 1} of {count} of a split GGUF; "
+                    "give the first part (…-00001-of-…gguf): glmcpu finds the others beside it")
+            for no in range(1, count):
+                part = self.part_path(no, count)
+                meta, tensors, parts = self._open(part, no)
+                if int(meta.get("split.no", -1)) != no:
+                    raise ModelFileError(f"{part} is not part {no + 1} of {self.path}")
+                self.tensors.update(tensors)
+                self.parts += parts
+            expected = self.meta.get("split.tensors.count")
+            if expected is not None and int(expected) != len(self.tensors):
+                raise ModelFileError(f"{self.path}: its {count} parts hold {len(self.tensors)} tensors, "
+                                     f"the first part says {expected}; a part is missing or damaged")
+        self.mm, self.data_start = self.parts[0][1], self.parts[0][2]
+        self.size = sum(os.path.getsize(p[0]) for p in self.parts)     # bytes of all parts
         self.arch = self.meta.get("general.architecture")
         if self.arch is None:
             raise ModelFileError(f"{self.path} has no general.architecture: not a model GGUF")
 
-    def _parse(self, size):
-        c = _Cursor(memoryview(self.mm), self.path)
+    def part_path(self, no, count) -> str:
+        m = SPLIT_NAME.search(self.path)
+        if not m:
+            raise ModelFileError(f"{self.path} is the first of {count} parts of a split GGUF but is not "
+                                 "named like one (…-00001-of-000NN.gguf), so the others cannot be found")
+        path = self.path[:m.start()] + f"-{no + 1:05d}-of-{count:05d}.gguf"
+        if not os.path.exists(path):
+            raise ModelFileError(f"{path}: no such file (part {no + 1} of {count} of {self.path}); "
+                                 "download every part")
+        return path
+
+    def _open(self, path, part):
+        """(metadata, tensors, [(path, memmap, data start)]) of one file."""
+        if not os.path.exists(path):
+            raise ModelFileError(f"{self.path}: no such file")
+        if os.path.isdir(self.path):
+            raise ModelFileError(f"{self.path} is a directory; give the path of a .gguf file "
+                                 "(convert a Hugging Face folder with `glmcpu convert`)")
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ModelFileError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+        mm = np.memmap(path, np.uint8, "r")
+        try:
+            meta, tensors, start = self._parse(mm, path, size, part)
+        except (ValueError, OverflowError, struct.error) as e:
+            raise ModelFileError(f"{path} is a damaged GGUF file ({e}); download it again") from None
+        return meta, tensors, [(path, mm, start)]
+
+    @staticmethod
+    def _parse(mm, path, size, part):
+        c = _Cursor(memoryview(mm), path)
         c.take("<I")
         version = c.take("<I")
         if version not in (2, 3):
-            raise ModelFileError(f"{self.path} is GGUF version {version}; glmcpu reads versions 2 and 3")
+            raise ModelFileError(f"{path} is GGUF version {version}; glmcpu reads versions 2 and 3")
         n_tensors, n_kv = c.take("<Q"), c.take("<Q")
         meta = {}
         for _ in range(n_kv):
@@ -117,7 +156,6 @@ class GGUFFile:
             infos.append((name, GT(c.take("<I")), ne, c.take("<Q")))
         align = int(meta.get("general.alignment", 32))
         start = (c.pos + align - 1) // align * align
-        self.data_start = start
         tensors = {}
         for name, ttype, ne, off in infos:
             block, nbytes_block = GGML_QUANT_SIZES[ttype]
@@ -125,23 +163,25 @@ class GGUFFile:
             nbytes = n // block * nbytes_block
             begin = start + off
             if begin + nbytes > size:
-                raise ModelFileError(f"{self.path} is truncated: tensor {name} ends at byte "
+                raise ModelFileError(f"{path} is truncated: tensor {name} ends at byte "
                                      f"{begin + nbytes}, the file has {size}; download it again")
-            raw = self.mm[begin:begin + nbytes]
+            raw = mm[begin:begin + nbytes]
             np_shape = tuple(reversed(ne))
             if ttype in FLOAT_VIEWS:
                 data = raw.view(FLOAT_VIEWS[ttype]).reshape(np_shape)
             else:
                 data = raw.reshape(*np_shape[:-1], ne[0] // block * nbytes_block)
-            tensors[name] = Tensor(name, ttype, ne, nbytes, begin, data)
-        return meta, tensors
+            tensors[name] = Tensor(name, ttype, ne, nbytes, begin, data, part)
+        return meta, tensors, start
 
     def fingerprint(self) -> str:
         """sha256 of the header (metadata + tensor table) and the file size: cheap, and it changes
         whenever the model, its quantisation or its tokenizer does."""
         import hashlib
-        h = hashlib.sha256(memoryview(self.mm[:self.data_start]))
-        h.update(str(os.path.getsize(self.path)).encode())
+        h = hashlib.sha256()
+        for _, mm, start in self.parts:
+            h.update(memoryview(mm[:start]))
+        h.update(str(self.size).encode())
         return h.hexdigest()[:32]
 
     def array(self, key):
@@ -169,10 +209,10 @@ class GGUFFile:
     def release(self, name):
         """Tell the OS this process no longer needs a tensor's pages (after copying it)."""
         import mmap
-        mm = getattr(self.mm, "_mmap", None)
+        t = self.tensors[name]
+        mm = getattr(self.parts[t.part][1], "_mmap", None)
         if mm is None or not hasattr(mm, "madvise"):
             return
-        t = self.tensors[name]
         page = mmap.PAGESIZE
         start = (t.data_offset + page - 1) // page * page
         end = (t.data_offset + t.n_bytes) // page * page

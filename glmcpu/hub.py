@@ -294,17 +294,13 @@ def pull(spec: str, progress: bool = True, log=None) -> list:
             metas.append(get_hf_file_metadata(hf_hub_url(repo, f, endpoint=_endpoint())))
     dests = [os.path.join(models_dir(), repo, f) for f in files]
     _check_space(dests, metas)
-    if len(files) > 1:
-        log(f"note: {repo} splits this model into {len(files)} files; glmcpu reads single GGUF files, so "
-            "merge them after the download (llama.cpp: `llama-gguf-split --merge FIRST-PART OUT.gguf`)")
     for f, dest, meta in zip(files, dests, metas):
         if os.path.isfile(dest) and os.path.getsize(dest) == meta.size:
             log(f"{repo}/{f}: already downloaded")
             continue
         log(f"pulling {repo}/{f} ({human(meta.size) if meta.size else 'size unknown'})")
         _fetch(repo, f, dest, meta, spec, progress, log)
-    log(f"downloaded {len(files)} parts: merge them (above) to run the model" if len(files) > 1
-        else f"ready: glmcpu run {name}")
+    log(f"ready: glmcpu run {name}" + (f" (its {len(files)} parts are read as one model)" if len(files) > 1 else ""))
     return dests
 
 

@@ -129,7 +129,7 @@ class Model(glm4.Model):
 
     def make_layer(self, f, i):
         if i == 0:
-            self.repack_experts = ops.repack_experts(os.path.getsize(f.path))
+            self.repack_experts = ops.repack_experts(f.size)
         return Layer(f, i, self.cfg, self.repack_experts, self.factory)
 
     def expert_stats(self) -> dict:
