@@ -1,0 +1,179 @@
+"""NumPy quantisers for the K-quants (Q4_K, Q5_K, Q6_K) in ggml's block layout.
+
+gguf-py reads these formats (gguf.quants.dequantize) but cannot write them; it does write
+Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, which `quantize` hands to it. Every quantiser here works on all blocks
+of a tensor at once: each search step is a few whole-array NumPy passes, not a Python loop over
+blocks.
+
+The idea (as in llama.cpp's make_qkx2_quants / make_qx_quants, written afresh): per sub-block,
+try a small grid of scales around the one that maps the range onto the integer grid, refit scale
+(and min) by least squares for each candidate's integer codes, and keep the one with the least
+squared error. The per-sub-block scales are then themselves quantised (6-bit for Q4_K/Q5_K, int8
+for Q6_K) against one f16 super-block scale, and the codes recomputed with those exact scales.
+"""
+import numpy as np
+from gguf import GGMLQuantizationType as GT
+from gguf import quants as gguf_quants
+
+QK_K = 256                      # values per super-block (every K-quant)
+F16_MAX = 65504.0               # super-block scales are f16: clamp so huge weights stay finite
+CHUNK_BLOCKS = 8192             # super-blocks per NumPy pass: bounds the temporaries (~16 MiB)
+
+# --- block layouts -------------------------------------------------------------------------------
+# Q4_K: 8 sub-blocks of 32; value = d * sc[j] * q - dmin * m[j], q in 0..15, sc/m 6-bit.
+#   scales[12] packs sc[0..7] and m[0..7]: bytes 0-3 hold sc[0..3] in bits 0-5, bytes 4-7 hold
+#   m[0..3] in bits 0-5; sc[4..7] = low nibble of bytes 8-11 | (bits 6-7 of bytes 0-3) << 4, and
+#   m[4..7] = high nibble of bytes 8-11 | (bits 6-7 of bytes 4-7) << 4.
+#   qs[128]: 4 runs of 32 bytes; run r holds sub-block 2r in the low nibbles and 2r+1 in the high.
+Q4_K_BLOCK = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)])
+# Q5_K: as Q4_K with q in 0..31; the 5th bit of value l of sub-block j is bit j of qh[l].
+Q5_K_BLOCK = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qh", "u1", 32),
+                       ("qs", "u1", 128)])
+# Q6_K: 16 sub-blocks of 16; value = d * sc[j] * (q - 32), q in 0..63, sc int8.
+#   The 256 values are two halves of 128. In half h, ql[64h + l] holds value l (low nibble) and
+#   value 64 + l (high nibble), l < 64; qh[32h + l] holds the top 2 bits of values l, 32 + l,
+#   64 + l, 96 + l in its bit pairs 0-1, 2-3, 4-5, 6-7.
+Q6_K_BLOCK = np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
+assert (Q4_K_BLOCK.itemsize, Q5_K_BLOCK.itemsize, Q6_K_BLOCK.itemsize) == (144, 176, 210)
+
+# scale grids searched per sub-block: offsets added to the number of integer steps
+ASYM_STEPS = {15: np.arange(-1.0, 1.05, 0.1), 31: np.arange(-0.5, 1.05, 0.1)}
+SYM_STEPS = np.arange(-0.9, 0.95, 0.1)
+
+
+def fit_scale_min(x, nmax):
+    """Per row of x [n, m]: (scale [n], offset [n]) with x ~ scale * q + offset, q in 0..nmax,
+    offset <= 0 (the format stores -offset as an unsigned min), by least squares over a grid."""
+    n, m = x.shape
+    lo = np.minimum(x.min(1), 0)                               # [n]
+    span = x.max(1) - lo
+    span = np.where(span > 0, span, 1)
+    sx, sx2 = x.sum(1), (x * x).sum(1)
+    best = (np.full(n, np.inf, np.float32), np.zeros(n, np.float32), lo.copy())   # err, scale, offset
+    xs = x - lo[:, None]                                       # [n, m], >= 0
+    for step in ASYM_STEPS[nmax]:
+        q = np.clip(np.rint(xs * ((nmax + step) / span)[:, None]), 0, nmax)
+        sq, sq2, sxq = q.sum(1), (q * q).sum(1), (x * q).sum(1)
+        det = m * sq2 - sq * sq
+        ok = det > 0
+        det = np.where(ok, det, 1)
+        a = np.where(ok, (m * sxq - sq * sx) / det, 0)
+        b = np.where(ok, (sq2 * sx - sq * sxq) / det, 0)
+        # constant codes, or a positive offset the format cannot hold: fit the scale alone
+        alone = ~ok | (b > 0)
+        a = np.where(alone, np.where(sq2 > 0, sxq / np.where(sq2 > 0, sq2, 1), 0), a)
+        b = np.where(alone, np.where(sq2 > 0, 0, np.minimum(sx / m, 0)), b)
+        a = np.maximum(a, 0)
+        err = a * a * sq2 + 2 * a * b * sq + m * b * b - 2 * a * sxq - 2 * b * sx + sx2
+        better = err < best[0]
+        for arr, new in zip(best, (err, a, b)):
+            arr[better] = new[better]
+    return best[1], best[2]
+
+
+def fit_scale_sym(x, nneg, npos):
+    """Per row of x [n, m]: scale [n] with x ~ scale * q, q in -nneg..npos, by least squares over
+    a grid; the largest-magnitude value is tried at both ends of the range."""
+    n = x.shape[0]
+    peak = np.take_along_axis(x, np.abs(x).argmax(1)[:, None], 1)[:, 0]   # [n], signed
+    peak = np.where(peak != 0, peak, 1)
+    best_gain, best_scale = np.full(n, -1.0, np.float32), np.zeros(n, np.float32)
+    for ends in (-nneg, npos):
+        for step in SYM_STEPS:
+            inv = (ends + np.copysign(step, ends)) / peak                  # [n]
+            q = np.clip(np.rint(x * inv[:, None]), -nneg, npos)
+            sq2, sxq = (q * q).sum(1), (x * q).sum(1)
+            sq2 = np.where(sq2 > 0, sq2, 1)
+            gain = sxq * sxq / sq2          # squared error = sum x^2 - gain at the best scale
+            better = gain > best_gain
+            best_gain[better], best_scale[better] = gain[better], (sxq / sq2)[better]
+    return best_scale
+
+
+def to_f16(v):
+    return np.clip(v, -F16_MAX, F16_MAX).astype(np.float16)
+
+
+def super_scale(s, levels):
+    """Quantise per-sub-block scales s [n, k] >= 0 to integers 0..levels against one f16 scale
+    per row: (d f16 [n], integer scales uint8 [n, k])."""
+    d = to_f16(s.max(1) / levels)
+    d32 = d.astype(np.float32)[:, None]
+    safe = np.where(d32 > 0, d32, 1)
+    return d, np.where(d32 > 0, np.clip(np.rint(s / safe), 0, levels), 0).astype(np.uint8)
+
+
+def codes(x, scale, offset, lo, hi):
+    """Integer codes of x [n, k, m] for the final (quantised) scale and offset [n, k]."""
+    safe = np.where(scale > 0, scale, 1)[..., None]
+    q = np.rint((x - offset[..., None]) / safe)
+    return np.where(scale[..., None] > 0, np.clip(q, lo, hi), 0).astype(np.int16)
+
+
+def pack_scales_k4(sc, mn):
+    """sc, mn [n, 8] 6-bit -> the 12-byte scales field of Q4_K/Q5_K (layout above)."""
+    out = np.empty((sc.shape[0], 12), np.uint8)
+    out[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    out[:, 4:8] = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4)
+    return out
+
+
+def quantize_k_min(x, nmax, block_dtype):
+    """Q4_K (nmax 15) or Q5_K (nmax 31) blocks of x [n, 256]."""
+    n = x.shape[0]
+    sub = x.reshape(n * 8, 32)
+    scale, offset = fit_scale_min(sub, nmax)
+    d, sc = super_scale(scale.reshape(n, 8), 63)
+    dmin, mn = super_scale(-offset.reshape(n, 8), 63)
+    eff_scale = d.astype(np.float32)[:, None] * sc                            # [n, 8]
+    eff_min = dmin.astype(np.float32)[:, None] * mn
+    q = codes(x.reshape(n, 8, 32), eff_scale, -eff_min, 0, nmax).astype(np.uint8)   # [n, 8, 32]
+    out = np.empty(n, block_dtype)
+    out["d"], out["dmin"] = d, dmin
+    out["scales"] = pack_scales_k4(sc, mn)
+    low = q & 0xF
+    out["qs"] = (low[:, 0::2] | (low[:, 1::2] << 4)).reshape(n, 128)
+    if nmax == 31:
+        bits = (q >> 4) << np.arange(8, dtype=np.uint8)[None, :, None]       # [n, 8, 32]
+        out["qh"] = np.bitwise_or.reduce(bits, axis=1)
+    return out
+
+
+def quantize_q6_k(x):
+    """Q6_K blocks of x [n, 256]."""
+    n = x.shape[0]
+    scale = fit_scale_sym(x.reshape(n * 16, 16), 32, 31).reshape(n, 16)
+    peak = np.take_along_axis(scale, np.abs(scale).argmax(1)[:, None], 1)    # [n, 1], signed
+    d = to_f16(-peak[:, 0] / 128)           # the largest scale lands on -128, int8's far end
+    d32 = d.astype(np.float32)[:, None]
+    safe = np.where(d32 != 0, d32, 1)
+    sc = np.where(d32 != 0, np.clip(np.rint(scale / safe), -128, 127), 0)    # [n, 16]
+    eff = d32 * sc
+    safe = np.where(eff != 0, eff, 1)[..., None]
+    q = np.where(eff[..., None] != 0, np.clip(np.rint(x.reshape(n, 16, 16) / safe), -32, 31), 0)
+    q = (q + 32).astype(np.uint8).reshape(n, 2, 4, 32)                       # [n, half, quarter, 32]
+    out = np.empty(n, Q6_K_BLOCK)
+    out["ql"] = ((q[:, :, 0:2] & 0xF) | ((q[:, :, 2:4] & 0xF) << 4)).reshape(n, 128)
+    out["qh"] = ((q >> 4) << np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]).sum(2, dtype=np.uint8).reshape(n, 64)
+    out["scales"], out["d"] = sc.astype(np.int8), d
+    return out
+
+
+K_QUANTS = {GT.Q4_K: lambda x: quantize_k_min(x, 15, Q4_K_BLOCK),
+            GT.Q5_K: lambda x: quantize_k_min(x, 31, Q5_K_BLOCK),
+            GT.Q6_K: quantize_q6_k}
+
+
+def quantize(data, qtype):
+    """float array [..., n_cols] -> uint8 array [..., bytes per row] of ggml type qtype, as
+    gguf.quants.quantize returns (and GGUFWriter takes with raw_dtype)."""
+    if qtype not in K_QUANTS:
+        return gguf_quants.quantize(np.asarray(data, np.float32), qtype)
+    data = np.asarray(data, np.float32)
+    if data.shape[-1] % QK_K:
+        raise ValueError(f"rows of {data.shape[-1]} values are not whole {QK_K}-blocks")
+    blocks = data.reshape(-1, QK_K)                                           # [n_blocks, 256]
+    parts = [K_QUANTS[qtype](blocks[i:i + CHUNK_BLOCKS]) for i in range(0, len(blocks), CHUNK_BLOCKS)]
+    out = np.concatenate(parts).view(np.uint8)
+    return out.reshape(*data.shape[:-1], -1)
