@@ -23,3 +23,7 @@ class ContextOverflow(GlmcpuError):
 
 class ConvertError(GlmcpuError):
     """A checkpoint the converter cannot turn into a GGUF."""
+
+
+class QuantizeError(GlmcpuError):
+    """A GGUF that cannot be re-quantised as asked (already quantised, unknown type)."""
