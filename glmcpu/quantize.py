@@ -7,7 +7,7 @@ checked tensor by tensor against llama.cpp itself in tests/test_quantize.py:
   (ffn_gate_inp) keep the type they have in the source;
 - output.weight (or token_embd when the output is tied to it) gets Q6_K, or Q8_0 if its rows are
   not whole blocks of the file type's block size;
-- attn_v / attn_qkv, counted in file order, get Q6_K in the use_more_bits layers for
+- attn_v / attn_qkv, counted in layer order (blk.N numerically, whatever the file order), get Q6_K in the use_more_bits layers for
   Q4_K_M / Q5_K_M, Q5_K in the first four for Q4_K_S; ffn_down likewise by layer (for MoE models
   the layer is read from the name, so ffn_down_exps and ffn_down_shexp both count);
 - with exactly 8 experts attn_k and attn_v become Q8_0 and Q4_K_S/M's attn_output Q5_K;
@@ -55,6 +55,12 @@ def quantizable(name, shape):
             and "ffn_gate_inp.weight" not in name)
 
 
+def layer_order(name):
+    """Sort key: blk.N tensors by N, then by name (as llama.cpp's loader orders its weights)."""
+    m = re.match(r"blk\.(\d+)\.", name)
+    return (int(m.group(1)) if m else -1, name)
+
+
 def block_fits(qtype, n_cols):
     return n_cols % GGML_QUANT_SIZES[qtype][0] == 0
 
@@ -62,12 +68,11 @@ def block_fits(qtype, n_cols):
 def tensor_types(tensors, file_type, n_layer, n_expert=0, pure=False):
     """{name: ggml type} for every tensor of a file quantised to `file_type`; pure=True skips the
     mix (every quantisable tensor gets the file type's type, or its fallback).
-    tensors: {name: (shape in NumPy order, source type)}, in file order (llama.cpp's per-layer
-    counters walk the file in order)."""
+    tensors: {name: (shape in NumPy order, source type)}."""
     if file_type not in FILE_TYPES:
         raise QuantizeError(f"--type {file_type} is not one of {', '.join(FILE_TYPES)}")
     ftype, default = FILE_TYPES[file_type]
-    names = list(tensors)
+    names = sorted(tensors, key=layer_order)     # the attn_v / ffn_down counters walk this order
     tied = "output.weight" not in tensors
     n_attn_v = sum(1 for n in names if re.search(r"attn_(v|qkv)\.weight", n))
     i_attn_v = i_ffn_down = 0
