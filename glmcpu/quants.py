@@ -17,6 +17,7 @@ from gguf import quants as gguf_quants
 
 QK_K = 256                      # values per super-block (every K-quant)
 F16_MAX = 65504.0               # super-block scales are f16: clamp so huge weights stay finite
+F16_TINY = 2.0 ** -24           # and floor them at f16's smallest step so tiny ones are not zeroed
 CHUNK_BLOCKS = 8192             # super-blocks per NumPy pass: bounds the temporaries (~16 MiB)
 
 # --- block layouts -------------------------------------------------------------------------------
@@ -91,7 +92,10 @@ def fit_scale_sym(x, nneg, npos):
 
 
 def to_f16(v):
-    return np.clip(v, -F16_MAX, F16_MAX).astype(np.float16)
+    """f16 super-block scales: finite, and non-zero wherever v is (the integer scales absorb the
+    difference)."""
+    mag = np.where(v != 0, np.clip(np.abs(v), F16_TINY, F16_MAX), 0)
+    return np.copysign(mag, v).astype(np.float16)
 
 
 def super_scale(s, levels):
