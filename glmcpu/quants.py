@@ -11,6 +11,9 @@ try a small grid of scales around the one that maps the range onto the integer g
 squared error. The per-sub-block scales are then themselves quantised (6-bit for Q4_K/Q5_K, int8
 for Q6_K) against one f16 super-block scale, and the codes recomputed with those exact scales.
 """
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from gguf import GGMLQuantizationType as GT
 from gguf import quants as gguf_quants
@@ -52,9 +55,11 @@ def fit_scale_min(x, nmax):
     sx, sx2 = x.sum(1), (x * x).sum(1)
     best = (np.full(n, np.inf, np.float32), np.zeros(n, np.float32), lo.copy())   # err, scale, offset
     xs = x - lo[:, None]                                       # [n, m], >= 0
+    q = np.empty_like(x)                                       # [n, m], the codes being tried
     for step in ASYM_STEPS[nmax]:
-        q = np.clip(np.rint(xs * ((nmax + step) / span)[:, None]), 0, nmax)
-        sq, sq2, sxq = q.sum(1), (q * q).sum(1), (x * q).sum(1)
+        np.multiply(xs, ((nmax + step) / span)[:, None], out=q)
+        np.minimum(np.rint(q, out=q), nmax, out=q)             # xs >= 0: no lower clip needed
+        sq, sq2, sxq = q.sum(1), np.einsum("ij,ij->i", q, q), np.einsum("ij,ij->i", x, q)
         det = m * sq2 - sq * sq
         ok = det > 0
         det = np.where(ok, det, 1)
@@ -79,11 +84,13 @@ def fit_scale_sym(x, nneg, npos):
     peak = np.take_along_axis(x, np.abs(x).argmax(1)[:, None], 1)[:, 0]   # [n], signed
     peak = np.where(peak != 0, peak, 1)
     best_gain, best_scale = np.full(n, -1.0, np.float32), np.zeros(n, np.float32)
+    q = np.empty_like(x)                                       # [n, m], the codes being tried
     for ends in (-nneg, npos):
         for step in SYM_STEPS:
             inv = (ends + np.copysign(step, ends)) / peak                  # [n]
-            q = np.clip(np.rint(x * inv[:, None]), -nneg, npos)
-            sq2, sxq = (q * q).sum(1), (x * q).sum(1)
+            np.multiply(x, inv[:, None], out=q)
+            np.clip(np.rint(q, out=q), -nneg, npos, out=q)
+            sq2, sxq = np.einsum("ij,ij->i", q, q), np.einsum("ij,ij->i", x, q)
             sq2 = np.where(sq2 > 0, sq2, 1)
             gain = sxq * sxq / sq2          # squared error = sum x^2 - gain at the best scale
             better = gain > best_gain
@@ -169,15 +176,22 @@ K_QUANTS = {GT.Q4_K: lambda x: quantize_k_min(x, 15, Q4_K_BLOCK),
             GT.Q6_K: quantize_q6_k}
 
 
-def quantize(data, qtype):
+def quantize(data, qtype, threads=None):
     """float array [..., n_cols] -> uint8 array [..., bytes per row] of ggml type qtype, as
-    gguf.quants.quantize returns (and GGUFWriter takes with raw_dtype)."""
+    gguf.quants.quantize returns (and GGUFWriter takes with raw_dtype). K-quants run on `threads`
+    threads (default: every CPU)."""
     if qtype not in K_QUANTS:
         return gguf_quants.quantize(np.asarray(data, np.float32), qtype)
     data = np.asarray(data, np.float32)
     if data.shape[-1] % QK_K:
         raise ValueError(f"rows of {data.shape[-1]} values are not whole {QK_K}-blocks")
     blocks = data.reshape(-1, QK_K)                                           # [n_blocks, 256]
-    parts = [K_QUANTS[qtype](blocks[i:i + CHUNK_BLOCKS]) for i in range(0, len(blocks), CHUNK_BLOCKS)]
+    chunks = [blocks[i:i + CHUNK_BLOCKS] for i in range(0, len(blocks), CHUNK_BLOCKS)]
+    threads = threads or os.cpu_count() or 1
+    if threads > 1 and len(chunks) > 1:       # NumPy drops the GIL inside each whole-array pass
+        with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
+            parts = list(pool.map(K_QUANTS[qtype], chunks))
+    else:
+        parts = [K_QUANTS[qtype](c) for c in chunks]
     out = np.concatenate(parts).view(np.uint8)
     return out.reshape(*data.shape[:-1], -1)
