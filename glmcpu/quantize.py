@@ -41,6 +41,7 @@ FLOATS = (GT.F32, GT.F16, GT.BF16)
 K_FALLBACK = {GT.Q4_K: GT.Q5_0, GT.Q5_K: GT.Q5_1, GT.Q6_K: GT.Q8_0}
 EXPERTS_BUMPED = 8          # llama.cpp gives Mixtral-style 8-expert models more bits in attention
 QUANTIZATION_VERSION = 2    # general.quantization_version, as ggml writes it (GGML_QNT_VERSION)
+VALUES_PER_PASS = 1 << 24   # source values made float32 at a time (64 MiB), so expert stacks fit
 
 
 def use_more_bits(i, n):
@@ -132,6 +133,21 @@ def encode(arr, qtype):
     return quants.quantize(np.ascontiguousarray(arr, np.float32), qtype)
 
 
+def requantize(t, qtype):
+    """A float GGUF tensor (glmcpu.gguf.Tensor) in qtype, a slab of rows at a time: what
+    GGUFWriter.write_tensor_data takes."""
+    src = np.asarray(t.data).reshape(-1, t.data.shape[-1])        # [rows, values or bytes per row]
+    n_cols = int(t.shape[0])
+    step = max(1, VALUES_PER_PASS // n_cols)
+    out = None
+    for i in range(0, len(src), step):
+        part = encode(gguf_quants.dequantize(src[i:i + step], t.tensor_type).reshape(-1, n_cols), qtype)
+        if out is None:
+            out = np.empty((len(src), part.shape[-1]), part.dtype)    # [rows, encoded row]
+        out[i:i + step] = part
+    return out.reshape(*reversed([int(s) for s in t.shape[1:]]), -1)
+
+
 def add_tensor_info(w, name, shape, qtype):
     """Declare one tensor (shape in NumPy order) before any data is written."""
     if qtype in (GT.F32, GT.F16):
@@ -187,8 +203,7 @@ def quantize_gguf(src, dst, file_type, pure=False, progress=None):
         if types[name] == t.tensor_type:
             w.write_tensor_data(np.asarray(t.data))   # unchanged: copy the bytes
         else:
-            values = gguf_quants.dequantize(np.asarray(t.data), t.tensor_type)
-            w.write_tensor_data(encode(values.reshape(shapes[name][0]), types[name]))
+            w.write_tensor_data(requantize(t, types[name]))
         if progress:
             progress(i + 1, len(order), name)
     w.close()
