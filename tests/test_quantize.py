@@ -177,6 +177,18 @@ def test_mix_matches_llama_cpp(llama_cpp, tmp_path, case):
         assert not diff and set(got) == set(want), f"{file_type}: llama.cpp vs glmcpu {diff}"
 
 
+def test_pure_matches_llama_cpp(llama_cpp, tmp_path):
+    """--pure: every quantisable matrix in the file type's own type, fallbacks still applied."""
+    arch, layers, shape = MIX_CASES["glm4moe-8-experts-odd-5"]
+    src = tmp_path / "f16.gguf"
+    make_model.write(str(src), layers, "f16", arch=arch, shape=shape)
+    tensors = {t.name: (tuple(int(s) for s in reversed(t.shape)), t.tensor_type) for t in GGUFReader(str(src)).tensors}
+    for file_type in ("q4_k_m", "q6_k", "q4_0"):
+        want = llama_quantize(llama_cpp, src, tmp_path / f"{file_type}.gguf", file_type, pure=True)
+        got = tensor_types(tensors, file_type, layers, shape["experts"], pure=True)
+        assert want == {n: t.name for n, t in got.items()}, file_type
+
+
 def logits_of(llama_cpp, path, ids=None, text=TEXT):
     """llama.cpp's logits [n_tokens, n_vocab] for token ids, or for the tokens of text."""
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, logits_all=True, verbose=False,
