@@ -246,7 +246,8 @@ def convert(hf_dir, out_path, out_type="f16", fuse_qkv=False, progress=None):
         plan.append((g, (n_exp, *found[names[0]][1]["shape"]), names, "stack"))
     types = tensor_types({g: (shape, GT.F32) for g, shape, _, _ in plan}, out_type, n_layer + n_nextn,
                          cfg.get("n_routed_experts", 0) if arch == "glm4moe" else 0,
-                         pure=out_type in PURE_TYPES)
+                         pure=out_type in PURE_TYPES,
+                         n_gqa=n_head // cfg.get("num_key_value_heads", n_head))
     for g, shape, _, _ in plan:
         add_tensor_info(w, g, shape, types[g])
     w.write_header_to_file()

@@ -33,12 +33,14 @@ FILE_TYPES = {
     "q8_0": (LFT.MOSTLY_Q8_0, GT.Q8_0), "q4_0": (LFT.MOSTLY_Q4_0, GT.Q4_0),
     "q4_1": (LFT.MOSTLY_Q4_1, GT.Q4_1), "q5_0": (LFT.MOSTLY_Q5_0, GT.Q5_0),
     "q5_1": (LFT.MOSTLY_Q5_1, GT.Q5_1),
+    "q2_k": (LFT.MOSTLY_Q2_K, GT.Q2_K), "q3_k_s": (LFT.MOSTLY_Q3_K_S, GT.Q3_K),
+    "q3_k_m": (LFT.MOSTLY_Q3_K_M, GT.Q3_K), "q3_k_l": (LFT.MOSTLY_Q3_K_L, GT.Q3_K),
     "q4_k_s": (LFT.MOSTLY_Q4_K_S, GT.Q4_K), "q4_k_m": (LFT.MOSTLY_Q4_K_M, GT.Q4_K),
     "q5_k_s": (LFT.MOSTLY_Q5_K_S, GT.Q5_K), "q5_k_m": (LFT.MOSTLY_Q5_K_M, GT.Q5_K),
     "q6_k": (LFT.MOSTLY_Q6_K, GT.Q6_K),
 }
 FLOATS = (GT.F32, GT.F16, GT.BF16)
-K_FALLBACK = {GT.Q4_K: GT.Q5_0, GT.Q5_K: GT.Q5_1, GT.Q6_K: GT.Q8_0}
+K_FALLBACK = {GT.Q2_K: GT.Q4_0, GT.Q3_K: GT.Q4_0, GT.Q4_K: GT.Q5_0, GT.Q5_K: GT.Q5_1, GT.Q6_K: GT.Q8_0}
 EXPERTS_BUMPED = 8          # llama.cpp gives Mixtral-style 8-expert models more bits in attention
 QUANTIZATION_VERSION = 2    # general.quantization_version, as ggml writes it (GGML_QNT_VERSION)
 VALUES_PER_PASS = 1 << 24   # source values made float32 at a time (64 MiB), so expert stacks fit
@@ -66,10 +68,10 @@ def block_fits(qtype, n_cols):
     return n_cols % GGML_QUANT_SIZES[qtype][0] == 0
 
 
-def tensor_types(tensors, file_type, n_layer, n_expert=0, pure=False):
+def tensor_types(tensors, file_type, n_layer, n_expert=0, pure=False, n_gqa=1):
     """{name: ggml type} for every tensor of a file quantised to `file_type`; pure=True skips the
     mix (every quantisable tensor gets the file type's type, or its fallback).
-    tensors: {name: (shape in NumPy order, source type)}."""
+    tensors: {name: (shape in NumPy order, source type)}; n_gqa: query heads per KV head."""
     if file_type not in FILE_TYPES:
         raise QuantizeError(f"--type {file_type} is not one of {', '.join(FILE_TYPES)}")
     ftype, default = FILE_TYPES[file_type]
@@ -96,7 +98,13 @@ def tensor_types(tensors, file_type, n_layer, n_expert=0, pure=False):
         elif name == "token_embd.weight":
             pass
         elif re.search(r"attn_(v|qkv)\.weight", name):
-            if ftype in (LFT.MOSTLY_Q4_K_M, LFT.MOSTLY_Q5_K_M) and use_more_bits(i_attn_v, n_attn_v):
+            if ftype == LFT.MOSTLY_Q2_K:
+                new = GT.Q4_K if n_gqa >= 4 else GT.Q3_K
+            elif ftype == LFT.MOSTLY_Q3_K_M:
+                new = GT.Q5_K if i_attn_v < 2 else GT.Q4_K
+            elif ftype == LFT.MOSTLY_Q3_K_L:
+                new = GT.Q5_K
+            elif ftype in (LFT.MOSTLY_Q4_K_M, LFT.MOSTLY_Q5_K_M) and use_more_bits(i_attn_v, n_attn_v):
                 new = GT.Q6_K
             elif ftype == LFT.MOSTLY_Q4_K_S and i_attn_v < 4:
                 new = GT.Q5_K
@@ -107,11 +115,22 @@ def tensor_types(tensors, file_type, n_layer, n_expert=0, pure=False):
             if n_expert == EXPERTS_BUMPED:
                 new = GT.Q8_0
         elif "attn_output.weight" in name:
-            if n_expert == EXPERTS_BUMPED and ftype in (LFT.MOSTLY_Q4_K_S, LFT.MOSTLY_Q4_K_M):
-                new = GT.Q5_K
+            if n_expert == EXPERTS_BUMPED:
+                if ftype in (LFT.MOSTLY_Q2_K, LFT.MOSTLY_Q3_K_S, LFT.MOSTLY_Q3_K_M,
+                             LFT.MOSTLY_Q4_K_S, LFT.MOSTLY_Q4_K_M):
+                    new = GT.Q5_K
+            else:
+                new = {LFT.MOSTLY_Q2_K: GT.Q3_K, LFT.MOSTLY_Q3_K_M: GT.Q4_K,
+                       LFT.MOSTLY_Q3_K_L: GT.Q5_K}.get(ftype, new)
         elif "ffn_down" in name:
             i = int(re.match(r"blk\.(\d+)\.", name).group(1)) if moe else i_ffn_down
-            if ftype in (LFT.MOSTLY_Q4_K_M, LFT.MOSTLY_Q5_K_M) and use_more_bits(i, n_layer):
+            if ftype == LFT.MOSTLY_Q2_K:
+                new = GT.Q3_K
+            elif ftype == LFT.MOSTLY_Q3_K_M:
+                new = GT.Q5_K if i < n_layer // 16 else GT.Q4_K
+            elif ftype == LFT.MOSTLY_Q3_K_L:
+                new = GT.Q5_K
+            elif ftype in (LFT.MOSTLY_Q4_K_M, LFT.MOSTLY_Q5_K_M) and use_more_bits(i, n_layer):
                 new = GT.Q6_K
             elif ftype == LFT.MOSTLY_Q4_K_S and i < n_layer // 8:
                 new = GT.Q5_K
@@ -185,8 +204,9 @@ def quantize_gguf(src, dst, file_type, pure=False, progress=None):
         raise QuantizeError(f"{src} is already quantised ({', '.join(done)}); glmcpu quantize reads "
                             "F32/F16/BF16 GGUFs (convert the Hugging Face checkpoint to f16 first)")
     shapes = {n: (tuple(reversed(t.shape)), t.tensor_type) for n, t in f.tensors.items()}
+    n_head, n_kv = f.require("attention.head_count"), f.arch_get("attention.head_count_kv")
     types = tensor_types(shapes, file_type, int(f.require("block_count")),
-                         int(f.arch_get("expert_count", 0) or 0), pure)
+                         int(f.arch_get("expert_count", 0) or 0), pure, n_head // (n_kv or n_head))
     reader = GGUFReader(src)
     w = GGUFWriter(dst, f.arch)
     copy_metadata(reader, w)

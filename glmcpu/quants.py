@@ -1,4 +1,4 @@
-"""NumPy quantisers for the K-quants (Q4_K, Q5_K, Q6_K) in ggml's block layout.
+"""NumPy quantisers for the K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) in ggml's block layout.
 
 gguf-py reads these formats (gguf.quants.dequantize) but cannot write them; it does write
 Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, which `quantize` hands to it. Every quantiser here works on all blocks
@@ -8,8 +8,8 @@ blocks.
 The idea (as in llama.cpp's make_qkx2_quants / make_qx_quants, written afresh): per sub-block,
 try a small grid of scales around the one that maps the range onto the integer grid, refit scale
 (and min) by least squares for each candidate's integer codes, and keep the one with the least
-squared error. The per-sub-block scales are then themselves quantised (6-bit for Q4_K/Q5_K, int8
-for Q6_K) against one f16 super-block scale, and the codes recomputed with those exact scales.
+squared error. The per-sub-block scales are then themselves quantised (4-bit for Q2_K, 6-bit for
+Q3_K/Q4_K/Q5_K, int8 for Q6_K) against one f16 super-block scale, and the codes recomputed with those exact scales.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -38,10 +38,20 @@ Q5_K_BLOCK = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qh
 #   value 64 + l (high nibble), l < 64; qh[32h + l] holds the top 2 bits of values l, 32 + l,
 #   64 + l, 96 + l in its bit pairs 0-1, 2-3, 4-5, 6-7.
 Q6_K_BLOCK = np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
+# Q2_K: 16 sub-blocks of 16; value = d * sc[j] * q - dmin * m[j], q in 0..3; scales[j] holds
+#   sc[j] in the low nibble and m[j] in the high one. The 256 values are two halves of 128: in half
+#   h, bit pair k (bits 2k, 2k+1) of qs[32h + l] is value 32k + l.
+Q2_K_BLOCK = np.dtype([("scales", "u1", 16), ("qs", "u1", 64), ("d", "<f2"), ("dmin", "<f2")])
+# Q3_K: 16 sub-blocks of 16; value = d * (sc[j] - 32) * (q - 4), q in 0..7, sc 6-bit.
+#   The low 2 bits of q are packed as Q2_K's qs; bit b of hmask[l] is q's 3rd bit for value
+#   32b + l. scales[12]: bytes 0-7 hold the low 4 bits of sc[0..7] (low nibbles) and of sc[8..15]
+#   (high nibbles); bit pair k of byte 8 + i holds the top 2 bits of sc[4k + i].
+Q3_K_BLOCK = np.dtype([("hmask", "u1", 32), ("qs", "u1", 64), ("scales", "u1", 12), ("d", "<f2")])
 assert (Q4_K_BLOCK.itemsize, Q5_K_BLOCK.itemsize, Q6_K_BLOCK.itemsize) == (144, 176, 210)
+assert (Q2_K_BLOCK.itemsize, Q3_K_BLOCK.itemsize) == (84, 110)
 
 # scale grids searched per sub-block: offsets added to the number of integer steps
-ASYM_STEPS = {15: np.arange(-1.0, 1.05, 0.1), 31: np.arange(-0.5, 1.05, 0.1)}
+ASYM_STEPS = {3: np.arange(-0.5, 1.05, 0.1), 15: np.arange(-1.0, 1.05, 0.1), 31: np.arange(-0.5, 1.05, 0.1)}
 SYM_STEPS = np.arange(-0.9, 0.95, 0.1)
 
 
@@ -151,18 +161,65 @@ def quantize_k_min(x, nmax, block_dtype):
     return out
 
 
+def quantize_sym(x, nneg, npos, sc_neg):
+    """Symmetric K blocks of x [n, 256] in 16 sub-blocks of 16: (d f16 [n], signed integer scales
+    [n, 16] in -sc_neg..sc_neg-1, codes [n, 16, 16] in -nneg..npos)."""
+    n = x.shape[0]
+    scale = fit_scale_sym(x.reshape(n * 16, 16), nneg, npos).reshape(n, 16)
+    peak = np.take_along_axis(scale, np.abs(scale).argmax(1)[:, None], 1)    # [n, 1], signed
+    d = to_f16(-peak[:, 0] / sc_neg)        # the largest scale lands on the far negative end
+    d32 = d.astype(np.float32)[:, None]
+    safe = np.where(d32 != 0, d32, 1)
+    sc = np.where(d32 != 0, np.clip(np.rint(scale / safe), -sc_neg, sc_neg - 1), 0)   # [n, 16]
+    eff = d32 * sc
+    safe = np.where(eff != 0, eff, 1)[..., None]
+    q = np.where(eff[..., None] != 0, np.clip(np.rint(x.reshape(n, 16, 16) / safe), -nneg, npos), 0)
+    return d, sc, q
+
+
+def pack_2bit(q):
+    """q [n, 256] in 0..3 -> [n, 64] bytes: Q2_K / Q3_K's qs layout (above)."""
+    q = q.reshape(-1, 2, 4, 32)                                               # [n, half, pair, 32]
+    return (q << np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]).sum(2, dtype=np.uint8).reshape(-1, 64)
+
+
+def quantize_q2_k(x):
+    """Q2_K blocks of x [n, 256]."""
+    n = x.shape[0]
+    scale, offset = fit_scale_min(x.reshape(n * 16, 16), 3)
+    d, sc = super_scale(scale.reshape(n, 16), 15)
+    dmin, mn = super_scale(-offset.reshape(n, 16), 15)
+    eff_scale = d.astype(np.float32)[:, None] * sc                            # [n, 16]
+    eff_min = dmin.astype(np.float32)[:, None] * mn
+    q = codes(x.reshape(n, 16, 16), eff_scale, -eff_min, 0, 3).astype(np.uint8)
+    out = np.empty(n, Q2_K_BLOCK)
+    out["scales"] = sc | (mn << 4)
+    out["qs"] = pack_2bit(q)
+    out["d"], out["dmin"] = d, dmin
+    return out
+
+
+def quantize_q3_k(x):
+    """Q3_K blocks of x [n, 256]."""
+    n = x.shape[0]
+    d, sc, q = quantize_sym(x, 4, 3, 32)
+    q = (q + 4).astype(np.uint8).reshape(n, 256)                              # 0..7
+    s6 = (sc + 32).astype(np.uint8)                                           # [n, 16], 0..63
+    out = np.empty(n, Q3_K_BLOCK)
+    out["hmask"] = ((q.reshape(n, 8, 32) >> 2) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(1, dtype=np.uint8)
+    out["qs"] = pack_2bit(q & 3)
+    packed = np.empty((n, 12), np.uint8)
+    packed[:, :8] = (s6[:, :8] & 0xF) | ((s6[:, 8:] & 0xF) << 4)
+    top = (s6 >> 4).reshape(n, 4, 4)                                          # [n, k, i]: sc[4k + i]
+    packed[:, 8:] = (top << np.array([0, 2, 4, 6], np.uint8)[None, :, None]).sum(1, dtype=np.uint8)
+    out["scales"], out["d"] = packed, d
+    return out
+
+
 def quantize_q6_k(x):
     """Q6_K blocks of x [n, 256]."""
     n = x.shape[0]
-    scale = fit_scale_sym(x.reshape(n * 16, 16), 32, 31).reshape(n, 16)
-    peak = np.take_along_axis(scale, np.abs(scale).argmax(1)[:, None], 1)    # [n, 1], signed
-    d = to_f16(-peak[:, 0] / 128)           # the largest scale lands on -128, int8's far end
-    d32 = d.astype(np.float32)[:, None]
-    safe = np.where(d32 != 0, d32, 1)
-    sc = np.where(d32 != 0, np.clip(np.rint(scale / safe), -128, 127), 0)    # [n, 16]
-    eff = d32 * sc
-    safe = np.where(eff != 0, eff, 1)[..., None]
-    q = np.where(eff[..., None] != 0, np.clip(np.rint(x.reshape(n, 16, 16) / safe), -32, 31), 0)
+    d, sc, q = quantize_sym(x, 32, 31, 128)
     q = (q + 32).astype(np.uint8).reshape(n, 2, 4, 32)                       # [n, half, quarter, 32]
     out = np.empty(n, Q6_K_BLOCK)
     out["ql"] = ((q[:, :, 0:2] & 0xF) | ((q[:, :, 2:4] & 0xF) << 4)).reshape(n, 128)
@@ -171,7 +228,8 @@ def quantize_q6_k(x):
     return out
 
 
-K_QUANTS = {GT.Q4_K: lambda x: quantize_k_min(x, 15, Q4_K_BLOCK),
+K_QUANTS = {GT.Q2_K: quantize_q2_k, GT.Q3_K: quantize_q3_k,
+            GT.Q4_K: lambda x: quantize_k_min(x, 15, Q4_K_BLOCK),
             GT.Q5_K: lambda x: quantize_k_min(x, 31, Q5_K_BLOCK),
             GT.Q6_K: quantize_q6_k}
 
