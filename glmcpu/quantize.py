@@ -7,12 +7,15 @@ checked tensor by tensor against llama.cpp itself in tests/test_quantize.py:
   (ffn_gate_inp) keep the type they have in the source;
 - output.weight (or token_embd when the output is tied to it) gets Q6_K, or Q8_0 if its rows are
   not whole blocks of the file type's block size;
-- attn_v / attn_qkv, counted in layer order (blk.N numerically, whatever the file order), get Q6_K in the use_more_bits layers for
-  Q4_K_M / Q5_K_M, Q5_K in the first four for Q4_K_S; ffn_down likewise by layer (for MoE models
-  the layer is read from the name, so ffn_down_exps and ffn_down_shexp both count);
-- with exactly 8 experts attn_k and attn_v become Q8_0 and Q4_K_S/M's attn_output Q5_K;
-- a K-quant whose rows are not whole 256-blocks falls back: Q4_K -> Q5_0, Q5_K -> Q5_1,
-  Q6_K -> Q8_0; anything still not whole blocks is F16 (llama.cpp refuses 32-block types there).
+- attn_v / attn_qkv get more bits: Q6_K in the use_more_bits layers for Q4_K_M / Q5_K_M, Q5_K in
+  the first four for Q4_K_S, Q5_K in the first two (then Q4_K) for Q3_K_M, Q5_K for Q3_K_L, Q4_K
+  (grouped-query attention, 4+ heads per KV head) or Q3_K for Q2_K. They are counted in layer
+  order (blk.N numerically, whatever the file order);
+- ffn_down likewise by layer (for MoE models the layer is read from the name, so ffn_down_exps and
+  ffn_down_shexp both count); attn_output gets one step more for Q2_K / Q3_K_M / Q3_K_L;
+- with exactly 8 experts attn_k and attn_v become Q8_0, and attn_output Q5_K for Q2_K to Q4_K_M;
+- a K-quant whose rows are not whole 256-blocks falls back: Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0,
+  Q5_K -> Q5_1, Q6_K -> Q8_0; anything still not whole blocks is F16 (llama.cpp refuses there).
 """
 import os
 import re
@@ -68,6 +71,43 @@ def block_fits(qtype, n_cols):
     return n_cols % GGML_QUANT_SIZES[qtype][0] == 0
 
 
+def attn_v_type(ftype, new, i, n, n_gqa):
+    """attn_v / attn_qkv number i of n."""
+    if ftype == LFT.MOSTLY_Q2_K:
+        return GT.Q4_K if n_gqa >= 4 else GT.Q3_K
+    if ftype == LFT.MOSTLY_Q3_K_M:
+        return GT.Q5_K if i < 2 else GT.Q4_K
+    if ftype == LFT.MOSTLY_Q3_K_L:
+        return GT.Q5_K
+    if ftype in (LFT.MOSTLY_Q4_K_M, LFT.MOSTLY_Q5_K_M) and use_more_bits(i, n):
+        return GT.Q6_K
+    if ftype == LFT.MOSTLY_Q4_K_S and i < 4:
+        return GT.Q5_K
+    return new
+
+
+def ffn_down_type(ftype, new, i, n):
+    """ffn_down* of layer i of n."""
+    if ftype == LFT.MOSTLY_Q2_K:
+        return GT.Q3_K
+    if ftype == LFT.MOSTLY_Q3_K_M:
+        return GT.Q5_K if i < n // 16 else GT.Q4_K
+    if ftype == LFT.MOSTLY_Q3_K_L:
+        return GT.Q5_K
+    if ftype in (LFT.MOSTLY_Q4_K_M, LFT.MOSTLY_Q5_K_M) and use_more_bits(i, n):
+        return GT.Q6_K
+    if ftype == LFT.MOSTLY_Q4_K_S and i < n // 8:
+        return GT.Q5_K
+    return new
+
+
+def attn_output_type(ftype, new, n_expert):
+    if n_expert == EXPERTS_BUMPED:
+        low = (LFT.MOSTLY_Q2_K, LFT.MOSTLY_Q3_K_S, LFT.MOSTLY_Q3_K_M, LFT.MOSTLY_Q4_K_S, LFT.MOSTLY_Q4_K_M)
+        return GT.Q5_K if ftype in low else new
+    return {LFT.MOSTLY_Q2_K: GT.Q3_K, LFT.MOSTLY_Q3_K_M: GT.Q4_K, LFT.MOSTLY_Q3_K_L: GT.Q5_K}.get(ftype, new)
+
+
 def tensor_types(tensors, file_type, n_layer, n_expert=0, pure=False, n_gqa=1):
     """{name: ggml type} for every tensor of a file quantised to `file_type`; pure=True skips the
     mix (every quantisable tensor gets the file type's type, or its fallback).
@@ -77,65 +117,35 @@ def tensor_types(tensors, file_type, n_layer, n_expert=0, pure=False, n_gqa=1):
     ftype, default = FILE_TYPES[file_type]
     names = sorted(tensors, key=layer_order)     # the attn_v / ffn_down counters walk this order
     tied = "output.weight" not in tensors
-    n_attn_v = sum(1 for n in names if re.search(r"attn_(v|qkv)\.weight", n))
+    is_attn_v = re.compile(r"attn_(v|qkv)\.weight").search
+    n_attn_v = sum(1 for n in names if is_attn_v(n))
     i_attn_v = i_ffn_down = 0
-    moe = n_expert > 1
     out = {}
     for name in names:
         shape, src = tensors[name]
         if not quantizable(name, shape):
             out[name] = src
             continue
-        new = default
-        if default in FLOATS:
-            out[name] = new
-            continue
-        n_cols = shape[-1]
-        if pure:
+        new, n_cols = default, shape[-1]
+        if default in FLOATS or pure:
             pass
         elif name == "output.weight" or (tied and name == "token_embd.weight"):
-            new = GT.Q8_0 if not block_fits(default, n_cols) else (new if new == GT.Q8_0 else GT.Q6_K)
+            new = GT.Q8_0 if not block_fits(default, n_cols) or default == GT.Q8_0 else GT.Q6_K
         elif name == "token_embd.weight":
             pass
-        elif re.search(r"attn_(v|qkv)\.weight", name):
-            if ftype == LFT.MOSTLY_Q2_K:
-                new = GT.Q4_K if n_gqa >= 4 else GT.Q3_K
-            elif ftype == LFT.MOSTLY_Q3_K_M:
-                new = GT.Q5_K if i_attn_v < 2 else GT.Q4_K
-            elif ftype == LFT.MOSTLY_Q3_K_L:
-                new = GT.Q5_K
-            elif ftype in (LFT.MOSTLY_Q4_K_M, LFT.MOSTLY_Q5_K_M) and use_more_bits(i_attn_v, n_attn_v):
-                new = GT.Q6_K
-            elif ftype == LFT.MOSTLY_Q4_K_S and i_attn_v < 4:
-                new = GT.Q5_K
-            if n_expert == EXPERTS_BUMPED:
-                new = GT.Q8_0
+        elif is_attn_v(name):
+            new = GT.Q8_0 if n_expert == EXPERTS_BUMPED else attn_v_type(ftype, new, i_attn_v, n_attn_v, n_gqa)
             i_attn_v += 1
         elif "attn_k.weight" in name:
-            if n_expert == EXPERTS_BUMPED:
-                new = GT.Q8_0
+            new = GT.Q8_0 if n_expert == EXPERTS_BUMPED else new
         elif "attn_output.weight" in name:
-            if n_expert == EXPERTS_BUMPED:
-                if ftype in (LFT.MOSTLY_Q2_K, LFT.MOSTLY_Q3_K_S, LFT.MOSTLY_Q3_K_M,
-                             LFT.MOSTLY_Q4_K_S, LFT.MOSTLY_Q4_K_M):
-                    new = GT.Q5_K
-            else:
-                new = {LFT.MOSTLY_Q2_K: GT.Q3_K, LFT.MOSTLY_Q3_K_M: GT.Q4_K,
-                       LFT.MOSTLY_Q3_K_L: GT.Q5_K}.get(ftype, new)
+            new = attn_output_type(ftype, new, n_expert)
         elif "ffn_down" in name:
-            i = int(re.match(r"blk\.(\d+)\.", name).group(1)) if moe else i_ffn_down
-            if ftype == LFT.MOSTLY_Q2_K:
-                new = GT.Q3_K
-            elif ftype == LFT.MOSTLY_Q3_K_M:
-                new = GT.Q5_K if i < n_layer // 16 else GT.Q4_K
-            elif ftype == LFT.MOSTLY_Q3_K_L:
-                new = GT.Q5_K
-            elif ftype in (LFT.MOSTLY_Q4_K_M, LFT.MOSTLY_Q5_K_M) and use_more_bits(i, n_layer):
-                new = GT.Q6_K
-            elif ftype == LFT.MOSTLY_Q4_K_S and i < n_layer // 8:
-                new = GT.Q5_K
+            # MoE: the layer from the name (llama.cpp's rule since Mixtral's experts were scattered)
+            i = int(re.match(r"blk\.(\d+)\.", name).group(1)) if n_expert > 1 else i_ffn_down
+            new = ffn_down_type(ftype, new, i, n_layer)
             i_ffn_down += 1
-        if not block_fits(new, n_cols):
+        if new not in FLOATS and not block_fits(new, n_cols):
             new = K_FALLBACK.get(new, GT.F16)
             if not block_fits(new, n_cols):
                 new = GT.F16

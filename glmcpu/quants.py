@@ -9,7 +9,8 @@ The idea (as in llama.cpp's make_qkx2_quants / make_qx_quants, written afresh): 
 try a small grid of scales around the one that maps the range onto the integer grid, refit scale
 (and min) by least squares for each candidate's integer codes, and keep the one with the least
 squared error. The per-sub-block scales are then themselves quantised (4-bit for Q2_K, 6-bit for
-Q3_K/Q4_K/Q5_K, int8 for Q6_K) against one f16 super-block scale, and the codes recomputed with those exact scales.
+Q3_K/Q4_K/Q5_K, int8 for Q6_K) against one f16 super-block scale, and the codes recomputed with
+those exact scales.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +52,8 @@ assert (Q4_K_BLOCK.itemsize, Q5_K_BLOCK.itemsize, Q6_K_BLOCK.itemsize) == (144, 
 assert (Q2_K_BLOCK.itemsize, Q3_K_BLOCK.itemsize) == (84, 110)
 
 # scale grids searched per sub-block: offsets added to the number of integer steps
-ASYM_STEPS = {3: np.arange(-0.5, 1.05, 0.1), 15: np.arange(-1.0, 1.05, 0.1), 31: np.arange(-0.5, 1.05, 0.1)}
+ASYM_STEPS = {3: np.arange(-0.5, 1.05, 0.1), 15: np.arange(-1.0, 1.05, 0.1),
+              31: np.arange(-0.5, 1.05, 0.1)}
 SYM_STEPS = np.arange(-0.9, 0.95, 0.1)
 
 
@@ -177,10 +179,13 @@ def quantize_sym(x, nneg, npos, sc_neg):
     return d, sc, q
 
 
+PAIR_SHIFTS = np.array([0, 2, 4, 6], np.uint8)         # the four 2-bit fields of a byte
+
+
 def pack_2bit(q):
     """q [n, 256] in 0..3 -> [n, 64] bytes: Q2_K / Q3_K's qs layout (above)."""
     q = q.reshape(-1, 2, 4, 32)                                               # [n, half, pair, 32]
-    return (q << np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]).sum(2, dtype=np.uint8).reshape(-1, 64)
+    return (q << PAIR_SHIFTS[None, None, :, None]).sum(2, dtype=np.uint8).reshape(-1, 64)
 
 
 def quantize_q2_k(x):
@@ -206,12 +211,13 @@ def quantize_q3_k(x):
     q = (q + 4).astype(np.uint8).reshape(n, 256)                              # 0..7
     s6 = (sc + 32).astype(np.uint8)                                           # [n, 16], 0..63
     out = np.empty(n, Q3_K_BLOCK)
-    out["hmask"] = ((q.reshape(n, 8, 32) >> 2) << np.arange(8, dtype=np.uint8)[None, :, None]).sum(1, dtype=np.uint8)
+    high = (q.reshape(n, 8, 32) >> 2) << np.arange(8, dtype=np.uint8)[None, :, None]   # [n, bit, 32]
+    out["hmask"] = high.sum(1, dtype=np.uint8)
     out["qs"] = pack_2bit(q & 3)
     packed = np.empty((n, 12), np.uint8)
     packed[:, :8] = (s6[:, :8] & 0xF) | ((s6[:, 8:] & 0xF) << 4)
     top = (s6 >> 4).reshape(n, 4, 4)                                          # [n, k, i]: sc[4k + i]
-    packed[:, 8:] = (top << np.array([0, 2, 4, 6], np.uint8)[None, :, None]).sum(1, dtype=np.uint8)
+    packed[:, 8:] = (top << PAIR_SHIFTS[None, :, None]).sum(1, dtype=np.uint8)
     out["scales"], out["d"] = packed, d
     return out
 
@@ -223,7 +229,7 @@ def quantize_q6_k(x):
     q = (q + 32).astype(np.uint8).reshape(n, 2, 4, 32)                       # [n, half, quarter, 32]
     out = np.empty(n, Q6_K_BLOCK)
     out["ql"] = ((q[:, :, 0:2] & 0xF) | ((q[:, :, 2:4] & 0xF) << 4)).reshape(n, 128)
-    out["qh"] = ((q >> 4) << np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]).sum(2, dtype=np.uint8).reshape(n, 64)
+    out["qh"] = ((q >> 4) << PAIR_SHIFTS[None, None, :, None]).sum(2, dtype=np.uint8).reshape(n, 64)
     out["scales"], out["d"] = sc.astype(np.int8), d
     return out
 
