@@ -1,4 +1,4 @@
-"""glmcpu command line: run, info, convert, pull, list, worker, keygen, plan."""
+"""glmcpu command line: run, info, convert, quantize, pull, list, worker, keygen, plan."""
 import argparse
 import os
 import sys
@@ -8,6 +8,7 @@ from importlib import resources
 from .errors import GlmcpuError
 from .hub import human
 from .net.link import LinkError
+from .quantize import FILE_TYPES
 
 
 def demo_model_path() -> str:
@@ -312,6 +313,26 @@ def cmd_list(a):
     return 0
 
 
+def cmd_quantize(a):
+    from collections import Counter
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .quantize import quantize_gguf
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=False, disable=a.quiet) as bar:
+        task = bar.add_task("quantizing", total=None)
+
+        def progress(done, total, name):
+            bar.update(task, completed=done, total=total, description=f"{name:<32}")
+
+        types = quantize_gguf(a.input, a.output, a.type, pure=a.pure, progress=progress)
+    mix = ", ".join(f"{t.name} x{n}" for t, n in Counter(types.values()).most_common())
+    print(f"wrote {a.output} ({human(os.path.getsize(a.output))}; {mix})", file=sys.stderr)
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="glmcpu", description="GLM-4 language models on ordinary CPUs")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -360,7 +381,8 @@ def build_parser():
     c = sub.add_parser("convert", help="Hugging Face GLM checkpoint -> GGUF")
     c.add_argument("hf_dir")
     c.add_argument("-o", "--output", required=True)
-    c.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"])
+    c.add_argument("--type", default="f16", choices=list(FILE_TYPES),
+                   help="q4_k_m etc. write llama.cpp's mix of types (glmcpu runs f32..q4_0 today)")
     c.add_argument("--fuse-qkv", action="store_true", help="chatglm: one attn_qkv tensor, as THUDM's files")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_convert)
@@ -373,6 +395,14 @@ def build_parser():
 
     ls = sub.add_parser("list", help="downloaded models and the catalogue of known GLM GGUF files")
     ls.set_defaults(func=cmd_list)
+
+    q = sub.add_parser("quantize", help="re-quantise an F32/F16/BF16 GGUF (llama.cpp's mix of types)")
+    q.add_argument("input")
+    q.add_argument("output")
+    q.add_argument("--type", required=True, choices=list(FILE_TYPES))
+    q.add_argument("--pure", action="store_true", help="every matrix in --type (no Q6_K output, ...)")
+    q.add_argument("-q", "--quiet", action="store_true")
+    q.set_defaults(func=cmd_quantize)
     return p
 
 

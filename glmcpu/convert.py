@@ -9,16 +9,17 @@ from glob import glob
 
 import numpy as np
 from gguf import GGMLQuantizationType as GT
-from gguf import ExpertGatingFuncType, GGUFWriter, LlamaFileType, TokenType, quants
+from gguf import ExpertGatingFuncType, GGUFWriter, TokenType
 from safetensors import safe_open
 
 from .errors import ConvertError
+from .quantize import FILE_TYPES, QUANTIZATION_VERSION, add_tensor_info, encode, tensor_types
 
 ARCHES = {"GlmForCausalLM": "chatglm", "Glm4ForCausalLM": "glm4", "Glm4MoeForCausalLM": "glm4moe"}
 PRE = {"chatglm": "chatglm-bpe", "glm4": "glm4", "glm4moe": "glm4"}
-TYPES = {"f32": (GT.F32, LlamaFileType.ALL_F32), "f16": (GT.F16, LlamaFileType.MOSTLY_F16),
-         "bf16": (GT.BF16, LlamaFileType.MOSTLY_BF16), "q8_0": (GT.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-         "q4_0": (GT.Q4_0, LlamaFileType.MOSTLY_Q4_0)}
+# the types glmcpu runs today are written pure (every matrix in that type, llama.cpp's --pure);
+# the K-quant file types get llama.cpp's mix of types (glmcpu.quantize)
+PURE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 
 # Hugging Face name (after model.layers.N.) -> GGUF name (after blk.N.)
 LAYER_NAMES = {
@@ -54,7 +55,6 @@ LAYER_NAMES = {
 }
 # glm4moe calls its pre-FFN norm post_attention_norm (it has no sandwich norms)
 ARCH_NAMES = {"glm4moe": {"post_attention_layernorm": "post_attention_norm"}}
-KEEP_F32 = ("ffn_gate_inp.weight",)                     # the router stays exact, as in llama.cpp
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
@@ -122,24 +122,6 @@ def gguf_name(name, arch):
     return None, None
 
 
-def pick_type(name, shape, qtype):
-    """1-D tensors (norms, biases) and the router stay F32; rows that are not whole 32-blocks
-    fall back to F16."""
-    if len(shape) < 2 or name.endswith(KEEP_F32):
-        return GT.F32
-    if qtype in (GT.Q8_0, GT.Q4_0) and shape[-1] % 32:
-        return GT.F16
-    return qtype
-
-
-def encode_tensor(arr, qtype):
-    if qtype == GT.F32:
-        return np.ascontiguousarray(arr, np.float32)
-    if qtype == GT.F16:
-        return np.ascontiguousarray(arr, np.float16)
-    return quants.quantize(np.ascontiguousarray(arr, np.float32), qtype)
-
-
 def add_tokenizer(w, hf_dir, arch, n_vocab):
     from tokenizers import Tokenizer
 
@@ -191,12 +173,12 @@ def add_tokenizer(w, hf_dir, arch, n_vocab):
 
 def convert(hf_dir, out_path, out_type="f16", fuse_qkv=False, progress=None):
     """Write `out_path`; `progress(done, total, name)` is called per tensor if given."""
-    if out_type not in TYPES:
-        raise ConvertError(f"--type {out_type} is not one of {', '.join(TYPES)}")
+    if out_type not in FILE_TYPES:
+        raise ConvertError(f"--type {out_type} is not one of {', '.join(FILE_TYPES)}")
     cfg, arch = read_config(hf_dir)
     if fuse_qkv and arch != "chatglm":
         raise ConvertError("--fuse-qkv applies to GlmForCausalLM (GGUF chatglm) only")
-    qtype, ftype = TYPES[out_type]
+    ftype = FILE_TYPES[out_type][0]
     n_layer, d = cfg["num_hidden_layers"], cfg["hidden_size"]
     n_head = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or d // n_head
@@ -221,6 +203,7 @@ def convert(hf_dir, out_path, out_type="f16", fuse_qkv=False, progress=None):
     w.add_rope_dimension_count(int(head_dim * rope_param(cfg, "partial_rotary_factor", 0.5)))
     w.add_rope_freq_base(float(rope_param(cfg, "rope_theta", 10000.0)))
     w.add_file_type(ftype)
+    w.add_quantization_version(QUANTIZATION_VERSION)
     if arch == "glm4moe":
         if int(cfg.get("n_group", 1)) > 1:
             raise ConvertError(f"{hf_dir}: grouped routing (n_group > 1) is not supported")
@@ -261,21 +244,19 @@ def convert(hf_dir, out_path, out_type="f16", fuse_qkv=False, progress=None):
             raise ConvertError(f"{hf_dir}: {g} has experts {sorted(by_index)[:5]}..., not 0..{n_exp - 1}")
         names = [by_index[e] for e in range(n_exp)]
         plan.append((g, (n_exp, *found[names[0]][1]["shape"]), names, "stack"))
+    types = tensor_types({g: (shape, GT.F32) for g, shape, _, _ in plan}, out_type, n_layer + n_nextn,
+                         cfg.get("n_routed_experts", 0) if arch == "glm4moe" else 0,
+                         pure=out_type in PURE_TYPES,
+                         n_gqa=n_head // cfg.get("num_key_value_heads", n_head))
     for g, shape, _, _ in plan:
-        qt = pick_type(g, shape, qtype)
-        if qt in (GT.F32, GT.F16):
-            dt = np.float32 if qt == GT.F32 else np.float16
-            w.add_tensor_info(g, shape, np.dtype(dt), int(np.prod(shape)) * np.dtype(dt).itemsize)
-        else:
-            byte_shape = quants.quant_shape_to_byte_shape(shape, qt)
-            w.add_tensor_info(g, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=qt)
+        add_tensor_info(w, g, shape, types[g])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for i, (g, shape, names, how) in enumerate(plan):
         parts = [load_tensor(n, *found[n]) for n in names]
         arr = np.stack(parts) if how == "stack" else np.concatenate(parts, 0)
-        w.write_tensor_data(encode_tensor(arr, pick_type(g, shape, qtype)))
+        w.write_tensor_data(encode(arr, types[g]))
         if progress:
             progress(i + 1, len(plan), g)
     w.close()

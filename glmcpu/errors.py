@@ -43,3 +43,7 @@ class NotEnoughDiskSpace(GlmcpuError):
 
 class ChecksumMismatch(GlmcpuError):
     """A downloaded file whose sha256 differs from the one the hub publishes."""
+
+
+class QuantizeError(GlmcpuError):
+    """A GGUF that cannot be re-quantised as asked (already quantised, unknown type)."""

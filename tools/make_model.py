@@ -21,7 +21,7 @@ SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "
 FIRST_SPECIAL = 151329
 STD = 0.02          # weight standard deviation: keeps 4 random layers' activations finite in fp16
 FTYPES = {"q4_0": (GT.Q4_0, LlamaFileType.MOSTLY_Q4_0), "q8_0": (GT.Q8_0, LlamaFileType.MOSTLY_Q8_0),
-          "f16": (GT.F16, LlamaFileType.MOSTLY_F16)}
+          "f16": (GT.F16, LlamaFileType.MOSTLY_F16), "f32": (GT.F32, LlamaFileType.ALL_F32)}
 
 
 def byte_level_alphabet():
@@ -37,10 +37,12 @@ def byte_level_alphabet():
     return [chars[b] for b in range(256)]
 
 
-def random_weight(rng, rows, cols, qtype):
-    """[rows, cols] random weights stored as `qtype` (bytes for Q types, float16 for F16)."""
-    if qtype == GT.F16:
-        return (rng.standard_normal((rows, cols), dtype=np.float32) * STD).astype(np.float16)
+def random_weight(rng, rows, cols, qtype, std=STD):
+    """[rows, cols] random weights stored as `qtype` (bytes for Q types, float16 for F16, the same
+    f16-rounded values in float32 for F32)."""
+    if qtype in (GT.F16, GT.F32):
+        return (rng.standard_normal((rows, cols), dtype=np.float32) * std).astype(np.float16).astype(
+            np.float16 if qtype == GT.F16 else np.float32)
     nb = cols // 32
     if qtype == GT.Q4_0:
         blocks = rng.integers(0, 256, (rows, nb, 18), dtype=np.uint8)
@@ -58,6 +60,7 @@ def write(path, layers, qtype_name, arch="glm4", seed=0, shape=None):
     qtype, ftype = FTYPES[qtype_name]
     shape = shape or (SHAPE_AIR if arch == "glm4moe" else SHAPE_9B)
     s, rng = shape, np.random.default_rng(seed)
+    first_special = s.get("first_special", FIRST_SPECIAL)     # small test vocabularies move them
     w = GGUFWriter(path, arch)
     w.add_name(f"random {'GLM-4.5-Air' if arch == 'glm4moe' else 'GLM-4-9B'}-shaped {layers}-layer {qtype_name}")
     w.add_context_length(8192)
@@ -86,33 +89,36 @@ def write(path, layers, qtype_name, arch="glm4", seed=0, shape=None):
     tokens = alphabet + ["to", "Ġt"] + [f"tok{i}" for i in range(258, s["vocab"])]
     types = [TokenType.NORMAL] * s["vocab"]
     for j, t in enumerate(SPECIALS):
-        tokens[FIRST_SPECIAL + j], types[FIRST_SPECIAL + j] = t, TokenType.CONTROL
+        tokens[first_special + j], types[first_special + j] = t, TokenType.CONTROL
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("chatglm-bpe" if arch == "chatglm" else "glm4")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(["t o", "Ġ t"])
-    w.add_eos_token_id(FIRST_SPECIAL)
-    w.add_eot_token_id(FIRST_SPECIAL + 7)
+    w.add_eos_token_id(first_special)
+    w.add_eot_token_id(first_special + 7)
 
     d, qkv = s["d"], (s["heads"] + 2 * s["kv"]) * s["head_dim"]
     ones = np.ones(d, np.float32)
-    raw = None if qtype == GT.F16 else qtype
-    w.add_tensor("token_embd.weight", random_weight(rng, s["vocab"], d, qtype), raw_dtype=raw)
+    raw = None if qtype in (GT.F16, GT.F32) else qtype
+
+    def weight(rows, cols):
+        return random_weight(rng, rows, cols, qtype, s.get("std", STD))
+    w.add_tensor("token_embd.weight", weight(s["vocab"], d), raw_dtype=raw)
     for i in range(layers):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", ones)
         if arch == "chatglm":
-            w.add_tensor(p + "attn_qkv.weight", random_weight(rng, qkv, d, qtype), raw_dtype=raw)
+            w.add_tensor(p + "attn_qkv.weight", weight(qkv, d), raw_dtype=raw)
             w.add_tensor(p + "attn_qkv.bias", np.zeros(qkv, np.float32))
         else:
-            w.add_tensor(p + "attn_q.weight", random_weight(rng, s["heads"] * s["head_dim"], d, qtype),
+            w.add_tensor(p + "attn_q.weight", weight(s["heads"] * s["head_dim"], d),
                          raw_dtype=raw)
             w.add_tensor(p + "attn_q.bias", np.zeros(s["heads"] * s["head_dim"], np.float32))
             for n in ("attn_k", "attn_v"):
-                w.add_tensor(p + n + ".weight", random_weight(rng, s["kv"] * s["head_dim"], d, qtype), raw_dtype=raw)
+                w.add_tensor(p + n + ".weight", weight(s["kv"] * s["head_dim"], d), raw_dtype=raw)
                 w.add_tensor(p + n + ".bias", np.zeros(s["kv"] * s["head_dim"], np.float32))
-        w.add_tensor(p + "attn_output.weight", random_weight(rng, d, s["heads"] * s["head_dim"], qtype), raw_dtype=raw)
+        w.add_tensor(p + "attn_output.weight", weight(d, s["heads"] * s["head_dim"]), raw_dtype=raw)
         if arch == "glm4":
             w.add_tensor(p + "post_attention_norm.weight", ones)
         if arch == "glm4moe":                       # glm4moe's pre-FFN norm has this name
@@ -124,19 +130,19 @@ def write(path, layers, qtype_name, arch="glm4", seed=0, shape=None):
             w.add_tensor(p + "ffn_gate_inp.weight", (rng.standard_normal((E, d)) * STD).astype(np.float32))
             w.add_tensor(p + "exp_probs_b.bias", (rng.standard_normal(E) * 0.01).astype(np.float32))
             for n, rows, cols in (("gate", fe, d), ("up", fe, d), ("down", d, fe)):
-                exps = np.stack([random_weight(rng, rows, cols, qtype) for _ in range(E)])
+                exps = np.stack([weight(rows, cols) for _ in range(E)])
                 w.add_tensor(p + f"ffn_{n}_exps.weight", exps, raw_dtype=raw)
-                w.add_tensor(p + f"ffn_{n}_shexp.weight", random_weight(rng, rows, cols, qtype), raw_dtype=raw)
+                w.add_tensor(p + f"ffn_{n}_shexp.weight", weight(rows, cols), raw_dtype=raw)
         elif arch == "glm4moe":
             for n, rows, cols in (("gate", s["ff"], d), ("up", s["ff"], d), ("down", d, s["ff"])):
-                w.add_tensor(p + f"ffn_{n}.weight", random_weight(rng, rows, cols, qtype), raw_dtype=raw)
+                w.add_tensor(p + f"ffn_{n}.weight", weight(rows, cols), raw_dtype=raw)
         else:
-            w.add_tensor(p + "ffn_up.weight", random_weight(rng, 2 * s["ff"], d, qtype), raw_dtype=raw)
-            w.add_tensor(p + "ffn_down.weight", random_weight(rng, d, s["ff"], qtype), raw_dtype=raw)
+            w.add_tensor(p + "ffn_up.weight", weight(2 * s["ff"], d), raw_dtype=raw)
+            w.add_tensor(p + "ffn_down.weight", weight(d, s["ff"]), raw_dtype=raw)
         if arch == "glm4":
             w.add_tensor(p + "post_ffw_norm.weight", ones)
     w.add_tensor("output_norm.weight", ones)
-    w.add_tensor("output.weight", random_weight(rng, s["vocab"], d, qtype), raw_dtype=raw)
+    w.add_tensor("output.weight", weight(s["vocab"], d), raw_dtype=raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
