@@ -1,4 +1,4 @@
-"""glmcpu command line: run, info, convert."""
+"""glmcpu command line: run, serve, info, convert."""
 import argparse
 import os
 import sys
@@ -176,6 +176,28 @@ def cmd_run(a):
         messages.append({"role": "assistant", "content": answer.strip()})
 
 
+def cmd_serve(a):
+    from . import load
+    from .server import API, Server
+
+    model = load(a.model or demo_model_path(), threads=a.threads, ctx=a.ctx, mlock=a.mlock,
+                 **cluster_kwargs(a))
+    defaults = sampling_kwargs(a)
+    defaults.pop("ignore_eos")
+    api = API(model, name=a.name, api_key=a.api_key or os.environ.get("GLMCPU_API_KEY"),
+              max_waiting=a.queue, defaults=defaults)
+    server = Server(api, a.host, a.port, verbose=a.verbose)
+    print(f"glmcpu serving {api.name} at {server.url} (chat page at /, OpenAI API at {server.url}/v1"
+          f"{', API key required' if api.api_key else ''}). Ctrl-C to stop.", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
 def print_expert_stats(model):
     from .engine import expert_summary
 
@@ -265,6 +287,19 @@ def build_parser():
     add_engine(r)
     add_cluster(r)
     r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible API and a chat page over HTTP")
+    s.add_argument("model", nargs="?", help="a .gguf file (default: the built-in demo model)")
+    s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or env GLMCPU_API_KEY)")
+    s.add_argument("--name", help="the model id clients ask for (default: the file name without .gguf)")
+    s.add_argument("--queue", type=int, default=16, help="requests that may wait for the model; more get 503")
+    s.add_argument("--verbose", "-v", action="store_true", help="log every request")
+    add_sampling(s)
+    add_engine(s)
+    add_cluster(s)
+    s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("worker", help="serve a share of a model to a root on the LAN")
     w.add_argument("--bind", required=True, help="tcp://HOST:PORT (HOST 0.0.0.0 for every interface)")
