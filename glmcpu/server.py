@@ -7,7 +7,7 @@ the next token, freeing the model for the queue.
 
 Accepted and ignored: frequency_penalty, presence_penalty, logit_bias, user, tools (no tool
 calls), response_format. Refused with 400: n != 1, logprobs, echo. Extensions as llama.cpp's
-server has them: top_k, min_p, repeat_penalty.
+server has them: top_k, min_p, repeat_penalty, ignore_eos.
 """
 import hmac
 import json
@@ -16,6 +16,7 @@ import select
 import socket
 import threading
 import time
+import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
@@ -47,12 +48,13 @@ class Turns:
         self.next_ticket = 0        # handed to the next arrival
         self.serving = 0            # the ticket whose turn it is
 
-    def waiting(self):
+    def pending(self):
+        """Requests generating or waiting to."""
         return self.next_ticket - self.serving
 
     def __enter__(self):
         with self.cond:
-            if self.waiting() > self.max_waiting:       # the one being served is not waiting
+            if self.pending() > self.max_waiting:       # the one being served is not waiting
                 raise APIError(503, f"the server is busy ({self.max_waiting} requests are waiting); "
                                "retry shortly", code="server_busy", kind="server_error")
             ticket = self.next_ticket
@@ -123,6 +125,7 @@ class API:
                              repeat_penalty=1.0, seed=None)
         self.defaults.update(defaults or {})
         self.created = int(os.path.getmtime(model.path))
+        self.cancelled = 0          # generations ended early because their client left
 
     def check_key(self, header):
         if not self.api_key:
@@ -165,9 +168,11 @@ class API:
         if stop is not None and not (isinstance(stop, list) and len(stop) <= 4
                                      and all(isinstance(s, str) for s in stop)):
             raise APIError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
+        for key in ("stream", "ignore_eos"):
+            if not isinstance(body.get(key, False), bool):
+                raise APIError(400, f"'{key}' must be true or false", param=key)
         stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise APIError(400, "'stream' must be true or false", param="stream")
+        kw["ignore_eos"] = body.get("ignore_eos", False)
         opts = body.get("stream_options") or {}
         if not isinstance(opts, dict):
             raise APIError(400, "'stream_options' must be an object", param="stream_options")
@@ -279,7 +284,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send(200, chat_page(), "text/html; charset=utf-8")
             if method == "GET" and path == "/health":
                 return self.send_json(200, {"status": "ok", "model": self.api.name,
-                                            "waiting": self.api.turns.waiting()})
+                                            "pending": self.api.turns.pending(),
+                                            "cancelled": self.api.cancelled})
             if not path.startswith("/v1/"):
                 raise APIError(404, f"no such path: {method} {path}", code="unknown_url")
             self.api.check_key(self.headers.get("Authorization"))
@@ -297,6 +303,13 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error_json(e)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+        except Exception as e:          # a bug: answer it, log it, keep serving
+            self.log_error("%s", traceback.format_exc())
+            self.close_connection = True
+            try:
+                self.send_error_json(APIError(500, f"internal error: {e!r}", kind="server_error"))
+            except OSError:
+                pass
 
     def read_json(self):
         length = self.headers.get("Content-Length")
@@ -334,6 +347,7 @@ class Handler(BaseHTTPRequestHandler):
                     for piece in gen:
                         if self.client_gone():
                             left = self.close_connection = True
+                            api.cancelled += 1
                             break
                         text += piece
                     if left:
@@ -377,6 +391,7 @@ class Handler(BaseHTTPRequestHandler):
                 event(choice("", role=True))
             for piece in gen:
                 if self.client_gone():
+                    api.cancelled += 1
                     return
                 event(choice(piece))
             event(choice("", gen.finish_reason), **({"usage": None} if include_usage else {}))
@@ -385,8 +400,10 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
-            pass            # the client left: leaving the loop closes the generation (finally)
-        except GlmcpuError as e:        # e.g. a cluster that lost every worker
+            api.cancelled += 1      # the client left: leaving the loop closes the generation
+        except Exception as e:      # e.g. a cluster that lost every worker; the status is sent
+            if not isinstance(e, GlmcpuError):
+                self.log_error("%s", traceback.format_exc())
             body = APIError(500, str(e), kind="server_error").body()
             try:
                 self.wfile.write(b"data: " + json.dumps(body).encode() + b"\n\n")
