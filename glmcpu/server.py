@@ -154,7 +154,8 @@ class API:
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         if limit is not None:
-            kw["max_tokens"] = number(limit, param, 1, self.model.ctx, integer=True)
+            # no tighter bound: a full context ends the answer anyway, with finish_reason "length"
+            kw["max_tokens"] = number(limit, param, 1, 2**31 - 1, integer=True)
         for key, lo, hi in (("temperature", 0, 2), ("top_p", 0, 1), ("min_p", 0, 1),
                             ("repeat_penalty", 0, 10)):
             if body.get(key) is not None:

@@ -242,6 +242,27 @@ def test_chat_page_streams_in_chromium(server):
         assert answer.strip() and d.execute_script("return chunks") >= 2
         assert "tokens/s" in d.find_element("css selector", ".stats").text
         assert not d.find_elements("css selector", ".error")
+
+        # Stop: the page aborts its fetch and the server ends that generation. An answer may
+        # end on its own before the click lands, so a few tries.
+        cancelled = health(server)["cancelled"]
+        for field, value in (("temperature", "2"), ("max-tokens", "400")):
+            d.find_element("id", field).clear()
+            d.find_element("id", field).send_keys(value)
+        for attempt in range(3):
+            notes, chunks = len(d.find_elements("css selector", ".stats")), d.execute_script("return chunks")
+            d.find_element("id", "input").send_keys("Tell me of Noah")
+            d.find_element("id", "send").click()
+            wait(lambda: d.execute_script("return chunks") >= chunks + 3
+                 or len(d.find_elements("css selector", ".stats")) > notes, "streamed text", timeout=120)
+            d.find_element("id", "stop").click()
+            wait(lambda: len(d.find_elements("css selector", ".stats")) > notes, "the end of the answer")
+            if d.find_elements("css selector", ".stats")[-1].text == "stopped":
+                break
+        else:
+            raise AssertionError("every answer ended before Stop was clicked")
+        wait(lambda: health(server)["cancelled"] > cancelled, "the server to cancel the generation")
+        assert health(server)["pending"] == 0
     finally:
         d.quit()
 
