@@ -2,8 +2,8 @@
 
 Standard library only. Every request runs in its own thread, but generations take turns in
 arrival order (`Turns`): one model, one KV cache, so the next turn of a conversation reuses the
-prefix the model already holds. A client that goes away (closed socket) ends its generation at
-the next token, freeing the model for the queue.
+prefix the model already holds. The model itself only runs on one runner thread. A client that
+goes away (closed socket) ends its generation at the next token, freeing the model for the queue.
 
 Accepted and ignored: frequency_penalty, presence_penalty, logit_bias, user, tools (no tool
 calls), response_format. Refused with 400: n != 1, logprobs, echo. Extensions as llama.cpp's
@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
@@ -126,6 +127,17 @@ class API:
         self.defaults.update(defaults or {})
         self.created = int(os.path.getmtime(model.path))
         self.cancelled = 0          # generations ended early because their client left
+        # OpenMP keeps a team of threads for each thread that calls the kernels: one caller, one team
+        self.runner = ThreadPoolExecutor(1, thread_name_prefix="glmcpu-model")
+
+    def generate(self, ids, **kw):
+        """model.generate, stepped on the runner thread; closing it stops the model."""
+        gen = self.model.generate(ids, **kw)
+        try:
+            while (piece := self.runner.submit(next, gen, None).result()) is not None:
+                yield piece
+        finally:
+            self.runner.submit(gen.close).result()
 
     def check_key(self, header):
         if not self.api_key:
@@ -337,7 +349,7 @@ class Handler(BaseHTTPRequestHandler):
             if self.client_gone():      # gave up while waiting: do not compute for nobody
                 self.close_connection = True
                 return
-            gen = Generation(api.model, api.model.generate(ids, **kw), kw["max_tokens"], stops,
+            gen = Generation(api.model, api.generate(ids, **kw), kw["max_tokens"], stops,
                              strip_newlines=chat)
             try:
                 if stream:
