@@ -25,6 +25,7 @@ from importlib import resources
 from .errors import GlmcpuError
 
 MAX_BODY = 1 << 20          # bytes of request JSON; a prompt that fills a 128k context is ~600 KB
+MAX_DISCARD = 16 << 20      # an unwanted body up to this size is read, so its sender sees our answer
 ROLES = ("system", "user", "assistant", "observation", "tool")
 
 
@@ -290,8 +291,15 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self.route("POST")
 
+    def do_PUT(self):
+        self.route("PUT")
+
+    def do_DELETE(self):
+        self.route("DELETE")
+
     def route(self, method):
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        self.body_read = False
         try:
             if method == "GET" and path in ("/", "/index.html"):
                 return self.send(200, chat_page(), "text/html; charset=utf-8")
@@ -313,6 +321,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self.complete(chat=path == "/v1/chat/completions")
             raise APIError(404, f"no such path: {method} {path}", code="unknown_url")
         except APIError as e:
+            if not self.body_read:
+                self.discard_body()
             self.send_error_json(e)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
@@ -327,16 +337,30 @@ class Handler(BaseHTTPRequestHandler):
     def read_json(self):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
-            self.close_connection = True
+            self.close_connection = True        # where the body ends is unknown
             raise APIError(411 if length is None else 400, "send the body with a Content-Length")
         if int(length) > MAX_BODY:
-            self.close_connection = True        # the body is not read: the connection is spoiled
             raise APIError(413, f"the request body is {int(length)} bytes; the limit is {MAX_BODY}",
                            code="request_too_large")
+        self.body_read = True
         try:
             return json.loads(self.rfile.read(int(length)))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}") from None
+
+    def discard_body(self):
+        """Read and drop the body of a refused request: left unread it would be taken for the
+        next request, and closing on a client still sending makes it miss the answer."""
+        length = self.headers.get("Content-Length", "0")
+        n = int(length) if length.isdigit() else 0
+        if n > MAX_DISCARD:
+            self.close_connection = True
+            return
+        while n > 0:
+            got = self.rfile.read(min(n, 1 << 16))
+            if not got:
+                break
+            n -= len(got)
 
     def complete(self, chat):
         api = self.api

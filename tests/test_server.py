@@ -243,28 +243,31 @@ def test_chat_page_streams_in_chromium(server):
         assert "tokens/s" in d.find_element("css selector", ".stats").text
         assert not d.find_elements("css selector", ".error")
 
-        # Stop: the page aborts its fetch and the server ends that generation. An answer may
-        # end on its own before the click lands, so a few tries.
+        # Stop: the page aborts its fetch and the server ends that generation. The page's
+        # requests get ignore_eos here, so the answer cannot end on its own before the click.
+        d.execute_script("""const f = window.fetch;
+            window.fetch = (url, opts) => {
+                if (opts && opts.body) opts.body = JSON.stringify({...JSON.parse(opts.body), ignore_eos: true});
+                return f(url, opts); };""")
         cancelled = health(server)["cancelled"]
-        for field, value in (("temperature", "2"), ("max-tokens", "400")):
-            d.find_element("id", field).clear()
-            d.find_element("id", field).send_keys(value)
-        for attempt in range(3):
-            notes, chunks = len(d.find_elements("css selector", ".stats")), d.execute_script("return chunks")
-            d.find_element("id", "input").send_keys("Tell me of Noah")
-            d.find_element("id", "send").click()
-            wait(lambda: d.execute_script("return chunks") >= chunks + 3
-                 or len(d.find_elements("css selector", ".stats")) > notes, "streamed text", timeout=120)
-            d.find_element("id", "stop").click()
-            wait(lambda: len(d.find_elements("css selector", ".stats")) > notes, "the end of the answer")
-            if d.find_elements("css selector", ".stats")[-1].text == "stopped":
-                break
-        else:
-            raise AssertionError("every answer ended before Stop was clicked")
+        d.find_element("id", "max-tokens").clear()
+        d.find_element("id", "max-tokens").send_keys("400")
+        d.find_element("id", "input").send_keys("Tell me of Noah")
+        chunks = d.execute_script("return chunks")
+        d.find_element("id", "send").click()
+        wait(lambda: d.execute_script("return chunks") >= chunks + 3, "streamed text", timeout=120)
+        d.find_element("id", "stop").click()
+        wait(lambda: len(d.find_elements("css selector", ".stats")) == 2, "the end of the answer")
+        assert d.find_elements("css selector", ".stats")[-1].text == "stopped", page_text(d)
         wait(lambda: health(server)["cancelled"] > cancelled, "the server to cancel the generation")
         assert health(server)["pending"] == 0
     finally:
         d.quit()
+
+
+def page_text(d):
+    return d.execute_script("return [...document.querySelectorAll('#log > *')]"
+                            ".map((e) => e.className + ': ' + e.textContent).join('\\n')")
 
 
 def wait(cond, what, timeout=30):
@@ -274,3 +277,23 @@ def wait(cond, what, timeout=30):
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_stop_strings_are_cut_and_never_streamed_in_part():
+    from types import SimpleNamespace
+
+    from glmcpu.server import Generation
+
+    model = SimpleNamespace(ctx=100, last_stats={"prompt_tokens": 3, "gen_tokens": 4})
+    closed = []
+
+    def pieces():
+        try:
+            yield from ["\n\nAnd the", " LO", "RD said", " unto"]
+        finally:
+            closed.append(True)
+    g = Generation(model, pieces(), max_tokens=10, stops=["LORD said", "xyz"], strip_newlines=True)
+    assert list(g) == ["And the", " "] and g.text == "And the " and g.finish_reason == "stop"
+    assert closed == [True]         # the model's generator is closed at the stop string
+    g = Generation(model, pieces(), max_tokens=4, stops=["LOST"])
+    assert "".join(g) == "\n\nAnd the LORD said unto" and g.finish_reason == "length"
