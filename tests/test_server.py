@@ -22,9 +22,10 @@ HELLO = [{"role": "user", "content": "Who made the heaven and the earth?"}]
 def server():
     p = subprocess.Popen([sys.executable, "-m", "glmcpu", "serve", "--port", "0", "--api-key", KEY,
                           "--queue", "12"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    line = p.stdout.readline()
-    m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-    assert m, line + p.stdout.read()
+    lines = []
+    while not (m := re.search(r"http://127\.0\.0\.1:\d+", "".join(lines))) and p.poll() is None:
+        lines.append(p.stdout.readline())          # the URL line follows any warnings
+    assert m, "".join(lines) + p.stdout.read()
     url = m.group(0)
     threading.Thread(target=p.stdout.read, daemon=True).start()     # never block on a full pipe
     assert json.load(urllib.request.urlopen(url + "/health", timeout=30))["status"] == "ok"
