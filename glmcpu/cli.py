@@ -186,7 +186,11 @@ def cmd_serve(a):
     defaults.pop("ignore_eos")
     api = API(model, name=a.name, api_key=a.api_key or os.environ.get("GLMCPU_API_KEY"),
               max_waiting=a.queue, defaults=defaults)
-    server = Server(api, a.host, a.port, verbose=a.verbose)
+    try:
+        server = Server(api, a.host, a.port, verbose=a.verbose)
+    except OSError as e:
+        raise GlmcpuError(f"cannot listen on {a.host}:{a.port} ({e.strerror}); choose another --port "
+                          "(0 picks a free one)") from None
     print(f"glmcpu serving {api.name} at {server.url} (chat page at /, OpenAI API at {server.url}/v1"
           f"{', API key required' if api.api_key else ''}). Ctrl-C to stop.", flush=True)
     try:

@@ -47,6 +47,8 @@ def raw(server, method, path, body=b"", headers=None):
     r = c.getresponse()
     data = r.read()
     c.close()
+    if r.status == 503:
+        assert r.getheader("Retry-After")
     return r.status, json.loads(data)
 
 
@@ -298,3 +300,25 @@ def test_stop_strings_are_cut_and_never_streamed_in_part():
     assert closed == [True]         # the model's generator is closed at the stop string
     g = Generation(model, pieces(), max_tokens=4, stops=["LOST"])
     assert "".join(g) == "\n\nAnd the LORD said unto" and g.finish_reason == "length"
+
+
+def test_a_full_queue_is_answered_503_with_retry_after():
+    import glmcpu
+    from glmcpu.cli import demo_model_path
+    from glmcpu.server import API, Server
+
+    api = API(glmcpu.load(demo_model_path()), max_waiting=0)
+    srv = Server(api, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with api.turns:             # the model is busy and nobody may wait
+            status, body = raw(srv.url, "POST", "/v1/chat/completions",
+                               json.dumps({"messages": HELLO, "max_tokens": 2}).encode())
+        assert status == 503 and body["error"]["code"] == "server_busy"
+        assert_openai_error(body)
+        status, body = raw(srv.url, "POST", "/v1/chat/completions",
+                           json.dumps({"messages": HELLO, "max_tokens": 2}).encode())
+        assert status == 200 and body["choices"][0]["message"]["content"] is not None
+    finally:
+        srv.shutdown()
+        srv.server_close()
