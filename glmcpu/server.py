@@ -436,8 +436,9 @@ class Handler(BaseHTTPRequestHandler):
                 event(None, usage=api.usage())
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):
-            api.cancelled += 1      # the client left: leaving the loop closes the generation
+        except (BrokenPipeError, ConnectionResetError):     # the client left
+            if gen.finish_reason is None:       # mid-answer: leaving the loop closes the generation
+                api.cancelled += 1
         except Exception as e:      # e.g. a cluster that lost every worker; the status is sent
             if not isinstance(e, GlmcpuError):
                 self.log_error("%s", traceback.format_exc())
