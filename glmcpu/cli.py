@@ -1,4 +1,4 @@
-"""glmcpu command line: run, info, convert, quantize, pull, list, worker, keygen, plan."""
+"""glmcpu command line: run, serve, info, convert, quantize, pull, list, worker, keygen, plan."""
 import argparse
 import os
 import sys
@@ -204,6 +204,30 @@ def expert_lines(model) -> list:
     return expert_summary(model.expert_stats) or ["expert statistics: this model has no experts"]
 
 
+def cmd_serve(a):
+    from .server import API, Server
+
+    model = load_model(a)
+    defaults = sampling_kwargs(a)
+    defaults.pop("ignore_eos")
+    api = API(model, name=a.name, api_key=a.api_key or os.environ.get("GLMCPU_API_KEY"),
+              max_waiting=a.queue, defaults=defaults)
+    try:
+        server = Server(api, a.host, a.port, verbose=a.verbose)
+    except OSError as e:
+        raise GlmcpuError(f"cannot listen on {a.host}:{a.port} ({e.strerror}); choose another --port "
+                          "(0 picks a free one)") from None
+    print(f"glmcpu serving {api.name} at {server.url} (chat page at /, OpenAI API at {server.url}/v1"
+          f"{', API key required' if api.api_key else ''}). Ctrl-C to stop.", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
 def print_expert_stats(model):
     for line in expert_lines(model):
         print(line, file=sys.stderr)
@@ -349,6 +373,20 @@ def build_parser():
     add_engine(r)
     add_cluster(r)
     r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible API and a chat page over HTTP")
+    s.add_argument("model", nargs="?", help="a .gguf file, or a name from `glmcpu list` (default: the "
+                                           "built-in demo model)")
+    s.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or env GLMCPU_API_KEY)")
+    s.add_argument("--name", help="the model id clients ask for (default: the file name without .gguf)")
+    s.add_argument("--queue", type=int, default=16, help="requests that may wait for the model; more get 503")
+    s.add_argument("--verbose", "-v", action="store_true", help="log every request")
+    add_sampling(s)
+    add_engine(s)
+    add_cluster(s)
+    s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("worker", help="serve a share of a model to a root on the LAN")
     w.add_argument("--bind", required=True, help="tcp://HOST:PORT (HOST 0.0.0.0 for every interface)")

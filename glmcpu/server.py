@@ -1,0 +1,496 @@
+"""An OpenAI-compatible HTTP server for one loaded model, and the chat page at `/`.
+
+Standard library only. Every request runs in its own thread, but generations take turns in
+arrival order (`Turns`): one model, one KV cache, so the next turn of a conversation reuses the
+prefix the model already holds. The model itself only runs on one runner thread. A client that
+goes away (closed socket) ends its generation at the next token, freeing the model for the queue.
+
+Accepted and ignored: frequency_penalty, presence_penalty, logit_bias, user, tools (no tool
+calls), response_format. Refused with 400: n != 1, logprobs, echo. Extensions as llama.cpp's
+server has them: top_k, min_p, repeat_penalty, ignore_eos.
+"""
+import hmac
+import json
+import os
+import select
+import socket
+import threading
+import time
+import traceback
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+
+from .errors import GlmcpuError
+
+MAX_BODY = 1 << 20          # bytes of request JSON; a prompt that fills a 128k context is ~600 KB
+MAX_DISCARD = 16 << 20      # an unwanted body up to this size is read, so its sender sees our answer
+ROLES = ("system", "user", "assistant", "observation", "tool")
+
+
+class APIError(Exception):
+    """Answered as OpenAI does: {"error": {"message", "type", "param", "code"}} with `status`."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self):
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+class Turns:
+    """A first-come first-served lock with a bounded waiting line (beyond it: 503)."""
+
+    def __init__(self, max_waiting):
+        self.max_waiting = max_waiting
+        self.cond = threading.Condition()
+        self.next_ticket = 0        # handed to the next arrival
+        self.serving = 0            # the ticket whose turn it is
+
+    def pending(self):
+        """Requests generating or waiting to."""
+        return self.next_ticket - self.serving
+
+    def __enter__(self):
+        with self.cond:
+            if self.pending() > self.max_waiting:       # the one being served is not waiting
+                raise APIError(503, f"the server is busy ({self.max_waiting} requests are waiting); "
+                               "retry shortly", code="server_busy", kind="server_error")
+            ticket = self.next_ticket
+            self.next_ticket += 1
+            while self.serving != ticket:
+                self.cond.wait()
+
+    def __exit__(self, *exc):
+        with self.cond:
+            self.serving += 1
+            self.cond.notify_all()
+
+
+class Generation:
+    """Iterates the text a model generates, cut at the first stop string; afterwards
+    `finish_reason` is "stop" or "length". Text that could begin a stop string is held back
+    until it is known not to, so a stream never shows part of one."""
+
+    def __init__(self, model, pieces, max_tokens, stops=(), strip_newlines=False):
+        self.model, self.pieces, self.max_tokens = model, pieces, max_tokens
+        self.stops = [s for s in stops if s]
+        self.strip_newlines = strip_newlines        # GLM answers open with "\n"
+        self.finish_reason = None
+        self.text = ""
+
+    def __iter__(self):
+        sent = 0
+        try:
+            for piece in self.pieces:
+                if self.strip_newlines and not self.text:
+                    piece = piece.lstrip("\n")
+                self.text += piece
+                cut = min((i for i in (self.text.find(s, sent) for s in self.stops) if i >= 0),
+                          default=None)
+                if cut is not None:
+                    self.text = self.text[:cut]
+                    if cut > sent:
+                        yield self.text[sent:]
+                    self.finish_reason = "stop"
+                    return
+                end = len(self.text) - self.held_back()
+                if end > sent:
+                    yield self.text[sent:end]
+                    sent = end
+            if sent < len(self.text):
+                yield self.text[sent:]
+            s = self.model.last_stats
+            full = s.get("prompt_tokens", 0) + s.get("gen_tokens", 0) >= self.model.ctx
+            self.finish_reason = "length" if s.get("gen_tokens", 0) >= self.max_tokens or full else "stop"
+        finally:
+            self.pieces.close()         # stops the model at once if we leave early
+
+    def held_back(self):
+        """Length of the longest end of the text that is the start of a stop string."""
+        return max((k for s in self.stops for k in range(min(len(s) - 1, len(self.text)), 0, -1)
+                    if self.text.endswith(s[:k])), default=0)
+
+
+class API:
+    """What the server does with a parsed request, kept apart from HTTP."""
+
+    def __init__(self, model, name=None, api_key=None, max_waiting=16, defaults=None):
+        self.model = model
+        self.name = name or os.path.splitext(os.path.basename(model.path))[0]
+        self.api_key = api_key
+        self.turns = Turns(max_waiting)
+        self.defaults = dict(max_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
+                             repeat_penalty=1.0, seed=None)
+        self.defaults.update(defaults or {})
+        self.created = int(os.path.getmtime(model.path))
+        self.cancelled = 0          # generations ended early because their client left
+        # OpenMP keeps a team of threads for each thread that calls the kernels: one caller, one team
+        self.runner = ThreadPoolExecutor(1, thread_name_prefix="glmcpu-model")
+
+    def generate(self, ids, **kw):
+        """model.generate, stepped on the runner thread; closing it stops the model."""
+        gen = self.model.generate(ids, **kw)
+        try:
+            while (piece := self.runner.submit(next, gen, None).result()) is not None:
+                yield piece
+        finally:
+            self.runner.submit(gen.close).result()
+
+    def check_key(self, header):
+        if not self.api_key:
+            return
+        given = header[7:].strip() if header and header.startswith("Bearer ") else ""
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided." if given else
+                           "Missing API key: send the header 'Authorization: Bearer KEY'.",
+                           code="invalid_api_key")
+
+    def model_card(self):
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "glmcpu"}
+
+    def check_model(self, body):
+        name = body.get("model")
+        if name is not None and name != self.name:
+            raise APIError(404, f"The model '{name}' does not exist; this server runs '{self.name}'.",
+                           param="model", code="model_not_found")
+
+    def sampling(self, body):
+        """Generation keywords from the request, checked, over the server's defaults."""
+        refuse(body, "n", lambda v: v == 1, "only n=1 is supported")
+        refuse(body, "logprobs", lambda v: not v, "logprobs are not supported")
+        refuse(body, "echo", lambda v: not v, "echo is not supported")
+        kw = dict(self.defaults)
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        if limit is not None:
+            # no tighter bound: a full context ends the answer anyway, with finish_reason "length"
+            kw["max_tokens"] = number(limit, param, 1, 2**31 - 1, integer=True)
+        for key, lo, hi in (("temperature", 0, 2), ("top_p", 0, 1), ("min_p", 0, 1),
+                            ("repeat_penalty", 0, 10)):
+            if body.get(key) is not None:
+                kw[key] = number(body[key], key, lo, hi)
+        for key, lo in (("top_k", 0), ("seed", -2**63)):
+            if body.get(key) is not None:
+                kw[key] = number(body[key], key, lo, 2**63 - 1, integer=True)
+        stop = body.get("stop")
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and not (isinstance(stop, list) and len(stop) <= 4
+                                     and all(isinstance(s, str) for s in stop)):
+            raise APIError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
+        for key in ("stream", "ignore_eos"):
+            if not isinstance(body.get(key, False), bool):
+                raise APIError(400, f"'{key}' must be true or false", param=key)
+        stream = body.get("stream", False)
+        kw["ignore_eos"] = body.get("ignore_eos", False)
+        opts = body.get("stream_options") or {}
+        if not isinstance(opts, dict):
+            raise APIError(400, "'stream_options' must be an object", param="stream_options")
+        return kw, stop or [], stream, bool(opts.get("include_usage"))
+
+    def chat_prompt(self, body):
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "'messages' must be a non-empty list of {role, content} objects",
+                           param="messages")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise APIError(400, f"messages[{i}] needs a 'role', one of {', '.join(ROLES)}",
+                               param=f"messages[{i}].role")
+            out.append({"role": m["role"], "content": text_of(m.get("content"), f"messages[{i}].content")})
+        try:
+            return self.model.tokenizer.render(out)
+        except Exception as e:          # jinja2 errors, raise_exception() in the file's template
+            raise APIError(400, f"the chat template refused these messages: {e}", param="messages")
+
+    def completion_prompt(self, body):
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        ids_ok = isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.model.cfg.n_vocab
+            for t in prompt)
+        if not (isinstance(prompt, str) and prompt) and not ids_ok:
+            raise APIError(400, "'prompt' must be a non-empty string or a list of token ids",
+                           param="prompt")
+        return prompt
+
+    def start(self, body, chat):
+        """Check a request; returns (prompt, generate keywords, stops, stream, include_usage)."""
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        self.check_model(body)
+        prompt = self.chat_prompt(body) if chat else self.completion_prompt(body)
+        kw, stops, stream, usage = self.sampling(body)
+        return prompt, kw, stops, stream, usage
+
+    def token_ids(self, prompt, chat):
+        """The prompt as token ids, checked against the context before the turn is taken."""
+        ids = self.model.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        if len(ids) >= self.model.ctx:
+            raise APIError(400, f"the prompt has {len(ids)} tokens but the context holds "
+                           f"{self.model.ctx}; shorten it or restart the server with a larger --ctx",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        return ids
+
+    def usage(self):
+        s = self.model.last_stats
+        p, c = s.get("prompt_tokens", 0), s.get("gen_tokens", 0)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                "prompt_tokens_details": {"cached_tokens": s.get("cached_tokens", 0)}}
+
+
+def refuse(body, key, ok, message):
+    if key in body and body[key] is not None and not ok(body[key]):
+        raise APIError(400, message, param=key)
+
+
+def number(v, param, lo, hi, integer=False):
+    kinds = (int,) if integer else (int, float)
+    if isinstance(v, bool) or not isinstance(v, kinds) or not lo <= v <= hi:
+        raise APIError(400, f"'{param}' must be {'an integer' if integer else 'a number'} "
+                            f"from {lo} to {hi}, not {json.dumps(v)}", param=param)
+    return v
+
+
+def text_of(content, param):
+    """A message's content: a string, null, or a list of {"type": "text", "text"} parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        parts = []
+        for p in content:
+            if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)):
+                raise APIError(400, "only text content parts are supported", param=param)
+            parts.append(p["text"])
+        return "".join(parts)
+    raise APIError(400, "content must be a string or a list of text parts", param=param)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"       # keep-alive for the openai client's connection pool
+    server_version = "glmcpu"
+    timeout = 120                       # a silent client does not hold a thread forever
+
+    @property
+    def api(self) -> API:
+        return self.server.api
+
+    def log_message(self, fmt, *args):
+        if self.server.verbose:
+            super().log_message(fmt, *args)
+
+    def do_GET(self):
+        self.route("GET")
+
+    def do_POST(self):
+        self.route("POST")
+
+    def do_PUT(self):
+        self.route("PUT")
+
+    def do_DELETE(self):
+        self.route("DELETE")
+
+    def route(self, method):
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        self.body_read = False
+        try:
+            if method == "GET" and path in ("/", "/index.html"):
+                return self.send(200, chat_page(), "text/html; charset=utf-8")
+            if method == "GET" and path == "/health":
+                return self.send_json(200, {"status": "ok", "model": self.api.name,
+                                            "pending": self.api.turns.pending(),
+                                            "cancelled": self.api.cancelled})
+            if not path.startswith("/v1/"):
+                raise APIError(404, f"no such path: {method} {path}", code="unknown_url")
+            self.api.check_key(self.headers.get("Authorization"))
+            if method == "GET" and path == "/v1/models":
+                return self.send_json(200, {"object": "list", "data": [self.api.model_card()]})
+            if method == "GET" and path == f"/v1/models/{self.api.name}":
+                return self.send_json(200, self.api.model_card())
+            if method == "GET" and path.startswith("/v1/models/"):
+                raise APIError(404, f"The model '{path[11:]}' does not exist", param="model",
+                               code="model_not_found")
+            if method == "POST" and path in ("/v1/chat/completions", "/v1/completions"):
+                return self.complete(chat=path == "/v1/chat/completions")
+            raise APIError(404, f"no such path: {method} {path}", code="unknown_url")
+        except APIError as e:
+            if not self.body_read:
+                self.discard_body()
+            self.send_error_json(e)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as e:          # a bug: answer it, log it, keep serving
+            self.log_error("%s", traceback.format_exc())
+            self.close_connection = True
+            try:
+                self.send_error_json(APIError(500, f"internal error: {e!r}", kind="server_error"))
+            except OSError:
+                pass
+
+    def read_json(self):
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True        # where the body ends is unknown
+            raise APIError(411 if length is None else 400, "send the body with a Content-Length")
+        if int(length) > MAX_BODY:
+            raise APIError(413, f"the request body is {int(length)} bytes; the limit is {MAX_BODY}",
+                           code="request_too_large")
+        self.body_read = True
+        try:
+            return json.loads(self.rfile.read(int(length)))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise APIError(400, f"the body is not valid JSON: {e}") from None
+
+    def discard_body(self):
+        """Read and drop the body of a refused request: left unread it would be taken for the
+        next request, and closing on a client still sending makes it miss the answer."""
+        length = self.headers.get("Content-Length", "0")
+        n = int(length) if length.isdigit() else 0
+        if n > MAX_DISCARD:
+            self.close_connection = True
+            return
+        while n > 0:
+            got = self.rfile.read(min(n, 1 << 16))
+            if not got:
+                break
+            n -= len(got)
+
+    def complete(self, chat):
+        api = self.api
+        prompt, kw, stops, stream, include_usage = api.start(self.read_json(), chat)
+        ids = api.token_ids(prompt, chat)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+        with api.turns:
+            if self.client_gone():      # gave up while waiting: do not compute for nobody
+                self.close_connection = True
+                return
+            gen = Generation(api.model, api.generate(ids, **kw), kw["max_tokens"], stops,
+                             strip_newlines=chat)
+            try:
+                if stream:
+                    self.stream(gen, rid, created, "chat.completion.chunk" if chat else kind, chat,
+                                include_usage)
+                else:
+                    text, left = "", False
+                    for piece in gen:
+                        if self.client_gone():
+                            left = self.close_connection = True
+                            api.cancelled += 1
+                            break
+                        text += piece
+                    if left:
+                        return
+                    choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                               "logprobs": None, "finish_reason": gen.finish_reason} if chat else
+                              {"index": 0, "text": text, "logprobs": None,
+                               "finish_reason": gen.finish_reason})
+                    self.send_json(200, {"id": rid, "object": kind, "created": created,
+                                         "model": api.name, "choices": [choice],
+                                         "usage": api.usage()})
+            except GlmcpuError as e:        # e.g. a cluster that lost every worker
+                raise APIError(500, str(e), kind="server_error") from None
+            finally:
+                gen.pieces.close()
+
+    def stream(self, gen, rid, created, kind, chat, include_usage):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")     # no Content-Length: the end of the body is EOF
+        self.end_headers()
+        self.close_connection = True
+        api = self.api
+
+        def event(choice, **extra):
+            chunk = {"id": rid, "object": kind, "created": created, "model": api.name,
+                     "choices": [choice] if choice else [], **extra}
+            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            self.wfile.flush()
+
+        def choice(text, finish=None, role=False):
+            if not chat:
+                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            delta = {"role": "assistant", "content": text} if role else (
+                {"content": text} if text or not finish else {})
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        try:
+            if chat:
+                event(choice("", role=True))
+            for piece in gen:
+                if self.client_gone():
+                    api.cancelled += 1
+                    return
+                event(choice(piece))
+            event(choice("", gen.finish_reason), **({"usage": None} if include_usage else {}))
+            if include_usage:
+                event(None, usage=api.usage())
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):     # the client left
+            if gen.finish_reason is None:       # mid-answer: leaving the loop closes the generation
+                api.cancelled += 1
+        except Exception as e:      # e.g. a cluster that lost every worker; the status is sent
+            if not isinstance(e, GlmcpuError):
+                self.log_error("%s", traceback.format_exc())
+            body = APIError(500, str(e), kind="server_error").body()
+            try:
+                self.wfile.write(b"data: " + json.dumps(body).encode() + b"\n\n")
+            except OSError:
+                pass
+
+    def client_gone(self) -> bool:
+        """True when the peer has closed its side (readable, yet nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def send(self, status, data: bytes, ctype, headers=()):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers:
+            self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+        self.wfile.flush()
+
+    def send_json(self, status, obj, headers=()):
+        self.send(status, json.dumps(obj).encode(), "application/json", headers)
+
+    def send_error_json(self, e: APIError):
+        headers = [("Retry-After", "1")] if e.status == 503 else []
+        if e.status == 401:
+            headers.append(("WWW-Authenticate", "Bearer"))
+        self.send_json(e.status, e.body(), headers)
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True           # Ctrl-C does not wait for open connections
+    allow_reuse_address = True
+
+    def __init__(self, api: API, host="127.0.0.1", port=8000, verbose=False):
+        self.api, self.verbose = api, verbose
+        super().__init__((host, port), Handler)
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+
+
+def chat_page() -> bytes:
+    return (resources.files("glmcpu") / "data" / "chat.html").read_bytes()

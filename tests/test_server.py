@@ -1,0 +1,324 @@
+"""`glmcpu serve` with the demo model, driven by the official openai client and a headless Chromium."""
+import http.client
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+openai = pytest.importorskip("openai")
+
+KEY = "test-key"
+HELLO = [{"role": "user", "content": "Who made the heaven and the earth?"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    p = subprocess.Popen([sys.executable, "-m", "glmcpu", "serve", "--port", "0", "--api-key", KEY,
+                          "--queue", "12"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    while not (m := re.search(r"http://127\.0\.0\.1:\d+", "".join(lines))) and p.poll() is None:
+        lines.append(p.stdout.readline())          # the URL line follows any warnings
+    assert m, "".join(lines) + p.stdout.read()
+    url = m.group(0)
+    threading.Thread(target=p.stdout.read, daemon=True).start()     # never block on a full pipe
+    assert json.load(urllib.request.urlopen(url + "/health", timeout=30))["status"] == "ok"
+    yield url
+    p.terminate()
+    p.wait(timeout=30)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def raw(server, method, path, body=b"", headers=None):
+    """(status, parsed JSON) of a request sent by hand."""
+    host, port = server.rsplit("/", 1)[1].split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=60)
+    c.request(method, path, body=body, headers={"Authorization": f"Bearer {KEY}", **(headers or {})})
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    if r.status == 503:
+        assert r.getheader("Retry-After")
+    return r.status, json.loads(data)
+
+
+def assert_openai_error(body, status_param=None):
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], body
+    if status_param:
+        assert err["param"] == status_param, body
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(model="demo", messages=HELLO, max_tokens=6, temperature=0)
+    c = r.choices[0]
+    assert isinstance(c.message.content, str) and c.message.content.strip()
+    assert c.message.role == "assistant" and c.finish_reason in ("stop", "length")
+    assert r.object == "chat.completion" and r.model == "demo" and r.id.startswith("chatcmpl-")
+    assert 0 < r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_stream_matches_non_streaming(client):
+    kw = dict(model="demo", messages=HELLO, max_tokens=8, temperature=0, seed=3)
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 3 and "".join(pieces) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens <= 8 and chunks[-1].choices == []
+
+
+def test_eight_concurrent_clients(client):
+    answers = [None] * 8
+
+    def ask(i):
+        r = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": f"Tell of the {i + 2} tribes"}],
+            max_tokens=4, temperature=0.7, seed=i)
+        answers[i] = r.choices[0].message.content
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert all(isinstance(a, str) and a.strip() for a in answers), answers
+
+
+def test_completions_stop_and_models(client):
+    r = client.completions.create(model="demo", prompt="In the beginning God", max_tokens=12,
+                                  temperature=0)
+    text = r.choices[0].text
+    assert text and r.object == "text_completion"
+    word = text.split()[0]
+    cut = client.completions.create(model="demo", prompt="In the beginning God", max_tokens=12,
+                                    temperature=0, stop=[word])
+    assert cut.choices[0].text == text[:text.index(word)] and cut.choices[0].finish_reason == "stop"
+    assert [m.id for m in client.models.list()] == ["demo"]
+
+
+def test_list_of_text_parts(client):
+    parts = [{"role": "user", "content": [{"type": "text", "text": HELLO[0]["content"]}]}]
+    a = client.chat.completions.create(model="demo", messages=parts, max_tokens=4, temperature=0)
+    b = client.chat.completions.create(model="demo", messages=HELLO, max_tokens=4, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_prefix_of_a_conversation_is_reused(client):
+    turn = [{"role": "user", "content": "Who begat Enos?"}]
+    a = client.chat.completions.create(model="demo", messages=turn, max_tokens=6, temperature=0)
+    turn += [{"role": "assistant", "content": a.choices[0].message.content},
+             {"role": "user", "content": "And then?"}]
+    b = client.chat.completions.create(model="demo", messages=turn, max_tokens=6, temperature=0)
+    cached = b.usage.prompt_tokens_details.cached_tokens
+    assert a.usage.prompt_tokens <= cached < b.usage.prompt_tokens
+
+
+def test_bad_requests_are_openai_errors(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="demo", messages=HELLO, temperature="hot")
+    assert e.value.status_code == 400
+    assert_openai_error(e.value.response.json(), "temperature")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="demo", messages=[])
+    assert_openai_error(e.value.response.json(), "messages")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=HELLO)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="demo", messages=HELLO, n=2)
+    bad_key = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad_key.models.list()
+    assert e.value.status_code == 401
+    assert_openai_error(e.value.response.json())
+
+    status, body = raw(server, "POST", "/v1/chat/completions", b"{not json")
+    assert status == 400
+    assert_openai_error(body)
+    status, body = raw(server, "GET", "/v2/nothing")
+    assert status == 404
+    assert_openai_error(body)
+    big = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "x" * (2 << 20)}]})
+    status, body = raw(server, "POST", "/v1/chat/completions", big.encode())
+    assert status == 413
+    assert_openai_error(body)
+    long = {"model": "demo", "messages": [{"role": "user", "content": "and " * 5000}]}
+    status, body = raw(server, "POST", "/v1/chat/completions", json.dumps(long).encode())
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+
+    # none of that hurt the server
+    assert health(server)["status"] == "ok"
+    r = client.chat.completions.create(model="demo", messages=HELLO, max_tokens=3)
+    assert r.choices[0].message.content is not None
+
+
+def health(server):
+    return json.load(urllib.request.urlopen(server + "/health", timeout=10))
+
+
+def test_client_that_leaves_mid_stream_frees_the_model(client, server):
+    host, port = server.rsplit("/", 1)[1].split(":")
+    cancelled = health(server)["cancelled"]
+    body = json.dumps({"model": "demo", "messages": HELLO, "stream": True, "max_tokens": 480,
+                       "ignore_eos": True, "temperature": 1.0, "seed": 1})
+    s = socket.create_connection((host, int(port)))
+    s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+              f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+    got = b""
+    while got.count(b"data: ") < 3:             # a few tokens are out: it is generating
+        more = s.recv(4096)
+        assert more, got
+        got += more
+    s.close()
+    t = time.perf_counter()
+    r = client.chat.completions.create(model="demo", messages=HELLO, max_tokens=2, temperature=0)
+    # 500 tokens would take far longer than this; the next request runs as soon as the
+    # server notices the closed socket (at its next token)
+    assert r.choices[0].message.content is not None and time.perf_counter() - t < 15
+    assert health(server) == {"status": "ok", "model": "demo", "pending": 0, "cancelled": cancelled + 1}
+
+
+def test_turns_are_first_come_first_served_with_a_bounded_line():
+    from glmcpu.server import APIError, Turns
+
+    turns, order, errors = Turns(max_waiting=2), [], []
+    gate = threading.Event()
+
+    def request(i):
+        try:
+            with turns:
+                order.append(i)
+                gate.wait(10)
+        except APIError as e:
+            errors.append((i, e.status))
+    threads = []
+    for i in range(4):          # one served, two waiting, the fourth turned away
+        threads.append(threading.Thread(target=request, args=(i,)))
+        threads[-1].start()
+        while turns.pending() < min(i + 1, 3) and not errors:
+            time.sleep(0.01)
+    threads[-1].join(10)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert order == [0, 1, 2] and errors == [(3, 503)] and turns.pending() == 0
+
+
+def find_chromium():
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return browser, driver
+
+
+def test_chat_page_streams_in_chromium(server):
+    browser, driver = find_chromium()
+    if not (browser and driver):
+        pytest.skip("no chromium/chromedriver: install Debian's chromium and chromium-driver")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    d = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        d.get(f"{server}/?key={KEY}")
+        wait(lambda: d.find_element("id", "model").text == "demo", "the model name")
+        d.find_element("id", "max-tokens").clear()
+        d.find_element("id", "max-tokens").send_keys("12")
+        d.find_element("id", "input").send_keys("Who made the light?")
+        d.find_element("id", "send").click()
+        wait(lambda: d.find_elements("css selector", ".stats"), "the tokens/s line", timeout=120)
+        answer = d.find_element("id", "answer").text
+        assert answer.strip() and d.execute_script("return chunks") >= 2
+        assert "tokens/s" in d.find_element("css selector", ".stats").text
+        assert not d.find_elements("css selector", ".error")
+
+        # Stop: the page aborts its fetch and the server ends that generation. The page's
+        # requests get ignore_eos here, so the answer cannot end on its own before the click.
+        d.execute_script("""const f = window.fetch;
+            window.fetch = (url, opts) => {
+                if (opts && opts.body) opts.body = JSON.stringify({...JSON.parse(opts.body), ignore_eos: true});
+                return f(url, opts); };""")
+        cancelled = health(server)["cancelled"]
+        d.find_element("id", "max-tokens").clear()
+        d.find_element("id", "max-tokens").send_keys("400")
+        d.find_element("id", "input").send_keys("Tell me of Noah")
+        chunks = d.execute_script("return chunks")
+        d.find_element("id", "send").click()
+        wait(lambda: d.execute_script("return chunks") >= chunks + 3, "streamed text", timeout=120)
+        d.find_element("id", "stop").click()
+        wait(lambda: len(d.find_elements("css selector", ".stats")) == 2, "the end of the answer")
+        assert d.find_elements("css selector", ".stats")[-1].text == "stopped", page_text(d)
+        wait(lambda: health(server)["cancelled"] > cancelled, "the server to cancel the generation")
+        assert health(server)["pending"] == 0
+    finally:
+        d.quit()
+
+
+def page_text(d):
+    return d.execute_script("return [...document.querySelectorAll('#log > *')]"
+                            ".map((e) => e.className + ': ' + e.textContent).join('\\n')")
+
+
+def wait(cond, what, timeout=30):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_stop_strings_are_cut_and_never_streamed_in_part():
+    from types import SimpleNamespace
+
+    from glmcpu.server import Generation
+
+    model = SimpleNamespace(ctx=100, last_stats={"prompt_tokens": 3, "gen_tokens": 4})
+    closed = []
+
+    def pieces():
+        try:
+            yield from ["\n\nAnd the", " LO", "RD said", " unto"]
+        finally:
+            closed.append(True)
+    g = Generation(model, pieces(), max_tokens=10, stops=["LORD said", "xyz"], strip_newlines=True)
+    assert list(g) == ["And the", " "] and g.text == "And the " and g.finish_reason == "stop"
+    assert closed == [True]         # the model's generator is closed at the stop string
+    g = Generation(model, pieces(), max_tokens=4, stops=["LOST"])
+    assert "".join(g) == "\n\nAnd the LORD said unto" and g.finish_reason == "length"
+
+
+def test_a_full_queue_is_answered_503_with_retry_after():
+    import glmcpu
+    from glmcpu.cli import demo_model_path
+    from glmcpu.server import API, Server
+
+    api = API(glmcpu.load(demo_model_path()), max_waiting=0)
+    srv = Server(api, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with api.turns:             # the model is busy and nobody may wait
+            status, body = raw(srv.url, "POST", "/v1/chat/completions",
+                               json.dumps({"messages": HELLO, "max_tokens": 2}).encode())
+        assert status == 503 and body["error"]["code"] == "server_busy"
+        assert_openai_error(body)
+        status, body = raw(srv.url, "POST", "/v1/chat/completions",
+                           json.dumps({"messages": HELLO, "max_tokens": 2}).encode())
+        assert status == 200 and body["choices"][0]["message"]["content"] is not None
+    finally:
+        srv.shutdown()
+        srv.server_close()
