@@ -3,6 +3,7 @@ import argparse
 import os
 import sys
 import time
+from contextlib import contextmanager
 from importlib import resources
 
 from .errors import GlmcpuError
@@ -283,18 +284,22 @@ def cmd_info(a):
     return 0
 
 
-def cmd_convert(a):
+@contextmanager
+def tensor_bar(what, quiet):
+    """A progress bar over a file's tensors: yields progress(done, total, tensor name)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=False, disable=quiet) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda done, total, name: bar.update(task, completed=done, total=total,
+                                                   description=f"{name:<32}")
+
+
+def cmd_convert(a):
     from .convert import convert
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=False, disable=a.quiet) as bar:
-        task = bar.add_task("converting", total=None)
-
-        def progress(done, total, name):
-            bar.update(task, completed=done, total=total, description=f"{name:<32}")
-
+    with tensor_bar("converting", a.quiet) as progress:
         convert(a.hf_dir, a.output, a.type, fuse_qkv=a.fuse_qkv, progress=progress)
     print(f"wrote {a.output} ({human(os.path.getsize(a.output))})", file=sys.stderr)
     return 0
@@ -340,17 +345,9 @@ def cmd_list(a):
 def cmd_quantize(a):
     from collections import Counter
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from .quantize import quantize_gguf
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), transient=False, disable=a.quiet) as bar:
-        task = bar.add_task("quantizing", total=None)
-
-        def progress(done, total, name):
-            bar.update(task, completed=done, total=total, description=f"{name:<32}")
-
+    with tensor_bar("quantizing", a.quiet) as progress:
         types = quantize_gguf(a.input, a.output, a.type, pure=a.pure, progress=progress)
     mix = ", ".join(f"{t.name} x{n}" for t, n in Counter(types.values()).most_common())
     print(f"wrote {a.output} ({human(os.path.getsize(a.output))}; {mix})", file=sys.stderr)
