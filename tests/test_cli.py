@@ -107,3 +107,22 @@ def test_kernel_variant_forced_by_environment(tiny):
                        env=env, timeout=120)
     assert p.returncode == 1 and p.stderr.startswith("glmcpu: error:") and "sse9" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_slow_steps_draw_a_bar_on_a_terminal_only(monkeypatch, capsys):
+    from glmcpu.cli import StepBar
+
+    quick = StepBar("loading: layers", after=60)
+    for i in range(1, 4):
+        quick(i, 3)
+    assert quick.bar is None                       # finished before `after`: nothing drawn
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    piped = StepBar("loading: layers", after=0)
+    piped(1, 3)
+    assert piped.bar is None
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    slow = StepBar("reading the prompt: tokens", after=0)
+    slow(256, 1024)
+    assert slow.bar is not None and slow.bar.live.is_started
+    slow(1024, 1024)
+    assert not slow.bar.live.is_started            # stopped (and, being transient, wiped) at the end
