@@ -1,0 +1,360 @@
+/* glmcpu kernels for the other ggml block formats found in downloaded GGUF files:
+ * the legacy Q4_1 / Q5_0 / Q5_1 (blocks of 32, dotted with the Q8_0 activations of kernels.h)
+ * and the K-quants Q2_K .. Q6_K (super-blocks of 256, dotted with "q8_K" activations below).
+ * Included by kernels.h; each kernel has one SIMD body (AVX2 and AVX-512 builds) falling
+ * through to the scalar twin, which is all the generic and NEON builds run.
+ *
+ * Layouts are learnt from gguf-py's NumPy dequantisers (gguf.quants), the test reference.
+ * "value i" is the i-th weight of the block, in row order.
+ */
+#ifndef GLMCPU_KQUANTS_H
+#define GLMCPU_KQUANTS_H
+
+#define QK_K 256
+
+/* Q4_1: value j (0..15) = LOW nibble of qs[j], value j+16 = HIGH nibble; value = q * d + m. */
+typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;
+/* Q5_0: nibbles as Q4_0, plus bit j of the little-endian uint32 qh as bit 4 of value j;
+ * value = (q - 16) * d. */
+typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; } block_q5_0;
+/* Q5_1: as Q5_0 with a min: value = q * d + m. */
+typedef struct { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; } block_q5_1;
+/* Q2_K: 16 sub-blocks of 16. scales[s]: low nibble scale, high nibble min of sub-block s;
+ * value i = 128h + 32k + l (h 0..1, k 0..3, l 0..31) is bits 2k..2k+1 of qs[32h + l];
+ * value = d * sc * q - dmin * m. */
+typedef struct { uint8_t scales[16]; uint8_t qs[64]; uint16_t d, dmin; } block_q2_K;
+/* Q3_K: 16 sub-blocks of 16 with signed 6-bit scales (packed: low 4 bits of scale s in
+ * scales[s % 8] (nibble s / 8), high 2 bits in scales[8 + s % 4] bits 2(s/4)..); low 2 bits of
+ * value i as for Q2_K, bit 2 of value 32b + l is bit b of hmask[l]; value = d * (sc - 32) *
+ * (q - 4 * !hbit). */
+typedef struct { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; uint16_t d; } block_q3_K;
+/* Q4_K: 8 sub-blocks of 32 with 6-bit scale and min (see scales_q4_K); value i = 64p + 32s + l
+ * (p 0..3, s 0..1) is nibble s (0 low) of qs[32p + l]; value = d * sc * q - dmin * m. */
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;
+/* Q5_K: Q4_K's nibbles plus bit 4 of value 32b + l = bit b of qh[l]. */
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K;
+/* Q6_K: 16 sub-blocks of 16 with int8 scales. Value i = 128h + 64s + m (h, s 0..1, m 0..63):
+ * low 4 bits = nibble s of ql[64h + m]; value i = 128h + 32k + l: high 2 bits = bits 2k..2k+1
+ * of qh[32h + l]; value = d * sc * (q - 32). */
+typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;
+_Static_assert(sizeof(block_q4_1) == 20, "Q4_1 block is 20 bytes");
+_Static_assert(sizeof(block_q5_0) == 22, "Q5_0 block is 22 bytes");
+_Static_assert(sizeof(block_q5_1) == 24, "Q5_1 block is 24 bytes");
+_Static_assert(sizeof(block_q2_K) == 84, "Q2_K block is 84 bytes");
+_Static_assert(sizeof(block_q3_K) == 110, "Q3_K block is 110 bytes");
+_Static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
+_Static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
+_Static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
+
+/* ---- activations for the K-quants ("q8_K") ------------------------------------------
+ * int8 xq[n], one float scale xd[b] per 256 and int16 xb[n/16]: the sum of each 16 xq, which
+ * carries the mins and the offsets (Q6_K's - 32) without touching the weights. */
+static void quantize_row_q8_K(int n, const float *x, int8_t *xq, float *xd, int16_t *xb) {
+    for (int b = 0; b < n / QK_K; b++) {
+        const float *v = x + b * QK_K;
+        float amax = 0.0f;
+        for (int j = 0; j < QK_K; j++) { float a = fabsf(v[j]); amax = a > amax ? a : amax; }
+        float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        for (int s = 0; s < QK_K / 16; s++) {
+            int sum = 0;
+            for (int j = 0; j < 16; j++) {
+                int q = (int)lrintf(v[16 * s + j] * id);
+                xq[b * QK_K + 16 * s + j] = (int8_t)q; sum += q;
+            }
+            xb[b * 16 + s] = (int16_t)sum;
+        }
+        xd[b] = d;
+    }
+}
+
+/* Q4_K / Q5_K 6-bit scales and mins of the 8 sub-blocks from their 12 packed bytes. */
+static inline void scales_q4_K(const uint8_t *s, uint8_t *sc, uint8_t *m) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        m[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0x0f) | ((s[j] >> 6) << 4);
+        m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+}
+
+/* sum over the 8 sub-blocks of m[j] * (sum of their 32 activations) */
+static inline int mins_q8_K(const uint8_t *m, const int16_t *xb) {
+    int s = 0;
+    for (int j = 0; j < 8; j++) s += m[j] * (xb[2 * j] + xb[2 * j + 1]);
+    return s;
+}
+
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+/* acc (8 x int32) += sum of pairs of (u8 q) * (s8 x), times the int16 scale sc in every lane */
+static inline __m256i dot_scaled(__m256i acc, __m256i q, __m256i x, __m256i sc) {
+#if defined(GLMCPU_VNNI)
+    return _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(q, x), sc);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), sc));
+#endif
+}
+static inline int hsum_i32_256(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+/* bit 4 of 32 values from 32 packed bits (bit j -> byte j): 0x10 or 0 */
+static inline __m256i bits_to_0x10(uint32_t bits) {
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                           0x0101010101010101LL, 0x0000000000000000LL);
+    const __m256i sel = _mm256_set1_epi64x(0x8040201008040201LL);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+#endif
+
+/* ---- K-quant rows . q8_K activations --------------------------------------------------
+ * Integer sums per super-block are exact, so the SIMD bodies and the scalar twins agree up
+ * to the order of the float additions. */
+
+static float vec_dot_q4_K_q8_K(int n, const block_q4_K *w, const int8_t *xq, const float *xd,
+                               const int16_t *xb) {
+    int nb = n / QK_K;
+    float sum = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        uint8_t sc[8], m[8];
+        scales_q4_K(w[b].scales, sc, m);
+        const int8_t *x = xq + b * QK_K;
+        int isum = 0;
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+        __m256i acc = _mm256_setzero_si256();
+        const __m256i m4 = _mm256_set1_epi8(0x0f);
+        for (int p = 0; p < 4; p++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * p));
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + 64 * p));
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 64 * p + 32));
+            acc = dot_scaled(acc, _mm256_and_si256(q, m4), x0, _mm256_set1_epi16(sc[2 * p]));
+            acc = dot_scaled(acc, _mm256_and_si256(_mm256_srli_epi16(q, 4), m4), x1,
+                             _mm256_set1_epi16(sc[2 * p + 1]));
+        }
+        isum = hsum_i32_256(acc);
+#else
+        for (int p = 0; p < 4; p++) {
+            int s0 = 0, s1 = 0;
+            for (int l = 0; l < 32; l++) {
+                s0 += (w[b].qs[32 * p + l] & 0x0f) * x[64 * p + l];
+                s1 += (w[b].qs[32 * p + l] >> 4) * x[64 * p + 32 + l];
+            }
+            isum += sc[2 * p] * s0 + sc[2 * p + 1] * s1;
+        }
+#endif
+        sum += xd[b] * (fp16_to_fp32(w[b].d) * (float)isum
+                        - fp16_to_fp32(w[b].dmin) * (float)mins_q8_K(m, xb + 16 * b));
+    }
+    return sum;
+}
+
+static float vec_dot_q5_K_q8_K(int n, const block_q5_K *w, const int8_t *xq, const float *xd,
+                               const int16_t *xb) {
+    int nb = n / QK_K;
+    float sum = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        uint8_t sc[8], m[8];
+        scales_q4_K(w[b].scales, sc, m);
+        const int8_t *x = xq + b * QK_K;
+        int isum = 0;
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+        __m256i acc = _mm256_setzero_si256();
+        const __m256i m4 = _mm256_set1_epi8(0x0f), b4 = _mm256_set1_epi8(0x10);
+        __m256i hb = _mm256_loadu_si256((const __m256i *)w[b].qh);
+        for (int p = 0; p < 4; p++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * p));
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + 64 * p));
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 64 * p + 32));
+            /* bit 2p of qh -> 0x10 of the low values, bit 2p+1 -> of the high ones */
+            __m256i h0 = _mm256_and_si256(_mm256_slli_epi16(hb, 4), b4);
+            __m256i h1 = _mm256_and_si256(_mm256_slli_epi16(hb, 3), b4);
+            hb = _mm256_srli_epi16(hb, 2);
+            acc = dot_scaled(acc, _mm256_or_si256(_mm256_and_si256(q, m4), h0), x0,
+                             _mm256_set1_epi16(sc[2 * p]));
+            acc = dot_scaled(acc, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), h1), x1,
+                             _mm256_set1_epi16(sc[2 * p + 1]));
+        }
+        isum = hsum_i32_256(acc);
+#else
+        for (int p = 0; p < 4; p++) {
+            int s0 = 0, s1 = 0;
+            for (int l = 0; l < 32; l++) {
+                int hb = w[b].qh[l] >> (2 * p);
+                s0 += ((w[b].qs[32 * p + l] & 0x0f) | ((hb & 1) << 4)) * x[64 * p + l];
+                s1 += ((w[b].qs[32 * p + l] >> 4) | ((hb & 2) << 3)) * x[64 * p + 32 + l];
+            }
+            isum += sc[2 * p] * s0 + sc[2 * p + 1] * s1;
+        }
+#endif
+        sum += xd[b] * (fp16_to_fp32(w[b].d) * (float)isum
+                        - fp16_to_fp32(w[b].dmin) * (float)mins_q8_K(m, xb + 16 * b));
+    }
+    return sum;
+}
+
+static float vec_dot_q6_K_q8_K(int n, const block_q6_K *w, const int8_t *xq, const float *xd,
+                               const int16_t *xb) {
+    int nb = n / QK_K;
+    float sum = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const int8_t *x = xq + b * QK_K;
+        const int8_t *sc = w[b].scales;
+        int isum = 0, off = 0;
+        for (int s = 0; s < 16; s++) off += sc[s] * xb[16 * b + s];      /* the "- 32" */
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+        __m256i acc = _mm256_setzero_si256();
+        const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x30);
+        for (int h = 0; h < 2; h++) {
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h));
+            __m256i l1 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h + 32));
+            __m256i hb = _mm256_loadu_si256((const __m256i *)(w[b].qh + 32 * h));
+            /* values 128h + 32k + l: k=0 low nibbles of l0, 1 of l1, 2 high of l0, 3 high of l1 */
+            __m256i q0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m3));
+            __m256i q1 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m3));
+            __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m3));
+            __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                         _mm256_and_si256(_mm256_srli_epi16(hb, 2), m3));
+            const int8_t *xh = x + 128 * h;
+            const int8_t *s8 = sc + 8 * h;
+            /* one 32-value piece spans two sub-blocks of 16: scale per 128-bit half */
+#define Q6_SC(k) _mm256_set_m128i(_mm_set1_epi16(s8[2 * (k) + 1]), _mm_set1_epi16(s8[2 * (k)]))
+            acc = dot_scaled(acc, q0, _mm256_loadu_si256((const __m256i *)(xh)), Q6_SC(0));
+            acc = dot_scaled(acc, q1, _mm256_loadu_si256((const __m256i *)(xh + 32)), Q6_SC(1));
+            acc = dot_scaled(acc, q2, _mm256_loadu_si256((const __m256i *)(xh + 64)), Q6_SC(2));
+            acc = dot_scaled(acc, q3, _mm256_loadu_si256((const __m256i *)(xh + 96)), Q6_SC(3));
+#undef Q6_SC
+        }
+        isum = hsum_i32_256(acc);
+#else
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++) {
+                int s0 = 0, s1 = 0;
+                for (int l = 0; l < 32; l++) {
+                    int lo = k & 1 ? w[b].ql[64 * h + 32 + l] : w[b].ql[64 * h + l];
+                    int q = ((k & 2 ? lo >> 4 : lo) & 0x0f) | (((w[b].qh[32 * h + l] >> (2 * k)) & 3) << 4);
+                    if (l < 16) s0 += q * x[128 * h + 32 * k + l];
+                    else s1 += q * x[128 * h + 32 * k + l];
+                }
+                isum += sc[8 * h + 2 * k] * s0 + sc[8 * h + 2 * k + 1] * s1;
+            }
+#endif
+        sum += xd[b] * fp16_to_fp32(w[b].d) * (float)(isum - 32 * off);
+    }
+    return sum;
+}
+
+static float vec_dot_q2_K_q8_K(int n, const block_q2_K *w, const int8_t *xq, const float *xd,
+                               const int16_t *xb) {
+    int nb = n / QK_K;
+    float sum = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const int8_t *x = xq + b * QK_K;
+        int isum = 0, msum = 0;
+        for (int s = 0; s < 16; s++) msum += (w[b].scales[s] >> 4) * xb[16 * b + s];
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++) {
+                int s0 = 0, s1 = 0;
+                for (int l = 0; l < 16; l++) {
+                    s0 += ((w[b].qs[32 * h + l] >> (2 * k)) & 3) * x[128 * h + 32 * k + l];
+                    s1 += ((w[b].qs[32 * h + 16 + l] >> (2 * k)) & 3) * x[128 * h + 32 * k + 16 + l];
+                }
+                isum += (w[b].scales[8 * h + 2 * k] & 0x0f) * s0 + (w[b].scales[8 * h + 2 * k + 1] & 0x0f) * s1;
+            }
+        sum += xd[b] * (fp16_to_fp32(w[b].d) * (float)isum - fp16_to_fp32(w[b].dmin) * (float)msum);
+    }
+    return sum;
+}
+
+static float vec_dot_q3_K_q8_K(int n, const block_q3_K *w, const int8_t *xq, const float *xd,
+                               const int16_t *xb) {
+    int nb = n / QK_K;
+    float sum = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const int8_t *x = xq + b * QK_K;
+        int sc[16];
+        for (int s = 0; s < 16; s++) {
+            int lo = (w[b].scales[s % 8] >> (4 * (s / 8))) & 0x0f;
+            int hi = (w[b].scales[8 + s % 4] >> (2 * (s / 4))) & 3;
+            sc[s] = (lo | (hi << 4)) - 32;
+        }
+        int isum = 0;
+        /* q - 4 * !hbit = (q2 + 4 * hbit) - 4: sum the unsigned 3-bit values, take 4 * xb off */
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++) {
+                int s0 = 0, s1 = 0, bit = 4 * h + k;
+                for (int l = 0; l < 32; l++) {
+                    int q = ((w[b].qs[32 * h + l] >> (2 * k)) & 3) | (((w[b].hmask[l] >> bit) & 1) << 2);
+                    if (l < 16) s0 += q * x[128 * h + 32 * k + l];
+                    else s1 += q * x[128 * h + 32 * k + l];
+                }
+                int s = 8 * h + 2 * k;
+                isum += sc[s] * (s0 - 4 * xb[16 * b + s]) + sc[s + 1] * (s1 - 4 * xb[16 * b + s + 1]);
+            }
+        sum += xd[b] * fp16_to_fp32(w[b].d) * (float)isum;
+    }
+    return sum;
+}
+
+/* ---- legacy 32-blocks . Q8_0 activations (xq, xd, xs of kernels.h) --------------------- */
+
+/* 5-bit (or 4-bit when qh is NULL) values of one block as 32 bytes, in element order */
+static inline void unpack_q5(const uint8_t *qs, const uint8_t *qh, uint8_t *q) {
+    uint32_t h = 0;
+    if (qh) memcpy(&h, qh, 4);
+    for (int j = 0; j < 16; j++) {
+        q[j] = (qs[j] & 0x0f) | (((h >> j) & 1) << 4);
+        q[j + 16] = (qs[j] >> 4) | (((h >> (j + 16)) & 1) << 4);
+    }
+}
+
+/* sum over blocks of d * xd * dot(q, x) (+ m * xs for mins, - off * d * xs for offsets) */
+static inline float vec_dot_q45_q8_0(int nb, const uint8_t *w, size_t bsize, int qs_at, int qh_at,
+                                     int m_at, float off, const int8_t *xq, const float *xd,
+                                     const float *xs) {
+    float sum = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * bsize;
+        uint16_t dh;
+        memcpy(&dh, blk, 2);
+        float d = fp16_to_fp32(dh);
+        int isum = 0;
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+        __m256i q = unpack_q4_0(blk + qs_at);
+        if (qh_at >= 0) {
+            uint32_t h;
+            memcpy(&h, blk + qh_at, 4);
+            q = _mm256_or_si256(q, bits_to_0x10(h));
+        }
+        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(xq + b * QK))),
+                                      _mm256_set1_epi16(1));
+        isum = hsum_i32_256(p);
+#else
+        uint8_t q[32];
+        unpack_q5(blk + qs_at, qh_at >= 0 ? blk + qh_at : NULL, q);
+        for (int j = 0; j < 32; j++) isum += q[j] * xq[b * QK + j];
+#endif
+        float v = d * (xd[b] * (float)isum - off * xs[b]);
+        if (m_at >= 0) {
+            uint16_t mh;
+            memcpy(&mh, blk + m_at, 2);
+            v += fp16_to_fp32(mh) * xs[b];
+        }
+        sum += v;
+    }
+    return sum;
+}
+
+static float vec_dot_q4_1_q8_0(int n, const block_q4_1 *w, const int8_t *xq, const float *xd, const float *xs) {
+    return vec_dot_q45_q8_0(n / QK, (const uint8_t *)w, sizeof(block_q4_1), 4, -1, 2, 0.0f, xq, xd, xs);
+}
+static float vec_dot_q5_0_q8_0(int n, const block_q5_0 *w, const int8_t *xq, const float *xd, const float *xs) {
+    return vec_dot_q45_q8_0(n / QK, (const uint8_t *)w, sizeof(block_q5_0), 6, 2, -1, 16.0f, xq, xd, xs);
+}
+static float vec_dot_q5_1_q8_0(int n, const block_q5_1 *w, const int8_t *xq, const float *xd, const float *xs) {
+    return vec_dot_q45_q8_0(n / QK, (const uint8_t *)w, sizeof(block_q5_1), 8, 4, 2, 0.0f, xq, xd, xs);
+}
+
+#endif
