@@ -152,3 +152,27 @@ def tiny(tmp_path_factory):
 
 def test_ids(n=40, seed=1, vocab=340):
     return [int(i) for i in np.random.default_rng(seed).integers(0, vocab, n)]
+
+
+# byte offsets of the fp16 scale fields in each block (the rest of a block is any bits)
+F16_FIELDS = {"Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q2_K": (80, 82), "Q3_K": (108,),
+              "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(rng, qtype, rows, cols, extreme=True):
+    """Valid blocks of `qtype` for a [rows, cols] matrix with random bits and finite fp16
+    scales -> (raw bytes [rows, row_bytes], float32 values by gguf.quants). With `extreme`, some
+    blocks are all zero and some have scales near the fp16 limits (huge, tiny, subnormal)."""
+    from gguf import GGML_QUANT_SIZES, quants
+    bs, bb = GGML_QUANT_SIZES[qtype]
+    nb = cols // bs
+    raw = rng.integers(0, 256, (rows * nb, bb), dtype=np.uint8)
+    for off in F16_FIELDS[qtype.name]:
+        d = rng.uniform(-0.02, 0.02, rows * nb).astype(np.float16)
+        if extreme and rows * nb > 4:
+            d[1::7] = np.float16(rng.choice([3000.0, -2048.0, 1e-4, 6e-8]))
+        raw[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
+    if extreme:
+        raw[2::5] = 0                               # zero blocks
+    raw = raw.reshape(rows, nb * bb)
+    return raw, quants.dequantize(raw, qtype).reshape(rows, cols).astype(np.float32)
