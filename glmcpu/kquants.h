@@ -54,7 +54,9 @@ static void quantize_row_q8_K(int n, const float *x, int8_t *xq, float *xd, int1
         const float *v = x + b * QK_K;
         float amax = 0.0f;
         for (int j = 0; j < QK_K; j++) { float a = fabsf(v[j]); amax = a > amax ? a : amax; }
-        float d = amax / 127.0f, id = d > 0.0f ? 1.0f / d : 0.0f;
+        /* 127 / amax rather than 1 / d: the rounding llama.cpp's q8_K makes, so both engines
+         * see the same int8 activations on the same file */
+        float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
         for (int s = 0; s < QK_K / 16; s++) {
             int sum = 0;
             for (int j = 0; j < 16; j++) {

@@ -27,8 +27,12 @@ def q8_reference(x, block):
     """NumPy twin of the activation quantisers: int8, one float scale per `block` values
     (32: quantize_row_q8, 256: quantize_row_q8_K)."""
     b = x.reshape(x.shape[0], -1, block).astype(np.float32)
-    d = np.abs(b).max(-1, keepdims=True) / np.float32(127)
-    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    amax = np.abs(b).max(-1, keepdims=True)
+    d = amax / np.float32(127)
+    if block == 32:
+        inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
+    else:                                          # q8_K: 127 / amax, as llama.cpp rounds
+        inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     q = np.rint(b * inv).astype(np.int8)
     return q, d[..., 0]
 
