@@ -444,6 +444,10 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
         gemm_q8_0x8_groups(n, w, r0 / 8, r1 / 8, T, xq, xd, out, ldo);
         return;
     }
+    if (type >= GT_Q2_K && type <= GT_Q6_K) {
+        gemm_rows_k(type, n, w, row_bytes, r0, r1, T, xq, xd, (const int16_t *)xs, out, ldo);
+        return;
+    }
     for (int r = r0; r < r1; r++) {
         const uint8_t *row = w + (size_t)r * row_bytes;
         int t = 0;
@@ -482,14 +486,6 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
                 v = vec_dot_q5_1_q8_0(n, (const block_q5_1 *)row, xq + (size_t)t * n,
                                       xd + (size_t)t * nb, xs + (size_t)t * nb);
                 break;
-#define KDOT(name, blk) v = name(n, (const blk *)row, xq + (size_t)t * n, xd + (size_t)t * (n / QK_K), \
-                                 (const int16_t *)xs + (size_t)t * (n / 16)); break
-            case GT_Q2_K: KDOT(vec_dot_q2_K_q8_K, block_q2_K);
-            case GT_Q3_K: KDOT(vec_dot_q3_K_q8_K, block_q3_K);
-            case GT_Q4_K: KDOT(vec_dot_q4_K_q8_K, block_q4_K);
-            case GT_Q5_K: KDOT(vec_dot_q5_K_q8_K, block_q5_K);
-            case GT_Q6_K: KDOT(vec_dot_q6_K_q8_K, block_q6_K);
-#undef KDOT
             case GT_F16: v = vec_dot_f16_f32(n, (const uint16_t *)row, x + (size_t)t * n); break;
             case GT_BF16: v = vec_dot_bf16_f32(n, (const uint16_t *)row, x + (size_t)t * n); break;
             default: v = vec_dot_f32_f32(n, (const float *)row, x + (size_t)t * n); break;

@@ -112,8 +112,8 @@ static inline __m256i bits_to_0x10(uint32_t bits) {
 }
 #endif
 
-/* ---- K-quant rows . q8_K activations --------------------------------------------------
- * Integer sums per super-block are exact, so the SIMD bodies and the scalar twins agree up
+/* ---- K-quant rows . q8_K activations: the scalar twins ----------------------------------
+ * Integer sums per super-block are exact, so the SIMD kernels (vec_dot4_*) and these agree up
  * to the order of the float additions. */
 
 static float vec_dot_q4_K_q8_K(int n, const block_q4_K *w, const int8_t *xq, const float *xd,
@@ -125,19 +125,6 @@ static float vec_dot_q4_K_q8_K(int n, const block_q4_K *w, const int8_t *xq, con
         scales_q4_K(w[b].scales, sc, m);
         const int8_t *x = xq + b * QK_K;
         int isum = 0;
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-        __m256i acc = _mm256_setzero_si256();
-        const __m256i m4 = _mm256_set1_epi8(0x0f);
-        for (int p = 0; p < 4; p++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * p));
-            __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + 64 * p));
-            __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 64 * p + 32));
-            acc = dot_scaled(acc, _mm256_and_si256(q, m4), x0, _mm256_set1_epi16(sc[2 * p]));
-            acc = dot_scaled(acc, _mm256_and_si256(_mm256_srli_epi16(q, 4), m4), x1,
-                             _mm256_set1_epi16(sc[2 * p + 1]));
-        }
-        isum = hsum_i32_256(acc);
-#else
         for (int p = 0; p < 4; p++) {
             int s0 = 0, s1 = 0;
             for (int l = 0; l < 32; l++) {
@@ -146,7 +133,6 @@ static float vec_dot_q4_K_q8_K(int n, const block_q4_K *w, const int8_t *xq, con
             }
             isum += sc[2 * p] * s0 + sc[2 * p + 1] * s1;
         }
-#endif
         sum += xd[b] * (fp16_to_fp32(w[b].d) * (float)isum
                         - fp16_to_fp32(w[b].dmin) * (float)mins_q8_K(m, xb + 16 * b));
     }
@@ -162,25 +148,6 @@ static float vec_dot_q5_K_q8_K(int n, const block_q5_K *w, const int8_t *xq, con
         scales_q4_K(w[b].scales, sc, m);
         const int8_t *x = xq + b * QK_K;
         int isum = 0;
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-        __m256i acc = _mm256_setzero_si256();
-        const __m256i m4 = _mm256_set1_epi8(0x0f), b4 = _mm256_set1_epi8(0x10);
-        __m256i hb = _mm256_loadu_si256((const __m256i *)w[b].qh);
-        for (int p = 0; p < 4; p++) {
-            __m256i q = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * p));
-            __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + 64 * p));
-            __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + 64 * p + 32));
-            /* bit 2p of qh -> 0x10 of the low values, bit 2p+1 -> of the high ones */
-            __m256i h0 = _mm256_and_si256(_mm256_slli_epi16(hb, 4), b4);
-            __m256i h1 = _mm256_and_si256(_mm256_slli_epi16(hb, 3), b4);
-            hb = _mm256_srli_epi16(hb, 2);
-            acc = dot_scaled(acc, _mm256_or_si256(_mm256_and_si256(q, m4), h0), x0,
-                             _mm256_set1_epi16(sc[2 * p]));
-            acc = dot_scaled(acc, _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), h1), x1,
-                             _mm256_set1_epi16(sc[2 * p + 1]));
-        }
-        isum = hsum_i32_256(acc);
-#else
         for (int p = 0; p < 4; p++) {
             int s0 = 0, s1 = 0;
             for (int l = 0; l < 32; l++) {
@@ -190,7 +157,6 @@ static float vec_dot_q5_K_q8_K(int n, const block_q5_K *w, const int8_t *xq, con
             }
             isum += sc[2 * p] * s0 + sc[2 * p + 1] * s1;
         }
-#endif
         sum += xd[b] * (fp16_to_fp32(w[b].d) * (float)isum
                         - fp16_to_fp32(w[b].dmin) * (float)mins_q8_K(m, xb + 16 * b));
     }
@@ -206,31 +172,6 @@ static float vec_dot_q6_K_q8_K(int n, const block_q6_K *w, const int8_t *xq, con
         const int8_t *sc = w[b].scales;
         int isum = 0, off = 0;
         for (int s = 0; s < 16; s++) off += sc[s] * xb[16 * b + s];      /* the "- 32" */
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-        __m256i acc = _mm256_setzero_si256();
-        const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x30);
-        for (int h = 0; h < 2; h++) {
-            __m256i l0 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h));
-            __m256i l1 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h + 32));
-            __m256i hb = _mm256_loadu_si256((const __m256i *)(w[b].qh + 32 * h));
-            /* values 128h + 32k + l: k=0 low nibbles of l0, 1 of l1, 2 high of l0, 3 high of l1 */
-            __m256i q0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m3));
-            __m256i q1 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m3));
-            __m256i q2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m3));
-            __m256i q3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                         _mm256_and_si256(_mm256_srli_epi16(hb, 2), m3));
-            const int8_t *xh = x + 128 * h;
-            const int8_t *s8 = sc + 8 * h;
-            /* one 32-value piece spans two sub-blocks of 16: scale per 128-bit half */
-#define Q6_SC(k) _mm256_set_m128i(_mm_set1_epi16(s8[2 * (k) + 1]), _mm_set1_epi16(s8[2 * (k)]))
-            acc = dot_scaled(acc, q0, _mm256_loadu_si256((const __m256i *)(xh)), Q6_SC(0));
-            acc = dot_scaled(acc, q1, _mm256_loadu_si256((const __m256i *)(xh + 32)), Q6_SC(1));
-            acc = dot_scaled(acc, q2, _mm256_loadu_si256((const __m256i *)(xh + 64)), Q6_SC(2));
-            acc = dot_scaled(acc, q3, _mm256_loadu_si256((const __m256i *)(xh + 96)), Q6_SC(3));
-#undef Q6_SC
-        }
-        isum = hsum_i32_256(acc);
-#else
         for (int h = 0; h < 2; h++)
             for (int k = 0; k < 4; k++) {
                 int s0 = 0, s1 = 0;
@@ -242,7 +183,6 @@ static float vec_dot_q6_K_q8_K(int n, const block_q6_K *w, const int8_t *xq, con
                 }
                 isum += sc[8 * h + 2 * k] * s0 + sc[8 * h + 2 * k + 1] * s1;
             }
-#endif
         sum += xd[b] * fp16_to_fp32(w[b].d) * (float)(isum - 32 * off);
     }
     return sum;
@@ -299,6 +239,198 @@ static float vec_dot_q3_K_q8_K(int n, const block_q3_K *w, const int8_t *xq, con
     }
     return sum;
 }
+
+/* ---- K-quant rows . TC tokens (TC <= 4), the SIMD kernels ---------------------------------
+ * res[t] = row . token t. Each block's weights are unpacked once and used for every token; each
+ * token's sums run in the same order whatever TC is, so batched and single-token results are
+ * bit-identical. Scales are applied in integer (int16 x int16 pairs, VNNI dpwssd where there is
+ * one), mins and offsets through the activation sums, then one float multiply per super-block. */
+#if defined(__GNUC__)
+#define GLMCPU_INLINE static inline __attribute__((always_inline))
+#else
+#define GLMCPU_INLINE static inline
+#endif
+#define KX(t) (xq + (size_t)(t) * n)                 /* token t's int8 activations */
+#define KD(t) (xd + (size_t)(t) * (n / QK_K))        /* its scales */
+#define KB(t) (xb + (size_t)(t) * (n / 16))          /* its 16-sums */
+
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+/* int16 lane j (0..7) of a 128-bit row of 8, in every lane of a 256-bit register */
+static inline __m256i lane16(__m256i both, int j) {
+    return _mm256_shuffle_epi8(both, _mm256_set1_epi16((short)(((2 * j + 1) << 8) | (2 * j))));
+}
+/* Q4_K/Q5_K scales (8 int16, broadcast to both halves) and mins duplicated per 16-sum
+ * ([m0 m0 m1 m1 .. m7 m7], pairs with the 16 sums of xb) */
+static inline void scales_q4_K_simd(const uint8_t *s, __m256i *sc, __m256i *mdup) {
+    uint32_t a, b, c, u[4];
+    memcpy(&a, s, 4); memcpy(&b, s + 4, 4); memcpy(&c, s + 8, 4);
+    u[0] = a & 0x3f3f3f3f;                                        /* sc 0..3 */
+    u[1] = (c & 0x0f0f0f0f) | ((a >> 2) & 0x30303030);            /* sc 4..7 */
+    u[2] = b & 0x3f3f3f3f;                                        /* m 0..3 */
+    u[3] = ((c >> 4) & 0x0f0f0f0f) | ((b >> 2) & 0x30303030);     /* m 4..7 */
+    __m128i v = _mm_loadu_si128((const __m128i *)u);
+    __m128i m = _mm_cvtepu8_epi16(_mm_srli_si128(v, 8));
+    *sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(v));
+    *mdup = _mm256_set_m128i(_mm_unpackhi_epi16(m, m), _mm_unpacklo_epi16(m, m));
+}
+#endif
+
+GLMCPU_INLINE void vec_dot4_q4_K_q8_K(int n, const block_q4_K *w, const int TC, const int8_t *xq,
+                                      const float *xd, const int16_t *xb, float *res) {
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    int nb = n / QK_K;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    for (int b = 0; b < nb; b++) {
+        __m256i scv, mdup, q[8], sc[8];
+        scales_q4_K_simd(w[b].scales, &scv, &mdup);
+        for (int p = 0; p < 4; p++) {       /* sub-block j = 2p + s holds values 32j..32j+31 */
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * p));
+            q[2 * p] = _mm256_and_si256(v, m4);
+            q[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        }
+        for (int j = 0; j < 8; j++) sc[j] = lane16(scv, j);
+        float d = fp16_to_fp32(w[b].d), dm = fp16_to_fp32(w[b].dmin);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = KX(t) + b * QK_K;
+            __m256i ai = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++)
+                ai = dot_scaled(ai, q[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j)), sc[j]);
+            __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), mdup);
+            float dx = KD(t)[b];
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(ai), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#else
+    for (int t = 0; t < TC; t++) res[t] = vec_dot_q4_K_q8_K(n, w, KX(t), KD(t), KB(t));
+#endif
+}
+
+GLMCPU_INLINE void vec_dot4_q5_K_q8_K(int n, const block_q5_K *w, const int TC, const int8_t *xq,
+                                      const float *xd, const int16_t *xb, float *res) {
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    int nb = n / QK_K;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i m4 = _mm256_set1_epi8(0x0f), b4 = _mm256_set1_epi8(0x10);
+    for (int b = 0; b < nb; b++) {
+        __m256i scv, mdup, q[8], sc[8];
+        scales_q4_K_simd(w[b].scales, &scv, &mdup);
+        __m256i hb = _mm256_loadu_si256((const __m256i *)w[b].qh);
+        for (int p = 0; p < 4; p++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * p));
+            /* bit 2p of qh[l] is bit 4 of value 64p + l, bit 2p + 1 of value 64p + 32 + l; the
+             * 16-bit shifts leak bits across bytes only above the two bits read */
+            q[2 * p] = _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), b4));
+            q[2 * p + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                                           _mm256_and_si256(_mm256_slli_epi16(hb, 3), b4));
+            hb = _mm256_srli_epi16(hb, 2);
+        }
+        for (int j = 0; j < 8; j++) sc[j] = lane16(scv, j);
+        float d = fp16_to_fp32(w[b].d), dm = fp16_to_fp32(w[b].dmin);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = KX(t) + b * QK_K;
+            __m256i ai = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++)
+                ai = dot_scaled(ai, q[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j)), sc[j]);
+            __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), mdup);
+            float dx = KD(t)[b];
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(ai), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#else
+    for (int t = 0; t < TC; t++) res[t] = vec_dot_q5_K_q8_K(n, w, KX(t), KD(t), KB(t));
+#endif
+}
+
+GLMCPU_INLINE void vec_dot4_q6_K_q8_K(int n, const block_q6_K *w, const int TC, const int8_t *xq,
+                                      const float *xd, const int16_t *xb, float *res) {
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    int nb = n / QK_K;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x30);
+    for (int b = 0; b < nb; b++) {
+        __m256i q[8], sc[8];
+        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[b].scales));
+        for (int h = 0; h < 2; h++) {
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h));
+            __m256i l1 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h + 32));
+            __m256i hb = _mm256_loadu_si256((const __m256i *)(w[b].qh + 32 * h));
+            /* piece 4h + k = values 128h + 32k + l: k = 0 low nibbles of l0, 1 of l1, 2 high of
+             * l0, 3 high of l1; its high 2 bits are bits 2k, 2k+1 of hb */
+            q[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m3));
+            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m3));
+            q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m3));
+            q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                           _mm256_and_si256(_mm256_srli_epi16(hb, 2), m3));
+            /* a piece spans sub-blocks 8h + 2k (low 128 bits) and 8h + 2k + 1 (high) */
+            __m256i half = _mm256_broadcastsi128_si256(h ? _mm256_extracti128_si256(sc16, 1)
+                                                         : _mm256_castsi256_si128(sc16));
+            for (int k = 0; k < 4; k++)
+                sc[4 * h + k] = _mm256_shuffle_epi8(half, _mm256_set_m128i(
+                    _mm_set1_epi16((short)(((4 * k + 3) << 8) | (4 * k + 2))),
+                    _mm_set1_epi16((short)(((4 * k + 1) << 8) | (4 * k)))));
+        }
+        float d = fp16_to_fp32(w[b].d);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = KX(t) + b * QK_K;
+            __m256i ai = _mm256_setzero_si256();
+            for (int i = 0; i < 8; i++)
+                ai = dot_scaled(ai, q[i], _mm256_loadu_si256((const __m256i *)(x + 32 * i)), sc[i]);
+            /* the "- 32" of every value: 32 * sc[s] * (sum of sub-block s's activations) */
+            __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), sc16);
+            ai = _mm256_sub_epi32(ai, _mm256_slli_epi32(off, 5));
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * KD(t)[b]), _mm256_cvtepi32_ps(ai), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#else
+    for (int t = 0; t < TC; t++) res[t] = vec_dot_q6_K_q8_K(n, w, KX(t), KD(t), KB(t));
+#endif
+}
+
+/* Q2_K / Q3_K: the scalar kernels (rare in GLM files: llama.cpp's Q2_K/Q3_K mixes) */
+GLMCPU_INLINE void vec_dot4_q2_K_q8_K(int n, const block_q2_K *w, const int TC, const int8_t *xq,
+                                      const float *xd, const int16_t *xb, float *res) {
+    for (int t = 0; t < TC; t++) res[t] = vec_dot_q2_K_q8_K(n, w, KX(t), KD(t), KB(t));
+}
+GLMCPU_INLINE void vec_dot4_q3_K_q8_K(int n, const block_q3_K *w, const int TC, const int8_t *xq,
+                                      const float *xd, const int16_t *xb, float *res) {
+    for (int t = 0; t < TC; t++) res[t] = vec_dot_q3_K_q8_K(n, w, KX(t), KD(t), KB(t));
+}
+
+/* Rows r0..r1 of a K-quant matrix against T tokens of q8_K activations: out[t*ldo + r]. */
+static void gemm_rows_k(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1, int T,
+                        const int8_t *xq, const float *xd, const int16_t *xb, float *out, int ldo) {
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = w + (size_t)r * row_bytes;
+        float res[4];
+        for (int t = 0; t < T;) {
+            int tc = T - t >= 4 ? 4 : 1;
+            const int8_t *q = KX(t);
+            const float *d = KD(t);
+            const int16_t *s = KB(t);
+#define KCASE(tp, name, blk) case tp: if (tc == 4) name(n, (const blk *)row, 4, q, d, s, res); \
+                                      else name(n, (const blk *)row, 1, q, d, s, res); break
+            switch (type) {
+            KCASE(GT_Q2_K, vec_dot4_q2_K_q8_K, block_q2_K);
+            KCASE(GT_Q3_K, vec_dot4_q3_K_q8_K, block_q3_K);
+            KCASE(GT_Q4_K, vec_dot4_q4_K_q8_K, block_q4_K);
+            KCASE(GT_Q5_K, vec_dot4_q5_K_q8_K, block_q5_K);
+            default: KCASE(GT_Q6_K, vec_dot4_q6_K_q8_K, block_q6_K);
+            }
+#undef KCASE
+            for (int j = 0; j < tc; j++) out[(size_t)(t + j) * ldo + r] = res[j];
+            t += tc;
+        }
+    }
+}
+#undef KX
+#undef KD
+#undef KB
 
 /* ---- legacy 32-blocks . Q8_0 activations (xq, xd, xs of kernels.h) --------------------- */
 
