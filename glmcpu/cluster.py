@@ -287,7 +287,7 @@ class ExpertShare:
         for name, rows, cols in (("gate", ff, d), ("up", ff, d), ("down", d, ff)):
             w, wtype = src.experts(p + f"ffn_{name}_exps.weight", rows, cols, cfg, e0, e1)
             if repack:
-                pw, ptype = ops.repack(np.ascontiguousarray(w).reshape((e1 - e0) * rows, -1), wtype)
+                pw, ptype = ops.repack(np.ascontiguousarray(w).reshape((e1 - e0) * rows, -1), wtype, ram_copy=False)
                 if ptype != wtype:
                     w, wtype = pw.reshape(e1 - e0, rows // 8, -1), ptype
             mats.append((w, wtype))

@@ -89,12 +89,22 @@ def repack_experts(file_bytes: int) -> bool:
     return file_bytes < 0.6 * avail
 
 
-def repack(w, wtype: int):
-    """(weight lines, type) in the fastest layout for this type: Q4_0 and Q8_0 rows in groups of 8."""
+# K-quants and the other legacy types keep the file's layout, but are copied into RAM like the
+# repacked ones, so q|k|v and gate|up can be fused into one matrix (one thread split, not three)
+IN_RAM = (3, 6, 7) + tuple(K.K_TYPES)
+
+
+def repack(w, wtype: int, ram_copy: bool = True):
+    """(weight lines, type) in the fastest layout for this type: Q4_0 and Q8_0 rows in groups of 8,
+    K-quants as a RAM copy of the file's rows (unless ram_copy=False: routed experts, which gain
+    nothing from it). Returns w itself when it stays in the file."""
+    if REPACK in ("0", "no", "off"):
+        return w, wtype
     # the 8-row kernels have AVX2/AVX-512 bodies; elsewhere (NEON, generic) the file's layout is faster
-    if (wtype in (Q4_0, Q8_0) and w.shape[0] % 8 == 0 and REPACK not in ("0", "no", "off")
-            and VARIANT in ("avx2", "avx512", "avx512vnni")):
+    if wtype in (Q4_0, Q8_0) and w.shape[0] % 8 == 0 and VARIANT in ("avx2", "avx512", "avx512vnni"):
         return K.repack_x8(w, wtype)
+    if wtype in IN_RAM and ram_copy:
+        return np.array(w), wtype
     return w, wtype
 
 

@@ -55,7 +55,7 @@ def expert_tensor(f: GGUFFile, name: str, rows: int, cols: int, cfg: Config, rep
                              f"but the metadata says {want} ({cfg.n_expert} experts of {rows} x {cols})")
     w, wtype, _, _ = f.matrix(name)               # validates the type
     if repack:
-        packed, ptype = ops.repack(w, wtype)
+        packed, ptype = ops.repack(w, wtype, ram_copy=False)
         if ptype != wtype:
             f.release(name)
             return packed.reshape(cfg.n_expert, rows // 8, -1), ptype
