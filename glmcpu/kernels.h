@@ -444,6 +444,10 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
         gemm_q8_0x8_groups(n, w, r0 / 8, r1 / 8, T, xq, xd, out, ldo);
         return;
     }
+    if (type == GT_Q4_1 || type == GT_Q5_0 || type == GT_Q5_1) {
+        gemm_rows_legacy(type, n, w, row_bytes, r0, r1, T, xq, xd, xs, out, ldo);
+        return;
+    }
     if (type >= GT_Q2_K && type <= GT_Q6_K) {
         gemm_rows_k(type, n, w, row_bytes, r0, r1, T, xq, xd, (const int16_t *)xs, out, ldo);
         return;
@@ -473,18 +477,6 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
             case GT_Q8_0:
                 v = vec_dot_q8_0_q8_0(n, (const block_q8_0 *)row, xq + (size_t)t * n,
                                       xd + (size_t)t * nb);
-                break;
-            case GT_Q4_1:
-                v = vec_dot_q4_1_q8_0(n, (const block_q4_1 *)row, xq + (size_t)t * n,
-                                      xd + (size_t)t * nb, xs + (size_t)t * nb);
-                break;
-            case GT_Q5_0:
-                v = vec_dot_q5_0_q8_0(n, (const block_q5_0 *)row, xq + (size_t)t * n,
-                                      xd + (size_t)t * nb, xs + (size_t)t * nb);
-                break;
-            case GT_Q5_1:
-                v = vec_dot_q5_1_q8_0(n, (const block_q5_1 *)row, xq + (size_t)t * n,
-                                      xd + (size_t)t * nb, xs + (size_t)t * nb);
                 break;
             case GT_F16: v = vec_dot_f16_f32(n, (const uint16_t *)row, x + (size_t)t * n); break;
             case GT_BF16: v = vec_dot_bf16_f32(n, (const uint16_t *)row, x + (size_t)t * n); break;

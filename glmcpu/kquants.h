@@ -275,9 +275,60 @@ static inline void scales_q4_K_simd(const uint8_t *s, __m256i *sc, __m256i *mdup
 }
 #endif
 
+#if defined(GLMCPU_AVX512)
+static inline __m512i dot_scaled512(__m512i acc, __m512i q, __m512i x, __m512i sc) {
+#if defined(GLMCPU_VNNI)
+    return _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(q, x), sc);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(q, x), sc));
+#endif
+}
+/* int16 lanes a (low 256 bits) and b (high 256 bits) of v's first 16, each broadcast */
+static inline __m512i two16(__m512i v, int a, int b) {
+    return _mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16((short)a)),
+                                                       _mm256_set1_epi16((short)b), 1), v);
+}
+/* four int16 lanes, one per 128-bit quarter */
+static inline __m512i four16(__m512i v, int a) {
+    return _mm512_permutexvar_epi16(_mm512_set_epi16(
+        a + 3, a + 3, a + 3, a + 3, a + 3, a + 3, a + 3, a + 3, a + 2, a + 2, a + 2, a + 2, a + 2, a + 2, a + 2, a + 2,
+        a + 1, a + 1, a + 1, a + 1, a + 1, a + 1, a + 1, a + 1, a, a, a, a, a, a, a, a), v);
+}
+#endif
+
 GLMCPU_INLINE void vec_dot4_q4_K_q8_K(int n, const block_q4_K *w, const int TC, const int8_t *xq,
                                       const float *xd, const int16_t *xb, float *res) {
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+#if defined(GLMCPU_AVX512)
+    /* two sub-blocks (64 values, contiguous in x) per 512-bit step */
+    int nb = n / QK_K;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m256 accm[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    for (int b = 0; b < nb; b++) {
+        __m256i scv, mdup;
+        __m512i q[4], sc[4];
+        scales_q4_K_simd(w[b].scales, &scv, &mdup);
+        __m512i sc8 = _mm512_castsi256_si512(scv);
+        for (int p = 0; p < 4; p++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * p));
+            q[p] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m4)),
+                                      _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), 1);
+            sc[p] = two16(sc8, 2 * p, 2 * p + 1);
+        }
+        float d = fp16_to_fp32(w[b].d), dm = fp16_to_fp32(w[b].dmin);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = KX(t) + b * QK_K;
+            __m512i ai = _mm512_setzero_si512();
+            for (int p = 0; p < 4; p++)
+                ai = dot_scaled512(ai, q[p], _mm512_loadu_si512((const void *)(x + 64 * p)), sc[p]);
+            __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), mdup);
+            float dx = KD(t)[b];
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dx), _mm512_cvtepi32_ps(ai), acc[t]);
+            accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), accm[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = _mm512_reduce_add_ps(acc[t]) - hsum256(accm[t]);
+#elif defined(GLMCPU_AVX2)
     int nb = n / QK_K;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const __m256i m4 = _mm256_set1_epi8(0x0f);
@@ -348,7 +399,43 @@ GLMCPU_INLINE void vec_dot4_q5_K_q8_K(int n, const block_q5_K *w, const int TC, 
 
 GLMCPU_INLINE void vec_dot4_q6_K_q8_K(int n, const block_q6_K *w, const int TC, const int8_t *xq,
                                       const float *xd, const int16_t *xb, float *res) {
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+#if defined(GLMCPU_AVX512)
+    /* pieces 2m, 2m+1 (64 values, sub-blocks 4m..4m+3, one per 128-bit quarter) per step */
+    int nb = n / QK_K;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x30);
+    for (int b = 0; b < nb; b++) {
+        __m256i q[8];
+        __m512i q2[4], sc[4];
+        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[b].scales));
+        __m512i sc512 = _mm512_castsi256_si512(sc16);
+        for (int h = 0; h < 2; h++) {
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h));
+            __m256i l1 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h + 32));
+            __m256i hb = _mm256_loadu_si256((const __m256i *)(w[b].qh + 32 * h));
+            q[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m3));
+            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m3));
+            q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m3));
+            q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                           _mm256_and_si256(_mm256_srli_epi16(hb, 2), m3));
+        }
+        for (int m = 0; m < 4; m++) {
+            q2[m] = _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * m]), q[2 * m + 1], 1);
+            sc[m] = four16(sc512, 4 * m);
+        }
+        float d = fp16_to_fp32(w[b].d);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = KX(t) + b * QK_K;
+            __m512i ai = _mm512_setzero_si512();
+            for (int m = 0; m < 4; m++)
+                ai = dot_scaled512(ai, q2[m], _mm512_loadu_si512((const void *)(x + 64 * m)), sc[m]);
+            __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), sc16);
+            ai = _mm512_sub_epi32(ai, _mm512_zextsi256_si512(_mm256_slli_epi32(off, 5)));
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * KD(t)[b]), _mm512_cvtepi32_ps(ai), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
+#elif defined(GLMCPU_AVX2)
     int nb = n / QK_K;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x30);
@@ -413,8 +500,8 @@ static void gemm_rows_k(int type, int n, const uint8_t *w, size_t row_bytes, int
             const int8_t *q = KX(t);
             const float *d = KD(t);
             const int16_t *s = KB(t);
-#define KCASE(tp, name, blk) case tp: if (tc == 4) name(n, (const blk *)row, 4, q, d, s, res); \
-                                      else name(n, (const blk *)row, 1, q, d, s, res); break
+#define KCASE(tp, name, blk) case tp: { if (tc == 4) name(n, (const blk *)row, 4, q, d, s, res); \
+                                        else name(n, (const blk *)row, 1, q, d, s, res); } break
             switch (type) {
             KCASE(GT_Q2_K, vec_dot4_q2_K_q8_K, block_q2_K);
             KCASE(GT_Q3_K, vec_dot4_q3_K_q8_K, block_q3_K);
@@ -455,21 +542,9 @@ static inline float vec_dot_q45_q8_0(int nb, const uint8_t *w, size_t bsize, int
         memcpy(&dh, blk, 2);
         float d = fp16_to_fp32(dh);
         int isum = 0;
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-        __m256i q = unpack_q4_0(blk + qs_at);
-        if (qh_at >= 0) {
-            uint32_t h;
-            memcpy(&h, blk + qh_at, 4);
-            q = _mm256_or_si256(q, bits_to_0x10(h));
-        }
-        __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)(xq + b * QK))),
-                                      _mm256_set1_epi16(1));
-        isum = hsum_i32_256(p);
-#else
         uint8_t q[32];
         unpack_q5(blk + qs_at, qh_at >= 0 ? blk + qh_at : NULL, q);
         for (int j = 0; j < 32; j++) isum += q[j] * xq[b * QK + j];
-#endif
         float v = d * (xd[b] * (float)isum - off * xs[b]);
         if (m_at >= 0) {
             uint16_t mh;
@@ -479,6 +554,69 @@ static inline float vec_dot_q45_q8_0(int nb, const uint8_t *w, size_t bsize, int
         sum += v;
     }
     return sum;
+}
+
+/* TC tokens (<= 4) at once, weights unpacked once per block: res[t] = row . token t, for the
+ * legacy 32-blocks; float accumulation in vector lanes, the mins/offsets in a scalar per token. */
+GLMCPU_INLINE void vec_dot4_q45_q8_0(int n, const uint8_t *w, size_t bsize, int qs_at, int qh_at,
+                                     int m_at, float off, const int TC, const int8_t *xq,
+                                     const float *xd, const float *xs, float *res) {
+    int nb = n / QK;
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float corr[4] = {0, 0, 0, 0};
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * bsize;
+        uint16_t dh, mh = 0;
+        memcpy(&dh, blk, 2);
+        if (m_at >= 0) memcpy(&mh, blk + m_at, 2);
+        float d = fp16_to_fp32(dh), c = (m_at >= 0 ? fp16_to_fp32(mh) : 0.0f) - off * d;
+        __m256i q = unpack_q4_0(blk + qs_at);
+        if (qh_at >= 0) {
+            uint32_t h;
+            memcpy(&h, blk + qh_at, 4);
+            q = _mm256_or_si256(q, bits_to_0x10(h));
+        }
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = xq + (size_t)t * n + b * QK;
+            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)x)), ones);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[(size_t)t * nb + b]), _mm256_cvtepi32_ps(p), acc[t]);
+            corr[t] += c * xs[(size_t)t * nb + b];
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]) + corr[t];
+#else
+    for (int t = 0; t < TC; t++)
+        res[t] = vec_dot_q45_q8_0(nb, w, bsize, qs_at, qh_at, m_at, off, xq + (size_t)t * n,
+                                  xd + (size_t)t * nb, xs + (size_t)t * nb);
+#endif
+}
+
+/* Rows r0..r1 of a Q4_1 / Q5_0 / Q5_1 matrix against T tokens of Q8_0 activations. */
+static void gemm_rows_legacy(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1, int T,
+                             const int8_t *xq, const float *xd, const float *xs, float *out, int ldo) {
+    int nb = n / QK;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = w + (size_t)r * row_bytes;
+        float res[4];
+        for (int t = 0; t < T;) {
+            int tc = T - t >= 4 ? 4 : 1;
+            const int8_t *q = xq + (size_t)t * n;
+            const float *d = xd + (size_t)t * nb, *s = xs + (size_t)t * nb;
+#define LCASE(tp, bsize, qs_at, qh_at, m_at, off) case tp: { \
+            if (tc == 4) vec_dot4_q45_q8_0(n, row, bsize, qs_at, qh_at, m_at, off, 4, q, d, s, res); \
+            else vec_dot4_q45_q8_0(n, row, bsize, qs_at, qh_at, m_at, off, 1, q, d, s, res); } break
+            switch (type) {                     /* byte offsets of qs, qh, m in the block */
+            LCASE(GT_Q4_1, sizeof(block_q4_1), 4, -1, 2, 0.0f);
+            LCASE(GT_Q5_0, sizeof(block_q5_0), 6, 2, -1, 16.0f);
+            default: LCASE(GT_Q5_1, sizeof(block_q5_1), 8, 4, 2, 0.0f);
+            }
+#undef LCASE
+            for (int j = 0; j < tc; j++) out[(size_t)(t + j) * ldo + r] = res[j];
+            t += tc;
+        }
+    }
 }
 
 static float vec_dot_q4_1_q8_0(int n, const block_q4_1 *w, const int8_t *xq, const float *xd, const float *xs) {
