@@ -47,7 +47,8 @@ class Config(glm4.Config):
 
 def expert_tensor(f: GGUFFile, name: str, rows: int, cols: int, cfg: Config, repack=False):
     """A stacked expert tensor as [n_expert, rows, row_bytes] bytes + its ggml type, shape-checked;
-    with repack, Q4_0/Q8_0 experts are copied into RAM as [n_expert, rows/8, ...] 8-row groups."""
+    with repack, Q4_0/Q8_0 (and Q5_0, as Q8_0) experts are copied into RAM as [n_expert, rows/8, ...]
+    8-row groups."""
     t = f.tensor(name)
     want = (cols, rows, cfg.n_expert)
     if tuple(int(d) for d in t.shape) != want:
