@@ -489,14 +489,19 @@ GLMCPU_INLINE void vec_dot4_q3_K_q8_K(int n, const block_q3_K *w, const int TC, 
     for (int t = 0; t < TC; t++) res[t] = vec_dot_q3_K_q8_K(n, w, KX(t), KD(t), KB(t));
 }
 
+/* Prefill tiles: KROWS rows against 4 tokens at a time, so the 4 tokens' activations stay in L1
+ * while the rows pass, instead of every row streaming all T tokens from L2/L3. */
+#define KROWS 16
+
 /* Rows r0..r1 of a K-quant matrix against T tokens of q8_K activations: out[t*ldo + r]. */
 static void gemm_rows_k(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1, int T,
                         const int8_t *xq, const float *xd, const int16_t *xb, float *out, int ldo) {
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *row = w + (size_t)r * row_bytes;
-        float res[4];
-        for (int t = 0; t < T;) {
-            int tc = T - t >= 4 ? 4 : 1;
+    for (int rb = r0; rb < r1; rb += KROWS)
+    for (int t = 0; t < T;) {
+        int tc = T - t >= 4 ? 4 : 1;
+        for (int r = rb; r < r1 && r < rb + KROWS; r++) {
+            const uint8_t *row = w + (size_t)r * row_bytes;
+            float res[4];
             const int8_t *q = KX(t);
             const float *d = KD(t);
             const int16_t *s = KB(t);
@@ -511,8 +516,8 @@ static void gemm_rows_k(int type, int n, const uint8_t *w, size_t row_bytes, int
             }
 #undef KCASE
             for (int j = 0; j < tc; j++) out[(size_t)(t + j) * ldo + r] = res[j];
-            t += tc;
         }
+        t += tc;
     }
 }
 #undef KX
@@ -597,11 +602,12 @@ GLMCPU_INLINE void vec_dot4_q45_q8_0(int n, const uint8_t *w, size_t bsize, int 
 static void gemm_rows_legacy(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1, int T,
                              const int8_t *xq, const float *xd, const float *xs, float *out, int ldo) {
     int nb = n / QK;
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *row = w + (size_t)r * row_bytes;
-        float res[4];
-        for (int t = 0; t < T;) {
-            int tc = T - t >= 4 ? 4 : 1;
+    for (int rb = r0; rb < r1; rb += KROWS)
+    for (int t = 0; t < T;) {
+        int tc = T - t >= 4 ? 4 : 1;
+        for (int r = rb; r < r1 && r < rb + KROWS; r++) {
+            const uint8_t *row = w + (size_t)r * row_bytes;
+            float res[4];
             const int8_t *q = xq + (size_t)t * n;
             const float *d = xd + (size_t)t * nb, *s = xs + (size_t)t * nb;
 #define LCASE(tp, bsize, qs_at, qh_at, m_at, off) case tp: { \
@@ -614,8 +620,8 @@ static void gemm_rows_legacy(int type, int n, const uint8_t *w, size_t row_bytes
             }
 #undef LCASE
             for (int j = 0; j < tc; j++) out[(size_t)(t + j) * ldo + r] = res[j];
-            t += tc;
         }
+        t += tc;
     }
 }
 
