@@ -262,18 +262,23 @@ static inline __m256i lane16(__m256i both, int j) {
 /* Q4_K/Q5_K scales (8 int16, broadcast to both halves) and mins duplicated per 16-sum
  * ([m0 m0 m1 m1 .. m7 m7], pairs with the 16 sums of xb) */
 static inline void scales_q4_K_simd(const uint8_t *s, __m256i *sc, __m256i *mdup) {
-    uint32_t a, b, c, u[4];
+    uint32_t a, b, c;
     memcpy(&a, s, 4); memcpy(&b, s + 4, 4); memcpy(&c, s + 8, 4);
-    u[0] = a & 0x3f3f3f3f;                                        /* sc 0..3 */
-    u[1] = (c & 0x0f0f0f0f) | ((a >> 2) & 0x30303030);            /* sc 4..7 */
-    u[2] = b & 0x3f3f3f3f;                                        /* m 0..3 */
-    u[3] = ((c >> 4) & 0x0f0f0f0f) | ((b >> 2) & 0x30303030);     /* m 4..7 */
-    __m128i v = _mm_loadu_si128((const __m128i *)u);
+    /* built in registers: four scalar stores read back as one vector would stall the load */
+    __m128i v = _mm_set_epi32((int)(((c >> 4) & 0x0f0f0f0f) | ((b >> 2) & 0x30303030)),  /* m 4..7 */
+                              (int)(b & 0x3f3f3f3f),                                       /* m 0..3 */
+                              (int)((c & 0x0f0f0f0f) | ((a >> 2) & 0x30303030)),           /* sc 4..7 */
+                              (int)(a & 0x3f3f3f3f));                                      /* sc 0..3 */
     __m128i m = _mm_cvtepu8_epi16(_mm_srli_si128(v, 8));
     *sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(v));
     *mdup = _mm256_set_m128i(_mm_unpackhi_epi16(m, m), _mm_unpacklo_epi16(m, m));
 }
 #endif
+
+/* the rows are read once, front to back: ask for a few super-blocks ahead (a hint; reading
+ * past the row's end is harmless for a prefetch) */
+#define KPREFETCH(p, size) do { const char *pf_ = (const char *)(p); \
+    for (size_t o_ = 0; o_ < (size); o_ += 64) _mm_prefetch(pf_ + o_, _MM_HINT_T0); } while (0)
 
 #if defined(GLMCPU_AVX512)
 static inline __m512i dot_scaled512(__m512i acc, __m512i q, __m512i x, __m512i sc) {
@@ -307,6 +312,7 @@ GLMCPU_INLINE void vec_dot4_q4_K_q8_K(int n, const block_q4_K *w, const int TC, 
     for (int b = 0; b < nb; b++) {
         __m256i scv, mdup;
         __m512i q[4], sc[4];
+        KPREFETCH(w + b + 4, sizeof(block_q4_K));
         scales_q4_K_simd(w[b].scales, &scv, &mdup);
         __m512i sc8 = _mm512_castsi256_si512(scv);
         for (int p = 0; p < 4; p++) {
@@ -407,6 +413,7 @@ GLMCPU_INLINE void vec_dot4_q6_K_q8_K(int n, const block_q6_K *w, const int TC, 
     for (int b = 0; b < nb; b++) {
         __m256i q[8];
         __m512i q2[4], sc[4];
+        KPREFETCH(w + b + 4, sizeof(block_q6_K));
         __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[b].scales));
         __m512i sc512 = _mm512_castsi256_si512(sc16);
         for (int h = 0; h < 2; h++) {
