@@ -486,14 +486,94 @@ GLMCPU_INLINE void vec_dot4_q6_K_q8_K(int n, const block_q6_K *w, const int TC, 
 #endif
 }
 
-/* Q2_K / Q3_K: the scalar kernels (rare in GLM files: llama.cpp's Q2_K/Q3_K mixes) */
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+/* scale vector of piece i (32 values = sub-blocks 2i, 2i+1 of 16) from 16 int16 scales */
+static inline __m256i piece_scales(__m256i sc16, int i) {
+    __m256i half = _mm256_broadcastsi128_si256(i >= 4 ? _mm256_extracti128_si256(sc16, 1)
+                                                      : _mm256_castsi256_si128(sc16));
+    int k = i & 3;
+    return _mm256_shuffle_epi8(half, _mm256_set_m128i(_mm_set1_epi16((short)(((4 * k + 3) << 8) | (4 * k + 2))),
+                                                      _mm_set1_epi16((short)(((4 * k + 1) << 8) | (4 * k)))));
+}
+#endif
+
+/* Q2_K / Q3_K (llama.cpp's Q2_K/Q3_K mixes; not tuned): piece 4h + k = values 128h + 32k + l
+ * holds bits 2k..2k+1 of qs[32h + l] */
 GLMCPU_INLINE void vec_dot4_q2_K_q8_K(int n, const block_q2_K *w, const int TC, const int8_t *xq,
                                       const float *xd, const int16_t *xb, float *res) {
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    int nb = n / QK_K;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i m2 = _mm256_set1_epi8(3);
+    for (int b = 0; b < nb; b++) {
+        __m256i q[8], sc[8];
+        __m128i raw = _mm_loadu_si128((const __m128i *)w[b].scales);
+        __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, _mm_set1_epi8(0x0f)));
+        __m256i m16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0f)));
+        for (int h = 0; h < 2; h++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * h));
+            for (int k = 0; k < 4; k++) q[4 * h + k] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * k), m2);
+        }
+        for (int i = 0; i < 8; i++) sc[i] = piece_scales(sc16, i);
+        float d = fp16_to_fp32(w[b].d), dm = fp16_to_fp32(w[b].dmin);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = KX(t) + b * QK_K;
+            __m256i ai = _mm256_setzero_si256();
+            for (int i = 0; i < 8; i++)
+                ai = dot_scaled(ai, q[i], _mm256_loadu_si256((const __m256i *)(x + 32 * i)), sc[i]);
+            __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), m16);
+            float dx = KD(t)[b];
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(ai), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#else
     for (int t = 0; t < TC; t++) res[t] = vec_dot_q2_K_q8_K(n, w, KX(t), KD(t), KB(t));
+#endif
 }
+
+/* Q3_K: bit 2 of value 32c + l is bit c of hmask[l] (c = 4h + k for piece 4h + k); the "- 4 when
+ * that bit is clear" is taken as "- 4" off q + 4 * bit, through the activation sums */
 GLMCPU_INLINE void vec_dot4_q3_K_q8_K(int n, const block_q3_K *w, const int TC, const int8_t *xq,
                                       const float *xd, const int16_t *xb, float *res) {
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    int nb = n / QK_K;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i m2 = _mm256_set1_epi8(3), b2 = _mm256_set1_epi8(4);
+    for (int b = 0; b < nb; b++) {
+        __m256i q[8], sc[8];
+        int8_t s8[16];
+        for (int s = 0; s < 16; s++) {
+            int lo = (w[b].scales[s % 8] >> (4 * (s / 8))) & 0x0f;
+            int hi = (w[b].scales[8 + s % 4] >> (2 * (s / 4))) & 3;
+            s8[s] = (int8_t)((lo | (hi << 4)) - 32);
+        }
+        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)s8));
+        __m256i hm = _mm256_loadu_si256((const __m256i *)w[b].hmask);
+        for (int h = 0; h < 2; h++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * h));
+            for (int k = 0; k < 4; k++) {
+                __m256i hb = _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(hm, 4 * h + k), 2), b2);
+                q[4 * h + k] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 2 * k), m2), hb);
+            }
+        }
+        for (int i = 0; i < 8; i++) sc[i] = piece_scales(sc16, i);
+        float d = fp16_to_fp32(w[b].d);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = KX(t) + b * QK_K;
+            __m256i ai = _mm256_setzero_si256();
+            for (int i = 0; i < 8; i++)
+                ai = dot_scaled(ai, q[i], _mm256_loadu_si256((const __m256i *)(x + 32 * i)), sc[i]);
+            __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), sc16);
+            ai = _mm256_sub_epi32(ai, _mm256_slli_epi32(off, 2));
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * KD(t)[b]), _mm256_cvtepi32_ps(ai), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#else
     for (int t = 0; t < TC; t++) res[t] = vec_dot_q3_K_q8_K(n, w, KX(t), KD(t), KB(t));
+#endif
 }
 
 /* Prefill tiles: KROWS rows against 4 tokens at a time, so the 4 tokens' activations stay in L1
