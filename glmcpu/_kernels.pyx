@@ -2,7 +2,7 @@
 # (_kernels_avx2.pyx: `include "_kernels.pyx"`); kernels.h picks its SIMD path from the
 # compiler's ISA macros. Thin `def` wrappers check shapes once; the work runs without the GIL.
 from cython.parallel cimport prange, parallel
-from libc.stdint cimport uint8_t, uint16_t, int8_t, int32_t
+from libc.stdint cimport uint8_t, uint16_t, int8_t, int16_t, int32_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from libc.math cimport sqrtf, expf, cos, sin, pow
@@ -12,6 +12,7 @@ cdef extern from "kernels.h" nogil:
     const char *GLMCPU_ISA
     int QK
     void quantize_row_q8(int n, const float *x, int8_t *xq, float *xd, float *xs)
+    void quantize_row_q8_K(int n, const float *x, int8_t *xq, float *xd, int16_t *xb)
     void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1,
                    int T, const float *x, const int8_t *xq, const float *xd, const float *xs,
                    float *out, int ldo)
@@ -22,9 +23,11 @@ cdef extern from "kernels.h" nogil:
 ISA = GLMCPU_ISA.decode()
 
 # ggml type -> (block size, bytes per block) for the types the kernels run
-TYPE_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 8: (32, 34), 30: (1, 2), 1002: (32, 144),
-              1008: (32, 272)}
-INT_TYPES = (2, 8, 1002, 1008)
+TYPE_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
+              10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
+              30: (1, 2), 1002: (32, 144), 1008: (32, 272)}
+K_TYPES = (10, 11, 12, 13, 14)          # Q2_K..Q6_K: activations as q8_K (quantize_q8_K)
+INT_TYPES = (2, 3, 6, 7, 8, 1002, 1008) + K_TYPES
 Q4_0X8 = 1002       # Q4_0 repacked by repack_x8: one line of `w` per group of 8 rows
 Q8_0X8 = 1008       # Q8_0 likewise
 GROUP = {1002: 8, 1008: 8}   # rows per line of `w`
@@ -44,6 +47,30 @@ def quantize_q8(const float[:, ::1] x, int threads=1):
         for t in prange(T, num_threads=max(1, threads), schedule='static'):
             quantize_row_q8(n, &x[t, 0], &q[t, 0], &d[t, 0], &s[t, 0])
     return xq, xd, xs
+
+
+def quantize_q8_K(const float[:, ::1] x, int threads=1):
+    """[T, n] float32 -> (xq int8 [T, n], xd float32 [T, n/256], xs [T, n/32] float32 whose
+    bytes are the int16 sums of every 16 xq, [T, n/16]), the activations of the K-quants."""
+    cdef int T = x.shape[0], n = x.shape[1], t
+    if n % 256:
+        raise ValueError(f"row length {n} is not a multiple of 256")
+    xq = np.empty((T, n), np.int8)
+    xd = np.empty((T, n // 256), np.float32)
+    xb = np.empty((T, n // 16), np.int16)
+    cdef int8_t[:, ::1] q = xq
+    cdef float[:, ::1] d = xd
+    cdef int16_t[:, ::1] b = xb
+    if n:
+        with nogil:
+            for t in prange(T, num_threads=max(1, threads), schedule='static'):
+                quantize_row_q8_K(n, &x[t, 0], &q[t, 0], &d[t, 0], &b[t, 0])
+    return xq, xd, xb.view(np.float32)
+
+
+def quantize_act(x, int wtype, int threads=1):
+    """The activations the kernels of weight type wtype read: (xq, xd, xs)."""
+    return (quantize_q8_K if wtype in K_TYPES else quantize_q8)(x, threads)
 
 
 def gemm(const uint8_t[:, ::1] w, int wtype, int n, const float[:, ::1] x, out_arr, int threads=1):
@@ -68,7 +95,7 @@ def gemm(const uint8_t[:, ::1] w, int wtype, int n, const float[:, ::1] x, out_a
     cdef int8_t[:, ::1] xq
     cdef float[:, ::1] xd, xs
     if wtype in INT_TYPES:
-        aq, ad, as_ = quantize_q8(x, threads if x.shape[0] > 1 else 1)
+        aq, ad, as_ = quantize_act(x, wtype, threads if x.shape[0] > 1 else 1)
         xq, xd, xs = aq, ad, as_
         pq, pd, ps = &xq[0, 0], &xd[0, 0], &xs[0, 0]
     threads = max(1, threads)
@@ -304,9 +331,11 @@ def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int 
     dummy_q = np.zeros((max(A, 1), 32), np.int8)
     dummy_f = np.zeros((max(A, 1), 1), np.float32)
 
-    def quantized(a, flag):
+    def quantized(a, flag, wtype):
         if not flag:
             return dummy_q, dummy_f, dummy_f
+        if wtype in K_TYPES:
+            return quantize_q8_K(a, threads)
         rows, cols = a.shape
         q = np.empty((rows, cols), np.int8)
         d = np.empty((rows, cols // QK), np.float32)
@@ -314,8 +343,8 @@ def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int 
         _quantize_into(a, q, d, s, threads)
         return q, d, s
 
-    if (q_gu and n % QK) or (q_dn and F % QK):
-        raise ValueError("moe: rows are not whole 32-blocks")
+    if (q_gu and n % TYPE_SIZES[wtype_gu][0]) or (q_dn and F % TYPE_SIZES[wtype_down][0]):
+        raise ValueError("moe: rows are not whole quantisation blocks")
     g = np.empty((A, F), np.float32)
     u = np.empty((A, F), np.float32)
     cdef const uint8_t[:, :, ::1] wg = gate, wu = up, wd = down
@@ -324,14 +353,14 @@ def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int 
     cdef const float[:, ::1] xa, da, sa
     cdef const int8_t[:, ::1] qa
     cdef float[:, ::1] ga = g, ua = u, ya
-    xq, xd, xsum = quantized(xs_sorted, q_gu)
+    xq, xd, xsum = quantized(xs_sorted, q_gu, wtype_gu)
     it, xa, qa, da, sa = _work_items(counts, F, threads), xs_sorted, xq, xd, xsum
     with nogil:
         _expert_gemm(wtype_gu, n, wg, it, st, xa, qa, da, sa, q_gu, ga, threads)
         _expert_gemm(wtype_gu, n, wu, it, st, xa, qa, da, sa, q_gu, ua, threads)
     h = np.empty((A, F), np.float32)
     silu_mul(np.concatenate([g, u], 1), h, threads)
-    hq, hd, hs = quantized(h, q_dn)
+    hq, hd, hs = quantized(h, q_dn, wtype_down)
     y = np.empty((A, n), np.float32)
     it, xa, qa, da, sa, ya = _work_items(counts, n, threads), h, hq, hd, hs, y
     with nogil:

@@ -22,11 +22,13 @@ import numpy as np
 
 from . import ops
 from .errors import GlmcpuError
+from .gguf import GT
 from .net.link import Client, LinkError
 from .net.protocol import ProtocolError
 
 K = ops.K
-BLOCK = 32            # FFN slices are whole quantisation blocks of the down projection's rows
+BLOCKS = (256, 32)    # column slices (Wo, FFN down) are whole quantisation blocks: K-quant super-blocks
+                      # where the width allows, else the 32-blocks of Q4_0/Q8_0/Q5_0 (llama.cpp's fallback)
 
 
 class ClusterError(GlmcpuError):
@@ -81,11 +83,21 @@ def split(total: int, shares, unit: int = 1) -> list:
     return out
 
 
+def block_unit(width: int, n: int) -> int:
+    """Items of `width` columns per slice unit so that slices of n items are whole blocks of the
+    largest block size in BLOCKS that n items allow (1 if none)."""
+    for blk in BLOCKS:
+        unit = blk // int(np.gcd(width, blk))
+        if n % unit == 0:
+            return unit
+    return 1
+
+
 def make_plan(cfg, nodes, shares=None) -> Plan:
     shares = list(shares or [1.0] * len(nodes))
     plan = Plan(list(nodes), [s / sum(shares) for s in shares])
     G = cfg.n_head // cfg.n_head_kv
-    unit = int(32 // np.gcd(cfg.head_dim, 32))         # Wo column slices must be whole 32-blocks
+    unit = block_unit(cfg.head_dim, cfg.n_head)          # Wo column slices must be whole blocks
     if len(nodes) <= cfg.n_head_kv:
         unit = int(np.lcm(unit, G))                     # whole KV groups: no K/V computed twice
     heads = [(i, a, b) for i, (a, b) in enumerate(split(cfg.n_head, shares, unit)) if b > a]
@@ -93,7 +105,7 @@ def make_plan(cfg, nodes, shares=None) -> Plan:
     for l in range(cfg.n_layer):
         plan.attn[l] = heads
         if l < n_dense:
-            unit = BLOCK if cfg.n_ff % BLOCK == 0 else 1
+            unit = block_unit(1, cfg.n_ff)
             plan.ffn[l] = [(i, a, b) for i, (a, b) in enumerate(split(cfg.n_ff, shares, unit)) if b > a]
         else:
             plan.experts[l] = [(i, a, b) for i, (a, b) in enumerate(split(cfg.n_expert, shares)) if b > a]
@@ -116,8 +128,11 @@ class FileSource:
         return np.ascontiguousarray(w[a:b]), wtype, n_in
 
     def cols(self, name, a, b):                   # columns [a, b) of every row: whole blocks
-        w, wtype, _, _ = self.f.matrix(name)
+        w, wtype, _, n_in = self.f.matrix(name)
         bs, bb = K.TYPE_SIZES[wtype]
+        if a % bs or (b % bs and b != n_in):
+            raise ClusterError(f"{name}: columns {a}..{b} split a {bs}-value block of its "
+                               f"{GT(wtype).name} rows; run this model on fewer nodes")
         return np.ascontiguousarray(w[:, a // bs * bb: b // bs * bb]), wtype, b - a
 
     def vector(self, name):
@@ -189,17 +204,28 @@ class Replay:
 
 
 class Slice:
-    """Raw weight rows (gate|up stacked, or a column range of one), in the fastest layout."""
+    """Raw weight rows (gate|up stacked, or a column range of one), in the fastest layout. Parts
+    of one type are stacked into one matrix; a mix (llama.cpp's Q4_K_M stores attn_v as Q6_K
+    in some layers) runs part by part, outputs side by side."""
 
     def __init__(self, parts):
-        ws = [w for w, _, _ in parts]
-        wtype, n_in = parts[0][1], parts[0][2]
-        w = np.concatenate(ws, 0) if len(ws) > 1 else ws[0]
-        self.n_in, self.n_out = n_in, w.shape[0]
-        self.w, self.type = ops.repack(np.ascontiguousarray(w), wtype)
+        self.n_in = parts[0][2]
+        self.mats = []                                # [(weight lines, type, rows)]
+        groups = []                                   # runs of consecutive parts of one type
+        for w, t, _ in parts:
+            if groups and groups[-1][1] == t:
+                groups[-1][0].append(w)
+            else:
+                groups.append(([w], t))
+        for ws, t in groups:
+            w = np.concatenate(ws, 0) if len(ws) > 1 else ws[0]
+            pw, pt = ops.repack(np.ascontiguousarray(w), t)
+            self.mats.append((pw, pt, w.shape[0]))
+        self.n_out = sum(r for _, _, r in self.mats)
 
     def __call__(self, x, th):
-        return ops.linear(self.w, self.type, self.n_in, x, th, self.n_out)
+        outs = [ops.linear(w, t, self.n_in, x, th, r) for w, t, r in self.mats]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs, 1)
 
 
 class AttnShare:
@@ -287,7 +313,7 @@ class ExpertShare:
         for name, rows, cols in (("gate", ff, d), ("up", ff, d), ("down", d, ff)):
             w, wtype = src.experts(p + f"ffn_{name}_exps.weight", rows, cols, cfg, e0, e1)
             if repack:
-                pw, ptype = ops.repack(np.ascontiguousarray(w).reshape((e1 - e0) * rows, -1), wtype)
+                pw, ptype = ops.repack(np.ascontiguousarray(w).reshape((e1 - e0) * rows, -1), wtype, ram_copy=False)
                 if ptype != wtype:
                     w, wtype = pw.reshape(e1 - e0, rows // 8, -1), ptype
             mats.append((w, wtype))

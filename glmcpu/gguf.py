@@ -17,7 +17,8 @@ from .errors import GlmcpuError, ModelFileError, UnsupportedTensorType
 GT = GGMLQuantizationType
 VT = GGUFValueType
 # the types the kernels multiply with; anything else is refused at load, by name
-RUNNABLE = (GT.F32, GT.F16, GT.BF16, GT.Q8_0, GT.Q4_0)
+RUNNABLE = (GT.F32, GT.F16, GT.BF16, GT.Q8_0, GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1,
+            GT.Q2_K, GT.Q3_K, GT.Q4_K, GT.Q5_K, GT.Q6_K)
 SCALARS = {VT.UINT8: "B", VT.INT8: "b", VT.UINT16: "H", VT.INT16: "h", VT.UINT32: "I",
            VT.INT32: "i", VT.FLOAT32: "f", VT.BOOL: "?", VT.UINT64: "Q", VT.INT64: "q",
            VT.FLOAT64: "d"}
@@ -251,7 +252,7 @@ class GGUFFile:
         if t.tensor_type not in RUNNABLE:
             raise UnsupportedTensorType(
                 f"{self.path}: tensor {name} is stored as {t.tensor_type.name}; glmcpu runs "
-                f"{', '.join(x.name for x in RUNNABLE)} (re-quantise the file, e.g. to Q4_0 or Q8_0)")
+                f"{', '.join(x.name for x in RUNNABLE)} (use a file quantised to Q4_K_M, Q5_K_M, Q6_K, Q8_0 or Q4_0)")
         K, N = int(t.shape[0]), int(np.prod(t.shape[1:]))
         data = t.data.reshape(N, -1).view(np.uint8)              # [N, row_bytes]
         return data, int(t.tensor_type), N, K

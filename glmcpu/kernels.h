@@ -40,7 +40,8 @@ static const char GLMCPU_ISA[] = "generic";
 #endif
 
 /* ggml tensor types we run (values of ggml_type / gguf.GGMLQuantizationType). */
-enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q8_0 = 8, GT_BF16 = 30,
+enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 = 8,
+       GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14, GT_BF16 = 30,
        /* glmcpu's own: Q4_0 / Q8_0 repacked in 8-row groups, see block_q4_0x8, block_q8_0x8 */
        GT_Q4_0X8 = 1002, GT_Q8_0X8 = 1008 };
 
@@ -420,13 +421,17 @@ static void vec_dot4_q8_0_q8_0(int n, const block_q8_0 *w, const int8_t *xq, con
     }
 }
 
+#include "kquants.h"
+
 static void gemm_q4_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, const int8_t *xq,
                                const float *xd, const float *xs, float *out, int ldo);
 static void gemm_q8_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, const int8_t *xq,
                                const float *xd, float *out, int ldo);
 
 /* Rows r0..r1 of W (row_bytes apart) against T activation rows: out[t*ldo + r].
- * Integer types read xq/xd/xs (quantised once per call); float types read x. */
+ * Integer types read xq/xd/xs (quantised once per call); float types read x. The K-quants read
+ * q8_K activations: xd one scale per 256 (n/256 per token) and xs holding the int16 sums of
+ * quantize_row_q8_K (n/16 per token: the same bytes per token as the n/32 floats of Q8_0). */
 static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1,
                       int T, const float *x, const int8_t *xq, const float *xd, const float *xs,
                       float *out, int ldo) {
@@ -437,6 +442,14 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
     }
     if (type == GT_Q8_0X8) {
         gemm_q8_0x8_groups(n, w, r0 / 8, r1 / 8, T, xq, xd, out, ldo);
+        return;
+    }
+    if (type == GT_Q4_1 || type == GT_Q5_0 || type == GT_Q5_1) {
+        gemm_rows_legacy(type, n, w, row_bytes, r0, r1, T, xq, xd, xs, out, ldo);
+        return;
+    }
+    if (type >= GT_Q2_K && type <= GT_Q6_K) {
+        gemm_rows_k(type, n, w, row_bytes, r0, r1, T, xq, xd, (const int16_t *)xs, out, ldo);
         return;
     }
     for (int r = r0; r < r1; r++) {

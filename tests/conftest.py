@@ -59,8 +59,10 @@ def assert_prefill_equals_steps(m, ids):
     np.testing.assert_allclose(full, chunked, rtol=1e-4, atol=1e-4)
 
 
-def make_hf_model(folder, family="glm4", layers=3, seed=0, theta=25000.0, dtype="float32", shard=None):
-    """A random GlmForCausalLM (family 'glm') or Glm4ForCausalLM with non-unit norms and biases."""
+def make_hf_model(folder, family="glm4", layers=3, seed=0, theta=25000.0, dtype="float32", shard=None,
+                  hidden=64, ffn=96, head_dim=16):
+    """A random GlmForCausalLM (family 'glm') or Glm4ForCausalLM with non-unit norms and biases
+    (4 query heads, 2 KV heads; hidden/ffn multiples of 256 for K-quant files)."""
     import torch
     import transformers
 
@@ -69,8 +71,8 @@ def make_hf_model(folder, family="glm4", layers=3, seed=0, theta=25000.0, dtype=
     torch.manual_seed(seed)
     cls = {"glm": (transformers.GlmConfig, transformers.GlmForCausalLM),
            "glm4": (transformers.Glm4Config, transformers.Glm4ForCausalLM)}[family]
-    cfg = cls[0](vocab_size=N_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    cfg = cls[0](vocab_size=N_VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
                  partial_rotary_factor=0.5, rope_parameters={"rope_type": "default", "rope_theta": theta},
                  rms_norm_eps=1e-5 if family == "glm4" else 1.5625e-07, attention_bias=True,
                  max_position_embeddings=256, tie_word_embeddings=False,
@@ -83,7 +85,7 @@ def make_hf_model(folder, family="glm4", layers=3, seed=0, theta=25000.0, dtype=
 
 
 def make_hf_moe(folder, layers=4, seed=0, qk_norm=False, scaling=1.0, bias_std=0.5, mtp=False,
-                n_expert=8, top_k=2):
+                n_expert=8, top_k=2, hidden=64, ffn=96, expert_ffn=32, head_dim=32):
     """A random Glm4MoeForCausalLM: first layer dense, then MoE with one shared expert and a
     correction bias large enough to change the choice. mtp=True adds a GLM-4.5-style MTP block
     as layer `layers` (transformers ignores it; GGUF counts it in block_count)."""
@@ -95,8 +97,8 @@ def make_hf_moe(folder, layers=4, seed=0, qk_norm=False, scaling=1.0, bias_std=0
     tok = make_tokenizer(folder)
     torch.manual_seed(seed)
     cfg = transformers.Glm4MoeConfig(
-        vocab_size=N_VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        vocab_size=N_VOCAB, hidden_size=hidden, intermediate_size=ffn, moe_intermediate_size=expert_ffn,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
         n_routed_experts=n_expert, num_experts_per_tok=top_k, n_shared_experts=1,
         first_k_dense_replace=1, partial_rotary_factor=0.5, use_qk_norm=qk_norm,
         routed_scaling_factor=scaling, norm_topk_prob=True, attention_bias=True,
@@ -115,9 +117,9 @@ def make_hf_moe(folder, layers=4, seed=0, qk_norm=False, scaling=1.0, bias_std=0
         for k in [k for k in sd if k.startswith(last)]:
             sd[k.replace(last, f"model.layers.{layers}.")] = sd[k] + 0.05 * torch.randn_like(sd[k])
         extra = f"model.layers.{layers}."
-        sd[extra + "eh_proj.weight"] = 0.1 * torch.randn(64, 128)
+        sd[extra + "eh_proj.weight"] = 0.1 * torch.randn(hidden, 2 * hidden)
         for n in ("enorm", "hnorm", "shared_head.norm"):
-            sd[extra + n + ".weight"] = torch.ones(64)
+            sd[extra + n + ".weight"] = torch.ones(hidden)
         save_file(sd, path, metadata={"format": "pt"})
     return model
 
@@ -152,3 +154,27 @@ def tiny(tmp_path_factory):
 
 def test_ids(n=40, seed=1, vocab=340):
     return [int(i) for i in np.random.default_rng(seed).integers(0, vocab, n)]
+
+
+# byte offsets of the fp16 scale fields in each block (the rest of a block is any bits)
+F16_FIELDS = {"Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q2_K": (80, 82), "Q3_K": (108,),
+              "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_blocks(rng, qtype, rows, cols, extreme=True):
+    """Valid blocks of `qtype` for a [rows, cols] matrix with random bits and finite fp16
+    scales -> (raw bytes [rows, row_bytes], float32 values by gguf.quants). With `extreme`, some
+    blocks are all zero and some have scales near the fp16 limits (huge, tiny, subnormal)."""
+    from gguf import GGML_QUANT_SIZES, quants
+    bs, bb = GGML_QUANT_SIZES[qtype]
+    nb = cols // bs
+    raw = rng.integers(0, 256, (rows * nb, bb), dtype=np.uint8)
+    for off in F16_FIELDS[qtype.name]:
+        d = rng.uniform(-0.02, 0.02, rows * nb).astype(np.float16)
+        if extreme and rows * nb > 4:
+            d[1::7] = np.float16(rng.choice([3000.0, -2048.0, 1e-4, 6e-8]))
+        raw[:, off:off + 2] = d.view(np.uint8).reshape(-1, 2)
+    if extreme:
+        raw[2::5] = 0                               # zero blocks
+    raw = raw.reshape(rows, nb * bb)
+    return raw, quants.dequantize(raw, qtype).reshape(rows, cols).astype(np.float32)

@@ -231,3 +231,37 @@ def test_shares_follow_speed_within_memory():
     s = weigh([20, 10, 10], [16, 8, 1], need_gb=10)       # the third can hold 9% of a 10 GB model
     assert abs(sum(s) - 1) < 1e-9 and s[2] <= 0.09 + 1e-9 and s[0] > s[1] > s[2]
     assert weigh([1, 1, 1], [0, 0, 0], 10) == [1 / 3] * 3   # memory unknown: speed alone
+
+
+def test_plan_slices_whole_k_quant_blocks():
+    """Wo and FFN-down column slices are whole 256-value super-blocks where the widths allow
+    (K-quant files), whole 32-blocks otherwise (Q4_0/Q8_0, and llama.cpp's fallback types)."""
+    from types import SimpleNamespace
+    for head_dim, n_head, n_kv, n_ff, blk in [(128, 32, 2, 13696, 32), (128, 96, 8, 10944, 32),
+                                             (64, 16, 4, 1024, 256), (16, 4, 2, 96, 32)]:
+        cfg = SimpleNamespace(head_dim=head_dim, n_head=n_head, n_head_kv=n_kv, n_ff=n_ff, n_layer=2)
+        for nodes in (2, 3, 5):
+            plan = make_plan(cfg, [f"n{i}" for i in range(nodes)], [1, 3, 2, 1, 1][:nodes])
+            for parts in plan.attn.values():
+                assert all(a * head_dim % 256 == 0 or blk == 32 and a * head_dim % 32 == 0 for _, a, _ in parts)
+                assert sum(b - a for _, a, b in parts) == n_head
+            for parts in plan.ffn.values():
+                ffn_blk = 256 if n_ff % 256 == 0 else 32
+                assert all(a % ffn_blk == 0 for _, a, _ in parts)
+                assert sum(b - a for _, a, b in parts) == n_ff
+
+
+def test_cluster_runs_a_llama_cpp_q4_k_m_file(tiny, workers, tmp_path):
+    """A Q4_K_M file (Q4_K + Q6_K rows, 256-value blocks) split across workers: same tokens."""
+    _, src, _ = tiny("glm4", "f32", hidden=256, ffn=512, head_dim=64, layers=2)
+    out = str(tmp_path / "q4_k_m.gguf")
+    quantize = ("import llama_cpp, sys; p = llama_cpp.llama_model_quantize_default_params(); "
+                "p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M; "
+                "sys.exit(llama_cpp.llama_model_quantize(%r.encode(), %r.encode(), p))" % (src, out))
+    p = subprocess.run([sys.executable, "-c", quantize], capture_output=True, timeout=300)
+    if p.returncode != 0:
+        pytest.skip("llama-cpp-python cannot quantise here (not installed, or cannot run on this CPU)")
+    want = greedy(glmcpu.load(out, threads=1))
+    _, eps = workers(out, 2, "--insecure")
+    m = glmcpu.load(out, threads=1, workers=eps, insecure=True, timeout=5, shares=[1, 1, 2])
+    assert greedy(m) == want

@@ -31,7 +31,10 @@ def rewrite(src, dst, arch=None, retype=None, meta=None, drop=()):
         if t.name in drop:
             continue
         data = np.array(t.data)
-        if retype and t.name == retype[0]:
+        if retype and t.name == retype[0] and retype[1] == GT.IQ4_NL:
+            # gguf-py cannot quantise IQ4_NL; its blocks have Q4_0's size, so relabel Q4_0 bytes
+            w.add_tensor(t.name, quants.quantize(data, GT.Q4_0), raw_dtype=GT.IQ4_NL)
+        elif retype and t.name == retype[0]:
             w.add_tensor(t.name, quants.quantize(data, retype[1]), raw_dtype=retype[1])
         else:
             w.add_tensor(t.name, data)
@@ -54,7 +57,7 @@ def bad_files(tiny, tmp_path_factory):
     (d / "header_only.gguf").write_bytes(data[:100])
     (d / "text.gguf").write_text("this is a text file, not a model\n" * 10)
     rewrite(good, str(d / "llama.gguf"), arch="llama")
-    rewrite(good, str(d / "q5.gguf"), retype=("blk.1.attn_q.weight", GT.Q5_0))
+    rewrite(good, str(d / "iq4.gguf"), retype=("blk.1.attn_q.weight", GT.IQ4_NL))
     return {"good": good, "dir": d}
 
 
@@ -63,7 +66,7 @@ CASES = [("truncated.gguf", ModelFileError, "truncated"),
          ("text.gguf", ModelFileError, "not a GGUF file"),
          ("missing.gguf", ModelFileError, "no such file"),
          ("llama.gguf", UnsupportedArchitecture, "'llama'"),
-         ("q5.gguf", UnsupportedTensorType, "Q5_0")]
+         ("iq4.gguf", UnsupportedTensorType, "blk.1.attn_q.weight is stored as IQ4_NL")]
 
 
 @pytest.mark.parametrize("name,exc,words", CASES)

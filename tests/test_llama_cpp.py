@@ -92,3 +92,88 @@ def test_llama_cpp_reads_glmcpu_moe_file(tiny):
     model, path, _ = tiny("glm4_moe", "f32", qk_norm=True, scaling=2.5)
     ids = make_ids(36, seed=11)
     assert np.abs(llama_logits(path, ids) - hf_logits(model, ids)).max() < LLAMA_F32_TOL
+
+
+# ---- K-quant files written by llama.cpp's own quantiser ---------------------------------------
+KQ_DENSE = dict(hidden=256, ffn=512, head_dim=64, layers=2)          # every width a multiple of 256
+KQ_MOE = dict(hidden=256, ffn=512, expert_ffn=256, head_dim=64, layers=2)  # dense layer + MoE layer
+
+
+def llama_quantize(src, dst, ftype):
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    assert llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params) == 0
+    return dst
+
+
+def dequantized_copy(src, dst):
+    """The same model with every tensor dequantised to F32 by gguf.quants: the exact math of a
+    quantised file, run by glmcpu's float kernels."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
+    r = GGUFReader(src)
+    w = GGUFWriter(dst, r.fields["general.architecture"].contents())
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k == "general.architecture":
+            continue
+        if f.types[0] == GGUFValueType.ARRAY:
+            w.add_key_value(k, f.contents(), GGUFValueType.ARRAY, sub_type=f.types[-1])
+        else:
+            w.add_key_value(k, f.contents(), f.types[0])
+    for t in r.tensors:
+        v = quants.dequantize(np.array(t.data), t.tensor_type).astype(np.float32)
+        w.add_tensor(t.name, v.reshape([int(n) for n in reversed(t.shape)]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def assert_agrees_with_llama_cpp(path, label, top1=0.95, kl_max=0.002, exact=None):
+    """glmcpu's and llama.cpp's logits on the same file: top-1 agreement and KL(llama.cpp || glmcpu).
+    With `exact` (the file dequantised to F32), glmcpu must also be as close to it as llama.cpp is."""
+    # two prompts (80 positions): random tiny models have near-ties, so fewer would be noisy
+    m = glmcpu.load(path, threads=2)
+    ref = glmcpu.load(exact, threads=2) if exact else None
+    ours, theirs, want = [], [], []
+    for seed in (1, 2):
+        ids = make_ids(40, seed=seed)
+        ours.append(m.logits(ids))
+        theirs.append(llama_logits(path, ids))
+        want.append(ref.logits(ids) if ref else ours[-1])
+    ours, theirs, want = np.concatenate(ours), np.concatenate(theirs), np.concatenate(want)
+    agree, k = (ours.argmax(-1) == theirs.argmax(-1)).mean(), kl(theirs, ours)
+    print(f"{label}: top-1 agreement with llama.cpp {agree:.3f}, KL(llama.cpp || glmcpu) = {k:.3e}")
+    assert agree >= top1
+    assert k <= kl_max
+    if exact:
+        k_ours, k_theirs = kl(want, ours), kl(want, theirs)
+        print(f"{label}: KL(exact || glmcpu) = {k_ours:.3e}, KL(exact || llama.cpp) = {k_theirs:.3e}")
+        assert k_ours <= KL_RATIO * k_theirs
+
+
+def types_in(path, part=""):
+    from glmcpu.gguf import GGUFFile
+    return {t.tensor_type.name for n, t in GGUFFile(path).tensors.items() if part in n}
+
+
+@pytest.mark.parametrize("family,kw", [("glm4", KQ_DENSE), ("glm4_moe", KQ_MOE)], ids=["glm4", "glm4moe"])
+def test_llama_cpp_q4_k_m_files(tiny, tmp_path, family, kw):
+    """What most people download: llama.cpp's Q4_K_M, a mix of Q4_K and Q6_K (issue 7)."""
+    _, path, _ = tiny(family, "f32", **kw)
+    out = llama_quantize(path, str(tmp_path / "q4_k_m.gguf"), "Q4_K_M")
+    assert {"Q4_K", "Q6_K"} <= types_in(out, "_exps." if family == "glm4_moe" else "")
+    exact = dequantized_copy(out, str(tmp_path / "exact_f32.gguf"))
+    assert_agrees_with_llama_cpp(out, f"{family} Q4_K_M", kl_max=0.005, exact=exact)
+
+
+@pytest.mark.parametrize("ftype,must", [("Q5_K_M", {"Q5_K", "Q6_K"}), ("Q6_K", {"Q6_K"}),
+                                        ("Q3_K_M", {"Q3_K"}), ("Q2_K", {"Q2_K"}),
+                                        ("Q4_1", {"Q4_1"}), ("Q5_0", {"Q5_0"}), ("Q5_1", {"Q5_1"}), ("Q8_0", {"Q8_0"})])
+def test_llama_cpp_other_quant_files(tiny, tmp_path, ftype, must):
+    _, path, _ = tiny("glm4", "f32", **KQ_DENSE)
+    out = llama_quantize(path, str(tmp_path / f"{ftype}.gguf"), ftype)
+    assert must <= types_in(out)
+    # top-1 0.9: on this tiny random model even Q8_0 files agree only ~0.96 (near-ties in the
+    # logits); the KL bound is what catches a wrong kernel (a wrong layout gives KL >> 0.01)
+    assert_agrees_with_llama_cpp(out, ftype, top1=0.9)

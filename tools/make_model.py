@@ -6,7 +6,12 @@ The weights are random blocks written directly in the target type (no float pass
 
     python tools/make_model.py glm4-9b-4l-q4_0.gguf --layers 4 --type q4_0
     python tools/make_model.py air-3l-q4_0.gguf --arch glm4moe --layers 3   # 1 dense + 2 MoE
+    python tools/make_model.py glm4-9b-4l-q4_k_m.gguf --type q4_k_m   # F16, then llama.cpp's quantiser
+
+The K-quant mixes (q4_k_m, q5_k_m, q6_k, ...) are what people download; they are made the way
+people make them, by llama.cpp itself (llama-cpp-python), from an F16 file written first.
 """
+import os
 import argparse
 
 import numpy as np
@@ -22,6 +27,7 @@ FIRST_SPECIAL = 151329
 STD = 0.02          # weight standard deviation: keeps 4 random layers' activations finite in fp16
 FTYPES = {"q4_0": (GT.Q4_0, LlamaFileType.MOSTLY_Q4_0), "q8_0": (GT.Q8_0, LlamaFileType.MOSTLY_Q8_0),
           "f16": (GT.F16, LlamaFileType.MOSTLY_F16), "f32": (GT.F32, LlamaFileType.ALL_F32)}
+LLAMA_FTYPES = ["q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k", "q5_0", "q4_1"]
 
 
 def byte_level_alphabet():
@@ -153,12 +159,25 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--type", default="q4_0", choices=list(FTYPES))
+    p.add_argument("--type", default="q4_0", choices=list(FTYPES) + LLAMA_FTYPES)
     p.add_argument("--arch", default="glm4", choices=["glm4", "chatglm", "glm4moe"],
                    help="glm4/chatglm: GLM-4-9B shape; glm4moe: GLM-4.5-Air shape")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    write(a.output, a.layers, a.type, a.arch, a.seed)
+    if a.type in LLAMA_FTYPES:
+        import llama_cpp
+        tmp = a.output + ".f16.tmp"
+        write(tmp, a.layers, "f16", a.arch, a.seed)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{a.type.upper()}")
+        params.nthread = os.cpu_count() or 1
+        try:
+            if llama_cpp.llama_model_quantize(tmp.encode(), a.output.encode(), params) != 0:
+                raise SystemExit(f"llama.cpp could not quantise {tmp} to {a.type}")
+        finally:
+            os.remove(tmp)
+    else:
+        write(a.output, a.layers, a.type, a.arch, a.seed)
     print(f"wrote {a.output}")
 
 

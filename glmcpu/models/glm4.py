@@ -59,9 +59,11 @@ class Linear:
         self.name = name
         self.w, self.type, self.n_out, self.n_in = f.matrix(f"{name}.weight")  # w: [n_out, row_bytes]
         self.b = f.vector(f"{name}.bias") if bias and f.has(f"{name}.bias") else None
+        file_rows = self.w
         self.w, self.type = ops.repack(self.w, self.type)        # Q4_0/Q8_0: [n_out/8, 8 * row_bytes]
-        self.packed = self.type in (ops.Q4_0X8, ops.Q8_0X8)
-        if self.packed and not name.startswith("token_embd"):   # embedding rows are still read
+        self.packed = self.type in (ops.Q4_0X8, ops.Q8_0X8)     # in 8-row groups
+        self.in_ram = self.w is not file_rows                   # packed, or a K-quant's RAM copy
+        if self.in_ram and not name.startswith("token_embd"):   # embedding rows are still read
             f.release(f"{name}.weight")
 
     @classmethod
@@ -78,7 +80,7 @@ class Linear:
         new = cls.__new__(cls)
         new.name = "+".join(p.name for p in parts)
         new.w = np.concatenate([p.w for p in parts], 0)          # a copy: only of packed (RAM) weights
-        new.type, new.n_in, new.packed = first.type, first.n_in, first.packed
+        new.type, new.n_in, new.packed, new.in_ram = first.type, first.n_in, first.packed, True
         new.n_out = sum(p.n_out for p in parts)
         new.b = None if first.b is None else np.concatenate([p.b for p in parts])
         return new
@@ -113,7 +115,7 @@ class Attention:
             self.qkv = [Linear(f, p + "attn_qkv", bias=True)]
         else:
             self.qkv = [Linear(f, p + n, bias=True) for n in ("attn_q", "attn_k", "attn_v")]
-            if self.qkv[0].packed:           # already copied into RAM: fuse into one matrix
+            if self.qkv[0].in_ram:           # already copied into RAM: fuse into one matrix
                 fused = Linear.fused(self.qkv)
                 self.qkv = [fused] if fused is not None else self.qkv
         self.q_norm = optional_vector(f, p + "attn_q_norm.weight")       # [head_dim]
@@ -156,7 +158,7 @@ class DenseFFN:
         self.gate = Linear(f, p + "ffn_gate" + suffix) if f.has(p + "ffn_gate" + suffix + ".weight") else None
         self.up = Linear(f, p + "ffn_up" + suffix)
         self.down = Linear(f, p + "ffn_down" + suffix)
-        if self.gate is not None and self.gate.packed:      # in RAM already: fuse to [gate | up]
+        if self.gate is not None and self.gate.in_ram:      # in RAM already: fuse to [gate | up]
             fused = Linear.fused([self.gate, self.up])
             if fused is not None:
                 self.gate, self.up = None, fused

@@ -47,7 +47,8 @@ class Config(glm4.Config):
 
 def expert_tensor(f: GGUFFile, name: str, rows: int, cols: int, cfg: Config, repack=False):
     """A stacked expert tensor as [n_expert, rows, row_bytes] bytes + its ggml type, shape-checked;
-    with repack, Q4_0/Q8_0 experts are copied into RAM as [n_expert, rows/8, ...] 8-row groups."""
+    with repack, Q4_0/Q8_0 (and Q5_0, as Q8_0) experts are copied into RAM as [n_expert, rows/8, ...]
+    8-row groups."""
     t = f.tensor(name)
     want = (cols, rows, cfg.n_expert)
     if tuple(int(d) for d in t.shape) != want:
@@ -55,7 +56,7 @@ def expert_tensor(f: GGUFFile, name: str, rows: int, cols: int, cfg: Config, rep
                              f"but the metadata says {want} ({cfg.n_expert} experts of {rows} x {cols})")
     w, wtype, _, _ = f.matrix(name)               # validates the type
     if repack:
-        packed, ptype = ops.repack(w, wtype)
+        packed, ptype = ops.repack(w, wtype, ram_copy=False)
         if ptype != wtype:
             f.release(name)
             return packed.reshape(cfg.n_expert, rows // 8, -1), ptype

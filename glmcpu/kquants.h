@@ -1,0 +1,725 @@
+/* glmcpu kernels for the other ggml block formats found in downloaded GGUF files:
+ * the legacy Q4_1 / Q5_0 / Q5_1 (blocks of 32, dotted with the Q8_0 activations of kernels.h)
+ * and the K-quants Q2_K .. Q6_K (super-blocks of 256, dotted with "q8_K" activations below).
+ * Included by kernels.h; each kernel has one SIMD body (AVX2 and AVX-512 builds) falling
+ * through to the scalar twin, which is all the generic and NEON builds run.
+ *
+ * Layouts are learnt from gguf-py's NumPy dequantisers (gguf.quants), the test reference.
+ * "value i" is the i-th weight of the block, in row order.
+ */
+#ifndef GLMCPU_KQUANTS_H
+#define GLMCPU_KQUANTS_H
+
+#define QK_K 256
+
+/* Q4_1: value j (0..15) = LOW nibble of qs[j], value j+16 = HIGH nibble; value = q * d + m. */
+typedef struct { uint16_t d, m; uint8_t qs[16]; } block_q4_1;
+/* Q5_0: nibbles as Q4_0, plus bit j of the little-endian uint32 qh as bit 4 of value j;
+ * value = (q - 16) * d. */
+typedef struct { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; } block_q5_0;
+/* Q5_1: as Q5_0 with a min: value = q * d + m. */
+typedef struct { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; } block_q5_1;
+/* Q2_K: 16 sub-blocks of 16. scales[s]: low nibble scale, high nibble min of sub-block s;
+ * value i = 128h + 32k + l (h 0..1, k 0..3, l 0..31) is bits 2k..2k+1 of qs[32h + l];
+ * value = d * sc * q - dmin * m. */
+typedef struct { uint8_t scales[16]; uint8_t qs[64]; uint16_t d, dmin; } block_q2_K;
+/* Q3_K: 16 sub-blocks of 16 with signed 6-bit scales (packed: low 4 bits of scale s in
+ * scales[s % 8] (nibble s / 8), high 2 bits in scales[8 + s % 4] bits 2(s/4)..); low 2 bits of
+ * value i as for Q2_K, bit 2 of value 32b + l is bit b of hmask[l]; value = d * (sc - 32) *
+ * (q - 4 * !hbit). */
+typedef struct { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; uint16_t d; } block_q3_K;
+/* Q4_K: 8 sub-blocks of 32 with 6-bit scale and min (see scales_q4_K); value i = 64p + 32s + l
+ * (p 0..3, s 0..1) is nibble s (0 low) of qs[32p + l]; value = d * sc * q - dmin * m. */
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; } block_q4_K;
+/* Q5_K: Q4_K's nibbles plus bit 4 of value 32b + l = bit b of qh[l]. */
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; } block_q5_K;
+/* Q6_K: 16 sub-blocks of 16 with int8 scales. Value i = 128h + 64s + m (h, s 0..1, m 0..63):
+ * low 4 bits = nibble s of ql[64h + m]; value i = 128h + 32k + l: high 2 bits = bits 2k..2k+1
+ * of qh[32h + l]; value = d * sc * (q - 32). */
+typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;
+_Static_assert(sizeof(block_q4_1) == 20, "Q4_1 block is 20 bytes");
+_Static_assert(sizeof(block_q5_0) == 22, "Q5_0 block is 22 bytes");
+_Static_assert(sizeof(block_q5_1) == 24, "Q5_1 block is 24 bytes");
+_Static_assert(sizeof(block_q2_K) == 84, "Q2_K block is 84 bytes");
+_Static_assert(sizeof(block_q3_K) == 110, "Q3_K block is 110 bytes");
+_Static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
+_Static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
+_Static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
+
+/* ---- activations for the K-quants ("q8_K") ------------------------------------------
+ * int8 xq[n], one float scale xd[b] per 256 and int16 xb[n/16]: the sum of each 16 xq, which
+ * carries the mins and the offsets (Q6_K's - 32) without touching the weights. */
+static void quantize_row_q8_K(int n, const float *x, int8_t *xq, float *xd, int16_t *xb) {
+    for (int b = 0; b < n / QK_K; b++) {
+        const float *v = x + b * QK_K;
+        float amax = 0.0f;
+        for (int j = 0; j < QK_K; j++) { float a = fabsf(v[j]); amax = a > amax ? a : amax; }
+        /* 127 / amax rather than 1 / d: the rounding llama.cpp's q8_K makes, so both engines
+         * see the same int8 activations on the same file */
+        float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        for (int s = 0; s < QK_K / 16; s++) {
+            int sum = 0;
+            for (int j = 0; j < 16; j++) {
+                int q = (int)lrintf(v[16 * s + j] * id);
+                xq[b * QK_K + 16 * s + j] = (int8_t)q; sum += q;
+            }
+            xb[b * 16 + s] = (int16_t)sum;
+        }
+        xd[b] = d;
+    }
+}
+
+/* Q4_K / Q5_K 6-bit scales and mins of the 8 sub-blocks from their 12 packed bytes. */
+static inline void scales_q4_K(const uint8_t *s, uint8_t *sc, uint8_t *m) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        m[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0x0f) | ((s[j] >> 6) << 4);
+        m[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+}
+
+/* sum over the 8 sub-blocks of m[j] * (sum of their 32 activations) */
+static inline int mins_q8_K(const uint8_t *m, const int16_t *xb) {
+    int s = 0;
+    for (int j = 0; j < 8; j++) s += m[j] * (xb[2 * j] + xb[2 * j + 1]);
+    return s;
+}
+
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+/* acc (8 x int32) += sum of pairs of (u8 q) * (s8 x), times the int16 scale sc in every lane */
+static inline __m256i dot_scaled(__m256i acc, __m256i q, __m256i x, __m256i sc) {
+#if defined(GLMCPU_VNNI)
+    return _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(q, x), sc);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), sc));
+#endif
+}
+static inline int hsum_i32_256(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+/* bit 4 of 32 values from 32 packed bits (bit j -> byte j): 0x10 or 0 */
+static inline __m256i bits_to_0x10(uint32_t bits) {
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                           0x0101010101010101LL, 0x0000000000000000LL);
+    const __m256i sel = _mm256_set1_epi64x(0x8040201008040201LL);
+    __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)bits), shuf);
+    v = _mm256_cmpeq_epi8(_mm256_and_si256(v, sel), sel);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+#endif
+
+/* ---- K-quant rows . q8_K activations: the scalar twins ----------------------------------
+ * Integer sums per super-block are exact, so the SIMD kernels (vec_dot4_*) and these agree up
+ * to the order of the float additions. */
+
+static float vec_dot_q4_K_q8_K(int n, const block_q4_K *w, const int8_t *xq, const float *xd,
+                               const int16_t *xb) {
+    int nb = n / QK_K;
+    float sum = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        uint8_t sc[8], m[8];
+        scales_q4_K(w[b].scales, sc, m);
+        const int8_t *x = xq + b * QK_K;
+        int isum = 0;
+        for (int p = 0; p < 4; p++) {
+            int s0 = 0, s1 = 0;
+            for (int l = 0; l < 32; l++) {
+                s0 += (w[b].qs[32 * p + l] & 0x0f) * x[64 * p + l];
+                s1 += (w[b].qs[32 * p + l] >> 4) * x[64 * p + 32 + l];
+            }
+            isum += sc[2 * p] * s0 + sc[2 * p + 1] * s1;
+        }
+        sum += xd[b] * (fp16_to_fp32(w[b].d) * (float)isum
+                        - fp16_to_fp32(w[b].dmin) * (float)mins_q8_K(m, xb + 16 * b));
+    }
+    return sum;
+}
+
+static float vec_dot_q5_K_q8_K(int n, const block_q5_K *w, const int8_t *xq, const float *xd,
+                               const int16_t *xb) {
+    int nb = n / QK_K;
+    float sum = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        uint8_t sc[8], m[8];
+        scales_q4_K(w[b].scales, sc, m);
+        const int8_t *x = xq + b * QK_K;
+        int isum = 0;
+        for (int p = 0; p < 4; p++) {
+            int s0 = 0, s1 = 0;
+            for (int l = 0; l < 32; l++) {
+                int hb = w[b].qh[l] >> (2 * p);
+                s0 += ((w[b].qs[32 * p + l] & 0x0f) | ((hb & 1) << 4)) * x[64 * p + l];
+                s1 += ((w[b].qs[32 * p + l] >> 4) | ((hb & 2) << 3)) * x[64 * p + 32 + l];
+            }
+            isum += sc[2 * p] * s0 + sc[2 * p + 1] * s1;
+        }
+        sum += xd[b] * (fp16_to_fp32(w[b].d) * (float)isum
+                        - fp16_to_fp32(w[b].dmin) * (float)mins_q8_K(m, xb + 16 * b));
+    }
+    return sum;
+}
+
+static float vec_dot_q6_K_q8_K(int n, const block_q6_K *w, const int8_t *xq, const float *xd,
+                               const int16_t *xb) {
+    int nb = n / QK_K;
+    float sum = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const int8_t *x = xq + b * QK_K;
+        const int8_t *sc = w[b].scales;
+        int isum = 0, off = 0;
+        for (int s = 0; s < 16; s++) off += sc[s] * xb[16 * b + s];      /* the "- 32" */
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++) {
+                int s0 = 0, s1 = 0;
+                for (int l = 0; l < 32; l++) {
+                    int lo = k & 1 ? w[b].ql[64 * h + 32 + l] : w[b].ql[64 * h + l];
+                    int q = ((k & 2 ? lo >> 4 : lo) & 0x0f) | (((w[b].qh[32 * h + l] >> (2 * k)) & 3) << 4);
+                    if (l < 16) s0 += q * x[128 * h + 32 * k + l];
+                    else s1 += q * x[128 * h + 32 * k + l];
+                }
+                isum += sc[8 * h + 2 * k] * s0 + sc[8 * h + 2 * k + 1] * s1;
+            }
+        sum += xd[b] * fp16_to_fp32(w[b].d) * (float)(isum - 32 * off);
+    }
+    return sum;
+}
+
+static float vec_dot_q2_K_q8_K(int n, const block_q2_K *w, const int8_t *xq, const float *xd,
+                               const int16_t *xb) {
+    int nb = n / QK_K;
+    float sum = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const int8_t *x = xq + b * QK_K;
+        int isum = 0, msum = 0;
+        for (int s = 0; s < 16; s++) msum += (w[b].scales[s] >> 4) * xb[16 * b + s];
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++) {
+                int s0 = 0, s1 = 0;
+                for (int l = 0; l < 16; l++) {
+                    s0 += ((w[b].qs[32 * h + l] >> (2 * k)) & 3) * x[128 * h + 32 * k + l];
+                    s1 += ((w[b].qs[32 * h + 16 + l] >> (2 * k)) & 3) * x[128 * h + 32 * k + 16 + l];
+                }
+                isum += (w[b].scales[8 * h + 2 * k] & 0x0f) * s0 + (w[b].scales[8 * h + 2 * k + 1] & 0x0f) * s1;
+            }
+        sum += xd[b] * (fp16_to_fp32(w[b].d) * (float)isum - fp16_to_fp32(w[b].dmin) * (float)msum);
+    }
+    return sum;
+}
+
+static float vec_dot_q3_K_q8_K(int n, const block_q3_K *w, const int8_t *xq, const float *xd,
+                               const int16_t *xb) {
+    int nb = n / QK_K;
+    float sum = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const int8_t *x = xq + b * QK_K;
+        int sc[16];
+        for (int s = 0; s < 16; s++) {
+            int lo = (w[b].scales[s % 8] >> (4 * (s / 8))) & 0x0f;
+            int hi = (w[b].scales[8 + s % 4] >> (2 * (s / 4))) & 3;
+            sc[s] = (lo | (hi << 4)) - 32;
+        }
+        int isum = 0;
+        /* q - 4 * !hbit = (q2 + 4 * hbit) - 4: sum the unsigned 3-bit values, take 4 * xb off */
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++) {
+                int s0 = 0, s1 = 0, bit = 4 * h + k;
+                for (int l = 0; l < 32; l++) {
+                    int q = ((w[b].qs[32 * h + l] >> (2 * k)) & 3) | (((w[b].hmask[l] >> bit) & 1) << 2);
+                    if (l < 16) s0 += q * x[128 * h + 32 * k + l];
+                    else s1 += q * x[128 * h + 32 * k + l];
+                }
+                int s = 8 * h + 2 * k;
+                isum += sc[s] * (s0 - 4 * xb[16 * b + s]) + sc[s + 1] * (s1 - 4 * xb[16 * b + s + 1]);
+            }
+        sum += xd[b] * fp16_to_fp32(w[b].d) * (float)isum;
+    }
+    return sum;
+}
+
+/* ---- K-quant rows . TC tokens (TC <= 4), the SIMD kernels ---------------------------------
+ * res[t] = row . token t. Each block's weights are unpacked once and used for every token; each
+ * token's sums run in the same order whatever TC is, so batched and single-token results are
+ * bit-identical. Scales are applied in integer (int16 x int16 pairs, VNNI dpwssd where there is
+ * one), mins and offsets through the activation sums, then one float multiply per super-block. */
+#if defined(__GNUC__)
+#define GLMCPU_INLINE static inline __attribute__((always_inline))
+#else
+#define GLMCPU_INLINE static inline
+#endif
+#define KX(t) (xq + (size_t)(t) * n)                 /* token t's int8 activations */
+#define KD(t) (xd + (size_t)(t) * (n / QK_K))        /* its scales */
+#define KB(t) (xb + (size_t)(t) * (n / 16))          /* its 16-sums */
+
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+/* int16 lane j (0..7) of a 128-bit row of 8, in every lane of a 256-bit register */
+static inline __m256i lane16(__m256i both, int j) {
+    return _mm256_shuffle_epi8(both, _mm256_set1_epi16((short)(((2 * j + 1) << 8) | (2 * j))));
+}
+/* Q4_K/Q5_K scales (8 int16, broadcast to both halves) and mins duplicated per 16-sum
+ * ([m0 m0 m1 m1 .. m7 m7], pairs with the 16 sums of xb) */
+static inline void scales_q4_K_simd(const uint8_t *s, __m256i *sc, __m256i *mdup) {
+    uint32_t a, b, c;
+    memcpy(&a, s, 4); memcpy(&b, s + 4, 4); memcpy(&c, s + 8, 4);
+    /* built in registers: four scalar stores read back as one vector would stall the load */
+    __m128i v = _mm_set_epi32((int)(((c >> 4) & 0x0f0f0f0f) | ((b >> 2) & 0x30303030)),  /* m 4..7 */
+                              (int)(b & 0x3f3f3f3f),                                       /* m 0..3 */
+                              (int)((c & 0x0f0f0f0f) | ((a >> 2) & 0x30303030)),           /* sc 4..7 */
+                              (int)(a & 0x3f3f3f3f));                                      /* sc 0..3 */
+    __m128i m = _mm_cvtepu8_epi16(_mm_srli_si128(v, 8));
+    *sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(v));
+    *mdup = _mm256_set_m128i(_mm_unpackhi_epi16(m, m), _mm_unpacklo_epi16(m, m));
+}
+#endif
+
+/* the rows are read once, front to back: ask for a few super-blocks ahead (a hint; reading
+ * past the row's end is harmless for a prefetch) */
+#define KPREFETCH(p, size) do { const char *pf_ = (const char *)(p); \
+    for (size_t o_ = 0; o_ < (size); o_ += 64) _mm_prefetch(pf_ + o_, _MM_HINT_T0); } while (0)
+
+#if defined(GLMCPU_AVX512)
+static inline __m512i dot_scaled512(__m512i acc, __m512i q, __m512i x, __m512i sc) {
+#if defined(GLMCPU_VNNI)
+    return _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(q, x), sc);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(q, x), sc));
+#endif
+}
+/* int16 lanes a (low 256 bits) and b (high 256 bits) of v's first 16, each broadcast */
+static inline __m512i two16(__m512i v, int a, int b) {
+    return _mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16((short)a)),
+                                                       _mm256_set1_epi16((short)b), 1), v);
+}
+/* four int16 lanes, one per 128-bit quarter */
+static inline __m512i four16(__m512i v, int a) {
+    return _mm512_permutexvar_epi16(_mm512_set_epi16(
+        a + 3, a + 3, a + 3, a + 3, a + 3, a + 3, a + 3, a + 3, a + 2, a + 2, a + 2, a + 2, a + 2, a + 2, a + 2, a + 2,
+        a + 1, a + 1, a + 1, a + 1, a + 1, a + 1, a + 1, a + 1, a, a, a, a, a, a, a, a), v);
+}
+#endif
+
+GLMCPU_INLINE void vec_dot4_q4_K_q8_K(int n, const block_q4_K *w, const int TC, const int8_t *xq,
+                                      const float *xd, const int16_t *xb, float *res) {
+#if defined(GLMCPU_AVX512)
+    /* two sub-blocks (64 values, contiguous in x) per 512-bit step */
+    int nb = n / QK_K;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m256 accm[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    for (int b = 0; b < nb; b++) {
+        __m256i scv, mdup;
+        __m512i q[4], sc[4];
+        KPREFETCH(w + b + 4, sizeof(block_q4_K));
+        scales_q4_K_simd(w[b].scales, &scv, &mdup);
+        __m512i sc8 = _mm512_castsi256_si512(scv);
+        for (int p = 0; p < 4; p++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * p));
+            q[p] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m4)),
+                                      _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), 1);
+            sc[p] = two16(sc8, 2 * p, 2 * p + 1);
+        }
+        float d = fp16_to_fp32(w[b].d), dm = fp16_to_fp32(w[b].dmin);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = KX(t) + b * QK_K;
+            __m512i ai = _mm512_setzero_si512();
+            for (int p = 0; p < 4; p++)
+                ai = dot_scaled512(ai, q[p], _mm512_loadu_si512((const void *)(x + 64 * p)), sc[p]);
+            __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), mdup);
+            float dx = KD(t)[b];
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dx), _mm512_cvtepi32_ps(ai), acc[t]);
+            accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), accm[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = _mm512_reduce_add_ps(acc[t]) - hsum256(accm[t]);
+#elif defined(GLMCPU_AVX2)
+    int nb = n / QK_K;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    for (int b = 0; b < nb; b++) {
+        __m256i scv, mdup, q[8], sc[8];
+        scales_q4_K_simd(w[b].scales, &scv, &mdup);
+        for (int p = 0; p < 4; p++) {       /* sub-block j = 2p + s holds values 32j..32j+31 */
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * p));
+            q[2 * p] = _mm256_and_si256(v, m4);
+            q[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+        }
+        for (int j = 0; j < 8; j++) sc[j] = lane16(scv, j);
+        float d = fp16_to_fp32(w[b].d), dm = fp16_to_fp32(w[b].dmin);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = KX(t) + b * QK_K;
+            __m256i ai = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++)
+                ai = dot_scaled(ai, q[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j)), sc[j]);
+            __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), mdup);
+            float dx = KD(t)[b];
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(ai), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#else
+    for (int t = 0; t < TC; t++) res[t] = vec_dot_q4_K_q8_K(n, w, KX(t), KD(t), KB(t));
+#endif
+}
+
+GLMCPU_INLINE void vec_dot4_q5_K_q8_K(int n, const block_q5_K *w, const int TC, const int8_t *xq,
+                                      const float *xd, const int16_t *xb, float *res) {
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    int nb = n / QK_K;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i m4 = _mm256_set1_epi8(0x0f), b4 = _mm256_set1_epi8(0x10);
+    for (int b = 0; b < nb; b++) {
+        __m256i scv, mdup, q[8], sc[8];
+        scales_q4_K_simd(w[b].scales, &scv, &mdup);
+        __m256i hb = _mm256_loadu_si256((const __m256i *)w[b].qh);
+        for (int p = 0; p < 4; p++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * p));
+            /* bit 2p of qh[l] is bit 4 of value 64p + l, bit 2p + 1 of value 64p + 32 + l; the
+             * 16-bit shifts leak bits across bytes only above the two bits read */
+            q[2 * p] = _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), b4));
+            q[2 * p + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                                           _mm256_and_si256(_mm256_slli_epi16(hb, 3), b4));
+            hb = _mm256_srli_epi16(hb, 2);
+        }
+        for (int j = 0; j < 8; j++) sc[j] = lane16(scv, j);
+        float d = fp16_to_fp32(w[b].d), dm = fp16_to_fp32(w[b].dmin);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = KX(t) + b * QK_K;
+            __m256i ai = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++)
+                ai = dot_scaled(ai, q[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j)), sc[j]);
+            __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), mdup);
+            float dx = KD(t)[b];
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(ai), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#else
+    for (int t = 0; t < TC; t++) res[t] = vec_dot_q5_K_q8_K(n, w, KX(t), KD(t), KB(t));
+#endif
+}
+
+GLMCPU_INLINE void vec_dot4_q6_K_q8_K(int n, const block_q6_K *w, const int TC, const int8_t *xq,
+                                      const float *xd, const int16_t *xb, float *res) {
+#if defined(GLMCPU_AVX512)
+    /* pieces 2m, 2m+1 (64 values, sub-blocks 4m..4m+3, one per 128-bit quarter) per step */
+    int nb = n / QK_K;
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x30);
+    for (int b = 0; b < nb; b++) {
+        __m256i q[8];
+        __m512i q2[4], sc[4];
+        KPREFETCH(w + b + 4, sizeof(block_q6_K));
+        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[b].scales));
+        __m512i sc512 = _mm512_castsi256_si512(sc16);
+        for (int h = 0; h < 2; h++) {
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h));
+            __m256i l1 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h + 32));
+            __m256i hb = _mm256_loadu_si256((const __m256i *)(w[b].qh + 32 * h));
+            q[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m3));
+            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m3));
+            q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m3));
+            q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                           _mm256_and_si256(_mm256_srli_epi16(hb, 2), m3));
+        }
+        for (int m = 0; m < 4; m++) {
+            q2[m] = _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * m]), q[2 * m + 1], 1);
+            sc[m] = four16(sc512, 4 * m);
+        }
+        float d = fp16_to_fp32(w[b].d);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = KX(t) + b * QK_K;
+            __m512i ai = _mm512_setzero_si512();
+            for (int m = 0; m < 4; m++)
+                ai = dot_scaled512(ai, q2[m], _mm512_loadu_si512((const void *)(x + 64 * m)), sc[m]);
+            __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), sc16);
+            ai = _mm512_sub_epi32(ai, _mm512_zextsi256_si512(_mm256_slli_epi32(off, 5)));
+            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * KD(t)[b]), _mm512_cvtepi32_ps(ai), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
+#elif defined(GLMCPU_AVX2)
+    int nb = n / QK_K;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x30);
+    for (int b = 0; b < nb; b++) {
+        __m256i q[8], sc[8];
+        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[b].scales));
+        for (int h = 0; h < 2; h++) {
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h));
+            __m256i l1 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h + 32));
+            __m256i hb = _mm256_loadu_si256((const __m256i *)(w[b].qh + 32 * h));
+            /* piece 4h + k = values 128h + 32k + l: k = 0 low nibbles of l0, 1 of l1, 2 high of
+             * l0, 3 high of l1; its high 2 bits are bits 2k, 2k+1 of hb */
+            q[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m3));
+            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m3));
+            q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m3));
+            q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                           _mm256_and_si256(_mm256_srli_epi16(hb, 2), m3));
+            /* a piece spans sub-blocks 8h + 2k (low 128 bits) and 8h + 2k + 1 (high) */
+            __m256i half = _mm256_broadcastsi128_si256(h ? _mm256_extracti128_si256(sc16, 1)
+                                                         : _mm256_castsi256_si128(sc16));
+            for (int k = 0; k < 4; k++)
+                sc[4 * h + k] = _mm256_shuffle_epi8(half, _mm256_set_m128i(
+                    _mm_set1_epi16((short)(((4 * k + 3) << 8) | (4 * k + 2))),
+                    _mm_set1_epi16((short)(((4 * k + 1) << 8) | (4 * k)))));
+        }
+        float d = fp16_to_fp32(w[b].d);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = KX(t) + b * QK_K;
+            __m256i ai = _mm256_setzero_si256();
+            for (int i = 0; i < 8; i++)
+                ai = dot_scaled(ai, q[i], _mm256_loadu_si256((const __m256i *)(x + 32 * i)), sc[i]);
+            /* the "- 32" of every value: 32 * sc[s] * (sum of sub-block s's activations) */
+            __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), sc16);
+            ai = _mm256_sub_epi32(ai, _mm256_slli_epi32(off, 5));
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * KD(t)[b]), _mm256_cvtepi32_ps(ai), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#else
+    for (int t = 0; t < TC; t++) res[t] = vec_dot_q6_K_q8_K(n, w, KX(t), KD(t), KB(t));
+#endif
+}
+
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+/* scale vector of piece i (32 values = sub-blocks 2i, 2i+1 of 16) from 16 int16 scales */
+static inline __m256i piece_scales(__m256i sc16, int i) {
+    __m256i half = _mm256_broadcastsi128_si256(i >= 4 ? _mm256_extracti128_si256(sc16, 1)
+                                                      : _mm256_castsi256_si128(sc16));
+    int k = i & 3;
+    return _mm256_shuffle_epi8(half, _mm256_set_m128i(_mm_set1_epi16((short)(((4 * k + 3) << 8) | (4 * k + 2))),
+                                                      _mm_set1_epi16((short)(((4 * k + 1) << 8) | (4 * k)))));
+}
+#endif
+
+/* Q2_K / Q3_K (llama.cpp's Q2_K/Q3_K mixes; not tuned): piece 4h + k = values 128h + 32k + l
+ * holds bits 2k..2k+1 of qs[32h + l] */
+GLMCPU_INLINE void vec_dot4_q2_K_q8_K(int n, const block_q2_K *w, const int TC, const int8_t *xq,
+                                      const float *xd, const int16_t *xb, float *res) {
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    int nb = n / QK_K;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i m2 = _mm256_set1_epi8(3);
+    for (int b = 0; b < nb; b++) {
+        __m256i q[8], sc[8];
+        __m128i raw = _mm_loadu_si128((const __m128i *)w[b].scales);
+        __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, _mm_set1_epi8(0x0f)));
+        __m256i m16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0f)));
+        for (int h = 0; h < 2; h++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * h));
+            for (int k = 0; k < 4; k++) q[4 * h + k] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * k), m2);
+        }
+        for (int i = 0; i < 8; i++) sc[i] = piece_scales(sc16, i);
+        float d = fp16_to_fp32(w[b].d), dm = fp16_to_fp32(w[b].dmin);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = KX(t) + b * QK_K;
+            __m256i ai = _mm256_setzero_si256();
+            for (int i = 0; i < 8; i++)
+                ai = dot_scaled(ai, q[i], _mm256_loadu_si256((const __m256i *)(x + 32 * i)), sc[i]);
+            __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), m16);
+            float dx = KD(t)[b];
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(ai), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#else
+    for (int t = 0; t < TC; t++) res[t] = vec_dot_q2_K_q8_K(n, w, KX(t), KD(t), KB(t));
+#endif
+}
+
+/* Q3_K: bit 2 of value 32c + l is bit c of hmask[l] (c = 4h + k for piece 4h + k); the "- 4 when
+ * that bit is clear" is taken as "- 4" off q + 4 * bit, through the activation sums */
+GLMCPU_INLINE void vec_dot4_q3_K_q8_K(int n, const block_q3_K *w, const int TC, const int8_t *xq,
+                                      const float *xd, const int16_t *xb, float *res) {
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    int nb = n / QK_K;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i m2 = _mm256_set1_epi8(3), b2 = _mm256_set1_epi8(4);
+    for (int b = 0; b < nb; b++) {
+        __m256i q[8], sc[8];
+        int8_t s8[16];
+        for (int s = 0; s < 16; s++) {
+            int lo = (w[b].scales[s % 8] >> (4 * (s / 8))) & 0x0f;
+            int hi = (w[b].scales[8 + s % 4] >> (2 * (s / 4))) & 3;
+            s8[s] = (int8_t)((lo | (hi << 4)) - 32);
+        }
+        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)s8));
+        __m256i hm = _mm256_loadu_si256((const __m256i *)w[b].hmask);
+        for (int h = 0; h < 2; h++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * h));
+            for (int k = 0; k < 4; k++) {
+                __m256i hb = _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(hm, 4 * h + k), 2), b2);
+                q[4 * h + k] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 2 * k), m2), hb);
+            }
+        }
+        for (int i = 0; i < 8; i++) sc[i] = piece_scales(sc16, i);
+        float d = fp16_to_fp32(w[b].d);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = KX(t) + b * QK_K;
+            __m256i ai = _mm256_setzero_si256();
+            for (int i = 0; i < 8; i++)
+                ai = dot_scaled(ai, q[i], _mm256_loadu_si256((const __m256i *)(x + 32 * i)), sc[i]);
+            __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), sc16);
+            ai = _mm256_sub_epi32(ai, _mm256_slli_epi32(off, 2));
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * KD(t)[b]), _mm256_cvtepi32_ps(ai), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#else
+    for (int t = 0; t < TC; t++) res[t] = vec_dot_q3_K_q8_K(n, w, KX(t), KD(t), KB(t));
+#endif
+}
+
+/* Prefill tiles: KROWS rows against 4 tokens at a time, so the 4 tokens' activations stay in L1
+ * while the rows pass, instead of every row streaming all T tokens from L2/L3. */
+#define KROWS 16
+
+/* Rows r0..r1 of a K-quant matrix against T tokens of q8_K activations: out[t*ldo + r]. */
+static void gemm_rows_k(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1, int T,
+                        const int8_t *xq, const float *xd, const int16_t *xb, float *out, int ldo) {
+    for (int rb = r0; rb < r1; rb += KROWS)
+    for (int t = 0; t < T;) {
+        int tc = T - t >= 4 ? 4 : 1;
+        for (int r = rb; r < r1 && r < rb + KROWS; r++) {
+            const uint8_t *row = w + (size_t)r * row_bytes;
+            float res[4];
+            const int8_t *q = KX(t);
+            const float *d = KD(t);
+            const int16_t *s = KB(t);
+#define KCASE(tp, name, blk) case tp: { if (tc == 4) name(n, (const blk *)row, 4, q, d, s, res); \
+                                        else name(n, (const blk *)row, 1, q, d, s, res); } break
+            switch (type) {
+            KCASE(GT_Q2_K, vec_dot4_q2_K_q8_K, block_q2_K);
+            KCASE(GT_Q3_K, vec_dot4_q3_K_q8_K, block_q3_K);
+            KCASE(GT_Q4_K, vec_dot4_q4_K_q8_K, block_q4_K);
+            KCASE(GT_Q5_K, vec_dot4_q5_K_q8_K, block_q5_K);
+            default: KCASE(GT_Q6_K, vec_dot4_q6_K_q8_K, block_q6_K);
+            }
+#undef KCASE
+            for (int j = 0; j < tc; j++) out[(size_t)(t + j) * ldo + r] = res[j];
+        }
+        t += tc;
+    }
+}
+#undef KX
+#undef KD
+#undef KB
+
+/* ---- legacy 32-blocks . Q8_0 activations (xq, xd, xs of kernels.h) --------------------- */
+
+/* 5-bit (or 4-bit when qh is NULL) values of one block as 32 bytes, in element order */
+static inline void unpack_q5(const uint8_t *qs, const uint8_t *qh, uint8_t *q) {
+    uint32_t h = 0;
+    if (qh) memcpy(&h, qh, 4);
+    for (int j = 0; j < 16; j++) {
+        q[j] = (qs[j] & 0x0f) | (((h >> j) & 1) << 4);
+        q[j + 16] = (qs[j] >> 4) | (((h >> (j + 16)) & 1) << 4);
+    }
+}
+
+/* sum over blocks of d * xd * dot(q, x) (+ m * xs for mins, - off * d * xs for offsets) */
+static inline float vec_dot_q45_q8_0(int nb, const uint8_t *w, size_t bsize, int qs_at, int qh_at,
+                                     int m_at, float off, const int8_t *xq, const float *xd,
+                                     const float *xs) {
+    float sum = 0.0f;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * bsize;
+        uint16_t dh;
+        memcpy(&dh, blk, 2);
+        float d = fp16_to_fp32(dh);
+        int isum = 0;
+        uint8_t q[32];
+        unpack_q5(blk + qs_at, qh_at >= 0 ? blk + qh_at : NULL, q);
+        for (int j = 0; j < 32; j++) isum += q[j] * xq[b * QK + j];
+        float v = d * (xd[b] * (float)isum - off * xs[b]);
+        if (m_at >= 0) {
+            uint16_t mh;
+            memcpy(&mh, blk + m_at, 2);
+            v += fp16_to_fp32(mh) * xs[b];
+        }
+        sum += v;
+    }
+    return sum;
+}
+
+/* TC tokens (<= 4) at once, weights unpacked once per block: res[t] = row . token t, for the
+ * legacy 32-blocks; float accumulation in vector lanes, the mins/offsets in a scalar per token. */
+GLMCPU_INLINE void vec_dot4_q45_q8_0(int n, const uint8_t *w, size_t bsize, int qs_at, int qh_at,
+                                     int m_at, float off, const int TC, const int8_t *xq,
+                                     const float *xd, const float *xs, float *res) {
+    int nb = n / QK;
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    float corr[4] = {0, 0, 0, 0};
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *blk = w + (size_t)b * bsize;
+        uint16_t dh, mh = 0;
+        memcpy(&dh, blk, 2);
+        if (m_at >= 0) memcpy(&mh, blk + m_at, 2);
+        float d = fp16_to_fp32(dh), c = (m_at >= 0 ? fp16_to_fp32(mh) : 0.0f) - off * d;
+        __m256i q = unpack_q4_0(blk + qs_at);
+        if (qh_at >= 0) {
+            uint32_t h;
+            memcpy(&h, blk + qh_at, 4);
+            q = _mm256_or_si256(q, bits_to_0x10(h));
+        }
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = xq + (size_t)t * n + b * QK;
+            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_loadu_si256((const __m256i *)x)), ones);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[(size_t)t * nb + b]), _mm256_cvtepi32_ps(p), acc[t]);
+            corr[t] += c * xs[(size_t)t * nb + b];
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]) + corr[t];
+#else
+    for (int t = 0; t < TC; t++)
+        res[t] = vec_dot_q45_q8_0(nb, w, bsize, qs_at, qh_at, m_at, off, xq + (size_t)t * n,
+                                  xd + (size_t)t * nb, xs + (size_t)t * nb);
+#endif
+}
+
+/* Rows r0..r1 of a Q4_1 / Q5_0 / Q5_1 matrix against T tokens of Q8_0 activations. */
+static void gemm_rows_legacy(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1, int T,
+                             const int8_t *xq, const float *xd, const float *xs, float *out, int ldo) {
+    int nb = n / QK;
+    for (int rb = r0; rb < r1; rb += KROWS)
+    for (int t = 0; t < T;) {
+        int tc = T - t >= 4 ? 4 : 1;
+        for (int r = rb; r < r1 && r < rb + KROWS; r++) {
+            const uint8_t *row = w + (size_t)r * row_bytes;
+            float res[4];
+            const int8_t *q = xq + (size_t)t * n;
+            const float *d = xd + (size_t)t * nb, *s = xs + (size_t)t * nb;
+#define LCASE(tp, bsize, qs_at, qh_at, m_at, off) case tp: { \
+            if (tc == 4) vec_dot4_q45_q8_0(n, row, bsize, qs_at, qh_at, m_at, off, 4, q, d, s, res); \
+            else vec_dot4_q45_q8_0(n, row, bsize, qs_at, qh_at, m_at, off, 1, q, d, s, res); } break
+            switch (type) {                     /* byte offsets of qs, qh, m in the block */
+            LCASE(GT_Q4_1, sizeof(block_q4_1), 4, -1, 2, 0.0f);
+            LCASE(GT_Q5_0, sizeof(block_q5_0), 6, 2, -1, 16.0f);
+            default: LCASE(GT_Q5_1, sizeof(block_q5_1), 8, 4, 2, 0.0f);
+            }
+#undef LCASE
+            for (int j = 0; j < tc; j++) out[(size_t)(t + j) * ldo + r] = res[j];
+        }
+        t += tc;
+    }
+}
+
+static float vec_dot_q4_1_q8_0(int n, const block_q4_1 *w, const int8_t *xq, const float *xd, const float *xs) {
+    return vec_dot_q45_q8_0(n / QK, (const uint8_t *)w, sizeof(block_q4_1), 4, -1, 2, 0.0f, xq, xd, xs);
+}
+static float vec_dot_q5_0_q8_0(int n, const block_q5_0 *w, const int8_t *xq, const float *xd, const float *xs) {
+    return vec_dot_q45_q8_0(n / QK, (const uint8_t *)w, sizeof(block_q5_0), 6, 2, -1, 16.0f, xq, xd, xs);
+}
+static float vec_dot_q5_1_q8_0(int n, const block_q5_1 *w, const int8_t *xq, const float *xd, const float *xs) {
+    return vec_dot_q45_q8_0(n / QK, (const uint8_t *)w, sizeof(block_q5_1), 8, 4, 2, 0.0f, xq, xd, xs);
+}
+
+#endif
