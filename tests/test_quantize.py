@@ -12,6 +12,7 @@ from gguf import GGUFReader, GGUFWriter, LlamaFileType
 from gguf.quants import dequantize, quant_shape_to_byte_shape
 
 from conftest import hf_logits, test_ids as make_ids
+import glmcpu
 from glmcpu import quants
 from glmcpu.cli import demo_model_path
 from glmcpu.quantize import FILE_TYPES, copy_metadata, quantize_gguf, tensor_types
@@ -219,7 +220,13 @@ def test_quantize_cli_agrees_with_llama_cpp(llama_cpp, demo_f16, tmp_path, file_
     for key in ("general.file_type", "general.quantization_version", "tokenizer.ggml.merges",
                 "tokenizer.ggml.tokens", "glm4.rope.freq_base"):
         assert r_ours.fields[key].contents() == r_theirs.fields[key].contents(), key
-    ref, a, b = (logits_of(llama_cpp, p) for p in (demo_f16, ours, theirs))
+    ids = glmcpu.load(demo_f16).tokenizer.encode(TEXT)
+    ref, a, b = (logits_of(llama_cpp, p, ids) for p in (demo_f16, ours, theirs))
+    # glmcpu runs the file it wrote as llama.cpp does
+    g = glmcpu.load(str(ours), threads=2).logits(ids)
+    same, k_engines = (g.argmax(-1) == a.argmax(-1)).mean(), kl(a, g)
+    print(f"{file_type}: glmcpu vs llama.cpp on glmcpu's file: top-1 {same:.3f}, KL {k_engines:.2e}")
+    assert same >= 0.95 and k_engines < 2e-3
     top_theirs, top_ref = (a.argmax(-1) == b.argmax(-1)).mean(), (a.argmax(-1) == ref.argmax(-1)).mean()
     print(f"{file_type}: top-1 vs llama.cpp's {top_theirs:.3f}, vs F16 {top_ref:.3f} (llama.cpp's "
           f"{(b.argmax(-1) == ref.argmax(-1)).mean():.3f}); KL(F16 || ours) {kl(ref, a):.2e}, "
