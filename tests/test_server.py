@@ -18,10 +18,10 @@ KEY = "test-key"
 HELLO = [{"role": "user", "content": "Who made the heaven and the earth?"}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    p = subprocess.Popen([sys.executable, "-m", "glmcpu", "serve", "--port", "0", "--api-key", KEY,
-                          "--queue", "12"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_server(*args):
+    """(process, base URL) of `glmcpu serve --port 0 ARGS`, once it answers /health."""
+    p = subprocess.Popen([sys.executable, "-m", "glmcpu", "serve", "--port", "0", *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     while not (m := re.search(r"http://127\.0\.0\.1:\d+", "".join(lines))) and p.poll() is None:
         lines.append(p.stdout.readline())          # the URL line follows any warnings
@@ -29,6 +29,12 @@ def server():
     url = m.group(0)
     threading.Thread(target=p.stdout.read, daemon=True).start()     # never block on a full pipe
     assert json.load(urllib.request.urlopen(url + "/health", timeout=30))["status"] == "ok"
+    return p, url
+
+
+@pytest.fixture(scope="module")
+def server():
+    p, url = start_server("--api-key", KEY, "--queue", "12")
     yield url
     p.terminate()
     p.wait(timeout=30)
@@ -322,3 +328,25 @@ def test_a_full_queue_is_answered_503_with_retry_after():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_serve_shares_the_model_with_workers(client, tmp_path):
+    """serve --workers: a worker without the file gets its share shipped, and answers as one process."""
+    from test_cluster import start_worker
+
+    worker, endpoint = start_worker(None, "--insecure", "--cache", str(tmp_path / "cache"))
+    try:
+        p, url = start_server("--workers", endpoint, "--insecure")
+        try:
+            kw = dict(model="demo", messages=HELLO, max_tokens=10, temperature=0)
+            shared = openai.OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=120)
+            assert (shared.chat.completions.create(**kw).choices[0].message.content
+                    == client.chat.completions.create(**kw).choices[0].message.content)
+            assert json.load(urllib.request.urlopen(url + "/health", timeout=30))["status"] == "ok"
+            assert list((tmp_path / "cache").rglob("*.npz")), "the root sent the worker no share"
+        finally:
+            p.terminate()
+            p.wait(timeout=30)
+    finally:
+        worker.kill()
+        worker.wait()
