@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from glmcpu import cli, hub
-from glmcpu.errors import (ChecksumMismatch, HubError, ModelFileError, ModelNotFound,
+from glmcpu.errors import (HubError, ModelNotFound,
                            NotEnoughDiskSpace)
 
 COMMIT = "c0ffee" * 6 + "c0ff"          # 40 hex digits, as the hub's X-Repo-Commit

@@ -15,7 +15,7 @@ from conftest import hf_logits, test_ids as make_ids
 import glmcpu
 from glmcpu import quants
 from glmcpu.cli import demo_model_path
-from glmcpu.quantize import FILE_TYPES, copy_metadata, quantize_gguf, tensor_types
+from glmcpu.quantize import FILE_TYPES, copy_metadata, tensor_types
 from test_cli import run_cli
 from test_models import kl
 

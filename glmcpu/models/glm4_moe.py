@@ -4,7 +4,6 @@ The dense GLM-4 layer with three changes: NeoX (half-split) RoPE, optional per-h
 from layer `leading_dense_block_count` on a mixture of experts in place of the FFN: a sigmoid
 router whose correction bias only chooses, top-k routed experts weighted by their normalised,
 scaled scores, plus one always-on shared expert. The MTP ("nextn") block is not run."""
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
