@@ -273,6 +273,23 @@ static inline void scales_q4_K_simd(const uint8_t *s, __m256i *sc, __m256i *mdup
     *sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(v));
     *mdup = _mm256_set_m128i(_mm_unpackhi_epi16(m, m), _mm_unpacklo_epi16(m, m));
 }
+/* One super-block of 8 unpacked 32-value pieces q (scales sc, int16) into each token's sum:
+ * d*dx * sum(sc * q.x) - dm*dx * sum(mins * 16-sums of x); integer until the two multiplies.
+ * Q4_K (AVX2), Q5_K and Q2_K share it. */
+GLMCPU_INLINE void add_block_k(const __m256i q[8], const __m256i sc[8], __m256i mins, float d, float dm,
+                               int b, int n, int TC, const int8_t *xq, const float *xd, const int16_t *xb,
+                               __m256 acc[4]) {
+    for (int t = 0; t < TC; t++) {
+        const int8_t *x = KX(t) + b * QK_K;
+        __m256i ai = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++)
+            ai = dot_scaled(ai, q[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j)), sc[j]);
+        __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), mins);
+        float dx = KD(t)[b];
+        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(ai), acc[t]);
+        acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), acc[t]);
+    }
+}
 #endif
 
 /* the rows are read once, front to back: ask for a few super-blocks ahead (a hint; reading
@@ -348,16 +365,7 @@ GLMCPU_INLINE void vec_dot4_q4_K_q8_K(int n, const block_q4_K *w, const int TC, 
         }
         for (int j = 0; j < 8; j++) sc[j] = lane16(scv, j);
         float d = fp16_to_fp32(w[b].d), dm = fp16_to_fp32(w[b].dmin);
-        for (int t = 0; t < TC; t++) {
-            const int8_t *x = KX(t) + b * QK_K;
-            __m256i ai = _mm256_setzero_si256();
-            for (int j = 0; j < 8; j++)
-                ai = dot_scaled(ai, q[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j)), sc[j]);
-            __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), mdup);
-            float dx = KD(t)[b];
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(ai), acc[t]);
-            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), acc[t]);
-        }
+        add_block_k(q, sc, mdup, d, dm, b, n, TC, xq, xd, xb, acc);
     }
     for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
 #else
@@ -386,16 +394,7 @@ GLMCPU_INLINE void vec_dot4_q5_K_q8_K(int n, const block_q5_K *w, const int TC, 
         }
         for (int j = 0; j < 8; j++) sc[j] = lane16(scv, j);
         float d = fp16_to_fp32(w[b].d), dm = fp16_to_fp32(w[b].dmin);
-        for (int t = 0; t < TC; t++) {
-            const int8_t *x = KX(t) + b * QK_K;
-            __m256i ai = _mm256_setzero_si256();
-            for (int j = 0; j < 8; j++)
-                ai = dot_scaled(ai, q[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j)), sc[j]);
-            __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), mdup);
-            float dx = KD(t)[b];
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(ai), acc[t]);
-            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), acc[t]);
-        }
+        add_block_k(q, sc, mdup, d, dm, b, n, TC, xq, xd, xb, acc);
     }
     for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
 #else
@@ -516,16 +515,7 @@ GLMCPU_INLINE void vec_dot4_q2_K_q8_K(int n, const block_q2_K *w, const int TC, 
         }
         for (int i = 0; i < 8; i++) sc[i] = piece_scales(sc16, i);
         float d = fp16_to_fp32(w[b].d), dm = fp16_to_fp32(w[b].dmin);
-        for (int t = 0; t < TC; t++) {
-            const int8_t *x = KX(t) + b * QK_K;
-            __m256i ai = _mm256_setzero_si256();
-            for (int i = 0; i < 8; i++)
-                ai = dot_scaled(ai, q[i], _mm256_loadu_si256((const __m256i *)(x + 32 * i)), sc[i]);
-            __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), m16);
-            float dx = KD(t)[b];
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(ai), acc[t]);
-            acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), acc[t]);
-        }
+        add_block_k(q, sc, m16, d, dm, b, n, TC, xq, xd, xb, acc);
     }
     for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
 #else
