@@ -8,17 +8,14 @@ import pytest
 import glmcpu
 from glmcpu.cli import demo_model_path
 from glmcpu.errors import ModelFileError
+from glmcpu.quantize import copy_metadata
 
 
 def write_split(src, folder, per_part):
     r = gguf.GGUFReader(src)
     w = gguf.GGUFWriter(os.path.join(folder, "demo.gguf"), r.fields["general.architecture"].contents(),
                         split_max_tensors=per_part)
-    for name, f in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        vt = f.types[0]
-        w.add_key_value(name, f.contents(), vt, sub_type=f.types[-1] if vt == gguf.GGUFValueType.ARRAY else None)
+    copy_metadata(r, w)
     for t in r.tensors:
         w.add_tensor(t.name, t.data, raw_shape=t.data.shape, raw_dtype=t.tensor_type)
     w.write_header_to_file()
