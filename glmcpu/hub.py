@@ -13,9 +13,9 @@ from urllib.parse import urlparse
 
 from .errors import (ChecksumMismatch, DownloadInterrupted, HubError, ModelNotFound,
                      NotEnoughDiskSpace)
+from .gguf import SPLIT_NAME as SPLIT     # llama.cpp's gguf-split part names
 
 GB = 10**9
-SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")     # llama.cpp's gguf-split part names
 # the quantisation tried first when a repository has several GGUF files (llama.cpp's usual default)
 PREFERRED = ("Q4_K_M", "Q4_0", "Q8_0")
 
