@@ -247,7 +247,7 @@ def attention(const float[:, :, ::1] q, const float[:, :, ::1] kc, const float[:
     cdef int G, i, t, h
     cdef float *scratch
     if Hkv == 0 or Hq % Hkv or kc.shape[2] != D or vc.shape[0] != Hkv or vc.shape[1] != S \
-            or vc.shape[2] != D or pos0 + T > S or out.shape[0] != T or out.shape[1] != Hq \
+            or vc.shape[2] != D or pos0 < 0 or pos0 + T > S or out.shape[0] != T or out.shape[1] != Hq \
             or out.shape[2] != D:
         raise ValueError("attention: shape mismatch")
     if T == 0:
@@ -318,6 +318,18 @@ def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int 
     if up.shape[0] != E or up.shape[1] != gate.shape[1] or down.shape[0] != E \
             or down.shape[1] * GROUP.get(wtype_down, 1) != n:
         raise ValueError("moe: expert tensor shapes disagree")
+    if wtype_gu not in TYPE_SIZES or wtype_down not in TYPE_SIZES:
+        raise ValueError("moe: unsupported ggml type")
+    # every line must hold exactly its rows' values: nothing may be read past a buffer
+    bs, bb = TYPE_SIZES[wtype_gu]
+    if n % bs or gate.shape[2] != n // bs * bb or up.shape[2] != gate.shape[2]:
+        raise ValueError(f"moe: gate/up lines of {gate.shape[2]} bytes do not hold {n} values of type {wtype_gu}")
+    bs, bb = TYPE_SIZES[wtype_down]
+    if F % bs or down.shape[2] != F // bs * bb:
+        raise ValueError(f"moe: down lines of {down.shape[2]} bytes do not hold {F} values of type {wtype_down}")
+    if ids.shape[0] != T or weights.shape[0] != T or weights.shape[1] != k or out.shape[0] != T \
+            or out.shape[1] != n:
+        raise ValueError("moe: ids, weights, x and out disagree")
     flat = np.asarray(ids, np.int64).reshape(-1)                      # [T*k] assignment -> expert
     if flat.size and (flat.min() < -1 or flat.max() >= E):
         raise ValueError("moe: expert id out of range")

@@ -42,8 +42,9 @@ def add_cluster(p):
     p.add_argument("--shares", help="comma-separated relative shares, root first; 'auto' follows measured "
                                     "memory bandwidth (default: threads, within each machine's memory)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds before a silent worker is replaced")
-    p.add_argument("--wire", default="f32", choices=["f32", "f16"],
-                   help="hidden vectors on the network: f32 (exact) or f16 (half the bytes)")
+    p.add_argument("--wire", default="f32", choices=["f32", "f16", "q8_0"],
+                   help="hidden vectors on the network: f32 (exact), f16 (half the bytes) or q8_0 (34 "
+                        "bytes per 32 values)")
 
 
 def cluster_kwargs(a):
@@ -65,7 +66,7 @@ def cmd_worker(a):
     else:
         raise GlmcpuError("a worker needs --key (its key file) and --allow (the root's public key), "
                           "made with `glmcpu keygen`; or --insecure")
-    service = WorkerService(a.model and model_path(a.model), a.threads, a.memory, a.cache)
+    service = WorkerService(a.model and model_path(a.model), a.threads, a.memory, a.cache, a.cache_max, a.lease)
     server = Server(a.bind, service, keypair=keypair, allowed=allowed)
     print(f"glmcpu worker on {server.endpoint} ({'insecure' if a.insecure else 'CurveZMQ'}; "
           f"public key {keypair[0].decode() if keypair else '-'})", flush=True)
@@ -93,10 +94,23 @@ def cmd_plan(a):
     cfg = model_class(f.arch).config_class.from_gguf(f)
     nodes = ["root"] + [w for w in (a.workers or "").split(",") if w]
     shares = [float(s) for s in a.shares.split(",")] if a.shares else None
-    plan = make_plan(cfg, nodes, shares)
-    plan.bytes_per_value = 2 if a.wire == "f16" else 4
-    for line in plan.describe(cfg):
+    try:
+        plan = make_plan(cfg, nodes, shares)
+    except ValueError as e:
+        raise GlmcpuError(f"--shares: {e}") from None
+    for line in plan.describe(cfg, a.wire):
         print(line)
+    if a.speed:
+        speeds = [float(s) for s in a.speed.split(",")]
+        if len(speeds) == 1:
+            speeds = speeds * len(nodes)
+        if len(speeds) != len(nodes):
+            raise GlmcpuError(f"--speed: give one GB/s figure, or one per node ({len(nodes)})")
+        from .plan import module_bytes, predict
+        p = predict(plan, cfg, module_bytes(f, cfg), speeds, a.link_mbit, a.latency_ms, a.wire)
+        link = f"{a.link_mbit:g} Mbit/s, {a.latency_ms:g} ms latency" if a.link_mbit else "an unlimited link"
+        print(f"predicted decode: {p['tok_s']:.2f} tok/s ({p['compute_ms']:.1f} ms reading weights on the "
+              f"slowest node + {p['network_ms']:.1f} ms on the network, over {link})")
     return 0
 
 
@@ -184,15 +198,15 @@ def cmd_run(a):
         print(stats_line(model.last_stats), file=sys.stderr)
         if a.stats:
             print_expert_stats(model)
-            if model.cluster:
-                print(cluster_line(model.cluster.per_token()), file=sys.stderr)
+            if model.net.status():
+                print(cluster_line(model.net.status()), file=sys.stderr)
         return 0
     from . import tui
 
     def extra():
         lines = expert_lines(model)
-        if model.cluster:
-            lines.append(cluster_line(model.cluster.per_token()))
+        if model.net.status():
+            lines.append(cluster_line(model.net.status()))
         return lines
 
     history = os.path.join(os.path.expanduser("~"), ".cache", "glmcpu", "chat_history")
@@ -238,7 +252,7 @@ def cluster_line(f) -> str:
     return (f"cluster, per token: {f['sent_kib']:.1f} KiB sent, {f['received_kib']:.1f} KiB received, "
             f"{f['round_trips']:.1f} round trips, {f['network_ms']:.2f} ms waiting on the network vs "
             f"{f['compute_ms']:.2f} ms on the root's shares; workers alive {f['alive']}, "
-            f"failovers {f['failovers']}")
+            f"failovers {f['failovers']}, replays {f['replays']}")
 
 
 
@@ -395,6 +409,10 @@ def build_parser():
     w.add_argument("--insecure", action="store_true", help="plain TCP, anyone may connect")
     w.add_argument("--threads", "-t", type=int, default=None)
     w.add_argument("--memory", type=float, default=None, help="GB this worker offers (default: available RAM)")
+    w.add_argument("--cache-max", type=float, default=None, help="GB the --cache may hold (least recently used "
+                                                                   "shares go first; default: no limit)")
+    w.add_argument("--lease", type=float, default=10.0, help="seconds of silence after which this worker's "
+                                                              "root is taken for gone and another may use it")
     w.set_defaults(func=cmd_worker)
 
     k = sub.add_parser("keygen", help="make a CurveZMQ key pair for a root or a worker")
@@ -405,7 +423,11 @@ def build_parser():
     pl.add_argument("model")
     pl.add_argument("--workers", default="")
     pl.add_argument("--shares")
-    pl.add_argument("--wire", default="f32", choices=["f32", "f16"])
+    pl.add_argument("--wire", default="f32", choices=["f32", "f16", "q8_0"])
+    pl.add_argument("--speed", help="GB/s of weights each node reads in a one-process decode (one figure "
+                                    "for all, or one per node, root first): predicts tok/s")
+    pl.add_argument("--link-mbit", type=float, default=None, help="the link's rate, for the prediction")
+    pl.add_argument("--latency-ms", type=float, default=0.1, help="one-way latency, for the prediction")
     pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("info", help="what a model file holds and what running it needs")

@@ -19,22 +19,25 @@ class Model:
         cls = model_class(self.file.arch)
         cfg = cls.config_class.from_gguf(self.file)
         self.ctx = int(ctx) if ctx else min(cfg.n_ctx_train, 4096)
-        self.cluster = None
-        if workers:
-            self.cluster = connect(self.file, cfg, workers, key, worker_key, insecure, timeout, shares,
-                                   self.threads, self.ctx, wire)
-        self.net = cls(self.file, self.threads,
-                       factory=self.cluster.factory if self.cluster else None, progress=progress)
-        if self.cluster:
-            self.net.runner = self.cluster.forward
-        self.cfg = self.net.cfg
         if self.ctx < 1:
             raise GlmcpuError(f"context size must be positive, not {ctx}")
+        # the model, or a cluster running it: both have forward, new_cache, begin and status
+        if workers:
+            self.net = connect(self.file, cls, workers, key, worker_key, insecure, timeout, shares,
+                               self.threads, self.ctx, wire, progress)
+        else:
+            self.net = cls(self.file, self.threads, progress=progress)
+        self.cfg = self.net.cfg
         self.tokenizer = Tokenizer.from_gguf(self.file)
         self.last_stats = {}
         self.cache = None           # the KV cache kept between calls, for prompts sharing a prefix
         if mlock:       # keep what every token reads in RAM; experts stay paged on demand
             self.file.lock([n for n in self.file.tensors if not is_expert(n)])
+
+    @property
+    def cluster(self):
+        """The Cluster when workers share the work, else None."""
+        return self.net if hasattr(self.net, "clients") else None
 
     @property
     def expert_stats(self) -> dict:
@@ -49,11 +52,9 @@ class Model:
         bad = [i for i in ids if not 0 <= i < self.cfg.n_vocab]
         if bad:
             raise GlmcpuError(f"token id {bad[0]} is outside the vocabulary (0..{self.cfg.n_vocab - 1})")
-        if self.cluster:
-            self.cluster.revive()
-            self.cluster.stats["tokens"] += len(ids)
-            self.reset()                # the workers' KV caches are about to be overwritten
-        return prefill(self.net, self.net.new_cache(max(1, len(ids))), ids, all_logits=True)
+        cache = self.net.new_cache(max(1, len(ids)))
+        self.net.begin(cache)
+        return prefill(self.net, cache, ids, all_logits=True)
 
     def generate(self, prompt, max_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
                  repeat_penalty=1.0, seed=None, ignore_eos=False, progress=None):
@@ -70,12 +71,8 @@ class Model:
         self.last_stats = {}
         detok = Detokenizer(self.tokenizer)
         cache = self.reuse_cache(ids)
-        if self.cluster:
-            self.cluster.stats["tokens"] += len(ids) - cache.pos
         for tok in generate_ids(self.net, cache, ids, sampler, max_tokens, stops, self.last_stats,
                                 progress):
-            if self.cluster:
-                self.cluster.stats["tokens"] += 1
             piece = detok.push(tok)
             if piece:
                 yield piece
@@ -89,8 +86,7 @@ class Model:
         if self.cache is None:
             self.cache = self.net.new_cache(self.ctx)
         cache = self.cache
-        if self.cluster and self.cluster.revive():      # a worker came back without its KV cache
-            cache.pos, cache.tokens = 0, []
+        self.net.begin(cache)           # a cluster whose worker came back starts this cache again
         keep = 0
         for a, b in zip(cache.tokens[:len(ids) - 1], ids):
             if a != b:
@@ -121,7 +117,7 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
     return Model(path, threads=threads, ctx=ctx, mlock=mlock, workers=workers, progress=progress, **cluster)
 
 
-def connect(f, cfg, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire):
+def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire, progress):
     from .cluster import Cluster
     from .net.link import load_keypair, load_public
     if insecure:
@@ -133,8 +129,8 @@ def connect(f, cfg, workers, key, worker_key, insecure, timeout, shares, threads
                           "public key), made with `glmcpu keygen`; or --insecure on every machine")
     if isinstance(workers, str):
         workers = [w for w in workers.split(",") if w]
-    return Cluster(f, cfg, workers, keypair, server_key, timeout=timeout, shares=shares, threads=threads,
-                   n_ctx=n_ctx, wire=wire)
+    return Cluster(f, cls, workers, keypair, server_key, timeout=timeout, shares=shares, threads=threads,
+                   n_ctx=n_ctx, wire=wire, progress=progress)
 
 
 def is_expert(tensor_name: str) -> bool:

@@ -139,8 +139,8 @@ class Chat:
         bits = [f"{gen_rate:.1f} tok/s", f"{s.get('gen_tokens', 0)} tokens",
                 f"context {used}/{m.ctx} ({100 * used / m.ctx:.0f}%)",
                 f"prompt {s.get('prompt_tokens', 0)} ({s.get('cached_tokens', 0)} cached)"]
-        if m.cluster:
-            bits.append(f"nodes {1 + sum(m.cluster.alive)}/{1 + len(m.cluster.alive)}")
+        if m.net.status():
+            bits.append(f"nodes {m.net.status()['nodes']}")
         if stopped:
             bits.append("stopped")
         return " · ".join(bits)
@@ -222,7 +222,8 @@ def run(model, sampling: dict, system=None, stats_extra=None, history_file=None)
             pass
     session = PromptSession(history=history)
     c = model.cfg
-    nodes = f", {1 + len(model.cluster.alive)} nodes" if model.cluster else ""
+    status = model.net.status()
+    nodes = f", {status['nodes'].split('/')[1]} nodes" if status else ""
     chat.console.print(f"[bold]glmcpu[/] chat with {os.path.basename(model.path)} ({c.arch}, "
                        f"{model.threads} threads, context {model.ctx}{nodes}). /help for commands, "
                        "Ctrl-D to leave.")

@@ -80,11 +80,11 @@ def test_repacked_q4_0_equals_file_layout(tiny, monkeypatch):
     ids = make_ids(40, seed=2)
     want = hf_logits(model, ids)
     m = glmcpu.load(path)
-    assert m.net.layers[0].ffn.up.packed
+    assert m.net.layers[0].ffn.gate_up[0].packed
     packed = m.logits(ids)
     monkeypatch.setattr(ops, "REPACK", "0")
     m = glmcpu.load(path)
-    assert not m.net.layers[0].ffn.up.packed
+    assert not m.net.layers[0].ffn.gate_up[0].packed
     plain = m.logits(ids)
     assert (packed.argmax(-1) == plain.argmax(-1)).mean() >= 0.95
     assert np.abs(packed - plain).max() < 0.1

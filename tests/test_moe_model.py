@@ -97,13 +97,10 @@ def test_expert_tensor_shape_checked(tiny, tmp_path):
     """Router and experts agree with each other but not with the metadata: the experts are named."""
     from glmcpu.errors import ModelFileError
     from glmcpu.gguf import GGUFFile
-    from glmcpu.models.glm4_moe import Config, expert_tensor
-    import dataclasses
+    from glmcpu.weights import FileWeights
     _, path, _ = tiny("glm4_moe", "f32", **VARIANTS[0])
-    f = GGUFFile(path)
-    cfg = dataclasses.replace(Config.from_gguf(f), n_expert=6)
     with pytest.raises(ModelFileError, match="blk.1.ffn_gate_exps.weight has shape"):
-        expert_tensor(f, "blk.1.ffn_gate_exps.weight", 32, 64, cfg)
+        FileWeights(GGUFFile(path)).experts("blk.1.ffn_gate_exps.weight", 32, 64, 6, 0, 6)
 
 
 def test_stats_info_and_mlock(tiny):
@@ -127,11 +124,11 @@ def test_repacked_q4_0_experts(tiny, monkeypatch):
     want = hf_logits(model, ids)
     monkeypatch.setattr(ops, "REPACK", "all")
     m = glmcpu.load(path)
-    assert m.net.layers[1].ffn.gu_type == ops.Q4_0X8
+    assert m.net.layers[1].ffn.experts.gu_type == ops.Q4_0X8
     packed = m.logits(ids)
     monkeypatch.setattr(ops, "REPACK", "0")
     m = glmcpu.load(path)
-    assert m.net.layers[1].ffn.gu_type == ops.Q4_0
+    assert m.net.layers[1].ffn.experts.gu_type == ops.Q4_0
     plain = m.logits(ids)
     assert (packed.argmax(-1) == plain.argmax(-1)).mean() >= 0.9
     assert kl(want, packed) < 1.5 * kl(want, plain) and kl(want, plain) < 1.5 * kl(want, packed)

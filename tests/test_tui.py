@@ -1,4 +1,5 @@
 """The terminal chat: its logic on a console written to a string, then the real thing in tmux."""
+from types import SimpleNamespace
 import io
 import json
 import os
@@ -87,7 +88,8 @@ class ThinkingModel:
         tmpl = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}<|assistant|>"
                 "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
         self.tokenizer = Tokenizer(demo.tokenizer.tok, tmpl)
-        self.ctx, self.cache, self.cluster, self.last_stats, self.prompts = 512, None, None, {}, []
+        self.ctx, self.cache, self.last_stats, self.prompts = 512, None, {}, []
+        self.net = SimpleNamespace(status=dict)          # one process: no cluster figures
 
     def chat(self, messages, template_kwargs=None, progress=None, **kw):
         self.prompts.append(self.tokenizer.render(messages, **(template_kwargs or {})))

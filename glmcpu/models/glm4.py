@@ -8,6 +8,7 @@ import numpy as np
 
 from .. import ops
 from ..gguf import GGUFFile, dequantize
+from ..weights import FileWeights, ShareError, row_bytes
 
 K = ops.K
 
@@ -27,6 +28,7 @@ class Config:
     eps: float
     n_ctx_train: int
     n_vocab: int
+    sandwich_norms: bool = False   # glm4: norms of the attention and FFN outputs
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> "Config":
@@ -47,24 +49,38 @@ class Config:
             eps=float(f.require("attention.layer_norm_rms_epsilon")),
             n_ctx_train=int(f.arch_get("context_length", 4096)),
             n_vocab=int(f.tensor("token_embd.weight").shape[1]),
+            sandwich_norms=f.arch == "glm4",
         )
 
 
 class Linear:
     """A weight as the kernels see it: rows of ggml-typed bytes, memory-mapped; optional bias.
-    Q4_0/Q8_0 weights are repacked at load into 8-row groups (kernels.h: q4_0x8), which the kernels
-    read about twice as fast; the file's pages of them are then given back to the OS."""
+    rows=(a, b) takes output rows a..b (a share of a split layer), cols=(a, b) input columns a..b
+    (whole quantisation blocks; the outputs are then partial sums). Q4_0/Q8_0 weights are repacked
+    at load into 8-row groups (kernels.h: q4_0x8), which the kernels read about twice as fast; the
+    file's pages of them are then given back to the OS."""
 
-    def __init__(self, f: GGUFFile, name: str, bias: bool = False):
+    def __init__(self, w, name: str, bias: bool = False, rows=None, cols=None):
         self.name = name
-        self.w, self.type, self.n_out, self.n_in = f.matrix(f"{name}.weight")  # w: [n_out, row_bytes]
-        self.b = f.vector(f"{name}.bias") if bias and f.has(f"{name}.bias") else None
+        if cols is not None:
+            self.w, self.type, self.n_in = w.cols(f"{name}.weight", *cols)
+        else:
+            self.w, self.type, self.n_in = w.rows(f"{name}.weight", *(rows or (None, None)))
+        self.n_out = self.w.shape[0]                              # w: [n_out, row_bytes]
+        if self.w.ndim != 2 or self.w.shape[1] != row_bytes(self.type, self.n_in):
+            raise ShareError(f"{name}: rows of {self.w.shape[-1]} bytes do not hold {self.n_in} values "
+                             f"of ggml type {self.type}")
+        self.b = None
+        if bias and cols is None and w.has(f"{name}.bias"):       # a column share adds no bias
+            self.b = w.vector(f"{name}.bias", *(rows or (None, None)))
+            if self.b.shape != (self.n_out,):
+                raise ShareError(f"{name}.bias has {self.b.shape[0]} values for {self.n_out} rows")
         file_rows = self.w
         self.w, self.type = ops.repack(self.w, self.type)        # Q4_0/Q8_0: [n_out/8, 8 * row_bytes]
         self.packed = self.type in (ops.Q4_0X8, ops.Q8_0X8)     # in 8-row groups
         self.in_ram = self.w is not file_rows                   # packed, or a K-quant's RAM copy
         if self.in_ram and not name.startswith("token_embd"):   # embedding rows are still read
-            f.release(f"{name}.weight")
+            w.release(f"{name}.weight")
 
     @classmethod
     def fused(cls, parts):
@@ -92,9 +108,29 @@ class Linear:
         return y
 
 
+def linears(w, parts, bias=False):
+    """Linears of (tensor, (a, b) rows) parts with one input, fused into one where they can be
+    (in RAM, one layout); a list of one or more."""
+    lins = [Linear(w, name, bias=bias, rows=rng) for name, rng in parts]
+    if len(lins) > 1 and lins[0].in_ram:
+        fused = Linear.fused(lins)
+        if fused is not None:
+            return [fused]
+    return lins
+
+
+def run_parts(lins, x, th):
+    """Outputs of linears() side by side: [T, sum of n_out]."""
+    outs = [lin(x, th) for lin in lins]
+    return outs[0] if len(outs) == 1 else np.concatenate(outs, 1)
+
+
 class KVCache:
-    def __init__(self, cfg: Config, n_ctx: int, allocate: bool = True):
-        shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim) if allocate else (0, 0, 0, 0)
+    """Keys and values of every layer's KV heads. The arrays are allocated as zero pages, so a
+    node that computes only some heads holds in RAM only the heads it writes."""
+
+    def __init__(self, cfg: Config, n_ctx: int):
+        shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
         self.k = np.zeros(shape, np.float32)      # [n_layer, n_head_kv, n_ctx, head_dim]
         self.v = np.zeros(shape, np.float32)      # [n_layer, n_head_kv, n_ctx, head_dim]
         self.n_ctx = n_ctx
@@ -102,47 +138,76 @@ class KVCache:
         self.tokens = []                          # the ids at those positions (a cluster replays them)
 
 
-def optional_vector(f: GGUFFile, name: str):
-    return f.vector(name) if f.has(name) else None
+def optional_vector(w, name: str):
+    return w.vector(name) if w.has(name) else None
+
+
+def check(ok: bool, what: str):
+    if not ok:
+        raise ShareError(what)
 
 
 class Attention:
-    """Pre-normed causal GQA with biases, partial RoPE and a KV cache; optional per-head q/k norm."""
+    """Pre-normed causal GQA with biases, partial RoPE and a KV cache; optional per-head q/k norm.
+    heads=(q0, q1): only query heads q0..q1, the KV heads they read, and their columns of the
+    output projection (whose output is then this share's partial sum)."""
 
-    def __init__(self, f: GGUFFile, p: str, cfg: Config):
+    def __init__(self, w, p: str, cfg: Config, heads=None):
         self.cfg = cfg
-        if f.has(p + "attn_qkv.weight"):         # chatglm files may fuse Q, K, V (rows in that order)
-            self.qkv = [Linear(f, p + "attn_qkv", bias=True)]
+        hd, G = cfg.head_dim, cfg.n_head // cfg.n_head_kv
+        self.q0, self.q1 = q0, q1 = heads or (0, cfg.n_head)
+        self.kv0, self.kv1 = kv0, kv1 = q0 // G, (q1 - 1) // G + 1
+        check(0 <= q0 < q1 <= cfg.n_head, f"{p}: query heads {q0}..{q1} of {cfg.n_head}")
+        self.nq, self.nkv = q1 - q0, kv1 - kv0
+        q, kv = (q0 * hd, q1 * hd), (kv0 * hd, kv1 * hd)
+        if w.has(p + "attn_qkv.weight"):         # chatglm files may fuse Q, K, V (rows in that order)
+            if heads is None:
+                self.qkv = [Linear(w, p + "attn_qkv", bias=True)]
+            else:
+                off_k, off_v = cfg.n_head * hd, (cfg.n_head + cfg.n_head_kv) * hd
+                self.qkv = linears(w, [(p + "attn_qkv", q), (p + "attn_qkv", (off_k + kv[0], off_k + kv[1])),
+                                       (p + "attn_qkv", (off_v + kv[0], off_v + kv[1]))], bias=True)
         else:
-            self.qkv = [Linear(f, p + n, bias=True) for n in ("attn_q", "attn_k", "attn_v")]
-            if self.qkv[0].in_ram:           # already copied into RAM: fuse into one matrix
-                fused = Linear.fused(self.qkv)
-                self.qkv = [fused] if fused is not None else self.qkv
-        self.q_norm = optional_vector(f, p + "attn_q_norm.weight")       # [head_dim]
-        self.k_norm = optional_vector(f, p + "attn_k_norm.weight")       # [head_dim]
-        self.wo = Linear(f, p + "attn_output")
-        self.scale = 1.0 / np.sqrt(cfg.head_dim)
-        q_width = cfg.n_head * cfg.head_dim
-        self.split = (q_width, q_width + cfg.n_head_kv * cfg.head_dim)   # fused qkv -> q | k | v
+            whole = heads is None
+            self.qkv = linears(w, [(p + "attn_q", None if whole else q), (p + "attn_k", None if whole else kv),
+                                   (p + "attn_v", None if whole else kv)], bias=True)
+        self.width = (self.nq + 2 * self.nkv) * hd                            # q | k | v outputs
+        check(sum(lin.n_out for lin in self.qkv) == self.width and
+              all(lin.n_in == cfg.d_model for lin in self.qkv), f"{p}: q/k/v shapes disagree with the config")
+        self.q_norm = optional_vector(w, p + "attn_q_norm.weight")       # [head_dim]
+        self.k_norm = optional_vector(w, p + "attn_k_norm.weight")       # [head_dim]
+        check((self.q_norm is None or self.q_norm.shape == (hd,)) and (self.k_norm is None) == (self.q_norm is None)
+              and (self.k_norm is None or self.k_norm.shape == (hd,)), f"{p}: q/k norms are not head_dim wide")
+        self.wo = Linear(w, p + "attn_output", cols=None if heads is None else q)
+        check(self.wo.n_in == self.nq * hd and self.wo.n_out == cfg.d_model, f"{p}: attn_output shape")
+        self.scale = 1.0 / np.sqrt(hd)
+        # whole KV groups map local q head i to local kv head i // G; a slice of a group goes head by head
+        self.aligned = q0 % G == 0 and self.nq % G == 0
 
     def __call__(self, x, cache, l: int, pos, th):     # x [T, d_model] (normed) -> [T, d_model]
-        c, T, pos0 = self.cfg, x.shape[0], cache.pos
-        if len(self.qkv) == 1:
-            qkv = self.qkv[0](x, th)
-            q, k, v = qkv[:, :self.split[0]], qkv[:, self.split[0]:self.split[1]], qkv[:, self.split[1]:]
-        else:
-            q, k, v = (lin(x, th) for lin in self.qkv)
-        q = np.ascontiguousarray(q).reshape(T, c.n_head, c.head_dim)
-        k = np.ascontiguousarray(k).reshape(T, c.n_head_kv, c.head_dim)
+        c, T, pos0, hd = self.cfg, x.shape[0], cache.pos, self.cfg.head_dim
+        qkv = run_parts(self.qkv, x, th)                                      # [T, width]
+        q = np.ascontiguousarray(qkv[:, :self.nq * hd]).reshape(T, self.nq, hd)
+        k = np.ascontiguousarray(qkv[:, self.nq * hd:(self.nq + self.nkv) * hd]).reshape(T, self.nkv, hd)
+        v = qkv[:, (self.nq + self.nkv) * hd:].reshape(T, self.nkv, hd)
         if self.q_norm is not None:
             q = head_norm(q, self.q_norm, c.eps)
             k = head_norm(k, self.k_norm, c.eps)
         K.rope(q, pos, c.n_rot, c.rope_theta, c.neox)
         K.rope(k, pos, c.n_rot, c.rope_theta, c.neox)
-        cache.k[l, :, pos0:pos0 + T] = k.transpose(1, 0, 2)
-        cache.v[l, :, pos0:pos0 + T] = v.reshape(T, c.n_head_kv, c.head_dim).transpose(1, 0, 2)
-        a = K.attention(q, cache.k[l], cache.v[l], pos0, self.scale, np.empty_like(q), th)
-        return self.wo(a.reshape(T, -1), th)
+        kc, vc = cache.k[l, self.kv0:self.kv1], cache.v[l, self.kv0:self.kv1]  # [nkv, n_ctx, head_dim]
+        kc[:, pos0:pos0 + T] = k.transpose(1, 0, 2)
+        vc[:, pos0:pos0 + T] = v.transpose(1, 0, 2)
+        out = np.empty_like(q)                                                # [T, nq, head_dim]
+        if self.aligned:
+            K.attention(q, kc, vc, pos0, self.scale, out, th)
+        else:
+            G = c.n_head // c.n_head_kv
+            for i in range(self.nq):
+                j = (self.q0 + i) // G - self.kv0
+                out[:, i:i + 1] = K.attention(np.ascontiguousarray(q[:, i:i + 1]), kc[j:j + 1], vc[j:j + 1],
+                                              pos0, self.scale, np.empty((T, 1, hd), np.float32), th)
+        return self.wo(out.reshape(T, -1), th)
 
 
 def head_norm(x, w, eps):
@@ -152,59 +217,110 @@ def head_norm(x, w, eps):
 
 
 class DenseFFN:
-    """silu(x Wg) * (x Wu) -> Wd, with gate and up fused in one [gate | up] tensor or apart."""
+    """silu(x Wg) * (x Wu) -> Wd, with gate and up fused in one [gate | up] tensor or apart.
+    cols=(a, b): only intermediate units a..b (rows of gate and up, columns of down)."""
 
-    def __init__(self, f: GGUFFile, p: str, suffix: str = ""):
-        self.gate = Linear(f, p + "ffn_gate" + suffix) if f.has(p + "ffn_gate" + suffix + ".weight") else None
-        self.up = Linear(f, p + "ffn_up" + suffix)
-        self.down = Linear(f, p + "ffn_down" + suffix)
-        if self.gate is not None and self.gate.in_ram:      # in RAM already: fuse to [gate | up]
-            fused = Linear.fused([self.gate, self.up])
-            if fused is not None:
-                self.gate, self.up = None, fused
+    def __init__(self, w, p: str, n_ff: int, d_model: int, suffix: str = "", cols=None):
+        a, b = cols or (0, n_ff)
+        check(0 <= a < b <= n_ff, f"{p}: FFN units {a}..{b} of {n_ff}")
+        whole = cols is None
+        if w.has(p + "ffn_gate" + suffix + ".weight"):
+            parts = [(p + "ffn_gate" + suffix, None if whole else (a, b)),
+                     (p + "ffn_up" + suffix, None if whole else (a, b))]
+        elif whole:                                              # fused [gate | up] rows
+            parts = [(p + "ffn_up" + suffix, None)]
+        else:
+            parts = [(p + "ffn_up" + suffix, (a, b)), (p + "ffn_up" + suffix, (n_ff + a, n_ff + b))]
+        self.gate_up = linears(w, parts)
+        self.down = Linear(w, p + "ffn_down" + suffix, cols=None if whole else (a, b))
+        check(sum(lin.n_out for lin in self.gate_up) == 2 * (b - a) and
+              all(lin.n_in == d_model for lin in self.gate_up) and self.down.n_in == b - a
+              and self.down.n_out == d_model, f"{p}: FFN{suffix} shapes disagree with the config")
 
     def __call__(self, x, th):                           # x [T, d_model] -> [T, d_model]
-        gu = self.up(x, th) if self.gate is None else np.concatenate([self.gate(x, th), self.up(x, th)], 1)
+        gu = run_parts(self.gate_up, x, th)               # [T, 2 * units]: gate | up
         return self.down(K.silu_mul(gu, np.empty((x.shape[0], gu.shape[1] // 2), np.float32), th), th)
 
 
 class Layer:
-    def __init__(self, f: GGUFFile, i: int, cfg: Config, factory=None):
-        p = f"blk.{i}."
-        self.attn_norm = f.vector(p + "attn_norm.weight")
-        self.attn = factory(f, p, i, "attn") if factory else Attention(f, p, cfg)
-        # glm4 only: norms of the attention and FFN outputs ("sandwich" norms)
-        sandwich = cfg.arch == "glm4"
-        self.post_attn_norm = f.vector(p + "post_attention_norm.weight") if sandwich else None
-        self.ffn_norm = f.vector(p + "ffn_norm.weight")
-        self.ffn = factory(f, p, i, "dense") if factory else DenseFFN(f, p)
-        self.post_ffw_norm = f.vector(p + "post_ffw_norm.weight") if sandwich else None
+    def __init__(self, model, w, i: int, ranges):
+        cfg, p = model.cfg, f"blk.{i}."
+        self.attn_norm = w.vector(p + "attn_norm.weight")
+        self.attn = model.build(w, cfg, "attn", i, ranges("attn", i))
+        self.post_attn_norm = w.vector(p + "post_attention_norm.weight") if cfg.sandwich_norms else None
+        self.ffn_norm = w.vector(p + model.ffn_norm_name)
+        kind = model.ffn_kind(i)
+        if kind == "ffn":
+            self.ffn = model.build(w, cfg, "ffn", i, ranges("ffn", i))
+        else:
+            self.ffn = model.moe_class(w, p, cfg, lambda: model.build(w, cfg, "moe", i, ranges("moe", i), model.repack))
+        self.post_ffw_norm = w.vector(p + "post_ffw_norm.weight") if cfg.sandwich_norms else None
+
+
+def whole(kind, layer):
+    return None
 
 
 class Model:
+    """The whole forward pass. ranges(kind, layer) -> (a, b), None (all of it) or () (none of
+    it) picks this node's share of each split module: kind "attn" (query heads), "ffn" (FFN
+    units), "moe" (routed experts) or "head" (vocabulary rows of the output)."""
     config_class = Config
+    ffn_norm_name = "ffn_norm.weight"
 
-    def __init__(self, f: GGUFFile, threads: int, factory=None, progress=None):
-        """factory(f, prefix, layer, "attn" | "dense" | "moe") builds those modules instead (the
-        cluster uses it to build only this machine's share); progress(done, total) per layer."""
+    def __init__(self, f: GGUFFile, threads: int, ranges=whole, progress=None):
+        """progress(done, total) per layer."""
         self.cfg = cfg = self.config_class.from_gguf(f)
         self.threads = threads
-        self.factory = factory
-        self.runner = None
+        w = FileWeights(f)
+        self.repack = self.repack_experts(f)
         self.embd = f.tensor("token_embd.weight")               # [n_vocab, d_model], any type
         self.layers = []
         for i in range(cfg.n_layer):
-            self.layers.append(self.make_layer(f, i))
+            self.layers.append(Layer(self, w, i, ranges))
             if progress:
                 progress(i + 1, cfg.n_layer)
-        self.out_norm = f.vector("output_norm.weight")
-        self.output = Linear(f, "output" if f.has("output.weight") else "token_embd")
+        self.out_norm = w.vector("output_norm.weight")
+        self.output = self.build(w, cfg, "head", None, ranges("head", None))
 
-    def make_layer(self, f, i):
-        return Layer(f, i, self.cfg, self.factory)
+    @staticmethod
+    def repack_experts(f) -> bool:
+        return False
+
+    def ffn_kind(self, i) -> str:
+        return "ffn"
+
+    @classmethod
+    def build(cls, w, cfg, kind, layer, rng, repack=False):
+        """One module of this family over a range (see ranges); None for an empty range. Workers
+        build their shares with this too: the math is the same code on every node."""
+        if rng == ():
+            return None
+        p = f"blk.{layer}."
+        if kind == "attn":
+            return Attention(w, p, cfg, heads=rng)
+        if kind == "ffn":
+            return DenseFFN(w, p, cfg.n_ff, cfg.d_model, cols=rng)
+        if kind == "head":
+            head = Linear(w, "output" if w.has("output.weight") else "token_embd", rows=rng)
+            check(head.n_in == cfg.d_model and head.n_out == (cfg.n_vocab if rng is None else rng[1] - rng[0]),
+                  "output: shape disagrees with the config")
+            return head
+        raise ShareError(f"{cfg.arch} models have no {kind!r} modules")
 
     def new_cache(self, n_ctx: int) -> KVCache:
-        return KVCache(self.cfg, n_ctx, allocate=self.factory is None)   # a cluster's shares keep their own
+        return KVCache(self.cfg, n_ctx)
+
+    def begin(self, cache):
+        """Called before each request on the kept cache (a cluster checks its workers here)."""
+
+    def status(self) -> dict:
+        """Figures for --stats and the chat's status line ({} for one process)."""
+        return {}
+
+    def expert_stats(self) -> dict:
+        """{layer: hits per expert [n_expert]} for the MoE layers since load."""
+        return {i: L.ffn.hits.copy() for i, L in enumerate(self.layers) if hasattr(L.ffn, "hits")}
 
     def rmsnorm(self, x, w):
         return K.rmsnorm(x, w, self.cfg.eps, np.empty_like(x))
@@ -212,11 +328,6 @@ class Model:
     def forward(self, ids, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run tokens `ids` at positions cache.pos.. and advance the cache.
         Returns logits [T, n_vocab] (all_logits) or [1, n_vocab] for the last token."""
-        if self.runner is not None:           # a cluster: replays the sequence if a worker is lost
-            return self.runner(self, ids, cache, all_logits)
-        return self.run(ids, cache, all_logits)
-
-    def run(self, ids, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         c, th, T = self.cfg, self.threads, len(ids)
         pos = np.arange(cache.pos, cache.pos + T, dtype=np.int32)
         h = dequantize(self.embd, np.asarray(ids)).reshape(T, c.d_model).copy()   # [T, d_model]

@@ -11,8 +11,9 @@ import numpy as np
 from ..errors import ModelFileError, UnsupportedArchitecture
 from .. import ops
 from ..gguf import GGUFFile
+from ..weights import row_bytes
 from . import glm4
-from .glm4 import K, Attention, DenseFFN, Linear, optional_vector
+from .glm4 import K, DenseFFN, Linear, check, optional_vector
 
 
 @dataclass(frozen=True)
@@ -44,34 +45,16 @@ class Config(glm4.Config):
                    expert_norm=bool(f.arch_get("expert_weights_norm", True)))
 
 
-def expert_tensor(f: GGUFFile, name: str, rows: int, cols: int, cfg: Config, repack=False):
-    """A stacked expert tensor as [n_expert, rows, row_bytes] bytes + its ggml type, shape-checked;
-    with repack, Q4_0/Q8_0 (and Q5_0, as Q8_0) experts are copied into RAM as [n_expert, rows/8, ...]
-    8-row groups."""
-    t = f.tensor(name)
-    want = (cols, rows, cfg.n_expert)
-    if tuple(int(d) for d in t.shape) != want:
-        raise ModelFileError(f"{f.path}: tensor {name} has shape {tuple(int(d) for d in t.shape)} (ggml order) "
-                             f"but the metadata says {want} ({cfg.n_expert} experts of {rows} x {cols})")
-    w, wtype, _, _ = f.matrix(name)               # validates the type
-    if repack:
-        packed, ptype = ops.repack(w, wtype, ram_copy=False)
-        if ptype != wtype:
-            f.release(name)
-            return packed.reshape(cfg.n_expert, rows // 8, -1), ptype
-    return w.reshape(cfg.n_expert, rows, -1), wtype
-
-
 class Router:
     """Sigmoid scores; the correction bias only chooses; top-k weights normalised and scaled."""
 
-    def __init__(self, f: GGUFFile, p: str, cfg: Config):
+    def __init__(self, w, p: str, cfg: Config):
         self.cfg = cfg
-        self.gate = Linear(f, p + "ffn_gate_inp")                         # [n_expert, d_model]
+        self.gate = Linear(w, p + "ffn_gate_inp")                         # [n_expert, d_model]
         if self.gate.n_out != cfg.n_expert:
-            raise ModelFileError(f"{f.path}: tensor {p}ffn_gate_inp.weight routes to {self.gate.n_out} "
+            raise ModelFileError(f"tensor {p}ffn_gate_inp.weight routes to {self.gate.n_out} "
                                  f"experts, the metadata says {cfg.n_expert}")
-        self.bias = optional_vector(f, p + "exp_probs_b.bias")            # [n_expert], choice only
+        self.bias = optional_vector(w, p + "exp_probs_b.bias")            # [n_expert], choice only
 
     def __call__(self, x, th):
         """x [T, d] -> expert ids [T, k] int32, weights [T, k] float32 (SPEC: 'MoE router')."""
@@ -85,53 +68,74 @@ class Router:
         return idx.astype(np.int32), (w * c.expert_scale).astype(np.float32)
 
 
-class MoE:
-    def __init__(self, f: GGUFFile, p: str, cfg: Config, repack: bool):
+class Experts:
+    """Routed experts e0..e1 of one MoE layer (all of them by default): the stacked tensors as
+    [experts, rows, row_bytes] lines, read from the memory map or, with repack, copied into RAM
+    as 8-row groups (Q4_0/Q8_0, and Q5_0 as Q8_0)."""
+
+    def __init__(self, w, p: str, cfg: Config, experts=None, repack=False):
         self.cfg = cfg
-        self.route = Router(f, p, cfg)
+        self.e0, self.e1 = e0, e1 = experts or (0, cfg.n_expert)
+        check(0 <= e0 < e1 <= cfg.n_expert, f"{p}: experts {e0}..{e1} of {cfg.n_expert}")
         d, ff = cfg.d_model, cfg.n_ff_exp
-        self.gate, tg = expert_tensor(f, p + "ffn_gate_exps.weight", ff, d, cfg, repack)  # [E, ff, bytes]
-        self.up, tu = expert_tensor(f, p + "ffn_up_exps.weight", ff, d, cfg, repack)      # [E, ff, bytes]
-        self.down, self.down_type = expert_tensor(f, p + "ffn_down_exps.weight", d, ff, cfg, repack)
-        if tg != tu:
-            raise ModelFileError(f"{f.path}: {p}ffn_gate_exps and ffn_up_exps differ in type")
-        self.gu_type = tg
-        self.shared = DenseFFN(f, p, "_shexp") if cfg.n_expert_shared else None
+        mats = []
+        for name, rows, cols in (("gate", ff, d), ("up", ff, d), ("down", d, ff)):
+            t, wtype = w.experts(f"{p}ffn_{name}_exps.weight", rows, cols, cfg.n_expert, e0, e1)
+            check(t.ndim == 3 and t.shape[:2] == (e1 - e0, rows) and t.shape[2] == row_bytes(wtype, cols),
+                  f"{p}ffn_{name}_exps: experts of {t.shape[1:]} lines disagree with the config")
+            if repack:
+                packed, ptype = ops.repack(t.reshape((e1 - e0) * rows, -1), wtype, ram_copy=False)
+                if ptype != wtype:
+                    w.release(f"{p}ffn_{name}_exps.weight")
+                    t, wtype = packed.reshape(e1 - e0, rows // 8, -1), ptype
+            mats.append((t, wtype))
+        (self.gate, self.gu_type), (self.up, tu), (self.down, self.down_type) = mats   # [E, ff, bytes] ...
+        if self.gu_type != tu:
+            raise ModelFileError(f"{p}ffn_gate_exps and ffn_up_exps differ in type")
+
+    def __call__(self, x, ids, weights, th):
+        """x [T, d], ids [T, k] (global expert ids), weights [T, k] -> this range's sum [T, d]."""
+        local = ids if (self.e0, self.e1) == (0, self.cfg.n_expert) else \
+            np.where((ids >= self.e0) & (ids < self.e1), ids - self.e0, -1).astype(np.int32)
+        return K.moe(x, self.gate, self.up, self.down, self.gu_type, self.down_type, local,
+                     np.ascontiguousarray(weights, np.float32), np.empty_like(x), th)
+
+
+class MoE:
+    """Router, routed experts (or this node's range of them; None: none here) and the shared expert.
+    make_experts() builds the routed experts, after the router (whose shape errors come first)."""
+
+    def __init__(self, w, p: str, cfg: Config, make_experts):
+        self.cfg = cfg
+        self.route = Router(w, p, cfg)
+        self.experts = make_experts()
+        self.shared = (DenseFFN(w, p, cfg.n_ff_exp * cfg.n_expert_shared, cfg.d_model, "_shexp")
+                       if cfg.n_expert_shared else None)
         self.hits = np.zeros(cfg.n_expert, np.int64)                      # tokens routed to each expert
 
     def __call__(self, x, th):
         idx, w = self.route(x, th)
         self.hits += np.bincount(idx.reshape(-1), minlength=self.cfg.n_expert)
-        y = K.moe(x, self.gate, self.up, self.down, self.gu_type, self.down_type, idx, w,
-                  np.empty_like(x), th)
+        y = self.experts(x, idx, w, th)
         if self.shared is not None:
             y += self.shared(x, th)
         return y
 
 
-class Layer:
-    def __init__(self, f: GGUFFile, i: int, cfg: Config, repack: bool, factory=None):
-        p = f"blk.{i}."
-        self.attn_norm = f.vector(p + "attn_norm.weight")
-        self.attn = factory(f, p, i, "attn") if factory else Attention(f, p, cfg)
-        self.post_attn_norm = None
-        self.ffn_norm = f.vector(p + "post_attention_norm.weight")       # the pre-FFN norm here
-        kind = "dense" if i < cfg.n_dense_lead else "moe"
-        if factory:
-            self.ffn = factory(f, p, i, kind)
-        else:
-            self.ffn = DenseFFN(f, p) if kind == "dense" else MoE(f, p, cfg, repack)
-        self.post_ffw_norm = None
-
-
 class Model(glm4.Model):
     config_class = Config
+    moe_class = MoE
+    ffn_norm_name = "post_attention_norm.weight"       # the pre-FFN norm here
 
-    def make_layer(self, f, i):
-        if i == 0:
-            self.repack_experts = ops.repack_experts(f.size)
-        return Layer(f, i, self.cfg, self.repack_experts, self.factory)
+    @staticmethod
+    def repack_experts(f) -> bool:
+        return ops.repack_experts(f.size)
 
-    def expert_stats(self) -> dict:
-        """{layer: hits per expert [n_expert]} for the MoE layers since load."""
-        return {i: L.ffn.hits.copy() for i, L in enumerate(self.layers) if hasattr(L.ffn, "hits")}
+    def ffn_kind(self, i) -> str:
+        return "ffn" if i < self.cfg.n_dense_lead else "moe"
+
+    @classmethod
+    def build(cls, w, cfg, kind, layer, rng, repack=False):
+        if kind == "moe" and rng != ():
+            return Experts(w, f"blk.{layer}.", cfg, experts=rng, repack=repack)
+        return super().build(w, cfg, kind, layer, rng, repack)

@@ -173,3 +173,43 @@ class Client:
 
     def close(self):
         self.sock.close(0)
+
+
+class Keepalive:
+    """A thread that tells each endpoint `op` (with meta) every `every` seconds, on sockets of
+    its own, without waiting for answers: a worker that hears nothing from its root for a while
+    may serve another."""
+
+    def __init__(self, endpoints, keypair, server_key, op, meta, every=1.0):
+        import threading
+        self.frames = pack(op, meta)
+        self.every = every
+        self.stopped = threading.Event()
+        self.ctx = zmq.Context.instance()
+        self.socks = []
+        for e in endpoints:
+            s = self.ctx.socket(zmq.DEALER)
+            _common(s)
+            s.setsockopt(zmq.SNDHWM, 4)
+            if keypair is not None:
+                s.curve_publickey, s.curve_secretkey = keypair
+                s.curve_serverkey = server_key
+            s.connect(e)
+            self.socks.append(s)
+        self.thread = threading.Thread(target=self._run, daemon=True, name="glmcpu-keepalive")
+        self.thread.start()
+
+    def _run(self):
+        while not self.stopped.wait(self.every):
+            for s in self.socks:
+                try:
+                    while s.poll(0):
+                        s.recv_multipart()
+                    s.send_multipart(self.frames, flags=zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        for s in self.socks:
+            s.close(0)
+
+    def stop(self):
+        self.stopped.set()

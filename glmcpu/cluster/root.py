@@ -1,0 +1,359 @@
+"""The root of a cluster: the model's own modules over the root's ranges, each split module
+wrapped in `Distributed`, which sends the input to the workers holding the other ranges, runs the
+root's range meanwhile, and adds up (or, for the output head, lays side by side) the parts in
+node order. There is no second copy of the math here: workers build the same modules over their
+ranges (worker.py), and a worker that is lost is replaced by the same module built on the root
+from its own file.
+
+Faults: a worker holding attention heads also holds their KV cache, so losing it, whatever it was
+answering, replays the sequence so far (a prefill) with that share computed on the root; the
+kernels give the same bits in a batch as one token at a time, so the answer does not change. A
+worker that comes back starts clean, from the next request. Every request carries this root's
+session and the worker's load epoch: a worker serves one root at a time, and a stale request
+(one sent before a reload) is refused instead of touching the new state."""
+import dataclasses
+import json
+import os
+import secrets
+import time
+import weakref
+
+import numpy as np
+
+from .. import ops
+from ..errors import GlmcpuError
+from ..net import wire as wirecodec
+from ..net.link import Client, Keepalive, LinkError
+from ..net.protocol import ProtocolError
+from ..plan import make_plan, weigh
+from ..weights import FileWeights, Recorder
+
+
+class ClusterError(GlmcpuError):
+    """A worker that cannot be used: unreachable at start, busy with another root, a file that
+    differs from the root's, wrong protocol."""
+
+
+class WorkerLost(Exception):
+    """A worker holding KV-cache state stopped answering mid-sequence (handled by a replay)."""
+
+
+class Distributed:
+    """One split module of the root's model: same call as the module it wraps."""
+
+    def __init__(self, cluster, kind, layer, local):
+        self.cluster, self.kind, self.layer, self.local = cluster, kind, layer, local
+        self.parts = cluster.plan.parts(kind, layer)          # [(node, a, b)] in node order
+        self.fallback = {}                                    # node -> the same module, built here
+
+    def __call__(self, x, *args):
+        return self.cluster.exchange(self, x, args)
+
+
+class Cluster:
+    """What the engine runs when workers share the work: forward, new_cache, begin, status."""
+
+    def __init__(self, f, model_cls, endpoints, keypair=None, worker_key=None, timeout=5.0, shares=None,
+                 threads=1, n_ctx=4096, wire="f32", progress=None, digest_cache=None):
+        if wire not in wirecodec.CODECS:
+            raise ClusterError(f"--wire {wire}: use f32 (exact), f16 (half the bytes) or q8_0 (about a quarter)")
+        self.file, self.model_cls, self.n_ctx, self.wire = f, model_cls, n_ctx, wire
+        self.cfg = cfg = model_cls.config_class.from_gguf(f)
+        self.session = secrets.token_hex(16)
+        self.clients = [Client(e, keypair, worker_key, timeout=timeout) for e in endpoints]
+        self.alive = [True] * len(self.clients)
+        self.epochs = [0] * len(self.clients)
+        self.info = [self.hello(c) for c in self.clients]
+        # by default shares follow each node's threads, trimmed to what its memory holds; "auto"
+        # follows the read bandwidth each node measured (decode is bound by it), which is truer but
+        # noisy, and a plan that moves makes workers' caches of shipped weights miss
+        if not shares or shares == "auto":
+            from .worker import available_gb, measure_bandwidth
+            speeds = ([measure_bandwidth(threads)] + [float(i.get("bandwidth_gbs") or 1) for i in self.info]
+                      if shares == "auto" else [threads] + [float(i.get("threads") or 1) for i in self.info])
+            memories = [available_gb()] + [float(i.get("memory_gb") or 0) for i in self.info]
+            shares = weigh(speeds, memories, f.size / 2**30)
+        try:
+            self.plan = make_plan(cfg, ["root"] + list(endpoints), shares)
+        except ValueError as e:
+            raise ClusterError(f"--shares: {e}") from None
+        self.repack = model_cls.repack_experts(f)
+        self.model = model_cls(f, threads, ranges=self.plan.ranges(0), progress=progress)
+        self.threads = threads
+        self.modules = []
+        for l, L in enumerate(self.model.layers):
+            L.attn = self._wrap("attn", l, L.attn)
+            if hasattr(L.ffn, "experts"):
+                L.ffn.experts = self._wrap("moe", l, L.ffn.experts)
+            else:
+                L.ffn = self._wrap("ffn", l, L.ffn)
+        self.model.output = self._wrap("head", -1, self.model.output)
+        self.kv_nodes = {n for n, _, _ in (p for parts in self.plan.tables["attn"].values() for p in parts) if n > 0}
+        self.digests = self._digests(digest_cache)
+        self.config = {k: (float(v) if isinstance(v, float) else v) for k, v in dataclasses.asdict(cfg).items()}
+        self.shipped = 0
+        self.stats = {"tokens": 0, "round_trips": 0, "failovers": 0, "replays": 0, "net_seconds": 0.0,
+                      "compute_seconds": 0.0}
+        self.live = None                  # the cache whose sequence the workers' KV caches hold
+        self.needs_replay = False
+        for i, c in enumerate(self.clients):
+            try:
+                self.load(i)
+            except LinkError as e:
+                self.close()
+                raise ClusterError(f"worker {c.endpoint} could not load its share: {e}") from None
+            except ClusterError:
+                self.close()
+                raise
+        self.keepalive = Keepalive(endpoints, keypair, worker_key, "ping", {"s": self.session})
+        weakref.finalize(self, self.keepalive.stop)
+
+    def _wrap(self, kind, layer, local):
+        if all(n == 0 for n, _, _ in self.plan.parts(kind, layer)):
+            return local                  # the root holds all of it: nothing to send
+        mod = Distributed(self, kind, layer, local)
+        self.modules.append(mod)
+        return mod
+
+    # ---- loading -----------------------------------------------------------------------------
+
+    def _digests(self, cache_dir):
+        """sha256 of every worker share (its tensors' bytes, names and ranges): the name a worker
+        stores a shipped share under and the check of its own copy of the file. Kept on disk per
+        file (size, mtime and header), so a second start reads nothing."""
+        wanted = [(k, l, a, b) for node in range(1, len(self.plan.nodes)) for k, l, a, b in self.plan.shares_of(node)]
+        path = None
+        known = {}
+        if cache_dir is not False:
+            cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                  os.path.join(os.path.expanduser("~"), ".cache"), "glmcpu", "digests")
+            st = os.stat(self.file.path)
+            path = os.path.join(cache_dir, f"{self.file.fingerprint()}-{st.st_size}-{st.st_mtime_ns}.json")
+            try:
+                with open(path) as fh:
+                    known = json.load(fh)
+            except (OSError, ValueError):
+                known = {}
+        out = {}
+        for share in wanted:
+            key = "/".join(map(str, share))
+            if key not in known:
+                rec = Recorder(FileWeights(self.file), keep=False)
+                self.build(rec, *share)
+                known[key] = rec.digest()
+            out[share] = known[key]
+        if path:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path + ".tmp", "w") as fh:
+                    json.dump(known, fh)
+                os.replace(path + ".tmp", path)
+            except OSError:
+                pass
+        return out
+
+    def build(self, weights, kind, layer, a, b, repack=False):
+        return self.model_cls.build(weights, self.cfg, kind, layer, (a, b), repack)
+
+    def load(self, i):
+        """Ask worker i to build its shares (a new epoch: empty KV caches); send the weights of
+        any it has neither in a matching copy of the file nor in its cache (once: it keeps them)."""
+        c = self.clients[i]
+        self.epochs[i] += 1
+        shares = [[k, l, a, b, self.digests[(k, l, a, b)]] for k, l, a, b in self.plan.shares_of(i + 1)]
+        meta = {"s": self.session, "e": self.epochs[i], "config": self.config, "ctx": self.n_ctx,
+                "fingerprint": self.file.fingerprint(), "shares": shares}
+        missing = self._request_load(c, meta)
+        if not missing:
+            return
+        by_digest = {s[4]: s[:4] for s in shares}
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        with Progress(TextColumn(f"sending weights to {c.endpoint} (once: it caches them)"), BarColumn(),
+                      MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True),
+                      transient=True) as bar:
+            task = bar.add_task("", total=len(missing))
+            for digest in missing:
+                if digest not in by_digest:
+                    raise LinkError(f"{c.endpoint} asked for a share this root did not offer")
+                rec = Recorder(FileWeights(self.file))
+                self.build(rec, *by_digest[digest])
+                entries, arrays = rec.payload()
+                c.request("put", {"s": self.session, "digest": digest, "entries": entries}, arrays, timeout=600)
+                self.shipped += sum(x.nbytes for x in arrays)
+                bar.advance(task)
+        if self._request_load(c, meta):
+            raise LinkError(f"{c.endpoint} still lacks shares after they were sent")
+
+    def _request_load(self, c, meta):
+        try:
+            return c.request("load", meta, timeout=600)[0].get("missing", [])
+        except LinkError as e:
+            msg = str(e)
+            if ": busy:" in msg or ": refused:" in msg:
+                raise ClusterError(msg.split(": ", 1)[0] + ": " + msg.split(": ", 2)[-1]) from None
+            raise
+
+    def hello(self, c):
+        try:
+            meta, _ = c.request("hello")
+        except LinkError as e:
+            raise ClusterError(f"worker {c.endpoint} is not reachable ({e}); is it running, with "
+                               "matching keys (or --insecure on both sides)?") from None
+        return meta
+
+    # ---- running -----------------------------------------------------------------------------
+
+    def new_cache(self, n_ctx):
+        return self.model.new_cache(n_ctx)
+
+    def expert_stats(self):
+        return self.model.expert_stats()
+
+    def begin(self, cache):
+        """Before a request: workers that failed earlier get another chance; one that comes back
+        starts clean, so the kept cache is computed again."""
+        if self.revive():
+            cache.pos, cache.tokens = 0, []
+
+    def forward(self, ids, cache, all_logits=False):
+        """The model's forward; the sequence so far is replayed first when the workers hold
+        another one, or when a worker holding KV heads is lost meanwhile."""
+        while True:
+            try:
+                if cache is not self.live and cache.pos > 0:
+                    self.replay(cache)
+                self.live = cache
+                out = self.model.forward(ids, cache, all_logits)
+                self.stats["tokens"] += len(ids)
+                return out
+            except WorkerLost:
+                self.live = None
+
+    def replay(self, cache):
+        history = list(cache.tokens[:cache.pos])
+        self.stats["replays"] += 1
+        while True:                       # until one whole pass gets through
+            cache.pos, cache.tokens = 0, []
+            self.live = cache
+            try:
+                for s in range(0, len(history), 256):
+                    self.model.forward(history[s:s + 256], cache, False)
+                return
+            except WorkerLost:            # lost another one meanwhile: again, without it
+                continue
+
+    def exchange(self, mod, x, args):
+        """Send x to the live workers holding parts of mod, run the root's part, gather; parts of
+        lost workers are computed here, from the same wire values the worker would have read."""
+        kind, th = mod.kind, args[-1]
+        x = np.ascontiguousarray(x, np.float32)
+        meta = {"layer": mod.layer, "s": self.session, "wire": self.wire}
+        extra = []
+        if kind == "attn":
+            meta["pos0"] = int(args[0].pos)
+        elif kind == "moe":
+            extra = [np.ascontiguousarray(args[0], np.int32), np.ascontiguousarray(args[1], np.float32)]
+        sent = wirecodec.encode(x, self.wire)
+        asked = []
+        for n, _, _ in mod.parts:
+            if n > 0 and self.alive[n - 1]:
+                try:
+                    self.clients[n - 1].send(kind, dict(meta, e=self.epochs[n - 1]), sent + extra)
+                    asked.append(n)
+                except LinkError:
+                    self.lose(n)
+        t0 = time.perf_counter()
+        out = {}
+        if mod.local is not None:
+            out[0] = mod.local(x, *args)
+        t1 = time.perf_counter()
+        self.stats["compute_seconds"] += t1 - t0
+        width = None
+        for n, a, b in mod.parts:
+            if n in asked:
+                width = (b - a) if kind == "head" else self.cfg.d_model
+                try:
+                    _, arrays = self.clients[n - 1].recv()
+                    out[n] = wirecodec.decode(arrays, "f32" if kind == "head" else self.wire, width, x.shape[0])
+                except (LinkError, ProtocolError):
+                    self.lose(n)
+        if asked:
+            self.stats["round_trips"] += 1
+        self.stats["net_seconds"] += time.perf_counter() - t1       # waiting beyond our own share
+        if self.needs_replay:
+            self.needs_replay = False
+            raise WorkerLost()
+        parts = []
+        for n, a, b in mod.parts:
+            if n not in out:                                       # a worker that is gone
+                if n not in mod.fallback:
+                    mod.fallback[n] = self.build(FileWeights(self.file), kind, mod.layer, a, b, self.repack)
+                y = mod.fallback[n](wirecodec.roundtrip(x, self.wire), *args)
+                out[n] = y if kind == "head" else wirecodec.roundtrip(y, self.wire)
+            parts.append(out[n])
+        if kind == "head":
+            return np.concatenate(parts, 1)
+        y = parts[0]
+        for p in parts[1:]:
+            y = y + p
+        return y
+
+    def lose(self, n):
+        if not self.alive[n - 1]:
+            return
+        self.alive[n - 1] = False
+        self.stats["failovers"] += 1
+        self.clients[n - 1].reset()
+        if n in self.kv_nodes:
+            self.needs_replay = True
+
+    def revive(self, timeout=0.5) -> int:
+        """Workers that failed earlier, asked again (each reload is a new epoch with empty KV
+        caches); returns how many came back."""
+        back = 0
+        for i, c in enumerate(self.clients):
+            if self.alive[i]:
+                continue
+            try:
+                c.reset()
+                c.request("hello", timeout=timeout)
+                self.load(i)
+            except (LinkError, ClusterError):
+                c.reset()
+                continue
+            self.alive[i] = True
+            for mod in self.modules:
+                mod.fallback.pop(i + 1, None)
+            back += 1
+        if back:
+            self.live = None
+        return back
+
+    def status(self) -> dict:
+        """Network figures per token so far: bytes each way, round trips, seconds waiting."""
+        n = max(1, self.stats["tokens"])
+        return {"tokens": self.stats["tokens"],
+                "sent_kib": sum(c.sent for c in self.clients) / 1024 / n,
+                "received_kib": sum(c.received for c in self.clients) / 1024 / n,
+                "round_trips": self.stats["round_trips"] / n,
+                "network_ms": 1e3 * self.stats["net_seconds"] / n,
+                "compute_ms": 1e3 * self.stats["compute_seconds"] / n,
+                "failovers": self.stats["failovers"], "replays": self.stats["replays"],
+                "alive": f"{sum(self.alive)}/{len(self.alive)}",
+                "nodes": f"{1 + sum(self.alive)}/{1 + len(self.alive)}"}
+
+    per_token = status
+
+    def close(self):
+        """Free the workers for other roots, and close the links."""
+        ka = getattr(self, "keepalive", None)
+        if ka is not None:
+            ka.stop()
+        for i, c in enumerate(self.clients):
+            if self.alive[i]:
+                try:
+                    c.request("bye", {"s": self.session}, timeout=0.5)
+                except LinkError:
+                    pass
+            c.close()

@@ -1,0 +1,60 @@
+"""How float32 activations travel: exactly (f32), halved (f16), or as Q8_0 blocks (int8 values
+with one fp16 scale per 32, as ggml and distributed-llama's q80 buffers: 34 bytes per 32 values).
+Nothing here knows what the numbers mean."""
+import numpy as np
+
+from .protocol import ProtocolError
+
+CODECS = ("f32", "f16", "q8_0")
+QK = 32
+
+
+def encode(x: np.ndarray, codec: str) -> list:
+    """float32 [T, n] -> the arrays that carry it."""
+    if codec == "f32":
+        return [np.ascontiguousarray(x, np.float32)]
+    if codec == "f16":
+        return [x.astype(np.float16)]
+    if codec == "q8_0":
+        T, n = x.shape
+        if n % QK:
+            raise ValueError(f"q8_0 needs rows of whole {QK}-blocks, not {n}")
+        b = x.reshape(T, n // QK, QK)
+        d = (np.abs(b).max(-1) / 127).astype(np.float16)                     # [T, n/32]
+        df = d.astype(np.float32)
+        inv = np.divide(1.0, df, out=np.zeros_like(df), where=df > 0)
+        q = np.clip(np.rint(b * inv[..., None]), -127, 127).astype(np.int8)  # [T, n/32, 32]
+        return [q.reshape(T, n), d]
+    raise ValueError(f"unknown wire codec {codec!r}; use one of {', '.join(CODECS)}")
+
+
+def decode(arrays, codec: str, n: int, max_rows: int) -> np.ndarray:
+    """The arrays of encode() -> float32 [T, n], checking every dtype and shape first
+    (ProtocolError otherwise); T is at most max_rows."""
+    want = {"f32": 1, "f16": 1, "q8_0": 2}.get(codec)
+    if want is None or len(arrays) < want:
+        raise ProtocolError(f"activations: unknown codec {codec!r} or too few arrays")
+    a = arrays[0]
+    if a.ndim != 2 or a.shape[1] != n or not 1 <= a.shape[0] <= max_rows:
+        raise ProtocolError(f"activations of shape {list(a.shape)}: want [1..{max_rows}, {n}]")
+    if codec == "f32" and a.dtype == np.float32:
+        return a
+    if codec == "f16" and a.dtype == np.float16:
+        return a.astype(np.float32)
+    if codec == "q8_0" and a.dtype == np.int8 and n % QK == 0:
+        d = arrays[1]
+        if d.dtype == np.float16 and d.shape == (a.shape[0], n // QK):
+            return (a.reshape(a.shape[0], -1, QK).astype(np.float32)
+                    * d.astype(np.float32)[..., None]).reshape(a.shape[0], n)
+    raise ProtocolError(f"activations are not {codec} arrays of the right shapes")
+
+
+def arrays_of(codec: str) -> int:
+    return 2 if codec == "q8_0" else 1
+
+
+def roundtrip(x: np.ndarray, codec: str) -> np.ndarray:
+    """What the other side reads of x (x itself for f32)."""
+    if codec == "f32":
+        return x
+    return decode(encode(x, codec), codec, x.shape[1], x.shape[0])

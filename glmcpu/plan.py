@@ -1,0 +1,188 @@
+"""Who computes what in a cluster, and what it costs: pure functions of the model's config and
+sizes, the nodes' speeds and memories, and the link. Nothing here runs a model or a socket.
+
+The split vocabulary: "attn" (query heads, with the KV heads they read and their columns of the
+output projection), "ffn" (units of a dense FFN: gate/up rows, down columns), "moe" (ranges of
+whole routed experts) and "head" (vocabulary rows of the output matrix)."""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+KINDS = ("attn", "ffn", "moe", "head")
+BLOCKS = (256, 32)    # column slices (Wo, FFN down) are whole quantisation blocks: K-quant super-blocks
+                      # where the width allows, else the 32-blocks of Q4_0/Q8_0/Q5_0 (llama.cpp's fallback)
+WIRE_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}    # bytes per value of a hidden vector on the wire
+FRAME = 120           # bytes of header per message (msgpack + ZeroMQ framing), measured on loopback
+
+
+@dataclass
+class Plan:
+    """Node 0 is the root; shares are fractions of the work. tables[kind][layer] lists
+    (node, a, b) ranges covering that module exactly, in node order (the head's layer is -1)."""
+    nodes: list
+    shares: list
+    tables: dict = field(default_factory=lambda: {k: {} for k in KINDS})
+
+    def ranges(self, node):
+        """ranges(kind, layer) for the model's constructor: this node's (a, b), or () for none."""
+        def rng(kind, layer):
+            for n, a, b in self.tables[kind].get(-1 if kind == "head" else layer, []):
+                if n == node:
+                    return (a, b)
+            return ()
+        return rng
+
+    def parts(self, kind, layer):
+        return self.tables[kind][-1 if kind == "head" else layer]
+
+    def shares_of(self, node):
+        """[(kind, layer, a, b)] of one node, in a fixed order."""
+        return [(kind, layer, a, b) for kind in KINDS for layer, parts in sorted(self.tables[kind].items())
+                for n, a, b in parts if n == node]
+
+    def trips(self) -> int:
+        """Round trips per token: one per split module (all workers at once)."""
+        if len(self.nodes) < 2:
+            return 0
+        return sum(1 for kind in KINDS for parts in self.tables[kind].values() if any(n > 0 for n, _, _ in parts))
+
+    def wire(self, cfg, wire="f32") -> dict:
+        """Bytes per decoded token the root sends and receives, all workers together."""
+        d, per = cfg.d_model, WIRE_BYTES[wire]
+        sent = received = 0.0
+        for kind in KINDS:
+            for parts in self.tables[kind].values():
+                workers = [(a, b) for n, a, b in parts if n > 0]
+                extra = cfg.n_expert_used * 8 if kind == "moe" else 8 if kind == "attn" else 0
+                sent += len(workers) * (d * per + FRAME + extra)
+                for a, b in workers:
+                    received += FRAME + ((b - a) * 4 if kind == "head" else d * per)
+        return {"sent": sent, "received": received}
+
+    def describe(self, cfg, wire="f32") -> list:
+        """Lines for `glmcpu plan`: shares, the first layers' ranges, trips and bytes per token."""
+        lines = [f"{len(self.nodes)} nodes: " + ", ".join(f"{n} {s:.0%}" for n, s in zip(self.nodes, self.shares))]
+        for l in range(min(cfg.n_layer, 3)):
+            bits = []
+            for kind, what in (("attn", "q heads"), ("ffn", "FFN units"), ("moe", "experts")):
+                if l in self.tables[kind]:
+                    bits.append(f"{what} " + ", ".join(f"{self.nodes[n]} [{a}, {b})" for n, a, b in self.tables[kind][l]))
+            lines.append(f"layer {l}: " + "; ".join(bits))
+        if cfg.n_layer > 3:
+            lines.append(f"... {cfg.n_layer - 3} more layers split the same way")
+        lines.append("output head: vocabulary rows " + ", ".join(
+            f"{self.nodes[n]} [{a}, {b})" for n, a, b in self.tables["head"][-1]))
+        w = self.wire(cfg, wire)
+        lines.append(f"per token: {self.trips()} round trips (all workers at once), {w['sent'] / 1024:.1f} KiB "
+                     f"sent, {w['received'] / 1024:.1f} KiB received by the root ({wire} hidden vectors)")
+        return lines
+
+
+def split(total: int, shares, unit: int = 1) -> list:
+    """[a, b) ranges of `total` in whole units, proportional to shares, covering it exactly."""
+    units = total // unit
+    cuts = np.round(np.cumsum([0.0] + list(shares)) / sum(shares) * units).astype(int)
+    out = [(int(cuts[i]) * unit, int(cuts[i + 1]) * unit) for i in range(len(shares))]
+    out[-1] = (out[-1][0], int(total))
+    return out
+
+
+def block_unit(width: int, n: int) -> int:
+    """Items of `width` columns per slice unit so that slices of n items are whole blocks of the
+    largest block size in BLOCKS that n items allow (1 if none)."""
+    for blk in BLOCKS:
+        unit = blk // int(np.gcd(width, blk))
+        if n % unit == 0:
+            return unit
+    return 1
+
+
+def make_plan(cfg, nodes, shares=None) -> Plan:
+    shares = list(shares or [1.0] * len(nodes))
+    if len(shares) != len(nodes) or min(shares) < 0 or sum(shares) <= 0:
+        raise ValueError(f"{len(shares)} shares for {len(nodes)} nodes; give one non-negative share per node")
+    plan = Plan(list(nodes), [s / sum(shares) for s in shares])
+
+    def ranges(total, unit=1):
+        return [(i, a, b) for i, (a, b) in enumerate(split(total, shares, unit)) if b > a]
+
+    G = cfg.n_head // cfg.n_head_kv
+    unit = block_unit(cfg.head_dim, cfg.n_head)          # Wo column slices must be whole blocks
+    if len(nodes) <= cfg.n_head_kv:
+        unit = int(np.lcm(unit, G))                     # whole KV groups: no K/V computed twice
+    heads = ranges(cfg.n_head, unit)
+    n_dense = cfg.n_dense_lead if getattr(cfg, "n_expert", 0) else cfg.n_layer
+    for l in range(cfg.n_layer):
+        plan.tables["attn"][l] = heads
+        if l < n_dense:
+            plan.tables["ffn"][l] = ranges(cfg.n_ff, block_unit(1, cfg.n_ff))
+        else:
+            plan.tables["moe"][l] = ranges(cfg.n_expert)
+    plan.tables["head"][-1] = ranges(cfg.n_vocab, 8)     # whole 8-row groups of the repacked layout
+    return plan
+
+
+def weigh(speeds, memories, need_gb) -> list:
+    """Shares proportional to speed, then trimmed so no node holds more than 90% of its memory
+    (what is trimmed goes to the others, in proportion)."""
+    shares = np.array(speeds, float) / sum(speeds)
+    caps = np.array([0.9 * m / need_gb if m and need_gb else np.inf for m in memories])
+    for _ in range(len(shares)):
+        over = shares > caps
+        if not over.any() or caps.sum() < 1:
+            break
+        spare = (shares[over] - caps[over]).sum()
+        shares[over] = caps[over]
+        free = ~over & (shares < caps)
+        shares[free] += spare * shares[free] / shares[free].sum()
+    return [float(x) for x in shares]
+
+
+def module_bytes(f, cfg) -> dict:
+    """Bytes of weights one decoded token reads, per split module and for the root's own part:
+    {"attn": per layer, "ffn": per dense layer, "moe": per MoE layer (the experts a token uses),
+    "head": the output matrix, "root": norms, routers, shared experts}."""
+    def size(name):
+        return f.tensors[name].n_bytes if f.has(name) else 0
+    out = {"attn": {}, "ffn": {}, "moe": {}, "head": size("output.weight") or size("token_embd.weight"), "root": 0}
+    for l in range(cfg.n_layer):
+        p = f"blk.{l}."
+        out["attn"][l] = sum(size(p + n + ".weight") for n in ("attn_qkv", "attn_q", "attn_k", "attn_v", "attn_output"))
+        if getattr(cfg, "n_expert", 0) and l >= cfg.n_dense_lead:
+            per_expert = sum(size(p + f"ffn_{n}_exps.weight") for n in ("gate", "up", "down")) / cfg.n_expert
+            out["moe"][l] = per_expert * cfg.n_expert_used
+            out["root"] += sum(size(p + f"ffn_{n}_shexp.weight") for n in ("gate", "up", "down"))
+            out["root"] += size(p + "ffn_gate_inp.weight")
+        else:
+            out["ffn"][l] = sum(size(p + f"ffn_{n}.weight") for n in ("gate", "up", "down"))
+    return out
+
+
+def predict(plan: Plan, cfg, sizes: dict, node_gbs, link_mbit=None, latency_ms=0.0, wire="f32") -> dict:
+    """Decode tok/s this plan should give: each node reads its share of the weights at its
+    measured speed (GB/s of weights, as a one-process decode shows), the root also its own part;
+    each round trip waits for the slowest node plus the link (latency, and the root's bytes at
+    the link's rate: a star topology sends every worker's vector through the root's port)."""
+    n = len(plan.nodes)
+    read = np.zeros(n)
+    for kind in ("attn", "ffn", "moe"):
+        for l, parts in plan.tables[kind].items():
+            total = sizes[kind][l]
+            whole = cfg.n_head if kind == "attn" else cfg.n_ff if kind == "ffn" else cfg.n_expert
+            for node, a, b in parts:
+                read[node] += total * (b - a) / whole
+    for node, a, b in plan.tables["head"][-1]:
+        read[node] += sizes["head"] * (b - a) / cfg.n_vocab
+    read[0] += sizes["root"]
+    compute = read / (np.asarray(node_gbs, float) * 1e9)           # seconds per token, each node
+    # nodes work in parallel within each module: the token takes the slowest node's time
+    seconds = float(compute.max())
+    net = 0.0
+    if n > 1:
+        trips = plan.trips()
+        w = plan.wire(cfg, wire)
+        net = trips * 2 * latency_ms / 1e3
+        if link_mbit:
+            net += max(w["sent"], w["received"]) * 8 / (link_mbit * 1e6)
+    return {"tok_s": 1.0 / (seconds + net), "compute_ms": seconds * 1e3, "network_ms": net * 1e3,
+            "read_gb": [float(r / 1e9) for r in read]}
