@@ -1,10 +1,14 @@
-"""Real `glmcpu worker` processes on 127.0.0.1: same answers as one process, faults, keys."""
+"""Real `glmcpu worker` processes on 127.0.0.1: the same numbers as one process, faults at chosen
+moments, a second root, keys, shipped shares and what a worker refuses."""
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
-import zmq
 
 import glmcpu
 from glmcpu.cluster import ClusterError, make_plan
@@ -13,10 +17,11 @@ from glmcpu.net.link import keygen
 PROMPT = list(range(5, 17))
 
 
-def start_worker(path, *extra, bind="tcp://127.0.0.1:*"):
+def start_worker(path, *extra, bind="tcp://127.0.0.1:*", env=None):
     model = ["--model", path] if path else []
     p = subprocess.Popen([sys.executable, "-m", "glmcpu", "worker", "--bind", bind, *model, "-t", "1",
-                          *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, **(env or {})))
     line = p.stdout.readline()
     assert line.startswith("glmcpu worker on "), p.stderr.read()
     return p, line.split()[3]
@@ -26,13 +31,20 @@ def start_worker(path, *extra, bind="tcp://127.0.0.1:*"):
 def workers(tmp_path):
     procs = []
 
-    def start(path, n, *extra):
-        started = [start_worker(path, "--cache", str(tmp_path / f"cache{i}"), *extra) for i in range(n)]
+    def start(path, n, *extra, faults=None, lease=None):
+        """n workers; faults[i] (e.g. "kill:attn:9") makes worker i fail at that request."""
+        started = []
+        for i in range(n):
+            env = {"GLMCPU_WORKER_FAULT": faults[i]} if faults and faults[i] else None
+            more = ("--lease", str(lease)) if lease else ()
+            started.append(start_worker(path, "--cache", str(tmp_path / f"cache{i}"), *extra, *more, env=env))
         procs.extend(p for p, _ in started)
         return [p for p, _ in started], [e for _, e in started]
     yield start
     for p in procs:
-        p.kill()
+        if p.poll() is None:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
         p.wait()
 
 
@@ -40,53 +52,163 @@ def greedy(m, n=12):
     return list(m.generate(PROMPT, max_tokens=n, temperature=0, ignore_eos=True))
 
 
-def greedy_killing(m, kills, n=16):
-    """Greedy pieces, with kill -9 of kills[i] right after piece i."""
-    got = []
-    for i, piece in enumerate(m.generate(PROMPT, max_tokens=n, temperature=0, ignore_eos=True)):
-        got.append(piece)
-        if i in kills:
-            kills[i].kill()
-            kills[i].wait()
-    return got
+def kl(want, got):
+    def logp(x):
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lw, lg = logp(want), logp(got)
+    return float((np.exp(lw) * (lw - lg)).sum(-1).max())
 
 
-@pytest.mark.parametrize("family", ["glm4", "glm4_moe"])
-@pytest.mark.parametrize("n_workers,shares", [(2, None), (3, None), (2, [1, 3, 2])])
-def test_cluster_answers_like_one_process(tiny, workers, family, n_workers, shares):
-    _, path, _ = tiny(family, "q8_0")
-    want = greedy(glmcpu.load(path, threads=1))
+def assert_same_logits(want, got, rel=1e-4):
+    """Within rel of the largest logit, KL <= 1e-6, same argmax everywhere."""
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() <= rel * scale, (np.abs(got - want).max() / scale)
+    assert kl(want, got) <= 1e-6
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("family", ["glm4", "glm", "glm4_moe"])
+@pytest.mark.parametrize("n_workers,shares", [(1, None), (2, None), (3, None), (2, [1, 3, 2]), (3, [0, 2, 1, 1])])
+def test_cluster_computes_what_one_process_does(tiny, workers, family, n_workers, shares):
+    _, path, _ = tiny(family, "q8_0", fuse_qkv=family == "glm")
+    one = glmcpu.load(path, threads=1)
+    want_logits, want = one.logits(PROMPT), greedy(one)
     _, eps = workers(path, n_workers, "--insecure")
     m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=5, shares=shares)
+    assert_same_logits(want_logits, m.logits(PROMPT))
     assert greedy(m) == want
     assert m.cluster.stats["round_trips"] > 0 and m.cluster.stats["failovers"] == 0
-    if shares:   # an uneven plan really is uneven
-        sizes = [b - a for _, a, b in next(iter((m.cluster.plan.ffn or m.cluster.plan.experts).values()))]
+    plan = m.cluster.plan
+    if shares:   # an uneven plan really is uneven, and a node with share 0 holds nothing
+        sizes = [b - a for _, a, b in (plan.tables["ffn"].get(1) or plan.tables["moe"][1])]
         assert len(set(sizes)) > 1
+        assert all(n > 0 for n, _, _ in plan.tables["head"][-1]) == (shares[0] == 0)
+    assert {n for n, _, _ in plan.tables["head"][-1]} - {0}          # the output head is split too
+    m.cluster.close()
+
+
+def test_cluster_on_a_9b_wide_q4_0_file(workers, tmp_path):
+    """GLM-4-9B's widths (4096 hidden, 13696 FFN, 32/2 heads, 151,552-row head), 2 layers, Q4_0."""
+    path = str(tmp_path / "w9b.gguf")
+    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "make_model.py")
+    subprocess.run([sys.executable, tool, path, "--layers", "2", "--type", "q4_0"], check=True,
+                   capture_output=True, timeout=300)
+    ids = list(range(1000, 1012))
+    want = glmcpu.load(path, threads=1).logits(ids)
+    _, eps = workers(path, 2, "--insecure")
+    for eps_used, shares in ((eps[:1], None), (eps, [1, 2, 1])):
+        m = glmcpu.load(path, threads=1, workers=eps_used, insecure=True, shares=shares)
+        got = m.logits(ids)
+        # partial sums of a split row add in another order than one row's sum; int8 requantisation
+        # of the next layer's input can turn that last-bit difference into a rounding flip
+        assert_same_logits(want, got, rel=5e-4)
+        m.cluster.close()
+
+
+# ---- faults ---------------------------------------------------------------------------------
+
+FAULT_KINDS = {"glm4": ("attn", "ffn", "head"), "glm4_moe": ("attn", "ffn", "moe")}
+
+
+def nth_request(m, kind, token):
+    """The worker's request count of `kind` that falls in decode step `token` of greedy()."""
+    cfg = m.cfg
+    per_token = {"attn": cfg.n_layer, "head": 1,
+                 "ffn": cfg.n_layer if not getattr(cfg, "n_expert", 0) else cfg.n_dense_lead,
+                 "moe": cfg.n_layer - getattr(cfg, "n_dense_lead", 0)}[kind]
+    return per_token * (1 + token) + 1        # the prompt's prefill is one request per module
 
 
 @pytest.mark.parametrize("family", ["glm4", "glm4_moe"])
-def test_worker_killed_mid_answer(tiny, workers, family):
+@pytest.mark.parametrize("how", ["kill", "stop"])
+@pytest.mark.parametrize("n_workers", [2, 3])
+def test_a_worker_lost_mid_answer_changes_nothing(tiny, workers, family, how, n_workers):
+    """kill -9 or SIGSTOP of a worker at a chosen request of each kind (attention, FFN, MoE or the
+    output head), each worker in turn: the same greedy answer as without the fault."""
     _, path, _ = tiny(family, "q8_0")
-    want = greedy(glmcpu.load(path, threads=1), 16)
-    procs, eps = workers(path, 2, "--insecure")
+    one = glmcpu.load(path, threads=1)
+    want = greedy(one, 16)
+    for i, kind in enumerate(FAULT_KINDS[family]):
+        victim = i % n_workers
+        faults = [None] * n_workers
+        faults[victim] = f"{how}:{kind}:{nth_request(one, kind, 3 + i)}"
+        procs, eps = workers(path, n_workers, "--insecure", faults=faults)
+        m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=1.5)
+        assert greedy(m, 16) == want, faults
+        st = m.cluster.status()
+        assert st["failovers"] == 1 and st["replays"] >= 1 and st["alive"] == f"{n_workers - 1}/{n_workers}"
+        if how == "stop":       # the stopped worker wakes up: its stale answers change nothing, and
+            procs[victim].send_signal(signal.SIGCONT)        # it is used again, from a clean start
+            time.sleep(0.3)
+            assert greedy(m, 16) == want and m.cluster.status()["alive"] == f"{n_workers}/{n_workers}"
+        m.cluster.close()
+        for p in procs:
+            p.kill()
+
+
+def test_every_worker_lost_and_one_back(tiny, workers):
+    """Both workers die at different points: the root ends up doing everything, same answer; a
+    worker restarted on the same address is used again from the next request."""
+    _, path, _ = tiny("glm4_moe", "q8_0")
+    one = glmcpu.load(path, threads=1)
+    want = greedy(one, 16)
+    procs, eps = workers(path, 2, "--insecure",
+                         faults=[f"kill:moe:{nth_request(one, 'moe', 2)}", f"kill:attn:{nth_request(one, 'attn', 9)}"])
     m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=3)
-    got = greedy_killing(m, {4: procs[1]})       # kill -9 in the middle of the answer
-    assert got == want and m.cluster.stats["failovers"] == 1
-    assert m.cluster.per_token()["alive"] == "1/2"
-    # the worker comes back on the same address: it is used again from the next request
-    back, _ = start_worker_at(path, eps[1])
+    assert greedy(m, 16) == want
+    assert m.cluster.stats["failovers"] == 2 and m.cluster.status()["alive"] == "0/2"
+    back, _ = start_worker(path, "--insecure", bind=eps[1])
     try:
-        assert greedy(m, 16) == want and m.cluster.per_token()["alive"] == "2/2"
-        assert m.cluster.stats["failovers"] == 1
+        assert greedy(m, 16) == want and m.cluster.status()["alive"] == "1/2"
     finally:
         back.kill()
         back.wait()
 
 
-def start_worker_at(path, endpoint):
-    return start_worker(path, "--insecure", bind=endpoint)
+# ---- one root at a time ---------------------------------------------------------------------
 
+def test_a_second_root_is_refused_and_changes_nothing(tiny, workers):
+    _, path, _ = tiny("glm4", "q8_0")
+    want = greedy(glmcpu.load(path, threads=1), 16)
+    _, eps = workers(path, 2, "--insecure", lease=2)
+    first = glmcpu.load(path, threads=1, workers=eps, insecure=True)
+    got = []
+    for i, piece in enumerate(first.generate(PROMPT, max_tokens=16, temperature=0, ignore_eos=True)):
+        got.append(piece)
+        if i == 5:                       # a second root arrives mid-answer
+            with pytest.raises(ClusterError) as e:
+                glmcpu.load(path, threads=1, workers=eps[1:], insecure=True)
+            msg = str(e.value)
+            assert "busy" in msg and eps[1] in msg and "\n" not in msg
+    assert got == want and first.cluster.stats["failovers"] == 0
+    time.sleep(2.5)                      # idle, but its keepalive holds the workers
+    with pytest.raises(ClusterError, match="busy"):
+        glmcpu.load(path, threads=1, workers=eps, insecure=True)
+    first.cluster.close()                # says goodbye: the workers are free at once
+    second = glmcpu.load(path, threads=1, workers=eps, insecure=True)
+    assert greedy(second, 16) == want
+    second.cluster.close()
+
+
+def test_a_root_that_dies_frees_its_workers(tiny, workers, tmp_path):
+    _, path, _ = tiny("glm4", "q8_0")
+    _, eps = workers(path, 1, "--insecure", lease=1.5)
+    code = ("import glmcpu, sys, time; m = glmcpu.load(%r, threads=1, workers=[%r], insecure=True); "
+            "list(m.generate([5, 6, 7], max_tokens=2)); print('up', flush=True); time.sleep(60)" % (path, eps[0]))
+    root = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert root.stdout.readline().strip() == "up"
+    with pytest.raises(ClusterError, match="busy"):
+        glmcpu.load(path, threads=1, workers=eps, insecure=True)
+    root.kill()
+    root.wait()
+    time.sleep(2)
+    m = glmcpu.load(path, threads=1, workers=eps, insecure=True)
+    assert greedy(m) == greedy(glmcpu.load(path, threads=1))
+    m.cluster.close()
+
+
+# ---- keys, shipped shares, files ------------------------------------------------------------
 
 def test_keys_required_and_checked(tiny, workers, tmp_path):
     _, path, _ = tiny("glm4", "q8_0")
@@ -105,39 +227,140 @@ def test_keys_required_and_checked(tiny, workers, tmp_path):
         glmcpu.load(path, workers=eps, insecure=True, timeout=1)
     with pytest.raises(glmcpu.GlmcpuError, match="--key"):
         glmcpu.load(path, workers=eps)
-    # the worker is still fine for the right root
     m = glmcpu.load(path, threads=1, workers=eps, key=str(tmp_path / "root"),
                     worker_key=str(tmp_path / "worker.pub"))
     assert greedy(m) == want
+    m.cluster.close()
 
 
-def test_worker_survives_garbage_and_wrong_model(tiny, workers):
+def test_worker_holding_another_model_gets_this_ones_shares(tiny, workers):
     _, path, _ = tiny("glm4", "q8_0")
     _, other, _ = tiny("glm", "q8_0")
-    procs, eps = workers(path, 1, "--insecure")
-    ctx = zmq.Context.instance()
-    raw = ctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(eps[0])
-    rng = np.random.default_rng(1)
-    import msgpack
-    junk = [[rng.bytes(50)], [msgpack.packb({"v": 1, "op": "ffn", "meta": {"layer": 0}, "arrays": []})],
-            [msgpack.packb({"v": 1, "op": "ffn", "meta": {"layer": 99},
-                            "arrays": [["f32", [1, 64]]]}), b"\x00" * 256],
-            [msgpack.packb({"v": 1, "op": "moe", "meta": {}, "arrays": [["f32", [2]]]}), b"\x00" * 8],
-            [msgpack.packb({"v": 1, "op": "load", "meta": {"fingerprint": "x"}, "arrays": []})]]
-    for frames in junk:
-        raw.send_multipart(frames)
-        assert raw.poll(10000)
-        raw.recv_multipart()
-    raw.close()
-    assert procs[0].poll() is None
-    # a worker holding another model gets this one's shares sent (and answers right)
+    _, eps = workers(path, 1, "--insecure")
     m = glmcpu.load(other, threads=1, workers=eps, insecure=True)
     assert m.cluster.shipped > 0 and greedy(m) == greedy(glmcpu.load(other, threads=1))
-    want = greedy(glmcpu.load(path, threads=1))
+    m.cluster.close()
     m = glmcpu.load(path, threads=1, workers=eps, insecure=True)
-    assert m.cluster.shipped == 0 and greedy(m) == want
+    assert m.cluster.shipped == 0 and greedy(m) == greedy(glmcpu.load(path, threads=1))
+    m.cluster.close()
+
+
+def flip_a_weight(src, dst, tensor):
+    """A copy of src with one byte of `tensor` changed: same header, same size, other weights."""
+    from glmcpu.gguf import GGUFFile
+    shutil.copy(src, dst)
+    t = GGUFFile(src).tensors[tensor]
+    off = t.data_offset if hasattr(t, "data_offset") else None
+    if off is None:
+        from gguf import GGUFReader
+        off = next(int(x.data_offset) for x in GGUFReader(src).tensors if x.name == tensor)
+    with open(dst, "r+b") as f:
+        f.seek(off + 7)
+        b = f.read(1)
+        f.seek(off + 7)
+        f.write(bytes([b[0] ^ 0x5A]))
+
+
+def test_a_worker_whose_file_differs_is_refused(tiny, workers, tmp_path):
+    _, path, _ = tiny("glm4", "q8_0")
+    bad = str(tmp_path / "same-header.gguf")
+    flip_a_weight(path, bad, "blk.1.ffn_down.weight")
+    from glmcpu.gguf import GGUFFile
+    assert GGUFFile(bad).fingerprint() == GGUFFile(path).fingerprint()      # the header can't tell
+    _, eps = workers(bad, 1, "--insecure")
+    with pytest.raises(ClusterError) as e:
+        glmcpu.load(path, threads=1, workers=eps, insecure=True)
+    msg = str(e.value)
+    assert "differs from the root's" in msg and "layer 1" in msg and "\n" not in msg
+    # the file it has is used for what matches nothing: as another model, the root's file works
+    _, good = workers(path, 1, "--insecure")
+    m = glmcpu.load(path, threads=1, workers=good, insecure=True)
+    assert greedy(m) == greedy(glmcpu.load(path, threads=1))
+    m.cluster.close()
+
+
+@pytest.mark.parametrize("family", ["glm4", "glm4_moe"])
+def test_worker_without_the_file_gets_its_share_once(tiny, tmp_path, family):
+    """No copy of the GGUF: the root sends the worker's slices, the worker caches them under their
+    digests, and the next start of the worker needs nothing."""
+    _, path, _ = tiny(family, "q8_0")
+    want = greedy(glmcpu.load(path, threads=1))
+    cache = str(tmp_path / "cache")
+    for round_ in range(2):
+        p, ep = start_worker(None, "--insecure", "--cache", cache)
+        try:
+            m = glmcpu.load(path, threads=1, workers=[ep], insecure=True)
+            assert greedy(m) == want
+            shipped = m.cluster.shipped
+            if round_ == 0:
+                full = sum(t.n_bytes for t in m.file.tensors.values())
+                assert 0 < shipped < full       # only this worker's slices, not the file
+            else:
+                assert shipped == 0             # all from the worker's cache
+            m.cluster.close()
+        finally:
+            p.kill()
+            p.wait()
+
+
+def test_poisoned_shares_change_no_answer(tiny, tmp_path):
+    """A peer re-putting other bytes under a stored share's name is refused; bytes changed on disk
+    are noticed before use (and fetched again), also after a restart."""
+    from glmcpu.net.link import Client, LinkError
+    _, path, _ = tiny("glm4", "q8_0")
+    want = greedy(glmcpu.load(path, threads=1))
+    cache = tmp_path / "cache"
+    p, ep = start_worker(None, "--insecure", "--cache", str(cache))
+    try:
+        m = glmcpu.load(path, threads=1, workers=[ep], insecure=True)
+        assert greedy(m) == want
+        digests = sorted(m.cluster.digests.values())
+        m.cluster.close()
+        stored = sorted(f.name[:-4] for f in cache.glob("*.npz"))
+        assert stored == sorted(set(digests))
+        # a peer (its own session, even one that loaded first) puts other bytes under a stored name
+        peer = Client(ep, timeout=5)
+        entries = [["vector", ["x"], [0], "<f4", [4]]]
+        for meta in ({"s": "p" * 32, "digest": digests[0], "entries": entries},
+                     {"s": "q" * 32, "digest": digests[1], "entries": entries}):
+            with pytest.raises(LinkError, match="put"):
+                peer.request("put", meta, [np.zeros(4, np.float32)])
+        peer.close()
+        m = glmcpu.load(path, threads=1, workers=[ep], insecure=True)
+        assert m.cluster.shipped == 0 and greedy(m) == want
+        m.cluster.close()
+        # bytes changed on the worker's disk are caught by the digest before use
+        victim = cache / (digests[0] + ".npz")
+        data = bytearray(victim.read_bytes())
+        data[-5] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    finally:
+        p.kill()
+        p.wait()
+    p, ep = start_worker(None, "--insecure", "--cache", str(cache))        # and after a restart
+    try:
+        m = glmcpu.load(path, threads=1, workers=[ep], insecure=True)
+        assert 0 < m.cluster.shipped and greedy(m) == want                   # that one share came again
+        m.cluster.close()
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_cache_max_keeps_the_cache_small(tiny, tmp_path):
+    _, path, _ = tiny("glm4", "q8_0")
+    _, other, _ = tiny("glm", "q8_0")
+    cache = tmp_path / "cache"
+    p, ep = start_worker(None, "--insecure", "--cache", str(cache), "--cache-max", "0.0002")   # ~210 KB
+    try:
+        for f in (path, other, path):
+            m = glmcpu.load(f, threads=1, workers=[ep], insecure=True)
+            assert greedy(m) == greedy(glmcpu.load(f, threads=1))
+            m.cluster.close()
+            assert sum(x.stat().st_size for x in cache.glob("*.npz")) <= 0.0002 * 2**30
+    finally:
+        p.kill()
+        p.wait()
 
 
 def test_stats_line(tiny, workers):
@@ -153,81 +376,40 @@ def test_stats_line(tiny, workers):
 def test_plan_command_and_figures(tiny):
     _, path, _ = tiny("glm4_moe", "q8_0")
     p = subprocess.run([sys.executable, "-m", "glmcpu", "plan", path, "--workers",
-                        "tcp://a:1,tcp://b:2", "--shares", "2,1,1"], capture_output=True, text=True)
-    assert p.returncode == 0 and "3 nodes: root 50%" in p.stdout and "round trips" in p.stdout
+                        "tcp://a:1,tcp://b:2", "--shares", "2,1,1", "--speed", "10",
+                        "--link-mbit", "100"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "3 nodes: root 50%" in p.stdout and "round trips" in p.stdout and "predicted decode" in p.stdout
     f = glmcpu.load(path).cfg
     plan = make_plan(f, ["root", "a", "b"], [1, 1, 1])
-    assert all(sum(b - a for _, a, b in parts) == f.n_ff for parts in plan.ffn.values())
-    assert all(sum(b - a for _, a, b in parts) == f.n_expert for parts in plan.experts.values())
+    assert all(sum(b - a for _, a, b in parts) == f.n_ff for parts in plan.tables["ffn"].values())
+    assert all(sum(b - a for _, a, b in parts) == f.n_expert for parts in plan.tables["moe"].values())
+    assert sum(b - a for _, a, b in plan.tables["head"][-1]) == f.n_vocab
     p = subprocess.run([sys.executable, "-m", "glmcpu", "worker", "--bind", "tcp://127.0.0.1:*"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "--insecure" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
-def test_f16_wire_halves_the_bytes(tiny, workers):
+@pytest.mark.parametrize("wire,rel", [("f16", 0.7), ("q8_0", 0.45)])
+def test_smaller_wires(tiny, workers, wire, rel):
     _, path, _ = tiny("glm4_moe", "q8_0")
     single = glmcpu.load(path, threads=1)
     _, eps = workers(path, 2, "--insecure")
     want = single.logits(PROMPT)
-    exact = glmcpu.load(path, threads=1, workers=eps, insecure=True)    # a worker serves one root:
-    assert np.abs(exact.logits(PROMPT) - want).max() < 1e-4            # the last to load its plan
-    half = glmcpu.load(path, threads=1, workers=eps, insecure=True, wire="f16")
-    got = half.logits(PROMPT)
-    # f16 rounding of the hidden state is of the order of the int8 activation rounding (~0.1 here)
+    exact = glmcpu.load(path, threads=1, workers=eps, insecure=True)
+    assert_same_logits(want, exact.logits(PROMPT))
+    exact.cluster.close()
+    small = glmcpu.load(path, threads=1, workers=eps, insecure=True, wire=wire)
+    got = small.logits(PROMPT)
+    # rounding of the hidden state is of the order of the int8 activation rounding (~0.1 here)
     assert np.abs(got - want).max() < 0.2 and (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
-    a, b = exact.cluster.per_token(), half.cluster.per_token()
-    assert b["sent_kib"] < 0.7 * a["sent_kib"] and b["received_kib"] < 0.7 * a["received_kib"]
-
-
-def test_every_worker_lost(tiny, workers):
-    """Both workers die at different points: the root ends up doing everything, same answer."""
-    _, path, _ = tiny("glm4_moe", "q8_0")
-    want = greedy(glmcpu.load(path, threads=1), 16)
-    procs, eps = workers(path, 2, "--insecure")
-    m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=3)
-    got = greedy_killing(m, {3: procs[0], 9: procs[1]})
-    assert got == want and m.cluster.stats["failovers"] == 2 and m.cluster.per_token()["alive"] == "0/2"
-
-
-@pytest.mark.parametrize("family", ["glm4", "glm4_moe"])
-def test_worker_without_the_file_gets_its_share_once(tiny, tmp_path, family):
-    """No copy of the GGUF: the root sends the worker's slices, the worker caches them, and the
-    next start of the worker needs nothing."""
-    _, path, _ = tiny(family, "q8_0")
-    want = greedy(glmcpu.load(path, threads=1))
-    cache = str(tmp_path / "cache")
-    for round_ in range(2):
-        p, ep = start_worker(None, "--insecure", "--cache", cache)
-        try:
-            m = glmcpu.load(path, threads=1, workers=[ep], insecure=True)
-            assert greedy(m) == want
-            shipped = m.cluster.shipped
-            if round_ == 0:
-                full = sum(t.n_bytes for t in m.file.tensors.values())
-                assert 0 < shipped < full       # only this worker's slices, not the file
-            else:
-                assert shipped == 0             # all from the worker's cache
-        finally:
-            p.kill()
-            p.wait()
-
-
-def test_bad_put_never_writes_outside_the_cache(tmp_path):
-    from glmcpu.cluster import WorkerService
-    from glmcpu.net.protocol import ProtocolError
-    w = WorkerService(None, 1, 1, str(tmp_path / "cache"))
-    bad = [{"kind": "../../x", "entries": [], "fingerprint": "ab", "layer": 0, "a": 0, "b": 1},
-           {"kind": "ffn", "entries": [], "fingerprint": "../..", "layer": 0, "a": 0, "b": 1},
-           {"kind": "ffn", "entries": [["rows", [], [5, 8, 32]]], "fingerprint": "ab", "layer": 0, "a": 0, "b": 1},
-           {"kind": "ffn", "entries": [], "fingerprint": "ab", "layer": "x", "a": 0, "b": 1}]
-    for meta in bad:
-        with pytest.raises(ProtocolError):
-            w("put", meta, [])
-    assert not (tmp_path / "x").exists() and not list(tmp_path.glob("**/*.npz"))
+    a, b = exact.cluster.status(), small.cluster.status()
+    assert b["sent_kib"] < rel * a["sent_kib"]
+    small.cluster.close()
 
 
 def test_shares_follow_speed_within_memory():
-    from glmcpu.cluster import weigh
+    from glmcpu.plan import weigh
     s = weigh([20, 10, 10], [16, 8, 1], need_gb=10)       # the third can hold 9% of a 10 GB model
     assert abs(sum(s) - 1) < 1e-9 and s[2] <= 0.09 + 1e-9 and s[0] > s[1] > s[2]
     assert weigh([1, 1, 1], [0, 0, 0], 10) == [1 / 3] * 3   # memory unknown: speed alone
@@ -239,16 +421,32 @@ def test_plan_slices_whole_k_quant_blocks():
     from types import SimpleNamespace
     for head_dim, n_head, n_kv, n_ff, blk in [(128, 32, 2, 13696, 32), (128, 96, 8, 10944, 32),
                                              (64, 16, 4, 1024, 256), (16, 4, 2, 96, 32)]:
-        cfg = SimpleNamespace(head_dim=head_dim, n_head=n_head, n_head_kv=n_kv, n_ff=n_ff, n_layer=2)
+        cfg = SimpleNamespace(head_dim=head_dim, n_head=n_head, n_head_kv=n_kv, n_ff=n_ff, n_layer=2,
+                              n_vocab=1000, d_model=64)
         for nodes in (2, 3, 5):
             plan = make_plan(cfg, [f"n{i}" for i in range(nodes)], [1, 3, 2, 1, 1][:nodes])
-            for parts in plan.attn.values():
+            for parts in plan.tables["attn"].values():
                 assert all(a * head_dim % 256 == 0 or blk == 32 and a * head_dim % 32 == 0 for _, a, _ in parts)
                 assert sum(b - a for _, a, b in parts) == n_head
-            for parts in plan.ffn.values():
+            for parts in plan.tables["ffn"].values():
                 ffn_blk = 256 if n_ff % 256 == 0 else 32
                 assert all(a % ffn_blk == 0 for _, a, _ in parts)
                 assert sum(b - a for _, a, b in parts) == n_ff
+
+
+def test_plan_predicts_from_speeds_and_link():
+    from types import SimpleNamespace
+    from glmcpu.plan import predict
+    cfg = SimpleNamespace(head_dim=128, n_head=32, n_head_kv=2, n_ff=13696, n_layer=40, n_vocab=151552,
+                          d_model=4096)
+    sizes = {"attn": {l: 20e6 for l in range(40)}, "ffn": {l: 100e6 for l in range(40)}, "moe": {},
+             "head": 350e6, "root": 0}
+    one = predict(make_plan(cfg, ["root"]), cfg, sizes, [20])
+    two = predict(make_plan(cfg, ["root", "w"]), cfg, sizes, [20, 20])
+    slow_link = predict(make_plan(cfg, ["root", "w"]), cfg, sizes, [20, 20], link_mbit=100, latency_ms=0.5)
+    assert abs(one["tok_s"] - 20e9 / 5.15e9) < 0.01
+    assert 1.9 < two["tok_s"] / one["tok_s"] < 2.0          # halved reading, a little network
+    assert slow_link["tok_s"] < two["tok_s"] and slow_link["network_ms"] > 80
 
 
 def test_cluster_runs_a_llama_cpp_q4_k_m_file(tiny, workers, tmp_path):
@@ -261,7 +459,10 @@ def test_cluster_runs_a_llama_cpp_q4_k_m_file(tiny, workers, tmp_path):
     p = subprocess.run([sys.executable, "-c", quantize], capture_output=True, timeout=300)
     if p.returncode != 0:
         pytest.skip("llama-cpp-python cannot quantise here (not installed, or cannot run on this CPU)")
-    want = greedy(glmcpu.load(out, threads=1))
+    one = glmcpu.load(out, threads=1)
+    want, want_logits = greedy(one), one.logits(PROMPT)
     _, eps = workers(out, 2, "--insecure")
     m = glmcpu.load(out, threads=1, workers=eps, insecure=True, timeout=5, shares=[1, 1, 2])
     assert greedy(m) == want
+    assert_same_logits(want_logits, m.logits(PROMPT))
+    m.cluster.close()
