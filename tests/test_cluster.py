@@ -129,15 +129,19 @@ def test_a_worker_lost_mid_answer_changes_nothing(tiny, workers, family, how, n_
     _, path, _ = tiny(family, "q8_0")
     one = glmcpu.load(path, threads=1)
     want = greedy(one, 16)
+    plan = make_plan(one.cfg, ["root"] + ["w"] * n_workers)      # threads 1 each: equal shares
     for i, kind in enumerate(FAULT_KINDS[family]):
-        victim = i % n_workers
+        holders = sorted({n - 1 for parts in plan.tables[kind].values() for n, _, _ in parts if n > 0})
+        victim = holders[i % len(holders)]
         faults = [None] * n_workers
         faults[victim] = f"{how}:{kind}:{nth_request(one, kind, 3 + i)}"
         procs, eps = workers(path, n_workers, "--insecure", faults=faults)
         m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=1.5)
         assert greedy(m, 16) == want, faults
         st = m.cluster.status()
-        assert st["failovers"] == 1 and st["replays"] >= 1 and st["alive"] == f"{n_workers - 1}/{n_workers}"
+        held_kv = any(n == victim + 1 for parts in plan.tables["attn"].values() for n, _, _ in parts)
+        assert st["failovers"] == 1 and st["alive"] == f"{n_workers - 1}/{n_workers}"
+        assert (st["replays"] >= 1) == held_kv        # only a lost KV cache needs the sequence again
         if how == "stop":       # the stopped worker wakes up: its stale answers change nothing, and
             procs[victim].send_signal(signal.SIGCONT)        # it is used again, from a clean start
             time.sleep(0.3)
@@ -246,18 +250,15 @@ def test_worker_holding_another_model_gets_this_ones_shares(tiny, workers):
 
 
 def flip_a_weight(src, dst, tensor):
-    """A copy of src with one byte of `tensor` changed: same header, same size, other weights."""
+    """A copy of src with one byte of `tensor` changed (in its last columns: the last node's
+    share of a column split): same header, same size, other weights."""
     from glmcpu.gguf import GGUFFile
     shutil.copy(src, dst)
     t = GGUFFile(src).tensors[tensor]
-    off = t.data_offset if hasattr(t, "data_offset") else None
-    if off is None:
-        from gguf import GGUFReader
-        off = next(int(x.data_offset) for x in GGUFReader(src).tensors if x.name == tensor)
     with open(dst, "r+b") as f:
-        f.seek(off + 7)
+        f.seek(t.data_offset + t.n_bytes - 3)
         b = f.read(1)
-        f.seek(off + 7)
+        f.seek(t.data_offset + t.n_bytes - 3)
         f.write(bytes([b[0] ^ 0x5A]))
 
 
@@ -442,10 +443,10 @@ def test_plan_predicts_from_speeds_and_link():
     sizes = {"attn": {l: 20e6 for l in range(40)}, "ffn": {l: 100e6 for l in range(40)}, "moe": {},
              "head": 350e6, "root": 0}
     one = predict(make_plan(cfg, ["root"]), cfg, sizes, [20])
-    two = predict(make_plan(cfg, ["root", "w"]), cfg, sizes, [20, 20])
+    two = predict(make_plan(cfg, ["root", "w"]), cfg, sizes, [20, 20], latency_ms=0.05)
     slow_link = predict(make_plan(cfg, ["root", "w"]), cfg, sizes, [20, 20], link_mbit=100, latency_ms=0.5)
     assert abs(one["tok_s"] - 20e9 / 5.15e9) < 0.01
-    assert 1.9 < two["tok_s"] / one["tok_s"] < 2.0          # halved reading, a little network
+    assert 1.8 < two["tok_s"] / one["tok_s"] < 2.0          # halved reading, 81 round trips
     assert slow_link["tok_s"] < two["tok_s"] and slow_link["network_ms"] > 80
 
 
