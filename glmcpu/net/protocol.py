@@ -27,7 +27,7 @@ def pack(op: str, meta: dict = None, arrays=()) -> list:
             raise ProtocolError(f"dtype {a.dtype} cannot be sent")
     header = {"v": VERSION, "op": op, "meta": meta or {},
               "arrays": [[NAMES[a.dtype], list(a.shape)] for a in arrays]}
-    return [msgpack.packb(header, use_bin_type=True)] + [memoryview(a).cast("B") for a in arrays]
+    return [msgpack.packb(header, use_bin_type=True)] + [memoryview(a.reshape(-1).view(np.uint8)) for a in arrays]
 
 
 def _no_ext(code, data):
