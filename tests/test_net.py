@@ -138,3 +138,25 @@ def test_insecure_mode_works_without_keys():
         c.close()
     finally:
         finish()
+
+
+def test_too_many_frames_or_bytes_are_dropped_as_they_are_read(monkeypatch):
+    import glmcpu.net.link as link
+    monkeypatch.setattr(link, "MAX_TOTAL", 1 << 16)
+    srv, finish = start()
+    try:
+        raw = zmq.Context.instance().socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(srv.endpoint)
+        for frames in ([b"h"] * 200, [msgpack.packb({"v": 1, "op": "add", "meta": {}, "arrays": [["u8", [1 << 15]]] * 3})]
+                       + [b"\x00" * (1 << 15)] * 3):
+            raw.send_multipart(frames)
+            assert raw.poll(5000)
+            op, meta, _ = unpack(raw.recv_multipart())
+            assert op == "error" and "frames or" in meta["message"]
+        raw.close()
+        c = Client(srv.endpoint, timeout=5)
+        assert c.request("ping", {"x": 2})[0] == {"pong": 2}
+        c.close()
+    finally:
+        finish()

@@ -10,9 +10,11 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from .protocol import ProtocolError, pack, unpack
+from .protocol import MAX_ARRAYS, ProtocolError, pack, unpack
 
-MAX_MESSAGE = 1 << 30          # one peer cannot make the other allocate more than this
+MAX_MESSAGE = 1 << 30          # bytes of one frame: ZeroMQ drops a peer that sends a bigger one
+MAX_TOTAL = 1 << 30            # bytes of all the frames of one message
+MAX_FRAMES = MAX_ARRAYS + 2    # routing id, header, arrays
 HEARTBEAT_MS = 1000            # ZMTP pings on idle links; a peer silent for 5 beats is dropped
 
 
@@ -90,11 +92,13 @@ class Server:
             if not self.sock.poll(poll_ms):
                 continue
             try:
-                frames = self.sock.recv_multipart(copy=False)
+                frames, too_big = self._receive()
             except zmq.ZMQError:
                 continue
             ident, body = frames[0], [f.buffer for f in frames[1:]]
             try:
+                if too_big:
+                    raise ProtocolError(f"message over {MAX_FRAMES} frames or {MAX_TOTAL >> 20} MiB")
                 op, meta, arrays = unpack(body)
                 rmeta, rarrays = self.handler(op, meta, arrays)
                 reply = pack("ok", rmeta, rarrays)
@@ -109,6 +113,21 @@ class Server:
                 self.sock.send_multipart([ident] + reply)
             except zmq.ZMQError:
                 pass
+
+    def _receive(self):
+        """One message, frame by frame: past MAX_FRAMES frames or MAX_TOTAL bytes the rest is read
+        and dropped at once, never kept (ZeroMQ hands over a message only when all of it has
+        arrived, each frame within MAX_MESSAGE)."""
+        frames, total, too_big = [], 0, False
+        while True:
+            f = self.sock.recv(copy=False)
+            total += len(f.buffer)
+            if len(frames) >= MAX_FRAMES or total > MAX_TOTAL:
+                too_big = True
+            else:
+                frames.append(f)
+            if not f.more:
+                return frames, too_big
 
     def close(self):
         self.sock.close(0)
