@@ -74,6 +74,7 @@ def main():
     ap.add_argument("--single-threads", type=int, default=2)
     ap.add_argument("--wires", default="f32,f16,q8_0")
     ap.add_argument("--link-mbit", type=float, default=None)
+    ap.add_argument("--shares", default=None, help="root,worker (default: even)")
     args = ap.parse_args()
 
     import glmcpu
@@ -89,24 +90,28 @@ def main():
     try:
         prompt = list(range(1000, 1008))
         single = glmcpu.load(args.model, threads=args.single_threads)
-        root = glmcpu.load(args.model, threads=1, workers=[ep], insecure=True, timeout=30)
+        shares = [float(x) for x in args.shares.split(",")] if args.shares else None
+        root = glmcpu.load(args.model, threads=1, workers=[ep], insecure=True, timeout=30, shares=shares)
         c = root.cluster
         wires = args.wires.split(",")
         rates = {"single": [], **{w: [] for w in wires}}
         figures = {}
         decode_rate(single, 4, prompt)
         decode_rate(root, 4, prompt)
+        def counters():
+            return np.array([sum(x.sent for x in c.clients), sum(x.received for x in c.clients),
+                             c.stats["round_trips"], c.stats["net_seconds"]], float)
+
         for r in range(args.runs):
             rates["single"].append(decode_rate(single, args.tokens, prompt))
             for w in wires:
                 c.wire = w
-                before = (sum(x.sent for x in c.clients), sum(x.received for x in c.clients),
-                          c.stats["round_trips"], c.stats["net_seconds"], c.stats["tokens"])
+                t0 = counters()
+                decode_rate(root, 1, prompt)                 # the prompt alone
+                t1 = counters()
                 rates[w].append(decode_rate(root, args.tokens, prompt))
-                after = (sum(x.sent for x in c.clients), sum(x.received for x in c.clients),
-                         c.stats["round_trips"], c.stats["net_seconds"], c.stats["tokens"])
-                n = after[4] - before[4]
-                figures[w] = [(a - b) / n for a, b in zip(after[:4], before[:4])]
+                t2 = counters()
+                figures[w] = ((t2 - t1) - (t1 - t0)) / (args.tokens - 1)    # per decoded token
         med = {k: statistics.median(v) for k, v in rates.items()}
         print(f"one process, {args.single_threads} threads: {med['single']:.2f} tok/s "
               f"(runs {', '.join(f'{x:.2f}' for x in rates['single'])})")

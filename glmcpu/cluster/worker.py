@@ -85,6 +85,7 @@ class WorkerService:
             how, op, n = fault.split(":")
             self.fault = (how, op, int(n))
         self.counts = {}
+        self.busy_seconds, self.requests = 0.0, 0    # time spent computing, and requests computed
 
     # ---- the session -------------------------------------------------------------------------
 
@@ -113,7 +114,8 @@ class WorkerService:
             from .. import __version__
             return {"fingerprint": self.print, "threads": self.threads, "memory_gb": self.memory,
                     "bandwidth_gbs": self.bandwidth, "version": __version__,
-                    "busy": self._busy(meta.get("s"))}, []
+                    "busy": self._busy(meta.get("s")), "busy_seconds": self.busy_seconds,
+                    "requests": self.requests}, []
         if op == "bye":
             if meta.get("s") == self.session:
                 self._free()
@@ -123,7 +125,11 @@ class WorkerService:
         if op == "put":
             return self.put(meta, arrays), []
         if op in ("attn", "ffn", "moe", "head"):
-            return {}, self.compute(op, meta, arrays)
+            t = time.perf_counter()
+            out = self.compute(op, meta, arrays)
+            self.busy_seconds += time.perf_counter() - t
+            self.requests += 1
+            return {}, out
         raise ProtocolError(f"unknown op {op!r}")
 
     def _free(self):

@@ -4,6 +4,8 @@ header = {"v": VERSION, "op": str, "meta": {str: plain values}, "arrays": [[dtyp
 
 No pickle and no msgpack extension types: a frame can only ever become plain values and NumPy
 arrays of the listed dtypes, and every size is checked before an array is built."""
+import math
+
 import msgpack
 import numpy as np
 
@@ -62,7 +64,7 @@ def unpack(frames) -> tuple:
                 or not all(isinstance(d, int) and 0 <= d < 1 << 40 for d in spec[1])):
             raise ProtocolError("bad array description")
         dtype = np.dtype(DTYPES[spec[0]])
-        if int(np.prod(spec[1], dtype=np.int64)) * dtype.itemsize != len(frame):
+        if math.prod(spec[1]) * dtype.itemsize != len(frame):
             raise ProtocolError(f"array of shape {spec[1]} does not match its {len(frame)} bytes")
         arrays.append(np.frombuffer(frame, dtype).reshape(spec[1]))
     return op, meta, arrays
