@@ -88,22 +88,48 @@ def test_cluster_computes_what_one_process_does(tiny, workers, family, n_workers
     m.cluster.close()
 
 
-def test_cluster_on_a_9b_wide_q4_0_file(workers, tmp_path):
+@pytest.fixture(scope="module")
+def wide_file(tmp_path_factory):
     """GLM-4-9B's widths (4096 hidden, 13696 FFN, 32/2 heads, 151,552-row head), 2 layers, Q4_0."""
-    path = str(tmp_path / "w9b.gguf")
-    tool = os.path.join(os.path.dirname(__file__), "..", "tools", "make_model.py")
-    subprocess.run([sys.executable, tool, path, "--layers", "2", "--type", "q4_0"], check=True,
+    path = str(tmp_path_factory.mktemp("wide") / "w9b.gguf")
+    subprocess.run([sys.executable, TOOLS + "/make_model.py", path, "--layers", "2", "--type", "q4_0"], check=True,
                    capture_output=True, timeout=300)
+    return path
+
+
+TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
+
+
+def test_cluster_on_a_9b_wide_q4_0_file(workers, wide_file):
     ids = list(range(1000, 1012))
-    want = glmcpu.load(path, threads=1).logits(ids)
-    _, eps = workers(path, 2, "--insecure")
+    want = glmcpu.load(wide_file, threads=1).logits(ids)
+    _, eps = workers(wide_file, 2, "--insecure")
     for eps_used, shares in ((eps[:1], None), (eps, [1, 2, 1])):
-        m = glmcpu.load(path, threads=1, workers=eps_used, insecure=True, shares=shares)
+        m = glmcpu.load(wide_file, threads=1, workers=eps_used, insecure=True, shares=shares)
         got = m.logits(ids)
         # partial sums of a split row add in another order than one row's sum; int8 requantisation
         # of the next layer's input can turn that last-bit difference into a rounding flip
         assert_same_logits(want, got, rel=5e-4)
         m.cluster.close()
+
+
+def test_plan_predicts_a_rate_limited_link(wide_file, tmp_path):
+    """A worker in a network namespace behind a 50 Mbit/s tbf link: the measured decode speed is
+    within 25% of what `glmcpu plan` predicts for that link."""
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        pytest.skip("needs root, ip and tc to make a rate-limited network namespace")
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, TOOLS + "/bench_cluster.py", wide_file, "--runs", "1", "--tokens", "10",
+                        "--link-mbit", "50", "--wires", "f32,q8_0", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    if p.returncode != 0 and "netns" in p.stderr:
+        pytest.skip("network namespaces cannot be made here: " + p.stderr.strip().splitlines()[-1])
+    assert p.returncode == 0, p.stderr
+    import json
+    r = json.loads(out.read_text())
+    for w in ("f32", "q8_0"):
+        assert 0.75 < r["cluster"][w] / r["predicted"][w] < 1.25, r
+    assert r["per_token"]["q8_0"]["sent"] < 0.3 * r["per_token"]["f32"]["sent"]
 
 
 # ---- faults ---------------------------------------------------------------------------------

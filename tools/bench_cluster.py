@@ -51,6 +51,8 @@ def netns_down():
 def start_worker(path, netns=False):
     bind = f"tcp://{ADDR_WORKER}:5599" if netns else "tcp://127.0.0.1:*"
     pre = ["ip", "netns", "exec", NS] if netns else []
+    if os.environ.get("WORKER_CPUS"):
+        pre += ["taskset", "-c", os.environ["WORKER_CPUS"]]
     p = subprocess.Popen(pre + [sys.executable, "-m", "glmcpu", "worker", "--bind", bind, "--model", path,
                                 "-t", "1", "--insecure"], stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline()
@@ -75,6 +77,7 @@ def main():
     ap.add_argument("--wires", default="f32,f16,q8_0")
     ap.add_argument("--link-mbit", type=float, default=None)
     ap.add_argument("--shares", default=None, help="root,worker (default: even)")
+    ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
 
     import glmcpu
@@ -120,6 +123,9 @@ def main():
             print(f"root 1 thread + worker 1 thread, wire {w}: {med[w]:.2f} tok/s = {med[w] / med['single']:.2f}x "
                   f"(runs {', '.join(f'{x:.2f}' for x in rates[w])}); per token {sent / 1024:.1f} KiB sent, "
                   f"{recv / 1024:.1f} KiB received, {trips:.0f} round trips, {1e3 * net:.1f} ms waiting")
+        result = {"single": med["single"], "cluster": {w: med[w] for w in wires},
+                  "per_token": {w: dict(zip(("sent", "received", "round_trips", "net_seconds"), map(float, figures[w])))
+                                for w in wires}, "predicted": {}}
         if args.link_mbit:
             cfg = root.cfg
             sizes = module_bytes(root.file, cfg)
@@ -128,9 +134,14 @@ def main():
             plan = make_plan(cfg, ["root", ep], [1, 1])
             for w in wires:
                 p = predict(plan, cfg, sizes, [one_gbs, one_gbs], args.link_mbit, 0.05, w)
+                result["predicted"][w] = p["tok_s"]
                 print(f"over {args.link_mbit:g} Mbit/s, wire {w}: measured {med[w]:.2f} tok/s, `glmcpu plan` "
                       f"predicts {p['tok_s']:.2f} ({one_gbs:.1f} GB/s per node from a 1-thread run)")
         c.close()
+        if args.json:
+            import json
+            with open(args.json, "w") as fh:
+                json.dump(result, fh)
     finally:
         worker.kill()
         worker.wait()
