@@ -109,6 +109,112 @@ def gemm(const uint8_t[:, ::1] w, int wtype, int n, const float[:, ::1] x, out_a
     return out_arr
 
 
+cdef class Chunked:
+    """A matrix kept as column chunks (each [rows or 8-row groups, bytes] of one ggml type), for
+    gemm_chunked: their pointers, row strides, widths and column offsets, checked once at load."""
+    cdef readonly object chunks
+    cdef readonly int wtype, n, N, C
+    cdef size_t *wp
+    cdef size_t *rb
+    cdef int *nc
+    cdef int *off
+
+    def __cinit__(self, chunks, int wtype):
+        cdef int c, grp = GROUP.get(wtype, 1)
+        if not chunks or wtype not in TYPE_SIZES:
+            raise ValueError("Chunked: no chunks, or an unsupported type")
+        bs, bb = TYPE_SIZES[wtype]
+        kept = []
+        for w, n_c in chunks:
+            w = np.asarray(w)
+            if grp > 1 or w.ndim != 2 or w.dtype != np.uint8 or w.strides[1] != 1:
+                w = np.ascontiguousarray(w, np.uint8)        # rows may be a strided view, 8-row groups not
+            kept.append((w, int(n_c)))
+        self.chunks, self.wtype, self.C = kept, wtype, len(kept)
+        self.N = kept[0][0].shape[0] * grp
+        self.wp = <size_t *>malloc(sizeof(size_t) * self.C)
+        self.rb = <size_t *>malloc(sizeof(size_t) * self.C)
+        self.nc = <int *>malloc(sizeof(int) * self.C)
+        self.off = <int *>malloc(sizeof(int) * self.C)
+        self.n = 0
+        for c, (w, n_c) in enumerate(kept):
+            if w.ndim != 2 or w.shape[0] * grp != self.N or n_c <= 0 or n_c % bs or w.shape[1] != n_c // bs * bb:
+                raise ValueError(f"Chunked: chunk {c} is not {self.N} rows of {n_c} values of type {wtype}")
+            self.wp[c], self.rb[c], self.nc[c], self.off[c] = w.ctypes.data, w.strides[0], n_c, self.n
+            self.n += n_c
+
+    def __dealloc__(self):
+        free(self.wp)
+        free(self.rb)
+        free(self.nc)
+        free(self.off)
+
+
+def gemm_chunked(Chunked m, const float[:, ::1] x, out_arr, int threads=1):
+    """out[T, N] float64 = the sum, chunk by chunk in order, of x[:, chunk c's columns] @ W_c^T.
+    Each chunk's dot products are the usual float32 kernels; the chunks add in double, where
+    float32 values add exactly. So a node holding some of a matrix's chunks gets their sum as one
+    process has it, and the partial sums of several nodes add up (in double) to one process's."""
+    cdef double[:, ::1] out = out_arr
+    cdef int T = x.shape[0], C = m.C, N = m.N, grp = GROUP.get(m.wtype, 1), wtype = m.wtype
+    cdef int item, nitems, r0, r1, r, t, c, rows, maxrows, i, nc, qb
+    cdef bint q = wtype in INT_TYPES, kq = wtype in K_TYPES
+    cdef long long base
+    if x.shape[1] != m.n or out.shape[0] != T or out.shape[1] != N:
+        raise ValueError(f"gemm_chunked: x [{T}, {x.shape[1]}], W [{N}, {m.n}], out {tuple(out_arr.shape)}")
+    if N == 0 or T == 0:
+        return out_arr
+    # activations chunk-major ([C][T][n_c]): the kernels read token t of a chunk at t * n_c
+    xf = np.empty(T * m.n, np.float32)
+    xq = np.empty(T * m.n if q else 1, np.int8)
+    xd = np.empty(T * m.n // 32 + 1 if q else 1, np.float32)
+    xs = np.empty(T * m.n // 32 + 1 if q else 1, np.float32)
+    cdef float[::1] xfa = xf, xda = xd, xsa = xs
+    cdef int8_t[::1] xqa = xq
+    cdef float *tmp
+    cdef double *acc
+    qb = 256 if kq else 32                                   # values per activation scale
+    threads = max(1, threads)
+    # a few row ranges per thread, small enough that a range's sums over all its tokens (T x rows
+    # doubles and floats, <= ~200 KB) stay in L2 while the chunks pass
+    nitems = max(1, min(N // grp, max(threads * 4, (T * N) // 16384)))
+    maxrows = ((N // grp + nitems - 1) // nitems) * grp
+    with nogil:
+        for i in prange(T * C, num_threads=threads if T > 1 else 1, schedule='static'):
+            c, t = i // T, i % T
+            nc = m.nc[c]
+            base = <long long>T * m.off[c] + <long long>t * nc
+            memcpy(&xfa[base], &x[t, m.off[c]], sizeof(float) * nc)
+            if kq:
+                quantize_row_q8_K(nc, &x[t, m.off[c]], &xqa[base], &xda[base // 256],
+                                  <int16_t *>&xsa[base // 32])
+            elif q:
+                quantize_row_q8(nc, &x[t, m.off[c]], &xqa[base], &xda[base // 32], &xsa[base // 32])
+    with nogil, parallel(num_threads=threads):
+        tmp = <float *>malloc(sizeof(float) * T * maxrows)
+        acc = <double *>malloc(sizeof(double) * T * maxrows)
+        for item in prange(nitems, schedule='static'):
+            r0 = <int>((<long long>item * (N // grp)) // nitems) * grp
+            r1 = <int>((<long long>(item + 1) * (N // grp)) // nitems) * grp
+            rows = r1 - r0
+            for i in range(T * rows):
+                acc[i] = 0.0
+            for c in range(C):
+                base = <long long>T * m.off[c]
+                # gemm_rows writes out[t * ldo + r] for r in r0..r1: point it at tmp
+                gemm_rows(wtype, m.nc[c], <const uint8_t *>m.wp[c], m.rb[c], r0, r1, T, &xfa[base],
+                          &xqa[base if q else 0], &xda[base // qb if q else 0], &xsa[base // 32 if q else 0],
+                          tmp - r0, rows)
+                for i in range(T * rows):
+                    acc[i] += tmp[i]
+            for t in range(T):
+                for r in range(rows):
+                    out[t, r0 + r] = acc[t * rows + r]
+        free(tmp)
+        free(acc)
+    return out_arr
+
+
 def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4):
     """Q4_0 or Q8_0 rows [N, row_bytes] (N a multiple of 8) -> 8-row groups [N/8, 8 * row_bytes]
     laid out as kernels.h's block_q4_0x8 / block_q8_0x8. Returns (groups, Q4_0X8 or Q8_0X8)."""
@@ -378,7 +484,7 @@ def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int 
     with nogil:
         _expert_gemm(wtype_down, F, wd, it, st, xa, qa, da, sa, q_dn, ya, threads)
     w_sorted = np.asarray(weights, np.float32).reshape(-1)[order]
-    res = np.zeros((T, n), np.float32)
-    np.add.at(res, order // k, y * w_sorted[:, None])
+    res = np.zeros((T, n), np.float64)              # experts add in double: exact for float32 terms,
+    np.add.at(res, order // k, y * w_sorted[:, None])   # so the experts of several nodes sum alike
     out[...] = res
     return out

@@ -119,9 +119,9 @@ def repack(w, wtype: int, ram_copy: bool = True):
         if wtype == Q5_0:                   # exactly Q8_0 (same scale, values -16..15): the 8-row
             return K.repack_x8(q5_0_to_q8_0(w), Q8_0)   # Q8_0 kernels are ~3x faster than Q5_0's
         if wtype != Q5_0:
-            return K.repack_x8(w, wtype)
+            return K.repack_x8(np.ascontiguousarray(w), wtype)
     if wtype in IN_RAM and ram_copy:
-        return np.array(w), wtype
+        return np.array(w, order="C"), wtype
     return w, wtype
 
 
@@ -153,6 +153,14 @@ def physical_cores() -> int:
 def default_threads() -> int:
     env = os.environ.get("GLMCPU_THREADS")
     return int(env) if env else physical_cores()
+
+
+def linear_chunked(m, x: np.ndarray, threads: int) -> np.ndarray:
+    """x [T, n] float32 @ W^T -> [T, N] float64 for W kept as column chunks (K.Chunked), summed
+    chunk by chunk in double (see kernels gemm_chunked)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((x.shape[0], m.N), np.float64)
+    return K.gemm_chunked(m, x, out, threads)
 
 
 def linear(w, wtype: int, n: int, x: np.ndarray, threads: int, n_out: int = None) -> np.ndarray:

@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 KINDS = ("attn", "ffn", "moe", "head")
-BLOCKS = (256, 32)    # column slices (Wo, FFN down) are whole quantisation blocks: K-quant super-blocks
-                      # where the width allows, else the 32-blocks of Q4_0/Q8_0/Q5_0 (llama.cpp's fallback)
 WIRE_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}    # bytes per value of a hidden vector on the wire
 FRAME = 120           # bytes of header per message (msgpack + ZeroMQ framing), measured on loopback
 
@@ -55,8 +53,8 @@ class Plan:
                 workers = [(a, b) for n, a, b in parts if n > 0]
                 extra = cfg.n_expert_used * 8 if kind == "moe" else 8 if kind == "attn" else 0
                 sent += len(workers) * (d * per + FRAME + extra)
-                for a, b in workers:
-                    received += FRAME + ((b - a) * 4 if kind == "head" else d * per)
+                for a, b in workers:       # partial sums come back in double on the exact wire
+                    received += FRAME + ((b - a) * 4 if kind == "head" else d * (8 if wire == "f32" else per))
         return {"sent": sent, "received": received}
 
     def describe(self, cfg, wire="f32") -> list:
@@ -79,22 +77,22 @@ class Plan:
 
 
 def split(total: int, shares, unit: int = 1) -> list:
-    """[a, b) ranges of `total` in whole units, proportional to shares, covering it exactly."""
-    units = total // unit
-    cuts = np.round(np.cumsum([0.0] + list(shares)) / sum(shares) * units).astype(int)
-    out = [(int(cuts[i]) * unit, int(cuts[i + 1]) * unit) for i in range(len(shares))]
-    out[-1] = (out[-1][0], int(total))
-    return out
+    """[a, b) ranges of `total`, proportional to shares, cut at the multiples of `unit` nearest to
+    the proportional points (the last range takes a partial unit), covering it exactly."""
+    ideal = np.cumsum([0.0] + list(shares)) / sum(shares) * total
+    cuts = np.minimum(np.round(ideal / unit).astype(int) * unit, total)
+    cuts[-1] = total
+    return [(int(cuts[i]), int(cuts[i + 1])) for i in range(len(shares))]
 
 
-def block_unit(width: int, n: int) -> int:
-    """Items of `width` columns per slice unit so that slices of n items are whole blocks of the
-    largest block size in BLOCKS that n items allow (1 if none)."""
-    for blk in BLOCKS:
-        unit = blk // int(np.gcd(width, blk))
-        if n % unit == 0:
-            return unit
-    return 1
+def chunk_width(n: int) -> int:
+    """Columns per chunk of a matrix whose outputs nodes add up (attention output, FFN down): every
+    process sums such a matrix chunk by chunk in double (kernels: gemm_chunked), and nodes split it
+    only at chunk edges, so partial sums add up to one process's sum. Whole quantisation blocks:
+    K-quant super-blocks (256) where the width is made of them, else 32-blocks."""
+    if n >= 2048:
+        return 1024
+    return 256 if n % 256 == 0 else 32
 
 
 def make_plan(cfg, nodes, shares=None) -> Plan:
@@ -107,7 +105,8 @@ def make_plan(cfg, nodes, shares=None) -> Plan:
         return [(i, a, b) for i, (a, b) in enumerate(split(total, shares, unit)) if b > a]
 
     G = cfg.n_head // cfg.n_head_kv
-    unit = block_unit(cfg.head_dim, cfg.n_head)          # Wo column slices must be whole blocks
+    width = chunk_width(cfg.n_head * cfg.head_dim)      # Wo column slices are whole chunks
+    unit = width // int(np.gcd(width, cfg.head_dim))
     if len(nodes) <= cfg.n_head_kv:
         unit = int(np.lcm(unit, G))                     # whole KV groups: no K/V computed twice
     heads = ranges(cfg.n_head, unit)
@@ -115,7 +114,7 @@ def make_plan(cfg, nodes, shares=None) -> Plan:
     for l in range(cfg.n_layer):
         plan.tables["attn"][l] = heads
         if l < n_dense:
-            plan.tables["ffn"][l] = ranges(cfg.n_ff, block_unit(1, cfg.n_ff))
+            plan.tables["ffn"][l] = ranges(cfg.n_ff, chunk_width(cfg.n_ff))
         else:
             plan.tables["moe"][l] = ranges(cfg.n_expert)
     plan.tables["head"][-1] = ranges(cfg.n_vocab, 8)     # whole 8-row groups of the repacked layout

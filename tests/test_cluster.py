@@ -61,7 +61,10 @@ def kl(want, got):
 
 
 def assert_same_logits(want, got, rel=1e-4):
-    """Within rel of the largest logit, KL <= 1e-6, same argmax everywhere."""
+    """Within rel of the largest logit, KL <= 1e-6, same argmax everywhere (rel=0: bit for bit)."""
+    if rel == 0:
+        np.testing.assert_array_equal(got, want)
+        return
     scale = np.abs(want).max()
     assert np.abs(got - want).max() <= rel * scale, (np.abs(got - want).max() / scale)
     assert kl(want, got) <= 1e-6
@@ -76,7 +79,9 @@ def test_cluster_computes_what_one_process_does(tiny, workers, family, n_workers
     want_logits, want = one.logits(PROMPT), greedy(one)
     _, eps = workers(path, n_workers, "--insecure")
     m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=5, shares=shares)
-    assert_same_logits(want_logits, m.logits(PROMPT))
+    # the same modules, and partial sums added in double where float32 chunk sums add exactly:
+    # the same bits as one process
+    assert_same_logits(want_logits, m.logits(PROMPT), rel=0)
     assert greedy(m) == want
     assert m.cluster.stats["round_trips"] > 0 and m.cluster.stats["failovers"] == 0
     plan = m.cluster.plan
@@ -106,10 +111,7 @@ def test_cluster_on_a_9b_wide_q4_0_file(workers, wide_file):
     _, eps = workers(wide_file, 2, "--insecure")
     for eps_used, shares in ((eps[:1], None), (eps, [1, 2, 1])):
         m = glmcpu.load(wide_file, threads=1, workers=eps_used, insecure=True, shares=shares)
-        got = m.logits(ids)
-        # partial sums of a split row add in another order than one row's sum; int8 requantisation
-        # of the next layer's input can turn that last-bit difference into a rounding flip
-        assert_same_logits(want, got, rel=5e-4)
+        assert_same_logits(want, m.logits(ids), rel=0)
         m.cluster.close()
 
 
@@ -424,7 +426,7 @@ def test_smaller_wires(tiny, workers, wire, rel):
     _, eps = workers(path, 2, "--insecure")
     want = single.logits(PROMPT)
     exact = glmcpu.load(path, threads=1, workers=eps, insecure=True)
-    assert_same_logits(want, exact.logits(PROMPT))
+    assert_same_logits(want, exact.logits(PROMPT), rel=0)
     exact.cluster.close()
     small = glmcpu.load(path, threads=1, workers=eps, insecure=True, wire=wire)
     got = small.logits(PROMPT)
@@ -446,18 +448,20 @@ def test_plan_slices_whole_k_quant_blocks():
     """Wo and FFN-down column slices are whole 256-value super-blocks where the widths allow
     (K-quant files), whole 32-blocks otherwise (Q4_0/Q8_0, and llama.cpp's fallback types)."""
     from types import SimpleNamespace
+    from glmcpu.plan import chunk_width
     for head_dim, n_head, n_kv, n_ff, blk in [(128, 32, 2, 13696, 32), (128, 96, 8, 10944, 32),
                                              (64, 16, 4, 1024, 256), (16, 4, 2, 96, 32)]:
         cfg = SimpleNamespace(head_dim=head_dim, n_head=n_head, n_head_kv=n_kv, n_ff=n_ff, n_layer=2,
                               n_vocab=1000, d_model=64)
         for nodes in (2, 3, 5):
             plan = make_plan(cfg, [f"n{i}" for i in range(nodes)], [1, 3, 2, 1, 1][:nodes])
-            for parts in plan.tables["attn"].values():
+            for parts in plan.tables["attn"].values():      # Wo columns: whole chunks of whole blocks
+                assert all(a * head_dim % chunk_width(n_head * head_dim) == 0 for _, a, _ in parts)
                 assert all(a * head_dim % 256 == 0 or blk == 32 and a * head_dim % 32 == 0 for _, a, _ in parts)
                 assert sum(b - a for _, a, b in parts) == n_head
             for parts in plan.tables["ffn"].values():
                 ffn_blk = 256 if n_ff % 256 == 0 else 32
-                assert all(a % ffn_blk == 0 for _, a, _ in parts)
+                assert all(a % ffn_blk == 0 and a % chunk_width(n_ff) == 0 for _, a, _ in parts)
                 assert sum(b - a for _, a, b in parts) == n_ff
 
 
@@ -472,7 +476,8 @@ def test_plan_predicts_from_speeds_and_link():
     two = predict(make_plan(cfg, ["root", "w"]), cfg, sizes, [20, 20], latency_ms=0.05)
     slow_link = predict(make_plan(cfg, ["root", "w"]), cfg, sizes, [20, 20], link_mbit=100, latency_ms=0.5)
     assert abs(one["tok_s"] - 20e9 / 5.15e9) < 0.01
-    assert 1.8 < two["tok_s"] / one["tok_s"] < 2.0          # halved reading, 81 round trips
+    # halved reading but for the FFN's 1024-column grid (7168 | 6528 units) and 81 round trips
+    assert 1.75 < two["tok_s"] / one["tok_s"] < 1.95
     assert slow_link["tok_s"] < two["tok_s"] and slow_link["network_ms"] > 80
 
 
@@ -491,5 +496,5 @@ def test_cluster_runs_a_llama_cpp_q4_k_m_file(tiny, workers, tmp_path):
     _, eps = workers(out, 2, "--insecure")
     m = glmcpu.load(out, threads=1, workers=eps, insecure=True, timeout=5, shares=[1, 1, 2])
     assert greedy(m) == want
-    assert_same_logits(want_logits, m.logits(PROMPT))
+    assert_same_logits(want_logits, m.logits(PROMPT), rel=0)
     m.cluster.close()

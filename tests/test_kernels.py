@@ -218,3 +218,49 @@ def test_stream_read_reads_every_byte(K, n):
         want ^= int(b)
     for threads in (1, 2, 3):
         assert K.stream_read(buf, threads) == want
+
+
+def chunked(K, raw, qtype, cols, width, repack):
+    """raw [rows, bytes] as K.Chunked of `width`-column chunks (repacked into 8-row groups if asked)."""
+    from glmcpu.weights import row_bytes
+    per = row_bytes(int(qtype), width)
+    parts = []
+    for c in range(0, raw.shape[1], per):
+        lines, t = np.ascontiguousarray(raw[:, c:c + per]), int(qtype)
+        if repack and qtype in (GT.Q4_0, GT.Q8_0):
+            lines, t = K.repack_x8(lines, int(qtype))
+        parts.append((lines, min(width, cols - c // per * width)))
+    return K.Chunked(parts, t), parts, t
+
+
+@pytest.mark.parametrize("qtype,cols,width", [(GT.Q4_0, 4096 + 96, 1024), (GT.Q8_0, 544, 96),
+                                              (GT.Q4_K, 1024, 256), (GT.Q6_K, 2048, 512),
+                                              (GT.F16, 96, 32), (GT.F32, 64, 32)])
+@pytest.mark.parametrize("repack", [False, True])
+@pytest.mark.parametrize("T", [1, 5])
+def test_gemm_chunked_sums_like_one_matrix(K, qtype, cols, width, repack, T):
+    """Chunk sums added in double: near the float64 reference, equal for a batch and token by
+    token, and the partial sums of any split at chunk edges add up (in double) to the whole."""
+    rng = np.random.default_rng(cols + T)
+    if qtype in (GT.Q4_K, GT.Q6_K):
+        from conftest import random_blocks
+        raw, deq = random_blocks(rng, qtype, 16, cols, extreme=False)
+    else:
+        raw, deq = make_weights(rng, 16, cols, qtype)
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    m, parts, t = chunked(K, raw, qtype, cols, width, repack)
+    whole = K.gemm_chunked(m, x, np.empty((T, 16), np.float64), 2)
+    ref = x.astype(np.float64) @ deq.astype(np.float64).T
+    scale = np.abs(x).astype(np.float64) @ np.abs(deq).astype(np.float64).T
+    tol = FLOAT_TOL if qtype in (GT.F16, GT.F32) else Q8_TOL
+    assert np.all(np.abs(whole - ref) <= tol * scale + 1e-6)
+    steps = np.concatenate([K.gemm_chunked(m, x[i:i + 1], np.empty((1, 16), np.float64), 1) for i in range(T)])
+    np.testing.assert_array_equal(whole, steps)
+    for cut in range(1, len(parts)):
+        a = K.gemm_chunked(K.Chunked(parts[:cut], t), np.ascontiguousarray(x[:, :cut * width]),
+                           np.empty((T, 16), np.float64), 2)
+        b = K.gemm_chunked(K.Chunked(parts[cut:], t), np.ascontiguousarray(x[:, cut * width:]),
+                           np.empty((T, 16), np.float64), 2)
+        np.testing.assert_array_equal((a + b).astype(np.float32), whole.astype(np.float32))
+    with pytest.raises(ValueError):
+        K.gemm_chunked(m, np.zeros((T, cols + 32), np.float32), np.empty((T, 16), np.float64), 1)

@@ -245,7 +245,9 @@ class Cluster:
 
     def exchange(self, mod, x, args):
         """Send x to the live workers holding parts of mod, run the root's part, gather; parts of
-        lost workers are computed here, from the same wire values the worker would have read."""
+        lost workers are computed here, from the same wire values the worker would have read. Partial
+        sums come in float64 (f32 wire) and add in node order: float32 chunk sums add exactly in
+        double, so the total is one process's."""
         kind, th = mod.kind, args[-1]
         x = np.ascontiguousarray(x, np.float32)
         meta = {"layer": mod.layer, "s": self.session, "wire": self.wire}
@@ -255,6 +257,7 @@ class Cluster:
         elif kind == "moe":
             extra = [np.ascontiguousarray(args[0], np.int32), np.ascontiguousarray(args[1], np.float32)]
         sent = wirecodec.encode(x, self.wire)
+        reply = wirecodec.reply_codec(self.wire)      # partial sums: f64 on the exact wire
         asked = []
         for n, _, _ in mod.parts:
             if n > 0 and self.alive[n - 1]:
@@ -275,7 +278,7 @@ class Cluster:
                 width = (b - a) if kind == "head" else self.cfg.d_model
                 try:
                     _, arrays = self.clients[n - 1].recv()
-                    out[n] = wirecodec.decode(arrays, "f32" if kind == "head" else self.wire, width, x.shape[0])
+                    out[n] = wirecodec.decode(arrays, "f32" if kind == "head" else reply, width, x.shape[0])
                 except (LinkError, ProtocolError):
                     self.lose(n)
         if asked:
@@ -290,7 +293,7 @@ class Cluster:
                 if n not in mod.fallback:
                     mod.fallback[n] = self.build(FileWeights(self.file), kind, mod.layer, a, b, self.repack)
                 y = mod.fallback[n](wirecodec.roundtrip(x, self.wire), *args)
-                out[n] = y if kind == "head" else wirecodec.roundtrip(y, self.wire)
+                out[n] = y if kind == "head" else wirecodec.roundtrip(y, reply)
             parts.append(out[n])
         if kind == "head":
             return np.concatenate(parts, 1)

@@ -349,7 +349,7 @@ class WorkerService:
             y = mod(x, np.ascontiguousarray(ids), np.ascontiguousarray(w), th)
         else:
             y = mod(x, th)
-        return wirecodec.encode(y, "f32" if op == "head" else codec)
+        return wirecodec.encode(y, "f32" if op == "head" else wirecodec.reply_codec(codec))
 
 
 def dataclasses_items(cfg):

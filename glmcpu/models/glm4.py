@@ -8,6 +8,7 @@ import numpy as np
 
 from .. import ops
 from ..gguf import GGUFFile, dequantize
+from ..plan import chunk_width
 from ..weights import FileWeights, ShareError, row_bytes
 
 K = ops.K
@@ -60,7 +61,9 @@ class Linear:
     at load into 8-row groups (kernels.h: q4_0x8), which the kernels read about twice as fast; the
     file's pages of them are then given back to the OS."""
 
-    def __init__(self, w, name: str, bias: bool = False, rows=None, cols=None):
+    def __init__(self, w, name: str, bias: bool = False, rows=None, cols=None, chunk=None):
+        """chunk: columns per chunk for a matrix whose outputs nodes add up (Wo, FFN down): it is
+        then run chunk by chunk, summed in double (ops.linear_chunked), and returns float64."""
         self.name = name
         if cols is not None:
             self.w, self.type, self.n_in = w.cols(f"{name}.weight", *cols)
@@ -76,9 +79,19 @@ class Linear:
             if self.b.shape != (self.n_out,):
                 raise ShareError(f"{name}.bias has {self.b.shape[0]} values for {self.n_out} rows")
         file_rows = self.w
-        self.w, self.type = ops.repack(self.w, self.type)        # Q4_0/Q8_0: [n_out/8, 8 * row_bytes]
+        self.chunks = None
+        if chunk:
+            per = row_bytes(self.type, chunk)                    # bytes of one chunk of a row
+            parts = [ops.repack(self.w[:, c:c + per], self.type) for c in range(0, self.w.shape[1], per)]
+            self.type = parts[0][1]
+            self.chunks = K.Chunked([(lines, min(chunk, self.n_in - i * chunk))
+                                     for i, (lines, _) in enumerate(parts)], self.type)
+            self.in_ram = not np.may_share_memory(parts[0][0], file_rows)
+            self.w = None
+        else:
+            self.w, self.type = ops.repack(self.w, self.type)    # Q4_0/Q8_0: [n_out/8, 8 * row_bytes]
+            self.in_ram = self.w is not file_rows                # packed, or a K-quant's RAM copy
         self.packed = self.type in (ops.Q4_0X8, ops.Q8_0X8)     # in 8-row groups
-        self.in_ram = self.w is not file_rows                   # packed, or a K-quant's RAM copy
         if self.in_ram and not name.startswith("token_embd"):   # embedding rows are still read
             w.release(f"{name}.weight")
 
@@ -96,12 +109,14 @@ class Linear:
         new = cls.__new__(cls)
         new.name = "+".join(p.name for p in parts)
         new.w = np.concatenate([p.w for p in parts], 0)          # a copy: only of packed (RAM) weights
-        new.type, new.n_in, new.packed, new.in_ram = first.type, first.n_in, first.packed, True
+        new.type, new.n_in, new.packed, new.in_ram, new.chunks = first.type, first.n_in, first.packed, True, None
         new.n_out = sum(p.n_out for p in parts)
         new.b = None if first.b is None else np.concatenate([p.b for p in parts])
         return new
 
-    def __call__(self, x, threads):            # x [T, n_in] -> [T, n_out]
+    def __call__(self, x, threads):            # x [T, n_in] -> [T, n_out] (float64 if chunked)
+        if self.chunks is not None:
+            return ops.linear_chunked(self.chunks, x, threads)
         y = ops.linear(self.w, self.type, self.n_in, x, threads, self.n_out)
         if self.b is not None:
             y += self.b
@@ -178,13 +193,14 @@ class Attention:
         self.k_norm = optional_vector(w, p + "attn_k_norm.weight")       # [head_dim]
         check((self.q_norm is None or self.q_norm.shape == (hd,)) and (self.k_norm is None) == (self.q_norm is None)
               and (self.k_norm is None or self.k_norm.shape == (hd,)), f"{p}: q/k norms are not head_dim wide")
-        self.wo = Linear(w, p + "attn_output", cols=None if heads is None else q)
+        self.wo = Linear(w, p + "attn_output", cols=None if heads is None else q,
+                         chunk=chunk_width(cfg.n_head * hd))                 # float64: nodes add it up
         check(self.wo.n_in == self.nq * hd and self.wo.n_out == cfg.d_model, f"{p}: attn_output shape")
         self.scale = 1.0 / np.sqrt(hd)
         # whole KV groups map local q head i to local kv head i // G; a slice of a group goes head by head
         self.aligned = q0 % G == 0 and self.nq % G == 0
 
-    def __call__(self, x, cache, l: int, pos, th):     # x [T, d_model] (normed) -> [T, d_model]
+    def __call__(self, x, cache, l: int, pos, th):     # x [T, d_model] (normed) -> [T, d_model] float64
         c, T, pos0, hd = self.cfg, x.shape[0], cache.pos, self.cfg.head_dim
         qkv = run_parts(self.qkv, x, th)                                      # [T, width]
         q = np.ascontiguousarray(qkv[:, :self.nq * hd]).reshape(T, self.nq, hd)
@@ -220,7 +236,8 @@ class DenseFFN:
     """silu(x Wg) * (x Wu) -> Wd, with gate and up fused in one [gate | up] tensor or apart.
     cols=(a, b): only intermediate units a..b (rows of gate and up, columns of down)."""
 
-    def __init__(self, w, p: str, n_ff: int, d_model: int, suffix: str = "", cols=None):
+    def __init__(self, w, p: str, n_ff: int, d_model: int, suffix: str = "", cols=None, split=True):
+        """split: nodes may share this FFN, so its down projection sums in chunks (float64 out)."""
         a, b = cols or (0, n_ff)
         check(0 <= a < b <= n_ff, f"{p}: FFN units {a}..{b} of {n_ff}")
         whole = cols is None
@@ -232,7 +249,8 @@ class DenseFFN:
         else:
             parts = [(p + "ffn_up" + suffix, (a, b)), (p + "ffn_up" + suffix, (n_ff + a, n_ff + b))]
         self.gate_up = linears(w, parts)
-        self.down = Linear(w, p + "ffn_down" + suffix, cols=None if whole else (a, b))
+        self.down = Linear(w, p + "ffn_down" + suffix, cols=None if whole else (a, b),
+                           chunk=chunk_width(n_ff) if split else None)
         check(sum(lin.n_out for lin in self.gate_up) == 2 * (b - a) and
               all(lin.n_in == d_model for lin in self.gate_up) and self.down.n_in == b - a
               and self.down.n_out == d_model, f"{p}: FFN{suffix} shapes disagree with the config")
@@ -334,11 +352,11 @@ class Model:
         for l, L in enumerate(self.layers):
             o = L.attn(self.rmsnorm(h, L.attn_norm), cache, l, pos, th)
             if L.post_attn_norm is not None:
-                o = self.rmsnorm(o, L.post_attn_norm)
+                o = self.rmsnorm(o.astype(np.float32), L.post_attn_norm)
             h += o
             y = L.ffn(self.rmsnorm(h, L.ffn_norm), th)
             if L.post_ffw_norm is not None:
-                y = self.rmsnorm(y, L.post_ffw_norm)
+                y = self.rmsnorm(y.astype(np.float32), L.post_ffw_norm)
             h += y
         cache.pos += T
         cache.tokens += [int(i) for i in ids]

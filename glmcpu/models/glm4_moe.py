@@ -94,11 +94,12 @@ class Experts:
             raise ModelFileError(f"{p}ffn_gate_exps and ffn_up_exps differ in type")
 
     def __call__(self, x, ids, weights, th):
-        """x [T, d], ids [T, k] (global expert ids), weights [T, k] -> this range's sum [T, d]."""
+        """x [T, d], ids [T, k] (global expert ids), weights [T, k] -> this range's sum [T, d] float64
+        (experts add in double, so the ranges of several nodes add up to one process's sum)."""
         local = ids if (self.e0, self.e1) == (0, self.cfg.n_expert) else \
             np.where((ids >= self.e0) & (ids < self.e1), ids - self.e0, -1).astype(np.int32)
         return K.moe(x, self.gate, self.up, self.down, self.gu_type, self.down_type, local,
-                     np.ascontiguousarray(weights, np.float32), np.empty_like(x), th)
+                     np.ascontiguousarray(weights, np.float32), np.empty(x.shape, np.float64), th)
 
 
 class MoE:
@@ -109,7 +110,7 @@ class MoE:
         self.cfg = cfg
         self.route = Router(w, p, cfg)
         self.experts = make_experts()
-        self.shared = (DenseFFN(w, p, cfg.n_ff_exp * cfg.n_expert_shared, cfg.d_model, "_shexp")
+        self.shared = (DenseFFN(w, p, cfg.n_ff_exp * cfg.n_expert_shared, cfg.d_model, "_shexp", split=False)
                        if cfg.n_expert_shared else None)
         self.hits = np.zeros(cfg.n_expert, np.int64)                      # tokens routed to each expert
 

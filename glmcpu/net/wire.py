@@ -1,6 +1,6 @@
-"""How float32 activations travel: exactly (f32), halved (f16), or as Q8_0 blocks (int8 values
-with one fp16 scale per 32, as ggml and distributed-llama's q80 buffers: 34 bytes per 32 values).
-Nothing here knows what the numbers mean."""
+"""How activations travel: exactly (f32; partial sums as f64), halved (f16), or as Q8_0 blocks
+(int8 values with one fp16 scale per 32, as ggml and distributed-llama's q80 buffers: 34 bytes
+per 32 values). Nothing here knows what the numbers mean."""
 import numpy as np
 
 from .protocol import ProtocolError
@@ -9,10 +9,16 @@ CODECS = ("f32", "f16", "q8_0")
 QK = 32
 
 
+def reply_codec(codec: str) -> str:
+    """Sums that the receiver adds up travel in double on the exact wire (float32 values add
+    exactly there), else as the wire says."""
+    return "f64" if codec == "f32" else codec
+
+
 def encode(x: np.ndarray, codec: str) -> list:
     """float32 [T, n] -> the arrays that carry it."""
-    if codec == "f32":
-        return [np.ascontiguousarray(x, np.float32)]
+    if codec in ("f32", "f64"):
+        return [np.ascontiguousarray(x, np.float32 if codec == "f32" else np.float64)]
     if codec == "f16":
         return [x.astype(np.float16)]
     if codec == "q8_0":
@@ -31,13 +37,13 @@ def encode(x: np.ndarray, codec: str) -> list:
 def decode(arrays, codec: str, n: int, max_rows: int) -> np.ndarray:
     """The arrays of encode() -> float32 [T, n], checking every dtype and shape first
     (ProtocolError otherwise); T is at most max_rows."""
-    want = {"f32": 1, "f16": 1, "q8_0": 2}.get(codec)
+    want = {"f32": 1, "f64": 1, "f16": 1, "q8_0": 2}.get(codec)
     if want is None or len(arrays) < want:
         raise ProtocolError(f"activations: unknown codec {codec!r} or too few arrays")
     a = arrays[0]
     if a.ndim != 2 or a.shape[1] != n or not 1 <= a.shape[0] <= max_rows:
         raise ProtocolError(f"activations of shape {list(a.shape)}: want [1..{max_rows}, {n}]")
-    if codec == "f32" and a.dtype == np.float32:
+    if (codec, a.dtype) in (("f32", np.float32), ("f64", np.float64)):
         return a
     if codec == "f16" and a.dtype == np.float16:
         return a.astype(np.float32)
@@ -50,11 +56,12 @@ def decode(arrays, codec: str, n: int, max_rows: int) -> np.ndarray:
 
 
 def arrays_of(codec: str) -> int:
+    """How many arrays carry one activation matrix in this codec."""
     return 2 if codec == "q8_0" else 1
 
 
 def roundtrip(x: np.ndarray, codec: str) -> np.ndarray:
     """What the other side reads of x (x itself for f32)."""
-    if codec == "f32":
+    if codec in ("f32", "f64"):
         return x
     return decode(encode(x, codec), codec, x.shape[1], x.shape[0])
