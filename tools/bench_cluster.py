@@ -88,7 +88,12 @@ def main():
                platform.processor())
     print(f"{cpu}, {os.cpu_count()} CPUs, kernels {ops.VARIANT}; {os.path.basename(args.model)}")
     if args.link_mbit:
-        netns_up(args.link_mbit)
+        try:
+            netns_up(args.link_mbit)
+        except (subprocess.CalledProcessError, OSError) as e:
+            netns_down()
+            print(f"netns: cannot make a rate-limited network namespace here ({e})", file=sys.stderr)
+            sys.exit(3)
     worker, ep = start_worker(args.model, netns=bool(args.link_mbit))
     try:
         prompt = list(range(1000, 1008))

@@ -346,7 +346,6 @@ class Cluster:
                 "alive": f"{sum(self.alive)}/{len(self.alive)}",
                 "nodes": f"{1 + sum(self.alive)}/{1 + len(self.alive)}"}
 
-    per_token = status
 
     def close(self):
         """Free the workers for other roots, and close the links."""
