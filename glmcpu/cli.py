@@ -47,10 +47,21 @@ def add_cluster(p):
                         "bytes per 32 values)")
 
 
+def parse_shares(text):
+    """--shares: None, "auto", or comma-separated non-negative numbers (root first)."""
+    if text in (None, "auto"):
+        return text
+    try:
+        return [float(s) for s in text.split(",")]
+    except ValueError:
+        raise GlmcpuError(f"--shares {text}: give comma-separated numbers, root first (e.g. 2,1,1), "
+                          "or auto") from None
+
+
 def cluster_kwargs(a):
     if not getattr(a, "workers", None):
         return {}
-    shares = a.shares if a.shares in (None, "auto") else [float(s) for s in a.shares.split(",")]
+    shares = parse_shares(a.shares)
     return dict(workers=a.workers, key=a.key, worker_key=a.worker_key, insecure=a.insecure,
                 timeout=a.timeout, shares=shares, wire=a.wire)
 
@@ -93,9 +104,9 @@ def cmd_plan(a):
     f = GGUFFile(model_path(a.model))
     cfg = model_class(f.arch).config_class.from_gguf(f)
     nodes = ["root"] + [w for w in (a.workers or "").split(",") if w]
-    shares = [float(s) for s in a.shares.split(",")] if a.shares else None
+    shares = parse_shares(a.shares)
     try:
-        plan = make_plan(cfg, nodes, shares)
+        plan = make_plan(cfg, nodes, None if shares == "auto" else shares)
     except ValueError as e:
         raise GlmcpuError(f"--shares: {e}") from None
     for line in plan.describe(cfg, a.wire):

@@ -417,6 +417,10 @@ def test_plan_command_and_figures(tiny):
     p = subprocess.run([sys.executable, "-m", "glmcpu", "worker", "--bind", "tcp://127.0.0.1:*"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "--insecure" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    for bad in ("1,x", "1,2,3,4"):
+        p = subprocess.run([sys.executable, "-m", "glmcpu", "plan", path, "--workers", "tcp://a:1", "--shares", bad],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1 and "--shares" in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("wire,rel", [("f16", 0.7), ("q8_0", 0.45)])
