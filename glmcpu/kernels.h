@@ -634,7 +634,7 @@ static void gemm_q4_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
     int g = g0;
 #if defined(GLMCPU_AVX512)
     /* two groups per 512-bit register pay off for prompts (8+ tokens, or long rows); one token
-     * reads as fast one group at a time, and short rows (the 1024-column chunks of gemm_chunked)
+     * reads as fast one group at a time, and short rows (the column chunks of gemm_chunked)
      * much faster so (same per-lane arithmetic either way: the same bits) */
     for (; T > 1 && (nb > 64 || T >= 8) && g + 2 <= g1; g += 2) {
         const block_q4_0x8 *a = (const block_q4_0x8 *)(w + (size_t)g * nb * sizeof(block_q4_0x8));

@@ -85,14 +85,17 @@ def split(total: int, shares, unit: int = 1) -> list:
     return [(int(cuts[i]), int(cuts[i + 1])) for i in range(len(shares))]
 
 
-def chunk_width(n: int) -> int:
+def chunk_width(n: int, unit: int = 1) -> int:
     """Columns per chunk of a matrix whose outputs nodes add up (attention output, FFN down): every
     process sums such a matrix chunk by chunk in double (kernels: gemm_chunked), and nodes split it
-    only at chunk edges, so partial sums add up to one process's sum. Whole quantisation blocks:
-    K-quant super-blocks (256) where the width is made of them, else 32-blocks."""
-    if n >= 2048:
-        return 1024
-    return 256 if n % 256 == 0 else 32
+    only at chunk edges, so partial sums add up to one process's sum. About n/12 wide, so 2, 3, 4
+    or 6 nodes can share it evenly; whole quantisation blocks (K-quant super-blocks where the width
+    is made of them, else 32-blocks) and whole `unit`s (an attention head's columns)."""
+    block = 256 if n % 256 == 0 else 32
+    if n < 2048:
+        return block
+    align = int(np.lcm(block, unit))
+    return max(align, -(-(-(-n // 12)) // align) * align)
 
 
 def make_plan(cfg, nodes, shares=None) -> Plan:
@@ -105,7 +108,7 @@ def make_plan(cfg, nodes, shares=None) -> Plan:
         return [(i, a, b) for i, (a, b) in enumerate(split(total, shares, unit)) if b > a]
 
     G = cfg.n_head // cfg.n_head_kv
-    width = chunk_width(cfg.n_head * cfg.head_dim)      # Wo column slices are whole chunks
+    width = chunk_width(cfg.n_head * cfg.head_dim, cfg.head_dim)   # Wo column slices: whole chunks
     unit = width // int(np.gcd(width, cfg.head_dim))
     if len(nodes) <= cfg.n_head_kv:
         unit = int(np.lcm(unit, G))                     # whole KV groups: no K/V computed twice

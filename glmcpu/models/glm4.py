@@ -194,7 +194,7 @@ class Attention:
         check((self.q_norm is None or self.q_norm.shape == (hd,)) and (self.k_norm is None) == (self.q_norm is None)
               and (self.k_norm is None or self.k_norm.shape == (hd,)), f"{p}: q/k norms are not head_dim wide")
         self.wo = Linear(w, p + "attn_output", cols=None if heads is None else q,
-                         chunk=chunk_width(cfg.n_head * hd))                 # float64: nodes add it up
+                         chunk=chunk_width(cfg.n_head * hd, hd))             # float64: nodes add it up
         check(self.wo.n_in == self.nq * hd and self.wo.n_out == cfg.d_model, f"{p}: attn_output shape")
         self.scale = 1.0 / np.sqrt(hd)
         # whole KV groups map local q head i to local kv head i // G; a slice of a group goes head by head
