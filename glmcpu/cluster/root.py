@@ -93,7 +93,7 @@ class Cluster:
         self.config = {k: (float(v) if isinstance(v, float) else v) for k, v in dataclasses.asdict(cfg).items()}
         self.shipped = 0
         self.stats = {"tokens": 0, "round_trips": 0, "failovers": 0, "replays": 0, "net_seconds": 0.0,
-                      "compute_seconds": 0.0}
+                      "compute_seconds": 0.0, "sent": 0, "received": 0}     # bytes of requests, not of loads
         self.live = None                  # the cache whose sequence the workers' KV caches hold
         self.needs_replay = False
         for i, c in enumerate(self.clients):
@@ -258,6 +258,7 @@ class Cluster:
             extra = [np.ascontiguousarray(args[0], np.int32), np.ascontiguousarray(args[1], np.float32)]
         sent = wirecodec.encode(x, self.wire)
         reply = wirecodec.reply_codec(self.wire)      # partial sums: f64 on the exact wire
+        bytes0 = (sum(c.sent for c in self.clients), sum(c.received for c in self.clients))
         asked = []
         for n, _, _ in mod.parts:
             if n > 0 and self.alive[n - 1]:
@@ -283,6 +284,8 @@ class Cluster:
                     self.lose(n)
         if asked:
             self.stats["round_trips"] += 1
+        self.stats["sent"] += sum(c.sent for c in self.clients) - bytes0[0]
+        self.stats["received"] += sum(c.received for c in self.clients) - bytes0[1]
         self.stats["net_seconds"] += time.perf_counter() - t1       # waiting beyond our own share
         if self.needs_replay:
             self.needs_replay = False
@@ -337,8 +340,8 @@ class Cluster:
         """Network figures per token so far: bytes each way, round trips, seconds waiting."""
         n = max(1, self.stats["tokens"])
         return {"tokens": self.stats["tokens"],
-                "sent_kib": sum(c.sent for c in self.clients) / 1024 / n,
-                "received_kib": sum(c.received for c in self.clients) / 1024 / n,
+                "sent_kib": self.stats["sent"] / 1024 / n,
+                "received_kib": self.stats["received"] / 1024 / n,
                 "round_trips": self.stats["round_trips"] / n,
                 "network_ms": 1e3 * self.stats["net_seconds"] / n,
                 "compute_ms": 1e3 * self.stats["compute_seconds"] / n,
