@@ -165,7 +165,7 @@ def gemm_chunked(Chunked m, const float[:, ::1] x, out_arr, int threads=1):
     if N == 0 or T == 0:
         return out_arr
     # activations chunk-major ([C][T][n_c]): the kernels read token t of a chunk at t * n_c
-    xf = np.empty(T * m.n, np.float32)
+    xf = np.empty(1 if q else T * m.n, np.float32)        # float weights read x, the others its q8
     xq = np.empty(T * m.n if q else 1, np.int8)
     xd = np.empty(T * m.n // 32 + 1 if q else 1, np.float32)
     xs = np.empty(T * m.n // 32 + 1 if q else 1, np.float32)
@@ -184,8 +184,9 @@ def gemm_chunked(Chunked m, const float[:, ::1] x, out_arr, int threads=1):
             c, t = i // T, i % T
             nc = m.nc[c]
             base = <long long>T * m.off[c] + <long long>t * nc
-            memcpy(&xfa[base], &x[t, m.off[c]], sizeof(float) * nc)
-            if kq:
+            if not q:
+                memcpy(&xfa[base], &x[t, m.off[c]], sizeof(float) * nc)
+            elif kq:
                 quantize_row_q8_K(nc, &x[t, m.off[c]], &xqa[base], &xda[base // 256],
                                   <int16_t *>&xsa[base // 32])
             elif q:
@@ -202,7 +203,7 @@ def gemm_chunked(Chunked m, const float[:, ::1] x, out_arr, int threads=1):
             for c in range(C):
                 base = <long long>T * m.off[c]
                 # gemm_rows writes out[t * ldo + r] for r in r0..r1: point it at tmp
-                gemm_rows(wtype, m.nc[c], <const uint8_t *>m.wp[c], m.rb[c], r0, r1, T, &xfa[base],
+                gemm_rows(wtype, m.nc[c], <const uint8_t *>m.wp[c], m.rb[c], r0, r1, T, &xfa[0 if q else base],
                           &xqa[base if q else 0], &xda[base // qb if q else 0], &xsa[base // 32 if q else 0],
                           tmp - r0, rows)
                 for i in range(T * rows):

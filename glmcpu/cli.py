@@ -112,7 +112,10 @@ def cmd_plan(a):
     for line in plan.describe(cfg, a.wire):
         print(line)
     if a.speed:
-        speeds = [float(s) for s in a.speed.split(",")]
+        try:
+            speeds = [float(s) for s in a.speed.split(",")]
+        except ValueError:
+            raise GlmcpuError(f"--speed {a.speed}: give GB/s as a number, or one per node") from None
         if len(speeds) == 1:
             speeds = speeds * len(nodes)
         if len(speeds) != len(nodes):

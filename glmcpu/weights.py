@@ -12,25 +12,15 @@ import msgpack
 import numpy as np
 
 from .errors import GlmcpuError, ModelFileError
+from gguf import GGML_QUANT_SIZES
+
 from .gguf import GT
-
-K_TYPE_SIZES = None     # filled on first use from the kernels: {ggml type: (values, bytes) per block}
-
-
-def type_sizes():
-    global K_TYPE_SIZES
-    if K_TYPE_SIZES is None:
-        from .ops import K
-        K_TYPE_SIZES = dict(K.TYPE_SIZES)
-    return K_TYPE_SIZES
-
 
 def row_bytes(wtype: int, n: int) -> int:
     """Bytes of one row of n values of ggml type wtype (ValueError if n splits a block)."""
-    sizes = type_sizes()
-    if wtype not in sizes:
-        raise ValueError(f"ggml type {wtype} is not one glmcpu runs")
-    bs, bb = sizes[wtype]
+    if wtype not in GGML_QUANT_SIZES:
+        raise ValueError(f"ggml type {wtype} is not a ggml type")
+    bs, bb = GGML_QUANT_SIZES[wtype]
     if n % bs:
         raise ValueError(f"{n} values are not whole {bs}-value blocks")
     return n // bs * bb
@@ -66,7 +56,7 @@ class FileWeights:
         w, wtype, _, n_in = self.f.matrix(name)
         if (a, b) == (0, n_in):
             return w, wtype, n_in
-        bs, bb = type_sizes()[wtype]
+        bs, bb = GGML_QUANT_SIZES[wtype]
         if a % bs or (b % bs and b != n_in) or not 0 <= a <= b <= n_in:
             raise ShareError(f"{name}: columns {a}..{b} split a {bs}-value block of its "
                              f"{GT(wtype).name} rows; run this model on fewer nodes")
@@ -101,19 +91,15 @@ class Recorder:
 
     def _add(self, method, args, value):
         if method == "has":
-            entry = [method, list(args), bool(value)]
+            entry, arr = [method, list(args), bool(value)], None
         else:
             arr, rest = (value, []) if method == "vector" else (value[0], [int(v) for v in value[1:]])
             arr = np.ascontiguousarray(arr)
-            entry = [method, list(args), [-1] + rest, arr.dtype.str, list(arr.shape)]
-            self.hash.update(msgpack.packb(entry))
-            self.hash.update(memoryview(arr).cast("B"))
+            entry = [method, list(args), [len(self.arrays) if self.keep else -1] + rest,
+                     arr.dtype.str, list(arr.shape)]
             if self.keep:
-                entry[2][0] = len(self.arrays)
                 self.arrays.append(arr)
-            self.entries.append(entry)
-            return
-        self.hash.update(msgpack.packb(entry))
+        hash_entry(self.hash, entry, arr)
         self.entries.append(entry)
 
     def __getattr__(self, method):
@@ -133,17 +119,20 @@ class Recorder:
         return self.entries, self.arrays
 
 
+def hash_entry(h, entry, arr):
+    """Add one recorded call to a digest: the entry without its array index, then the bytes."""
+    if arr is None:
+        h.update(msgpack.packb(entry))
+        return
+    h.update(msgpack.packb([entry[0], entry[1], [-1] + list(entry[2][1:]), entry[3], entry[4]]))
+    h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
+
+
 def payload_digest(entries, arrays) -> str:
     """The digest a Recorder gave for this payload (a worker checks shipped shares with it)."""
     h = hashlib.sha256()
     for e in entries:
-        if e[0] != "has":
-            arr = arrays[e[2][0]]
-            e = [e[0], e[1], [-1] + list(e[2][1:]), e[3], e[4]]
-            h.update(msgpack.packb(e))
-            h.update(memoryview(np.ascontiguousarray(arr)).cast("B"))
-        else:
-            h.update(msgpack.packb(e))
+        hash_entry(h, e, None if e[0] == "has" else arrays[e[2][0]])
     return h.hexdigest()[:40]
 
 

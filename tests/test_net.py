@@ -8,7 +8,7 @@ import pytest
 import zmq
 
 from glmcpu.net.link import Client, LinkError, Server, keygen, load_keypair, load_public
-from glmcpu.net.protocol import ProtocolError, pack, unpack
+from glmcpu.net.protocol import VERSION, ProtocolError, pack, unpack
 
 
 def handler(op, meta, arrays):
@@ -50,10 +50,10 @@ def test_roundtrip_and_arrays():
     ([b"\xc1\xff\x00"], "bad header"),
     ([msgpack.packb([1, 2])], "not a glmcpu header"),
     ([msgpack.packb({"v": 99, "op": "x", "meta": {}, "arrays": []})], "version"),
-    ([msgpack.packb({"v": 1, "op": "x", "meta": {}, "arrays": [["f32", [4]]]}), b"\x00" * 8], "does not match"),
-    ([msgpack.packb({"v": 1, "op": "x", "meta": {}, "arrays": [["obj", [1]]]}), b"\x00"], "bad array"),
-    ([msgpack.packb({"v": 1, "op": "x", "meta": {}, "arrays": []}), b"extra"], "carries"),
-    ([msgpack.packb({"v": 1, "op": "x", "meta": msgpack.ExtType(1, b"boom"), "arrays": []})], "extension"),
+    ([msgpack.packb({"v": VERSION, "op": "x", "meta": {}, "arrays": [["f32", [4]]]}), b"\x00" * 8], "does not match"),
+    ([msgpack.packb({"v": VERSION, "op": "x", "meta": {}, "arrays": [["obj", [1]]]}), b"\x00"], "bad array"),
+    ([msgpack.packb({"v": VERSION, "op": "x", "meta": {}, "arrays": []}), b"extra"], "carries"),
+    ([msgpack.packb({"v": VERSION, "op": "x", "meta": msgpack.ExtType(1, b"boom"), "arrays": []})], "extension"),
 ])
 def test_malformed_frames_are_refused(frames, words):
     with pytest.raises(ProtocolError, match=words):
@@ -72,8 +72,8 @@ def test_server_survives_garbage_then_serves(keys):
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(srv.endpoint)
         bad = [[rng.bytes(int(n))] for n in rng.integers(0, 300, 20)]
-        bad += [[msgpack.packb({"v": 1, "op": "nope", "meta": {}, "arrays": []})],
-                [msgpack.packb({"v": 1, "op": "add", "meta": {}, "arrays": [["f32", [2]]]}), b"1234"]]
+        bad += [[msgpack.packb({"v": VERSION, "op": "nope", "meta": {}, "arrays": []})],
+                [msgpack.packb({"v": VERSION, "op": "add", "meta": {}, "arrays": [["f32", [2]]]}), b"1234"]]
         for frames in bad:
             raw.send_multipart(frames)
             assert raw.poll(5000), "the worker stopped answering"
@@ -148,7 +148,7 @@ def test_too_many_frames_or_bytes_are_dropped_as_they_are_read(monkeypatch):
         raw = zmq.Context.instance().socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(srv.endpoint)
-        for frames in ([b"h"] * 200, [msgpack.packb({"v": 1, "op": "add", "meta": {}, "arrays": [["u8", [1 << 15]]] * 3})]
+        for frames in ([b"h"] * 200, [msgpack.packb({"v": VERSION, "op": "add", "meta": {}, "arrays": [["u8", [1 << 15]]] * 3})]
                        + [b"\x00" * (1 << 15)] * 3):
             raw.send_multipart(frames)
             assert raw.poll(5000)

@@ -20,7 +20,6 @@ import weakref
 
 import numpy as np
 
-from .. import ops
 from ..errors import GlmcpuError
 from ..net import wire as wirecodec
 from ..net.link import Client, Keepalive, LinkError
@@ -79,7 +78,6 @@ class Cluster:
             raise ClusterError(f"--shares: {e}") from None
         self.repack = model_cls.repack_experts(f)
         self.model = model_cls(f, threads, ranges=self.plan.ranges(0), progress=progress)
-        self.threads = threads
         self.modules = []
         for l, L in enumerate(self.model.layers):
             L.attn = self._wrap("attn", l, L.attn)

@@ -8,6 +8,7 @@ only if the root's current load asked for it and its bytes hash to its name, che
 use; a share built from the worker's own file must hash to the same name, or the file differs
 from the root's and the load is refused. Every array a request carries is checked against the
 config's shapes and types before it reaches a kernel."""
+import dataclasses
 import json
 import math
 import os
@@ -148,7 +149,7 @@ class WorkerService:
             cfg = model_class(c["arch"]).config_class(**c)
         except (TypeError, GlmcpuError) as e:
             raise ProtocolError(f"load: bad model configuration ({e})") from None
-        for k, v in dataclasses_items(cfg):
+        for k, v in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)):
             if isinstance(v, bool) or k in ("arch",):
                 continue
             if isinstance(v, int) and not 0 <= v <= LIMITS.get(k, 1 << 24):
@@ -240,7 +241,7 @@ class WorkerService:
                         continue
                     mod = build(src, cfg, kind, layer, (a, b), False)
                 modules[(kind, layer)] = (mod, digest)
-        except ProtocolError:
+        except ProtocolError:                  # refused: this worker's file differs
             raise
         except (GlmcpuError, ValueError) as e:
             raise ProtocolError(f"load: a share does not fit the configuration ({e})") from None
@@ -351,7 +352,3 @@ class WorkerService:
             y = mod(x, th)
         return wirecodec.encode(y, "f32" if op == "head" else wirecodec.reply_codec(codec))
 
-
-def dataclasses_items(cfg):
-    import dataclasses
-    return [(f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg)]

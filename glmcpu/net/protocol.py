@@ -9,7 +9,7 @@ import math
 import msgpack
 import numpy as np
 
-VERSION = 1
+VERSION = 2            # 2: sessions, load epochs, content-addressed shares, f64 partial sums
 DTYPES = {"f64": np.float64, "f32": np.float32, "f16": np.float16, "i32": np.int32, "i64": np.int64, "u8": np.uint8,
           "i8": np.int8}
 NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
