@@ -123,3 +123,44 @@ def test_kept_cache_reuses_a_shared_prefix_and_answers_the_same(tiny):
     assert "".join(m.generate(other, **kw)) == "".join(fresh.generate(other, **kw))
     assert m.last_stats["cached_tokens"] == len(other) - 1
     assert "".join(m.generate(other[:2], **kw)) == "".join(glmcpu.load(path).generate(other[:2], **kw))
+
+
+def _sorted_reference(s, logits):
+    """The sampler as it was: a stable sort of the whole vocabulary, then top-k, top-p, min-p."""
+    idx = np.argsort(-logits, kind="stable")
+    if s.top_k > 0:
+        idx = idx[:s.top_k]
+    z = logits[idx].astype(np.float64)
+    p = np.exp(z - z[0])
+    p /= p.sum()
+    if s.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), s.top_p) + 1)
+        idx, z, p = idx[:keep], z[:keep], p[:keep]
+    if s.min_p > 0:
+        keep = p >= s.min_p * p[0]
+        idx, z = idx[keep], z[keep]
+    return idx
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(40, 0.95, 0.05), (40, 1.0, 0.0), (0, 0.95, 0.05), (0, 0.9, 0.0),
+                                               (0, 1.0, 0.02), (5, 0.5, 0.3), (1, 1.0, 0.0)])
+def test_sampler_candidates_match_a_full_sort(top_k, top_p, min_p):
+    """Partitioning out the top k (no sort of the vocabulary) keeps exactly the tokens, in the
+    order, that a stable sort of all logits kept: ties at the k-th place included."""
+    rng = np.random.default_rng(top_k + int(100 * top_p))
+    for trial in range(20):
+        n = 5000
+        logits = (rng.standard_normal(n) * (1 + trial % 4)).astype(np.float32)
+        if trial % 3 == 0:                                   # many exact ties
+            logits = np.round(logits * 2) / 2
+        s = Sampler(temperature=1.0, top_k=top_k, top_p=top_p, min_p=min_p, seed=trial)
+        want = _sorted_reference(s, logits)
+        idx, norm = s._candidates(logits)
+        z = logits[idx].astype(np.float64)
+        p = np.exp(z - z[0]) / norm
+        if top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
+            idx, p = idx[:keep], p[:keep]
+        if min_p > 0:
+            idx = idx[p >= min_p * p[0]]
+        np.testing.assert_array_equal(idx, want)
