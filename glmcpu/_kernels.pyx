@@ -2,7 +2,7 @@
 # (_kernels_avx2.pyx: `include "_kernels.pyx"`); kernels.h picks its SIMD path from the
 # compiler's ISA macros. Thin `def` wrappers check shapes once; the work runs without the GIL.
 from cython.parallel cimport prange, parallel
-from libc.stdint cimport uint8_t, uint16_t, int8_t, int16_t, int32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, int8_t, int16_t, int32_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from libc.math cimport sqrtf, expf, cos, sin, pow
@@ -25,12 +25,30 @@ ISA = GLMCPU_ISA.decode()
 # ggml type -> (block size, bytes per block) for the types the kernels run
 TYPE_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
               10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
-              30: (1, 2), 1002: (32, 144), 1008: (32, 272)}
+              30: (1, 2), 1002: (32, 144), 1006: (32, 176), 1008: (32, 272)}
 K_TYPES = (10, 11, 12, 13, 14)          # Q2_K..Q6_K: activations as q8_K (quantize_q8_K)
-INT_TYPES = (2, 3, 6, 7, 8, 1002, 1008) + K_TYPES
+INT_TYPES = (2, 3, 6, 7, 8, 1002, 1006, 1008) + K_TYPES
 Q4_0X8 = 1002       # Q4_0 repacked by repack_x8: one line of `w` per group of 8 rows
+Q5_0X8 = 1006       # Q5_0 likewise
 Q8_0X8 = 1008       # Q8_0 likewise
-GROUP = {1002: 8, 1008: 8}   # rows per line of `w`
+GROUP = {1002: 8, 1006: 8, 1008: 8}   # rows per line of `w`
+
+# Bytes a thread must have to read before a team pays for its fork and join: below this the
+# caller's thread does the work alone. A team waits for its slowest member, and on a busy machine
+# a descheduled member stalls the whole call for a time slice: matrices of a few hundred KB (the
+# demo model's) ran 100x slower with 2 threads than with 1 beside two busy processes.
+cdef enum:
+    MIN_TEAM_BYTES = 256 * 1024
+
+
+cdef inline int team(int threads, double work_bytes) noexcept nogil:
+    """Threads for a call that reads work_bytes: at most `threads`, one per MIN_TEAM_BYTES."""
+    cdef double most = work_bytes / MIN_TEAM_BYTES
+    if threads < 1:
+        return 1
+    if most < threads:
+        return 1 if most < 1 else <int>most
+    return threads
 
 
 def quantize_q8(const float[:, ::1] x, int threads=1):
@@ -44,7 +62,7 @@ def quantize_q8(const float[:, ::1] x, int threads=1):
     cdef int8_t[:, ::1] q = xq
     cdef float[:, ::1] d = xd, s = xs
     with nogil:
-        for t in prange(T, num_threads=max(1, threads), schedule='static'):
+        for t in prange(T, num_threads=team(min(threads, T), 5.0 * T * n), schedule='static'):
             quantize_row_q8(n, &x[t, 0], &q[t, 0], &d[t, 0], &s[t, 0])
     return xq, xd, xs
 
@@ -63,7 +81,7 @@ def quantize_q8_K(const float[:, ::1] x, int threads=1):
     cdef int16_t[:, ::1] b = xb
     if n:
         with nogil:
-            for t in prange(T, num_threads=max(1, threads), schedule='static'):
+            for t in prange(T, num_threads=team(min(threads, T), 5.0 * T * n), schedule='static'):
                 quantize_row_q8_K(n, &x[t, 0], &q[t, 0], &d[t, 0], &b[t, 0])
     return xq, xd, xb.view(np.float32)
 
@@ -98,7 +116,7 @@ def gemm(const uint8_t[:, ::1] w, int wtype, int n, const float[:, ::1] x, out_a
         aq, ad, as_ = quantize_act(x, wtype, threads if x.shape[0] > 1 else 1)
         xq, xd, xs = aq, ad, as_
         pq, pd, ps = &xq[0, 0], &xd[0, 0], &xs[0, 0]
-    threads = max(1, threads)
+    threads = team(threads, <double>w.shape[0] * w.shape[1] * T)   # each weight byte meets T tokens
     nchunks = min(N // grp, threads * 4)
     with nogil:
         for c in prange(nchunks, num_threads=threads, schedule='static'):
@@ -114,6 +132,7 @@ cdef class Chunked:
     gemm_chunked: their pointers, row strides, widths and column offsets, checked once at load."""
     cdef readonly object chunks
     cdef readonly int wtype, n, N, C
+    cdef readonly double nbytes
     cdef size_t *wp
     cdef size_t *rb
     cdef int *nc
@@ -142,6 +161,7 @@ cdef class Chunked:
                 raise ValueError(f"Chunked: chunk {c} is not {self.N} rows of {n_c} values of type {wtype}")
             self.wp[c], self.rb[c], self.nc[c], self.off[c] = w.ctypes.data, w.strides[0], n_c, self.n
             self.n += n_c
+            self.nbytes += <double>w.shape[0] * w.shape[1]
 
     def __dealloc__(self):
         free(self.wp)
@@ -174,7 +194,7 @@ def gemm_chunked(Chunked m, const float[:, ::1] x, out_arr, int threads=1):
     cdef float *tmp
     cdef double *acc
     qb = 256 if kq else 32                                   # values per activation scale
-    threads = max(1, threads)
+    threads = team(threads, m.nbytes * T)
     # a few row ranges per thread, small enough that a range's sums over all its tokens (T x rows
     # doubles and floats, <= ~200 KB) stay in L2 while the chunks pass
     nitems = max(1, min(N // grp, max(threads * 4, (T * N) // 16384)))
@@ -217,13 +237,17 @@ def gemm_chunked(Chunked m, const float[:, ::1] x, out_arr, int threads=1):
 
 
 def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4):
-    """Q4_0 or Q8_0 rows [N, row_bytes] (N a multiple of 8) -> 8-row groups [N/8, 8 * row_bytes]
-    laid out as kernels.h's block_q4_0x8 / block_q8_0x8. Returns (groups, Q4_0X8 or Q8_0X8)."""
-    cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, k, bsz, nk
+    """Q4_0, Q5_0 or Q8_0 rows [N, row_bytes] (N a multiple of 8) -> 8-row groups
+    [N/8, 8 * row_bytes] laid out as kernels.h's block_q4_0x8 / block_q5_0x8 / block_q8_0x8.
+    Returns (groups, Q4_0X8, Q5_0X8 or Q8_0X8)."""
+    cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, k, i, bsz, nk, qs0, hd
+    cdef uint32_t qh, h
     if wtype == 2:
-        bsz, nk, ptype = 18, 4, Q4_0X8
+        bsz, nk, qs0, hd, ptype = 18, 4, 2, 0, Q4_0X8
+    elif wtype == 6:
+        bsz, nk, qs0, hd, ptype = 22, 4, 6, 32, Q5_0X8
     elif wtype == 8:
-        bsz, nk, ptype = 34, 8, Q8_0X8
+        bsz, nk, qs0, hd, ptype = 34, 8, 2, 0, Q8_0X8
     else:
         raise ValueError(f"ggml type {wtype} has no 8-row layout")
     if N % 8 or rb % bsz:
@@ -241,7 +265,15 @@ def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4):
                     src = &w[g * 8 + r, b * bsz]
                     memcpy(dst + 2 * r, src, 2)                          # d[r]
                     for k in range(nk):                                  # qs[(k*8 + r)*4 + i]
-                        memcpy(dst + 16 + (k * 8 + r) * 4, src + 2 + 4 * k, 4)
+                        memcpy(dst + 16 + hd + (k * 8 + r) * 4, src + qs0 + 4 * k, 4)
+                    if hd:                                               # Q5_0: h[r], see kernels.h
+                        memcpy(&qh, src + 2, 4)
+                        h = 0
+                        for k in range(4):
+                            for i in range(4):
+                                h = h | (((qh >> (4 * k + i)) & 1) << (8 * i + k))
+                                h = h | (((qh >> (16 + 4 * k + i)) & 1) << (8 * i + 4 + k))
+                        memcpy(dst + 16 + 4 * r, &h, 4)
     return packed, ptype
 
 
@@ -337,8 +369,9 @@ def silu_mul(const float[:, ::1] gu, out_arr, int threads=1):
     cdef float g
     if gu.shape[1] != 2 * F or out.shape[0] != T or out.shape[1] != F:
         raise ValueError("silu_mul: shape mismatch")
+    threads = team(min(threads, T), 12.0 * T * F)
     with nogil:
-        for t in prange(T, num_threads=max(1, threads), schedule='static'):
+        for t in prange(T, num_threads=threads, schedule='static'):
             for j in range(F):
                 g = gu[t, j]
                 out[t, j] = g / (1.0 + expf(-g)) * gu[t, F + j]
@@ -360,7 +393,8 @@ def attention(const float[:, :, ::1] q, const float[:, :, ::1] kc, const float[:
     if T == 0:
         return out_arr
     G = Hq // Hkv
-    with nogil, parallel(num_threads=max(1, threads)):
+    threads = team(threads, 8.0 * D * (<double>T * Hq * (pos0 + T) + <double>Hkv * (pos0 + T)))
+    with nogil, parallel(num_threads=threads):
         scratch = <float *>malloc(sizeof(float) * (pos0 + T))
         for i in prange(T * Hq, schedule='dynamic'):
             t = i // Hq
@@ -441,6 +475,8 @@ def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int 
     if flat.size and (flat.min() < -1 or flat.max() >= E):
         raise ValueError("moe: expert id out of range")
     live = np.nonzero(flat >= 0)[0]                                  # -1: an expert held elsewhere
+    threads = team(threads, <double>len(np.unique(flat[live])) *
+                   (2.0 * gate.shape[1] * gate.shape[2] + <double>down.shape[1] * down.shape[2]))
     order = live[np.argsort(flat[live], kind="stable")]              # assignments grouped by expert
     counts = np.bincount(flat[live], minlength=E)
     start = np.zeros(E + 1, np.int64)

@@ -42,8 +42,8 @@ static const char GLMCPU_ISA[] = "generic";
 /* ggml tensor types we run (values of ggml_type / gguf.GGMLQuantizationType). */
 enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 = 8,
        GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14, GT_BF16 = 30,
-       /* glmcpu's own: Q4_0 / Q8_0 repacked in 8-row groups, see block_q4_0x8, block_q8_0x8 */
-       GT_Q4_0X8 = 1002, GT_Q8_0X8 = 1008 };
+       /* glmcpu's own: Q4_0 / Q5_0 / Q8_0 repacked in 8-row groups, see block_q4_0x8... */
+       GT_Q4_0X8 = 1002, GT_Q5_0X8 = 1006, GT_Q8_0X8 = 1008 };
 
 #define QK 32
 /* Q4_0: 32 weights in 18 bytes; fp16 scale d, then 16 bytes: weight j (0..15) is the LOW
@@ -427,6 +427,8 @@ static void gemm_q4_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
                                const float *xd, const float *xs, float *out, int ldo);
 static void gemm_q8_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, const int8_t *xq,
                                const float *xd, float *out, int ldo);
+static void gemm_q5_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, const int8_t *xq,
+                               const float *xd, const float *xs, float *out, int ldo);
 
 /* Rows r0..r1 of W (row_bytes apart) against T activation rows: out[t*ldo + r].
  * Integer types read xq/xd/xs (quantised once per call); float types read x. The K-quants read
@@ -442,6 +444,10 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
     }
     if (type == GT_Q8_0X8) {
         gemm_q8_0x8_groups(n, w, r0 / 8, r1 / 8, T, xq, xd, out, ldo);
+        return;
+    }
+    if (type == GT_Q5_0X8) {
+        gemm_q5_0x8_groups(n, w, r0 / 8, r1 / 8, T, xq, xd, xs, out, ldo);
         return;
     }
     if (type == GT_Q4_1 || type == GT_Q5_0 || type == GT_Q5_1) {
@@ -728,6 +734,111 @@ static void gemm_q8_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
             gemv_q8_0x8_tc(n, grp, TCMAX, xq + (size_t)t * n, xd + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo);
         for (; t < T; t++)
             gemv_q8_0x8_tc(n, grp, 1, xq + (size_t)t * n, xd + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo);
+    }
+}
+
+/* ---- Q5_0 rows repacked 8 at a time ("q5_0x8") ------------------------------------
+ * Q5_0 is what llama.cpp's K-quant mixes fall back to for widths that are not multiples of 256
+ * (GLM-4-9B's FFN down, 13696 wide). Per block column of 8 rows: d[r]; h[r], row r's 32 fifth
+ * bits rearranged for the SIMD loads below; qs as block_q4_0x8 (byte 4k+i of row r's nibbles at
+ * qs[(k*8 + r)*4 + i]: low nibble = value 4k+i, high nibble = value 16+4k+i). Bit 8i+k of h[r]
+ * is the fifth bit of value 4k+i, bit 8i+4+k that of value 16+4k+i (i, k = 0..3), so
+ * (h << (4-k)) & 0x10 and (h >> k) & 0x10 in each byte are the fifth bits of load k's low and
+ * high nibbles. 22 bytes per 32 weights, as in the file (a Q8_0 copy would read 34). */
+typedef struct { uint16_t d[8]; uint32_t h[8]; uint8_t qs[128]; } block_q5_0x8;
+_Static_assert(sizeof(block_q5_0x8) == 176, "q5_0x8 block is 176 bytes");
+
+static inline void gemv_q5_0x8_tc(int n, const block_q5_0x8 *w, const int TC, const int8_t *xq,
+                                  const float *xd, const float *xs, float *out, int ldo) {
+    int nb = n / QK;
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    __m256 acc[TCMAX];
+    for (int t = 0; t < TCMAX; t++) acc[t] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m5 = _mm256_set1_epi8(0x10);
+#if !defined(GLMCPU_VNNI)
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    for (int b = 0; b < nb; b++) {
+        __m256i lo[4], hi[4];
+        const __m256i h = _mm256_loadu_si256((const __m256i *)w[b].h);
+#define Q5_LOAD(k) do { \
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * (k))); \
+            lo[k] = _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_slli_epi32(h, 4 - (k)), m5)); \
+            hi[k] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), \
+                                    _mm256_and_si256(_mm256_srli_epi32(h, (k)), m5)); \
+        } while (0)
+        Q5_LOAD(0); Q5_LOAD(1); Q5_LOAD(2); Q5_LOAD(3);
+#undef Q5_LOAD
+        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].d));
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = xq + (size_t)t * n + b * QK;
+#if defined(GLMCPU_VNNI)
+            __m256i sa = _mm256_setzero_si256(), sb = _mm256_setzero_si256();
+            for (int k = 0; k < 4; k++) {
+                int32_t xl, xh;
+                memcpy(&xl, x + 4 * k, 4);
+                memcpy(&xh, x + 16 + 4 * k, 4);
+                sa = _mm256_dpbusd_epi32(sa, lo[k], _mm256_set1_epi32(xl));
+                sb = _mm256_dpbusd_epi32(sb, hi[k], _mm256_set1_epi32(xh));
+            }
+            __m256 isum = _mm256_cvtepi32_ps(_mm256_add_epi32(sa, sb));
+#else
+            /* values 0..31: four pair sums of |31 * 127 * 2| fit int16, so one sum per half */
+            __m256i sa = _mm256_setzero_si256(), sb = _mm256_setzero_si256();
+            for (int k = 0; k < 4; k++) {
+                int32_t xl, xh;
+                memcpy(&xl, x + 4 * k, 4);
+                memcpy(&xh, x + 16 + 4 * k, 4);
+                sa = _mm256_add_epi16(sa, _mm256_maddubs_epi16(lo[k], _mm256_set1_epi32(xl)));
+                sb = _mm256_add_epi16(sb, _mm256_maddubs_epi16(hi[k], _mm256_set1_epi32(xh)));
+            }
+            __m256 isum = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(sa, ones),
+                                                              _mm256_madd_epi16(sb, ones)));
+#endif
+            __m256 v = _mm256_fmsub_ps(_mm256_set1_ps(xd[t * nb + b]), isum, _mm256_set1_ps(16.0f * xs[t * nb + b]));
+            acc[t] = _mm256_fmadd_ps(dw, v, acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) {
+        float r[8];
+        _mm256_storeu_ps(r, acc[t]);
+        for (int j = 0; j < 8; j++) out[(size_t)t * ldo + j] = r[j];
+    }
+#else
+    for (int t = 0; t < TC; t++) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        const int8_t *xt = xq + (size_t)t * n;
+        for (int b = 0; b < nb; b++) {
+            for (int r = 0; r < 8; r++) {
+                int isum = 0;
+                uint32_t h = w[b].h[r];
+                for (int k = 0; k < 4; k++)
+                    for (int i = 0; i < 4; i++) {
+                        uint8_t q = w[b].qs[(k * 8 + r) * 4 + i];
+                        int lo = (q & 0x0f) | (((h >> (8 * i + k)) & 1) << 4);
+                        int hi = (q >> 4) | (((h >> (8 * i + 4 + k)) & 1) << 4);
+                        isum += lo * xt[b * QK + 4 * k + i] + hi * xt[b * QK + 16 + 4 * k + i];
+                    }
+                acc[r] += fp16_to_fp32(w[b].d[r]) * (xd[t * nb + b] * (float)isum - 16.0f * xs[t * nb + b]);
+            }
+        }
+        for (int r = 0; r < 8; r++) out[(size_t)t * ldo + r] = acc[r];
+    }
+#endif
+}
+
+static void gemm_q5_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, const int8_t *xq,
+                               const float *xd, const float *xs, float *out, int ldo) {
+    int nb = n / QK;
+    for (int g = g0; g < g1; g++) {
+        const block_q5_0x8 *grp = (const block_q5_0x8 *)(w + (size_t)g * nb * sizeof(block_q5_0x8));
+        int t = 0;
+        for (; t + TCMAX <= T; t += TCMAX)
+            gemv_q5_0x8_tc(n, grp, TCMAX, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb,
+                           out + (size_t)t * ldo + 8 * g, ldo);
+        for (; t < T; t++)
+            gemv_q5_0x8_tc(n, grp, 1, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb,
+                           out + (size_t)t * ldo + 8 * g, ldo);
     }
 }
 

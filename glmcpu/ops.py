@@ -69,7 +69,7 @@ def _choose():
 
 K = _choose()
 VARIANT = K.ISA
-Q4_0, Q5_0, Q8_0, Q4_0X8, Q8_0X8 = 2, 6, 8, K.Q4_0X8, K.Q8_0X8
+Q4_0, Q5_0, Q8_0, Q4_0X8, Q5_0X8, Q8_0X8 = 2, 6, 8, K.Q4_0X8, K.Q5_0X8, K.Q8_0X8
 # Q4_0 / Q8_0 weights are repacked into RAM at load (8-row groups: faster kernels). Routed experts are too when
 # the whole file fits comfortably in RAM, else they run from the memory map in the file's layout.
 # GLMCPU_REPACK=0: never repack (least RAM); =all: repack experts too, whatever the RAM.
@@ -94,32 +94,15 @@ def repack_experts(file_bytes: int) -> bool:
 IN_RAM = (3, 6, 7) + tuple(K.K_TYPES)
 
 
-def q5_0_to_q8_0(w):
-    """Q5_0 rows [N, nb * 22 bytes] -> the same values as Q8_0 rows [N, nb * 34] (lossless)."""
-    N = w.shape[0]
-    b = np.asarray(w).reshape(N, -1, 22)
-    qh = b[..., 2:6].copy().view("<u4")[..., 0]                          # bit j: bit 4 of value j
-    lo = np.concatenate([b[..., 6:] & 0x0F, b[..., 6:] >> 4], -1)       # [N, nb, 32] low 4 bits
-    hi = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
-    out = np.empty((N, b.shape[1], 34), np.uint8)
-    out[..., :2] = b[..., :2]
-    out[..., 2:] = ((lo | hi).astype(np.int16) - 16).astype(np.int8).view(np.uint8)
-    return out.reshape(N, -1)
-
-
 def repack(w, wtype: int, ram_copy: bool = True):
-    """(weight lines, type) in the fastest layout for this type: Q4_0 and Q8_0 rows in groups of 8
-    (Q5_0 too, as the Q8_0 it exactly is),
-    K-quants as a RAM copy of the file's rows (unless ram_copy=False: routed experts, which gain
-    nothing from a plain copy). Returns w itself when it stays in the file."""
+    """(weight lines, type) in the fastest layout for this type: Q4_0, Q5_0 and Q8_0 rows in
+    groups of 8, K-quants as a RAM copy of the file's rows (unless ram_copy=False: routed
+    experts, which gain nothing from a plain copy). Returns w itself when it stays in the file."""
     if REPACK in ("0", "no", "off"):
         return w, wtype
     # the 8-row kernels have AVX2/AVX-512 bodies; elsewhere (NEON, generic) the file's layout is faster
     if wtype in (Q4_0, Q8_0, Q5_0) and w.shape[0] % 8 == 0 and VARIANT in ("avx2", "avx512", "avx512vnni"):
-        if wtype == Q5_0:                   # exactly Q8_0 (same scale, values -16..15): the 8-row
-            return K.repack_x8(q5_0_to_q8_0(w), Q8_0)   # Q8_0 kernels are ~3x faster than Q5_0's
-        if wtype != Q5_0:
-            return K.repack_x8(np.ascontiguousarray(w), wtype)
+        return K.repack_x8(np.ascontiguousarray(w), wtype)
     if wtype in IN_RAM and ram_copy:
         return np.array(w, order="C"), wtype
     return w, wtype

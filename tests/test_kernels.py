@@ -187,14 +187,14 @@ def test_batched_rows_equal_single_rows(K, qtype, cols):
     assert np.array_equal(batch, single)
 
 
-@pytest.mark.parametrize("qtype", [GT.Q4_0, GT.Q8_0])
+@pytest.mark.parametrize("qtype", [GT.Q4_0, GT.Q5_0, GT.Q8_0])
 @pytest.mark.parametrize("rows,cols,tokens", [(8, 32, 1), (16, 96, 5), (24, 544, 3), (64, 4128, 9)])
 def test_repacked_x8_gemm(K, qtype, rows, cols, tokens):
-    """8-row groups (q4_0x8 / q8_0x8): same bytes in another order, same sums."""
+    """8-row groups (q4_0x8 / q5_0x8 / q8_0x8): same bytes in another order, same sums."""
     rng = np.random.default_rng(rows + cols)
     raw, deq = make_weights(rng, rows, cols, qtype)
     packed, ptype = K.repack_x8(raw, int(qtype))
-    assert packed.nbytes == raw.nbytes and ptype == {GT.Q4_0: K.Q4_0X8, GT.Q8_0: K.Q8_0X8}[qtype]
+    assert packed.nbytes == raw.nbytes and ptype == {GT.Q4_0: K.Q4_0X8, GT.Q5_0: K.Q5_0X8, GT.Q8_0: K.Q8_0X8}[qtype]
     x = rng.standard_normal((tokens, cols)).astype(np.float32)
     got = K.gemm(packed, ptype, cols, x, np.empty((tokens, rows), np.float32), 2)
     q, d = q8_reference(x)

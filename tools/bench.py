@@ -6,7 +6,14 @@ same GGUF file and thread count: alternating runs, medians, and the ratio.
 
 Both engines see the same token ids: a prompt of --prompt random ids, then --gen fixed ids fed
 one at a time (no sampling, so only the engines are timed). This machine's memory bandwidth
-drifts over minutes: only the ratio within one run means much."""
+drifts over minutes: only the ratio within one run means much.
+
+The output names the CPU, glmcpu's kernel variant (GLMCPU_KERNELS=avx2 forces the AVX2 one) and
+the instruction sets llama.cpp was built for. To compare against another llama.cpp build, point
+llama-cpp-python at its libraries: LLAMA_CPP_LIB_PATH=/path/to/llama_cpp/lib.
+
+--busy N runs N busy-loop processes beside the engines (a loaded machine); --sampling adds
+glmcpu's generate() with its default sampling against greedy, on the same prompt."""
 import argparse
 import os
 import statistics
@@ -71,16 +78,66 @@ def bytes_per_token(model) -> int:
     return int(total)
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def llama_isa() -> str:
+    import llama_cpp
+    info = llama_cpp.llama_print_system_info().decode()
+    on = [kv.split("=")[0].strip() for kv in info.replace("CPU :", "|").split("|") if kv.strip().endswith("= 1")]
+    return " ".join(x for x in on if x.startswith(("AVX", "FMA", "F16C", "NEON", "AMX")))
+
+
+def busy_loops(n):
+    """n processes spinning on a core each, until killed."""
+    import subprocess
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+def sampling_speed(m, prompt, n, runs):
+    """generate()'s decode tok/s with the default sampling and greedy, medians of alternating runs."""
+    out = {"default sampling": [], "greedy": []}
+    for r in range(runs):
+        for name in (("default sampling", "greedy") if r % 2 == 0 else ("greedy", "default sampling")):
+            m.reset()
+            kw = {} if name == "default sampling" else {"temperature": 0}
+            for _ in m.generate(prompt, max_tokens=n, ignore_eos=True, seed=r, **kw):
+                pass
+            st = m.last_stats
+            out[name].append((st["gen_tokens"] - 1) / st["gen_seconds"])   # the first token is the prompt's
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--prompt", type=int, default=64, help="prompt tokens (prefill)")
+    p.add_argument("--prompt", type=int, default=512, help="prompt tokens (prefill)")
     p.add_argument("--gen", type=int, default=32, help="decoded tokens")
     p.add_argument("--no-llama", action="store_true", help="glmcpu only")
     p.add_argument("--no-membw", action="store_true", help="skip the memory bandwidth measurement")
+    p.add_argument("--busy", type=int, default=0, help="busy-loop processes to run beside the engines")
+    p.add_argument("--sampling", action="store_true", help="also time generate() sampled vs greedy")
     a = p.parse_args()
+    busy = busy_loops(a.busy)
+    try:
+        run(a)
+    finally:
+        for b in busy:
+            b.kill()
+
+
+def run(a):
     from membw import read_bandwidth
     bw = [] if a.no_membw else [read_bandwidth(a.threads)]
 
@@ -104,8 +161,10 @@ def main():
             times[e.name][1].append(a.gen / tg)
             print(f"run {r + 1}: {e.name:<10} prefill {a.prompt / tp:8.1f} tok/s   decode {a.gen / tg:7.2f} tok/s",
                   file=sys.stderr)
-    print(f"\n{os.path.basename(a.model)}, {a.threads} threads, {a.runs} runs, medians "
-          f"(kernels: {__import__('glmcpu').ops.VARIANT})")
+    print(f"\n{os.path.basename(a.model)}, {a.threads} threads, {a.runs} runs, medians, "
+          f"prompt {a.prompt} / decode {a.gen} tokens" + (f", {a.busy} busy processes beside" if a.busy else ""))
+    print(f"  CPU: {cpu_name()}; glmcpu kernels: {__import__('glmcpu').ops.VARIANT}"
+          + (f"; llama.cpp built for: {llama_isa()}" if len(engines) > 1 else ""))
     med = {k: (statistics.median(v[0]), statistics.median(v[1])) for k, v in times.items()}
     if not a.no_membw:
         bw.append(read_bandwidth(a.threads))
@@ -122,6 +181,10 @@ def main():
     if "llama.cpp" in med:
         g, l = med["glmcpu"], med["llama.cpp"]
         print(f"  glmcpu / llama.cpp: prefill {g[0] / l[0]:.2f}x   decode {g[1] / l[1]:.2f}x")
+    if a.sampling:
+        sp = sampling_speed(engines[0].m, prompt[:16], a.gen + 1, a.runs)
+        print(f"  glmcpu generate(): default sampling {sp['default sampling']:.2f} tok/s, greedy "
+              f"{sp['greedy']:.2f} tok/s ({sp['default sampling'] / sp['greedy']:.3f}x)")
 
 
 if __name__ == "__main__":
