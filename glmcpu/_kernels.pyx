@@ -521,7 +521,10 @@ def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int 
     with nogil:
         _expert_gemm(wtype_down, F, wd, it, st, xa, qa, da, sa, q_dn, ya, threads)
     w_sorted = np.asarray(weights, np.float32).reshape(-1)[order]
-    res = np.zeros((T, n), np.float64)              # experts add in double: exact for float32 terms,
-    np.add.at(res, order // k, y * w_sorted[:, None])   # so the experts of several nodes sum alike
-    out[...] = res
+    # back to [token, slot] (slots of experts held elsewhere stay 0), then the k slots add in
+    # double: exact for float32 terms, so the experts of several nodes sum alike in any order
+    # (np.add.at did the same scatter-add at ~2.5 ms for one token of GLM-4.5-Air: 8 x 4096)
+    slots = np.zeros((T * k, n), np.float32)
+    slots[order] = y * w_sorted[:, None]
+    out[...] = slots.reshape(T, k, n).sum(1, dtype=np.float64)
     return out
