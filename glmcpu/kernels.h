@@ -827,10 +827,81 @@ static inline void gemv_q5_0x8_tc(int n, const block_q5_0x8 *w, const int TC, co
 #endif
 }
 
+#if defined(GLMCPU_AVX512)
+/* Two adjacent groups (16 rows) in 512-bit registers, for prompts: the same per-lane arithmetic
+ * as gemv_q5_0x8_tc, so the results equal two calls of it bit for bit. */
+static inline void gemv_q5_0x8x2_tc(int n, const block_q5_0x8 *w0, const block_q5_0x8 *w1, const int TC,
+                                    const int8_t *xq, const float *xd, const float *xs, float *out, int ldo) {
+    int nb = n / QK;
+    __m512 acc[TCMAX];
+    for (int t = 0; t < TCMAX; t++) acc[t] = _mm512_setzero_ps();
+    const __m512i m4 = _mm512_set1_epi8(0x0f), m5 = _mm512_set1_epi8(0x10);
+#if !defined(GLMCPU_VNNI)
+    const __m512i ones = _mm512_set1_epi16(1);
+#endif
+    for (int b = 0; b < nb; b++) {
+        __m512i lo[4], hi[4];
+        const __m512i h = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)w0[b].h)),
+                                             _mm256_loadu_si256((const __m256i *)w1[b].h), 1);
+#define Q5_LOAD2(k) do { \
+            __m512i v = _mm512_inserti64x4( \
+                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w0[b].qs + 32 * (k)))), \
+                _mm256_loadu_si256((const __m256i *)(w1[b].qs + 32 * (k))), 1); \
+            lo[k] = _mm512_or_si512(_mm512_and_si512(v, m4), _mm512_and_si512(_mm512_slli_epi32(h, 4 - (k)), m5)); \
+            hi[k] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), \
+                                    _mm512_and_si512(_mm512_srli_epi32(h, (k)), m5)); \
+        } while (0)
+        Q5_LOAD2(0); Q5_LOAD2(1); Q5_LOAD2(2); Q5_LOAD2(3);
+#undef Q5_LOAD2
+        __m512 dw = _mm512_insertf32x8(
+            _mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w0[b].d))),
+            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w1[b].d)), 1);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = xq + (size_t)t * n + b * QK;
+            __m512i sa = _mm512_setzero_si512(), sb = _mm512_setzero_si512();
+            for (int k = 0; k < 4; k++) {
+                int32_t xl, xh;
+                memcpy(&xl, x + 4 * k, 4);
+                memcpy(&xh, x + 16 + 4 * k, 4);
+#if defined(GLMCPU_VNNI)
+                sa = _mm512_dpbusd_epi32(sa, lo[k], _mm512_set1_epi32(xl));
+                sb = _mm512_dpbusd_epi32(sb, hi[k], _mm512_set1_epi32(xh));
+#else
+                sa = _mm512_add_epi16(sa, _mm512_maddubs_epi16(lo[k], _mm512_set1_epi32(xl)));
+                sb = _mm512_add_epi16(sb, _mm512_maddubs_epi16(hi[k], _mm512_set1_epi32(xh)));
+#endif
+            }
+#if defined(GLMCPU_VNNI)
+            __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(sa, sb));
+#else
+            __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_madd_epi16(sa, ones),
+                                                              _mm512_madd_epi16(sb, ones)));
+#endif
+            __m512 v = _mm512_fmsub_ps(_mm512_set1_ps(xd[t * nb + b]), isum, _mm512_set1_ps(16.0f * xs[t * nb + b]));
+            acc[t] = _mm512_fmadd_ps(dw, v, acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) _mm512_storeu_ps(out + (size_t)t * ldo, acc[t]);
+}
+#endif
+
 static void gemm_q5_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, const int8_t *xq,
                                const float *xd, const float *xs, float *out, int ldo) {
     int nb = n / QK;
-    for (int g = g0; g < g1; g++) {
+    int g = g0;
+#if defined(GLMCPU_AVX512)
+    for (; T > 1 && (nb > 64 || T >= 8) && g + 2 <= g1; g += 2) {      /* as gemm_q4_0x8_groups */
+        const block_q5_0x8 *a = (const block_q5_0x8 *)(w + (size_t)g * nb * sizeof(block_q5_0x8));
+        int t = 0;
+        for (; t + TCMAX <= T; t += TCMAX)
+            gemv_q5_0x8x2_tc(n, a, a + nb, TCMAX, xq + (size_t)t * n, xd + (size_t)t * nb,
+                             xs + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo);
+        for (; t < T; t++)
+            gemv_q5_0x8x2_tc(n, a, a + nb, 1, xq + (size_t)t * n, xd + (size_t)t * nb,
+                             xs + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo);
+    }
+#endif
+    for (; g < g1; g++) {
         const block_q5_0x8 *grp = (const block_q5_0x8 *)(w + (size_t)g * nb * sizeof(block_q5_0x8));
         int t = 0;
         for (; t + TCMAX <= T; t += TCMAX)
