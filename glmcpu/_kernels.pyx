@@ -33,12 +33,12 @@ Q5_0X8 = 1006       # Q5_0 likewise
 Q8_0X8 = 1008       # Q8_0 likewise
 GROUP = {1002: 8, 1006: 8, 1008: 8}   # rows per line of `w`
 
-# Bytes a thread must have to read before a team pays for its fork and join: below this the
+# Bytes each thread must have to read before a team pays for its fork and join: below this the
 # caller's thread does the work alone. A team waits for its slowest member, and on a busy machine
 # a descheduled member stalls the whole call for a time slice: matrices of a few hundred KB (the
 # demo model's) ran 100x slower with 2 threads than with 1 beside two busy processes.
 cdef enum:
-    MIN_TEAM_BYTES = 256 * 1024
+    MIN_TEAM_BYTES = 1024 * 1024
 
 
 cdef inline int team(int threads, double work_bytes) noexcept nogil:

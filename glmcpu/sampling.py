@@ -43,11 +43,16 @@ class Sampler:
         """The tokens top-k keeps, best first (ties by id, as a stable sort of the whole
         vocabulary orders them), and sum(exp(logit - best)) over them: the top-k softmax's
         denominator. Sorting all 151,552 logits costs ~24 ms a token; this partitions out the k
-        (~2 ms) and, with top-k off, sorts only the tokens min-p can keep."""
+        (~0.3 ms) and, with top-k off, sorts only the tokens min-p can keep."""
         n = logits.shape[0]
         if 0 < self.top_k < n:
-            kth = logits[np.argpartition(logits, n - self.top_k)[n - self.top_k]]
-            cand = np.flatnonzero(logits >= kth)            # the k best, and any tied with the k-th
+            # k blocks each hold a logit >= the smallest of their maxima, so at least k logits
+            # are >= it: the k best are among those (usually a few hundred), found in one pass
+            k = self.top_k
+            floor = logits[:n // k * k].reshape(k, -1).max(1).min()
+            cand = np.flatnonzero(logits >= floor)
+            kth = logits[cand][np.argpartition(logits[cand], len(cand) - k)[len(cand) - k]]
+            cand = cand[logits[cand] >= kth]                 # the k best, and any tied with the k-th
         else:
             cand = np.arange(n)
         z = logits[cand].astype(np.float64)
