@@ -25,13 +25,14 @@ ISA = GLMCPU_ISA.decode()
 # ggml type -> (block size, bytes per block) for the types the kernels run
 TYPE_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
               10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
-              30: (1, 2), 1002: (32, 144), 1006: (32, 176), 1008: (32, 272)}
-K_TYPES = (10, 11, 12, 13, 14)          # Q2_K..Q6_K: activations as q8_K (quantize_q8_K)
+              30: (1, 2), 1002: (32, 144), 1006: (32, 176), 1008: (32, 272), 1012: (256, 1184)}
+K_TYPES = (10, 11, 12, 13, 14, 1012)    # Q2_K..Q6_K, Q4_KX8: activations as q8_K (quantize_q8_K)
 INT_TYPES = (2, 3, 6, 7, 8, 1002, 1006, 1008) + K_TYPES
 Q4_0X8 = 1002       # Q4_0 repacked by repack_x8: one line of `w` per group of 8 rows
 Q5_0X8 = 1006       # Q5_0 likewise
 Q8_0X8 = 1008       # Q8_0 likewise
-GROUP = {1002: 8, 1006: 8, 1008: 8}   # rows per line of `w`
+Q4_KX8 = 1012       # Q4_K likewise (scales unpacked: 1184 bytes per 8 x 256 values)
+GROUP = {1002: 8, 1006: 8, 1008: 8, 1012: 8}   # rows per line of `w`
 
 # Bytes each thread must have to read before a team pays for its fork and join: below this the
 # caller's thread does the work alone. A team waits for its slowest member, and on a busy machine
@@ -237,11 +238,13 @@ def gemm_chunked(Chunked m, const float[:, ::1] x, out_arr, int threads=1):
 
 
 def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4):
-    """Q4_0, Q5_0 or Q8_0 rows [N, row_bytes] (N a multiple of 8) -> 8-row groups
-    [N/8, 8 * row_bytes] laid out as kernels.h's block_q4_0x8 / block_q5_0x8 / block_q8_0x8.
-    Returns (groups, Q4_0X8, Q5_0X8 or Q8_0X8)."""
+    """Q4_0, Q5_0, Q8_0 or Q4_K rows [N, row_bytes] (N a multiple of 8) -> 8-row groups laid out
+    as kernels.h's block_q4_0x8 / block_q5_0x8 / block_q8_0x8 / block_q4_Kx8: [N/8, 8 * row_bytes]
+    (Q4_K: 1184 bytes per 8 x 256 values). Returns (groups, Q4_0X8, Q5_0X8, Q8_0X8 or Q4_KX8)."""
     cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, k, i, bsz, nk, qs0, hd
     cdef uint32_t qh, h
+    if wtype == 12:
+        return _repack_q4_Kx8(w, threads), Q4_KX8
     if wtype == 2:
         bsz, nk, qs0, hd, ptype = 18, 4, 2, 0, Q4_0X8
     elif wtype == 6:
@@ -275,6 +278,34 @@ def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4):
                                 h = h | (((qh >> (16 + 4 * k + i)) & 1) << (8 * i + 4 + k))
                         memcpy(dst + 16 + 4 * r, &h, 4)
     return packed, ptype
+
+
+def _repack_q4_Kx8(const uint8_t[:, ::1] w, int threads):
+    cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, p, k, j
+    if N % 8 or rb % 144:
+        raise ValueError("repack_x8 needs whole groups of 8 rows of whole blocks")
+    nb, G = rb // 144, N // 8
+    packed = np.empty((G, nb * 1184), np.uint8)
+    cdef uint8_t[:, ::1] out = packed
+    cdef const uint8_t *src
+    cdef uint8_t *dst
+    with nogil:
+        for g in prange(G, num_threads=max(1, threads), schedule='static'):
+            for b in range(nb):
+                dst = &out[g, b * 1184]
+                for r in range(8):
+                    src = &w[g * 8 + r, b * 144]
+                    memcpy(dst + 2 * r, src, 2)                          # d[r]
+                    memcpy(dst + 16 + 2 * r, src + 2, 2)                 # dmin[r]
+                    for j in range(4):                                   # sc[j][r], m[j][r] from
+                        dst[32 + 8 * j + r] = src[4 + j] & 63            # the 12 packed bytes, as
+                        dst[96 + 8 * j + r] = src[8 + j] & 63            # kquants.h scales_q4_K
+                        dst[32 + 8 * (j + 4) + r] = (src[12 + j] & 0x0f) | ((src[4 + j] >> 6) << 4)
+                        dst[96 + 8 * (j + 4) + r] = (src[12 + j] >> 4) | ((src[8 + j] >> 6) << 4)
+                    for p in range(4):                                   # qs[((p*8 + k)*8 + r)*4 + i]
+                        for k in range(8):
+                            memcpy(dst + 160 + ((p * 8 + k) * 8 + r) * 4, src + 16 + 32 * p + 4 * k, 4)
+    return packed
 
 
 def repack_q4_0x8(const uint8_t[:, ::1] w, int threads=4):

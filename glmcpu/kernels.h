@@ -43,7 +43,7 @@ static const char GLMCPU_ISA[] = "generic";
 enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 = 8,
        GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14, GT_BF16 = 30,
        /* glmcpu's own: Q4_0 / Q5_0 / Q8_0 repacked in 8-row groups, see block_q4_0x8... */
-       GT_Q4_0X8 = 1002, GT_Q5_0X8 = 1006, GT_Q8_0X8 = 1008 };
+       GT_Q4_0X8 = 1002, GT_Q5_0X8 = 1006, GT_Q8_0X8 = 1008, GT_Q4_KX8 = 1012 };
 
 #define QK 32
 /* Q4_0: 32 weights in 18 bytes; fp16 scale d, then 16 bytes: weight j (0..15) is the LOW
@@ -452,6 +452,10 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
     }
     if (type == GT_Q4_1 || type == GT_Q5_0 || type == GT_Q5_1) {
         gemm_rows_legacy(type, n, w, row_bytes, r0, r1, T, xq, xd, xs, out, ldo);
+        return;
+    }
+    if (type == GT_Q4_KX8) {
+        gemm_q4_Kx8_groups(n, w, r0 / 8, r1 / 8, T, xq, xd, (const int16_t *)xs, out, ldo);
         return;
     }
     if (type >= GT_Q2_K && type <= GT_Q6_K) {

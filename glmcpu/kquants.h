@@ -712,4 +712,147 @@ static float vec_dot_q5_1_q8_0(int n, const block_q5_1 *w, const int8_t *xq, con
     return vec_dot_q45_q8_0(n / QK, (const uint8_t *)w, sizeof(block_q5_1), 8, 4, 2, 0.0f, xq, xd, xs);
 }
 
+/* ---- Q4_K rows repacked 8 at a time ("q4_Kx8") -------------------------------------------
+ * The Q4_K tensors of K-quant mixes, as Q4_0 is: one 32-byte load holds 4 nibble bytes of 8 rows,
+ * a broadcast of 4 activation bytes meets all 8, and the per-row sums need no horizontal adds.
+ * Per super-block of 8 rows: d[r], dmin[r]; the 6-bit scale and min of sub-block j of row r at
+ * sc[j][r], m[j][r] (unpacked at load: 32 more bytes than the file's 1152); then
+ * qs[((p*8 + k)*8 + r)*4 + i] = row r's qs[32p + 4k + i], whose low nibble is value 64p + 4k + i
+ * (sub-block 2p) and high nibble value 64p + 32 + 4k + i (sub-block 2p+1). Each sub-block's
+ * integer sum is scaled in integer, the mins go through the activations' 16-sums, and one float
+ * multiply per super-block and token, as the row kernels do. */
+typedef struct {
+    uint16_t d[8], dmin[8];
+    uint8_t sc[8][8], m[8][8];
+    uint8_t qs[1024];
+} block_q4_Kx8;
+_Static_assert(sizeof(block_q4_Kx8) == 1184, "q4_Kx8 block is 1184 bytes");
+
+/* tokens sharing one unpacking of the nibbles: AVX-512 builds have the 32 registers for 4 */
+#if defined(GLMCPU_AVX512)
+#define KX8TC 4
+#else
+#define KX8TC 1
+#endif
+
+static inline void gemv_q4_Kx8_tc(int n, const block_q4_Kx8 *w, const int TC, const int8_t *xq,
+                                  const float *xd, const int16_t *xb, float *out, int ldo) {
+    int nb = n / QK_K;
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    __m256 acc[KX8TC];
+    for (int t = 0; t < KX8TC; t++) acc[t] = _mm256_setzero_ps();
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    for (int b = 0; b < nb; b++) {
+        const block_q4_Kx8 *B = w + b;
+        __m256i isum[KX8TC];
+        for (int t = 0; t < KX8TC; t++) isum[t] = _mm256_setzero_si256();
+        for (int p = 0; p < 4; p++) {
+            __m256i slo[KX8TC], shi[KX8TC];     /* sub-blocks 2p and 2p+1, per row */
+            for (int t = 0; t < KX8TC; t++) slo[t] = shi[t] = _mm256_setzero_si256();
+            for (int h = 0; h < 2; h++) {
+                __m256i lo[4], hi[4];
+                for (int k = 0; k < 4; k++) {
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(B->qs + (p * 8 + 4 * h + k) * 32));
+                    lo[k] = _mm256_and_si256(v, m4);
+                    hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                }
+                for (int t = 0; t < TC; t++) {
+                    const int8_t *x = xq + (size_t)t * n + b * QK_K + 64 * p + 16 * h;
+                    for (int k = 0; k < 4; k++) {
+                        int32_t xl, xh;
+                        memcpy(&xl, x + 4 * k, 4);
+                        memcpy(&xh, x + 32 + 4 * k, 4);
+#if defined(GLMCPU_VNNI)
+                        slo[t] = _mm256_dpbusd_epi32(slo[t], lo[k], _mm256_set1_epi32(xl));
+                        shi[t] = _mm256_dpbusd_epi32(shi[t], hi[k], _mm256_set1_epi32(xh));
+#else                   /* 8 pair sums of |15 * 128 * 2| fit int16 */
+                        slo[t] = _mm256_add_epi16(slo[t], _mm256_maddubs_epi16(lo[k], _mm256_set1_epi32(xl)));
+                        shi[t] = _mm256_add_epi16(shi[t], _mm256_maddubs_epi16(hi[k], _mm256_set1_epi32(xh)));
+#endif
+                    }
+                }
+            }
+            __m256i sclo = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)B->sc[2 * p]));
+            __m256i schi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)B->sc[2 * p + 1]));
+#if !defined(GLMCPU_VNNI)
+            sclo = _mm256_or_si256(sclo, _mm256_slli_epi32(sclo, 16));       /* the scale in both int16 halves */
+            schi = _mm256_or_si256(schi, _mm256_slli_epi32(schi, 16));
+#endif
+            for (int t = 0; t < TC; t++) {
+#if defined(GLMCPU_VNNI)
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(_mm256_mullo_epi32(slo[t], sclo),
+                                                                     _mm256_mullo_epi32(shi[t], schi)));
+#else
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(_mm256_madd_epi16(slo[t], sclo),
+                                                                     _mm256_madd_epi16(shi[t], schi)));
+#endif
+            }
+        }
+        /* mins: sum over j of m[j][r] * (sum of sub-block j's activations), as int16 pairs */
+        __m256i mv[4];
+        for (int i = 0; i < 4; i++)
+            mv[i] = _mm256_or_si256(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)B->m[2 * i])),
+                                    _mm256_slli_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)B->m[2 * i + 1])), 16));
+        __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)B->d));
+        __m256 dmw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)B->dmin));
+        for (int t = 0; t < TC; t++) {
+            const int16_t *bs = xb + (size_t)t * (n / 16) + 16 * b;
+            __m256i mi = _mm256_setzero_si256();
+            for (int i = 0; i < 4; i++) {
+                uint32_t pair = (uint16_t)(bs[4 * i] + bs[4 * i + 1]) | ((uint32_t)(uint16_t)(bs[4 * i + 2] + bs[4 * i + 3]) << 16);
+                mi = _mm256_add_epi32(mi, _mm256_madd_epi16(mv[i], _mm256_set1_epi32((int32_t)pair)));
+            }
+            __m256 dx = _mm256_set1_ps(xd[(size_t)t * nb + b]);
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+            acc[t] = _mm256_fnmadd_ps(_mm256_mul_ps(dmw, dx), _mm256_cvtepi32_ps(mi), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) {
+        float r[8];
+        _mm256_storeu_ps(r, acc[t]);
+        for (int j = 0; j < 8; j++) out[(size_t)t * ldo + j] = r[j];
+    }
+#else
+    for (int t = 0; t < TC; t++) {
+        const int8_t *xt = xq + (size_t)t * n;
+        const int16_t *bt = xb + (size_t)t * (n / 16);
+        for (int r = 0; r < 8; r++) {
+            float acc = 0.0f;
+            for (int b = 0; b < nb; b++) {
+                const block_q4_Kx8 *B = w + b;
+                int is = 0, im = 0;
+                for (int j = 0; j < 8; j++) {
+                    int p = j / 2, s = 0;
+                    for (int k = 0; k < 8; k++)
+                        for (int i = 0; i < 4; i++) {
+                            uint8_t q = B->qs[((p * 8 + k) * 8 + r) * 4 + i];
+                            s += ((j & 1) ? q >> 4 : q & 0x0f) * xt[b * QK_K + 32 * j + 4 * k + i];
+                        }
+                    is += B->sc[j][r] * s;
+                    im += B->m[j][r] * (bt[16 * b + 2 * j] + bt[16 * b + 2 * j + 1]);
+                }
+                float dx = xd[(size_t)t * nb + b];
+                acc += fp16_to_fp32(B->d[r]) * dx * (float)is - fp16_to_fp32(B->dmin[r]) * dx * (float)im;
+            }
+            out[(size_t)t * ldo + r] = acc;
+        }
+    }
+#endif
+}
+
+static void gemm_q4_Kx8_groups(int n, const uint8_t *w, int g0, int g1, int T, const int8_t *xq,
+                               const float *xd, const int16_t *xb, float *out, int ldo) {
+    int nb = n / QK_K;
+    for (int g = g0; g < g1; g++) {
+        const block_q4_Kx8 *grp = (const block_q4_Kx8 *)(w + (size_t)g * nb * sizeof(block_q4_Kx8));
+        int t = 0;
+        for (; t + KX8TC <= T; t += KX8TC)
+            gemv_q4_Kx8_tc(n, grp, KX8TC, xq + (size_t)t * n, xd + (size_t)t * nb, xb + (size_t)t * (n / 16),
+                           out + (size_t)t * ldo + 8 * g, ldo);
+        for (; t < T; t++)
+            gemv_q4_Kx8_tc(n, grp, 1, xq + (size_t)t * n, xd + (size_t)t * nb, xb + (size_t)t * (n / 16),
+                           out + (size_t)t * ldo + 8 * g, ldo);
+    }
+}
+
 #endif

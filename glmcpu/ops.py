@@ -69,7 +69,9 @@ def _choose():
 
 K = _choose()
 VARIANT = K.ISA
-Q4_0, Q5_0, Q8_0, Q4_0X8, Q5_0X8, Q8_0X8 = 2, 6, 8, K.Q4_0X8, K.Q5_0X8, K.Q8_0X8
+Q4_0, Q5_0, Q8_0, Q4_K = 2, 6, 8, 12
+Q4_0X8, Q5_0X8, Q8_0X8, Q4_KX8 = K.Q4_0X8, K.Q5_0X8, K.Q8_0X8, K.Q4_KX8
+PACKED = (Q4_0X8, Q5_0X8, Q8_0X8, Q4_KX8)       # types in 8-row groups
 # Q4_0 / Q8_0 weights are repacked into RAM at load (8-row groups: faster kernels). Routed experts are too when
 # the whole file fits comfortably in RAM, else they run from the memory map in the file's layout.
 # GLMCPU_REPACK=0: never repack (least RAM); =all: repack experts too, whatever the RAM.
@@ -95,13 +97,13 @@ IN_RAM = (3, 6, 7) + tuple(K.K_TYPES)
 
 
 def repack(w, wtype: int, ram_copy: bool = True):
-    """(weight lines, type) in the fastest layout for this type: Q4_0, Q5_0 and Q8_0 rows in
-    groups of 8, K-quants as a RAM copy of the file's rows (unless ram_copy=False: routed
+    """(weight lines, type) in the fastest layout for this type: Q4_0, Q5_0, Q8_0 and Q4_K rows
+    in groups of 8, the other K-quants as a RAM copy of the file's rows (unless ram_copy=False: routed
     experts, which gain nothing from a plain copy). Returns w itself when it stays in the file."""
     if REPACK in ("0", "no", "off"):
         return w, wtype
     # the 8-row kernels have AVX2/AVX-512 bodies; elsewhere (NEON, generic) the file's layout is faster
-    if wtype in (Q4_0, Q8_0, Q5_0) and w.shape[0] % 8 == 0 and VARIANT in ("avx2", "avx512", "avx512vnni"):
+    if wtype in (Q4_0, Q8_0, Q5_0, Q4_K) and w.shape[0] % 8 == 0 and VARIANT in ("avx2", "avx512", "avx512vnni"):
         return K.repack_x8(np.ascontiguousarray(w), wtype)
     if wtype in IN_RAM and ram_copy:
         return np.array(w, order="C"), wtype

@@ -227,7 +227,7 @@ def chunked(K, raw, qtype, cols, width, repack):
     parts = []
     for c in range(0, raw.shape[1], per):
         lines, t = np.ascontiguousarray(raw[:, c:c + per]), int(qtype)
-        if repack and qtype in (GT.Q4_0, GT.Q8_0):
+        if repack and qtype in (GT.Q4_0, GT.Q8_0, GT.Q4_K):
             lines, t = K.repack_x8(lines, int(qtype))
         parts.append((lines, min(width, cols - c // per * width)))
     return K.Chunked(parts, t), parts, t

@@ -91,7 +91,7 @@ class Linear:
         else:
             self.w, self.type = ops.repack(self.w, self.type)    # Q4_0/Q8_0: [n_out/8, 8 * row_bytes]
             self.in_ram = self.w is not file_rows                # packed, or a K-quant's RAM copy
-        self.packed = self.type in (ops.Q4_0X8, ops.Q5_0X8, ops.Q8_0X8)   # in 8-row groups
+        self.packed = self.type in ops.PACKED                       # in 8-row groups
         if self.in_ram and not name.startswith("token_embd"):   # embedding rows are still read
             w.release(f"{name}.weight")
 
