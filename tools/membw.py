@@ -8,14 +8,11 @@ several passes, in GB/s (1e9 bytes/s).
 Decode speed is bounded by this number divided by the bytes of weights read per token
 (tools/bench.py prints both engines as a fraction of it)."""
 import argparse
-import os
-import sys
 import statistics
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
 def read_bandwidth(threads=2, gib=2.0, passes=5) -> float:
