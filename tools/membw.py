@@ -14,7 +14,6 @@ import time
 import numpy as np
 
 
-
 def read_bandwidth(threads=2, gib=2.0, passes=5) -> float:
     from glmcpu import ops
     buf = np.ones(int(gib * 2**30), np.uint8)               # touched once: pages are real
