@@ -23,7 +23,6 @@ import time
 import numpy as np
 
 
-
 class GlmcpuEngine:
     name = "glmcpu"
 
