@@ -160,3 +160,55 @@ def test_too_many_frames_or_bytes_are_dropped_as_they_are_read(monkeypatch):
         c.close()
     finally:
         finish()
+
+
+def test_keygen_over_a_readable_file_leaves_a_private_secret(tmp_path):
+    path = tmp_path / "key"
+    path.write_text("old\n")
+    os.chmod(path, 0o644)
+    keygen(str(path))
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert load_keypair(str(path))[0] == (tmp_path / "key.pub").read_text().split()[0].encode()
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("mistake,words", [
+    ("readable", "chmod 600"),               # a secret others may read, as ssh refuses it
+    ("pub", "public .pub"),                  # the .pub file given as --key
+    ("garbage", "not a glmcpu key file"),
+    ("short", "40 Z85"),
+])
+def test_key_file_mistakes_are_one_line(tmp_path, mistake, words):
+    keygen(str(tmp_path / "k"))
+    path = tmp_path / "k"
+    if mistake == "readable":
+        os.chmod(path, 0o640)
+    elif mistake == "pub":
+        path = tmp_path / "k.pub"
+        os.chmod(path, 0o600)
+    elif mistake == "garbage":
+        path.write_text("hello\n")
+    else:
+        path.write_text("public = abc\nsecret = def\n")
+    with pytest.raises(LinkError, match=words) as e:
+        load_keypair(str(path))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["", "\n", "short\n"])
+def test_allow_file_without_a_key_is_one_line(tmp_path, text):
+    path = tmp_path / "root.pub"
+    path.write_text(text)
+    with pytest.raises(LinkError, match="holds no public key"):
+        load_public(str(path))
+
+
+def test_a_port_in_use_or_a_bad_bind_is_one_line():
+    first = Server("tcp://127.0.0.1:0", handler)
+    try:
+        with pytest.raises(LinkError, match="cannot listen on"):
+            Server(first.endpoint, handler)
+        with pytest.raises(LinkError, match="cannot listen on"):
+            Server("tcp://no-such-interface-xyz:1", handler)
+    finally:
+        first.close()

@@ -30,24 +30,43 @@ class LinkError(Exception):
 
 
 def keygen(path: str) -> str:
-    """Write a key pair: PATH (secret, mode 600) and PATH.pub (public, to give to the other side)."""
+    """Write a key pair: PATH (secret, mode 600 from its first byte, even over an existing file)
+    and PATH.pub (public, to give to the other side)."""
     public, secret = zmq.curve_keypair()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"public = {public.decode()}\nsecret = {secret.decode()}\n")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"public = {public.decode()}\nsecret = {secret.decode()}\n")
+        os.replace(tmp, path)              # a new file: an old one's wider mode does not carry over
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     with open(path + ".pub", "w") as f:
         f.write(public.decode() + "\n")
     return public.decode()
 
 
 def load_keypair(path: str) -> tuple:
+    """The (public, secret) pair of a `glmcpu keygen` file; refused, as ssh refuses its keys,
+    when others may read it."""
+    if os.name == "posix":
+        mode = os.stat(path).st_mode & 0o777
+        if mode & 0o077:
+            raise LinkError(f"{path} holds a secret key but others may read it (mode {mode:o}): "
+                            f"run `chmod 600 {path}`, or make a new pair with `glmcpu keygen`")
     vals = {}
     with open(path) as f:
         for line in f:
             k, _, v = line.partition("=")
             vals[k.strip()] = v.strip().encode()
-    if set(vals) < {"public", "secret"}:
-        raise LinkError(f"{path} is not a glmcpu key file (make one with `glmcpu keygen`)")
+    if not {"public", "secret"} <= set(vals):
+        hint = (" (it looks like a public .pub file: give the secret file keygen wrote beside it)"
+                if len(vals) == 1 and len(next(iter(vals))) == 40 else "")
+        raise LinkError(f"{path} is not a glmcpu key file{hint}; make one with `glmcpu keygen`")
+    if len(vals["public"]) != 40 or len(vals["secret"]) != 40:
+        raise LinkError(f"{path}: its keys are not 40 Z85 characters; make a new pair with `glmcpu keygen`")
     return vals["public"], vals["secret"]
 
 
@@ -56,7 +75,10 @@ def load_public(path_or_key: str) -> bytes:
     if len(path_or_key) == 40 and not os.path.exists(path_or_key):
         return path_or_key.encode()
     with open(path_or_key) as f:
-        return f.read().split()[0].encode()
+        words = f.read().split()
+    if not words or len(words[0]) != 40:
+        raise LinkError(f"{path_or_key} holds no public key (40 characters, as in a .pub file from `glmcpu keygen`)")
+    return words[0].encode()
 
 
 class _Allowed:
@@ -82,7 +104,11 @@ class Server:
             self.auth.configure_curve_callback("*", _Allowed(allowed))
             self.sock.curve_publickey, self.sock.curve_secretkey = keypair
             self.sock.curve_server = True
-        self.sock.bind(endpoint)
+        try:
+            self.sock.bind(endpoint)
+        except zmq.ZMQError as e:
+            self.close()
+            raise LinkError(f"cannot listen on {endpoint}: {e}") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.served = self.refused = 0
 
