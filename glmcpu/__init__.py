@@ -16,3 +16,7 @@ def __getattr__(name):
         mod = importlib.import_module(f".{'engine' if name in ('load', 'Model') else name}", __name__)
         return mod if name in ("engine", "ops") else getattr(mod, name)
     raise AttributeError(f"module 'glmcpu' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | {"engine", "ops"})

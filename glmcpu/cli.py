@@ -24,13 +24,17 @@ def model_path(name) -> str:
 
 
 def add_sampling(p):
-    p.add_argument("--max-tokens", "-n", type=int, default=256, help="most tokens to generate")
-    p.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--min-p", type=float, default=0.05)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", "-n", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", "--temp", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=40, help="sample from the K most likely tokens; 0 = all (default 40)")
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="then from the fewest whose probabilities add up to P; 1 = off (default 0.95)")
+    p.add_argument("--min-p", type=float, default=0.05,
+                   help="then drop tokens under P x the best one's probability; 0 = off (default 0.05)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="make the last 64 tokens this much less likely (their logits divided, or "
+                        "multiplied when negative); 1 = off (default 1.0)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (default: a fresh one each run)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text tokens")
 
 
@@ -421,7 +425,7 @@ def build_parser():
     w.add_argument("--key", help="this worker's key file (glmcpu keygen)")
     w.add_argument("--allow", action="append", help="a root's public key allowed to connect (repeatable)")
     w.add_argument("--insecure", action="store_true", help="plain TCP, anyone may connect")
-    w.add_argument("--threads", "-t", type=int, default=None)
+    w.add_argument("--threads", "-t", type=int, default=None, help="default: physical cores")
     w.add_argument("--memory", type=float, default=None, help="GB this worker offers (default: available RAM)")
     w.add_argument("--cache-max", type=float, default=None, help="GB the --cache may hold (least recently used "
                                                                    "shares go first; default: no limit)")

@@ -101,8 +101,16 @@ class Model:
 
     def chat(self, messages, template_kwargs=None, **kwargs):
         """Render `messages` ([{"role", "content"}]) with the file's chat template, then generate.
-        template_kwargs go to the template (e.g. enable_thinking=False for GLM-4.5)."""
-        return self.generate(self.tokenizer.render(messages, **(template_kwargs or {})), **kwargs)
+        template_kwargs go to the template (e.g. enable_thinking=False for GLM-4.5). The newline GLM
+        models write after <|assistant|> is not part of the answer: it is left out."""
+        started = False
+        for piece in self.generate(self.tokenizer.render(messages, **(template_kwargs or {})), **kwargs):
+            if not started:
+                piece = piece.lstrip("\n")
+                if not piece:
+                    continue
+                started = True
+            yield piece
 
     def __repr__(self):
         c = self.cfg
@@ -111,10 +119,21 @@ class Model:
 
 
 def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None, **cluster) -> Model:
-    """workers: endpoints ("tcp://host:port") of `glmcpu worker`s to share the work with; then
-    key= (this root's key file) and worker_key= (the workers' public key), or insecure=True.
-    progress(done, total) is called as layers are built."""
-    return Model(path, threads=threads, ctx=ctx, mlock=mlock, workers=workers, progress=progress, **cluster)
+    """A model, ready to generate.
+
+    path: a GGUF file, or what the CLI takes: a model in `glmcpu list` (its name or file name,
+        OWNER/REPO:FILE), a downloaded catalogue name, or "demo" (the built-in demo model).
+    threads: compute threads (default: the physical cores, or GLMCPU_THREADS).
+    ctx: context length in tokens: the KV cache's size (default: the file's training context,
+        at most 4096).
+    mlock: pin the weights in RAM (the non-expert ones for MoE files) so they are never paged out.
+    workers: endpoints ("tcp://host:port") of `glmcpu worker`s to share the work with; then
+        key= (this root's key file) and worker_key= (the workers' public key), or insecure=True;
+        also timeout= (seconds, default 5), shares= and wire= ("f32", "f16" or "q8_0").
+    progress: progress(done, total) is called as layers are built."""
+    from .hub import resolve
+    return Model(resolve(str(path)), threads=threads, ctx=ctx, mlock=mlock, workers=workers,
+                 progress=progress, **cluster)
 
 
 def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire, progress):

@@ -126,3 +126,28 @@ def test_slow_steps_draw_a_bar_on_a_terminal_only(monkeypatch, capsys):
     assert slow.bar is not None and slow.bar.live.is_started
     slow(1024, 1024)
     assert not slow.bar.live.is_started            # stopped (and, being transient, wiped) at the end
+
+
+def test_python_api_takes_the_names_the_cli_takes_and_documents_itself():
+    assert "load" in dir(glmcpu) and "Model" in dir(glmcpu)
+    m = glmcpu.load("demo", threads=1)
+    assert m.cfg.n_layer == 4
+    doc = glmcpu.load.__doc__
+    for word in ("path", "threads", "ctx", "mlock", "workers", "progress", '"demo"'):
+        assert word in doc, word
+
+
+def test_run_help_states_every_sampling_option_and_default():
+    import argparse
+    p = argparse.ArgumentParser()
+    cli.add_sampling(p)
+    for action in p._actions:
+        if action.dest in ("help", "ignore_eos"):
+            continue
+        assert action.help and "default" in action.help, action.dest
+
+
+def test_chat_answer_does_not_start_with_the_template_newline(monkeypatch):
+    m = glmcpu.load("demo", threads=1)
+    monkeypatch.setattr(m, "generate", lambda prompt, **kw: iter(["\n", "\nHi", " there\n"]))
+    assert list(m.chat([{"role": "user", "content": "Hello"}])) == ["Hi", " there\n"]
