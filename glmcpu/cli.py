@@ -360,17 +360,26 @@ def cmd_list(a):
     for m in local_models():
         local.add_row(m.name, human(m.size) + (" (partial: `glmcpu pull` resumes)" if m.partial else ""), m.path)
     console.print(local)
-    cat = Table(title="catalogue (`glmcpu pull NAME`; repositories and sizes written from knowledge, "
-                      "not checked online)", title_justify="left")
-    for col in ("name", "downloaded", "size", "RAM", "arch", "glmcpu runs it", "repository / file", "note"):
-        cat.add_column(col, no_wrap=col in ("name", "size", "RAM"))
+    cat = Table(title="catalogue (`glmcpu pull NAME`; sizes written from knowledge, not checked online"
+                      + ("" if a.long else "; `glmcpu list --long` adds files and notes") + ")",
+                title_justify="left")
+    cols = ["name", "here", "size", "RAM", "arch", "runs"] + (["repository / file", "note"] if a.long else [])
+    for col in cols:
+        cat.add_column(col, no_wrap=col not in ("repository / file", "note"))
+    needs = {}
     for e in CATALOGUE:
         missing = missing_kernels(e)
-        runs = f"not yet: needs {', '.join(missing)} kernels" if missing else "yes"
-        files = e.files[0] + (f" (+{len(e.files) - 1} more parts)" if e.split else "")
-        cat.add_row(e.name, "yes" if e.downloaded() else "-", f"~{e.size / 1e9:.1f} GB", f"~{e.ram / 1e9:.0f} GB",
-                    e.arch, runs, f"{e.repo} / {files}", e.note)
+        if missing:
+            needs[e.name] = ", ".join(missing)
+        row = [e.name, "yes" if e.downloaded() else "-", f"~{e.size / 1e9:.1f} GB", f"~{e.ram / 1e9:.0f} GB",
+               e.arch, "not yet*" if missing else "yes"]
+        if a.long:
+            files = e.files[0] + (f" (+{len(e.files) - 1} more parts)" if e.split else "")
+            row += [f"{e.repo} / {files}", e.note]
+        cat.add_row(*row)
     console.print(cat)
+    for name, kernels in needs.items():
+        console.print(f"* {name}: needs {kernels} kernels")
     return 0
 
 
@@ -469,6 +478,7 @@ def build_parser():
     pu.set_defaults(func=cmd_pull)
 
     ls = sub.add_parser("list", help="downloaded models and the catalogue of known GLM GGUF files")
+    ls.add_argument("--long", "-l", action="store_true", help="also each catalogue entry's repository, file and note")
     ls.set_defaults(func=cmd_list)
 
     q = sub.add_parser("quantize", help="re-quantise an F32/F16/BF16 GGUF (llama.cpp's mix of types)")

@@ -151,3 +151,13 @@ def test_chat_answer_does_not_start_with_the_template_newline(monkeypatch):
     m = glmcpu.load("demo", threads=1)
     monkeypatch.setattr(m, "generate", lambda prompt, **kw: iter(["\n", "\nHi", " there\n"]))
     assert list(m.chat([{"role": "user", "content": "Hello"}])) == ["Hi", " there\n"]
+
+
+def test_list_fits_80_columns(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GLMCPU_MODELS", str(tmp_path))
+    assert cli.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "glm-4.5-air" in out and "glm4moe" in out
+    assert max(len(line.rstrip()) for line in out.splitlines()) <= 80
+    assert cli.main(["list", "--long"]) == 0
+    assert "bartowski" in capsys.readouterr().out
