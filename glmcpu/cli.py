@@ -505,6 +505,17 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except Exception as e:                  # a bug, or a bad input no check caught: still one line
+        if args.debug:
+            raise
+        where = e.__traceback__
+        while where.tb_next is not None:
+            where = where.tb_next
+        at = f"{os.path.basename(where.tb_frame.f_code.co_filename)}:{where.tb_lineno}"
+        msg = str(e).splitlines()[0][:300] if str(e) else ""
+        print(f"glmcpu: error: unexpected {type(e).__name__} at {at}{': ' + msg if msg else ''} "
+              f"(run `glmcpu --debug ...` for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

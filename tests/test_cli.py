@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 import glmcpu
 from glmcpu import cli
@@ -161,3 +163,14 @@ def test_list_fits_80_columns(tmp_path, monkeypatch, capsys):
     assert max(len(line.rstrip()) for line in out.splitlines()) <= 80
     assert cli.main(["list", "--long"]) == 0
     assert "bartowski" in capsys.readouterr().out
+
+
+def test_an_unexpected_exception_is_one_line(monkeypatch, capsys):
+    def boom(a):
+        raise ZeroDivisionError("float division by zero\nsecond line")
+    monkeypatch.setattr(cli, "cmd_list", boom)
+    assert cli.main(["list"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "ZeroDivisionError" in err and "--debug" in err
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["--debug", "list"])
