@@ -6,7 +6,6 @@ import sys
 
 import pytest
 
-
 import glmcpu
 from glmcpu import cli
 
