@@ -25,7 +25,7 @@ class ConvertError(GlmcpuError):
     """A checkpoint the converter cannot turn into a GGUF."""
 
 
-class ModelNotFound(GlmcpuError):
+class ModelNotFound(ModelFileError):
     """A model name that is no file, no downloaded model and no catalogue entry (or one not pulled yet)."""
 
 

@@ -78,17 +78,53 @@ PACKED = (Q4_0X8, Q5_0X8, Q8_0X8, Q4_KX8)       # types in 8-row groups
 REPACK = os.environ.get("GLMCPU_REPACK", "1").lower()
 
 
+def _read_int(path):
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None       # "max" (v2, no limit) -> None
+
+
+def memory_available(root: str = "/") -> int:
+    """Bytes this process may still fill: the host's MemAvailable, or less where a memory cgroup
+    (a container's limit: v2 memory.max, v1 memory.limit_in_bytes, on this cgroup or any above
+    it) leaves less room. 0 when nothing can be read."""
+    avail = None
+    try:
+        with open(os.path.join(root, "proc/meminfo")) as f:
+            avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    rooms = [] if avail is None else [avail]
+    try:
+        with open(os.path.join(root, "proc/self/cgroup")) as f:
+            lines = [l.strip().split(":", 2) for l in f if l.count(":") >= 2]
+    except OSError:
+        lines = []
+    for _, controllers, path in lines:
+        if controllers == "":                                         # v2
+            base, limit, usage = "sys/fs/cgroup", "memory.max", "memory.current"
+        elif "memory" in controllers.split(","):                      # v1
+            base, limit, usage = "sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+        else:
+            continue
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):                        # this cgroup, then its parents
+            d = os.path.join(root, base, *parts[:depth])
+            lim, used = _read_int(os.path.join(d, limit)), _read_int(os.path.join(d, usage))
+            if lim is not None and lim < 1 << 60 and used is not None:   # v1 says "no limit" as ~2^63
+                rooms.append(max(0, lim - used))
+    return min(rooms) if rooms else 0
+
+
 def repack_experts(file_bytes: int) -> bool:
     if REPACK in ("0", "no", "off"):
         return False
     if REPACK == "all":
         return True
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return False
-    return file_bytes < 0.6 * avail
+    return file_bytes < 0.6 * memory_available()
 
 
 # K-quants and the other legacy types keep the file's layout, but are copied into RAM like the

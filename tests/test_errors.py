@@ -104,3 +104,36 @@ def test_prompt_longer_than_context(bad_files):
 def test_debug_shows_traceback(bad_files):
     p = run_cli("--debug", "info", str(bad_files["dir"] / "text.gguf"))
     assert p.returncode != 0 and "Traceback" in p.stderr
+
+
+def _fake_root(tmp, cgroup_lines, files, avail_kb=24 * 2**20):
+    (tmp / "proc/self").mkdir(parents=True)
+    (tmp / "proc/meminfo").write_text(f"MemTotal: {avail_kb * 2} kB\nMemAvailable: {avail_kb} kB\n")
+    (tmp / "proc/self/cgroup").write_text("".join(l + "\n" for l in cgroup_lines))
+    for rel, text in files.items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_text(text)
+    return str(tmp)
+
+
+def test_memory_available_reads_the_cgroup_limit(tmp_path):
+    """A container's memory limit, not the host's RAM, decides what may be copied into memory."""
+    from glmcpu import ops
+    G = 2**30
+    v2 = _fake_root(tmp_path / "v2", ["0::/box"], {"sys/fs/cgroup/box/memory.max": str(6 * G),
+                                                   "sys/fs/cgroup/box/memory.current": str(G)})
+    assert ops.memory_available(v2) == 5 * G
+    parent = _fake_root(tmp_path / "v2p", ["0::/a/b"], {"sys/fs/cgroup/a/b/memory.max": "max",
+                                                        "sys/fs/cgroup/a/b/memory.current": str(G),
+                                                        "sys/fs/cgroup/a/memory.max": str(3 * G),
+                                                        "sys/fs/cgroup/a/memory.current": str(2 * G)})
+    assert ops.memory_available(parent) == G
+    v1 = _fake_root(tmp_path / "v1", ["4:memory:/c", "3:cpu:/"],
+                    {"sys/fs/cgroup/memory/c/memory.limit_in_bytes": str(8 * G),
+                     "sys/fs/cgroup/memory/c/memory.usage_in_bytes": str(2 * G),
+                     "sys/fs/cgroup/memory/memory.limit_in_bytes": str(2**63 - 4096),
+                     "sys/fs/cgroup/memory/memory.usage_in_bytes": str(G)})
+    assert ops.memory_available(v1) == 6 * G
+    free = _fake_root(tmp_path / "none", ["0::/"], {}, avail_kb=3 * 2**20)
+    assert ops.memory_available(free) == 3 * G
+    assert ops.memory_available(str(tmp_path / "nothing")) == 0

@@ -43,11 +43,8 @@ def measure_bandwidth(threads, mib=128) -> float:
 
 
 def available_gb() -> float:
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(l.split()[1]) for l in f if l.startswith("MemAvailable:")) / 2**20
-    except (OSError, StopIteration):
-        return 0.0
+    from .. import ops
+    return ops.memory_available() / 2**30
 
 
 def is_digest(d) -> bool:
