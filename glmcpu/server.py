@@ -336,7 +336,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_json(self):
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):     # not "²" either
             self.close_connection = True        # where the body ends is unknown
             raise APIError(411 if length is None else 400, "send the body with a Content-Length")
         if int(length) > MAX_BODY:
@@ -347,12 +347,14 @@ class Handler(BaseHTTPRequestHandler):
             return json.loads(self.rfile.read(int(length)))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise APIError(400, f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise APIError(400, "the body's JSON is nested too deeply") from None
 
     def discard_body(self):
         """Read and drop the body of a refused request: left unread it would be taken for the
         next request, and closing on a client still sending makes it miss the answer."""
         length = self.headers.get("Content-Length", "0")
-        n = int(length) if length.isdigit() else 0
+        n = int(length) if length.isascii() and length.isdigit() else 0
         if n > MAX_DISCARD:
             self.close_connection = True
             return

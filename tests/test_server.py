@@ -350,3 +350,19 @@ def test_serve_shares_the_model_with_workers(client, tmp_path):
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_deep_json_and_odd_lengths_are_400(server):
+    """A 100,000-deep body and a Content-Length that str.isdigit() accepts but int() does not
+    ("²"): 400 with an OpenAI error body, not a 500 or a dropped connection."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    status, body = raw(server, "POST", "/v1/chat/completions", deep)
+    assert status == 400 and "nested" in body["error"]["message"]
+    assert_openai_error(body)
+    host, port = server.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY +
+                   "\r\nContent-Length: \u00b2\r\n\r\n").encode("latin-1"))
+        head = s.recv(65536).decode("latin-1")
+    assert head.startswith("HTTP/1.") and head.split()[1] == "400", head[:200]
+    assert health(server)["status"] == "ok"
