@@ -155,7 +155,11 @@ class GGUFFile:
             name = c.string()
             ne = tuple(c.take("<Q") for _ in range(c.take("<I")))
             infos.append((name, GT(c.take("<I")), ne, c.take("<Q")))
-        align = int(meta.get("general.alignment", 32))
+        align = meta.get("general.alignment", 32)
+        if isinstance(align, bool) or not isinstance(align, (int, np.integer)) or not 0 < align <= 1 << 20 \
+                or align & (align - 1):
+            raise ModelFileError(f"{path}: general.alignment = {align!r} is not a power of two (GGUF files use 32)")
+        align = int(align)
         start = (c.pos + align - 1) // align * align
         tensors = {}
         for name, ttype, ne, off in infos:
@@ -230,6 +234,20 @@ class GGUFFile:
         v = self.meta.get(f"{self.arch}.{key}")
         if v is None:
             raise ModelFileError(f"{self.path}: metadata key {self.arch}.{key} is missing")
+        return v
+
+    def number(self, key, default=None, kind=int, minimum=1):
+        """A numeric metadata value of this architecture, checked: present (or default), a number
+        (not a string or array), and >= minimum; one line naming the key otherwise."""
+        v = self.meta.get(f"{self.arch}.{key}", default)
+        if v is None:
+            raise ModelFileError(f"{self.path}: metadata key {self.arch}.{key} is missing")
+        if isinstance(v, (bool, str, bytes, list, tuple)) or not isinstance(v, (int, float, np.number)):
+            raise ModelFileError(f"{self.path}: metadata key {self.arch}.{key} is {v!r}, not a number")
+        v = kind(v)
+        if not np.isfinite(v) or (minimum is not None and v < minimum):
+            raise ModelFileError(f"{self.path}: metadata key {self.arch}.{key} = {v} is out of range"
+                                 + (f" (at least {minimum})" if minimum is not None else ""))
         return v
 
     def has(self, name):

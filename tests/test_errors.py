@@ -12,14 +12,17 @@ from glmcpu.errors import (ContextOverflow, ModelFileError, UnsupportedArchitect
                            UnsupportedTensorType)
 
 
-def rewrite(src, dst, arch=None, retype=None, meta=None, drop=()):
+def rewrite(src, dst, arch=None, retype=None, meta=None, drop=(), typed=None):
     """Copy a GGUF, optionally renaming its architecture, re-storing one tensor in another type,
-    changing metadata values or dropping tensors."""
+    changing metadata values (typed: key -> (value, GGUFValueType), added or replacing) or
+    dropping tensors."""
     r = GGUFReader(src)
     old = r.fields["general.architecture"].contents()
     w = GGUFWriter(dst, arch or old)
+    for k, (v, t) in (typed or {}).items():
+        w.add_key_value(k, v, t)
     for k, f in r.fields.items():
-        if k.startswith("GGUF.") or k == "general.architecture":
+        if k.startswith("GGUF.") or k == "general.architecture" or k in (typed or {}):
             continue
         v = (meta or {}).get(k, f.contents())
         key = k.replace(f"{old}.", f"{arch}.", 1) if arch else k
@@ -58,6 +61,11 @@ def bad_files(tiny, tmp_path_factory):
     (d / "text.gguf").write_text("this is a text file, not a model\n" * 10)
     rewrite(good, str(d / "llama.gguf"), arch="llama")
     rewrite(good, str(d / "iq4.gguf"), retype=("blk.1.attn_q.weight", GT.IQ4_NL))
+    U32, STR = GGUFValueType.UINT32, GGUFValueType.STRING
+    rewrite(good, str(d / "align0.gguf"), typed={"general.alignment": (0, U32)})
+    rewrite(good, str(d / "heads0.gguf"), typed={"glm4.attention.head_count": (0, U32)})
+    rewrite(good, str(d / "ctx0.gguf"), typed={"glm4.context_length": (0, U32)})
+    rewrite(good, str(d / "width_abc.gguf"), typed={"glm4.embedding_length": ("abc", STR)})
     return {"good": good, "dir": d}
 
 
@@ -66,7 +74,11 @@ CASES = [("truncated.gguf", ModelFileError, "truncated"),
          ("text.gguf", ModelFileError, "not a GGUF file"),
          ("missing.gguf", ModelFileError, "no such file"),
          ("llama.gguf", UnsupportedArchitecture, "'llama'"),
-         ("iq4.gguf", UnsupportedTensorType, "blk.1.attn_q.weight is stored as IQ4_NL")]
+         ("iq4.gguf", UnsupportedTensorType, "blk.1.attn_q.weight is stored as IQ4_NL"),
+         ("align0.gguf", ModelFileError, "general.alignment = 0 is not a power of two"),
+         ("heads0.gguf", ModelFileError, "glm4.attention.head_count = 0 is out of range"),
+         ("ctx0.gguf", ModelFileError, "glm4.context_length = 0 is out of range"),
+         ("width_abc.gguf", ModelFileError, "glm4.embedding_length is 'abc', not a number")]
 
 
 @pytest.mark.parametrize("name,exc,words", CASES)

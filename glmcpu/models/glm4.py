@@ -33,22 +33,22 @@ class Config:
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> "Config":
-        d = int(f.require("embedding_length"))
-        n_head = int(f.require("attention.head_count"))
-        head_dim = int(f.arch_get("attention.key_length", d // n_head))
+        d = f.number("embedding_length")
+        n_head = f.number("attention.head_count")
+        head_dim = f.number("attention.key_length", d // n_head)
         return cls(
             arch=f.arch,
-            n_layer=int(f.require("block_count")) - int(f.arch_get("nextn_predict_layers", 0)),
+            n_layer=f.number("block_count") - f.number("nextn_predict_layers", 0, minimum=0),
             d_model=d,
-            n_ff=int(f.require("feed_forward_length")),
+            n_ff=f.number("feed_forward_length"),
             n_head=n_head,
-            n_head_kv=int(f.arch_get("attention.head_count_kv", n_head)),
+            n_head_kv=f.number("attention.head_count_kv", n_head),
             head_dim=head_dim,
-            n_rot=int(f.arch_get("rope.dimension_count", head_dim)),
-            rope_theta=float(f.arch_get("rope.freq_base", 10000.0)),
+            n_rot=f.number("rope.dimension_count", head_dim, minimum=0),
+            rope_theta=f.number("rope.freq_base", 10000.0, kind=float, minimum=None),
             neox=False,
-            eps=float(f.require("attention.layer_norm_rms_epsilon")),
-            n_ctx_train=int(f.arch_get("context_length", 4096)),
+            eps=f.number("attention.layer_norm_rms_epsilon", kind=float, minimum=0),
+            n_ctx_train=f.number("context_length", 4096),
             n_vocab=int(f.tensor("token_embd.weight").shape[1]),
             sandwich_norms=f.arch == "glm4",
         )
