@@ -14,6 +14,7 @@ import json
 import os
 import select
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -487,6 +488,16 @@ class Server(ThreadingHTTPServer):
     def __init__(self, api: API, host="127.0.0.1", port=8000, verbose=False):
         self.api, self.verbose = api, verbose
         super().__init__((host, port), Handler)
+
+    def handle_error(self, request, client_address):
+        """A client that leaves mid-request (reset, broken pipe, timeout) is not an error of
+        ours: one line with --verbose, nothing otherwise. Anything else: one line, no traceback."""
+        e = sys.exc_info()[1]
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            if self.verbose:
+                print(f"glmcpu serve: {client_address[0]} left mid-request ({type(e).__name__})", file=sys.stderr)
+            return
+        print(f"glmcpu serve: error with {client_address[0]}: {type(e).__name__}: {e}", file=sys.stderr)
 
     @property
     def url(self):

@@ -366,3 +366,22 @@ def test_deep_json_and_odd_lengths_are_400(server):
         head = s.recv(65536).decode("latin-1")
     assert head.startswith("HTTP/1.") and head.split()[1] == "400", head[:200]
     assert health(server)["status"] == "ok"
+
+
+def test_a_client_that_resets_mid_request_leaves_no_traceback(capsys):
+    import struct
+    from glmcpu.server import Server
+    srv = Server(api=None, port=0)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        for _ in range(3):
+            s = socket.create_connection(srv.server_address[:2], timeout=10)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))   # close = reset
+            s.close()
+        time.sleep(0.5)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception" not in err, err
