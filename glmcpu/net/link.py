@@ -56,14 +56,16 @@ def load_keypair(path: str) -> tuple:
         if mode & 0o077:
             raise LinkError(f"{path} holds a secret key but others may read it (mode {mode:o}): "
                             f"run `chmod 600 {path}`, or make a new pair with `glmcpu keygen`")
-    vals = {}
     with open(path) as f:
-        for line in f:
-            k, _, v = line.partition("=")
-            vals[k.strip()] = v.strip().encode()
+        text = f.read()
+    vals = {}
+    for line in text.splitlines():
+        k, _, v = line.partition("=")             # Z85 keys may hold "=": only the first splits
+        vals[k.strip()] = v.strip().encode()
     if not {"public", "secret"} <= set(vals):
+        words = text.split()
         hint = (" (it looks like a public .pub file: give the secret file keygen wrote beside it)"
-                if len(vals) == 1 and len(next(iter(vals))) == 40 else "")
+                if len(words) == 1 and len(words[0]) == 40 else "")
         raise LinkError(f"{path} is not a glmcpu key file{hint}; make one with `glmcpu keygen`")
     if len(vals["public"]) != 40 or len(vals["secret"]) != 40:
         raise LinkError(f"{path}: its keys are not 40 Z85 characters; make a new pair with `glmcpu keygen`")
