@@ -506,10 +506,10 @@ def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int 
     if flat.size and (flat.min() < -1 or flat.max() >= E):
         raise ValueError("moe: expert id out of range")
     live = np.nonzero(flat >= 0)[0]                                  # -1: an expert held elsewhere
-    threads = team(threads, <double>len(np.unique(flat[live])) *
-                   (2.0 * gate.shape[1] * gate.shape[2] + <double>down.shape[1] * down.shape[2]))
     order = live[np.argsort(flat[live], kind="stable")]              # assignments grouped by expert
     counts = np.bincount(flat[live], minlength=E)
+    threads = team(threads, <double>np.count_nonzero(counts) *       # the used experts' bytes
+                   (2.0 * gate.shape[1] * gate.shape[2] + <double>down.shape[1] * down.shape[2]))
     start = np.zeros(E + 1, np.int64)
     np.cumsum(counts, out=start[1:])
     xs_sorted = np.ascontiguousarray(np.asarray(x, np.float32)[order // k])   # [T*k, n]
