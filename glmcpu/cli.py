@@ -500,7 +500,7 @@ def main(argv=None):
     except (GlmcpuError, LinkError, OSError) as e:
         if args.debug:
             raise
-        print(f"glmcpu: error: {e}", file=sys.stderr)
+        print("glmcpu: error: " + " ".join(str(e).split("\n")), file=sys.stderr)     # one line, always
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -18,6 +18,8 @@ class Model:
         self.threads = int(threads) if threads else ops.default_threads()
         cls = model_class(self.file.arch)
         cfg = cls.config_class.from_gguf(self.file)
+        cls.check_tensors(self.file, cfg)
+        self.tokenizer = Tokenizer.from_gguf(self.file)      # its mistakes found before any weight is read
         self.ctx = int(ctx) if ctx else min(cfg.n_ctx_train, 4096)
         if self.ctx < 1:
             raise GlmcpuError(f"context size must be positive, not {ctx}")
@@ -28,7 +30,6 @@ class Model:
         else:
             self.net = cls(self.file, self.threads, progress=progress)
         self.cfg = self.net.cfg
-        self.tokenizer = Tokenizer.from_gguf(self.file)
         self.last_stats = {}
         self.cache = None           # the KV cache kept between calls, for prompts sharing a prefix
         if mlock:       # keep what every token reads in RAM; experts stay paged on demand

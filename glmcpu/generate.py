@@ -3,7 +3,7 @@ import time
 
 import numpy as np
 
-from .errors import ContextOverflow
+from .errors import ContextOverflow, GlmcpuError
 
 PREFILL_CHUNK = 256     # tokens per prefill step: bounds activation memory, keeps weights hot
 
@@ -22,6 +22,10 @@ def prefill(model, cache, ids, all_logits=False, chunk=PREFILL_CHUNK, progress=N
         if progress:
             progress(min(s + chunk, len(ids)), len(ids))
     return np.concatenate(outs, 0)
+
+
+class NotFinite(GlmcpuError):
+    """Logits that are NaN or infinite: weights (or a config) that cannot be right."""
 
 
 def check_fits(n_prompt: int, n_ctx: int):
@@ -51,6 +55,9 @@ def generate_ids(model, cache, prompt_ids, sampler, max_tokens, stop_ids, stats,
             if cache.pos >= cache.n_ctx:
                 break
             logits = model.forward([tok], cache)[-1]
+        if not np.isfinite(logits.max()):           # max is NaN if any logit is
+            raise NotFinite(f"the model computed {logits.max()} logits at position {cache.pos}: its weights "
+                            "hold NaN or infinite values (a damaged file?)")
         tok = sampler(logits, history)
         stats["gen_seconds"] += time.perf_counter() - t
         if tok in stop_ids:

@@ -3,6 +3,7 @@
 The header is parsed here rather than with gguf.GGUFReader: the reader builds a NumPy view per
 string and takes ~9 s on a 151k-token GLM vocabulary, this parser ~0.2 s. Everything else
 (type codes, block sizes, reference dequantisation, writing) comes from the `gguf` package."""
+import math
 import os
 import re
 import struct
@@ -23,6 +24,8 @@ SCALARS = {VT.UINT8: "B", VT.INT8: "b", VT.UINT16: "H", VT.INT16: "h", VT.UINT32
            VT.INT32: "i", VT.FLOAT32: "f", VT.BOOL: "?", VT.UINT64: "Q", VT.INT64: "q",
            VT.FLOAT64: "d"}
 FLOAT_VIEWS = {GT.F32: np.float32, GT.F16: np.float16}
+MAX_DEPTH = 4            # arrays of arrays of ...
+MAX_DIMS = 4             # ggml tensors have at most 4 dimensions
 
 
 class Tensor(NamedTuple):
@@ -58,14 +61,25 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def value(self, vtype):
-        vtype = VT(vtype)
+    def value(self, vtype, depth=0):
+        """One metadata value. Arrays of arrays nest at most MAX_DEPTH deep (llama.cpp reads
+        none), so a hostile file cannot recurse this parser to death."""
+        try:
+            vtype = VT(vtype)
+        except ValueError:
+            raise ValueError(f"unknown metadata value type {vtype} at byte {self.pos - 4}") from None
         if vtype == VT.STRING:
             return self.string()
         if vtype == VT.ARRAY:
-            sub, n = VT(self.take("<I")), self.take("<Q")
+            if depth >= MAX_DEPTH:
+                raise ValueError(f"metadata arrays nested more than {MAX_DEPTH} deep at byte {self.pos}")
+            sub, n = self.take("<I"), self.take("<Q")
             if sub in (VT.STRING, VT.ARRAY):
-                return [self.value(sub) for _ in range(n)]
+                if n > (len(self.buf) - self.pos) // 8:       # each item takes at least 8 bytes
+                    self.take(f"<{len(self.buf) - self.pos + 1}s")
+                return [self.value(sub, depth + 1) for _ in range(n)]
+            if sub not in SCALARS:
+                raise ValueError(f"unknown metadata array type {sub} at byte {self.pos - 12}")
             size = struct.calcsize(SCALARS[sub])
             if self.pos + n * size > len(self.buf):
                 self.take(f"<{n * size}s")
@@ -85,21 +99,21 @@ class GGUFFile:
     def __init__(self, path):
         self.path = str(path)
         self.meta, self.tensors, self.parts = self._open(self.path, 0)
-        count = int(self.meta.get("split.count", 1))
+        count = self.number("split.count", 1, maximum=99999)
         if count > 1:
-            if int(self.meta.get("split.no", 0)) != 0:
+            if self.number("split.no", 0, minimum=0) != 0:
                 raise ModelFileError(
-                    f"{self.path} is part {int(self.meta['split.no']) + 1} of {count} of a split GGUF; "
+                    f"{self.path} is part {self.number('split.no') + 1} of {count} of a split GGUF; "
                     "give the first part (…-00001-of-…gguf): glmcpu finds the others beside it")
             for no in range(1, count):
                 part = self.part_path(no, count)
                 meta, tensors, parts = self._open(part, no)
-                if int(meta.get("split.no", -1)) != no:
+                if meta.get("split.no", -1) != no:
                     raise ModelFileError(f"{part} is not part {no + 1} of {self.path}")
                 self.tensors.update(tensors)
                 self.parts += parts
-            expected = self.meta.get("split.tensors.count")
-            if expected is not None and int(expected) != len(self.tensors):
+            expected = self.number("split.tensors.count", len(self.tensors), minimum=0)
+            if expected != len(self.tensors):
                 raise ModelFileError(f"{self.path}: its {count} parts hold {len(self.tensors)} tensors, "
                                      f"the first part says {expected}; a part is missing or damaged")
         self.mm, self.data_start = self.parts[0][1], self.parts[0][2]
@@ -107,6 +121,8 @@ class GGUFFile:
         self.arch = self.meta.get("general.architecture")
         if self.arch is None:
             raise ModelFileError(f"{self.path} has no general.architecture: not a model GGUF")
+        if not isinstance(self.arch, str):
+            raise ModelFileError(f"{self.path}: general.architecture is {_short(self.arch)}, not a name")
 
     def part_path(self, no, count) -> str:
         m = SPLIT_NAME.search(self.path)
@@ -146,15 +162,29 @@ class GGUFFile:
         if version not in (2, 3):
             raise ModelFileError(f"{path} is GGUF version {version}; glmcpu reads versions 2 and 3")
         n_tensors, n_kv = c.take("<Q"), c.take("<Q")
+        left = size - c.pos
+        if n_kv > left // 13 or n_tensors > left // 29:   # smallest key-value / tensor entry
+            raise ModelFileError(f"{path} is a damaged or truncated GGUF file: it says it holds {n_tensors} tensors and "
+                                 f"{n_kv} metadata keys, more than its {size} bytes can; download it again")
         meta = {}
         for _ in range(n_kv):
             key = c.string()
+            if key in meta:
+                raise ModelFileError(f"{path} is a damaged GGUF file: metadata key {_name(key)} appears twice")
             meta[key] = c.value(c.take("<I"))
         infos = []
         for _ in range(n_tensors):
             name = c.string()
-            ne = tuple(c.take("<Q") for _ in range(c.take("<I")))
-            infos.append((name, GT(c.take("<I")), ne, c.take("<Q")))
+            n_dims = c.take("<I")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise ModelFileError(f"{path}: tensor {_name(name)} has {n_dims} dimensions (ggml tensors have "
+                                     f"1 to {MAX_DIMS}); the file is damaged")
+            ne = tuple(c.take("<Q") for _ in range(n_dims))
+            code = c.take("<I")
+            if code not in GGML_QUANT_SIZES:
+                raise ModelFileError(f"{path}: tensor {_name(name)} has ggml type {code}, which is no ggml type "
+                                     "(the file is damaged, or newer than this glmcpu's gguf package)")
+            infos.append((name, GT(code), ne, c.take("<Q")))
         align = meta.get("general.alignment", 32)
         if isinstance(align, bool) or not isinstance(align, (int, np.integer)) or not 0 < align <= 1 << 20 \
                 or align & (align - 1):
@@ -164,11 +194,16 @@ class GGUFFile:
         tensors = {}
         for name, ttype, ne, off in infos:
             block, nbytes_block = GGML_QUANT_SIZES[ttype]
-            n = int(np.prod(ne))
+            n = math.prod(ne)
+            if name in tensors or min(ne) < 1 or ne[0] % block or off % align:
+                what = ("appears twice" if name in tensors else f"has shape {ne}" if min(ne) < 1 else
+                        f"has rows of {ne[0]} values, not whole {block}-value {ttype.name} blocks"
+                        if ne[0] % block else f"starts at offset {off}, not a multiple of {align}")
+                raise ModelFileError(f"{path}: tensor {_name(name)} {what}; the file is damaged")
             nbytes = n // block * nbytes_block
             begin = start + off
             if begin + nbytes > size:
-                raise ModelFileError(f"{path} is truncated: tensor {name} ends at byte "
+                raise ModelFileError(f"{path} is truncated: tensor {_name(name)} ends at byte "
                                      f"{begin + nbytes}, the file has {size}; download it again")
             raw = mm[begin:begin + nbytes]
             np_shape = tuple(reversed(ne))
@@ -188,10 +223,6 @@ class GGUFFile:
             h.update(memoryview(mm[:start]))
         h.update(str(self.size).encode())
         return h.hexdigest()[:32]
-
-    def array(self, key):
-        """A metadata array (token list, merges), or None."""
-        return self.meta.get(key)
 
     def lock(self, names):
         """mlock the pages of these tensors (so the OS never pages them out)."""
@@ -227,27 +258,59 @@ class GGUFFile:
     def get(self, key, default=None):
         return self.meta.get(key, default)
 
-    def arch_get(self, key, default=None):
-        return self.meta.get(f"{self.arch}.{key}", default)
+    def _key(self, key):
+        """Keys of the file's architecture may be given without it: "block_count"."""
+        return key if key.startswith(("general.", "tokenizer.", "split.")) else f"{self.arch}.{key}"
 
-    def require(self, key):
-        v = self.meta.get(f"{self.arch}.{key}")
+    def _missing(self, key):
+        return ModelFileError(f"{self.path}: metadata key {key} is missing")
+
+    def number(self, key, default=None, kind=int, minimum=1, maximum=None):
+        """A numeric metadata value, checked: present (or default), a number (not a string or
+        array), finite and within [minimum, maximum]; one line naming the key otherwise."""
+        key = self._key(key)
+        v = self.meta.get(key, default)
         if v is None:
-            raise ModelFileError(f"{self.path}: metadata key {self.arch}.{key} is missing")
+            raise self._missing(key)
+        if isinstance(v, (str, bytes, list, tuple)) or not isinstance(v, (int, float, np.number)) or (
+                isinstance(v, bool) and kind is not bool):
+            raise ModelFileError(f"{self.path}: metadata key {key} is {_short(v)}, not a number")
+        v = kind(v)
+        if not np.isfinite(v) or (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+            raise ModelFileError(f"{self.path}: metadata key {key} = {v} is out of range ("
+                                 + ", ".join(s for s in (minimum is not None and f"at least {minimum}",
+                                                         maximum is not None and f"at most {maximum}") if s) + ")")
         return v
 
-    def number(self, key, default=None, kind=int, minimum=1):
-        """A numeric metadata value of this architecture, checked: present (or default), a number
-        (not a string or array), and >= minimum; one line naming the key otherwise."""
-        v = self.meta.get(f"{self.arch}.{key}", default)
+    def text(self, key, default=None):
+        """A string metadata value (or default if absent)."""
+        key = self._key(key)
+        v = self.meta.get(key, default)
+        if v is not None and not isinstance(v, str):
+            raise ModelFileError(f"{self.path}: metadata key {key} is {_short(v)}, not a string")
+        return v
+
+    def strings(self, key, default=None, nonempty=False):
+        """A metadata array of strings (token list, merges)."""
+        key = self._key(key)
+        v = self.meta.get(key, default)
         if v is None:
-            raise ModelFileError(f"{self.path}: metadata key {self.arch}.{key} is missing")
-        if isinstance(v, (bool, str, bytes, list, tuple)) or not isinstance(v, (int, float, np.number)):
-            raise ModelFileError(f"{self.path}: metadata key {self.arch}.{key} is {v!r}, not a number")
-        v = kind(v)
-        if not np.isfinite(v) or (minimum is not None and v < minimum):
-            raise ModelFileError(f"{self.path}: metadata key {self.arch}.{key} = {v} is out of range"
-                                 + (f" (at least {minimum})" if minimum is not None else ""))
+            raise self._missing(key)
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v) or (nonempty and not v):
+            raise ModelFileError(f"{self.path}: metadata key {key} is {_short(v)}, not "
+                                 f"{'a non-empty' if nonempty else 'an'} array of strings")
+        return v
+
+    def ints(self, key, default=None, length=None):
+        """A metadata array of integers (token types), of `length` items if given."""
+        key = self._key(key)
+        v = self.meta.get(key, default)
+        if v is None:
+            raise self._missing(key)
+        if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            raise ModelFileError(f"{self.path}: metadata key {key} is {_short(v)}, not an array of integers")
+        if length is not None and len(v) != length:
+            raise ModelFileError(f"{self.path}: metadata key {key} has {len(v)} items for {length} tokens")
         return v
 
     def has(self, name):
@@ -274,6 +337,22 @@ class GGUFFile:
         K, N = int(t.shape[0]), int(np.prod(t.shape[1:]))
         data = t.data.reshape(N, -1).view(np.uint8)              # [N, row_bytes]
         return data, int(t.tensor_type), N, K
+
+
+def _name(s: str) -> str:
+    """A tensor or key name for an error message: as is if plain, else quoted and cut short."""
+    if s.isprintable() and len(s) <= 80:
+        return s
+    r = repr(s)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _short(v) -> str:
+    """A metadata value for an error message: strings and arrays cut short."""
+    if isinstance(v, list):
+        return f"an array of {len(v)} items" + (f" ({_short(v[0])}, ...)" if v else "")
+    s = repr(v)
+    return s if len(s) <= 40 else s[:37] + "..."
 
 
 def dequantize(t, rows=None) -> np.ndarray:

@@ -214,9 +214,10 @@ def quantize_gguf(src, dst, file_type, pure=False, progress=None):
         raise QuantizeError(f"{src} is already quantised ({', '.join(done)}); glmcpu quantize reads "
                             "F32/F16/BF16 GGUFs (convert the Hugging Face checkpoint to f16 first)")
     shapes = {n: (tuple(reversed(t.shape)), t.tensor_type) for n, t in f.tensors.items()}
-    n_head, n_kv = f.require("attention.head_count"), f.arch_get("attention.head_count_kv")
-    types = tensor_types(shapes, file_type, int(f.require("block_count")),
-                         int(f.arch_get("expert_count", 0) or 0), pure, n_head // (n_kv or n_head))
+    n_head = f.number("attention.head_count")
+    n_kv = f.number("attention.head_count_kv", n_head)
+    types = tensor_types(shapes, file_type, f.number("block_count"), f.number("expert_count", 0, minimum=0),
+                         pure, n_head // n_kv)
     reader = GGUFReader(src)
     w = GGUFWriter(dst, f.arch)
     copy_metadata(reader, w)

@@ -6,7 +6,7 @@ import os
 import jinja2.sandbox
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
-from .errors import ModelFileError
+from .errors import GlmcpuError, ModelFileError
 
 # cl100k-style split shared by GGUF tokenizer.ggml.pre = chatglm-bpe and glm4
 GLM4_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
@@ -26,44 +26,46 @@ GLM4_TEMPLATE = (
 
 
 class Tokenizer:
-    def __init__(self, tok: HFTokenizer, chat_template=None, stop_ids=()):
+    def __init__(self, tok: HFTokenizer, chat_template=None, stop_ids=(), source="the chat template"):
+        """source names the template in errors (the file and key it came from)."""
         self.tok = tok
         self.chat_template = chat_template or GLM4_TEMPLATE
+        self.source = source
         self.stop_ids = set(stop_ids) | {i for t in STOP_TEXTS if (i := tok.token_to_id(t)) is not None}
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
-        self._template = env.from_string(self.chat_template)
-
-    @property
-    def vocab_size(self):
-        return self.tok.get_vocab_size()
+        try:
+            self._template = env.from_string(self.chat_template)
+        except jinja2.TemplateError as e:
+            raise ModelFileError(f"{source} is not a valid Jinja template ({_first_line(e)})") from None
 
     @classmethod
     def from_gguf(cls, f) -> "Tokenizer":
-        kind = f.get("tokenizer.ggml.model")
+        kind = f.text("tokenizer.ggml.model")
         if kind != "gpt2":
             raise ModelFileError(f"{f.path}: tokenizer type {kind!r} is not byte-level BPE ('gpt2'), "
                                  "which every GLM-4 file uses")
-        pre = f.get("tokenizer.ggml.pre")
+        pre = f.text("tokenizer.ggml.pre")
         if pre not in KNOWN_PRE:
             raise ModelFileError(f"{f.path}: pre-tokenizer {pre!r} is not a GLM one ({', '.join(p for p in KNOWN_PRE if p)})")
-        tokens = f.array("tokenizer.ggml.tokens")
-        merges = f.array("tokenizer.ggml.merges") or []
-        types = f.array("tokenizer.ggml.token_type") or [1] * len(tokens)
+        tokens = f.strings("tokenizer.ggml.tokens", nonempty=True)
+        merges = f.strings("tokenizer.ggml.merges", [])
+        types = f.ints("tokenizer.ggml.token_type", [1] * len(tokens), length=len(tokens))
         try:
             bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)},
                              merges=[tuple(m.split(" ", 1)) for m in merges], ignore_merges=False)
         except Exception as e:       # tokenizers raises a bare Exception for a bad vocabulary
-            raise ModelFileError(f"{f.path}: its tokenizer metadata is inconsistent ({e})") from None
+            raise ModelFileError(f"{f.path}: its tokenizer metadata is inconsistent ({_first_line(e)})") from None
         tok = HFTokenizer(bpe)
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(GLM4_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([t for t, ty in zip(tokens, types) if ty == CONTROL])
-        stops = [f.get(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                                     "tokenizer.ggml.eom_token_id")]
-        return cls(tok, f.get("tokenizer.chat_template"), [s for s in stops if s is not None])
+        stops = [f.number(k, -1, minimum=None) for k in ("tokenizer.ggml.eos_token_id",
+                                                          "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")]
+        return cls(tok, f.text("tokenizer.chat_template"), [s for s in stops if 0 <= s < len(tokens)],
+                   source=f"{f.path}: tokenizer.chat_template")
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
@@ -96,11 +98,22 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
     def render(self, messages, add_generation_prompt=True, **kwargs) -> str:
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     **kwargs)
+        """The chat prompt of `messages`; a template that fails on them raises TemplateFailed."""
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **kwargs)
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+            raise TemplateFailed(f"{self.source} failed on these messages ({type(e).__name__}: "
+                                 f"{_first_line(e)}); use --raw, or a file with a working template") from None
 
-    def special_tokens(self):
-        return [t.content for t in self.tok.get_added_tokens_decoder().values() if t.special]
+
+class TemplateFailed(GlmcpuError):
+    """The chat template raised an error (raise_exception, an undefined name) on some messages."""
+
+
+def _first_line(e) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:200] if s else type(e).__name__
 
 
 def _raise(msg):

@@ -1,6 +1,8 @@
 """Tiny random GLM checkpoints built with transformers, converted by glmcpu's converter."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "
 TEXT = ("The quick brown fox jumps over the lazy dog. A small model reads the same words again "
         "and again; numbers like 12, 345 and 6789 split too. Über café naïve — ünïcödé text, "
         "and emoji 🙂 appear. ") * 20
+F32_TOL = 2e-3      # max |logit difference| on float32 weights
 N_VOCAB = 384          # model rows: more than the tokenizer has, as real GLM files do
 
 
@@ -129,6 +132,78 @@ def hf_logits(model, ids):
 
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def run_cli(*args, stdin=None, env=None, timeout=300):
+    """`python -m glmcpu ARGS` in a child process (text output captured)."""
+    return subprocess.run([sys.executable, "-m", "glmcpu", *args], capture_output=True, text=True,
+                          input=stdin, env=env, timeout=timeout)
+
+
+def kl(p_logits, q_logits):
+    """mean over positions of KL(softmax p || softmax q), in float64."""
+    p = p_logits.astype(np.float64)
+    q = q_logits.astype(np.float64)
+    lp = p - np.logaddexp.reduce(p, -1, keepdims=True)
+    lq = q - np.logaddexp.reduce(q, -1, keepdims=True)
+    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+
+
+def rewrite(src, dst, arch=None, retype=None, meta=None, drop=(), typed=None, drop_keys=()):
+    """Copy a GGUF, optionally renaming its architecture, re-storing one tensor in another type,
+    changing metadata values (typed: key -> (value, GGUFValueType), added or replacing) or
+    dropping tensors (drop) or metadata keys (drop_keys)."""
+    from gguf import GGMLQuantizationType as GT, GGUFReader, GGUFValueType, GGUFWriter, quants
+
+    r = GGUFReader(src)
+    old = r.fields["general.architecture"].contents()
+    w = GGUFWriter(dst, arch or old)
+    for k, (v, t) in (typed or {}).items():
+        w.add_key_value(k, v, t)
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k == "general.architecture" or k in (typed or {}) or k in drop_keys:
+            continue
+        v = (meta or {}).get(k, f.contents())
+        key = k.replace(f"{old}.", f"{arch}.", 1) if arch else k
+        if f.types[0] == GGUFValueType.ARRAY:
+            w.add_key_value(key, v, GGUFValueType.ARRAY, sub_type=f.types[-1])
+        else:
+            w.add_key_value(key, v, f.types[0])
+    for t in r.tensors:
+        if t.name in drop:
+            continue
+        data = np.array(t.data)
+        if retype and t.name == retype[0] and retype[1] == GT.IQ4_NL:
+            # gguf-py cannot quantise IQ4_NL; its blocks have Q4_0's size, so relabel Q4_0 bytes
+            w.add_tensor(t.name, quants.quantize(data, GT.Q4_0), raw_dtype=GT.IQ4_NL)
+        elif retype and t.name == retype[0]:
+            w.add_tensor(t.name, quants.quantize(data, retype[1]), raw_dtype=retype[1])
+        elif t.tensor_type in (GT.F32, GT.F16):
+            w.add_tensor(t.name, data)
+        else:                                   # quantised: the same bytes
+            w.add_tensor(t.name, data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+PROMPT = list(range(5, 17))      # token ids the cluster tests generate from
+
+
+def start_worker(path, *extra, bind="tcp://127.0.0.1:*", env=None):
+    model = ["--model", path] if path else []
+    p = subprocess.Popen([sys.executable, "-m", "glmcpu", "worker", "--bind", bind, *model, "-t", "1",
+                          *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, **(env or {})))
+    line = p.stdout.readline()
+    assert line.startswith("glmcpu worker on "), p.stderr.read()
+    return p, line.split()[3]
+
+
+def greedy(m, n=12):
+    """n greedy tokens (text pieces) after PROMPT."""
+    return list(m.generate(PROMPT, max_tokens=n, temperature=0, ignore_eos=True))
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,7 @@ import pytest
 
 import glmcpu
 from glmcpu import cli
-
-
-def run_cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "glmcpu", *args], capture_output=True, text=True,
-                          input=stdin, timeout=300)
+from conftest import run_cli
 
 
 def test_demo_model_writes_english():

@@ -13,18 +13,7 @@ import pytest
 import glmcpu
 from glmcpu.cluster import ClusterError, make_plan
 from glmcpu.net.link import keygen
-
-PROMPT = list(range(5, 17))
-
-
-def start_worker(path, *extra, bind="tcp://127.0.0.1:*", env=None):
-    model = ["--model", path] if path else []
-    p = subprocess.Popen([sys.executable, "-m", "glmcpu", "worker", "--bind", bind, *model, "-t", "1",
-                          *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=dict(os.environ, **(env or {})))
-    line = p.stdout.readline()
-    assert line.startswith("glmcpu worker on "), p.stderr.read()
-    return p, line.split()[3]
+from conftest import PROMPT, greedy, start_worker
 
 
 @pytest.fixture
@@ -46,10 +35,6 @@ def workers(tmp_path):
             p.send_signal(signal.SIGCONT)
             p.kill()
         p.wait()
-
-
-def greedy(m, n=12):
-    return list(m.generate(PROMPT, max_tokens=n, temperature=0, ignore_eos=True))
 
 
 def kl(want, got):

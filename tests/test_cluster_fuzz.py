@@ -14,7 +14,7 @@ import glmcpu
 from glmcpu.net.link import keygen, load_keypair
 from glmcpu.net.protocol import pack, unpack
 from glmcpu.weights import FileWeights, Recorder, payload_digest
-from test_cluster import PROMPT, greedy, start_worker
+from conftest import greedy, start_worker
 
 POOL = [None, True, False, -1, 0, 1, 3, 7, 255, 2 ** 31, 2 ** 40, -2 ** 40, 2 ** 63 - 1, 1.5, -0.0,
         float("nan"), float("inf"), "", "x", "attn", "moe", "../../etc", "a" * 300, [], [1], [[1, 2, 3]],

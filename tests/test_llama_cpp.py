@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 import glmcpu
-from conftest import hf_logits, test_ids as make_ids
-from test_models import kl
+from conftest import hf_logits, kl, test_ids as make_ids
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python to compare with llama.cpp")
 

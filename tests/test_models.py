@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 
 import glmcpu
-from conftest import assert_prefill_equals_steps, hf_logits, test_ids as make_ids
+from conftest import F32_TOL, assert_prefill_equals_steps, hf_logits, kl, test_ids as make_ids
 
-F32_TOL = 2e-3      # max |logit difference| on float32 weights
 
 
 @pytest.mark.parametrize("family,fuse", [("glm", False), ("glm", True), ("glm4", False)])
@@ -30,15 +29,6 @@ def test_fused_file_really_is_fused(tiny):
 def test_prefill_equals_token_by_token(tiny, family):
     _, path, _ = tiny(family, "q8_0")
     assert_prefill_equals_steps(glmcpu.load(path, threads=2), make_ids(33, seed=5))
-
-
-def kl(p_logits, q_logits):
-    """mean over positions of KL(softmax p || softmax q), in float64."""
-    p = p_logits.astype(np.float64)
-    q = q_logits.astype(np.float64)
-    lp = p - np.logaddexp.reduce(p, -1, keepdims=True)
-    lq = q - np.logaddexp.reduce(q, -1, keepdims=True)
-    return float((np.exp(lp) * (lp - lq)).sum(-1).mean())
 
 
 @pytest.mark.parametrize("family", ["glm", "glm4"])

@@ -11,13 +11,11 @@ from gguf import GGMLQuantizationType as GT
 from gguf import GGUFReader, GGUFWriter, LlamaFileType
 from gguf.quants import dequantize, quant_shape_to_byte_shape
 
-from conftest import hf_logits, test_ids as make_ids
+from conftest import hf_logits, kl, run_cli, test_ids as make_ids
 import glmcpu
 from glmcpu import quants
 from glmcpu.cli import demo_model_path
 from glmcpu.quantize import FILE_TYPES, copy_metadata, tensor_types
-from test_cli import run_cli
-from test_models import kl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import make_model  # noqa: E402

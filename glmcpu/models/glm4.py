@@ -2,11 +2,13 @@
 `glm4` (GLM-4-0414; Glm4ForCausalLM, which adds the post-attention and post-MLP norms).
 
 The whole forward pass is `Model.forward`; the math is ../shared/SPEC.md's."""
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from .. import ops
+from ..errors import ModelFileError
 from ..gguf import GGUFFile, dequantize
 from ..plan import chunk_width
 from ..weights import FileWeights, ShareError, row_bytes
@@ -31,27 +33,38 @@ class Config:
     n_vocab: int
     sandwich_norms: bool = False   # glm4: norms of the attention and FFN outputs
 
+    def describe(self) -> str:
+        """The sizes the tensors' shapes follow from, for error messages."""
+        return (f"width {self.d_model}, {self.n_head} heads ({self.n_head_kv} KV) of {self.head_dim}, "
+                f"FFN {self.n_ff}, vocabulary {self.n_vocab}")
+
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> "Config":
-        d = f.number("embedding_length")
-        n_head = f.number("attention.head_count")
-        head_dim = f.number("attention.key_length", d // n_head)
-        return cls(
+        d = f.number("embedding_length", maximum=1 << 20)
+        n_head = f.number("attention.head_count", maximum=d)
+        head_dim = f.number("attention.key_length", d // n_head, maximum=1 << 16)
+        n_block = f.number("block_count", maximum=10000)
+        cfg = cls(
             arch=f.arch,
-            n_layer=f.number("block_count") - f.number("nextn_predict_layers", 0, minimum=0),
+            n_layer=n_block - f.number("nextn_predict_layers", 0, minimum=0, maximum=n_block - 1),
             d_model=d,
-            n_ff=f.number("feed_forward_length"),
+            n_ff=f.number("feed_forward_length", maximum=1 << 24),
             n_head=n_head,
-            n_head_kv=f.number("attention.head_count_kv", n_head),
+            n_head_kv=f.number("attention.head_count_kv", n_head, maximum=n_head),
             head_dim=head_dim,
-            n_rot=f.number("rope.dimension_count", head_dim, minimum=0),
-            rope_theta=f.number("rope.freq_base", 10000.0, kind=float, minimum=None),
+            n_rot=f.number("rope.dimension_count", head_dim, minimum=0, maximum=head_dim),
+            rope_theta=f.number("rope.freq_base", 10000.0, kind=float, minimum=1e-3),
             neox=False,
-            eps=f.number("attention.layer_norm_rms_epsilon", kind=float, minimum=0),
+            eps=f.number("attention.layer_norm_rms_epsilon", kind=float, minimum=0, maximum=1),
             n_ctx_train=f.number("context_length", 4096),
             n_vocab=int(f.tensor("token_embd.weight").shape[1]),
             sandwich_norms=f.arch == "glm4",
         )
+        if n_head % cfg.n_head_kv or cfg.n_rot % 2:
+            raise ModelFileError(f"{f.path}: " + (f"{n_head} query heads do not share {cfg.n_head_kv} KV heads "
+                                                  "evenly" if n_head % cfg.n_head_kv else
+                                                  f"{f.arch}.rope.dimension_count = {cfg.n_rot} is odd"))
+        return cfg
 
 
 class Linear:
@@ -304,6 +317,37 @@ class Model:
     @staticmethod
     def repack_experts(f) -> bool:
         return False
+
+    @classmethod
+    def tensor_shapes(cls, cfg) -> dict:
+        """The ggml shapes (row length first) the config gives the tensors this family reads:
+        {name, or "blk.*." + the name in each layer: [allowed shapes]}."""
+        d, hd, ff = cfg.d_model, cfg.head_dim, cfg.n_ff
+        q, kv = cfg.n_head * hd, cfg.n_head_kv * hd
+        layer = {"attn_q.weight": (d, q), "attn_k.weight": (d, kv), "attn_v.weight": (d, kv),
+                 "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
+                 "attn_qkv.weight": (d, q + 2 * kv), "attn_qkv.bias": (q + 2 * kv,),
+                 "attn_output.weight": (q, d), "attn_q_norm.weight": (hd,), "attn_k_norm.weight": (hd,),
+                 "attn_norm.weight": (d,), "ffn_norm.weight": (d,), "post_attention_norm.weight": (d,),
+                 "post_ffw_norm.weight": (d,), "ffn_gate.weight": (d, ff), "ffn_down.weight": (ff, d)}
+        shapes = {"blk.*." + k: [v] for k, v in layer.items()}
+        shapes["blk.*.ffn_up.weight"] = [(d, ff), (d, 2 * ff)]        # apart from ffn_gate, or fused
+        shapes.update({"token_embd.weight": [(d, cfg.n_vocab)], "output.weight": [(d, cfg.n_vocab)],
+                       "output_norm.weight": [(d,)]})
+        return shapes
+
+    @classmethod
+    def check_tensors(cls, f, cfg):
+        """Every tensor this family reads has the shape its config says (one line naming the
+        first that does not): a file whose metadata and tensors disagree stops here, at open."""
+        shapes = cls.tensor_shapes(cfg)
+        for name, t in f.tensors.items():
+            key = name if name in shapes else re.sub(r"^blk\.\d+\.", "blk.*.", name)
+            want = shapes.get(key)
+            got = tuple(int(x) for x in t.shape)
+            if want is not None and got not in want:
+                raise ModelFileError(f"{f.path}: tensor {name} has shape {got} (ggml order); its metadata "
+                                     f"({cfg.describe()}) says {' or '.join(map(str, want))}")
 
     def ffn_kind(self, i) -> str:
         return "ffn"

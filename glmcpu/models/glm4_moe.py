@@ -29,20 +29,25 @@ class Config(glm4.Config):
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> "Config":
         base = asdict(glm4.Config.from_gguf(f))
-        gating = int(f.arch_get("expert_gating_func", 2))
+        gating = f.number("expert_gating_func", 2)
         if gating != 2:
             raise UnsupportedArchitecture(f"{f.path}: expert_gating_func {gating}; GLM-4.5 routers are sigmoid (2)")
-        if int(f.arch_get("expert_group_count", 1) or 1) > 1:
+        if f.number("expert_group_count", 1, minimum=0) > 1:
             raise UnsupportedArchitecture(f"{f.path}: grouped expert routing (n_group > 1) is not supported")
         base["neox"] = True
+        n_expert = f.number("expert_count")
         return cls(**base,
-                   n_expert=int(f.require("expert_count")),
-                   n_expert_used=int(f.require("expert_used_count")),
-                   n_expert_shared=int(f.arch_get("expert_shared_count", 0)),
-                   n_ff_exp=int(f.require("expert_feed_forward_length")),
-                   n_dense_lead=int(f.arch_get("leading_dense_block_count", 0)),
-                   expert_scale=float(f.arch_get("expert_weights_scale", 1.0)),
-                   expert_norm=bool(f.arch_get("expert_weights_norm", True)))
+                   n_expert=n_expert,
+                   n_expert_used=f.number("expert_used_count", maximum=n_expert),
+                   n_expert_shared=f.number("expert_shared_count", 0, minimum=0),
+                   n_ff_exp=f.number("expert_feed_forward_length"),
+                   n_dense_lead=f.number("leading_dense_block_count", 0, minimum=0),
+                   expert_scale=f.number("expert_weights_scale", 1.0, kind=float, minimum=None),
+                   expert_norm=f.number("expert_weights_norm", True, kind=bool, minimum=None))
+
+    def describe(self) -> str:
+        return (super().describe() + f", {self.n_expert} experts ({self.n_expert_used} used, "
+                f"{self.n_expert_shared} shared) of {self.n_ff_exp}")
 
 
 class Router:
@@ -131,6 +136,21 @@ class Model(glm4.Model):
     @staticmethod
     def repack_experts(f) -> bool:
         return ops.repack_experts(f.size)
+
+    @classmethod
+    def tensor_shapes(cls, cfg) -> dict:
+        d, E, fe = cfg.d_model, cfg.n_expert, cfg.n_ff_exp
+        shared = fe * cfg.n_expert_shared
+        shapes = super().tensor_shapes(cfg)
+        shapes.update({"blk.*." + k: [v] for k, v in {
+            "ffn_gate_inp.weight": (d, E), "exp_probs_b.bias": (E,),
+            "ffn_gate_exps.weight": (d, fe, E), "ffn_up_exps.weight": (d, fe, E), "ffn_down_exps.weight": (fe, d, E),
+            "ffn_gate_shexp.weight": (d, shared), "ffn_up_shexp.weight": (d, shared),
+            "ffn_down_shexp.weight": (shared, d),
+            "nextn.eh_proj.weight": (2 * d, d), "nextn.enorm.weight": (d,), "nextn.hnorm.weight": (d,),
+            "nextn.shared_head_norm.weight": (d,), "nextn.embed_tokens.weight": (d, cfg.n_vocab),
+            "nextn.shared_head_head.weight": (d, cfg.n_vocab)}.items()})
+        return shapes
 
     def ffn_kind(self, i) -> str:
         return "ffn" if i < self.cfg.n_dense_lead else "moe"
