@@ -5,9 +5,13 @@ arrival order (`Turns`): one model, one KV cache, so the next turn of a conversa
 prefix the model already holds. The model itself only runs on one runner thread. A client that
 goes away (closed socket) ends its generation at the next token, freeing the model for the queue.
 
+Every error is answered in OpenAI's shape, http.server's own refusals included (a garbled request
+line: 400, an unknown method: 405, headers too long: 431, a version HTTP/2 or later: 505); a bug
+is a 500 with that body, logged in one line with --verbose and never with a traceback.
+
 Accepted and ignored: frequency_penalty, presence_penalty, logit_bias, user, tools (no tool
 calls), response_format. Refused with 400: n != 1, logprobs, echo. Extensions as llama.cpp's
-server has them: top_k, min_p, repeat_penalty, ignore_eos.
+server has them: top_k, min_p, repeat_penalty, ignore_eos, and seed -1 for a random seed.
 """
 import hmac
 import json
@@ -17,9 +21,9 @@ import socket
 import sys
 import threading
 import time
-import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
@@ -155,8 +159,10 @@ class API:
 
     def check_model(self, body):
         name = body.get("model")
+        if name is not None and not isinstance(name, str):
+            raise APIError(400, f"'model' must be a string, not {shown(name)}", param="model")
         if name is not None and name != self.name:
-            raise APIError(404, f"The model '{name}' does not exist; this server runs '{self.name}'.",
+            raise APIError(404, f"The model {shown(name)} does not exist; this server runs '{self.name}'.",
                            param="model", code="model_not_found")
 
     def sampling(self, body):
@@ -171,12 +177,14 @@ class API:
             # no tighter bound: a full context ends the answer anyway, with finish_reason "length"
             kw["max_tokens"] = number(limit, param, 1, 2**31 - 1, integer=True)
         for key, lo, hi in (("temperature", 0, 2), ("top_p", 0, 1), ("min_p", 0, 1),
-                            ("repeat_penalty", 0, 10)):
+                            ("repeat_penalty", 0.01, 10)):         # 0 would divide logits by 0
             if body.get(key) is not None:
                 kw[key] = number(body[key], key, lo, hi)
         for key, lo in (("top_k", 0), ("seed", -2**63)):
             if body.get(key) is not None:
                 kw[key] = number(body[key], key, lo, 2**63 - 1, integer=True)
+        if kw["seed"] is not None and kw["seed"] < 0:      # numpy takes no negative seed
+            kw["seed"] = None if kw["seed"] == -1 else kw["seed"] % 2**64   # -1: random, as llama.cpp
         stop = body.get("stop")
         if isinstance(stop, str):
             stop = [stop]
@@ -219,7 +227,7 @@ class API:
         if not (isinstance(prompt, str) and prompt) and not ids_ok:
             raise APIError(400, "'prompt' must be a non-empty string or a list of token ids",
                            param="prompt")
-        return prompt
+        return unicode(prompt, "prompt") if isinstance(prompt, str) else prompt
 
     def start(self, body, chat):
         """Check a request; returns (prompt, generate keywords, stops, stream, include_usage)."""
@@ -255,20 +263,38 @@ def number(v, param, lo, hi, integer=False):
     kinds = (int,) if integer else (int, float)
     if isinstance(v, bool) or not isinstance(v, kinds) or not lo <= v <= hi:
         raise APIError(400, f"'{param}' must be {'an integer' if integer else 'a number'} "
-                            f"from {lo} to {hi}, not {json.dumps(v)}", param=param)
+                            f"from {lo} to {hi}, not {shown(v)}", param=param)
     return v
+
+
+def shown(v):
+    """A client's value for an error message: short, and never the repr of a deep structure."""
+    if isinstance(v, (dict, list)):
+        return "an object" if isinstance(v, dict) else "a list"
+    text = json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def unicode(text, param):
+    """`text`, refused when it holds a lone surrogate ("\\ud800" is valid JSON, not valid text)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param} holds a lone surrogate ({shown(text[e.start:e.end])}); send "
+                            "valid Unicode", param=param) from None
+    return text
 
 
 def text_of(content, param):
     """A message's content: a string, null, or a list of {"type": "text", "text"} parts."""
     if content is None or isinstance(content, str):
-        return content or ""
+        return unicode(content or "", param)
     if isinstance(content, list):
         parts = []
         for p in content:
             if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)):
                 raise APIError(400, "only text content parts are supported", param=param)
-            parts.append(p["text"])
+            parts.append(unicode(p["text"], param))
         return "".join(parts)
     raise APIError(400, "content must be a string or a list of text parts", param=param)
 
@@ -285,6 +311,52 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         if self.server.verbose:
             super().log_message(fmt, *args)
+
+    def handle_one_request(self):
+        """http.server's, with the last resort for a bug: a 500 in OpenAI's shape (unless an
+        answer was started), one line with --verbose, then close."""
+        self.answered, self.body_read = False, True     # route() says when a body waits unread
+        self.requestline, self.request_version, self.command = "", "HTTP/1.1", None
+        try:
+            super().handle_one_request()
+        except ConnectionError:         # the client left: Server.handle_error
+            raise
+        except Exception as e:
+            self.close_connection = True
+            self.server.note(f"internal error on {self.requestline!r}: {type(e).__name__}: {e}")
+            if self.answered:
+                return
+            try:
+                if not self.body_read:
+                    self.discard_body()
+                self.send_error_json(APIError(500, f"internal error: {type(e).__name__}: {e}"[:300],
+                                              kind="server_error"))
+            except OSError:
+                pass
+
+    def parse_request(self):
+        ok = super().parse_request()
+        if ok and self.request_version == "HTTP/0.9":      # "GET /path": no headers, so no key
+            self.send_error(400, "send a request line with a version: METHOD PATH HTTP/1.1")
+            return False
+        return ok
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own refusals (a garbled request line, headers too long, an unknown
+        method) in OpenAI's error shape, always after a status line, and closing."""
+        if code == HTTPStatus.NOT_IMPLEMENTED:          # no do_<method>: not one of ours
+            code, message = HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command!r} is not allowed"
+        if self.request_version == "HTTP/0.9":          # set by parse_request before it knows
+            self.request_version = "HTTP/1.0"
+        self.close_connection = True
+        self.log_error("code %d, message %s", code, message)
+        status = HTTPStatus(code)
+        self.send_error_json(APIError(status, message or status.phrase, code=status.name.lower(),
+                                      kind="invalid_request_error" if code < 500 else "server_error"))
+
+    def send_response(self, code, message=None):
+        self.answered = True
+        super().send_response(code, message)
 
     def do_GET(self):
         self.route("GET")
@@ -327,26 +399,29 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error_json(e)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-        except Exception as e:          # a bug: answer it, log it, keep serving
-            self.log_error("%s", traceback.format_exc())
+
+    def body_length(self) -> int:
+        """The body's declared length, or APIError (closing: where the body ends is unknown)."""
+        if self.headers.get("Transfer-Encoding") is not None:
             self.close_connection = True
-            try:
-                self.send_error_json(APIError(500, f"internal error: {e!r}", kind="server_error"))
-            except OSError:
-                pass
+            raise APIError(411, "chunked (or any Transfer-Encoding) bodies are not supported; send "
+                                "the body with a Content-Length")
+        lengths = {v.strip() for v in self.headers.get_all("Content-Length", [])}
+        length = lengths.pop() if len(lengths) == 1 else None
+        if length is None or not (length.isascii() and length.isdigit()):     # not "²" either
+            self.close_connection = True
+            raise APIError(400 if lengths or length else 411, "send the body with one Content-Length")
+        return int(length) if len(length) < 19 else 2**63      # int() refuses 4,300 digits
 
     def read_json(self):
-        length = self.headers.get("Content-Length")
-        if length is None or not (length.isascii() and length.isdigit()):     # not "²" either
-            self.close_connection = True        # where the body ends is unknown
-            raise APIError(411 if length is None else 400, "send the body with a Content-Length")
-        if int(length) > MAX_BODY:
-            raise APIError(413, f"the request body is {int(length)} bytes; the limit is {MAX_BODY}",
+        n = self.body_length()
+        if n > MAX_BODY:
+            raise APIError(413, f"the request body is {n} bytes; the limit is {MAX_BODY}",
                            code="request_too_large")
         self.body_read = True
         try:
-            return json.loads(self.rfile.read(int(length)))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return json.loads(self.rfile.read(n))
+        except ValueError as e:         # JSON, UTF-8, an integer of over 4,300 digits
             raise APIError(400, f"the body is not valid JSON: {e}") from None
         except RecursionError:
             raise APIError(400, "the body's JSON is nested too deeply") from None
@@ -354,8 +429,12 @@ class Handler(BaseHTTPRequestHandler):
     def discard_body(self):
         """Read and drop the body of a refused request: left unread it would be taken for the
         next request, and closing on a client still sending makes it miss the answer."""
-        length = self.headers.get("Content-Length", "0")
-        n = int(length) if length.isascii() and length.isdigit() else 0
+        if self.headers.get("Content-Length") is None and self.headers.get("Transfer-Encoding") is None:
+            return                      # no body
+        try:
+            n = self.body_length()
+        except APIError:                # the connection closes
+            return
         if n > MAX_DISCARD:
             self.close_connection = True
             return
@@ -444,7 +523,7 @@ class Handler(BaseHTTPRequestHandler):
                 api.cancelled += 1
         except Exception as e:      # e.g. a cluster that lost every worker; the status is sent
             if not isinstance(e, GlmcpuError):
-                self.log_error("%s", traceback.format_exc())
+                self.server.note(f"internal error while streaming: {type(e).__name__}: {e}")
             body = APIError(500, str(e), kind="server_error").body()
             try:
                 self.wfile.write(b"data: " + json.dumps(body).encode() + b"\n\n")
@@ -468,7 +547,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        if self.command != "HEAD":
+            self.wfile.write(data)
         self.wfile.flush()
 
     def send_json(self, status, obj, headers=()):
@@ -478,6 +558,8 @@ class Handler(BaseHTTPRequestHandler):
         headers = [("Retry-After", "1")] if e.status == 503 else []
         if e.status == 401:
             headers.append(("WWW-Authenticate", "Bearer"))
+        if e.status == 405:
+            headers.append(("Allow", "GET, POST"))
         self.send_json(e.status, e.body(), headers)
 
 
@@ -489,15 +571,20 @@ class Server(ThreadingHTTPServer):
         self.api, self.verbose = api, verbose
         super().__init__((host, port), Handler)
 
+    def note(self, text):
+        """One line on stderr with --verbose, nothing otherwise: what clients do is no error of
+        ours, and a bug of ours is answered 500 and must not flood the log."""
+        if self.verbose:
+            print("glmcpu serve: " + " ".join(str(text).split())[:500], file=sys.stderr, flush=True)
+
     def handle_error(self, request, client_address):
-        """A client that leaves mid-request (reset, broken pipe, timeout) is not an error of
-        ours: one line with --verbose, nothing otherwise. Anything else: one line, no traceback."""
+        """An exception that left a handler: a client that left mid-request (reset, broken
+        pipe, timeout) or a failure before any request was read. One line with --verbose."""
         e = sys.exc_info()[1]
         if isinstance(e, (ConnectionError, TimeoutError)):
-            if self.verbose:
-                print(f"glmcpu serve: {client_address[0]} left mid-request ({type(e).__name__})", file=sys.stderr)
-            return
-        print(f"glmcpu serve: error with {client_address[0]}: {type(e).__name__}: {e}", file=sys.stderr)
+            self.note(f"{client_address[0]} left mid-request ({type(e).__name__})")
+        else:
+            self.note(f"error with {client_address[0]}: {type(e).__name__}: {e}")
 
     @property
     def url(self):

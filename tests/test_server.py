@@ -332,7 +332,7 @@ def test_a_full_queue_is_answered_503_with_retry_after():
 
 def test_serve_shares_the_model_with_workers(client, tmp_path):
     """serve --workers: a worker without the file gets its share shipped, and answers as one process."""
-    from test_cluster import start_worker
+    from conftest import start_worker
 
     worker, endpoint = start_worker(None, "--insecure", "--cache", str(tmp_path / "cache"))
     try:
@@ -385,3 +385,100 @@ def test_a_client_that_resets_mid_request_leaves_no_traceback(capsys):
         srv.server_close()
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Exception" not in err, err
+
+
+def test_a_bug_is_a_500_in_openai_shape_logged_in_one_line_only_with_verbose(capfd):
+    """A bug in route() (here: a server without an API) and one in http.server's part of the work
+    (here: the parser) are answered 500 with an OpenAI error body, never a dropped connection;
+    stderr gets no traceback, one line per bug with verbose, nothing without."""
+    from glmcpu.server import Handler, Server
+
+    class BrokenParser(Handler):
+        def parse_request(self):
+            raise RuntimeError("a bug in the parser")
+
+    for verbose in (False, True):
+        srv = Server(api=None, port=0, verbose=verbose)
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        try:
+            for handler in (Handler, BrokenParser):
+                srv.RequestHandlerClass = handler
+                status, body = raw(srv.url, "GET", "/health")
+                assert status == 500 and body["error"]["type"] == "server_error", body
+                assert_openai_error(body)
+        finally:
+            srv.shutdown()
+            srv.server_close()
+        err = capfd.readouterr().err
+        assert "Traceback" not in err, err
+        ours = [line for line in err.splitlines() if line.startswith("glmcpu serve:")]
+        assert len(ours) == (2 if verbose else 0), err
+        assert not verbose or "RuntimeError: a bug in the parser" in ours[1], err
+        assert all(line in ours or line.endswith('" 500 -') for line in err.splitlines()), err   # + access log
+
+
+def raw_bytes(server, data: bytes):
+    """(status, parsed JSON body) of bytes sent by hand on a connection the server closes."""
+    host, port = server.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(data)
+        got = b""
+        while more := s.recv(65536):
+            got += more
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1."), got[:300]
+    assert b"\r\ncontent-type: application/json" in head.lower(), head
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_values_that_made_500s_are_400s_or_served(server):
+    """Each of these was a 500 (an exception in the server) before being checked; and a 'model'
+    that is no string is a 400 for that, not a 404 that echoes its repr."""
+    def post(body: bytes, path="/v1/chat/completions"):
+        return raw(server, "POST", path, body, {"Content-Type": "application/json"})
+
+    status, body = post(b'{"messages": ' + b"1" * 5000 + b"}")     # int() takes 4,300 digits at most
+    assert status == 400 and "not valid JSON" in body["error"]["message"], body
+    for path, key, value in (("/v1/chat/completions", "messages", [{"role": "user", "content": "\ud800"}]),
+                             ("/v1/completions", "prompt", "a\udfffb")):
+        status, body = post(json.dumps({key: value, "max_tokens": 1}).encode(), path)
+        assert status == 400 and "surrogate" in body["error"]["message"], body
+    status, body = post(json.dumps({"messages": HELLO, "max_tokens": 1, "repeat_penalty": 0}).encode())
+    assert status == 400 and body["error"]["param"] == "repeat_penalty", body
+    for seed in (-1, -5, -2**63):       # -1: a random seed, as llama.cpp
+        status, body = post(json.dumps({"messages": HELLO, "max_tokens": 1, "seed": seed}).encode())
+        assert status == 200, body
+    status, body = post(json.dumps({"model": ["demo"], "messages": HELLO}).encode())
+    assert status == 400 and body["error"]["param"] == "model", body
+    assert health(server)["status"] == "ok"
+
+
+def test_bodies_without_one_clear_length_are_refused(server):
+    """Chunked, two different Content-Lengths, one of 5,000 digits: an OpenAI error and a closed
+    connection (where the body ends is unknown), never a guess."""
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+    body = json.dumps({"messages": HELLO, "max_tokens": 1})
+    chunked = f"{len(body):x}\r\n{body}\r\n0\r\n\r\n"
+    for extra, sent, want in (("Transfer-Encoding: chunked\r\n", chunked, 411),
+                              (f"Transfer-Encoding: chunked\r\nContent-Length: {len(body)}\r\n", body, 411),
+                              (f"Content-Length: {len(body)}\r\nContent-Length: 3\r\n", body, 400),
+                              ("Content-Length: " + "9" * 5000 + "\r\n", body, 413)):
+        status, err = raw_bytes(server, (head + extra + "\r\n" + sent).encode())
+        assert status == want, (extra[:60], err)
+        assert_openai_error(err)
+
+
+def test_requests_http_server_refuses_are_openai_errors(server):
+    """http.server's own answers (request line, version, method, header size) are JSON in
+    OpenAI's shape after a status line, not its HTML page."""
+    for line, want in ((b"GARBAGE", 400), (b"GET /v1/models HTTP/1.1.1", 400), (b"GET /v1/models", 400),
+                       (b"GET /v1/models HTTP/2.0", 505), (b"BREW /v1/models HTTP/1.1", 405),
+                       (b"post /v1/chat/completions HTTP/1.1", 405),
+                       (b"GET /" + b"a" * 70000 + b" HTTP/1.1", 414)):
+        status, body = raw_bytes(server, line + b"\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status == want, (line[:40], body)
+        assert_openai_error(body)
+    status, body = raw_bytes(server, b"GET /v1/models HTTP/1.1\r\nX: " + b"y" * 70000 + b"\r\n\r\n")
+    assert status == 431
+    assert_openai_error(body)
+    assert health(server)["status"] == "ok"
