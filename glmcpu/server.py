@@ -1,9 +1,12 @@
 """An OpenAI-compatible HTTP server for one loaded model, and the chat page at `/`.
 
-Standard library only. Every request runs in its own thread, but generations take turns in
-arrival order (`Turns`): one model, one KV cache, so the next turn of a conversation reuses the
-prefix the model already holds. The model itself only runs on one runner thread. A client that
-goes away (closed socket) ends its generation at the next token, freeing the model for the queue.
+Standard library only. Every connection runs in its own thread, up to `max_connections` at once
+(more are answered 503 by the accepting thread and closed); a connection gets `head_timeout`
+seconds for each request's line and headers (and no longer idle between keep-alive requests).
+Generations take turns in arrival order (`Turns`): one model, one KV cache, so the next turn of a
+conversation reuses the prefix the model already holds. The model itself only runs on one runner
+thread. A client that goes away (closed socket) ends its generation at the next token, freeing
+the model for the queue.
 
 Every error is answered in OpenAI's shape, http.server's own refusals included (a garbled request
 line: 400, an unknown method: 405, headers too long: 431, a version HTTP/2 or later: 505); a bug
@@ -14,6 +17,7 @@ calls), response_format. Refused with 400: n != 1, logprobs, echo. Extensions as
 server has them: top_k, min_p, repeat_penalty, ignore_eos, and seed -1 for a random seed.
 """
 import hmac
+import io
 import json
 import os
 import select
@@ -31,6 +35,8 @@ from .errors import GlmcpuError
 
 MAX_BODY = 1 << 20          # bytes of request JSON; a prompt that fills a 128k context is ~600 KB
 MAX_DISCARD = 16 << 20      # an unwanted body up to this size is read, so its sender sees our answer
+MAX_CONNECTIONS = 64        # connections served at once; each holds a thread
+HEAD_TIMEOUT = 10           # seconds for a request line and headers, idle keep-alive included
 ROLES = ("system", "user", "assistant", "observation", "tool")
 
 
@@ -299,10 +305,29 @@ def text_of(content, param):
     raise APIError(400, "content must be a string or a list of text parts", param=param)
 
 
+class HeadReader(io.RawIOBase):
+    """A connection's socket as the handler reads it: while `deadline` (time.monotonic()) is set,
+    no read waits past it, so a client sending its headers a byte at a time still leaves in time."""
+
+    def __init__(self, sock):
+        self.sock, self.deadline = sock, None
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("the request's head took too long")
+            self.sock.settimeout(left)
+        return self.sock.recv_into(b)
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"       # keep-alive for the openai client's connection pool
     server_version = "glmcpu"
-    timeout = 120                       # a silent client does not hold a thread forever
+    timeout = 120                       # each read of a body, each write; the head has head_timeout
 
     @property
     def api(self) -> API:
@@ -312,11 +337,18 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.verbose:
             super().log_message(fmt, *args)
 
+    def setup(self):
+        super().setup()
+        self.rfile.close()              # the socket counts its files: an open one keeps it open
+        self.reader = HeadReader(self.connection)
+        self.rfile = io.BufferedReader(self.reader)
+
     def handle_one_request(self):
-        """http.server's, with the last resort for a bug: a 500 in OpenAI's shape (unless an
-        answer was started), one line with --verbose, then close."""
+        """http.server's, with a deadline for the head, and the last resort for a bug: a 500 in
+        OpenAI's shape (unless an answer was started), one line with --verbose, then close."""
         self.answered, self.body_read = False, True     # route() says when a body waits unread
         self.requestline, self.request_version, self.command = "", "HTTP/1.1", None
+        self.reader.deadline = time.monotonic() + self.server.head_timeout
         try:
             super().handle_one_request()
         except ConnectionError:         # the client left: Server.handle_error
@@ -336,6 +368,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def parse_request(self):
         ok = super().parse_request()
+        self.reader.deadline = None
+        self.connection.settimeout(self.timeout)
         if ok and self.request_version == "HTTP/0.9":      # "GET /path": no headers, so no key
             self.send_error(400, "send a request line with a version: METHOD PATH HTTP/1.1")
             return False
@@ -566,10 +600,49 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True           # Ctrl-C does not wait for open connections
     allow_reuse_address = True
+    # the listen backlog: with socketserver's 5, a burst of connections has its SYNs dropped
+    # and retried after 1, 3, 7... s, and a request behind it waits that long
+    request_queue_size = 1024
 
-    def __init__(self, api: API, host="127.0.0.1", port=8000, verbose=False):
+    def __init__(self, api: API, host="127.0.0.1", port=8000, verbose=False,
+                 max_connections=MAX_CONNECTIONS, head_timeout=HEAD_TIMEOUT):
         self.api, self.verbose = api, verbose
+        self.max_connections, self.head_timeout = max_connections, head_timeout
+        self.slots = threading.BoundedSemaphore(max_connections)    # one per connection thread
         super().__init__((host, port), Handler)
+
+    def process_request(self, request, client_address):
+        """A thread for the connection if one of `max_connections` is free, else a 503 from this
+        (the accepting) thread, which never waits on the client."""
+        if not self.slots.acquire(blocking=False):
+            return self.turn_away(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:           # no thread started: it will not give the slot back
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def turn_away(self, request):
+        e = APIError(503, f"the server is busy ({self.max_connections} connections are open); "
+                          "retry shortly", code="server_busy", kind="server_error")
+        body = json.dumps(e.body()).encode()
+        head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+        try:
+            request.setblocking(False)
+            drain(request)      # a close with unread bytes is a reset, which can lose the answer
+            request.send(head.encode() + body)      # fits an empty socket buffer
+            request.shutdown(socket.SHUT_WR)
+            drain(request)
+        except OSError:
+            pass
+        request.close()
 
     def note(self, text):
         """One line on stderr with --verbose, nothing otherwise: what clients do is no error of
@@ -590,6 +663,18 @@ class Server(ThreadingHTTPServer):
     def url(self):
         host, port = self.server_address[:2]
         return f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+
+
+def drain(sock, limit=1 << 20):
+    """Read what a non-blocking socket holds, up to `limit` bytes."""
+    while limit > 0:
+        try:
+            got = sock.recv(min(limit, 1 << 16))
+        except (BlockingIOError, InterruptedError):
+            return
+        if not got:
+            return
+        limit -= len(got)
 
 
 def chat_page() -> bytes:

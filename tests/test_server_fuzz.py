@@ -1,4 +1,4 @@
-"""The HTTP server against malformed requests sent over raw sockets.
+"""The HTTP server against malformed requests sent over raw sockets, and against many slow ones.
 
 The fuzz sends seeded random mutations of valid requests (body, headers, method, path, version)
 plus hand-written cases, one connection each. Every answer with a status line must be below 500
@@ -7,6 +7,7 @@ no traceback and no "internal error"."""
 import json
 import random
 import re
+import select
 import socket
 import threading
 import time
@@ -357,7 +358,7 @@ def test_fuzzed_requests_get_4xx_in_openai_shape_and_no_traceback(api, capfd):
     cases += [(data, half, None) for data, half in random_requests(1013, N_RANDOM)]
     statuses = {}
     t = time.perf_counter()
-    with serving(api, verbose=True) as srv:
+    with serving(api, verbose=True, head_timeout=2) as srv:
         for data, half_close, want in cases:
             status = check(data, exchange(srv.server_address, data, half_close), want)
             statuses[status] = statuses.get(status, 0) + 1
@@ -371,3 +372,93 @@ def test_fuzzed_requests_get_4xx_in_openai_shape_and_no_traceback(api, capfd):
     print(f"{len(cases)} requests in {took:.1f} s; statuses {sorted(statuses.items(), key=str)}")
     assert statuses.get(None, 0) < len(cases) // 10, statuses      # most requests were answered
     assert len(statuses) >= 8, statuses
+
+
+def handler_threads():
+    return [t for t in threading.enumerate() if "process_request_thread" in t.name]
+
+
+def wait_for(cond, timeout=5):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.01)
+
+
+def chat(addr, timeout):
+    """(status, parsed body) of a valid chat completion on a fresh connection."""
+    data = Request("POST", "/v1/chat/completions", dict(CHAT)).encode()
+    got = exchange(addr, data, False, timeout)
+    head, _, body = got.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body), head
+
+
+def test_a_request_after_1100_slow_sockets_answers_within_2_s(api):
+    """1,100 sockets opened at once (a third send half a header, a third one byte), then
+    closed: they are accepted quickly (no SYNs dropped by a short listen backlog), their threads
+    end, and the next request is answered at once."""
+    with serving(api) as srv:
+        socks, t = [], time.perf_counter()
+        for i in range(1100):
+            s = socket.create_connection(srv.server_address, timeout=10)
+            if i % 3 == 0:
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+            elif i % 3 == 1:
+                s.sendall(b"G")
+            socks.append(s)
+            # with a listen backlog of 5, SYNs were dropped and retried: 1,100 took ~3 minutes
+            assert time.perf_counter() - t < 10, f"{i} connections opened in 10 s"
+        assert len(handler_threads()) <= srv.max_connections
+        for s in socks:
+            s.close()
+        t = time.perf_counter()
+        status, body, _ = chat(srv.server_address, timeout=2)
+        assert status == 200 and body["choices"][0]["message"]["content"] is not None, body
+        assert time.perf_counter() - t < 2
+        wait_for(lambda: not handler_threads(), timeout=2)      # no thread for a closed socket
+
+
+def test_past_the_connection_limit_a_client_gets_503_json(api):
+    with serving(api, max_connections=3) as srv:
+        held = [socket.create_connection(srv.server_address, timeout=10) for _ in range(3)]
+        wait_for(lambda: len(handler_threads()) == 3)
+        t = time.perf_counter()
+        status, body, head = chat(srv.server_address, timeout=5)
+        assert status == 503 and body["error"]["code"] == "server_busy", body
+        assert body["error"]["type"] == "server_error"
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert b"\r\nRetry-After: 1" in head and time.perf_counter() - t < 1
+        assert len(handler_threads()) == 3          # turned away by the accepting thread
+        for s in held:
+            s.close()
+        wait_for(lambda: not handler_threads())
+        assert chat(srv.server_address, timeout=5)[0] == 200
+
+
+def test_a_head_sent_slowly_is_cut_off_but_a_slow_body_is_not(api):
+    """head_timeout bounds the whole request line and headers, not each read: a client sending
+    a header line every 0.2 s is closed after ~1 s. The body has Handler.timeout per read."""
+    with serving(api, head_timeout=1) as srv:
+        s = socket.create_connection(srv.server_address, timeout=10)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        t, closed = time.perf_counter(), False
+        while not closed and time.perf_counter() - t < 5:
+            time.sleep(0.2)
+            try:
+                s.sendall(b"X-Slow: y\r\n")
+                closed = bool(select.select([s], [], [], 0)[0]) and s.recv(100) == b""
+            except OSError:
+                closed = True
+        assert closed and 0.8 < time.perf_counter() - t < 3
+        s.close()
+        wait_for(lambda: not handler_threads())
+
+        body = dump(CHAT).encode()
+        with socket.create_connection(srv.server_address, timeout=10) as s:
+            s.sendall(post_head(len(body)))
+            time.sleep(1.5)
+            s.sendall(body)
+            got = b""
+            while more := s.recv(65536):
+                got += more
+        assert got.startswith(b"HTTP/1.1 200 "), got[:300]
