@@ -81,7 +81,8 @@ def cmd_worker(a):
     else:
         raise GlmcpuError("a worker needs --key (its key file) and --allow (the root's public key), "
                           "made with `glmcpu keygen`; or --insecure")
-    service = WorkerService(a.model and model_path(a.model), a.threads, a.memory, a.cache, a.cache_max, a.lease)
+    service = WorkerService(a.model and model_path(a.model), a.threads, a.memory, a.cache, a.cache_max, a.lease,
+                            repack=a.repack)
     server = Server(a.bind, service, keypair=keypair, allowed=allowed)
     print(f"glmcpu worker on {server.endpoint} ({'insecure' if a.insecure else 'CurveZMQ'}; "
           f"public key {keypair[0].decode() if keypair else '-'})", flush=True)
@@ -132,11 +133,18 @@ def cmd_plan(a):
     return 0
 
 
+REPACK_HELP = ("which weights are copied into RAM in the kernels' faster layouts: auto (the non-expert "
+               "weights when they fit in the free memory, the RAM or a container's limit; a MoE file's experts "
+               "too when the whole file fits in 60%% of it), none (all read from the file: least RAM, slower) "
+               "or all (default: auto, or GLMCPU_REPACK)")
+
+
 def add_engine(p):
     p.add_argument("--threads", "-t", type=int, default=None, help="default: physical cores")
     p.add_argument("--ctx", "-c", type=int, default=None, help="context length (default: min(file's, 4096))")
     p.add_argument("--mlock", action="store_true",
                    help="lock the non-expert weights in RAM (experts stay paged from the file)")
+    p.add_argument("--repack", choices=["auto", "none", "all"], default=None, help=REPACK_HELP)
 
 
 def sampling_kwargs(a):
@@ -196,7 +204,7 @@ def load_model(a):
     from . import load
 
     path = model_path(a.model)
-    return load(path, threads=a.threads, ctx=a.ctx, mlock=a.mlock,
+    return load(path, threads=a.threads, ctx=a.ctx, mlock=a.mlock, repack=a.repack,
                 progress=StepBar(f"loading {os.path.basename(path)}: layers"), **cluster_kwargs(a))
 
 
@@ -280,7 +288,7 @@ def cmd_info(a):
     from . import ops
     from .engine import Model, is_expert
 
-    m = Model(model_path(a.model), threads=a.threads, ctx=a.ctx)
+    m = Model(model_path(a.model), threads=a.threads, ctx=a.ctx, repack=a.repack)
     c = m.cfg
     types, sizes = Counter(), Counter()
     for t in m.file.tensors.values():
@@ -307,7 +315,12 @@ def cmd_info(a):
             ("RAM needed", f"{human(weights - experts + kv)} (non-expert weights + KV cache; lock with --mlock)"),
             ("expert weights", f"{human(experts)} read from the file on demand (the OS pages them in and out)"),
         ]
+    pk = m.net.packing
     rows += [
+        ("free memory", f"{human(ops.memory_available())} (the RAM, or this container's limit if lower)"),
+        ("repacked", ("non-expert weights copied into RAM in the kernels' layouts" if pk.dense else
+                      "nothing: every weight is read from the file (--repack none, or too little free memory)")
+         + ("; experts too" if pk.experts else "; experts read from the file" if experts else "")),
         ("kernels", f"{ops.VARIANT} (built: {', '.join(ops.available_variants())})"),
         ("threads", m.threads),
     ]
@@ -436,6 +449,7 @@ def build_parser():
     w.add_argument("--insecure", action="store_true", help="plain TCP, anyone may connect")
     w.add_argument("--threads", "-t", type=int, default=None, help="default: physical cores")
     w.add_argument("--memory", type=float, default=None, help="GB this worker offers (default: available RAM)")
+    w.add_argument("--repack", choices=["auto", "none", "all"], default=None, help=REPACK_HELP)
     w.add_argument("--cache-max", type=float, default=None, help="GB the --cache may hold (least recently used "
                                                                    "shares go first; default: no limit)")
     w.add_argument("--lease", type=float, default=10.0, help="seconds of silence after which this worker's "

@@ -12,7 +12,8 @@ from .tokenizer import Detokenizer, Tokenizer
 
 class Model:
     def __init__(self, path, threads=None, ctx=None, mlock=False, workers=None, key=None,
-                 worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32", progress=None):
+                 worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32", progress=None,
+                 repack=None):
         self.file = GGUFFile(path)
         self.path = self.file.path
         self.threads = int(threads) if threads else ops.default_threads()
@@ -23,12 +24,16 @@ class Model:
         self.ctx = int(ctx) if ctx else min(cfg.n_ctx_train, 4096)
         if self.ctx < 1:
             raise GlmcpuError(f"context size must be positive, not {ctx}")
+        kv = 2 * 4 * cfg.n_layer * cfg.n_head_kv * cfg.head_dim * self.ctx
+        if kv > ops.memory_available() > 0:
+            raise GlmcpuError(f"a KV cache of {self.ctx} tokens needs {kv / 2**30:.1f} GB and "
+                              f"{ops.memory_available() / 2**30:.1f} GB of RAM is free; lower --ctx")
         # the model, or a cluster running it: both have forward, new_cache, begin and status
         if workers:
             self.net = connect(self.file, cls, workers, key, worker_key, insecure, timeout, shares,
-                               self.threads, self.ctx, wire, progress)
+                               self.threads, self.ctx, wire, progress, repack)
         else:
-            self.net = cls(self.file, self.threads, progress=progress)
+            self.net = cls(self.file, self.threads, progress=progress, packing=ops.plan_packing(self.file, repack))
         self.cfg = self.net.cfg
         self.last_stats = {}
         self.cache = None           # the KV cache kept between calls, for prompts sharing a prefix
@@ -119,7 +124,7 @@ class Model:
                 f"threads={self.threads} kernels={ops.VARIANT}>")
 
 
-def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None, **cluster) -> Model:
+def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None, repack=None, **cluster) -> Model:
     """A model, ready to generate.
 
     path: a GGUF file, or what the CLI takes: a model in `glmcpu list` (its name or file name,
@@ -131,13 +136,18 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
     workers: endpoints ("tcp://host:port") of `glmcpu worker`s to share the work with; then
         key= (this root's key file) and worker_key= (the workers' public key), or insecure=True;
         also timeout= (seconds, default 5), shares= and wire= ("f32", "f16" or "q8_0").
-    progress: progress(done, total) is called as layers are built."""
+    progress: progress(done, total) is called as layers are built.
+    repack: "auto" (default, or GLMCPU_REPACK), "none" or "all": which weights are copied into RAM
+        in the kernels' faster layouts. auto copies the non-expert weights when they fit in 80% of
+        the free memory (the RAM, or a container's limit), and a MoE file's routed experts too when
+        the whole file fits in 60% of it; the rest is read from the file's memory map. none: least
+        RAM, slower. all: everything, or a one-line refusal when it cannot fit."""
     from .hub import resolve
     return Model(resolve(str(path)), threads=threads, ctx=ctx, mlock=mlock, workers=workers,
-                 progress=progress, **cluster)
+                 progress=progress, repack=repack, **cluster)
 
 
-def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire, progress):
+def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire, progress, repack):
     from .cluster import Cluster
     from .net.link import load_keypair, load_public
     if insecure:
@@ -150,7 +160,7 @@ def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads
     if isinstance(workers, str):
         workers = [w for w in workers.split(",") if w]
     return Cluster(f, cls, workers, keypair, server_key, timeout=timeout, shares=shares, threads=threads,
-                   n_ctx=n_ctx, wire=wire, progress=progress)
+                   n_ctx=n_ctx, wire=wire, progress=progress, repack=repack)
 
 
 def is_expert(tensor_name: str) -> bool:

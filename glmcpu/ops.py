@@ -4,6 +4,7 @@
 misreports its features)."""
 import importlib
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -72,12 +73,6 @@ VARIANT = K.ISA
 Q4_0, Q5_0, Q8_0, Q4_K = 2, 6, 8, 12
 Q4_0X8, Q5_0X8, Q8_0X8, Q4_KX8 = K.Q4_0X8, K.Q5_0X8, K.Q8_0X8, K.Q4_KX8
 PACKED = (Q4_0X8, Q5_0X8, Q8_0X8, Q4_KX8)       # types in 8-row groups
-# Q4_0 / Q8_0 weights are repacked into RAM at load (8-row groups: faster kernels). Routed experts are too when
-# the whole file fits comfortably in RAM, else they run from the memory map in the file's layout.
-# GLMCPU_REPACK=0: never repack (least RAM); =all: repack experts too, whatever the RAM.
-REPACK = os.environ.get("GLMCPU_REPACK", "1").lower()
-
-
 def _read_int(path):
     try:
         with open(path) as f:
@@ -119,12 +114,50 @@ def memory_available(root: str = "/") -> int:
     return min(rooms) if rooms else 0
 
 
-def repack_experts(file_bytes: int) -> bool:
-    if REPACK in ("0", "no", "off"):
-        return False
-    if REPACK == "all":
-        return True
-    return file_bytes < 0.6 * memory_available()
+REPACK_MODES = ("auto", "none", "all")
+PACKABLE = (Q4_0, Q5_0, Q8_0, Q4_K)             # file types with an 8-row layout
+
+
+def repack_mode(mode=None) -> str:
+    """How much of a model to copy into RAM in the kernels' layouts (8-row groups for Q4_0, Q5_0,
+    Q8_0 and Q4_K; a plain copy of the other K-quants): "auto" (the default, or GLMCPU_REPACK),
+    "none" (everything runs from the file's memory map: least RAM, slower) or "all"."""
+    raw = mode if mode is not None else os.environ.get("GLMCPU_REPACK") or "auto"
+    m = {"1": "auto", "0": "none", "no": "none", "off": "none"}.get(str(raw).lower(), str(raw).lower())
+    if m not in REPACK_MODES:
+        raise GlmcpuError(f"repack mode {raw!r} is not one of {', '.join(REPACK_MODES)}")
+    return m
+
+
+class Packing(NamedTuple):
+    dense: bool          # non-expert weights copied into RAM in the kernels' layouts
+    experts: bool        # routed experts repacked too (else read from the memory map)
+
+
+def plan_packing(f, mode=None, available=None) -> Packing:
+    """What a load copies into RAM, decided before anything is: "auto" copies the non-expert
+    weights when they fit in 80% of the memory this process may use (the RAM, or a container's
+    limit), and the routed experts too when the whole file fits in 60% of it; "all" refuses in
+    one line when it cannot fit. KV caches are checked where they are made."""
+    mode = repack_mode(mode)
+    if mode == "none":
+        return Packing(False, False)
+    avail = memory_available() if available is None else available
+    dense = experts = 0
+    for name, t in f.tensors.items():
+        if len(t.shape) < 2 or (name == "token_embd.weight" and "output.weight" in f.tensors):
+            continue                                   # vectors are small; embedding rows are read in place
+        if "_exps." in name:
+            experts += t.n_bytes if t.tensor_type in PACKABLE else 0
+        elif t.tensor_type in PACKABLE or t.tensor_type in IN_RAM:
+            dense += t.n_bytes
+    if mode == "all":
+        if dense + experts > avail:
+            raise GlmcpuError(f"{f.path}: repacking all its weights needs {(dense + experts) / 2**30:.1f} GB of RAM "
+                              f"and {avail / 2**30:.1f} GB is free (the RAM or this container's memory limit); "
+                              "use --repack auto (or none: least RAM)")
+        return Packing(True, experts > 0)
+    return Packing(dense < 0.8 * avail, experts > 0 and f.size < 0.6 * avail)
 
 
 # K-quants and the other legacy types keep the file's layout, but are copied into RAM like the
@@ -132,14 +165,15 @@ def repack_experts(file_bytes: int) -> bool:
 IN_RAM = (3, 6, 7) + tuple(K.K_TYPES)
 
 
-def repack(w, wtype: int, ram_copy: bool = True):
+def repack(w, wtype: int, ram_copy: bool = True, pack: bool = True):
     """(weight lines, type) in the fastest layout for this type: Q4_0, Q5_0, Q8_0 and Q4_K rows
     in groups of 8, the other K-quants as a RAM copy of the file's rows (unless ram_copy=False: routed
-    experts, which gain nothing from a plain copy). Returns w itself when it stays in the file."""
-    if REPACK in ("0", "no", "off"):
+    experts, which gain nothing from a plain copy). Returns w itself when it stays in the file
+    (always with pack=False)."""
+    if not pack:
         return w, wtype
     # the 8-row kernels have AVX2/AVX-512 bodies; elsewhere (NEON, generic) the file's layout is faster
-    if wtype in (Q4_0, Q8_0, Q5_0, Q4_K) and w.shape[0] % 8 == 0 and VARIANT in ("avx2", "avx512", "avx512vnni"):
+    if wtype in PACKABLE and w.shape[0] % 8 == 0 and VARIANT in ("avx2", "avx512", "avx512vnni"):
         return K.repack_x8(np.ascontiguousarray(w), wtype)
     if wtype in IN_RAM and ram_copy:
         return np.array(w, order="C"), wtype

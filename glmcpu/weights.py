@@ -32,10 +32,11 @@ class ShareError(GlmcpuError):
 
 
 class FileWeights:
-    """Ranges of the tensors of a GGUFFile. Whole ranges are the memory map itself (no copy)."""
+    """Ranges of the tensors of a GGUFFile. Whole ranges are the memory map itself (no copy).
+    pack: whether modules copy these weights into RAM in the kernels' layouts (ops.plan_packing)."""
 
-    def __init__(self, f):
-        self.f = f
+    def __init__(self, f, pack=True):
+        self.f, self.pack = f, pack
 
     def has(self, name):
         return self.f.has(name)
@@ -83,6 +84,7 @@ class Recorder:
 
     def __init__(self, source, keep=True):
         self.source, self.keep = source, keep
+        self.pack = getattr(source, "pack", True)
         self.entries, self.arrays = [], []
         self.hash = hashlib.sha256()
 
@@ -142,6 +144,7 @@ class Shipped:
 
     def __init__(self, entries, arrays):
         self.answers = {}
+        self.pack = True
         try:
             for e in entries:
                 method, args = e[0], e[1]

@@ -1,6 +1,8 @@
 """Bad input: a named exception from the API, one line and exit code 1 from the CLI."""
 import re
 import struct
+import subprocess
+import sys
 
 import pytest
 from gguf import GGMLQuantizationType as GT
@@ -162,3 +164,73 @@ def test_no_token_types_still_runs(bad_files, tmp_path):
     rewrite(bad_files["good"], path, drop_keys=("tokenizer.ggml.token_type",))
     p = run_cli("run", path, "-p", "hello", "-n", "3", "--raw")
     assert p.returncode == 0, p.stderr
+
+
+def memory_cgroup(limit_bytes):
+    """A new v1 or v2 memory cgroup with this limit, as (procs file, cleanup), or None where this
+    machine does not let the test make one (not root, no writable memory controller)."""
+    import os
+    import uuid
+    name = f"glmcpu-test-{uuid.uuid4().hex[:8]}"
+    for base, limit in (("/sys/fs/cgroup/memory", "memory.limit_in_bytes"), ("/sys/fs/cgroup", "memory.max")):
+        d = os.path.join(base, name)
+        if not os.path.exists(os.path.join(base, limit if base.endswith("memory") else "cgroup.controllers")):
+            continue
+        try:
+            os.mkdir(d)
+        except OSError:
+            continue
+        try:
+            with open(os.path.join(d, limit), "w") as f:
+                f.write(str(limit_bytes))
+            swap = os.path.join(d, "memory.memsw.limit_in_bytes" if base.endswith("memory") else "memory.swap.max")
+            if os.path.exists(swap):
+                with open(swap, "w") as f:
+                    f.write(str(limit_bytes) if base.endswith("memory") else "0")
+        except OSError:
+            os.rmdir(d)
+            continue
+        return os.path.join(d, "cgroup.procs"), lambda d=d: os.rmdir(d)
+    return None
+
+
+def test_moe_file_larger_than_a_memory_cgroup_runs(tmp_path):
+    """A container's memory limit below the file's size: the load sees the limit (not the host's
+    RAM), leaves the experts in the memory map and generates; --repack all says in one line that
+    it cannot fit, before copying anything; and the limit does bite (a plain allocation of the
+    file's size in the same cgroup is killed)."""
+    import os
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    import make_model
+    limit = 320 * 2**20
+    cg = memory_cgroup(limit)
+    if cg is None:
+        pytest.skip("cannot create a memory cgroup here (needs root and a writable cgroup v1/v2 memory controller)")
+    procs, cleanup = cg
+    try:
+        path = str(tmp_path / "moe.gguf")
+        shape = dict(d=1024, ff=2048, heads=8, kv=2, head_dim=128, vocab=4096, first_special=4000,
+                     experts=64, used=4, ff_exp=1024, dense=1)
+        make_model.write(path, 5, "q4_0", arch="glm4moe", shape=shape)     # 1 dense + 4 MoE layers
+        size = os.path.getsize(path)
+        assert size > limit * 1.3
+
+        def in_cgroup(*args):
+            def enter():
+                with open(procs, "w") as f:
+                    f.write(str(os.getpid()))
+            return subprocess.run(list(args), capture_output=True, text=True, timeout=300, preexec_fn=enter,
+                                  env=dict(os.environ, GLMCPU_THREADS="2"))
+
+        p = in_cgroup(sys.executable, "-c", f"b = bytearray({size}); b[::4096] = b'x' * len(b[::4096])")
+        assert p.returncode == -9, "the cgroup's limit did not bite: the test proves nothing"
+        p = in_cgroup(sys.executable, "-m", "glmcpu", "run", path, "-p", "hello", "-n", "8", "--raw", "--ignore-eos")
+        assert p.returncode == 0, p.stderr
+        assert "generation: 8 tokens" in p.stderr
+        p = in_cgroup(sys.executable, "-m", "glmcpu", "run", path, "-p", "hello", "-n", "2", "--repack", "all")
+        assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+        assert "repacking all its weights needs" in p.stderr and "container's memory limit" in p.stderr
+        p = in_cgroup(sys.executable, "-m", "glmcpu", "info", path)
+        assert "experts read from the file" in p.stdout, p.stdout + p.stderr
+    finally:
+        cleanup()

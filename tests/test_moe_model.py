@@ -112,17 +112,15 @@ def test_stats_info_and_mlock(tiny):
     assert all(h.sum() == (3 + 1) * 2 for h in m.expert_stats.values())   # 4 tokens run, top-2
 
 
-def test_repacked_q4_0_experts(tiny, monkeypatch):
+def test_repacked_q4_0_experts(tiny):
     from glmcpu import ops
     model, path, _ = tiny("glm4_moe", "q4_0", **VARIANTS[0])
     ids = make_ids(40, seed=2)
     want = hf_logits(model, ids)
-    monkeypatch.setattr(ops, "REPACK", "all")
-    m = glmcpu.load(path)
+    m = glmcpu.load(path, repack="all")
     assert m.net.layers[1].ffn.experts.gu_type == ops.Q4_0X8
     packed = m.logits(ids)
-    monkeypatch.setattr(ops, "REPACK", "0")
-    m = glmcpu.load(path)
+    m = glmcpu.load(path, repack="none")
     assert m.net.layers[1].ffn.experts.gu_type == ops.Q4_0
     plain = m.logits(ids)
     assert (packed.argmax(-1) == plain.argmax(-1)).mean() >= 0.9

@@ -20,6 +20,7 @@ import weakref
 
 import numpy as np
 
+from .. import ops
 from ..errors import GlmcpuError
 from ..net import wire as wirecodec
 from ..net.link import Client, Keepalive, LinkError
@@ -53,7 +54,7 @@ class Cluster:
     """What the engine runs when workers share the work: forward, new_cache, begin, status."""
 
     def __init__(self, f, model_cls, endpoints, keypair=None, worker_key=None, timeout=5.0, shares=None,
-                 threads=1, n_ctx=4096, wire="f32", progress=None, digest_cache=None):
+                 threads=1, n_ctx=4096, wire="f32", progress=None, digest_cache=None, repack=None):
         if wire not in wirecodec.CODECS:
             raise ClusterError(f"--wire {wire}: use f32 (exact), f16 (half the bytes) or q8_0 (about a quarter)")
         self.file, self.model_cls, self.n_ctx, self.wire = f, model_cls, n_ctx, wire
@@ -76,8 +77,8 @@ class Cluster:
             self.plan = make_plan(cfg, ["root"] + list(endpoints), shares)
         except ValueError as e:
             raise ClusterError(f"--shares: {e}") from None
-        self.repack = model_cls.repack_experts(f)
-        self.model = model_cls(f, threads, ranges=self.plan.ranges(0), progress=progress)
+        self.packing = ops.plan_packing(f, repack)
+        self.model = model_cls(f, threads, ranges=self.plan.ranges(0), progress=progress, packing=self.packing)
         self.modules = []
         for l, L in enumerate(self.model.layers):
             L.attn = self._wrap("attn", l, L.attn)
@@ -292,7 +293,8 @@ class Cluster:
         for n, a, b in mod.parts:
             if n not in out:                                       # a worker that is gone
                 if n not in mod.fallback:
-                    mod.fallback[n] = self.build(FileWeights(self.file), kind, mod.layer, a, b, self.repack)
+                    mod.fallback[n] = self.build(FileWeights(self.file, self.packing.dense), kind, mod.layer, a, b,
+                                                 self.packing.experts)
                 y = mod.fallback[n](wirecodec.roundtrip(x, self.wire), *args)
                 out[n] = y if kind == "head" else wirecodec.roundtrip(y, reply)
             parts.append(out[n])

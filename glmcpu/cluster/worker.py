@@ -56,11 +56,13 @@ class WorkerService:
     ping, bye."""
 
     def __init__(self, model_path=None, threads=None, memory_gb=None, cache_dir=None, cache_max_gb=None,
-                 lease=10.0, fault=None):
+                 lease=10.0, fault=None, repack=None):
+        """repack: "auto", "none" or "all" (ops.repack_mode) for the modules this worker builds."""
         from ..gguf import GGUFFile
         self.file = GGUFFile(model_path) if model_path else None
         self.threads = int(threads) if threads else ops.default_threads()
         self.memory = float(memory_gb) if memory_gb else available_gb()
+        self.repack = ops.repack_mode(repack)
         self.bandwidth = measure_bandwidth(self.threads)
         self.print = self.file.fingerprint() if self.file else None
         self.cache_dir = cache_dir or os.environ.get("GLMCPU_CACHE") or os.path.join(
@@ -218,15 +220,17 @@ class WorkerService:
                     or not 0 <= sh[2] < sh[3] or not -1 <= sh[1] < cfg.n_layer):
                 raise ProtocolError("load: bad share")
             parsed.append(tuple(sh))
-        repack = model_class(cfg.arch).repack_experts(self.file) if own else ops.REPACK == "all"
+        # its own file: what fits in the memory it offers; shipped shares are already in RAM
+        packing = (ops.plan_packing(self.file, self.repack, available=self.memory * 2**30) if own else
+                   ops.Packing(self.repack != "none", self.repack == "all"))
         build = model_class(cfg.arch).build
         modules, missing = {}, []
         try:
             for kind, layer, a, b, digest in parsed:
                 mod = self.built.get(digest)
                 if mod is None and own:
-                    rec = Recorder(FileWeights(self.file), keep=False)
-                    mod = build(rec, cfg, kind, layer, (a, b), repack)
+                    rec = Recorder(FileWeights(self.file, packing.dense), keep=False)
+                    mod = build(rec, cfg, kind, layer, (a, b), packing.experts)
                     if rec.digest() != digest:
                         raise ProtocolError(f"refused: this worker's file ({self.file.path}) differs from the "
                                             f"root's in the {kind} share of layer {layer} ({a}..{b}); give it "
@@ -236,7 +240,8 @@ class WorkerService:
                     if src is None:
                         missing.append(digest)
                         continue
-                    mod = build(src, cfg, kind, layer, (a, b), False)
+                    src.pack = packing.dense
+                    mod = build(src, cfg, kind, layer, (a, b), packing.experts)
                 modules[(kind, layer)] = (mod, digest)
         except ProtocolError:                  # refused: this worker's file differs
             raise

@@ -95,14 +95,14 @@ class Linear:
         self.chunks = None
         if chunk:
             per = row_bytes(self.type, chunk)                    # bytes of one chunk of a row
-            parts = [ops.repack(self.w[:, c:c + per], self.type) for c in range(0, self.w.shape[1], per)]
+            parts = [ops.repack(self.w[:, c:c + per], self.type, pack=w.pack) for c in range(0, self.w.shape[1], per)]
             self.type = parts[0][1]
             self.chunks = K.Chunked([(lines, min(chunk, self.n_in - i * chunk))
                                      for i, (lines, _) in enumerate(parts)], self.type)
             self.in_ram = not np.may_share_memory(parts[0][0], file_rows)
             self.w = None
         else:
-            self.w, self.type = ops.repack(self.w, self.type)    # Q4_0/Q8_0: [n_out/8, 8 * row_bytes]
+            self.w, self.type = ops.repack(self.w, self.type, pack=w.pack)    # Q4_0/Q8_0: [n_out/8, 8 * row_bytes]
             self.in_ram = self.w is not file_rows                # packed, or a K-quant's RAM copy
         self.packed = self.type in ops.PACKED                       # in 8-row groups
         if self.in_ram and not name.startswith("token_embd"):   # embedding rows are still read
@@ -299,12 +299,13 @@ class Model:
     config_class = Config
     ffn_norm_name = "ffn_norm.weight"
 
-    def __init__(self, f: GGUFFile, threads: int, ranges=whole, progress=None):
-        """progress(done, total) per layer."""
+    def __init__(self, f: GGUFFile, threads: int, ranges=whole, progress=None, packing=None):
+        """progress(done, total) per layer; packing: what to copy into RAM (ops.plan_packing)."""
         self.cfg = cfg = self.config_class.from_gguf(f)
         self.threads = threads
-        w = FileWeights(f)
-        self.repack = self.repack_experts(f)
+        self.packing = packing or ops.plan_packing(f)
+        w = FileWeights(f, pack=self.packing.dense)
+        self.repack = self.packing.experts
         self.embd = f.tensor("token_embd.weight")               # [n_vocab, d_model], any type
         self.layers = []
         for i in range(cfg.n_layer):
@@ -313,10 +314,6 @@ class Model:
                 progress(i + 1, cfg.n_layer)
         self.out_norm = w.vector("output_norm.weight")
         self.output = self.build(w, cfg, "head", None, ranges("head", None))
-
-    @staticmethod
-    def repack_experts(f) -> bool:
-        return False
 
     @classmethod
     def tensor_shapes(cls, cfg) -> dict:

@@ -133,10 +133,6 @@ class Model(glm4.Model):
     moe_class = MoE
     ffn_norm_name = "post_attention_norm.weight"       # the pre-FFN norm here
 
-    @staticmethod
-    def repack_experts(f) -> bool:
-        return ops.repack_experts(f.size)
-
     @classmethod
     def tensor_shapes(cls, cfg) -> dict:
         d, E, fe = cfg.d_model, cfg.n_expert, cfg.n_ff_exp
