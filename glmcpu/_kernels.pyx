@@ -10,6 +10,9 @@ import numpy as np
 
 cdef extern from "kernels.h" nogil:
     const char *GLMCPU_ISA
+    enum:       # the ggml type codes the kernels run, and glmcpu's repacked ones: defined in kernels.h only
+        GT_F32, GT_F16, GT_Q4_0, GT_Q4_1, GT_Q5_0, GT_Q5_1, GT_Q8_0, GT_Q2_K, GT_Q3_K, GT_Q4_K, GT_Q5_K,
+        GT_Q6_K, GT_BF16, GT_Q4_0X8, GT_Q5_0X8, GT_Q8_0X8, GT_Q4_KX8
     int QK
     void quantize_row_q8(int n, const float *x, int8_t *xq, float *xd, float *xs)
     void quantize_row_q8_K(int n, const float *x, int8_t *xq, float *xd, int16_t *xb)
@@ -22,17 +25,22 @@ cdef extern from "kernels.h" nogil:
 
 ISA = GLMCPU_ISA.decode()
 
-# ggml type -> (block size, bytes per block) for the types the kernels run
-TYPE_SIZES = {0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-              10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
-              30: (1, 2), 1002: (32, 144), 1006: (32, 176), 1008: (32, 272), 1012: (256, 1184)}
-K_TYPES = (10, 11, 12, 13, 14, 1012)    # Q2_K..Q6_K, Q4_KX8: activations as q8_K (quantize_q8_K)
-INT_TYPES = (2, 3, 6, 7, 8, 1002, 1006, 1008) + K_TYPES
-Q4_0X8 = 1002       # Q4_0 repacked by repack_x8: one line of `w` per group of 8 rows
-Q5_0X8 = 1006       # Q5_0 likewise
-Q8_0X8 = 1008       # Q8_0 likewise
-Q4_KX8 = 1012       # Q4_K likewise (scales unpacked: 1184 bytes per 8 x 256 values)
-GROUP = {1002: 8, 1006: 8, 1008: 8, 1012: 8}   # rows per line of `w`
+# Python names of kernels.h's type codes (tests check the ggml ones against gguf's)
+TYPES = {"F32": GT_F32, "F16": GT_F16, "Q4_0": GT_Q4_0, "Q4_1": GT_Q4_1, "Q5_0": GT_Q5_0, "Q5_1": GT_Q5_1,
+         "Q8_0": GT_Q8_0, "Q2_K": GT_Q2_K, "Q3_K": GT_Q3_K, "Q4_K": GT_Q4_K, "Q5_K": GT_Q5_K, "Q6_K": GT_Q6_K,
+         "BF16": GT_BF16, "Q4_0X8": GT_Q4_0X8, "Q5_0X8": GT_Q5_0X8, "Q8_0X8": GT_Q8_0X8, "Q4_KX8": GT_Q4_KX8}
+Q4_0X8 = GT_Q4_0X8  # Q4_0 repacked by repack_x8: one line of `w` per group of 8 rows
+Q5_0X8 = GT_Q5_0X8  # Q5_0 likewise
+Q8_0X8 = GT_Q8_0X8  # Q8_0 likewise
+Q4_KX8 = GT_Q4_KX8  # Q4_K likewise (scales unpacked: 1184 bytes per 8 x 256 values)
+# type -> (block size, bytes per block); a repacked "block" is 8 rows' blocks
+TYPE_SIZES = {GT_F32: (1, 4), GT_F16: (1, 2), GT_Q4_0: (32, 18), GT_Q4_1: (32, 20), GT_Q5_0: (32, 22),
+              GT_Q5_1: (32, 24), GT_Q8_0: (32, 34), GT_Q2_K: (256, 84), GT_Q3_K: (256, 110),
+              GT_Q4_K: (256, 144), GT_Q5_K: (256, 176), GT_Q6_K: (256, 210), GT_BF16: (1, 2),
+              Q4_0X8: (32, 144), Q5_0X8: (32, 176), Q8_0X8: (32, 272), Q4_KX8: (256, 1184)}
+K_TYPES = (GT_Q2_K, GT_Q3_K, GT_Q4_K, GT_Q5_K, GT_Q6_K, Q4_KX8)   # activations as q8_K (quantize_q8_K)
+INT_TYPES = (GT_Q4_0, GT_Q4_1, GT_Q5_0, GT_Q5_1, GT_Q8_0, Q4_0X8, Q5_0X8, Q8_0X8) + K_TYPES
+GROUP = {Q4_0X8: 8, Q5_0X8: 8, Q8_0X8: 8, Q4_KX8: 8}   # rows per line of `w`
 
 # Bytes each thread must have to read before a team pays for its fork and join: below this the
 # caller's thread does the work alone. A team waits for its slowest member, and on a busy machine
@@ -344,21 +352,41 @@ def rmsnorm(const float[:, ::1] x, const float[::1] w, float eps, out_arr):
     return out_arr
 
 
-def rope(x_arr, const int32_t[::1] pos, int n_rot, double theta, bint neox):
-    """Rotate the first n_rot dims of every head of x [T, H, D] in place.
-    neox=False: pairs (2i, 2i+1) (GGUF chatglm/glm4); neox=True: pairs (i, i + n_rot/2)."""
-    cdef float[:, :, ::1] x = x_arr
-    cdef int T = x.shape[0], H = x.shape[1], D = x.shape[2], half = n_rot // 2, t, h, i, a, b
-    cdef float c, s, x0, x1
+def rope_table(int n_rot, double theta, int n):
+    """(cos, sin) float32 [n, n_rot/2]: the rotation of pair i at position p, angle
+    p * theta^(-2i/n_rot), computed in double once (ops.rope keeps the tables, as llama.cpp does)."""
+    cdef int half = n_rot // 2, p, i
     cdef double ang
-    if n_rot > D or n_rot % 2 or pos.shape[0] != T:
-        raise ValueError("rope: bad n_rot or positions")
+    cos_arr = np.empty((n, half), np.float32)
+    sin_arr = np.empty((n, half), np.float32)
+    cdef float[:, ::1] c = cos_arr, s = sin_arr
+    with nogil:
+        for p in range(n):
+            for i in range(half):
+                ang = p * pow(theta, -2.0 * i / n_rot)
+                c[p, i] = <float>cos(ang)
+                s[p, i] = <float>sin(ang)
+    return cos_arr, sin_arr
+
+
+def rope(x_arr, const int32_t[::1] pos, const float[:, ::1] cos_t, const float[:, ::1] sin_t, bint neox):
+    """Rotate the first n_rot = 2 * cos_t.shape[1] dims of every head of x [T, H, D] in place, by
+    the table rows of the positions. neox=False: pairs (2i, 2i+1) (GGUF chatglm/glm4); neox=True:
+    pairs (i, i + n_rot/2)."""
+    cdef float[:, :, ::1] x = x_arr
+    cdef int T = x.shape[0], H = x.shape[1], D = x.shape[2], half = cos_t.shape[1], t, h, i, a, b, p
+    cdef float c, s, x0, x1
+    if 2 * half > D or pos.shape[0] != T or sin_t.shape[0] != cos_t.shape[0] or sin_t.shape[1] != half:
+        raise ValueError("rope: bad table or positions")
+    for t in range(T):
+        if not 0 <= pos[t] < cos_t.shape[0]:
+            raise ValueError(f"rope: position {pos[t]} is outside the table")
     with nogil:
         for t in range(T):
+            p = pos[t]
             for i in range(half):
-                ang = pos[t] * pow(theta, -2.0 * i / n_rot)
-                c = <float>cos(ang)
-                s = <float>sin(ang)
+                c = cos_t[p, i]
+                s = sin_t[p, i]
                 if neox:
                     a = i
                     b = i + half

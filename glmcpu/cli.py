@@ -4,7 +4,6 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from importlib import resources
 
 from .errors import GlmcpuError
 from .hub import human
@@ -12,15 +11,11 @@ from .net.link import LinkError
 from .quantize import FILE_TYPES
 
 
-def demo_model_path() -> str:
-    return str(resources.files("glmcpu") / "data" / "demo.gguf")
-
-
 def model_path(name) -> str:
     """The file for a model argument (path, local or catalogue name); the demo model when absent."""
-    from .hub import resolve
+    from .hub import demo_path, resolve
 
-    return resolve(name) if name else demo_model_path()
+    return resolve(name) if name else demo_path()
 
 
 def add_sampling(p):
@@ -163,14 +158,10 @@ def stats_line(s) -> str:
 
 
 def stream(pieces, out=None):
-    """Print pieces as they come; GLM answers open with a newline, which is not shown."""
+    """Print pieces as they come."""
     out = out or sys.stdout
     text = []
     for piece in pieces:
-        if not text:
-            piece = piece.lstrip("\n")
-            if not piece:
-                continue
         out.write(piece)
         out.flush()
         text.append(piece)
@@ -295,7 +286,7 @@ def cmd_info(a):
         types[t.tensor_type.name] += 1
         sizes[t.tensor_type.name] += t.n_bytes
     weights = sum(sizes.values())
-    kv = 2 * c.n_layer * c.n_head_kv * m.ctx * c.head_dim * 4
+    kv = c.kv_bytes(m.ctx)
     rows = [
         ("file", m.path),
         ("architecture", f"{c.arch} ({m.file.get('general.name', '?')})"),

@@ -24,7 +24,7 @@ class Model:
         self.ctx = int(ctx) if ctx else min(cfg.n_ctx_train, 4096)
         if self.ctx < 1:
             raise GlmcpuError(f"context size must be positive, not {ctx}")
-        kv = 2 * 4 * cfg.n_layer * cfg.n_head_kv * cfg.head_dim * self.ctx
+        kv = cfg.kv_bytes(self.ctx)
         if kv > ops.memory_available() > 0:
             raise GlmcpuError(f"a KV cache of {self.ctx} tokens needs {kv / 2**30:.1f} GB and "
                               f"{ops.memory_available() / 2**30:.1f} GB of RAM is free; lower --ctx")
@@ -109,14 +109,7 @@ class Model:
         """Render `messages` ([{"role", "content"}]) with the file's chat template, then generate.
         template_kwargs go to the template (e.g. enable_thinking=False for GLM-4.5). The newline GLM
         models write after <|assistant|> is not part of the answer: it is left out."""
-        started = False
-        for piece in self.generate(self.tokenizer.render(messages, **(template_kwargs or {})), **kwargs):
-            if not started:
-                piece = piece.lstrip("\n")
-                if not piece:
-                    continue
-                started = True
-            yield piece
+        yield from answer(self.generate(self.tokenizer.render(messages, **(template_kwargs or {})), **kwargs))
 
     def __repr__(self):
         c = self.cfg
@@ -161,6 +154,18 @@ def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads
         workers = [w for w in workers.split(",") if w]
     return Cluster(f, cls, workers, keypair, server_key, timeout=timeout, shares=shares, threads=threads,
                    n_ctx=n_ctx, wire=wire, progress=progress, repack=repack)
+
+
+def answer(pieces):
+    """Text pieces of a chat answer without the newline GLM models write after <|assistant|>."""
+    started = False
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip("\n")
+            if not piece:
+                continue
+            started = True
+        yield piece
 
 
 def is_expert(tensor_name: str) -> bool:

@@ -504,12 +504,8 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
  * 16+4k..16+4k+3, so a broadcast of 4 activation bytes meets 8 rows at once and no horizontal
  * sums are needed. Same bytes as 8 Q4_0 blocks, in another order. */
 typedef struct { uint16_t d[8]; uint8_t qs[128]; } block_q4_0x8;
-/* tokens per pass over a block column: AVX-512 builds have 32 vector registers to hold them */
-#if defined(GLMCPU_AVX512)
+/* tokens per pass over a block column (4 accumulators: tried 8 on AVX-512, no faster) */
 #define TCMAX 4
-#else
-#define TCMAX 4
-#endif
 _Static_assert(sizeof(block_q4_0x8) == 144, "q4_0x8 block is 144 bytes");
 
 /* 8 rows x TC tokens (TC <= TCMAX) from one group: out[t*ldo + r]. Each token's sums run in the

@@ -702,16 +702,6 @@ static void gemm_rows_legacy(int type, int n, const uint8_t *w, size_t row_bytes
     }
 }
 
-static float vec_dot_q4_1_q8_0(int n, const block_q4_1 *w, const int8_t *xq, const float *xd, const float *xs) {
-    return vec_dot_q45_q8_0(n / QK, (const uint8_t *)w, sizeof(block_q4_1), 4, -1, 2, 0.0f, xq, xd, xs);
-}
-static float vec_dot_q5_0_q8_0(int n, const block_q5_0 *w, const int8_t *xq, const float *xd, const float *xs) {
-    return vec_dot_q45_q8_0(n / QK, (const uint8_t *)w, sizeof(block_q5_0), 6, 2, -1, 16.0f, xq, xd, xs);
-}
-static float vec_dot_q5_1_q8_0(int n, const block_q5_1 *w, const int8_t *xq, const float *xd, const float *xs) {
-    return vec_dot_q45_q8_0(n / QK, (const uint8_t *)w, sizeof(block_q5_1), 8, 4, 2, 0.0f, xq, xd, xs);
-}
-
 /* ---- Q4_K rows repacked 8 at a time ("q4_Kx8") -------------------------------------------
  * The Q4_K tensors of K-quant mixes, as Q4_0 is: one 32-byte load holds 4 nibble bytes of 8 rows,
  * a broadcast of 4 activation bytes meets all 8, and the per-row sums need no horizontal adds.

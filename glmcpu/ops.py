@@ -2,6 +2,7 @@
 
 `GLMCPU_KERNELS=generic|avx2|avx512|avx512vnni|neon` forces a variant (for tests, or a CPU that
 misreports its features)."""
+import functools
 import importlib
 import os
 from typing import NamedTuple
@@ -70,7 +71,7 @@ def _choose():
 
 K = _choose()
 VARIANT = K.ISA
-Q4_0, Q5_0, Q8_0, Q4_K = 2, 6, 8, 12
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K = (K.TYPES[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"))
 Q4_0X8, Q5_0X8, Q8_0X8, Q4_KX8 = K.Q4_0X8, K.Q5_0X8, K.Q8_0X8, K.Q4_KX8
 PACKED = (Q4_0X8, Q5_0X8, Q8_0X8, Q4_KX8)       # types in 8-row groups
 def _read_int(path):
@@ -162,7 +163,7 @@ def plan_packing(f, mode=None, available=None) -> Packing:
 
 # K-quants and the other legacy types keep the file's layout, but are copied into RAM like the
 # repacked ones, so q|k|v and gate|up can be fused into one matrix (one thread split, not three)
-IN_RAM = (3, 6, 7) + tuple(K.K_TYPES)
+IN_RAM = (Q4_1, Q5_0, Q5_1) + tuple(K.K_TYPES)
 
 
 def repack(w, wtype: int, ram_copy: bool = True, pack: bool = True):
@@ -208,6 +209,18 @@ def physical_cores() -> int:
 def default_threads() -> int:
     env = os.environ.get("GLMCPU_THREADS")
     return int(env) if env else physical_cores()
+
+
+@functools.lru_cache(maxsize=8)
+def rope_table(n_rot: int, theta: float, n: int):
+    return K.rope_table(n_rot, theta, n)
+
+
+def rope(x, pos, n_rot: int, theta: float, neox: bool):
+    """RoPE in place on x [T, H, D] at positions pos (int32 [T]), from a table of positions kept
+    per (n_rot, theta) and grown in powers of two (4096 positions x 64 dims: 1 MB)."""
+    n = 1 << max(12, int(pos.max()).bit_length())
+    return K.rope(x, pos, *rope_table(int(n_rot), float(theta), n), neox)
 
 
 def linear_chunked(m, x: np.ndarray, threads: int) -> np.ndarray:

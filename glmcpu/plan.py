@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-KINDS = ("attn", "ffn", "moe", "head")
+LAYER_KINDS = ("attn", "ffn", "moe")     # split modules of a layer: query heads, FFN units, experts
+KINDS = LAYER_KINDS + ("head",)          # and the output head's vocabulary rows
 WIRE_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}    # bytes per value of a hidden vector on the wire
 FRAME = 120           # bytes of header per message (msgpack + ZeroMQ framing), measured on loopback
 
@@ -113,7 +114,7 @@ def make_plan(cfg, nodes, shares=None) -> Plan:
     if len(nodes) <= cfg.n_head_kv:
         unit = int(np.lcm(unit, G))                     # whole KV groups: no K/V computed twice
     heads = ranges(cfg.n_head, unit)
-    n_dense = cfg.n_dense_lead if getattr(cfg, "n_expert", 0) else cfg.n_layer
+    n_dense = cfg.n_dense_lead if cfg.n_expert else cfg.n_layer
     for l in range(cfg.n_layer):
         plan.tables["attn"][l] = heads
         if l < n_dense:
@@ -150,7 +151,7 @@ def module_bytes(f, cfg) -> dict:
     for l in range(cfg.n_layer):
         p = f"blk.{l}."
         out["attn"][l] = sum(size(p + n + ".weight") for n in ("attn_qkv", "attn_q", "attn_k", "attn_v", "attn_output"))
-        if getattr(cfg, "n_expert", 0) and l >= cfg.n_dense_lead:
+        if cfg.n_expert and l >= cfg.n_dense_lead:
             per_expert = sum(size(p + f"ffn_{n}_exps.weight") for n in ("gate", "up", "down")) / cfg.n_expert
             out["moe"][l] = per_expert * cfg.n_expert_used
             out["root"] += sum(size(p + f"ffn_{n}_shexp.weight") for n in ("gate", "up", "down"))
@@ -167,7 +168,7 @@ def predict(plan: Plan, cfg, sizes: dict, node_gbs, link_mbit=None, latency_ms=0
     the link's rate: a star topology sends every worker's vector through the root's port)."""
     n = len(plan.nodes)
     read = np.zeros(n)
-    for kind in ("attn", "ffn", "moe"):
+    for kind in LAYER_KINDS:
         for l, parts in plan.tables[kind].items():
             total = sizes[kind][l]
             whole = cfg.n_head if kind == "attn" else cfg.n_ff if kind == "ffn" else cfg.n_expert

@@ -31,7 +31,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
-from .errors import GlmcpuError
+from .errors import ContextOverflow, GlmcpuError
+from .engine import answer
+from .generate import check_fits
 
 MAX_BODY = 1 << 20          # bytes of request JSON; a prompt that fills a 128k context is ~600 KB
 MAX_DISCARD = 16 << 20      # an unwanted body up to this size is read, so its sender sees our answer
@@ -86,10 +88,9 @@ class Generation:
     `finish_reason` is "stop" or "length". Text that could begin a stop string is held back
     until it is known not to, so a stream never shows part of one."""
 
-    def __init__(self, model, pieces, max_tokens, stops=(), strip_newlines=False):
+    def __init__(self, model, pieces, max_tokens, stops=()):
         self.model, self.pieces, self.max_tokens = model, pieces, max_tokens
         self.stops = [s for s in stops if s]
-        self.strip_newlines = strip_newlines        # GLM answers open with "\n"
         self.finish_reason = None
         self.text = ""
 
@@ -97,8 +98,6 @@ class Generation:
         sent = 0
         try:
             for piece in self.pieces:
-                if self.strip_newlines and not self.text:
-                    piece = piece.lstrip("\n")
                 self.text += piece
                 cut = min((i for i in (self.text.find(s, sent) for s in self.stops) if i >= 0),
                           default=None)
@@ -247,10 +246,11 @@ class API:
     def token_ids(self, prompt, chat):
         """The prompt as token ids, checked against the context before the turn is taken."""
         ids = self.model.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        if len(ids) >= self.model.ctx:
-            raise APIError(400, f"the prompt has {len(ids)} tokens but the context holds "
-                           f"{self.model.ctx}; shorten it or restart the server with a larger --ctx",
-                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        try:
+            check_fits(len(ids), self.model.ctx)
+        except ContextOverflow as e:
+            raise APIError(400, str(e), param="messages" if chat else "prompt",
+                           code="context_length_exceeded") from None
         return ids
 
     def usage(self):
@@ -489,8 +489,8 @@ class Handler(BaseHTTPRequestHandler):
             if self.client_gone():      # gave up while waiting: do not compute for nobody
                 self.close_connection = True
                 return
-            gen = Generation(api.model, api.generate(ids, **kw), kw["max_tokens"], stops,
-                             strip_newlines=chat)
+            pieces = api.generate(ids, **kw)
+            gen = Generation(api.model, answer(pieces) if chat else pieces, kw["max_tokens"], stops)
             try:
                 if stream:
                     self.stream(gen, rid, created, "chat.completion.chunk" if chat else kind, chat,
@@ -567,7 +567,12 @@ class Handler(BaseHTTPRequestHandler):
     def client_gone(self) -> bool:
         """True when the peer has closed its side (readable, yet nothing to read)."""
         try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
+            if hasattr(select, "poll"):      # select() fails on descriptors past 1024 (busy servers)
+                p = select.poll()
+                p.register(self.connection, select.POLLIN)
+                readable = p.poll(0)
+            else:
+                readable, _, _ = select.select([self.connection], [], [], 0)
             return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True

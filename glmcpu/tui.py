@@ -10,6 +10,7 @@ from rich.markdown import Markdown
 from rich.text import Text
 
 from .errors import GlmcpuError
+from .generate import check_fits
 
 HELP = """\
 /help            this list
@@ -75,10 +76,11 @@ class Chat:
             if self.messages and self.messages[0]["role"] == "assistant":
                 del self.messages[0]
                 dropped += 1
-        if self.prompt_tokens() >= self.model.ctx:
+        try:
+            check_fits(self.prompt_tokens(), self.model.ctx)
+        except GlmcpuError:
             self.messages.pop()
-            raise GlmcpuError(f"this message alone does not fit the context of {self.model.ctx} "
-                              "tokens; shorten it or raise --ctx")
+            raise
         return dropped
 
     def ask(self, text: str) -> str:

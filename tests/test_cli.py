@@ -7,12 +7,12 @@ import sys
 import pytest
 
 import glmcpu
-from glmcpu import cli
+from glmcpu import cli, hub
 from conftest import run_cli
 
 
 def test_demo_model_writes_english():
-    path = cli.demo_model_path()
+    path = hub.demo_path()
     assert os.path.exists(path), "the built-in demo model is missing from the package"
     assert os.path.getsize(path) < 32 * 2**20
     p = run_cli("run", "-p", "Once upon a time", "--max-tokens", "24", "--seed", "1")

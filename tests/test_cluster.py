@@ -441,7 +441,7 @@ def test_plan_slices_whole_k_quant_blocks():
     for head_dim, n_head, n_kv, n_ff, blk in [(128, 32, 2, 13696, 32), (128, 96, 8, 10944, 32),
                                              (64, 16, 4, 1024, 256), (16, 4, 2, 96, 32)]:
         cfg = SimpleNamespace(head_dim=head_dim, n_head=n_head, n_head_kv=n_kv, n_ff=n_ff, n_layer=2,
-                              n_vocab=1000, d_model=64)
+                              n_vocab=1000, d_model=64, n_expert=0)
         for nodes in (2, 3, 5):
             plan = make_plan(cfg, [f"n{i}" for i in range(nodes)], [1, 3, 2, 1, 1][:nodes])
             for parts in plan.tables["attn"].values():      # Wo columns: whole chunks of whole blocks
@@ -458,7 +458,7 @@ def test_plan_predicts_from_speeds_and_link():
     from types import SimpleNamespace
     from glmcpu.plan import predict
     cfg = SimpleNamespace(head_dim=128, n_head=32, n_head_kv=2, n_ff=13696, n_layer=40, n_vocab=151552,
-                          d_model=4096)
+                          d_model=4096, n_expert=0)
     sizes = {"attn": {l: 20e6 for l in range(40)}, "ffn": {l: 100e6 for l in range(40)}, "moe": {},
              "head": 350e6, "root": 0}
     one = predict(make_plan(cfg, ["root"]), cfg, sizes, [20])

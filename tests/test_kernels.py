@@ -87,6 +87,16 @@ def test_quantize_q8_matches_reference(K):
     np.testing.assert_allclose(xs, d * q.sum(-1), rtol=1e-6)
 
 
+def test_type_codes_are_ggml_s(K):
+    """kernels.h defines the type codes once; the ggml ones are gguf's, the repacked ones distinct."""
+    from gguf import GGML_QUANT_SIZES
+    for name, code in K.TYPES.items():
+        if name.endswith("X8"):
+            assert code not in set(GT) and K.TYPE_SIZES[code][0] == GGML_QUANT_SIZES[GT[name[:-2]]][0]
+        else:
+            assert code == GT[name] and K.TYPE_SIZES[code] == GGML_QUANT_SIZES[GT[name]]
+
+
 def test_gemm_rejects_bad_shapes(K):
     w = np.zeros((4, 18), np.uint8)
     with pytest.raises(ValueError):
@@ -125,9 +135,22 @@ def test_rope(K, neox):
     x = rng.standard_normal((5, 3, 16)).astype(np.float32)
     pos = np.array([0, 1, 7, 100, 3000], np.int32)
     ref = rope_reference(x, pos, 8, 5e5, neox)
-    out = K.rope(x.copy(), pos, 8, 5e5, neox)
+    out = K.rope(x.copy(), pos, *K.rope_table(8, 5e5, int(pos.max()) + 1), neox)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-6)
     assert np.array_equal(np.asarray(out)[..., 8:], x[..., 8:])  # dims past n_rot pass through
+
+
+def test_rope_tables_grow_and_bound_positions(K):
+    """ops.rope keeps one table per (n_rot, theta), grown past 4096 positions when asked; a
+    position outside a table is refused, never read out of bounds."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 2, 16)).astype(np.float32)
+    pos = np.array([5, 4095, 70000], np.int32)
+    np.testing.assert_allclose(ops.rope(x.copy(), pos, 16, 1e4, False), rope_reference(x, pos, 16, 1e4, False),
+                               rtol=1e-5, atol=2e-5)
+    assert ops.rope_table(16, 1e4, 1 << 17)[0].shape == (1 << 17, 8)
+    with pytest.raises(ValueError, match="outside the table"):
+        K.rope(x.copy(), pos, *K.rope_table(16, 1e4, 4096), False)
 
 
 def test_softmax_and_silu(K):

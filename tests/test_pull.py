@@ -19,7 +19,7 @@ from glmcpu.errors import (HubError, ModelNotFound,
                            NotEnoughDiskSpace)
 
 COMMIT = "c0ffee" * 6 + "c0ff"          # 40 hex digits, as the hub's X-Repo-Commit
-DEMO = open(cli.demo_model_path(), "rb").read()
+DEMO = open(hub.demo_path(), "rb").read()
 
 
 class FakeHub:
@@ -235,7 +235,7 @@ def test_disk_space_is_checked_first(fake_hub, monkeypatch):
 
 def test_names(tmp_path, monkeypatch):
     monkeypatch.setenv("GLMCPU_MODELS", str(tmp_path))
-    assert hub.resolve(cli.demo_model_path()) == cli.demo_model_path()
+    assert hub.resolve(hub.demo_path()) == hub.demo_path()
     assert hub.resolve("demo") == hub.demo_path()
     with pytest.raises(ModelNotFound, match=r"run `glmcpu pull glm-4-9b-0414:q4_k_m` first"):
         hub.resolve("glm-4-9b-0414")                           # a family means its first entry

@@ -14,7 +14,7 @@ from gguf.quants import dequantize, quant_shape_to_byte_shape
 from conftest import hf_logits, kl, run_cli, test_ids as make_ids
 import glmcpu
 from glmcpu import quants
-from glmcpu.cli import demo_model_path
+from glmcpu.hub import demo_path
 from glmcpu.quantize import FILE_TYPES, copy_metadata, tensor_types
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
@@ -93,7 +93,7 @@ def llama_cpp():
     some VMs: try it in a child process first)."""
     mod = pytest.importorskip("llama_cpp", reason="pip install llama-cpp-python to compare with llama.cpp")
     probe = ("import llama_cpp; m = llama_cpp.Llama(model_path=%r, n_ctx=32, verbose=False); "
-             "m.eval([1, 2, 3])" % demo_model_path())
+             "m.eval([1, 2, 3])" % demo_path())
     p = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=300)
     if p.returncode != 0:
         pytest.skip(f"this llama-cpp-python build cannot run here (exit {p.returncode})")
@@ -118,7 +118,7 @@ def demo_f16(tmp_path_factory):
     """The built-in demo model (trained, 256 wide, stored Q8_0) written back as an F16 GGUF: real
     weights to quantise, that llama.cpp runs."""
     path = str(tmp_path_factory.mktemp("demo") / "demo_f16.gguf")
-    r = GGUFReader(demo_model_path())
+    r = GGUFReader(demo_path())
     w = GGUFWriter(path, "glm4")
     copy_metadata(r, w)
     w.add_file_type(LlamaFileType.MOSTLY_F16)
@@ -299,8 +299,8 @@ def test_quantize_cli_errors_are_one_line(tmp_path):
     out = str(tmp_path / "out.gguf")
     cases = {"missing": [str(tmp_path / "nope.gguf"), out],
              "not a GGUF": [str(not_gguf), out],
-             "already quantised": [demo_model_path(), out],
-             "same file": [demo_model_path(), demo_model_path()]}
+             "already quantised": [demo_path(), out],
+             "same file": [demo_path(), demo_path()]}
     for why, args in cases.items():
         p = run_cli("quantize", *args, "--type", "q4_k_m", "--quiet")
         lines = p.stderr.strip().splitlines()

@@ -291,6 +291,7 @@ def wait(cond, what, timeout=30):
 def test_stop_strings_are_cut_and_never_streamed_in_part():
     from types import SimpleNamespace
 
+    from glmcpu.engine import answer
     from glmcpu.server import Generation
 
     model = SimpleNamespace(ctx=100, last_stats={"prompt_tokens": 3, "gen_tokens": 4})
@@ -301,7 +302,7 @@ def test_stop_strings_are_cut_and_never_streamed_in_part():
             yield from ["\n\nAnd the", " LO", "RD said", " unto"]
         finally:
             closed.append(True)
-    g = Generation(model, pieces(), max_tokens=10, stops=["LORD said", "xyz"], strip_newlines=True)
+    g = Generation(model, answer(pieces()), max_tokens=10, stops=["LORD said", "xyz"])
     assert list(g) == ["And the", " "] and g.text == "And the " and g.finish_reason == "stop"
     assert closed == [True]         # the model's generator is closed at the stop string
     g = Generation(model, pieces(), max_tokens=4, stops=["LOST"])
@@ -310,10 +311,10 @@ def test_stop_strings_are_cut_and_never_streamed_in_part():
 
 def test_a_full_queue_is_answered_503_with_retry_after():
     import glmcpu
-    from glmcpu.cli import demo_model_path
+    from glmcpu.hub import demo_path
     from glmcpu.server import API, Server
 
-    api = API(glmcpu.load(demo_model_path()), max_waiting=0)
+    api = API(glmcpu.load(demo_path()), max_waiting=0)
     srv = Server(api, "127.0.0.1", 0)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import glmcpu
-from glmcpu.cli import demo_model_path
+from glmcpu.hub import demo_path
 from glmcpu.errors import ModelFileError
 from glmcpu.quantize import copy_metadata
 
@@ -27,12 +27,12 @@ def write_split(src, folder, per_part):
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    return write_split(demo_model_path(), str(tmp_path_factory.mktemp("split")), per_part=12)
+    return write_split(demo_path(), str(tmp_path_factory.mktemp("split")), per_part=12)
 
 
 def test_split_model_equals_the_single_file(parts):
     assert len(parts) > 2 and parts[0].endswith("-00001-of-%05d.gguf" % len(parts))
-    whole, split = glmcpu.load(demo_model_path()), glmcpu.load(parts[0])
+    whole, split = glmcpu.load(demo_path()), glmcpu.load(parts[0])
     assert len(split.file.parts) == len(parts) and set(split.file.tensors) == set(whole.file.tensors)
     ids = whole.tokenizer.encode("In the beginning God created the heaven")
     assert np.array_equal(split.logits(ids), whole.logits(ids))

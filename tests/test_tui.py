@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 import glmcpu
-from glmcpu.cli import demo_model_path
+from glmcpu.hub import demo_path
 from glmcpu.tokenizer import Tokenizer
 from glmcpu.tui import Chat, split_thinking
 
@@ -28,7 +28,7 @@ def console():
 
 @pytest.fixture(scope="module")
 def demo():
-    return glmcpu.load(demo_model_path(), threads=2)
+    return glmcpu.load(demo_path(), threads=2)
 
 
 def test_split_thinking():
@@ -52,13 +52,13 @@ def test_chat_streams_the_models_answer_and_reuses_the_cache(demo):
 
 
 def test_old_turns_are_dropped_to_fit_the_context(tmp_path):
-    m = glmcpu.load(demo_model_path(), threads=2, ctx=96)
+    m = glmcpu.load(demo_path(), threads=2, ctx=96)
     chat = Chat(m, dict(GREEDY, max_tokens=8), console=console())
     for i in range(6):
         chat.ask(f"Tell me of the kings of Israel and Judah, the {i}th time, and of their wars")
     assert len(chat.messages) < 12 and chat.messages[-2]["content"].endswith("their wars")
     assert "oldest" in chat.console.file.getvalue() and chat.prompt_tokens() < 96
-    with pytest.raises(glmcpu.GlmcpuError, match="does not fit"):
+    with pytest.raises(glmcpu.GlmcpuError, match="context holds"):
         chat.ask("word " * 200)
 
 

@@ -124,7 +124,7 @@ class WorkerService:
             return self.load(meta), []
         if op == "put":
             return self.put(meta, arrays), []
-        if op in ("attn", "ffn", "moe", "head"):
+        if op in KINDS:
             t = time.perf_counter()
             out = self.compute(op, meta, arrays)
             self.busy_seconds += time.perf_counter() - t
@@ -160,7 +160,7 @@ class WorkerService:
         if (cfg.d_model < 1 or cfg.n_head < 1 or cfg.n_head_kv < 1 or cfg.n_head % cfg.n_head_kv
                 or cfg.head_dim < 2 or cfg.head_dim % 2 or not 0 <= cfg.n_rot <= cfg.head_dim or cfg.n_rot % 2
                 or cfg.eps <= 0 or cfg.n_layer < 1 or cfg.n_vocab < 1
-                or (getattr(cfg, "n_expert", 0) and not 1 <= cfg.n_expert_used <= cfg.n_expert)):
+                or (cfg.n_expert and not 1 <= cfg.n_expert_used <= cfg.n_expert)):
             raise ProtocolError("load: the model configuration is not self-consistent")
         return cfg
 
@@ -210,7 +210,7 @@ class WorkerService:
         cfg = self._cfg(meta, own)
         if not isinstance(n_ctx, int) or not 1 <= n_ctx <= max(cfg.n_ctx_train, 1) * 8 or n_ctx > 1 << 20:
             raise ProtocolError(f"load: context {n_ctx!r} is out of range")
-        kv_bytes = 2 * 4 * cfg.n_layer * cfg.n_head_kv * n_ctx * cfg.head_dim
+        kv_bytes = cfg.kv_bytes(n_ctx)
         if kv_bytes > max(self.memory, 1) * 2**30:
             raise ProtocolError(f"load: a KV cache of {kv_bytes / 2**30:.1f} GB does not fit this worker")
         parsed = []

@@ -32,6 +32,11 @@ class Config:
     n_ctx_train: int
     n_vocab: int
     sandwich_norms: bool = False   # glm4: norms of the attention and FFN outputs
+    n_expert: int = 0              # routed experts per MoE layer (0: a dense model)
+
+    def kv_bytes(self, n_ctx: int) -> int:
+        """Bytes of a KV cache of n_ctx positions (float32 keys and values of every KV head)."""
+        return 2 * 4 * self.n_layer * self.n_head_kv * self.head_dim * n_ctx
 
     def describe(self) -> str:
         """The sizes the tensors' shapes follow from, for error messages."""
@@ -222,8 +227,8 @@ class Attention:
         if self.q_norm is not None:
             q = head_norm(q, self.q_norm, c.eps)
             k = head_norm(k, self.k_norm, c.eps)
-        K.rope(q, pos, c.n_rot, c.rope_theta, c.neox)
-        K.rope(k, pos, c.n_rot, c.rope_theta, c.neox)
+        ops.rope(q, pos, c.n_rot, c.rope_theta, c.neox)
+        ops.rope(k, pos, c.n_rot, c.rope_theta, c.neox)
         kc, vc = cache.k[l, self.kv0:self.kv1], cache.v[l, self.kv0:self.kv1]  # [nkv, n_ctx, head_dim]
         kc[:, pos0:pos0 + T] = k.transpose(1, 0, 2)
         vc[:, pos0:pos0 + T] = v.transpose(1, 0, 2)

@@ -18,7 +18,6 @@ from .glm4 import K, DenseFFN, Linear, check, optional_vector
 
 @dataclass(frozen=True)
 class Config(glm4.Config):
-    n_expert: int = 0
     n_expert_used: int = 0
     n_expert_shared: int = 0
     n_ff_exp: int = 0
@@ -35,9 +34,8 @@ class Config(glm4.Config):
         if f.number("expert_group_count", 1, minimum=0) > 1:
             raise UnsupportedArchitecture(f"{f.path}: grouped expert routing (n_group > 1) is not supported")
         base["neox"] = True
-        n_expert = f.number("expert_count")
+        base["n_expert"] = n_expert = f.number("expert_count")
         return cls(**base,
-                   n_expert=n_expert,
                    n_expert_used=f.number("expert_used_count", maximum=n_expert),
                    n_expert_shared=f.number("expert_shared_count", 0, minimum=0),
                    n_ff_exp=f.number("expert_feed_forward_length"),
