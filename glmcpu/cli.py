@@ -245,7 +245,8 @@ def cmd_serve(a):
     api = API(model, name=a.name, api_key=a.api_key or os.environ.get("GLMCPU_API_KEY"),
               max_waiting=a.queue, defaults=defaults)
     try:
-        server = Server(api, a.host, a.port, verbose=a.verbose)
+        server = Server(api, a.host, a.port, verbose=a.verbose, max_connections=a.max_connections,
+                        head_timeout=a.head_timeout)
     except OSError as e:
         raise GlmcpuError(f"cannot listen on {a.host}:{a.port} ({e.strerror}); choose another --port "
                           "(0 picks a free one)") from None
@@ -424,6 +425,10 @@ def build_parser():
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or env GLMCPU_API_KEY)")
     s.add_argument("--name", help="the model id clients ask for (default: the file name without .gguf)")
     s.add_argument("--queue", type=int, default=16, help="requests that may wait for the model; more get 503")
+    s.add_argument("--max-connections", type=int, default=64,
+                   help="open connections served at once; more are answered 503 (default 64)")
+    s.add_argument("--head-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's line and headers (default 10)")
     s.add_argument("--verbose", "-v", action="store_true", help="log every request")
     add_sampling(s)
     add_engine(s)

@@ -483,3 +483,30 @@ def test_requests_http_server_refuses_are_openai_errors(server):
     assert status == 431
     assert_openai_error(body)
     assert health(server)["status"] == "ok"
+
+
+def test_serve_options_bound_connections_and_slow_heads():
+    """`serve --max-connections 1 --head-timeout 1`: a second connection while one is open gets
+    503 JSON at once; the open one, sending no request, is closed after about a second."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+    p, url = start_server("--max-connections", "1", "--head-timeout", "1")
+    try:
+        addr = (urlsplit(url).hostname, urlsplit(url).port)
+        idle = socket.create_connection(addr, timeout=5)
+        time.sleep(0.2)
+        other = socket.create_connection(addr, timeout=5)
+        other.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = other.recv(65536).decode()
+        assert answer.startswith("HTTP/1.0 503") or answer.startswith("HTTP/1.1 503"), answer
+        assert '"server_busy"' in answer
+        t, data = time.perf_counter(), b""
+        while chunk := idle.recv(4096):               # closed by the head deadline (maybe after a 408)
+            data += chunk
+        assert time.perf_counter() - t < 3 and (not data or b" 408 " in data.split(b"\r\n")[0]), data
+        time.sleep(0.3)
+        assert json.load(urllib.request.urlopen(url + "/health", timeout=5))["status"] == "ok"
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
