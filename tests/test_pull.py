@@ -5,8 +5,6 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 from types import SimpleNamespace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +12,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
+from conftest import run_cli
 from glmcpu import cli, hub
 from glmcpu.errors import (HubError, ModelNotFound,
                            NotEnoughDiskSpace)
@@ -126,14 +125,13 @@ def fake_hub(tmp_path, monkeypatch):
     fh.close()
 
 
-def run_cli(fake_hub, tmp_path, *args):
+def pull_cli(fake_hub, tmp_path, *args):
     """The CLI in a child process: huggingface_hub reads HF_ENDPOINT when it is imported."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith("HF_")}
     env.update(HF_ENDPOINT=fake_hub.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1",
                HF_HUB_OFFLINE="0", HF_HUB_DISABLE_XET="1", NO_PROXY="127.0.0.1",
                GLMCPU_MODELS=str(tmp_path / "models"))
-    return subprocess.run([sys.executable, "-m", "glmcpu", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return run_cli(*args, env=env, timeout=120)
 
 
 def one_line_error(p, *words):
@@ -146,7 +144,7 @@ def one_line_error(p, *words):
 def test_interrupted_pull_resumes_then_runs(fake_hub, tmp_path, capsys):
     dest = tmp_path / "models" / "glmtest" / "Demo-GGUF" / "demo-Q8_0.gguf"
     fake_hub.cut_after = 3_000_000
-    p = run_cli(fake_hub, tmp_path, "pull", "glmtest/Demo-GGUF:demo-Q8_0.gguf")
+    p = pull_cli(fake_hub, tmp_path, "pull", "glmtest/Demo-GGUF:demo-Q8_0.gguf")
     one_line_error(p, "stopped at", "again to resume")
     [part] = dest.parent.glob("*.part")
     kept = part.stat().st_size                 # whole 1 MiB chunks received before the cut
@@ -157,17 +155,17 @@ def test_interrupted_pull_resumes_then_runs(fake_hub, tmp_path, capsys):
 
     fake_hub.up()
     fake_hub.requests.clear()
-    p = run_cli(fake_hub, tmp_path, "pull", "glmtest/Demo-GGUF:demo-Q8_0.gguf")
+    p = pull_cli(fake_hub, tmp_path, "pull", "glmtest/Demo-GGUF:demo-Q8_0.gguf")
     assert p.returncode == 0, p.stderr
     assert fake_hub.ranges() == [f"bytes={kept}-"]              # only the rest was fetched
     assert hashlib.sha256(dest.read_bytes()).hexdigest() == hashlib.sha256(DEMO).hexdigest()
     assert not list(dest.parent.glob("*.part")) and p.stdout.strip() == str(dest)
 
-    p = run_cli(fake_hub, tmp_path, "run", "glmtest/Demo-GGUF:demo-Q8_0.gguf", "-p", "hi", "-n", "4")
+    p = pull_cli(fake_hub, tmp_path, "run", "glmtest/Demo-GGUF:demo-Q8_0.gguf", "-p", "hi", "-n", "4")
     assert p.returncode == 0 and "generation:" in p.stderr, p.stderr
-    p = run_cli(fake_hub, tmp_path, "info", "demo-Q8_0")                  # the file's name alone
+    p = pull_cli(fake_hub, tmp_path, "info", "demo-Q8_0")                  # the file's name alone
     assert p.returncode == 0 and str(dest) in p.stdout, p.stderr
-    p = run_cli(fake_hub, tmp_path, "list")
+    p = pull_cli(fake_hub, tmp_path, "list")
     assert p.returncode == 0 and "glmtest/Demo-GGUF/demo-Q8_0" in p.stdout and "glm-4.5-air" in p.stdout
 
 
