@@ -140,6 +140,13 @@ def add_engine(p):
     p.add_argument("--mlock", action="store_true",
                    help="lock the non-expert weights in RAM (experts stay paged from the file)")
     p.add_argument("--repack", choices=["auto", "none", "all"], default=None, help=REPACK_HELP)
+    p.add_argument("--draft", choices=["auto", "mtp", "lookup", "none"], default="auto",
+                   help="speculative decoding: guess tokens cheaply, check them in one pass: mtp (the file's "
+                        "own draft head, GLM-4.5), lookup (n-grams already in the context), none; "
+                        "default auto: mtp where the file has the head. Greedy output is exactly "
+                        "none's; sampled output keeps its distribution")
+    p.add_argument("--draft-tokens", type=int, default=None,
+                   help="tokens guessed per step (default: 1 for mtp, 3 for lookup)")
 
 
 def sampling_kwargs(a):
@@ -154,7 +161,8 @@ def stats_line(s) -> str:
     computed = s.get("prompt_tokens", 0) - cached
     return (f"prompt: {s.get('prompt_tokens', 0)} tokens{f' ({cached} cached)' if cached else ''}, "
             f"{rate(computed, s.get('prompt_seconds', 0))}"
-            f" | generation: {s.get('gen_tokens', 0)} tokens, {rate(s.get('gen_tokens', 0), s.get('gen_seconds', 0))}")
+            f" | generation: {s.get('gen_tokens', 0)} tokens, {rate(s.get('gen_tokens', 0), s.get('gen_seconds', 0))}"
+            + (f" | draft: {s['accepted']}/{s['drafted']} accepted" if s.get("drafted") else ""))
 
 
 def stream(pieces, out=None):
@@ -195,7 +203,8 @@ def load_model(a):
     from . import load
 
     path = model_path(a.model)
-    return load(path, threads=a.threads, ctx=a.ctx, mlock=a.mlock, repack=a.repack,
+    return load(path, threads=a.threads, ctx=a.ctx, mlock=a.mlock, repack=a.repack, draft=a.draft,
+                draft_tokens=a.draft_tokens,
                 progress=StepBar(f"loading {os.path.basename(path)}: layers"), **cluster_kwargs(a))
 
 
@@ -280,7 +289,7 @@ def cmd_info(a):
     from . import ops
     from .engine import Model, is_expert
 
-    m = Model(model_path(a.model), threads=a.threads, ctx=a.ctx, repack=a.repack)
+    m = Model(model_path(a.model), threads=a.threads, ctx=a.ctx, repack=a.repack, draft="none")
     c = m.cfg
     types, sizes = Counter(), Counter()
     for t in m.file.tensors.values():
@@ -313,6 +322,8 @@ def cmd_info(a):
         ("repacked", ("non-expert weights copied into RAM in the kernels' layouts" if pk.dense else
                       "nothing: every weight is read from the file (--repack none, or too little free memory)")
          + ("; experts too" if pk.experts else "; experts read from the file" if experts else "")),
+        ("draft head", f"MTP block {c.n_layer} (used by --draft auto/mtp)" if c.n_nextn else
+                       "none in the file (--draft lookup guesses from the context)"),
         ("kernels", f"{ops.VARIANT} (built: {', '.join(ops.available_variants())})"),
         ("threads", m.threads),
     ]

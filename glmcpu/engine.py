@@ -3,6 +3,7 @@ import numpy as np
 
 from . import ops
 from .errors import GlmcpuError
+from .draft import MODES, make as make_draft
 from .generate import check_fits, generate_ids, prefill
 from .gguf import GGUFFile
 from .models import model_class
@@ -10,10 +11,14 @@ from .sampling import Sampler
 from .tokenizer import Detokenizer, Tokenizer
 
 
+# tokens guessed per step: an MTP head's second guess rides on its own first, so it is kept less often
+DEFAULT_DRAFT_TOKENS = {"MTPDraft": 1, "LookupDraft": 3}
+
+
 class Model:
     def __init__(self, path, threads=None, ctx=None, mlock=False, workers=None, key=None,
                  worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32", progress=None,
-                 repack=None):
+                 repack=None, draft="auto", draft_tokens=None):
         self.file = GGUFFile(path)
         self.path = self.file.path
         self.threads = int(threads) if threads else ops.default_threads()
@@ -35,6 +40,14 @@ class Model:
         else:
             self.net = cls(self.file, self.threads, progress=progress, packing=ops.plan_packing(self.file, repack))
         self.cfg = self.net.cfg
+        if draft not in MODES:
+            raise GlmcpuError(f"draft {draft!r}: use one of {', '.join(MODES)}")
+        if workers and draft not in ("auto", "none"):
+            raise GlmcpuError(f"--draft {draft} is not available with workers yet (a cluster decodes "
+                              "one token a step)")
+        self.draft_mode = "none" if workers else draft
+        self.draft_tokens = int(draft_tokens) if draft_tokens else None
+        make_draft(self.draft_mode, self.net, 1)        # builds the MTP head now; --draft mtp without one: one line
         self.last_stats = {}
         self.cache = None           # the KV cache kept between calls, for prompts sharing a prefix
         if mlock:       # keep what every token reads in RAM; experts stay paged on demand
@@ -77,8 +90,10 @@ class Model:
         self.last_stats = {}
         detok = Detokenizer(self.tokenizer)
         cache = self.reuse_cache(ids)
+        d = cache.draft
+        n_draft = self.draft_tokens or (DEFAULT_DRAFT_TOKENS[type(d).__name__] if d else 0)
         for tok in generate_ids(self.net, cache, ids, sampler, max_tokens, stops, self.last_stats,
-                                progress):
+                                progress, draft=d, n_draft=n_draft):
             piece = detok.push(tok)
             if piece:
                 yield piece
@@ -91,6 +106,7 @@ class Model:
         token of `ids` is left to compute: its logits start the answer)."""
         if self.cache is None:
             self.cache = self.net.new_cache(self.ctx)
+            self.cache.draft = make_draft(self.draft_mode, self.net, self.ctx)   # kept beside the cache
         cache = self.cache
         self.net.begin(cache)           # a cluster whose worker came back starts this cache again
         keep = 0
@@ -117,7 +133,8 @@ class Model:
                 f"threads={self.threads} kernels={ops.VARIANT}>")
 
 
-def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None, repack=None, **cluster) -> Model:
+def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None, repack=None, draft="auto",
+         draft_tokens=None, **cluster) -> Model:
     """A model, ready to generate.
 
     path: a GGUF file, or what the CLI takes: a model in `glmcpu list` (its name or file name,
@@ -134,10 +151,14 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
         in the kernels' faster layouts. auto copies the non-expert weights when they fit in 80% of
         the free memory (the RAM, or a container's limit), and a MoE file's routed experts too when
         the whole file fits in 60% of it; the rest is read from the file's memory map. none: least
-        RAM, slower. all: everything, or a one-line refusal when it cannot fit."""
+        RAM, slower. all: everything, or a one-line refusal when it cannot fit.
+    draft: speculative decoding: "auto" (default: the file's MTP head where it has one, as GLM-4.5
+        files do), "mtp", "lookup" (prompt lookup: guesses from n-grams already in the context)
+        or "none". Greedy output is exactly that of "none"; sampled output keeps its distribution.
+    draft_tokens: tokens guessed per step (default 1 for mtp, 3 for lookup)."""
     from .hub import resolve
     return Model(resolve(str(path)), threads=threads, ctx=ctx, mlock=mlock, workers=workers,
-                 progress=progress, repack=repack, **cluster)
+                 progress=progress, repack=repack, draft=draft, draft_tokens=draft_tokens, **cluster)
 
 
 def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire, progress, repack):

@@ -3,25 +3,36 @@ import time
 
 import numpy as np
 
+from .draft import verify
 from .errors import ContextOverflow, GlmcpuError
 
 PREFILL_CHUNK = 256     # tokens per prefill step: bounds activation memory, keeps weights hot
 
 
-def prefill(model, cache, ids, all_logits=False, chunk=PREFILL_CHUNK, progress=None) -> np.ndarray:
+def prefill(model, cache, ids, all_logits=False, chunk=PREFILL_CHUNK, progress=None, draft=None) -> np.ndarray:
     """Feed `ids` into the cache in chunks; logits of every token or of the last one.
-    progress(done, total) is called after each chunk."""
+    progress(done, total) is called after each chunk; a draft that wants them gets the hidden
+    states of every position."""
     outs = []
     for s in range(0, len(ids), chunk):
         part = ids[s:s + chunk]
         last = s + chunk >= len(ids)
+        out = forward(model, part, cache, all_logits, draft)
         if all_logits or last:
-            outs.append(model.forward(part, cache, all_logits=all_logits))
-        else:
-            model.forward(part, cache, all_logits=False)
+            outs.append(out)
         if progress:
             progress(min(s + chunk, len(ids)), len(ids))
     return np.concatenate(outs, 0)
+
+
+def forward(model, ids, cache, all_logits, draft):
+    """model.forward, recording the hidden states for a draft that needs them."""
+    if draft is None or not draft.wants_hidden:
+        return model.forward(ids, cache, all_logits=all_logits)
+    start = cache.pos
+    logits, hidden = model.forward(ids, cache, all_logits=all_logits, hidden=True)
+    draft.record(start, hidden)
+    return logits
 
 
 class NotFinite(GlmcpuError):
@@ -34,34 +45,58 @@ def check_fits(n_prompt: int, n_ctx: int):
                               "shorten it or raise --ctx")
 
 
-def generate_ids(model, cache, prompt_ids, sampler, max_tokens, stop_ids, stats, progress=None):
+def generate_ids(model, cache, prompt_ids, sampler, max_tokens, stop_ids, stats, progress=None,
+                 draft=None, n_draft=1):
     """Yield sampled ids after `prompt_ids` until a stop id (not yielded), max_tokens or a full
     context. The cache may already hold a prefix of `prompt_ids` (cache.pos of them): only the
     rest is computed. `stats` (a dict) is filled as it goes, so it is right even if the caller
-    stops early."""
+    stops early. With a draft (draft.py), each step checks up to n_draft guessed tokens in one
+    pass and keeps those the sampler agrees with (draft.verify)."""
     check_fits(len(prompt_ids), cache.n_ctx)
     if not 0 <= cache.pos < len(prompt_ids) or list(cache.tokens) != list(prompt_ids[:cache.pos]):
         raise ValueError("the cache must hold a proper prefix of the prompt")
     stats.update(prompt_tokens=len(prompt_ids), cached_tokens=cache.pos, prompt_seconds=0.0,
                  gen_tokens=0, gen_seconds=0.0)
+    if draft is not None:
+        stats.update(drafted=0, accepted=0)
     t = time.perf_counter()
-    logits = prefill(model, cache, list(prompt_ids[cache.pos:]), progress=progress)[-1]
+    logits = prefill(model, cache, list(prompt_ids[cache.pos:]), progress=progress, draft=draft)
     stats["prompt_seconds"] = time.perf_counter() - t
+    t = time.perf_counter()
+    check_finite(logits[-1], cache.pos)
     history = list(prompt_ids)
-    tok = None
-    for i in range(max_tokens):
-        t = time.perf_counter()                 # time the work, not the consumer of the ids
-        if i > 0:
-            if cache.pos >= cache.n_ctx:
-                break
-            logits = model.forward([tok], cache)[-1]
-        if not np.isfinite(logits.max()):           # max is NaN if any logit is
-            raise NotFinite(f"the model computed {logits.max()} logits at position {cache.pos}: its weights "
-                            "hold NaN or infinite values (a damaged file?)")
-        tok = sampler(logits, history)
+    new = [sampler(logits[-1], history)]     # tokens decided, not yet yielded (nor in the cache)
+    while True:
         stats["gen_seconds"] += time.perf_counter() - t
-        if tok in stop_ids:
-            break
-        history.append(tok)
-        stats["gen_tokens"] += 1
-        yield tok
+        for tok in new:
+            if tok in stop_ids or stats["gen_tokens"] >= max_tokens:
+                return
+            history.append(tok)
+            stats["gen_tokens"] += 1
+            yield tok
+        if stats["gen_tokens"] >= max_tokens or cache.pos >= cache.n_ctx:
+            return
+        t = time.perf_counter()                 # time the work, not the consumer of the ids
+        tok = history[-1]
+        k = min(n_draft, max_tokens - stats["gen_tokens"] - 1, cache.n_ctx - cache.pos - 1)
+        if draft is None or k <= 0:
+            logits = forward(model, [tok], cache, False, draft)
+            check_finite(logits[-1], cache.pos)
+            new = [sampler(logits[-1], history)]
+            continue
+        drafts, dists = draft.propose(history, k, sampler)
+        start = cache.pos
+        logits = forward(model, [tok] + drafts, cache, True, draft)
+        check_finite(logits, start)
+        kept, nxt = verify(sampler, logits, drafts, dists, history)
+        cache.pos = start + 1 + kept                    # the rejected guesses' keys are overwritten later
+        cache.tokens = cache.tokens[:cache.pos]
+        stats["drafted"] += len(drafts)
+        stats["accepted"] += kept
+        new = drafts[:kept] + [nxt]
+
+
+def check_finite(logits, pos):
+    if not np.isfinite(logits.max()):           # max is NaN if any logit is
+        raise NotFinite(f"the model computed {logits.max()} logits at position {pos}: its weights "
+                        "hold NaN or infinite values (a damaged file?)")

@@ -17,7 +17,20 @@ class Sampler:
     def __post_init__(self):
         self.rng = np.random.default_rng(self.seed)
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
     def __call__(self, logits: np.ndarray, history) -> int:
+        return self.draw(*self.distribution(logits, history))
+
+    def draw(self, ids, p) -> int:
+        """A token from a distribution of distribution(): the first when greedy."""
+        return int(ids[0]) if self.greedy else int(self.rng.choice(ids, p=p))
+
+    def distribution(self, logits: np.ndarray, history):
+        """The tokens this sampler may pick and their probabilities (ids, p summing to 1), best
+        first; greedy: the argmax alone."""
         logits = np.asarray(logits, dtype=np.float32).reshape(-1)
         if self.repeat_penalty != 1.0 and len(history):
             seen = np.unique(np.asarray(history[-self.repeat_last_n:], dtype=np.int64))
@@ -25,8 +38,8 @@ class Sampler:
             logits = logits.copy()
             v = logits[seen]
             logits[seen] = np.where(v > 0, v / self.repeat_penalty, v * self.repeat_penalty)
-        if self.temperature <= 0:
-            return int(np.argmax(logits))
+        if self.greedy:
+            return np.array([np.argmax(logits)]), np.ones(1)
         idx, norm = self._candidates(logits)
         z = logits[idx].astype(np.float64)
         p = np.exp(z - z[0]) / norm
@@ -37,7 +50,7 @@ class Sampler:
             keep = p >= self.min_p * p[0]
             idx, z = idx[keep], z[keep]
         p = np.exp((z - z[0]) / self.temperature)
-        return int(self.rng.choice(idx, p=p / p.sum()))
+        return idx, p / p.sum()
 
     def _candidates(self, logits):
         """The tokens top-k keeps, best first (ties by id, as a stable sort of the whole

@@ -256,8 +256,12 @@ class API:
     def usage(self):
         s = self.model.last_stats
         p, c = s.get("prompt_tokens", 0), s.get("gen_tokens", 0)
-        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-                "prompt_tokens_details": {"cached_tokens": s.get("cached_tokens", 0)}}
+        usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+                 "prompt_tokens_details": {"cached_tokens": s.get("cached_tokens", 0)}}
+        if "drafted" in s:          # speculative decoding: OpenAI's names for predicted tokens
+            usage["completion_tokens_details"] = {"accepted_prediction_tokens": s["accepted"],
+                                                  "rejected_prediction_tokens": s["drafted"] - s["accepted"]}
+        return usage
 
 
 def refuse(body, key, ok, message):

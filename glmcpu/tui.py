@@ -141,6 +141,8 @@ class Chat:
         bits = [f"{gen_rate:.1f} tok/s", f"{s.get('gen_tokens', 0)} tokens",
                 f"context {used}/{m.ctx} ({100 * used / m.ctx:.0f}%)",
                 f"prompt {s.get('prompt_tokens', 0)} ({s.get('cached_tokens', 0)} cached)"]
+        if s.get("drafted"):
+            bits.append(f"draft {100 * s['accepted'] / s['drafted']:.0f}% accepted")
         if m.net.status():
             bits.append(f"nodes {m.net.status()['nodes']}")
         if stopped:

@@ -33,6 +33,7 @@ class Config:
     n_vocab: int
     sandwich_norms: bool = False   # glm4: norms of the attention and FFN outputs
     n_expert: int = 0              # routed experts per MoE layer (0: a dense model)
+    n_nextn: int = 0               # MTP blocks after the n_layer layers (GLM-4.5: 1)
 
     def kv_bytes(self, n_ctx: int) -> int:
         """Bytes of a KV cache of n_ctx positions (float32 keys and values of every KV head)."""
@@ -49,9 +50,11 @@ class Config:
         n_head = f.number("attention.head_count", maximum=d)
         head_dim = f.number("attention.key_length", d // n_head, maximum=1 << 16)
         n_block = f.number("block_count", maximum=10000)
+        n_nextn = f.number("nextn_predict_layers", 0, minimum=0, maximum=n_block - 1)
         cfg = cls(
             arch=f.arch,
-            n_layer=n_block - f.number("nextn_predict_layers", 0, minimum=0, maximum=n_block - 1),
+            n_layer=n_block - n_nextn,
+            n_nextn=n_nextn,
             d_model=d,
             n_ff=f.number("feed_forward_length", maximum=1 << 24),
             n_head=n_head,
@@ -319,6 +322,11 @@ class Model:
                 progress(i + 1, cfg.n_layer)
         self.out_norm = w.vector("output_norm.weight")
         self.output = self.build(w, cfg, "head", None, ranges("head", None))
+        self.file, self.weights = f, w      # for modules built later (a draft head)
+
+    def draft_head(self):
+        """The file's own draft model (GLM-4.5's MTP block), built on first use; None if none."""
+        return None
 
     @classmethod
     def tensor_shapes(cls, cfg) -> dict:
@@ -389,23 +397,38 @@ class Model:
     def rmsnorm(self, x, w):
         return K.rmsnorm(x, w, self.cfg.eps, np.empty_like(x))
 
-    def forward(self, ids, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+    @staticmethod
+    def embed(embd, ids) -> np.ndarray:
+        """float32 rows [T, d_model] of an embedding tensor (any ggml type)."""
+        return dequantize(embd, np.asarray(ids)).reshape(len(ids), -1).copy()
+
+    def run_layer(self, L: Layer, h, cache, l: int, pos):
+        """One decoder layer on the residual stream h [T, d_model] in place; its keys and values
+        go to layer l of the cache, at slots cache.pos.. (rotated for positions pos)."""
+        th = self.threads
+        o = L.attn(self.rmsnorm(h, L.attn_norm), cache, l, pos, th)
+        if L.post_attn_norm is not None:
+            o = self.rmsnorm(o.astype(np.float32), L.post_attn_norm)
+        h += o
+        y = L.ffn(self.rmsnorm(h, L.ffn_norm), th)
+        if L.post_ffw_norm is not None:
+            y = self.rmsnorm(y.astype(np.float32), L.post_ffw_norm)
+        h += y
+
+    def forward(self, ids, cache: KVCache, all_logits: bool = False, hidden: bool = False):
         """Run tokens `ids` at positions cache.pos.. and advance the cache.
-        Returns logits [T, n_vocab] (all_logits) or [1, n_vocab] for the last token."""
-        c, th, T = self.cfg, self.threads, len(ids)
+        Returns logits [T, n_vocab] (all_logits) or [1, n_vocab] for the last token; with
+        hidden=True also the final-normed hidden states of every token, [T, d_model] (what
+        GLM-4.5's MTP draft head reads)."""
+        T = len(ids)
         pos = np.arange(cache.pos, cache.pos + T, dtype=np.int32)
-        h = dequantize(self.embd, np.asarray(ids)).reshape(T, c.d_model).copy()   # [T, d_model]
+        h = self.embed(self.embd, ids)                                   # [T, d_model]
         for l, L in enumerate(self.layers):
-            o = L.attn(self.rmsnorm(h, L.attn_norm), cache, l, pos, th)
-            if L.post_attn_norm is not None:
-                o = self.rmsnorm(o.astype(np.float32), L.post_attn_norm)
-            h += o
-            y = L.ffn(self.rmsnorm(h, L.ffn_norm), th)
-            if L.post_ffw_norm is not None:
-                y = self.rmsnorm(y.astype(np.float32), L.post_ffw_norm)
-            h += y
+            self.run_layer(L, h, cache, l, pos)
         cache.pos += T
         cache.tokens += [int(i) for i in ids]
-        if not all_logits:
+        if not (all_logits or hidden):
             h = h[-1:]
-        return self.output(self.rmsnorm(np.ascontiguousarray(h), self.out_norm), th)
+        normed = self.rmsnorm(np.ascontiguousarray(h), self.out_norm)        # rows are independent
+        logits = self.output(normed if all_logits else np.ascontiguousarray(normed[-1:]), self.threads)
+        return (logits, normed) if hidden else logits

@@ -4,7 +4,7 @@ The dense GLM-4 layer with three changes: NeoX (half-split) RoPE, optional per-h
 from layer `leading_dense_block_count` on a mixture of experts in place of the FFN: a sigmoid
 router whose correction bias only chooses, top-k routed experts weighted by their normalised,
 scaled scores, plus one always-on shared expert. The MTP ("nextn") block is not run."""
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -126,10 +126,54 @@ class MoE:
         return y
 
 
+class MTP:
+    """GLM-4.5's multi-token-prediction ("nextn") block as a draft model: the token after next
+    from the main model's final-normed hidden state h at position p-1 and the token at p:
+    eh_proj(cat(enorm(embed(token)), hnorm(h))) -> one MoE decoder layer, the model's own Layer
+    with its own KV cache -> shared_head_norm -> the head (the block's own, else the model's).
+    Its KV cache slot s holds position s + 1: position 0 has no h before it."""
+
+    def __init__(self, model, index: int):
+        f, w, p = model.file, model.weights, f"blk.{index}."
+        self.model = model
+        self.enorm = w.vector(p + "nextn.enorm.weight")
+        self.hnorm = w.vector(p + "nextn.hnorm.weight")
+        self.eh_proj = Linear(w, p + "nextn.eh_proj")                       # [d, 2d]
+        self.layer = glm4.Layer(model, w, index, glm4.whole)
+        self.norm = w.vector(p + "nextn.shared_head_norm.weight")
+        self.head = (Linear(w, p + "nextn.shared_head_head") if w.has(p + "nextn.shared_head_head.weight")
+                     else model.output)
+        self.embd = f.tensor(p + "nextn.embed_tokens.weight") if f.has(p + "nextn.embed_tokens.weight") \
+            else model.embd
+
+    def new_cache(self, n_ctx: int) -> glm4.KVCache:
+        return glm4.KVCache(replace(self.model.cfg, n_layer=1), n_ctx)
+
+    def forward(self, ids, hidden, cache, all_logits=False):
+        """ids: tokens at positions cache.pos + 1.., hidden [T, d]: the main model's normed hidden
+        states at the positions before them. -> (logits [T or 1, n_vocab], own normed hidden [T, d])."""
+        m = self.model
+        pos = np.arange(cache.pos + 1, cache.pos + 1 + len(ids), dtype=np.int32)
+        x = np.concatenate([m.rmsnorm(m.embed(self.embd, ids), self.enorm),
+                            m.rmsnorm(np.ascontiguousarray(hidden, np.float32), self.hnorm)], 1)
+        h = self.eh_proj(x, m.threads)
+        m.run_layer(self.layer, h, cache, 0, pos)
+        cache.pos += len(ids)
+        cache.tokens += [int(i) for i in ids]
+        normed = m.rmsnorm(h, self.norm)
+        return self.head(normed if all_logits else np.ascontiguousarray(normed[-1:]), m.threads), normed
+
+
 class Model(glm4.Model):
     config_class = Config
     moe_class = MoE
     ffn_norm_name = "post_attention_norm.weight"       # the pre-FFN norm here
+
+    def draft_head(self):
+        if getattr(self, "_mtp", None) is None and self.cfg.n_nextn and \
+                self.file.has(f"blk.{self.cfg.n_layer}.nextn.eh_proj.weight"):
+            self._mtp = MTP(self, self.cfg.n_layer)
+        return getattr(self, "_mtp", None)
 
     @classmethod
     def tensor_shapes(cls, cfg) -> dict:
