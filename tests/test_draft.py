@@ -85,3 +85,76 @@ def test_greedy_output_is_exactly_plain_decoding(tiny, family, mode, k):
         assert s["accepted"] > 0, s
     # and again on the kept cache (a second turn reuses the prefix; the draft follows it)
     assert greedy(m, prompt + " jumps", 50) == greedy(glmcpu.load(path, draft="none"), prompt + " jumps", 50)
+
+
+def chi2_ok(counts, probs, z=3.29):
+    """Pearson's chi-square of counts against probs, below its 0.9995 quantile (Wilson-Hilferty)."""
+    counts, probs = np.asarray(counts, float), np.asarray(probs, float)
+    n = counts.sum()
+    stat = ((counts - n * probs) ** 2 / (n * probs)).sum()
+    k = len(counts) - 1
+    return stat < k * (1 - 2 / (9 * k) + z * np.sqrt(2 / (9 * k))) ** 3, stat
+
+
+@pytest.mark.parametrize("case", ["close", "far", "sure-guess", "outside"])
+def test_speculative_sampling_keeps_the_distribution(case):
+    """draft.verify on one position: whatever the draft's distribution q, the token that comes
+    out (kept guess or residual draw) follows the model's p (chi-square over 40,000 draws)."""
+    from glmcpu.draft import verify
+    from glmcpu.sampling import Sampler
+    rng = np.random.default_rng(0)
+    logits = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.06, 0.04]))
+    s = Sampler(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=1)
+    ids, p = s.distribution(logits, [])
+    p_full = np.zeros(6)
+    p_full[ids] = p
+    q_ids = np.arange(6)
+    q = {"close": [0.35, 0.3, 0.15, 0.1, 0.06, 0.04], "far": [0.02, 0.02, 0.06, 0.1, 0.3, 0.5],
+         "sure-guess": None, "outside": [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]}[case]
+    counts = np.zeros(6)
+    kept = 0
+    for _ in range(40_000):
+        if q is None:
+            d, dists = 2, None                                      # prompt lookup: a sure guess of token 2
+        else:
+            d = int(rng.choice(6, p=q))
+            dists = [(q_ids, np.asarray(q))]
+        n, nxt = verify(s, np.stack([logits, logits]), [d], dists, [])
+        counts[d if n == 1 else nxt] += 1
+        kept += n
+    ok, stat = chi2_ok(counts, p_full)
+    assert ok, (counts / counts.sum(), p_full, stat)
+    assert 0 < kept < 40_000
+
+
+def test_sampled_generation_keeps_its_distribution(tiny):
+    """End to end on a tiny MoE model with its MTP head: the joint distribution of the first two
+    sampled tokens (over 500 seeds) is the same with and without drafting (two-sample chi-square)."""
+    from glmcpu.draft import make
+    from glmcpu.generate import generate_ids
+    from glmcpu.sampling import Sampler
+    _, path, _ = tiny("glm4_moe", "q8_0", mtp=True, **VARIANTS[0])
+    m = glmcpu.load(path, draft="none")
+    ids = make_ids(8, seed=3)
+    counts = []
+    for mode in ("none", "mtp"):
+        c = {}
+        for seed in range(500):
+            sampler = Sampler(temperature=1.5, top_k=4, top_p=1.0, min_p=0.0, seed=seed)
+            stats = {}
+            toks = tuple(generate_ids(m.net, m.net.new_cache(32), ids, sampler, 3, set(), stats,
+                                      draft=make(mode, m.net, 32), n_draft=1))[:2]
+            assert mode == "none" or stats["drafted"] >= 1
+            c[toks] = c.get(toks, 0) + 1
+        counts.append(c)
+    keys = sorted(set(counts[0]) | set(counts[1]), key=lambda k: -(counts[0].get(k, 0) + counts[1].get(k, 0)))
+    a = np.array([counts[0].get(k, 0) for k in keys], float)
+    b = np.array([counts[1].get(k, 0) for k in keys], float)
+    big = (a + b) >= 20                                       # expected counts >= 10; the rest pooled
+    a, b = np.append(a[big], a[~big].sum()), np.append(b[big], b[~big].sum())
+    a, b = a[a + b > 0], b[a + b > 0]
+    assert (a != b).any()                                     # the drafts changed which seed gives what
+    pooled = (a + b) / (a + b).sum()
+    stat = (((a - a.sum() * pooled) ** 2 + (b - b.sum() * pooled) ** 2) / (a.sum() * pooled)).sum()
+    k = len(a) - 1
+    assert k >= 3 and stat < k * (1 - 2 / (9 * k) + 3.29 * np.sqrt(2 / (9 * k))) ** 3, (a, b, stat)
