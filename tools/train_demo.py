@@ -17,6 +17,13 @@ between chapters, verse references stripped):
 Usage:
     nice -n 5 python tools/train_demo.py --corpus demo_corpus.txt \\
         --out demo_hf --minutes 28
+
+With --moe, a tiny GLM-4.5-style model instead (Glm4MoeForCausalLM: a dense first layer, then
+routed + shared experts) with its multi-token-prediction block trained beside it on the same text
+(loss: next token + 0.3 x the token after it, from the MTP block); the checkpoint stores the block
+as layer num_hidden_layers, as GLM-4.5's do, so `glmcpu convert` writes its nextn tensors:
+
+    python tools/train_demo.py --corpus demo_corpus.txt --out moe_hf --minutes 10 --moe
 """
 import argparse
 import json
@@ -27,7 +34,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, Glm4Config, Glm4ForCausalLM
+from transformers import AutoTokenizer, Glm4Config, Glm4ForCausalLM, Glm4MoeConfig, Glm4MoeForCausalLM
 
 # The GLM-4 pre-tokenizer split pattern (as in the real GLM-4 tokenizer.json).
 GLM4_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"""
@@ -123,6 +130,62 @@ def build_model(tok):
     return Glm4ForCausalLM(config)
 
 
+def build_moe(tok, layers=4):
+    """A tiny GLM-4.5: 4 layers (1 dense), 8 routed experts (top 2) + 1 shared, NeoX RoPE on half
+    of each head, q/k norms off, and an MTP block (transformers' MtpModel) beside it."""
+    from transformers.modeling_layers import MtpModel
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    config = Glm4MoeConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=192, num_hidden_layers=layers,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=32, intermediate_size=512,
+        moe_intermediate_size=128, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, routed_scaling_factor=1.0, norm_topk_prob=True, attention_bias=True,
+        partial_rotary_factor=0.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=False, num_nextn_predict_layers=1,
+        pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]])
+    model = Glm4MoeForCausalLM(config)
+    mtp = MtpModel(model, 1)
+    with torch.no_grad():       # MtpModel's own init leaves the expert tensors uninitialised (torch.empty)
+        for module in mtp.layers.modules():
+            model._init_weights(module)
+    return model, mtp
+
+
+def moe_loss(model, mtp, ids, labels, weight=0.3):
+    """Next-token loss of the model, plus `weight` x the MTP block's loss on the token after next
+    (its input at position p: the token at p and the model's final-normed hidden state at p - 1)."""
+    out = model(input_ids=ids, labels=labels, output_hidden_states=True)
+    h = out.hidden_states[-1]
+    pos = torch.arange(1, ids.shape[1])[None].expand(ids.shape[0], -1)
+    mh = mtp.forward_layer(0, h[:, :-1], pos, None, input_ids=ids[:, 1:])
+    logits = mtp._project_to_logits(mh)[:, :-1]                  # predicts the tokens at 2..
+    mtp_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 labels[:, 2:].reshape(-1), ignore_index=IGNORE)
+    return out.loss + weight * mtp_loss, mtp_loss
+
+
+def save_moe(model, mtp, out):
+    """The checkpoint GLM-4.5 ships: the model, and the MTP block as layer num_hidden_layers
+    (its decoder layer in the hub's per-expert layout, written through an (L+1)-layer model)."""
+    from safetensors.torch import load_file, save_file
+    L = model.config.num_hidden_layers
+    cfg = Glm4MoeConfig.from_dict({**model.config.to_dict(), "num_hidden_layers": L + 1})
+    big = Glm4MoeForCausalLM(cfg)
+    state = model.state_dict()
+    state.update({f"model.layers.{L}.{k}": v for k, v in mtp.layers[0].mtp_block.state_dict().items()})
+    big.load_state_dict(state)
+    big.save_pretrained(out)
+    sd = load_file(str(out / "model.safetensors"))
+    block = mtp.layers[0]
+    for ours, name in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
+                       ("post_norm", "shared_head.norm")):
+        sd[f"model.layers.{L}.{name}.weight"] = getattr(block, ours).weight.detach().clone().contiguous()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.architectures = ["Glm4MoeForCausalLM"]
+    model.config.save_pretrained(out)              # num_hidden_layers = L, num_nextn_predict_layers = 1
+
+
 def lr_at(step, elapsed, args):
     # Linear warmup by steps, then cosine decay by the fraction of the time budget used.
     if step < args.warmup:
@@ -162,6 +225,7 @@ def main():
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--moe", action="store_true", help="a tiny GLM-4.5-style MoE with an MTP block")
     args = p.parse_args()
 
     torch.set_num_threads(1)  # the demo must stay light on a shared machine
@@ -176,28 +240,37 @@ def main():
     batcher = Batcher(tok, text, args.seq_len)
     print(f"corpus: {len(text)} chars, {len(batcher.stream)} tokens")
 
-    model = build_model(tok)
-    print(f"parameters: {sum(t.numel() for t in model.parameters()):,}")
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95),
-                            weight_decay=0.1)
+    model, mtp = build_moe(tok) if args.moe else (build_model(tok), None)
+    params = list(model.parameters()) + ([p for n, p in mtp.named_parameters()
+                                          if not n.startswith(("embed_tokens", "shared_head"))] if mtp else [])
+    print(f"parameters: {sum(t.numel() for t in params):,}")
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
     start, step, running = time.time(), 0, 0.0
     while (elapsed := time.time() - start) < args.minutes * 60:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, elapsed, args)
         ids, labels = batcher.batch(args.batch)
-        loss = model(input_ids=ids, labels=labels).loss
+        if mtp is None:
+            loss = model(input_ids=ids, labels=labels).loss
+        else:
+            loss, mtp_loss = moe_loss(model, mtp, ids, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
         running += loss.item()
         if step % args.log_every == 0:
             print(f"step {step:5d}  {elapsed / 60:5.1f} min  lr {opt.param_groups[0]['lr']:.2e}"
-                  f"  loss {running / args.log_every:.3f}", flush=True)
+                  f"  loss {running / args.log_every:.3f}"
+                  + (f"  (MTP {mtp_loss.item():.3f})" if mtp is not None else ""), flush=True)
             running = 0.0
 
+    if mtp is not None:
+        save_moe(model, mtp, args.out)
+        print(f"saved {args.out} after {step} steps (with the MTP block as layer {model.config.num_hidden_layers})")
+        return
     model.save_pretrained(args.out)  # safetensors, float32
     print(f"saved {args.out} after {step} steps")
     sample(args.out)
