@@ -26,7 +26,6 @@ import make_model  # noqa: E402
 NVRTC_INSTALL = "pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12  (or 'cupy-cuda12x[ctk]', ~1.7 GB)"
 ARCHS = ("80", "90")                     # Ampere (A100), Hopper (H100, H200)
 DOT_RTOL = 2e-6                          # of sum |w x|: float32 sums of exact integer dot products
-SCALE_FIELDS = {GT.Q4_0: (0,), GT.Q8_0: (0,), GT.Q5_0: (0,), GT.Q4_K: (0, 2), GT.Q6_K: (208,)}   # fp16 d, dmin
 
 
 def nvrtc():
@@ -153,21 +152,6 @@ def host_blocks(tmp_path_factory):
     return ctypes.CDLL(str(lib))
 
 
-def random_rows(rng, wtype, rows, n, zero_block=True):
-    """Rows of random blocks of a ggml type: random bytes with finite fp16 scales (about 1e-2), the
-    first block of row 0 all zeros; F16/F32 as normal floats."""
-    if wtype in (GT.F16, GT.F32):
-        x = rng.standard_normal((rows, n)).astype(np.float16 if wtype == GT.F16 else np.float32)
-        return x.view(np.uint8).reshape(rows, -1)
-    qk, size = GGML_QUANT_SIZES[wtype]
-    b = rng.integers(0, 256, (rows, n // qk, size), dtype=np.uint8)
-    for off in SCALE_FIELDS[wtype]:
-        b[..., off:off + 2] = (rng.uniform(0.2, 2, (rows, n // qk, 1)) * 1e-2).astype(np.float16).view(np.uint8)
-    if zero_block:
-        b[0, 0] = 0
-    return b.reshape(rows, -1)
-
-
 def call(lib, fn, *args):
     conv = [a.ctypes.data_as(ctypes.c_void_p) if isinstance(a, np.ndarray) else ctypes.c_int(a) for a in args]
     getattr(lib, fn)(*conv)
@@ -186,7 +170,7 @@ def test_block_values_match_gguf(host_blocks, wtype):
     """value(row, e), the decoder the dequantise kernels run, equals gguf.quants.dequantize."""
     rng = np.random.default_rng(1)
     for rows, n in type_sizes(wtype):
-        w = random_rows(rng, wtype, rows, n)
+        w = reference.random_blocks(rng, wtype, rows, n)
         got = np.empty((rows, n), np.float32)
         call(host_blocks, f"dequant_{kernels.TYPES[wtype][0]}", w, rows, n, got)
         want = quants.dequantize(w, wtype).astype(np.float32)
@@ -199,7 +183,7 @@ def test_block_dots_match_dequantised_products(host_blocks, wtype):
     up to float32 summation, on awkward sizes, a zero weight block and a zero activation block."""
     rng = np.random.default_rng(2)
     for rows, n in type_sizes(wtype):
-        w = random_rows(rng, wtype, rows, n)
+        w = reference.random_blocks(rng, wtype, rows, n)
         x = rng.standard_normal((1, n)).astype(np.float32) * 3
         x[0, 32:64] = 0                              # an all-zero activation block (d = 0)
         xb = reference.quantize_q8_1(x)
@@ -426,3 +410,26 @@ def test_plan_of_small_files(tmp_path, arch):
     free = int((fixed + full.weights + full.kv - 1.5 * per_layer) / (1 - WORKSPACE_SHARE))
     part = plan_offload(f, cfg, free, n_ctx=256)
     assert (part.n_gpu, part.first, part.head) == (2, 2, True) and part.total <= free
+
+
+def test_gpu_check_reports_every_step(tmp_path):
+    """tools/gpu_check.py --quick --no-install ends with a summary line per step (here, without a
+    GPU: the GPU steps skipped, the plans made for nominal cards), says the model forward pass is
+    not wired, and writes its JSON and log."""
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "tools", "gpu_check.py"),
+                        "--quick", "--no-install", "--out", str(out), "--files", str(tmp_path / "files")],
+                       capture_output=True, text=True, timeout=600)
+    summary = p.stdout[p.stdout.index("== summary"):]
+    steps = ("setup", "files", "device", "compile", "matvec", "ops", "plan", "speed: gemv per type")
+    for s in steps:
+        assert re.search(rf"^(ok|FAIL|skip)\s+{re.escape(s)}\s", summary, re.M), (s, summary)
+    assert "not yet wired: model forward on GPU" in summary
+    assert re.search(r"^ok\s+plan\s", summary, re.M) and "tiny-glm4moe.gguf --cpu-moe on a 24 GB card: GPU: 4/4" in p.stdout
+    ok, _ = available()
+    if not ok:
+        assert p.returncode == 1 and re.search(r"^skip\s+matvec\s+.*no usable GPU", summary, re.M)
+    import json
+    facts = json.loads((out / "gpu_check.json").read_text())
+    assert facts["not_yet_wired"] == "model forward on GPU" and len(facts["results"]) >= len(steps)
+    assert "== summary" in (out / "gpu_check.log").read_text()
