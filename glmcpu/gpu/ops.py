@@ -61,7 +61,8 @@ def quantize_q8_1(x):
 
 
 def matvec(w, wtype, n_in: int, x):
-    """x [T, n_in] @ W^T -> float32 [T, n_out] for T <= GEMV_MAX_T: each weight byte read once."""
+    """x [T, n_in] @ W^T -> float32 [T, n_out] for T <= GEMV_MAX_T: each weight byte read from memory once
+    (a warp decodes a block again for each further token, from L1)."""
     _weight(w, wtype, n_in)
     T = _f32(x, "matvec").shape[0]
     _check(x.shape[1] == n_in and 0 < T <= GEMV_MAX_T, f"matvec: x must be [1..{GEMV_MAX_T}, {n_in}]")
@@ -117,6 +118,7 @@ def matmul_f16(xh, tile):
     out = cp.empty((T, rows), cp.float32)
     handle = cp.cuda.device.get_cublas_handle()
     one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)      # in order with the kernels (and a graph capture)
     mode = cublas.getPointerMode(handle)
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
     try:   # column-major: out^T [rows, T] = tile [rows, n] @ xh^T [n, T]
@@ -203,19 +205,18 @@ def attention_prefill(q, n_head: int, k, v, pos0: int, scale: float):
     return out
 
 
-def silu_mul(gu, F: int = None, up=None):
-    """silu(gate) * up -> [T, F]: gu a fused [T, 2F] = [gate | up], or gate [T, F] with up [T, F]."""
-    T = _f32(gu, "gate").shape[0]
+def silu_mul(gate_up, up=None):
+    """silu(gate) * up -> [T, F]: gate_up a fused [T, 2F] = [gate | up], or the gate [T, F] with up [T, F]."""
+    T = _f32(gate_up, "gate").shape[0]
     if up is None:
-        F = gu.shape[1] // 2
-        gate_arr, up_arr, stride = gu, gu[:, F:], gu.shape[1]
+        F = gate_up.shape[1] // 2
+        gate, up, stride = gate_up, gate_up[:, F:], gate_up.shape[1]
     else:
-        F = gu.shape[1]
-        _check(_f32(up, "up").shape == gu.shape, "silu_mul: gate and up differ in shape")
-        gate_arr, up_arr, stride = gu, up, F
+        F = gate_up.shape[1]
+        _check(_f32(up, "up").shape == gate_up.shape, "silu_mul: gate and up differ in shape")
+        gate, stride = gate_up, F
     y = cp.empty((T, F), cp.float32)
-    kernels()["silu_mul_f32"](_grid(T * F, 256), (256,), (gate_arr, up_arr, np.int64(stride), y, np.int32(T),
-                                                          np.int32(F)))
+    kernels()["silu_mul_f32"](_grid(T * F, 256), (256,), (gate, up, np.int64(stride), y, np.int32(T), np.int32(F)))
     return y
 
 
