@@ -158,3 +158,40 @@ def test_sampled_generation_keeps_its_distribution(tiny):
     stat = (((a - a.sum() * pooled) ** 2 + (b - b.sum() * pooled) ** 2) / (a.sum() * pooled)).sum()
     k = len(a) - 1
     assert k >= 3 and stat < k * (1 - 2 / (9 * k) + 3.29 * np.sqrt(2 / (9 * k))) ** 3, (a, b, stat)
+
+
+def test_cli_draft_options(tiny):
+    """--draft mtp shows its acceptance in the speed line; on a file without the head it is one
+    line and exit 1; info names the head."""
+    from conftest import run_cli
+    _, moe, _ = tiny("glm4_moe", "q8_0", mtp=True, **VARIANTS[0])
+    _, dense, _ = tiny("glm4", "f32")
+    p = run_cli("run", moe, "-p", "hello", "-n", "6", "--draft", "mtp", "--ignore-eos", "--temperature", "0")
+    assert p.returncode == 0 and "| draft: " in p.stderr and " accepted" in p.stderr, p.stderr
+    p = run_cli("run", dense, "-p", "hello", "-n", "2", "--draft", "mtp")
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "no MTP head" in p.stderr, p.stderr
+    p = run_cli("run", dense, "-p", "hello", "-n", "6", "--draft", "lookup", "--draft-tokens", "2", "--raw")
+    assert p.returncode == 0, p.stderr
+    assert "MTP block 4" in run_cli("info", moe).stdout
+
+
+def test_server_reports_predicted_tokens(tiny):
+    """The server's usage says how many guessed tokens were kept, in OpenAI's fields."""
+    import json
+    import threading
+    import urllib.request
+
+    from glmcpu.server import API, Server
+    _, moe, _ = tiny("glm4_moe", "q8_0", mtp=True, **VARIANTS[0])
+    api = API(glmcpu.load(moe, draft="mtp"))
+    srv = Server(api, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        body = json.dumps({"model": api.name, "prompt": "hello", "max_tokens": 8, "temperature": 0}).encode()
+        req = urllib.request.Request(srv.url + "/v1/completions", body, {"Content-Type": "application/json"})
+        usage = json.load(urllib.request.urlopen(req, timeout=60))["usage"]
+        d = usage["completion_tokens_details"]
+        assert d["accepted_prediction_tokens"] + d["rejected_prediction_tokens"] > 0, usage
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -62,7 +62,9 @@ def random_weight(rng, rows, cols, qtype, std=STD):
     return blocks.reshape(rows, -1)
 
 
-def write(path, layers, qtype_name, arch="glm4", seed=0, shape=None):
+def write(path, layers, qtype_name, arch="glm4", seed=0, shape=None, mtp=False):
+    """mtp (glm4moe): add GLM-4.5's MTP block as layer `layers` (a MoE layer + the nextn tensors)."""
+    mtp = bool(mtp and arch == "glm4moe")
     qtype, ftype = FTYPES[qtype_name]
     shape = shape or (SHAPE_AIR if arch == "glm4moe" else SHAPE_9B)
     s, rng = shape, np.random.default_rng(seed)
@@ -71,7 +73,7 @@ def write(path, layers, qtype_name, arch="glm4", seed=0, shape=None):
     w.add_name(f"random {'GLM-4.5-Air' if arch == 'glm4moe' else 'GLM-4-9B'}-shaped {layers}-layer {qtype_name}")
     w.add_context_length(8192)
     w.add_embedding_length(s["d"])
-    w.add_block_count(layers)
+    w.add_block_count(layers + mtp)
     w.add_feed_forward_length(s["ff"])
     w.add_head_count(s["heads"])
     w.add_head_count_kv(s["kv"])
@@ -90,7 +92,7 @@ def write(path, layers, qtype_name, arch="glm4", seed=0, shape=None):
         w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
         w.add_expert_weights_scale(1.0)
         w.add_expert_weights_norm(True)
-        w.add_nextn_predict_layers(0)
+        w.add_nextn_predict_layers(int(mtp))
     alphabet = byte_level_alphabet()
     tokens = alphabet + ["to", "Ġt"] + [f"tok{i}" for i in range(258, s["vocab"])]
     types = [TokenType.NORMAL] * s["vocab"]
@@ -111,7 +113,7 @@ def write(path, layers, qtype_name, arch="glm4", seed=0, shape=None):
     def weight(rows, cols):
         return random_weight(rng, rows, cols, qtype, s.get("std", STD))
     w.add_tensor("token_embd.weight", weight(s["vocab"], d), raw_dtype=raw)
-    for i in range(layers):
+    for i in range(layers + mtp):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", ones)
         if arch == "chatglm":
@@ -147,6 +149,10 @@ def write(path, layers, qtype_name, arch="glm4", seed=0, shape=None):
             w.add_tensor(p + "ffn_down.weight", weight(d, s["ff"]), raw_dtype=raw)
         if arch == "glm4":
             w.add_tensor(p + "post_ffw_norm.weight", ones)
+        if i == layers:                             # the MTP block's own tensors
+            w.add_tensor(p + "nextn.eh_proj.weight", weight(d, 2 * d), raw_dtype=raw)
+            for n in ("enorm", "hnorm", "shared_head_norm"):
+                w.add_tensor(p + f"nextn.{n}.weight", ones)
     w.add_tensor("output_norm.weight", ones)
     w.add_tensor("output.weight", weight(s["vocab"], d), raw_dtype=raw)
     w.write_header_to_file()
@@ -163,6 +169,7 @@ def main():
     p.add_argument("--arch", default="glm4", choices=["glm4", "chatglm", "glm4moe"],
                    help="glm4/chatglm: GLM-4-9B shape; glm4moe: GLM-4.5-Air shape")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mtp", action="store_true", help="glm4moe: add the MTP (nextn) block as one more layer")
     a = p.parse_args()
     if a.type in LLAMA_FTYPES:
         import llama_cpp
@@ -177,7 +184,7 @@ def main():
         finally:
             os.remove(tmp)
     else:
-        write(a.output, a.layers, a.type, a.arch, a.seed)
+        write(a.output, a.layers, a.type, a.arch, a.seed, mtp=a.mtp)
     print(f"wrote {a.output}")
 
 

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""What speculative decoding costs and gives, on one GGUF file.
+
+    python tools/bench_draft.py air9-mtp.gguf                 # step costs, predicted speedups
+    python tools/bench_draft.py moe-mtp.gguf --generate 200   # also: real runs, none vs mtp (vs lookup)
+
+Step costs (medians of alternating rounds at the same context position): one decode step
+(1 token), a verification pass of 2, 3 and 4 tokens (all logits and hidden states, as
+generate_ids asks), and one MTP draft step; the output head alone for 1..4 rows. With k guesses
+a step and each kept with probability a (independently), a step yields (1 - a^(k+1)) / (1 - a)
+tokens for one verification of k + 1 and k draft steps: the predicted speedup over plain
+decoding. For a file shallower than its model (random-weight test files), the prediction is also
+given at the real depth (--depth, default GLM-4.5-Air's 46 layers), scaling the measured layer
+time and keeping the head's.
+"""
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+import glmcpu
+from glmcpu import ops
+
+
+def timed(fn, rounds):
+    out = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def step_costs(m, rounds, prompt_len):
+    net, head = m.net, m.net.draft_head()
+    rng = np.random.default_rng(0)
+    ids = [int(i) for i in rng.integers(0, 1000, prompt_len)]
+    cache = net.new_cache(prompt_len + 16)
+    _, hidden = net.forward(ids, cache, all_logits=False, hidden=True)
+    pos0, toks0 = cache.pos, list(cache.tokens)
+    mcache = head.new_cache(prompt_len + 16) if head else None
+    if head:
+        head.forward(ids[1:], hidden[:-1], mcache)
+    m0 = (mcache.pos, list(mcache.tokens)) if head else None
+
+    def verify(T):
+        def run():
+            net.forward(ids[:T], cache, all_logits=T > 1, hidden=True)
+            cache.pos, cache.tokens = pos0, list(toks0)
+        return run
+
+    def draft():
+        head.forward(ids[:1], hidden[-1:], mcache)
+        mcache.pos, mcache.tokens = m0[0], list(m0[1])
+
+    def out_head(T):
+        x = np.ascontiguousarray(hidden[:1].repeat(T, 0))
+        return lambda: net.output(x, net.threads)
+
+    jobs = {f"step {T}": verify(T) for T in (1, 2, 3, 4)}
+    jobs.update({f"head {T}": out_head(T) for T in (1, 2, 3, 4)})
+    if head:
+        jobs["mtp draft"] = draft
+    for fn in jobs.values():                    # warm: pages in, teams started
+        fn()
+    times = {k: [] for k in jobs}
+    for _ in range(rounds):                     # alternate, so bandwidth swings fall on all
+        for k, fn in jobs.items():
+            times[k] += timed(fn, 1)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def predict(c, k, a, depth_scale=1.0):
+    """Speedup of k guesses a step at acceptance a, from step costs c (seconds)."""
+    def cost(T):
+        return (c[f"step {T}"] - c[f"head {T}"]) * depth_scale + c[f"head {T}"]
+    tokens = (1 - a ** (k + 1)) / (1 - a)
+    return tokens * cost(1) / (cost(k + 1) + k * c["mtp draft"])
+
+
+def generation(path, n, runs, threads):
+    """tok/s and acceptance of greedy runs, none vs mtp vs lookup, alternating."""
+    models = {mode: glmcpu.load(path, threads=threads, draft=mode) for mode in ("none", "mtp", "lookup")}
+    prompt = "[gMASK]<sop><|user|>\nAnd God said<|assistant|>"
+    res = {mode: [] for mode in models}
+    texts = {}
+    for _ in range(runs):
+        for mode, m in models.items():
+            m.reset()
+            texts[mode] = "".join(m.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True))
+            s = m.last_stats
+            res[mode].append((s["gen_tokens"] / s["gen_seconds"], s.get("accepted", 0), s.get("drafted", 0)))
+    assert texts["mtp"] == texts["none"] == texts["lookup"], "greedy text differs with drafts"
+    return res, texts["none"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--prompt", type=int, default=64, help="context tokens before the measured step")
+    p.add_argument("--depth", type=int, default=46, help="layers of the real model, for the scaled prediction")
+    p.add_argument("--generate", type=int, default=0, help="also time N-token greedy generations")
+    a = p.parse_args()
+    m = glmcpu.load(a.model, threads=a.threads, draft="none")
+    print(f"{a.model}: {m.cfg.arch}, {m.cfg.n_layer} layers (+{m.cfg.n_nextn} MTP), kernels {ops.VARIANT}, "
+          f"{m.threads} threads")
+    c = step_costs(m, a.rounds, a.prompt)
+    base = c["step 1"]
+    print("step costs (median of %d): " % a.rounds + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / base:.2f}x)"
+                                                            for k, v in c.items()))
+    if "mtp draft" in c:
+        scale = a.depth / m.cfg.n_layer
+        for k in (1, 2):
+            row = ", ".join(f"a={acc}: {predict(c, k, acc):.2f}x" for acc in (0.6, 0.7, 0.8))
+            deep = ", ".join(f"a={acc}: {predict(c, k, acc, scale):.2f}x" for acc in (0.6, 0.7, 0.8))
+            print(f"predicted speedup, {k} guess{'es' if k > 1 else ''} a step: {row}"
+                  + (f" | at {a.depth} layers: {deep}" if scale != 1 else ""))
+    if a.generate:
+        res, text = generation(a.model, a.generate, 5, a.threads)
+        base = statistics.median(r[0] for r in res["none"])
+        for mode, rows in res.items():
+            rate = statistics.median(r[0] for r in rows)
+            acc, dr = rows[-1][1], rows[-1][2]
+            print(f"generate {a.generate} greedy, --draft {mode}: {rate:.1f} tok/s ({rate / base:.2f}x)"
+                  + (f", accepted {acc}/{dr} ({acc / dr:.0%})" if dr else ""))
+        print("text:", text[:200].replace("\n", " "))
+
+
+if __name__ == "__main__":
+    main()
