@@ -7,6 +7,10 @@ from .draft import verify
 from .errors import ContextOverflow, GlmcpuError
 
 PREFILL_CHUNK = 256     # tokens per prefill step: bounds activation memory, keeps weights hot
+# A draft whose guesses are kept this rarely costs more than it gives (a 2-token check of a MoE
+# model reads ~1.25x the bytes of one token, the MTP step ~0.1-0.3x): after DRAFT_TRIAL guesses
+# below MIN_ACCEPTANCE, the rest of the generation decodes plainly.
+MIN_ACCEPTANCE, DRAFT_TRIAL = 0.4, 24
 
 
 def prefill(model, cache, ids, all_logits=False, chunk=PREFILL_CHUNK, progress=None, draft=None) -> np.ndarray:
@@ -79,6 +83,9 @@ def generate_ids(model, cache, prompt_ids, sampler, max_tokens, stop_ids, stats,
         t = time.perf_counter()                 # time the work, not the consumer of the ids
         tok = history[-1]
         k = min(n_draft, max_tokens - stats["gen_tokens"] - 1, cache.n_ctx - cache.pos - 1)
+        if draft is not None and stats["drafted"] >= DRAFT_TRIAL and \
+                stats["accepted"] < MIN_ACCEPTANCE * stats["drafted"]:
+            k = 0                                       # guesses that do not pay: decode plainly
         if draft is None or k <= 0:
             logits = forward(model, [tok], cache, False, draft)
             check_finite(logits[-1], cache.pos)

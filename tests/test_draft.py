@@ -50,7 +50,7 @@ def test_mtp_draft_logits_match_transformers(tiny, kw):
     _, hidden = m.net.forward(ids, cache, all_logits=True, hidden=True)
     np.testing.assert_allclose(hidden, hs[0].numpy(), atol=1e-4)
     got, _ = head.forward(ids[1:], hidden[:-1], head.new_cache(64), all_logits=True)
-    assert np.abs(got - want).max() <= 3e-3, np.abs(got - want).max()
+    assert np.abs(got - want).max() <= 1e-4, np.abs(got - want).max()     # the issue asks <= 3e-3; it is ~2e-6
     assert (got.argmax(-1) == want.argmax(-1)).all()
     # in pieces, through the draft head's own KV cache: the same logits
     c = head.new_cache(64)
@@ -195,3 +195,15 @@ def test_server_reports_predicted_tokens(tiny):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_a_draft_that_is_never_right_is_dropped(tiny):
+    """A random MTP head is almost never right: after the trial guesses the generation decodes
+    plainly (few guesses in 200 tokens), and its output is still plain decoding's."""
+    from glmcpu.generate import DRAFT_TRIAL
+    _, path, _ = tiny("glm4_moe", "q8_0", mtp=True, **VARIANTS[0])
+    prompt = make_ids(8, seed=9)
+    m = glmcpu.load(path, draft="mtp")
+    assert greedy(m, prompt, 200) == greedy(glmcpu.load(path, draft="none"), prompt, 200)
+    s = m.last_stats
+    assert s["accepted"] < 0.4 * s["drafted"] and s["drafted"] <= DRAFT_TRIAL + 5, s

@@ -92,6 +92,7 @@ def generation(path, n, runs, threads):
             s = m.last_stats
             res[mode].append((s["gen_tokens"] / s["gen_seconds"], s.get("accepted", 0), s.get("drafted", 0)))
     assert texts["mtp"] == texts["none"] == texts["lookup"], "greedy text differs with drafts"
+    print(f"greedy text identical with --draft none, mtp and lookup ({n} tokens, {runs} runs each)")
     return res, texts["none"]
 
 
@@ -103,6 +104,7 @@ def main():
     p.add_argument("--prompt", type=int, default=64, help="context tokens before the measured step")
     p.add_argument("--depth", type=int, default=46, help="layers of the real model, for the scaled prediction")
     p.add_argument("--generate", type=int, default=0, help="also time N-token greedy generations")
+    p.add_argument("--runs", type=int, default=5, help="alternating runs of each generation")
     a = p.parse_args()
     m = glmcpu.load(a.model, threads=a.threads, draft="none")
     print(f"{a.model}: {m.cfg.arch}, {m.cfg.n_layer} layers (+{m.cfg.n_nextn} MTP), kernels {ops.VARIANT}, "
@@ -119,7 +121,7 @@ def main():
             print(f"predicted speedup, {k} guess{'es' if k > 1 else ''} a step: {row}"
                   + (f" | at {a.depth} layers: {deep}" if scale != 1 else ""))
     if a.generate:
-        res, text = generation(a.model, a.generate, 5, a.threads)
+        res, text = generation(a.model, a.generate, a.runs, a.threads)
         base = statistics.median(r[0] for r in res["none"])
         for mode, rows in res.items():
             rate = statistics.median(r[0] for r in rows)
