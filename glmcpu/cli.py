@@ -327,9 +327,26 @@ def cmd_info(a):
         ("kernels", f"{ops.VARIANT} (built: {', '.join(ops.available_variants())})"),
         ("threads", m.threads),
     ]
+    rows += gpu_rows(m)
     for k, v in rows:
         print(f"{k:>20}  {v}")
     return 0
+
+
+def gpu_rows(m) -> list:
+    """What `info` says of a GPU: why none is used, or what of this model would fit on it."""
+    from .gpu import available
+    ok, what = available()
+    if not ok:
+        return [("GPU", f"none used: {what}")]
+    import cupy
+    from .gpu.plan import plan_offload
+    free = cupy.cuda.Device(0).mem_info[0]
+    rows = [("GPU", f"{what}; not used yet (the GPU forward pass is not wired: models run on the CPU)")]
+    rows.append(("would fit", plan_offload(m.file, m.cfg, free, m.ctx).describe()))
+    if m.cfg.n_expert:
+        rows.append(("with --cpu-moe", plan_offload(m.file, m.cfg, free, m.ctx, cpu_moe=True).describe()))
+    return rows
 
 
 @contextmanager

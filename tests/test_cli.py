@@ -169,3 +169,12 @@ def test_an_unexpected_exception_is_one_line(monkeypatch, capsys):
     assert "\n" not in err and "ZeroDivisionError" in err and "--debug" in err
     with pytest.raises(ZeroDivisionError):
         cli.main(["--debug", "list"])
+
+
+def test_info_says_why_no_gpu_is_used_or_what_would_fit():
+    p = run_cli("info")
+    assert p.returncode == 0, p.stderr
+    row = next(l for l in p.stdout.splitlines() if l.strip().startswith("GPU "))
+    from glmcpu.gpu import available
+    ok, why = available()
+    assert (not ok and "none used: " + why.split(" (")[0] in row) or (ok and "would fit" in p.stdout), row
