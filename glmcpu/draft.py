@@ -28,17 +28,29 @@ class MTPDraft:
         """The main model's normed hidden states of positions start.. (from a forward pass)."""
         self.hidden[start:start + len(hidden)] = hidden
 
-    def propose(self, seq, k: int, sampler):
-        """Up to k tokens after seq (the tokens of positions 0..P; the model holds 0..P-1 in its
-        cache and computes P next) -> (tokens, their draft distributions [(ids, probs)])."""
-        P, c = len(seq) - 1, self.cache
+    def catch_up(self, seq, upto: int):
+        """Bring the head's cache to positions 1..upto of seq (their hidden states recorded),
+        keeping the entries whose tokens still hold. -> the last forward's (logits, hidden), or None."""
+        c = self.cache
         keep = 0                                      # entries whose token (position s + 1) still holds
-        for a, b in zip(c.tokens[:P - 1], seq[1:P]):
+        for a, b in zip(c.tokens[:upto - 1], seq[1:upto]):
             if a != b:
                 break
             keep += 1
         c.pos, c.tokens = keep, c.tokens[:keep]
-        logits, hid = self.head.forward(seq[keep + 1:P + 1], self.hidden[keep:P], c)
+        if keep < upto:
+            return self.head.forward(seq[keep + 1:upto + 1], self.hidden[keep:upto], c)
+        return None
+
+    def prefill(self, seq):
+        """After the prompt's pass: its positions 1.. into the head's cache (timed as the prompt)."""
+        self.catch_up(seq, len(seq) - 1)
+
+    def propose(self, seq, k: int, sampler):
+        """Up to k tokens after seq (the tokens of positions 0..P; the model holds 0..P-1 in its
+        cache and computes P next) -> (tokens, their draft distributions [(ids, probs)])."""
+        P, c = len(seq) - 1, self.cache
+        logits, hid = self.catch_up(seq, P)           # at least position P (its token is new) is computed
         drafts, dists = [], []
         for i in range(k):
             ids, p = sampler.distribution(logits[-1], list(seq) + drafts)
@@ -60,6 +72,9 @@ class LookupDraft:
         self.max_n = max_n
 
     def record(self, start, hidden):
+        pass
+
+    def prefill(self, seq):
         pass
 
     def propose(self, seq, k: int, sampler):

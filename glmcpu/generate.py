@@ -65,6 +65,8 @@ def generate_ids(model, cache, prompt_ids, sampler, max_tokens, stop_ids, stats,
         stats.update(drafted=0, accepted=0)
     t = time.perf_counter()
     logits = prefill(model, cache, list(prompt_ids[cache.pos:]), progress=progress, draft=draft)
+    if draft is not None:
+        draft.prefill(list(prompt_ids))
     stats["prompt_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
     check_finite(logits[-1], cache.pos)
