@@ -386,16 +386,19 @@ def cmd_list(a):
 
     # a pipe gets wide lines rather than names folded at 80 columns
     console = Console(width=None if sys.stdout.isatty() else 200)
-    local = Table(title=f"local models ({models_dir()}; GLMCPU_MODELS moves it)", title_justify="left")
+    # titles as lines of their own: a table's title wraps at the table's (narrow) width
+    console.print(f"local models ({models_dir()}; GLMCPU_MODELS moves it)", highlight=False, width=80)
+    local = Table()
     for col in ("name", "size", "path"):
         local.add_column(col, no_wrap=col != "path")
     local.add_row("demo", human(os.path.getsize(demo_path())), "built in (a tiny model for trying glmcpu)")
     for m in local_models():
         local.add_row(m.name, human(m.size) + (" (partial: `glmcpu pull` resumes)" if m.partial else ""), m.path)
     console.print(local)
-    cat = Table(title="catalogue (`glmcpu pull NAME`; sizes written from knowledge, not checked online"
-                      + ("" if a.long else "; `glmcpu list --long` adds files and notes") + ")",
-                title_justify="left")
+    console.print("catalogue (`glmcpu pull NAME`; sizes written from knowledge, not checked online"
+                  + ("" if a.long else "; `glmcpu list --long` adds files and notes") + ")", highlight=False,
+                  width=80)
+    cat = Table()
     cols = ["name", "here", "size", "RAM", "arch", "runs"] + (["repository / file", "note"] if a.long else [])
     for col in cols:
         cat.add_column(col, no_wrap=col not in ("repository / file", "note"))
