@@ -42,10 +42,7 @@ class Model:
         self.cfg = self.net.cfg
         if draft not in MODES:
             raise GlmcpuError(f"draft {draft!r}: use one of {', '.join(MODES)}")
-        if workers and draft not in ("auto", "none"):
-            raise GlmcpuError(f"--draft {draft} is not available with workers yet (a cluster decodes "
-                              "one token a step)")
-        self.draft_mode = "none" if workers else draft
+        self.draft_mode = draft
         self.draft_tokens = int(draft_tokens) if draft_tokens else None
         make_draft(self.draft_mode, self.net, 1)        # builds the MTP head now; --draft mtp without one: one line
         self.last_stats = {}

@@ -487,3 +487,22 @@ def test_cluster_runs_a_llama_cpp_q4_k_m_file(tiny, workers, tmp_path):
     assert greedy(m) == want
     assert_same_logits(want_logits, m.logits(PROMPT), rel=0)
     m.cluster.close()
+
+
+@pytest.mark.parametrize("mode", ["mtp", "lookup"])
+def test_drafts_over_a_cluster(tiny, workers, mode):
+    """Speculative decoding with workers: the guesses are checked in one round trip, rejected
+    positions are simply written again (each request names its first position), and greedy
+    text is one process's without drafts, token for token."""
+    _, path, _ = tiny("glm4_moe", "q8_0", mtp=True, qk_norm=False, scaling=1.0)
+    prompt = "The quick brown fox jumps over the lazy dog. The quick brown fox"
+    one = glmcpu.load(path, threads=1, draft="none")
+    want = list(one.generate(prompt, max_tokens=60, temperature=0, ignore_eos=True))
+    _, eps = workers(path, 2, "--insecure")
+    m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=5, draft=mode, draft_tokens=2)
+    assert list(m.generate(prompt, max_tokens=60, temperature=0, ignore_eos=True)) == want
+    s = m.last_stats
+    assert s["drafted"] > 0, s
+    if mode == "lookup":
+        assert s["accepted"] > 0 and m.cluster.stats["round_trips"] > 0
+    m.cluster.close()

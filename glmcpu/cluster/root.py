@@ -215,15 +215,20 @@ class Cluster:
         if self.revive():
             cache.pos, cache.tokens = 0, []
 
-    def forward(self, ids, cache, all_logits=False):
+    def draft_head(self):
+        """The file's MTP head, run whole on the root (one layer beside the split model)."""
+        return self.model.draft_head()
+
+    def forward(self, ids, cache, all_logits=False, hidden=False):
         """The model's forward; the sequence so far is replayed first when the workers hold
-        another one, or when a worker holding KV heads is lost meanwhile."""
+        another one, or when a worker holding KV heads is lost meanwhile. A cache cut back (a
+        draft's rejected guesses) needs nothing: each request names its first position."""
         while True:
             try:
                 if cache is not self.live and cache.pos > 0:
                     self.replay(cache)
                 self.live = cache
-                out = self.model.forward(ids, cache, all_logits)
+                out = self.model.forward(ids, cache, all_logits, hidden)
                 self.stats["tokens"] += len(ids)
                 return out
             except WorkerLost:
