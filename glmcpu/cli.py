@@ -147,6 +147,9 @@ def add_engine(p):
                         "none's; sampled output keeps its distribution")
     p.add_argument("--draft-tokens", type=int, default=None,
                    help="tokens guessed per step (default: 1 for mtp, 3 for lookup)")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="the MTP head guesses among the first N token ids only (BPE lists them roughly by "
+                        "frequency): a cheaper guess, the same output (default: all)")
 
 
 def sampling_kwargs(a):
@@ -204,7 +207,7 @@ def load_model(a):
 
     path = model_path(a.model)
     return load(path, threads=a.threads, ctx=a.ctx, mlock=a.mlock, repack=a.repack, draft=a.draft,
-                draft_tokens=a.draft_tokens,
+                draft_tokens=a.draft_tokens, draft_vocab=a.draft_vocab,
                 progress=StepBar(f"loading {os.path.basename(path)}: layers"), **cluster_kwargs(a))
 
 

@@ -90,9 +90,9 @@ class LookupDraft:
         return [], None
 
 
-def make(mode: str, model, n_ctx: int):
+def make(mode: str, model, n_ctx: int, vocab=None):
     """The draft for a --draft mode and model (None: plain decoding). "auto" is MTP where the
-    file has the head, else none."""
+    file has the head, else none. vocab: the MTP head guesses among the first `vocab` ids only."""
     if mode not in MODES:
         from .errors import GlmcpuError
         raise GlmcpuError(f"--draft {mode!r}: use one of {', '.join(MODES)}")
@@ -102,6 +102,7 @@ def make(mode: str, model, n_ctx: int):
         raise GlmcpuError("--draft mtp: this model has no MTP head (GLM-4.5 files have one; "
                           "try --draft lookup)")
     if head is not None:
+        head.limit_vocab(vocab)
         return MTPDraft(head, n_ctx, model.cfg.d_model)
     return LookupDraft() if mode == "lookup" else None
 

@@ -18,7 +18,7 @@ DEFAULT_DRAFT_TOKENS = {"MTPDraft": 1, "LookupDraft": 3}
 class Model:
     def __init__(self, path, threads=None, ctx=None, mlock=False, workers=None, key=None,
                  worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32", progress=None,
-                 repack=None, draft="auto", draft_tokens=None):
+                 repack=None, draft="auto", draft_tokens=None, draft_vocab=None):
         self.file = GGUFFile(path)
         self.path = self.file.path
         self.threads = int(threads) if threads else ops.default_threads()
@@ -44,7 +44,8 @@ class Model:
             raise GlmcpuError(f"draft {draft!r}: use one of {', '.join(MODES)}")
         self.draft_mode = draft
         self.draft_tokens = int(draft_tokens) if draft_tokens else None
-        make_draft(self.draft_mode, self.net, 1)        # builds the MTP head now; --draft mtp without one: one line
+        self.draft_vocab = int(draft_vocab) if draft_vocab else None
+        make_draft(self.draft_mode, self.net, 1, self.draft_vocab)   # builds the MTP head now; mtp without one: one line
         self.last_stats = {}
         self.cache = None           # the KV cache kept between calls, for prompts sharing a prefix
         if mlock:       # keep what every token reads in RAM; experts stay paged on demand
@@ -103,7 +104,7 @@ class Model:
         token of `ids` is left to compute: its logits start the answer)."""
         if self.cache is None:
             self.cache = self.net.new_cache(self.ctx)
-            self.cache.draft = make_draft(self.draft_mode, self.net, self.ctx)   # kept beside the cache
+            self.cache.draft = make_draft(self.draft_mode, self.net, self.ctx, self.draft_vocab)   # beside the cache
         cache = self.cache
         self.net.begin(cache)           # a cluster whose worker came back starts this cache again
         keep = 0
@@ -131,7 +132,7 @@ class Model:
 
 
 def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None, repack=None, draft="auto",
-         draft_tokens=None, **cluster) -> Model:
+         draft_tokens=None, draft_vocab=None, **cluster) -> Model:
     """A model, ready to generate.
 
     path: a GGUF file, or what the CLI takes: a model in `glmcpu list` (its name or file name,
@@ -152,10 +153,12 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
     draft: speculative decoding: "auto" (default: the file's MTP head where it has one, as GLM-4.5
         files do), "mtp", "lookup" (prompt lookup: guesses from n-grams already in the context)
         or "none". Greedy output is exactly that of "none"; sampled output keeps its distribution.
-    draft_tokens: tokens guessed per step (default 1 for mtp, 3 for lookup)."""
+    draft_tokens: tokens guessed per step (default 1 for mtp, 3 for lookup).
+    draft_vocab: the MTP head guesses among the first N token ids only (a cheaper guess; default all)."""
     from .hub import resolve
     return Model(resolve(str(path)), threads=threads, ctx=ctx, mlock=mlock, workers=workers,
-                 progress=progress, repack=repack, draft=draft, draft_tokens=draft_tokens, **cluster)
+                 progress=progress, repack=repack, draft=draft, draft_tokens=draft_tokens,
+                 draft_vocab=draft_vocab, **cluster)
 
 
 def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire, progress, repack):

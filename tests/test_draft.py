@@ -207,3 +207,18 @@ def test_a_draft_that_is_never_right_is_dropped(tiny):
     assert greedy(m, prompt, 200) == greedy(glmcpu.load(path, draft="none"), prompt, 200)
     s = m.last_stats
     assert s["accepted"] < 0.4 * s["drafted"] and s["drafted"] <= DRAFT_TRIAL + 5, s
+
+
+def test_a_reduced_draft_vocabulary_changes_guesses_not_output(tiny):
+    """--draft-vocab: the MTP head reads only the first N rows of the head; its guesses lie
+    below N, and greedy output is still plain decoding's."""
+    _, path, _ = tiny("glm4_moe", "q8_0", mtp=True, **VARIANTS[0])
+    prompt = "The quick brown fox jumps over the lazy dog. The quick brown fox"
+    m = glmcpu.load(path, draft="mtp", draft_vocab=96)
+    head = m.net.draft_head()
+    assert head.vocab == 96 and head.head.n_out == 96
+    assert greedy(m, prompt, 60) == greedy(glmcpu.load(path, draft="none"), prompt, 60)
+    from glmcpu.sampling import Sampler
+    d = m.cache.draft
+    guesses, _ = d.propose(list(m.cache.tokens[:20]), 3, Sampler(temperature=0))
+    assert all(g < 96 for g in guesses)

@@ -32,8 +32,14 @@ def timed(fn, rounds):
     return out
 
 
-def step_costs(m, rounds, prompt_len):
+def step_costs(m, rounds, prompt_len, vocab=None):
     net, head = m.net, m.net.draft_head()
+    heads = {}
+    if head:                                   # the full head, and the reduced one in the same rounds
+        heads["mtp draft"] = head.head
+        if vocab:
+            head.limit_vocab(vocab)
+            heads[f"mtp draft {vocab}"] = head.head
     rng = np.random.default_rng(0)
     ids = [int(i) for i in rng.integers(0, 1000, prompt_len)]
     cache = net.new_cache(prompt_len + 16)
@@ -50,9 +56,12 @@ def step_costs(m, rounds, prompt_len):
             cache.pos, cache.tokens = pos0, list(toks0)
         return run
 
-    def draft():
-        head.forward(ids[:1], hidden[-1:], mcache)
-        mcache.pos, mcache.tokens = m0[0], list(m0[1])
+    def draft(h):
+        def run():
+            head.head = h
+            head.forward(ids[:1], hidden[-1:], mcache)
+            mcache.pos, mcache.tokens = m0[0], list(m0[1])
+        return run
 
     def out_head(T):
         x = np.ascontiguousarray(hidden[:1].repeat(T, 0))
@@ -60,8 +69,7 @@ def step_costs(m, rounds, prompt_len):
 
     jobs = {f"step {T}": verify(T) for T in (1, 2, 3, 4)}
     jobs.update({f"head {T}": out_head(T) for T in (1, 2, 3, 4)})
-    if head:
-        jobs["mtp draft"] = draft
+    jobs.update({k: draft(h) for k, h in heads.items()})
     for fn in jobs.values():                    # warm: pages in, teams started
         fn()
     times = {k: [] for k in jobs}
@@ -71,17 +79,18 @@ def step_costs(m, rounds, prompt_len):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def predict(c, k, a, depth_scale=1.0):
+def predict(c, k, a, depth_scale=1.0, draft="mtp draft"):
     """Speedup of k guesses a step at acceptance a, from step costs c (seconds)."""
     def cost(T):
         return (c[f"step {T}"] - c[f"head {T}"]) * depth_scale + c[f"head {T}"]
     tokens = (1 - a ** (k + 1)) / (1 - a)
-    return tokens * cost(1) / (cost(k + 1) + k * c["mtp draft"])
+    return tokens * cost(1) / (cost(k + 1) + k * c[draft])
 
 
-def generation(path, n, runs, threads):
+def generation(path, n, runs, threads, vocab=None):
     """tok/s and acceptance of greedy runs, none vs mtp vs lookup, alternating."""
-    models = {mode: glmcpu.load(path, threads=threads, draft=mode) for mode in ("none", "mtp", "lookup")}
+    models = {mode: glmcpu.load(path, threads=threads, draft=mode, draft_vocab=vocab)
+              for mode in ("none", "mtp", "lookup")}
     prompt = "[gMASK]<sop><|user|>\nAnd God said<|assistant|>"
     res = {mode: [] for mode in models}
     texts = {}
@@ -105,23 +114,24 @@ def main():
     p.add_argument("--depth", type=int, default=46, help="layers of the real model, for the scaled prediction")
     p.add_argument("--generate", type=int, default=0, help="also time N-token greedy generations")
     p.add_argument("--runs", type=int, default=5, help="alternating runs of each generation")
+    p.add_argument("--draft-vocab", type=int, default=None, help="the MTP head guesses among the first N ids")
     a = p.parse_args()
     m = glmcpu.load(a.model, threads=a.threads, draft="none")
     print(f"{a.model}: {m.cfg.arch}, {m.cfg.n_layer} layers (+{m.cfg.n_nextn} MTP), kernels {ops.VARIANT}, "
           f"{m.threads} threads")
-    c = step_costs(m, a.rounds, a.prompt)
+    c = step_costs(m, a.rounds, a.prompt, a.draft_vocab)
     base = c["step 1"]
     print("step costs (median of %d): " % a.rounds + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / base:.2f}x)"
                                                             for k, v in c.items()))
-    if "mtp draft" in c:
-        scale = a.depth / m.cfg.n_layer
+    scale = a.depth / m.cfg.n_layer
+    for key in [k for k in c if k.startswith("mtp draft")]:
         for k in (1, 2):
-            row = ", ".join(f"a={acc}: {predict(c, k, acc):.2f}x" for acc in (0.6, 0.7, 0.8))
-            deep = ", ".join(f"a={acc}: {predict(c, k, acc, scale):.2f}x" for acc in (0.6, 0.7, 0.8))
-            print(f"predicted speedup, {k} guess{'es' if k > 1 else ''} a step: {row}"
+            row = ", ".join(f"a={acc}: {predict(c, k, acc, draft=key):.2f}x" for acc in (0.6, 0.7, 0.8))
+            deep = ", ".join(f"a={acc}: {predict(c, k, acc, scale, key):.2f}x" for acc in (0.6, 0.7, 0.8))
+            print(f"predicted speedup ({key}), {k} guess{'es' if k > 1 else ''} a step: {row}"
                   + (f" | at {a.depth} layers: {deep}" if scale != 1 else ""))
     if a.generate:
-        res, text = generation(a.model, a.generate, a.runs, a.threads)
+        res, text = generation(a.model, a.generate, a.runs, a.threads, a.draft_vocab)
         base = statistics.median(r[0] for r in res["none"])
         for mode, rows in res.items():
             rate = statistics.median(r[0] for r in rows)

@@ -143,8 +143,20 @@ class MTP:
         self.norm = w.vector(p + "nextn.shared_head_norm.weight")
         self.head = (Linear(w, p + "nextn.shared_head_head") if w.has(p + "nextn.shared_head_head.weight")
                      else model.output)
+        self.head_name = (p + "nextn.shared_head_head" if w.has(p + "nextn.shared_head_head.weight") else
+                          "output" if w.has("output.weight") else "token_embd")
+        self.vocab = None
         self.embd = f.tensor(p + "nextn.embed_tokens.weight") if f.has(p + "nextn.embed_tokens.weight") \
             else model.embd
+
+    def limit_vocab(self, n):
+        """Guess among token ids 0..n-1 only (None: all): the head's rows read per guess drop to
+        n of n_vocab. BPE vocabularies list their tokens roughly by frequency (merge order), so
+        the first ids are the likely ones; the check stays exact (a guess is only a guess)."""
+        n = None if not n or n >= self.model.cfg.n_vocab else int(n)
+        if n != self.vocab:
+            self.head = Linear(self.model.weights, self.head_name, rows=None if n is None else (0, n))
+            self.vocab = n
 
     def new_cache(self, n_ctx: int) -> glm4.KVCache:
         return glm4.KVCache(replace(self.model.cfg, n_layer=1), n_ctx)
