@@ -10,6 +10,8 @@ Both keep their state beside the KV cache they draft for (`cache.draft`); a cach
 shared prefix is followed on the next proposal."""
 import numpy as np
 
+from .errors import GlmcpuError
+
 MODES = ("auto", "mtp", "lookup", "none")
 
 
@@ -94,11 +96,9 @@ def make(mode: str, model, n_ctx: int, vocab=None):
     """The draft for a --draft mode and model (None: plain decoding). "auto" is MTP where the
     file has the head, else none. vocab: the MTP head guesses among the first `vocab` ids only."""
     if mode not in MODES:
-        from .errors import GlmcpuError
         raise GlmcpuError(f"--draft {mode!r}: use one of {', '.join(MODES)}")
     head = model.draft_head() if mode in ("auto", "mtp") and hasattr(model, "draft_head") else None
     if mode == "mtp" and head is None:
-        from .errors import GlmcpuError
         raise GlmcpuError("--draft mtp: this model has no MTP head (GLM-4.5 files have one; "
                           "try --draft lookup)")
     if head is not None:
