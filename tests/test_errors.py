@@ -222,8 +222,12 @@ def test_moe_file_larger_than_a_memory_cgroup_runs(tmp_path):
             return subprocess.run(list(args), capture_output=True, text=True, timeout=300, preexec_fn=enter,
                                   env=dict(os.environ, GLMCPU_THREADS="2"))
 
-        p = in_cgroup(sys.executable, "-c", f"b = bytearray({size}); b[::4096] = b'x' * len(b[::4096])")
-        assert p.returncode == -9, "the cgroup's limit did not bite: the test proves nothing"
+        try:
+            p = in_cgroup(sys.executable, "-c", f"b = bytearray({size}); b[::4096] = b'x' * len(b[::4096])")
+        except subprocess.SubprocessError as e:      # cgroup.procs refused the process (cgroup v2 rules)
+            pytest.skip(f"cannot move a process into the new memory cgroup here ({e})")
+        if p.returncode != -9:
+            pytest.skip("this machine's memory cgroup does not enforce its limit: nothing to show")
         p = in_cgroup(sys.executable, "-m", "glmcpu", "run", path, "-p", "hello", "-n", "8", "--raw", "--ignore-eos")
         assert p.returncode == 0, p.stderr
         assert "generation: 8 tokens" in p.stderr
