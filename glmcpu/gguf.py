@@ -61,32 +61,48 @@ class _Cursor:
         self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def value(self, vtype, depth=0):
-        """One metadata value. Arrays of arrays nest at most MAX_DEPTH deep (llama.cpp reads
-        none), so a hostile file cannot recurse this parser to death."""
+    def value(self, vtype):
+        """One metadata value. Arrays of arrays are read with an explicit stack, not recursion,
+        and at most MAX_DEPTH deep (llama.cpp reads none): a hostile file cannot exhaust either."""
         try:
             vtype = VT(vtype)
         except ValueError:
             raise ValueError(f"unknown metadata value type {vtype} at byte {self.pos - 4}") from None
-        if vtype == VT.STRING:
-            return self.string()
-        if vtype == VT.ARRAY:
-            if depth >= MAX_DEPTH:
-                raise ValueError(f"metadata arrays nested more than {MAX_DEPTH} deep at byte {self.pos}")
-            sub, n = self.take("<I"), self.take("<Q")
-            if sub in (VT.STRING, VT.ARRAY):
-                if n > (len(self.buf) - self.pos) // 8:       # each item takes at least 8 bytes
-                    self.take(f"<{len(self.buf) - self.pos + 1}s")
-                return [self.value(sub, depth + 1) for _ in range(n)]
-            if sub not in SCALARS:
-                raise ValueError(f"unknown metadata array type {sub} at byte {self.pos - 12}")
-            size = struct.calcsize(SCALARS[sub])
-            if self.pos + n * size > len(self.buf):
-                self.take(f"<{n * size}s")
-            arr = np.frombuffer(self.buf, f"<{SCALARS[sub]}", n, self.pos)
-            self.pos += n * size
-            return arr.tolist()
-        return self.take("<" + SCALARS[vtype])
+        if vtype != VT.ARRAY:
+            return self.string() if vtype == VT.STRING else self.take("<" + SCALARS[vtype])
+        top = []
+        stack = [self.array(top, 1)]              # frames: [item type, items left, the list]
+        while stack:
+            frame = stack[-1]
+            if frame[1] == 0:
+                stack.pop()
+                continue
+            frame[1] -= 1
+            if frame[0] == VT.ARRAY:
+                child = []
+                frame[2].append(child)
+                stack.append(self.array(child, len(stack) + 1))
+            else:
+                frame[2].append(self.string())
+        return top
+
+    def array(self, items, depth):
+        """An array's header: a frame for its strings or arrays, or all its numbers at once."""
+        if depth > MAX_DEPTH:
+            raise ValueError(f"metadata arrays nested more than {MAX_DEPTH} deep at byte {self.pos}")
+        sub, n = self.take("<I"), self.take("<Q")
+        if sub in (VT.STRING, VT.ARRAY):
+            if n > (len(self.buf) - self.pos) // 8:           # each item takes at least 8 bytes
+                self.take(f"<{len(self.buf) - self.pos + 1}s")
+            return [VT(sub), n, items]
+        if sub not in SCALARS:
+            raise ValueError(f"unknown metadata array type {sub} at byte {self.pos - 12}")
+        size = struct.calcsize(SCALARS[sub])
+        if self.pos + n * size > len(self.buf):
+            self.take(f"<{n * size}s")
+        items.extend(np.frombuffer(self.buf, f"<{SCALARS[sub]}", n, self.pos).tolist())
+        self.pos += n * size
+        return [sub, 0, items]
 
 
 SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")    # llama.cpp's gguf-split naming
