@@ -290,7 +290,7 @@ def cmd_info(a):
     from collections import Counter
 
     from . import ops
-    from .engine import Model, is_expert
+    from .engine import Model
 
     m = Model(model_path(a.model), threads=a.threads, ctx=a.ctx, repack=a.repack, draft="none")
     c = m.cfg
@@ -311,7 +311,7 @@ def cmd_info(a):
         ("tensor types", ", ".join(f"{k} x{v} ({human(sizes[k])})" for k, v in types.most_common())),
         ("memory", f"{human(weights)} weights (memory-mapped) + {human(kv)} KV cache at ctx {m.ctx}"),
     ]
-    experts = sum(t.n_bytes for n, t in m.file.tensors.items() if is_expert(n))
+    experts = sum(t.n_bytes for n, t in m.file.tensors.items() if ops.is_expert(n))
     if experts:
         rows += [
             ("experts", f"{c.n_expert} per layer, {c.n_expert_used} used per token + {c.n_expert_shared} shared, "

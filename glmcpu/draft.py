@@ -34,11 +34,11 @@ class MTPDraft:
         """Bring the head's cache to positions 1..upto of seq (their hidden states recorded),
         keeping the entries whose tokens still hold. -> the last forward's (logits, hidden), or None."""
         c = self.cache
-        keep = 0                                      # entries whose token (position s + 1) still holds
-        for a, b in zip(c.tokens[:upto - 1], seq[1:upto]):
-            if a != b:
-                break
-            keep += 1
+        n = min(len(c.tokens), upto - 1)              # entries whose token (position s + 1) still holds
+        if c.tokens[:n] == list(seq[1:n + 1]):        # the usual case, one comparison in C
+            keep = n
+        else:
+            keep = next(i for i, (a, b) in enumerate(zip(c.tokens, seq[1:])) if a != b)
         c.pos, c.tokens = keep, c.tokens[:keep]
         if keep < upto:
             return self.head.forward(seq[keep + 1:upto + 1], self.hidden[keep:upto], c)
@@ -55,7 +55,7 @@ class MTPDraft:
         logits, hid = self.catch_up(seq, P)           # at least position P (its token is new) is computed
         drafts, dists = [], []
         for i in range(k):
-            ids, p = sampler.distribution(logits[-1], list(seq) + drafts)
+            ids, p = sampler.distribution(logits[-1], recent(sampler, seq) + drafts)
             drafts.append(sampler.draw(ids, p))
             dists.append((ids, p))
             if i + 1 < k:          # chained on the head's own hidden state: speculation, dropped below
@@ -115,7 +115,7 @@ def verify(sampler, logits, drafts, dists, history):
     plain decoding. Sampling: draft d from distribution q is kept with probability
     min(1, p(d) / q(d)), else the token is drawn from max(0, p - q), renormalised (for a sure
     guess, q is 1 at d): the tokens keep exactly the model's distribution p."""
-    h = list(history)
+    h = recent(sampler, history)
     for i, d in enumerate(drafts):
         ids, p = sampler.distribution(logits[i], h)
         if sampler.greedy:
@@ -129,6 +129,11 @@ def verify(sampler, logits, drafts, dists, history):
         h.append(d)
     ids, p = sampler.distribution(logits[len(drafts)], h)
     return len(drafts), sampler.draw(ids, p)
+
+
+def recent(sampler, history) -> list:
+    """The part of the history a sampler reads (its repeat-penalty window), as a new list."""
+    return list(history[-sampler.repeat_last_n:])
 
 
 def residual(sampler, ids, p, q_ids, q) -> int:

@@ -29,10 +29,10 @@ class Model:
         self.ctx = int(ctx) if ctx else min(cfg.n_ctx_train, 4096)
         if self.ctx < 1:
             raise GlmcpuError(f"context size must be positive, not {ctx}")
-        kv = cfg.kv_bytes(self.ctx)
-        if kv > ops.memory_available() > 0:
+        kv, free = cfg.kv_bytes(self.ctx), ops.memory_available()
+        if kv > free > 0:
             raise GlmcpuError(f"a KV cache of {self.ctx} tokens needs {kv / 2**30:.1f} GB and "
-                              f"{ops.memory_available() / 2**30:.1f} GB of RAM is free; lower --ctx")
+                              f"{free / 2**30:.1f} GB of RAM is free; lower --ctx")
         # the model, or a cluster running it: both have forward, new_cache, begin and status
         if workers:
             self.net = connect(self.file, cls, workers, key, worker_key, insecure, timeout, shares,
@@ -49,7 +49,7 @@ class Model:
         self.last_stats = {}
         self.cache = None           # the KV cache kept between calls, for prompts sharing a prefix
         if mlock:       # keep what every token reads in RAM; experts stay paged on demand
-            self.file.lock([n for n in self.file.tensors if not is_expert(n)])
+            self.file.lock([n for n in self.file.tensors if not ops.is_expert(n)])
 
     @property
     def cluster(self):
@@ -187,11 +187,6 @@ def answer(pieces):
                 continue
             started = True
         yield piece
-
-
-def is_expert(tensor_name: str) -> bool:
-    """Routed-expert tensors: read on demand, 8 of 128 per token in GLM-4.5-Air."""
-    return "_exps." in tensor_name
 
 
 def expert_summary(stats: dict) -> list:

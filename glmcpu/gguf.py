@@ -278,16 +278,18 @@ class GGUFFile:
         """Keys of the file's architecture may be given without it: "block_count"."""
         return key if key.startswith(("general.", "tokenizer.", "split.")) else f"{self.arch}.{key}"
 
-    def _missing(self, key):
-        return ModelFileError(f"{self.path}: metadata key {key} is missing")
+    def _lookup(self, key, default, required=True):
+        """(full key, value or default); a missing required value is one line naming the key."""
+        key = self._key(key)
+        v = self.meta.get(key, default)
+        if v is None and required:
+            raise ModelFileError(f"{self.path}: metadata key {key} is missing")
+        return key, v
 
     def number(self, key, default=None, kind=int, minimum=1, maximum=None):
         """A numeric metadata value, checked: present (or default), a number (not a string or
         array), finite and within [minimum, maximum]; one line naming the key otherwise."""
-        key = self._key(key)
-        v = self.meta.get(key, default)
-        if v is None:
-            raise self._missing(key)
+        key, v = self._lookup(key, default)
         if isinstance(v, (str, bytes, list, tuple)) or not isinstance(v, (int, float, np.number)) or (
                 isinstance(v, bool) and kind is not bool):
             raise ModelFileError(f"{self.path}: metadata key {key} is {_short(v)}, not a number")
@@ -300,18 +302,14 @@ class GGUFFile:
 
     def text(self, key, default=None):
         """A string metadata value (or default if absent)."""
-        key = self._key(key)
-        v = self.meta.get(key, default)
+        key, v = self._lookup(key, default, required=False)
         if v is not None and not isinstance(v, str):
             raise ModelFileError(f"{self.path}: metadata key {key} is {_short(v)}, not a string")
         return v
 
     def strings(self, key, default=None, nonempty=False):
         """A metadata array of strings (token list, merges)."""
-        key = self._key(key)
-        v = self.meta.get(key, default)
-        if v is None:
-            raise self._missing(key)
+        key, v = self._lookup(key, default)
         if not isinstance(v, list) or not all(isinstance(s, str) for s in v) or (nonempty and not v):
             raise ModelFileError(f"{self.path}: metadata key {key} is {_short(v)}, not "
                                  f"{'a non-empty' if nonempty else 'an'} array of strings")
@@ -319,10 +317,7 @@ class GGUFFile:
 
     def ints(self, key, default=None, length=None):
         """A metadata array of integers (token types), of `length` items if given."""
-        key = self._key(key)
-        v = self.meta.get(key, default)
-        if v is None:
-            raise self._missing(key)
+        key, v = self._lookup(key, default)
         if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
             raise ModelFileError(f"{self.path}: metadata key {key} is {_short(v)}, not an array of integers")
         if length is not None and len(v) != length:

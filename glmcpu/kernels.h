@@ -39,6 +39,13 @@ static const char GLMCPU_ISA[] = "neon";
 static const char GLMCPU_ISA[] = "generic";
 #endif
 
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+/* The 8 row sums of each of TC tokens, one 8-float store per token: out[t*ldo + 0..7]. */
+static inline void store_rows8(const __m256 *acc, int TC, float *out, int ldo) {
+    for (int t = 0; t < TC; t++) _mm256_storeu_ps(out + (size_t)t * ldo, acc[t]);
+}
+#endif
+
 /* ggml tensor types we run (values of ggml_type / gguf.GGMLQuantizationType). */
 enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 = 8,
        GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14, GT_BF16 = 30,
@@ -553,11 +560,7 @@ static inline void gemv_q4_0x8_tc(int n, const block_q4_0x8 *w, const int TC, co
             acc[t] = _mm256_fmadd_ps(dw, v, acc[t]);
         }
     }
-    for (int t = 0; t < TC; t++) {
-        float r[8];
-        _mm256_storeu_ps(r, acc[t]);
-        for (int j = 0; j < 8; j++) out[(size_t)t * ldo + j] = r[j];
-    }
+    store_rows8(acc, TC, out, ldo);
 #else
     for (int t = 0; t < TC; t++) {
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -702,11 +705,7 @@ static inline void gemv_q8_0x8_tc(int n, const block_q8_0x8 *w, const int TC, co
                                      _mm256_cvtepi32_ps(s32), acc[t]);
         }
     }
-    for (int t = 0; t < TC; t++) {
-        float r[8];
-        _mm256_storeu_ps(r, acc[t]);
-        for (int j = 0; j < 8; j++) out[(size_t)t * ldo + j] = r[j];
-    }
+    store_rows8(acc, TC, out, ldo);
 #else
     for (int t = 0; t < TC; t++) {
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -799,11 +798,7 @@ static inline void gemv_q5_0x8_tc(int n, const block_q5_0x8 *w, const int TC, co
             acc[t] = _mm256_fmadd_ps(dw, v, acc[t]);
         }
     }
-    for (int t = 0; t < TC; t++) {
-        float r[8];
-        _mm256_storeu_ps(r, acc[t]);
-        for (int j = 0; j < 8; j++) out[(size_t)t * ldo + j] = r[j];
-    }
+    store_rows8(acc, TC, out, ldo);
 #else
     for (int t = 0; t < TC; t++) {
         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};

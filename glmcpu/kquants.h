@@ -797,11 +797,7 @@ static inline void gemv_q4_Kx8_tc(int n, const block_q4_Kx8 *w, const int TC, co
             acc[t] = _mm256_fnmadd_ps(_mm256_mul_ps(dmw, dx), _mm256_cvtepi32_ps(mi), acc[t]);
         }
     }
-    for (int t = 0; t < TC; t++) {
-        float r[8];
-        _mm256_storeu_ps(r, acc[t]);
-        for (int j = 0; j < 8; j++) out[(size_t)t * ldo + j] = r[j];
-    }
+    store_rows8(acc, TC, out, ldo);
 #else
     for (int t = 0; t < TC; t++) {
         const int8_t *xt = xq + (size_t)t * n;

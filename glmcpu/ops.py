@@ -74,6 +74,13 @@ VARIANT = K.ISA
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K = (K.TYPES[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"))
 Q4_0X8, Q5_0X8, Q8_0X8, Q4_KX8 = K.Q4_0X8, K.Q5_0X8, K.Q8_0X8, K.Q4_KX8
 PACKED = (Q4_0X8, Q5_0X8, Q8_0X8, Q4_KX8)       # types in 8-row groups
+
+
+def is_expert(tensor_name: str) -> bool:
+    """Routed-expert tensors: read on demand, 8 of 128 per token in GLM-4.5-Air."""
+    return "_exps." in tensor_name
+
+
 def _read_int(path):
     try:
         with open(path) as f:
@@ -148,7 +155,7 @@ def plan_packing(f, mode=None, available=None) -> Packing:
     for name, t in f.tensors.items():
         if len(t.shape) < 2 or (name == "token_embd.weight" and "output.weight" in f.tensors):
             continue                                   # vectors are small; embedding rows are read in place
-        if "_exps." in name:
+        if is_expert(name):
             experts += t.n_bytes if t.tensor_type in PACKABLE else 0
         elif t.tensor_type in PACKABLE or t.tensor_type in IN_RAM:
             dense += t.n_bytes

@@ -141,10 +141,9 @@ class MTP:
         self.eh_proj = Linear(w, p + "nextn.eh_proj")                       # [d, 2d]
         self.layer = glm4.Layer(model, w, index, glm4.whole)
         self.norm = w.vector(p + "nextn.shared_head_norm.weight")
-        self.head = (Linear(w, p + "nextn.shared_head_head") if w.has(p + "nextn.shared_head_head.weight")
-                     else model.output)
-        self.head_name = (p + "nextn.shared_head_head" if w.has(p + "nextn.shared_head_head.weight") else
-                          "output" if w.has("output.weight") else "token_embd")
+        own = p + "nextn.shared_head_head"
+        self.head_name = own if w.has(own + ".weight") else "output" if w.has("output.weight") else "token_embd"
+        self.head = Linear(w, own) if self.head_name == own else model.output
         self.vocab = None
         self.embd = f.tensor(p + "nextn.embed_tokens.weight") if f.has(p + "nextn.embed_tokens.weight") \
             else model.embd
@@ -180,12 +179,12 @@ class Model(glm4.Model):
     config_class = Config
     moe_class = MoE
     ffn_norm_name = "post_attention_norm.weight"       # the pre-FFN norm here
+    _mtp = None
 
     def draft_head(self):
-        if getattr(self, "_mtp", None) is None and self.cfg.n_nextn and \
-                self.file.has(f"blk.{self.cfg.n_layer}.nextn.eh_proj.weight"):
+        if self._mtp is None and self.cfg.n_nextn and self.file.has(f"blk.{self.cfg.n_layer}.nextn.eh_proj.weight"):
             self._mtp = MTP(self, self.cfg.n_layer)
-        return getattr(self, "_mtp", None)
+        return self._mtp
 
     @classmethod
     def tensor_shapes(cls, cfg) -> dict:
