@@ -53,6 +53,14 @@ enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q5_0 = 6, GT_Q5_1 = 
        GT_Q4_0X8 = 1002, GT_Q5_0X8 = 1006, GT_Q8_0X8 = 1008, GT_Q4_KX8 = 1012 };
 
 #define QK 32
+
+/* CALL(TC) with TC the constant 1..4 equal to tc, so each inlined kernel is specialised for its
+ * token count: a pass of 2 or 3 tokens (a draft check) reads the weights once, not once a token */
+#define TC_CONST(tc, CALL) do { switch (tc) { case 4: CALL(4); break; case 3: CALL(3); break; \
+                                              case 2: CALL(2); break; default: CALL(1); } } while (0)
+/* the token chunks of a T-token pass: t = 0, 4, 8, ..., tc = the chunk's size (<= 4) */
+#define FOR_TC(t, tc, T, CHUNK) for (int t = 0, tc; tc = (T) - t < (CHUNK) ? (T) - t : (CHUNK), t < (T); t += (CHUNK))
+
 /* Q4_0: 32 weights in 18 bytes; fp16 scale d, then 16 bytes: weight j (0..15) is the LOW
  * nibble of qs[j], weight j+16 the HIGH nibble; value = (nibble - 8) * d. */
 typedef struct { uint16_t d; uint8_t qs[QK / 2]; } block_q4_0;
@@ -526,6 +534,7 @@ static inline void gemv_q4_0x8_tc(int n, const block_q4_0x8 *w, const int TC, co
     const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     for (int b = 0; b < nb; b++) {
         __m256i lo[4], hi[4];
+        X8PREFETCH(w + b);
         for (int k = 0; k < 4; k++) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * k));
             lo[k] = _mm256_and_si256(v, m4);
@@ -595,6 +604,8 @@ static inline void gemv_q4_0x8x2_tc(int n, const block_q4_0x8 *w0, const block_q
 #endif
     for (int b = 0; b < nb; b++) {
         __m512i lo[4], hi[4];
+        X8PREFETCH(w0 + b);
+        X8PREFETCH(w1 + b);
         for (int k = 0; k < 4; k++) {
             __m512i v = _mm512_inserti64x4(
                 _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w0[b].qs + 32 * k))),
@@ -647,24 +658,22 @@ static void gemm_q4_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
      * much faster so (same per-lane arithmetic either way: the same bits) */
     for (; T > 1 && (nb > 64 || T >= 8) && g + 2 <= g1; g += 2) {
         const block_q4_0x8 *a = (const block_q4_0x8 *)(w + (size_t)g * nb * sizeof(block_q4_0x8));
-        int t = 0;
-        for (; t + TCMAX <= T; t += TCMAX)
-            gemv_q4_0x8x2_tc(n, a, a + nb, TCMAX, xq + (size_t)t * n, xd + (size_t)t * nb,
-                             xs + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo);
-        for (; t < T; t++)
-            gemv_q4_0x8x2_tc(n, a, a + nb, 1, xq + (size_t)t * n, xd + (size_t)t * nb,
-                             xs + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo);
+        FOR_TC(t, tc, T, TCMAX) {
+#define GO(TC) gemv_q4_0x8x2_tc(n, a, a + nb, TC, xq + (size_t)t * n, xd + (size_t)t * nb, \
+                                xs + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo)
+            TC_CONST(tc, GO);
+#undef GO
+        }
     }
 #endif
     for (; g < g1; g++) {
         const block_q4_0x8 *grp = (const block_q4_0x8 *)(w + (size_t)g * nb * sizeof(block_q4_0x8));
-        int t = 0;
-        for (; t + TCMAX <= T; t += TCMAX)
-            gemv_q4_0x8_tc(n, grp, TCMAX, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb,
-                           out + (size_t)t * ldo + 8 * g, ldo);
-        for (; t < T; t++)
-            gemv_q4_0x8_tc(n, grp, 1, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb,
-                           out + (size_t)t * ldo + 8 * g, ldo);
+        FOR_TC(t, tc, T, TCMAX) {
+#define GO(TC) gemv_q4_0x8_tc(n, grp, TC, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb, \
+                              out + (size_t)t * ldo + 8 * g, ldo)
+            TC_CONST(tc, GO);
+#undef GO
+        }
     }
 }
 
@@ -682,6 +691,7 @@ static inline void gemv_q8_0x8_tc(int n, const block_q8_0x8 *w, const int TC, co
     for (int t = 0; t < TCMAX; t++) acc[t] = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
     for (int b = 0; b < nb; b++) {
+        X8PREFETCH(w + b);
         __m256i q[8], aq[8];
         for (int k = 0; k < 8; k++) {
             q[k] = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * k));
@@ -728,11 +738,11 @@ static void gemm_q8_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
     int nb = n / QK;
     for (int g = g0; g < g1; g++) {
         const block_q8_0x8 *grp = (const block_q8_0x8 *)(w + (size_t)g * nb * sizeof(block_q8_0x8));
-        int t = 0;
-        for (; t + TCMAX <= T; t += TCMAX)
-            gemv_q8_0x8_tc(n, grp, TCMAX, xq + (size_t)t * n, xd + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo);
-        for (; t < T; t++)
-            gemv_q8_0x8_tc(n, grp, 1, xq + (size_t)t * n, xd + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo);
+        FOR_TC(t, tc, T, TCMAX) {
+#define GO(TC) gemv_q8_0x8_tc(n, grp, TC, xq + (size_t)t * n, xd + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo)
+            TC_CONST(tc, GO);
+#undef GO
+        }
     }
 }
 
@@ -758,6 +768,7 @@ static inline void gemv_q5_0x8_tc(int n, const block_q5_0x8 *w, const int TC, co
     const __m256i ones = _mm256_set1_epi16(1);
 #endif
     for (int b = 0; b < nb; b++) {
+        X8PREFETCH(w + b);
         __m256i lo[4], hi[4];
         const __m256i h = _mm256_loadu_si256((const __m256i *)w[b].h);
 #define Q5_LOAD(k) do { \
@@ -835,6 +846,8 @@ static inline void gemv_q5_0x8x2_tc(int n, const block_q5_0x8 *w0, const block_q
     const __m512i ones = _mm512_set1_epi16(1);
 #endif
     for (int b = 0; b < nb; b++) {
+        X8PREFETCH(w0 + b);
+        X8PREFETCH(w1 + b);
         __m512i lo[4], hi[4];
         const __m512i h = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)w0[b].h)),
                                              _mm256_loadu_si256((const __m256i *)w1[b].h), 1);
@@ -887,24 +900,22 @@ static void gemm_q5_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
 #if defined(GLMCPU_AVX512)
     for (; T > 1 && (nb > 64 || T >= 8) && g + 2 <= g1; g += 2) {      /* as gemm_q4_0x8_groups */
         const block_q5_0x8 *a = (const block_q5_0x8 *)(w + (size_t)g * nb * sizeof(block_q5_0x8));
-        int t = 0;
-        for (; t + TCMAX <= T; t += TCMAX)
-            gemv_q5_0x8x2_tc(n, a, a + nb, TCMAX, xq + (size_t)t * n, xd + (size_t)t * nb,
-                             xs + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo);
-        for (; t < T; t++)
-            gemv_q5_0x8x2_tc(n, a, a + nb, 1, xq + (size_t)t * n, xd + (size_t)t * nb,
-                             xs + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo);
+        FOR_TC(t, tc, T, TCMAX) {
+#define GO(TC) gemv_q5_0x8x2_tc(n, a, a + nb, TC, xq + (size_t)t * n, xd + (size_t)t * nb, \
+                                xs + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo)
+            TC_CONST(tc, GO);
+#undef GO
+        }
     }
 #endif
     for (; g < g1; g++) {
         const block_q5_0x8 *grp = (const block_q5_0x8 *)(w + (size_t)g * nb * sizeof(block_q5_0x8));
-        int t = 0;
-        for (; t + TCMAX <= T; t += TCMAX)
-            gemv_q5_0x8_tc(n, grp, TCMAX, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb,
-                           out + (size_t)t * ldo + 8 * g, ldo);
-        for (; t < T; t++)
-            gemv_q5_0x8_tc(n, grp, 1, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb,
-                           out + (size_t)t * ldo + 8 * g, ldo);
+        FOR_TC(t, tc, T, TCMAX) {
+#define GO(TC) gemv_q5_0x8_tc(n, grp, TC, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb, \
+                              out + (size_t)t * ldo + 8 * g, ldo)
+            TC_CONST(tc, GO);
+#undef GO
+        }
     }
 }
 

@@ -296,6 +296,11 @@ GLMCPU_INLINE void add_block_k(const __m256i q[8], const __m256i sc[8], __m256i 
  * past the row's end is harmless for a prefetch) */
 #define KPREFETCH(p, size) do { const char *pf_ = (const char *)(p); \
     for (size_t o_ = 0; o_ < (size); o_ += 64) _mm_prefetch(pf_ + o_, _MM_HINT_T0); } while (0)
+/* the 8-row group kernels: a block PFD bytes ahead. With 2+ tokens a block's arithmetic outlasts
+ * the hardware prefetcher's lead (a 2-token pass over a 151k x 4096 Q4_0 head: 12-15 ms -> 10-12,
+ * one token unchanged; tools/bench_draft.py) */
+#define PFD 1024
+#define X8PREFETCH(blk) KPREFETCH((const char *)(blk) + PFD, sizeof(*(blk)))
 
 #if defined(GLMCPU_AVX512)
 static inline __m512i dot_scaled512(__m512i acc, __m512i q, __m512i x, __m512i sc) {
@@ -575,15 +580,16 @@ static void gemm_rows_k(int type, int n, const uint8_t *w, size_t row_bytes, int
                         const int8_t *xq, const float *xd, const int16_t *xb, float *out, int ldo) {
     for (int rb = r0; rb < r1; rb += KROWS)
     for (int t = 0; t < T;) {
-        int tc = T - t >= 4 ? 4 : 1;
+        int tc = T - t >= 4 ? 4 : T - t;
         for (int r = rb; r < r1 && r < rb + KROWS; r++) {
             const uint8_t *row = w + (size_t)r * row_bytes;
             float res[4];
             const int8_t *q = KX(t);
             const float *d = KD(t);
             const int16_t *s = KB(t);
-#define KCASE(tp, name, blk) case tp: { if (tc == 4) name(n, (const blk *)row, 4, q, d, s, res); \
-                                        else name(n, (const blk *)row, 1, q, d, s, res); } break
+#define KCALL(name, blk, TC) name(n, (const blk *)row, TC, q, d, s, res)
+#define KCASE(tp, name, blk) case tp: switch (tc) { case 4: KCALL(name, blk, 4); break; \
+    case 3: KCALL(name, blk, 3); break; case 2: KCALL(name, blk, 2); break; default: KCALL(name, blk, 1); } break
             switch (type) {
             KCASE(GT_Q2_K, vec_dot4_q2_K_q8_K, block_q2_K);
             KCASE(GT_Q3_K, vec_dot4_q3_K_q8_K, block_q3_K);
@@ -592,6 +598,7 @@ static void gemm_rows_k(int type, int n, const uint8_t *w, size_t row_bytes, int
             default: KCASE(GT_Q6_K, vec_dot4_q6_K_q8_K, block_q6_K);
             }
 #undef KCASE
+#undef KCALL
             for (int j = 0; j < tc; j++) out[(size_t)(t + j) * ldo + r] = res[j];
         }
         t += tc;
@@ -681,21 +688,23 @@ static void gemm_rows_legacy(int type, int n, const uint8_t *w, size_t row_bytes
     int nb = n / QK;
     for (int rb = r0; rb < r1; rb += KROWS)
     for (int t = 0; t < T;) {
-        int tc = T - t >= 4 ? 4 : 1;
+        int tc = T - t >= 4 ? 4 : T - t;
         for (int r = rb; r < r1 && r < rb + KROWS; r++) {
             const uint8_t *row = w + (size_t)r * row_bytes;
             float res[4];
             const int8_t *q = xq + (size_t)t * n;
             const float *d = xd + (size_t)t * nb, *s = xs + (size_t)t * nb;
-#define LCASE(tp, bsize, qs_at, qh_at, m_at, off) case tp: { \
-            if (tc == 4) vec_dot4_q45_q8_0(n, row, bsize, qs_at, qh_at, m_at, off, 4, q, d, s, res); \
-            else vec_dot4_q45_q8_0(n, row, bsize, qs_at, qh_at, m_at, off, 1, q, d, s, res); } break
+#define LCALL(bsize, qs_at, qh_at, m_at, off, TC) vec_dot4_q45_q8_0(n, row, bsize, qs_at, qh_at, m_at, off, TC, q, d, s, res)
+#define LCASE(tp, bsize, qs_at, qh_at, m_at, off) case tp: switch (tc) { \
+    case 4: LCALL(bsize, qs_at, qh_at, m_at, off, 4); break; case 3: LCALL(bsize, qs_at, qh_at, m_at, off, 3); break; \
+    case 2: LCALL(bsize, qs_at, qh_at, m_at, off, 2); break; default: LCALL(bsize, qs_at, qh_at, m_at, off, 1); } break
             switch (type) {                     /* byte offsets of qs, qh, m in the block */
             LCASE(GT_Q4_1, sizeof(block_q4_1), 4, -1, 2, 0.0f);
             LCASE(GT_Q5_0, sizeof(block_q5_0), 6, 2, -1, 16.0f);
             default: LCASE(GT_Q5_1, sizeof(block_q5_1), 8, 4, 2, 0.0f);
             }
 #undef LCASE
+#undef LCALL
             for (int j = 0; j < tc; j++) out[(size_t)(t + j) * ldo + r] = res[j];
         }
         t += tc;
@@ -734,6 +743,7 @@ static inline void gemv_q4_Kx8_tc(int n, const block_q4_Kx8 *w, const int TC, co
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     for (int b = 0; b < nb; b++) {
         const block_q4_Kx8 *B = w + b;
+        X8PREFETCH(B);
         __m256i isum[KX8TC];
         for (int t = 0; t < KX8TC; t++) isum[t] = _mm256_setzero_si256();
         for (int p = 0; p < 4; p++) {
@@ -831,13 +841,12 @@ static void gemm_q4_Kx8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
     int nb = n / QK_K;
     for (int g = g0; g < g1; g++) {
         const block_q4_Kx8 *grp = (const block_q4_Kx8 *)(w + (size_t)g * nb * sizeof(block_q4_Kx8));
-        int t = 0;
-        for (; t + KX8TC <= T; t += KX8TC)
-            gemv_q4_Kx8_tc(n, grp, KX8TC, xq + (size_t)t * n, xd + (size_t)t * nb, xb + (size_t)t * (n / 16),
-                           out + (size_t)t * ldo + 8 * g, ldo);
-        for (; t < T; t++)
-            gemv_q4_Kx8_tc(n, grp, 1, xq + (size_t)t * n, xd + (size_t)t * nb, xb + (size_t)t * (n / 16),
-                           out + (size_t)t * ldo + 8 * g, ldo);
+        FOR_TC(t, tc, T, KX8TC) {
+#define GO(TC) gemv_q4_Kx8_tc(n, grp, TC, xq + (size_t)t * n, xd + (size_t)t * nb, xb + (size_t)t * (n / 16), \
+                              out + (size_t)t * ldo + 8 * g, ldo)
+            TC_CONST(tc, GO);
+#undef GO
+        }
     }
 }
 

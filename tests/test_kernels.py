@@ -211,7 +211,8 @@ def test_batched_rows_equal_single_rows(K, qtype, cols):
 
 
 @pytest.mark.parametrize("qtype", [GT.Q4_0, GT.Q5_0, GT.Q8_0])
-@pytest.mark.parametrize("rows,cols,tokens", [(8, 32, 1), (16, 96, 5), (24, 544, 3), (64, 4128, 9)])
+@pytest.mark.parametrize("rows,cols,tokens", [(8, 32, 1), (16, 96, 5), (24, 544, 3), (64, 4128, 9),
+                                             (64, 4128, 2), (32, 4128, 3), (16, 96, 6), (16, 4128, 7)])
 def test_repacked_x8_gemm(K, qtype, rows, cols, tokens):
     """8-row groups (q4_0x8 / q5_0x8 / q8_0x8): same bytes in another order, same sums."""
     rng = np.random.default_rng(rows + cols)

@@ -86,15 +86,17 @@ def test_extreme_activations(K, qtype):
 
 
 @pytest.mark.parametrize("qtype", K_TYPES + LEGACY)
-def test_batched_and_threaded_equal_single(K, qtype):
-    """Each token's result does not depend on the others in the batch or on the thread split."""
+@pytest.mark.parametrize("T", [2, 3, 7, 9])
+def test_batched_and_threaded_equal_single(K, qtype, T):
+    """Each token's result does not depend on the others in the batch (passes of 4, 3, 2 and 1
+    tokens) or on the thread split."""
     rng = np.random.default_rng(7)
     cols = 512 if qtype in K_TYPES else 544
     raw, _ = random_blocks(rng, qtype, 33, cols)
-    x = rng.standard_normal((9, cols)).astype(np.float32)
-    batched = np.empty((9, 33), np.float32)
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    batched = np.empty((T, 33), np.float32)
     K.gemm(raw, int(qtype), cols, x, batched, 2)
-    for t in range(9):
+    for t in range(T):
         one = np.empty((1, 33), np.float32)
         K.gemm(raw, int(qtype), cols, x[t:t + 1], one, 1)
         assert np.array_equal(one[0], batched[t])
@@ -153,7 +155,8 @@ def test_q5_0_repacks_to_q5_0x8(ram_copy):
 
 
 
-@pytest.mark.parametrize("rows,cols,T", [(8, 256, 1), (16, 512, 5), (24, 4096, 9), (64, 4096, 4), (8, 768, 13)])
+@pytest.mark.parametrize("rows,cols,T", [(8, 256, 1), (16, 512, 5), (24, 4096, 9), (64, 4096, 4), (8, 768, 13),
+                                        (16, 4096, 2), (8, 512, 3), (8, 768, 7)])
 def test_q4_K_in_8_row_groups(K, rows, cols, T):
     """Q4_K repacked into 8-row groups (block_q4_Kx8, the layout K-quant mixes' Q4_K tensors run
     in): the file rows' sums (q8_K activations, float order aside), and a batch equals its tokens
