@@ -222,3 +222,54 @@ def test_a_reduced_draft_vocabulary_changes_guesses_not_output(tiny):
     d = m.cache.draft
     guesses, _ = d.propose(list(m.cache.tokens[:20]), 3, Sampler(temperature=0))
     assert all(g < 96 for g in guesses)
+
+
+def test_bench_draft_byte_model_and_routing(tiny):
+    """tools/bench_draft.py: the weight bytes a pass of T tokens reads (every tensor but the
+    embedding, routed experts by the expected share of k of n picked at random per token) and
+    its random-routing switch, which sends consecutive tokens to different experts and puts the
+    router back afterwards."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    import bench_draft
+    from glmcpu.gguf import GGUFFile
+    from glmcpu.models import glm4_moe
+    _, path, _ = tiny("glm4_moe", "q8_0", mtp=True, **VARIANTS[0])
+    m = glmcpu.load(path, draft="none")
+    cfg, f = m.cfg, GGUFFile(path)
+    n, k = cfg.n_expert, cfg.n_expert_used
+    mtp = f"blk.{cfg.n_layer}."
+    exps = sum(t.n_bytes for name, t in f.tensors.items() if "_exps." in name and not name.startswith(mtp))
+    rest = sum(t.n_bytes for name, t in f.tensors.items()
+               if "_exps." not in name and not name.startswith(mtp) and name != "token_embd.weight")
+    reads, guess = bench_draft.weight_bytes(path, cfg)
+    for T in (1, 2, 3, 4):
+        assert reads[T] == pytest.approx(rest + exps * (1 - (1 - k / n) ** T))
+    head = f.tensors.get("output.weight", f.tensors["token_embd.weight"]).n_bytes
+    _, small = bench_draft.weight_bytes(path, cfg, vocab=cfg.n_vocab // 4)
+    assert guess - small == pytest.approx(head * (1 - (cfg.n_vocab // 4) / cfg.n_vocab))
+    ids = make_ids(24, seed=3)
+
+    def routes():
+        seen, real = [], glm4_moe.Router.__call__
+
+        def record(self, x, th):
+            r = real(self, x, th)
+            seen.append(r[0].copy())
+            return r
+        glm4_moe.Router.__call__ = record
+        try:
+            m.net.forward(ids, m.net.new_cache(len(ids)))
+        finally:
+            glm4_moe.Router.__call__ = real
+        return np.concatenate(seen)
+
+    own = glm4_moe.Router.__call__
+    plain = routes()
+    assert np.array_equal(plain, routes())
+    with bench_draft.random_routing(True):
+        a, b = routes(), routes()
+        assert not np.array_equal(a, b) and not np.array_equal(a, plain)
+        assert all(len(set(r)) == k for r in a)
+        assert 0 <= bench_draft.expert_overlap(m, 24) < k
+    assert glm4_moe.Router.__call__ is own and np.array_equal(plain, routes())

@@ -11,9 +11,13 @@ a step and each kept with probability a (independently), a step yields (1 - a^(k
 tokens for one verification of k + 1 and k draft steps: the predicted speedup over plain
 decoding. For a file shallower than its model (random-weight test files), the prediction is also
 given at the real depth (--depth, default GLM-4.5-Air's 46 layers), scaling the measured layer
-time and keeping the head's.
+time and keeping the head's. For a file with an MTP block, the memory bound is printed too: the
+weight bytes each pass reads, from the file's tensor sizes (tokens routed at random, as in a
+random-weight file), and the speedup those bytes allow. Prompt lookup guesses cost nothing to
+make, so its prediction needs only the verification costs (dense files: `--depth` is not used).
 """
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -21,6 +25,8 @@ import numpy as np
 
 import glmcpu
 from glmcpu import ops
+from glmcpu.gguf import GGUFFile
+from glmcpu.models import glm4_moe
 
 
 def timed(fn, rounds):
@@ -36,6 +42,7 @@ def step_costs(m, rounds, prompt_len, vocab=None):
     net, head = m.net, m.net.draft_head()
     heads = {}
     if head:                                   # the full head, and the reduced one in the same rounds
+        head.limit_vocab(None)
         heads["mtp draft"] = head.head
         if vocab:
             head.limit_vocab(vocab)
@@ -79,6 +86,75 @@ def step_costs(m, rounds, prompt_len, vocab=None):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def weight_bytes(path, cfg, vocab=None):
+    """The memory bound, from the file's tensor sizes: bytes a pass of T positions reads (every
+    weight once, routed experts once per distinct expert, tokens routed at random: 1 - (1 - k/n)^T
+    of each layer's experts) and one MTP guess reads; the token embedding is a row per token."""
+    f = GGUFFile(path)
+    n, k = max(cfg.n_expert, 1), cfg.n_expert_used
+    frac = min(vocab, cfg.n_vocab) / cfg.n_vocab if vocab else 1.0
+    nextn = tuple(f"blk.{i}." for i in range(cfg.n_layer, cfg.n_layer + cfg.n_nextn))
+    main = {"shared": 0, "experts": 0}
+    draft = {"shared": 0, "experts": 0, "head": 0}
+    for name, t in f.tensors.items():
+        if name == "token_embd.weight" or name.endswith(".nextn.embed_tokens.weight"):
+            continue                                            # a row per token
+        part = draft if name.startswith(nextn) else main
+        if name.endswith(".nextn.shared_head_head.weight"):
+            draft["head"] += t.n_bytes * frac
+        else:
+            part["experts" if "_exps." in name else "shared"] += t.n_bytes
+    if not draft["head"]:                                       # the MTP block uses the model's head
+        draft["head"] = f.tensors.get("output.weight", f.tensors["token_embd.weight"]).n_bytes * frac
+
+    def reads(T):
+        return main["shared"] + main["experts"] * (1 - (1 - k / n) ** T)
+    guess = draft["shared"] + draft["experts"] * k / n + draft["head"]
+    return {T: reads(T) for T in (1, 2, 3, 4)}, guess
+
+
+@contextlib.contextmanager
+def random_routing(on, seed=0):
+    """Route every token to k experts drawn at random (its own draw per token), keeping the
+    router's work and weights. A random-weight file's hidden states are nearly the same for every
+    token (its layers' outputs swamp the tiny embeddings), so its own router sends all tokens to
+    the same experts: the best case for a check of several tokens. Random routing is the worst;
+    a trained model's consecutive tokens lie between."""
+    if not on:
+        yield
+        return
+    rng = np.random.default_rng(seed)
+    own = glm4_moe.Router.__call__
+
+    def route(self, x, th):
+        idx, w = own(self, x, th)
+        idx = np.stack([rng.choice(self.cfg.n_expert, idx.shape[1], replace=False) for _ in idx])
+        return idx.astype(np.int32), w
+    glm4_moe.Router.__call__ = route
+    try:
+        yield
+    finally:
+        glm4_moe.Router.__call__ = own
+
+
+def expert_overlap(m, prompt_len):
+    """Mean experts shared by consecutive tokens of a random prompt, over the MoE layers."""
+    seen = []
+    own = glm4_moe.Router.__call__
+
+    def route(self, x, th):
+        idx, w = own(self, x, th)
+        seen.append(idx)
+        return idx, w
+    glm4_moe.Router.__call__ = route
+    try:
+        ids = [int(i) for i in np.random.default_rng(1).integers(0, m.cfg.n_vocab, prompt_len)]
+        m.net.forward(ids, m.net.new_cache(prompt_len))
+    finally:
+        glm4_moe.Router.__call__ = own
+    return float(np.mean([len(set(a[t]) & set(a[t + 1])) for a in seen for t in range(len(a) - 1)]))
+
+
 def predict(c, k, a, depth_scale=1.0, draft="mtp draft"):
     """Speedup of k guesses a step at acceptance a, from step costs c (seconds)."""
     def cost(T):
@@ -119,17 +195,37 @@ def main():
     m = glmcpu.load(a.model, threads=a.threads, draft="none")
     print(f"{a.model}: {m.cfg.arch}, {m.cfg.n_layer} layers (+{m.cfg.n_nextn} MTP), kernels {ops.VARIANT}, "
           f"{m.threads} threads")
-    c = step_costs(m, a.rounds, a.prompt, a.draft_vocab)
-    base = c["step 1"]
-    print("step costs (median of %d): " % a.rounds + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / base:.2f}x)"
-                                                            for k, v in c.items()))
-    scale = a.depth / m.cfg.n_layer
-    for key in [k for k in c if k.startswith("mtp draft")]:
-        for k in (1, 2):
-            row = ", ".join(f"a={acc}: {predict(c, k, acc, draft=key):.2f}x" for acc in (0.6, 0.7, 0.8))
-            deep = ", ".join(f"a={acc}: {predict(c, k, acc, scale, key):.2f}x" for acc in (0.6, 0.7, 0.8))
-            print(f"predicted speedup ({key}), {k} guess{'es' if k > 1 else ''} a step: {row}"
-                  + (f" | at {a.depth} layers: {deep}" if scale != 1 else ""))
+    scale = a.depth / m.cfg.n_layer if m.cfg.n_nextn else 1.0
+    routings = ["file"]
+    if m.cfg.n_expert:
+        shared = expert_overlap(m, a.prompt)
+        print(f"this file's routing: consecutive prompt tokens share {shared:.2f} of {m.cfg.n_expert_used} "
+              f"experts per MoE layer (tokens routed at random would share "
+              f"{m.cfg.n_expert_used ** 2 / m.cfg.n_expert:.2f})")
+        routings.append("random")
+    for routing in routings:
+        with random_routing(routing == "random"):
+            c = step_costs(m, a.rounds, a.prompt, a.draft_vocab)
+        base = c["step 1"]
+        print(f"[{routing} routing] step costs (median of {a.rounds}): "
+              + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / base:.2f}x)" for k, v in c.items()))
+        c["lookup"] = 0.0                       # a prompt-lookup guess costs no weight reads
+        for key in [k for k in c if k.startswith("mtp draft")] + ["lookup"]:
+            for k in ((1, 2) if key != "lookup" else (1, 2, 3)):
+                row = ", ".join(f"a={acc}: {predict(c, k, acc, draft=key):.2f}x" for acc in (0.6, 0.7, 0.8))
+                deep = ", ".join(f"a={acc}: {predict(c, k, acc, scale, key):.2f}x" for acc in (0.6, 0.7, 0.8))
+                print(f"  predicted speedup ({key}), {k} guess{'es' if k > 1 else ''} a step: {row}"
+                      + (f" | at {a.depth} layers: {deep}" if scale != 1 else ""))
+    if m.cfg.n_nextn:
+        reads, guess = weight_bytes(a.model, m.cfg, a.draft_vocab)
+        base = reads[1]
+        print("memory bound (weight bytes a pass reads, random routing): "
+              + ", ".join(f"{T} tokens {reads[T] / 1e6:.0f} MB ({reads[T] / base:.2f}x)" for T in (1, 2, 3, 4))
+              + f", one MTP guess{f' ({a.draft_vocab} ids)' if a.draft_vocab else ''} {guess / base:.2f}x")
+        for acc in (0.6, 0.7, 0.8):
+            print(f"  at acceptance {acc}, 1 guess a step: at most {(1 + acc) * base / (reads[2] + guess):.2f}x "
+                  f"({(1 + acc) * base / reads[2]:.2f}x if the guess were free); 2 guesses: at most "
+                  f"{(1 + acc + acc * acc) * base / (reads[3] + 2 * guess):.2f}x")
     if a.generate:
         res, text = generation(a.model, a.generate, a.runs, a.threads, a.draft_vocab)
         base = statistics.median(r[0] for r in res["none"])
