@@ -526,7 +526,7 @@ _Static_assert(sizeof(block_q4_0x8) == 144, "q4_0x8 block is 144 bytes");
 /* 8 rows x TC tokens (TC <= TCMAX) from one group: out[t*ldo + r]. Each token's sums run in the
  * same order whatever TC is, so batched and single-token results are bit-identical. */
 static inline void gemv_q4_0x8_tc(int n, const block_q4_0x8 *w, const int TC, const int8_t *xq,
-                                  const float *xd, const float *xs, float *out, int ldo) {
+                                  const float *xd, const float *xs, float *out, int ldo, int pf) {
     int nb = n / QK;
 #if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
     __m256 acc[TCMAX];
@@ -534,7 +534,7 @@ static inline void gemv_q4_0x8_tc(int n, const block_q4_0x8 *w, const int TC, co
     const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     for (int b = 0; b < nb; b++) {
         __m256i lo[4], hi[4];
-        X8PREFETCH(w + b);
+        if (pf) X8PREFETCH(w + b);
         for (int k = 0; k < 4; k++) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * k));
             lo[k] = _mm256_and_si256(v, m4);
@@ -594,7 +594,7 @@ static inline void gemv_q4_0x8_tc(int n, const block_q4_0x8 *w, const int TC, co
 /* Two adjacent groups (16 rows) in 512-bit registers: the same per-lane arithmetic as
  * gemv_q4_0x8_tc, so the results equal two calls of it bit for bit. */
 static inline void gemv_q4_0x8x2_tc(int n, const block_q4_0x8 *w0, const block_q4_0x8 *w1, const int TC,
-                                    const int8_t *xq, const float *xd, const float *xs, float *out, int ldo) {
+                                    const int8_t *xq, const float *xd, const float *xs, float *out, int ldo, int pf) {
     int nb = n / QK;
     __m512 acc[TCMAX];
     for (int t = 0; t < TCMAX; t++) acc[t] = _mm512_setzero_ps();
@@ -604,8 +604,8 @@ static inline void gemv_q4_0x8x2_tc(int n, const block_q4_0x8 *w0, const block_q
 #endif
     for (int b = 0; b < nb; b++) {
         __m512i lo[4], hi[4];
-        X8PREFETCH(w0 + b);
-        X8PREFETCH(w1 + b);
+        if (pf) X8PREFETCH(w0 + b);
+        if (pf) X8PREFETCH(w1 + b);
         for (int k = 0; k < 4; k++) {
             __m512i v = _mm512_inserti64x4(
                 _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w0[b].qs + 32 * k))),
@@ -660,7 +660,7 @@ static void gemm_q4_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
         const block_q4_0x8 *a = (const block_q4_0x8 *)(w + (size_t)g * nb * sizeof(block_q4_0x8));
         FOR_TC(t, tc, T, TCMAX) {
 #define GO(TC) gemv_q4_0x8x2_tc(n, a, a + nb, TC, xq + (size_t)t * n, xd + (size_t)t * nb, \
-                                xs + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo)
+                                xs + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo, t == 0)
             TC_CONST(tc, GO);
 #undef GO
         }
@@ -670,7 +670,7 @@ static void gemm_q4_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
         const block_q4_0x8 *grp = (const block_q4_0x8 *)(w + (size_t)g * nb * sizeof(block_q4_0x8));
         FOR_TC(t, tc, T, TCMAX) {
 #define GO(TC) gemv_q4_0x8_tc(n, grp, TC, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb, \
-                              out + (size_t)t * ldo + 8 * g, ldo)
+                              out + (size_t)t * ldo + 8 * g, ldo, t == 0)
             TC_CONST(tc, GO);
 #undef GO
         }
@@ -684,14 +684,14 @@ typedef struct { uint16_t d[8]; int8_t qs[256]; } block_q8_0x8;
 _Static_assert(sizeof(block_q8_0x8) == 272, "q8_0x8 block is 272 bytes");
 
 static inline void gemv_q8_0x8_tc(int n, const block_q8_0x8 *w, const int TC, const int8_t *xq,
-                                  const float *xd, float *out, int ldo) {
+                                  const float *xd, float *out, int ldo, int pf) {
     int nb = n / QK;
 #if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
     __m256 acc[TCMAX];
     for (int t = 0; t < TCMAX; t++) acc[t] = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1);
     for (int b = 0; b < nb; b++) {
-        X8PREFETCH(w + b);
+        if (pf) X8PREFETCH(w + b);
         __m256i q[8], aq[8];
         for (int k = 0; k < 8; k++) {
             q[k] = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * k));
@@ -739,7 +739,7 @@ static void gemm_q8_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
     for (int g = g0; g < g1; g++) {
         const block_q8_0x8 *grp = (const block_q8_0x8 *)(w + (size_t)g * nb * sizeof(block_q8_0x8));
         FOR_TC(t, tc, T, TCMAX) {
-#define GO(TC) gemv_q8_0x8_tc(n, grp, TC, xq + (size_t)t * n, xd + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo)
+#define GO(TC) gemv_q8_0x8_tc(n, grp, TC, xq + (size_t)t * n, xd + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo, t == 0)
             TC_CONST(tc, GO);
 #undef GO
         }
@@ -758,7 +758,7 @@ typedef struct { uint16_t d[8]; uint32_t h[8]; uint8_t qs[128]; } block_q5_0x8;
 _Static_assert(sizeof(block_q5_0x8) == 176, "q5_0x8 block is 176 bytes");
 
 static inline void gemv_q5_0x8_tc(int n, const block_q5_0x8 *w, const int TC, const int8_t *xq,
-                                  const float *xd, const float *xs, float *out, int ldo) {
+                                  const float *xd, const float *xs, float *out, int ldo, int pf) {
     int nb = n / QK;
 #if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
     __m256 acc[TCMAX];
@@ -768,7 +768,7 @@ static inline void gemv_q5_0x8_tc(int n, const block_q5_0x8 *w, const int TC, co
     const __m256i ones = _mm256_set1_epi16(1);
 #endif
     for (int b = 0; b < nb; b++) {
-        X8PREFETCH(w + b);
+        if (pf) X8PREFETCH(w + b);
         __m256i lo[4], hi[4];
         const __m256i h = _mm256_loadu_si256((const __m256i *)w[b].h);
 #define Q5_LOAD(k) do { \
@@ -837,7 +837,7 @@ static inline void gemv_q5_0x8_tc(int n, const block_q5_0x8 *w, const int TC, co
 /* Two adjacent groups (16 rows) in 512-bit registers, for prompts: the same per-lane arithmetic
  * as gemv_q5_0x8_tc, so the results equal two calls of it bit for bit. */
 static inline void gemv_q5_0x8x2_tc(int n, const block_q5_0x8 *w0, const block_q5_0x8 *w1, const int TC,
-                                    const int8_t *xq, const float *xd, const float *xs, float *out, int ldo) {
+                                    const int8_t *xq, const float *xd, const float *xs, float *out, int ldo, int pf) {
     int nb = n / QK;
     __m512 acc[TCMAX];
     for (int t = 0; t < TCMAX; t++) acc[t] = _mm512_setzero_ps();
@@ -846,8 +846,8 @@ static inline void gemv_q5_0x8x2_tc(int n, const block_q5_0x8 *w0, const block_q
     const __m512i ones = _mm512_set1_epi16(1);
 #endif
     for (int b = 0; b < nb; b++) {
-        X8PREFETCH(w0 + b);
-        X8PREFETCH(w1 + b);
+        if (pf) X8PREFETCH(w0 + b);
+        if (pf) X8PREFETCH(w1 + b);
         __m512i lo[4], hi[4];
         const __m512i h = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)w0[b].h)),
                                              _mm256_loadu_si256((const __m256i *)w1[b].h), 1);
@@ -902,7 +902,7 @@ static void gemm_q5_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
         const block_q5_0x8 *a = (const block_q5_0x8 *)(w + (size_t)g * nb * sizeof(block_q5_0x8));
         FOR_TC(t, tc, T, TCMAX) {
 #define GO(TC) gemv_q5_0x8x2_tc(n, a, a + nb, TC, xq + (size_t)t * n, xd + (size_t)t * nb, \
-                                xs + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo)
+                                xs + (size_t)t * nb, out + (size_t)t * ldo + 8 * g, ldo, t == 0)
             TC_CONST(tc, GO);
 #undef GO
         }
@@ -912,7 +912,7 @@ static void gemm_q5_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
         const block_q5_0x8 *grp = (const block_q5_0x8 *)(w + (size_t)g * nb * sizeof(block_q5_0x8));
         FOR_TC(t, tc, T, TCMAX) {
 #define GO(TC) gemv_q5_0x8_tc(n, grp, TC, xq + (size_t)t * n, xd + (size_t)t * nb, xs + (size_t)t * nb, \
-                              out + (size_t)t * ldo + 8 * g, ldo)
+                              out + (size_t)t * ldo + 8 * g, ldo, t == 0)
             TC_CONST(tc, GO);
 #undef GO
         }

@@ -296,7 +296,8 @@ GLMCPU_INLINE void add_block_k(const __m256i q[8], const __m256i sc[8], __m256i 
  * past the row's end is harmless for a prefetch) */
 #define KPREFETCH(p, size) do { const char *pf_ = (const char *)(p); \
     for (size_t o_ = 0; o_ < (size); o_ += 64) _mm_prefetch(pf_ + o_, _MM_HINT_T0); } while (0)
-/* the 8-row group kernels: a block PFD bytes ahead. With 2+ tokens a block's arithmetic outlasts
+/* the 8-row group kernels: a block PFD bytes ahead, on the first pass over a group (later token
+ * chunks find it in cache). With 2+ tokens a block's arithmetic outlasts
  * the hardware prefetcher's lead (a 2-token pass over a 151k x 4096 Q4_0 head: 12-15 ms -> 10-12,
  * one token unchanged; tools/bench_draft.py) */
 #define PFD 1024
@@ -735,7 +736,7 @@ _Static_assert(sizeof(block_q4_Kx8) == 1184, "q4_Kx8 block is 1184 bytes");
 #endif
 
 static inline void gemv_q4_Kx8_tc(int n, const block_q4_Kx8 *w, const int TC, const int8_t *xq,
-                                  const float *xd, const int16_t *xb, float *out, int ldo) {
+                                  const float *xd, const int16_t *xb, float *out, int ldo, int pf) {
     int nb = n / QK_K;
 #if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
     __m256 acc[KX8TC];
@@ -743,7 +744,7 @@ static inline void gemv_q4_Kx8_tc(int n, const block_q4_Kx8 *w, const int TC, co
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     for (int b = 0; b < nb; b++) {
         const block_q4_Kx8 *B = w + b;
-        X8PREFETCH(B);
+        if (pf) X8PREFETCH(B);
         __m256i isum[KX8TC];
         for (int t = 0; t < KX8TC; t++) isum[t] = _mm256_setzero_si256();
         for (int p = 0; p < 4; p++) {
@@ -843,7 +844,7 @@ static void gemm_q4_Kx8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
         const block_q4_Kx8 *grp = (const block_q4_Kx8 *)(w + (size_t)g * nb * sizeof(block_q4_Kx8));
         FOR_TC(t, tc, T, KX8TC) {
 #define GO(TC) gemv_q4_Kx8_tc(n, grp, TC, xq + (size_t)t * n, xd + (size_t)t * nb, xb + (size_t)t * (n / 16), \
-                              out + (size_t)t * ldo + 8 * g, ldo)
+                              out + (size_t)t * ldo + 8 * g, ldo, t == 0)
             TC_CONST(tc, GO);
 #undef GO
         }
