@@ -580,29 +580,25 @@ GLMCPU_INLINE void vec_dot4_q3_K_q8_K(int n, const block_q3_K *w, const int TC, 
 static void gemm_rows_k(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1, int T,
                         const int8_t *xq, const float *xd, const int16_t *xb, float *out, int ldo) {
     for (int rb = r0; rb < r1; rb += KROWS)
-    for (int t = 0; t < T;) {
-        int tc = T - t >= 4 ? 4 : T - t;
+    FOR_TC(t, tc, T, 4) {
         for (int r = rb; r < r1 && r < rb + KROWS; r++) {
             const uint8_t *row = w + (size_t)r * row_bytes;
             float res[4];
             const int8_t *q = KX(t);
             const float *d = KD(t);
             const int16_t *s = KB(t);
-#define KCALL(name, blk, TC) name(n, (const blk *)row, TC, q, d, s, res)
-#define KCASE(tp, name, blk) case tp: switch (tc) { case 4: KCALL(name, blk, 4); break; \
-    case 3: KCALL(name, blk, 3); break; case 2: KCALL(name, blk, 2); break; default: KCALL(name, blk, 1); } break
-            switch (type) {
-            KCASE(GT_Q2_K, vec_dot4_q2_K_q8_K, block_q2_K);
-            KCASE(GT_Q3_K, vec_dot4_q3_K_q8_K, block_q3_K);
-            KCASE(GT_Q4_K, vec_dot4_q4_K_q8_K, block_q4_K);
-            KCASE(GT_Q5_K, vec_dot4_q5_K_q8_K, block_q5_K);
-            default: KCASE(GT_Q6_K, vec_dot4_q6_K_q8_K, block_q6_K);
-            }
+#define KCASE(tp, name, blk, TC) case tp: name(n, (const blk *)row, TC, q, d, s, res); break
+#define KTYPES(TC) switch (type) { \
+            KCASE(GT_Q2_K, vec_dot4_q2_K_q8_K, block_q2_K, TC); \
+            KCASE(GT_Q3_K, vec_dot4_q3_K_q8_K, block_q3_K, TC); \
+            KCASE(GT_Q4_K, vec_dot4_q4_K_q8_K, block_q4_K, TC); \
+            KCASE(GT_Q5_K, vec_dot4_q5_K_q8_K, block_q5_K, TC); \
+            default: KCASE(GT_Q6_K, vec_dot4_q6_K_q8_K, block_q6_K, TC); }
+            TC_CONST(tc, KTYPES);
+#undef KTYPES
 #undef KCASE
-#undef KCALL
             for (int j = 0; j < tc; j++) out[(size_t)(t + j) * ldo + r] = res[j];
         }
-        t += tc;
     }
 }
 #undef KX
@@ -688,27 +684,23 @@ static void gemm_rows_legacy(int type, int n, const uint8_t *w, size_t row_bytes
                              const int8_t *xq, const float *xd, const float *xs, float *out, int ldo) {
     int nb = n / QK;
     for (int rb = r0; rb < r1; rb += KROWS)
-    for (int t = 0; t < T;) {
-        int tc = T - t >= 4 ? 4 : T - t;
+    FOR_TC(t, tc, T, 4) {
         for (int r = rb; r < r1 && r < rb + KROWS; r++) {
             const uint8_t *row = w + (size_t)r * row_bytes;
             float res[4];
             const int8_t *q = xq + (size_t)t * n;
             const float *d = xd + (size_t)t * nb, *s = xs + (size_t)t * nb;
-#define LCALL(bsize, qs_at, qh_at, m_at, off, TC) vec_dot4_q45_q8_0(n, row, bsize, qs_at, qh_at, m_at, off, TC, q, d, s, res)
-#define LCASE(tp, bsize, qs_at, qh_at, m_at, off) case tp: switch (tc) { \
-    case 4: LCALL(bsize, qs_at, qh_at, m_at, off, 4); break; case 3: LCALL(bsize, qs_at, qh_at, m_at, off, 3); break; \
-    case 2: LCALL(bsize, qs_at, qh_at, m_at, off, 2); break; default: LCALL(bsize, qs_at, qh_at, m_at, off, 1); } break
-            switch (type) {                     /* byte offsets of qs, qh, m in the block */
-            LCASE(GT_Q4_1, sizeof(block_q4_1), 4, -1, 2, 0.0f);
-            LCASE(GT_Q5_0, sizeof(block_q5_0), 6, 2, -1, 16.0f);
-            default: LCASE(GT_Q5_1, sizeof(block_q5_1), 8, 4, 2, 0.0f);
-            }
+#define LCASE(tp, bsize, qs_at, qh_at, m_at, off, TC) case tp: \
+            vec_dot4_q45_q8_0(n, row, bsize, qs_at, qh_at, m_at, off, TC, q, d, s, res); break
+#define LTYPES(TC) switch (type) {              /* byte offsets of qs, qh, m in the block */ \
+            LCASE(GT_Q4_1, sizeof(block_q4_1), 4, -1, 2, 0.0f, TC); \
+            LCASE(GT_Q5_0, sizeof(block_q5_0), 6, 2, -1, 16.0f, TC); \
+            default: LCASE(GT_Q5_1, sizeof(block_q5_1), 8, 4, 2, 0.0f, TC); }
+            TC_CONST(tc, LTYPES);
+#undef LTYPES
 #undef LCASE
-#undef LCALL
             for (int j = 0; j < tc; j++) out[(size_t)(t + j) * ldo + r] = res[j];
         }
-        t += tc;
     }
 }
 

@@ -232,42 +232,30 @@ def test_bench_draft_byte_model_and_routing(tiny):
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
     import bench_draft
-    from glmcpu.gguf import GGUFFile
     from glmcpu.models import glm4_moe
     _, path, _ = tiny("glm4_moe", "q8_0", mtp=True, **VARIANTS[0])
     m = glmcpu.load(path, draft="none")
-    cfg, f = m.cfg, GGUFFile(path)
+    cfg, f = m.cfg, m.net.file
     n, k = cfg.n_expert, cfg.n_expert_used
     mtp = f"blk.{cfg.n_layer}."
     exps = sum(t.n_bytes for name, t in f.tensors.items() if "_exps." in name and not name.startswith(mtp))
     rest = sum(t.n_bytes for name, t in f.tensors.items()
                if "_exps." not in name and not name.startswith(mtp) and name != "token_embd.weight")
-    reads, guess = bench_draft.weight_bytes(path, cfg)
+    reads, guess = bench_draft.weight_bytes(f, cfg)
     for T in (1, 2, 3, 4):
         assert reads[T] == pytest.approx(rest + exps * (1 - (1 - k / n) ** T))
     head = f.tensors.get("output.weight", f.tensors["token_embd.weight"]).n_bytes
-    _, small = bench_draft.weight_bytes(path, cfg, vocab=cfg.n_vocab // 4)
+    _, small = bench_draft.weight_bytes(f, cfg, vocab=cfg.n_vocab // 4)
     assert guess - small == pytest.approx(head * (1 - (cfg.n_vocab // 4) / cfg.n_vocab))
     ids = make_ids(24, seed=3)
 
     def routes():
-        seen, real = [], glm4_moe.Router.__call__
-
-        def record(self, x, th):
-            r = real(self, x, th)
-            seen.append(r[0].copy())
-            return r
-        glm4_moe.Router.__call__ = record
-        try:
-            m.net.forward(ids, m.net.new_cache(len(ids)))
-        finally:
-            glm4_moe.Router.__call__ = real
-        return np.concatenate(seen)
+        return np.concatenate(bench_draft.routes(m, ids))
 
     own = glm4_moe.Router.__call__
     plain = routes()
     assert np.array_equal(plain, routes())
-    with bench_draft.random_routing(True):
+    with bench_draft.random_routing():
         a, b = routes(), routes()
         assert not np.array_equal(a, b) and not np.array_equal(a, plain)
         assert all(len(set(r)) == k for r in a)

@@ -25,7 +25,6 @@ import numpy as np
 
 import glmcpu
 from glmcpu import ops
-from glmcpu.gguf import GGUFFile
 from glmcpu.models import glm4_moe
 
 
@@ -86,11 +85,11 @@ def step_costs(m, rounds, prompt_len, vocab=None):
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def weight_bytes(path, cfg, vocab=None):
+def weight_bytes(f, cfg, vocab=None):
     """The memory bound, from the file's tensor sizes: bytes a pass of T positions reads (every
     weight once, routed experts once per distinct expert, tokens routed at random: 1 - (1 - k/n)^T
-    of each layer's experts) and one MTP guess reads; the token embedding is a row per token."""
-    f = GGUFFile(path)
+    of each layer's experts) and one MTP guess reads; the token embedding is a row per token.
+    f: the model's GGUFFile."""
     n, k = max(cfg.n_expert, 1), cfg.n_expert_used
     frac = min(vocab, cfg.n_vocab) / cfg.n_vocab if vocab else 1.0
     nextn = tuple(f"blk.{i}." for i in range(cfg.n_layer, cfg.n_layer + cfg.n_nextn))
@@ -114,45 +113,52 @@ def weight_bytes(path, cfg, vocab=None):
 
 
 @contextlib.contextmanager
-def random_routing(on, seed=0):
+def router_wrapped(wrap):
+    """Within the block, every MoE router calls wrap(its own __call__) instead."""
+    own = glm4_moe.Router.__call__
+    glm4_moe.Router.__call__ = wrap(own)
+    try:
+        yield
+    finally:
+        glm4_moe.Router.__call__ = own
+
+
+def random_routing(seed=0):
     """Route every token to k experts drawn at random (its own draw per token), keeping the
     router's work and weights. A random-weight file's hidden states are nearly the same for every
     token (its layers' outputs swamp the tiny embeddings), so its own router sends all tokens to
     the same experts: the best case for a check of several tokens. Random routing is the worst;
     a trained model's consecutive tokens lie between."""
-    if not on:
-        yield
-        return
     rng = np.random.default_rng(seed)
-    own = glm4_moe.Router.__call__
 
-    def route(self, x, th):
-        idx, w = own(self, x, th)
-        idx = np.stack([rng.choice(self.cfg.n_expert, idx.shape[1], replace=False) for _ in idx])
-        return idx.astype(np.int32), w
-    glm4_moe.Router.__call__ = route
-    try:
-        yield
-    finally:
-        glm4_moe.Router.__call__ = own
+    def wrap(own):
+        def route(self, x, th):
+            idx, w = own(self, x, th)
+            idx = np.stack([rng.choice(self.cfg.n_expert, idx.shape[1], replace=False) for _ in idx])
+            return idx.astype(np.int32), w
+        return route
+    return router_wrapped(wrap)
+
+
+def routes(m, ids):
+    """The experts each MoE layer picks for the tokens ids (a fresh cache): a list of [T, k]."""
+    seen = []
+
+    def wrap(own):
+        def route(self, x, th):
+            idx, w = own(self, x, th)
+            seen.append(idx.copy())
+            return idx, w
+        return route
+    with router_wrapped(wrap):
+        m.net.forward(ids, m.net.new_cache(len(ids)))
+    return seen
 
 
 def expert_overlap(m, prompt_len):
     """Mean experts shared by consecutive tokens of a random prompt, over the MoE layers."""
-    seen = []
-    own = glm4_moe.Router.__call__
-
-    def route(self, x, th):
-        idx, w = own(self, x, th)
-        seen.append(idx)
-        return idx, w
-    glm4_moe.Router.__call__ = route
-    try:
-        ids = [int(i) for i in np.random.default_rng(1).integers(0, m.cfg.n_vocab, prompt_len)]
-        m.net.forward(ids, m.net.new_cache(prompt_len))
-    finally:
-        glm4_moe.Router.__call__ = own
-    return float(np.mean([len(set(a[t]) & set(a[t + 1])) for a in seen for t in range(len(a) - 1)]))
+    ids = [int(i) for i in np.random.default_rng(1).integers(0, m.cfg.n_vocab, prompt_len)]
+    return float(np.mean([len(set(a[t]) & set(a[t + 1])) for a in routes(m, ids) for t in range(len(a) - 1)]))
 
 
 def predict(c, k, a, depth_scale=1.0, draft="mtp draft"):
@@ -204,7 +210,7 @@ def main():
               f"{m.cfg.n_expert_used ** 2 / m.cfg.n_expert:.2f})")
         routings.append("random")
     for routing in routings:
-        with random_routing(routing == "random"):
+        with random_routing() if routing == "random" else contextlib.nullcontext():
             c = step_costs(m, a.rounds, a.prompt, a.draft_vocab)
         base = c["step 1"]
         print(f"[{routing} routing] step costs (median of {a.rounds}): "
@@ -217,7 +223,7 @@ def main():
                 print(f"  predicted speedup ({key}), {k} guess{'es' if k > 1 else ''} a step: {row}"
                       + (f" | at {a.depth} layers: {deep}" if scale != 1 else ""))
     if m.cfg.n_nextn:
-        reads, guess = weight_bytes(a.model, m.cfg, a.draft_vocab)
+        reads, guess = weight_bytes(m.net.file, m.cfg, a.draft_vocab)
         base = reads[1]
         print("memory bound (weight bytes a pass reads, random routing): "
               + ", ".join(f"{T} tokens {reads[T] / 1e6:.0f} MB ({reads[T] / base:.2f}x)" for T in (1, 2, 3, 4))
