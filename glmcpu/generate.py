@@ -8,8 +8,8 @@ from .errors import ContextOverflow, GlmcpuError
 
 PREFILL_CHUNK = 256     # tokens per prefill step: bounds activation memory, keeps weights hot
 # A draft whose guesses are kept this rarely costs more than it gives (a 2-token check of a MoE
-# model reads ~1.25x the bytes of one token, the MTP step ~0.1-0.3x): after DRAFT_TRIAL guesses
-# below MIN_ACCEPTANCE, the rest of the generation decodes plainly.
+# model reads 1-1.35x the bytes of one token, by how many experts the tokens share; the MTP step
+# ~0.1-0.3x): after DRAFT_TRIAL guesses below MIN_ACCEPTANCE, the rest decodes plainly.
 MIN_ACCEPTANCE, DRAFT_TRIAL = 0.4, 24
 
 
