@@ -9,8 +9,10 @@ from .errors import ContextOverflow, GlmcpuError
 PREFILL_CHUNK = 256     # tokens per prefill step: bounds activation memory, keeps weights hot
 # A draft whose guesses are kept this rarely costs more than it gives (a 2-token check of a MoE
 # model reads 1-1.35x the bytes of one token, by how many experts the tokens share; the MTP step
-# ~0.1-0.3x): after DRAFT_TRIAL guesses below MIN_ACCEPTANCE, the rest decodes plainly.
-MIN_ACCEPTANCE, DRAFT_TRIAL = 0.4, 24
+# ~0.1-0.3x): after DRAFT_TRIAL guesses below MIN_ACCEPTANCE, the rest decodes plainly. Above it,
+# PLAIN_PROBE plain steps are timed, and drafting goes on only if its tokens/s were higher (what
+# a check costs depends on the machine's cores and bandwidth, not on acceptance alone).
+MIN_ACCEPTANCE, DRAFT_TRIAL, PLAIN_PROBE = 0.4, 24, 4
 
 
 def prefill(model, cache, ids, all_logits=False, chunk=PREFILL_CHUNK, progress=None, draft=None) -> np.ndarray:
@@ -72,8 +74,14 @@ def generate_ids(model, cache, prompt_ids, sampler, max_tokens, stop_ids, stats,
     check_finite(logits[-1], cache.pos)
     history = list(prompt_ids)
     new = [sampler(logits[-1], history)]     # tokens decided, not yet yielded (nor in the cache)
+    spent = {True: [0.0, 0], False: [0.0, 0]}   # drafted / plain steps: [seconds, tokens]
+    step = None                                 # the last step drafted (True), plain (False), or none yet
     while True:
-        stats["gen_seconds"] += time.perf_counter() - t
+        dt = time.perf_counter() - t
+        stats["gen_seconds"] += dt
+        if step is not None:
+            spent[step][0] += dt
+            spent[step][1] += len(new)
         for tok in new:
             if tok in stop_ids or stats["gen_tokens"] >= max_tokens:
                 return
@@ -85,15 +93,16 @@ def generate_ids(model, cache, prompt_ids, sampler, max_tokens, stop_ids, stats,
         t = time.perf_counter()                 # time the work, not the consumer of the ids
         tok = history[-1]
         k = min(n_draft, max_tokens - stats["gen_tokens"] - 1, cache.n_ctx - cache.pos - 1)
-        if draft is not None and stats["drafted"] >= DRAFT_TRIAL and \
-                stats["accepted"] < MIN_ACCEPTANCE * stats["drafted"]:
+        if draft is not None and not pays(stats, spent):
             k = 0                                       # guesses that do not pay: decode plainly
+        step = False
         if draft is None or k <= 0:
             logits = forward(model, [tok], cache, False, draft)
             check_finite(logits[-1], cache.pos)
             new = [sampler(logits[-1], history)]
             continue
         drafts, dists = draft.propose(history, k, sampler)
+        step = bool(drafts)                             # a lookup may find nothing: a plain step
         start = cache.pos
         logits = forward(model, [tok] + drafts, cache, True, draft)
         check_finite(logits, start)
@@ -103,6 +112,18 @@ def generate_ids(model, cache, prompt_ids, sampler, max_tokens, stop_ids, stats,
         stats["drafted"] += len(drafts)
         stats["accepted"] += kept
         new = drafts[:kept] + [nxt]
+
+
+def pays(stats, spent) -> bool:
+    """Whether to draft the next step: through the trial guesses, then while guesses are kept
+    often enough; past the trial, once PLAIN_PROBE plain steps are timed, while drafted steps
+    gave more tokens a second than plain ones."""
+    if stats["drafted"] < DRAFT_TRIAL:
+        return True
+    if stats["accepted"] < MIN_ACCEPTANCE * stats["drafted"]:
+        return False
+    (ds, dn), (ps, pn) = spent[True], spent[False]
+    return pn >= PLAIN_PROBE and dn * ps >= pn * ds
 
 
 def check_finite(logits, pos):

@@ -261,3 +261,43 @@ def test_bench_draft_byte_model_and_routing(tiny):
         assert all(len(set(r)) == k for r in a)
         assert 0 <= bench_draft.expert_overlap(m, 24) < k
     assert glm4_moe.Router.__call__ is own and np.array_equal(plain, routes())
+
+
+def test_draft_policy():
+    """generate.pays: the trial guesses are drafted; past them, a draft kept too rarely stops;
+    otherwise PLAIN_PROBE plain steps are timed first, then drafting goes on only while its steps
+    give more tokens a second than plain ones."""
+    from glmcpu.generate import DRAFT_TRIAL, PLAIN_PROBE, pays
+    none = {True: [0.0, 0], False: [0.0, 0]}
+    assert pays(dict(drafted=0, accepted=0), none)
+    assert pays(dict(drafted=DRAFT_TRIAL - 1, accepted=0), none)
+    good = dict(drafted=DRAFT_TRIAL, accepted=DRAFT_TRIAL)
+    assert not pays(dict(drafted=DRAFT_TRIAL, accepted=0), none)
+    assert not pays(good, {True: [1.0, 40], False: [0.1, PLAIN_PROBE - 1]})     # still probing
+    assert pays(good, {True: [1.0, 40], False: [0.2, PLAIN_PROBE]})             # 40/s vs 20/s
+    assert not pays(good, {True: [1.0, 40], False: [0.05, PLAIN_PROBE]})        # 40/s vs 80/s
+
+
+def test_a_slow_draft_is_dropped_after_timing_plain_steps(tiny, monkeypatch):
+    """A draft that is always right but slower than decoding (its guesses cost 20 ms each) is
+    dropped once the plain steps are timed; the output is still plain decoding's."""
+    import time
+    from glmcpu import draft as draft_mod
+    from glmcpu.generate import DRAFT_TRIAL
+    _, path, _ = tiny()
+    prompt = make_ids(8, seed=5)
+    want = greedy(glmcpu.load(path, draft="none"), prompt, 120)
+    m = glmcpu.load(path, draft="lookup", draft_tokens=1)
+    own = draft_mod.LookupDraft.propose
+    oracle = glmcpu.load(path, draft="none")
+
+    def slow_right_guess(self, seq, k, sampler):
+        time.sleep(0.02)
+        return [int(np.argmax(oracle.logits(list(seq))[-1]))], None
+    monkeypatch.setattr(draft_mod.LookupDraft, "propose", slow_right_guess)
+    try:
+        assert greedy(m, prompt, 120) == want
+    finally:
+        monkeypatch.setattr(draft_mod.LookupDraft, "propose", own)
+    s = m.last_stats
+    assert s["accepted"] == s["drafted"] == DRAFT_TRIAL, s

@@ -125,10 +125,10 @@ def router_wrapped(wrap):
 
 def random_routing(seed=0):
     """Route every token to k experts drawn at random (its own draw per token), keeping the
-    router's work and weights. A random-weight file's hidden states are nearly the same for every
-    token (its layers' outputs swamp the tiny embeddings), so its own router sends all tokens to
-    the same experts: the best case for a check of several tokens. Random routing is the worst;
-    a trained model's consecutive tokens lie between."""
+    router's work and weights: the worst case for a check of several tokens (a trained model's
+    consecutive tokens share more experts), timed beside the file's own routing. A random-weight
+    file can route every token alike, the best case (tools/make_model.py did before it took
+    GPT-2's initialisation)."""
     rng = np.random.default_rng(seed)
 
     def wrap(own):

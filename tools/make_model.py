@@ -51,12 +51,14 @@ def random_weight(rng, rows, cols, qtype, std=STD):
             np.float16 if qtype == GT.F16 else np.float32)
     nb = cols // 32
     if qtype == GT.Q4_0:
-        blocks = rng.integers(0, 256, (rows, nb, 18), dtype=np.uint8)
-        d = STD / 4.6                                    # std of a uniform nibble - 8 is ~4.6
+        blocks = np.empty((rows, nb, 18), np.uint8)
+        q = rng.integers(1, 16, (rows, nb, 2, 16), dtype=np.uint8)   # values -7..7: mean 0, as a
+        blocks[..., 2:] = q[..., 0, :] | (q[..., 1, :] << 4)          # trained matrix's (0..15 has -0.5)
+        d = std / 4.32                                   # std of a uniform nibble - 8 in -7..7
     else:
         blocks = rng.integers(0, 256, (rows, nb, 34), dtype=np.uint8)
         blocks[..., 2:] = rng.integers(-127, 128, (rows, nb, 32), dtype=np.int8).view(np.uint8)
-        d = STD / 73.0                                   # std of uniform int8 in [-127, 127]
+        d = std / 73.0                                   # std of uniform int8 in [-127, 127]
     scales = (d * rng.uniform(0.5, 1.5, (rows, nb))).astype(np.float16)
     blocks[..., :2] = scales[..., None].view(np.uint8)
     return blocks.reshape(rows, -1)
@@ -110,9 +112,17 @@ def write(path, layers, qtype_name, arch="glm4", seed=0, shape=None, mtp=False):
     ones = np.ones(d, np.float32)
     raw = None if qtype in (GT.F16, GT.F32) else qtype
 
-    def weight(rows, cols):
-        return random_weight(rng, rows, cols, qtype, s.get("std", STD))
-    w.add_tensor("token_embd.weight", weight(s["vocab"], d), raw_dtype=raw)
+    # GPT-2's initialisation: unit embeddings, and the projections into the residual stream
+    # (attention output, FFN and expert down) scaled by 1/sqrt(2 x layers). With every weight at
+    # 0.02 the layers' outputs swamp the embeddings, every token's hidden state is the same, and a
+    # MoE router sends every token to the same experts (the best case for a batch of tokens);
+    # this way consecutive tokens share about as many experts as at random, somewhat more deeper.
+    std = s.get("std", STD)
+    res = std / np.sqrt(2 * max(layers, 1))
+
+    def weight(rows, cols, sd=std):
+        return random_weight(rng, rows, cols, qtype, sd)
+    w.add_tensor("token_embd.weight", weight(s["vocab"], d, s.get("embd_std", 1.0)), raw_dtype=raw)
     for i in range(layers + mtp):
         p = f"blk.{i}."
         w.add_tensor(p + "attn_norm.weight", ones)
@@ -126,7 +136,7 @@ def write(path, layers, qtype_name, arch="glm4", seed=0, shape=None, mtp=False):
             for n in ("attn_k", "attn_v"):
                 w.add_tensor(p + n + ".weight", weight(s["kv"] * s["head_dim"], d), raw_dtype=raw)
                 w.add_tensor(p + n + ".bias", np.zeros(s["kv"] * s["head_dim"], np.float32))
-        w.add_tensor(p + "attn_output.weight", weight(d, s["heads"] * s["head_dim"]), raw_dtype=raw)
+        w.add_tensor(p + "attn_output.weight", weight(d, s["heads"] * s["head_dim"], res), raw_dtype=raw)
         if arch == "glm4":
             w.add_tensor(p + "post_attention_norm.weight", ones)
         if arch == "glm4moe":                       # glm4moe's pre-FFN norm has this name
@@ -138,15 +148,16 @@ def write(path, layers, qtype_name, arch="glm4", seed=0, shape=None, mtp=False):
             w.add_tensor(p + "ffn_gate_inp.weight", (rng.standard_normal((E, d)) * STD).astype(np.float32))
             w.add_tensor(p + "exp_probs_b.bias", (rng.standard_normal(E) * 0.01).astype(np.float32))
             for n, rows, cols in (("gate", fe, d), ("up", fe, d), ("down", d, fe)):
-                exps = np.stack([weight(rows, cols) for _ in range(E)])
+                sd = res if n == "down" else std
+                exps = np.stack([weight(rows, cols, sd) for _ in range(E)])
                 w.add_tensor(p + f"ffn_{n}_exps.weight", exps, raw_dtype=raw)
-                w.add_tensor(p + f"ffn_{n}_shexp.weight", weight(rows, cols), raw_dtype=raw)
+                w.add_tensor(p + f"ffn_{n}_shexp.weight", weight(rows, cols, sd), raw_dtype=raw)
         elif arch == "glm4moe":
             for n, rows, cols in (("gate", s["ff"], d), ("up", s["ff"], d), ("down", d, s["ff"])):
-                w.add_tensor(p + f"ffn_{n}.weight", weight(rows, cols), raw_dtype=raw)
+                w.add_tensor(p + f"ffn_{n}.weight", weight(rows, cols, res if n == "down" else std), raw_dtype=raw)
         else:
             w.add_tensor(p + "ffn_up.weight", weight(2 * s["ff"], d), raw_dtype=raw)
-            w.add_tensor(p + "ffn_down.weight", weight(d, s["ff"]), raw_dtype=raw)
+            w.add_tensor(p + "ffn_down.weight", weight(d, s["ff"], res), raw_dtype=raw)
         if arch == "glm4":
             w.add_tensor(p + "post_ffw_norm.weight", ones)
         if i == layers:                             # the MTP block's own tensors
