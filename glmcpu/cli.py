@@ -1,7 +1,9 @@
 """glmcpu command line: run, serve, info, convert, quantize, pull, list, worker, keygen, plan."""
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -212,7 +214,11 @@ def load_model(a):
 
 
 def cmd_run(a):
-    model = load_model(a)
+    with load_model(a) as model:          # its workers are freed however this ends
+        return run_model(model, a)
+
+
+def run_model(model, a):
     kw = sampling_kwargs(a)
     if a.prompt is not None or not sys.stdin.isatty():
         prompt = a.prompt if a.prompt is not None else sys.stdin.read()
@@ -249,9 +255,13 @@ def expert_lines(model) -> list:
 
 
 def cmd_serve(a):
+    with load_model(a) as model:          # its workers are freed however this ends
+        return serve(model, a)
+
+
+def serve(model, a):
     from .server import API, Server
 
-    model = load_model(a)
     defaults = sampling_kwargs(a)
     defaults.pop("ignore_eos")
     api = API(model, name=a.name, api_key=a.api_key or os.environ.get("GLMCPU_API_KEY"),
@@ -270,6 +280,7 @@ def cmd_serve(a):
         print("stopped", file=sys.stderr)
     finally:
         server.server_close()
+        api.stop()
     return 0
 
 
@@ -535,8 +546,18 @@ def build_parser():
     return p
 
 
+def terminated(signum, frame):
+    """SIGTERM (or SIGHUP) ends the command as an exception would: cleanups run (a root's
+    workers hear goodbye), then the usual 128 + signal status."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+                signal.signal(sig, terminated)
     try:
         return args.func(args)
     except BrokenPipeError:

@@ -40,16 +40,20 @@ class Model:
         else:
             self.net = cls(self.file, self.threads, progress=progress, packing=ops.plan_packing(self.file, repack))
         self.cfg = self.net.cfg
-        if draft not in MODES:
-            raise GlmcpuError(f"draft {draft!r}: use one of {', '.join(MODES)}")
-        self.draft_mode = draft
-        self.draft_tokens = int(draft_tokens) if draft_tokens else None
-        self.draft_vocab = int(draft_vocab) if draft_vocab else None
-        make_draft(self.draft_mode, self.net, 1, self.draft_vocab)   # builds the MTP head now; mtp without one: one line
-        self.last_stats = {}
-        self.cache = None           # the KV cache kept between calls, for prompts sharing a prefix
-        if mlock:       # keep what every token reads in RAM; experts stay paged on demand
-            self.file.lock([n for n in self.file.tensors if not ops.is_expert(n)])
+        try:
+            if draft not in MODES:
+                raise GlmcpuError(f"draft {draft!r}: use one of {', '.join(MODES)}")
+            self.draft_mode = draft
+            self.draft_tokens = int(draft_tokens) if draft_tokens else None
+            self.draft_vocab = int(draft_vocab) if draft_vocab else None
+            make_draft(self.draft_mode, self.net, 1, self.draft_vocab)   # builds the MTP head now; mtp without one: one line
+            self.last_stats = {}
+            self.cache = None           # the KV cache kept between calls, for prompts sharing a prefix
+            if mlock:       # keep what every token reads in RAM; experts stay paged on demand
+                self.file.lock([n for n in self.file.tensors if not ops.is_expert(n)])
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def cluster(self):
@@ -118,6 +122,18 @@ class Model:
     def reset(self):
         """Forget the kept KV cache."""
         self.cache = None
+
+    def close(self):
+        """Free what this model holds beyond the process: a cluster's workers, at once (they are
+        freed at exit or collection too, and after their lease if this process is killed)."""
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def chat(self, messages, template_kwargs=None, **kwargs):
         """Render `messages` ([{"role", "content"}]) with the file's chat template, then generate.

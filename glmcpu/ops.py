@@ -223,11 +223,20 @@ def rope_table(n_rot: int, theta: float, n: int):
     return K.rope_table(n_rot, theta, n)
 
 
+def rope_rows(last: int) -> int:
+    """Positions in the table that holds position `last`: powers of two, at least 4096."""
+    return 1 << max(12, int(last).bit_length())
+
+
+def rope_table_bytes(n_rot: int, n_ctx: int) -> int:
+    """Bytes of the (cos, sin) table for positions 0..n_ctx-1 (4096 positions x 64 dims: 1 MB)."""
+    return rope_rows(n_ctx - 1) * (n_rot // 2) * 4 * 2
+
+
 def rope(x, pos, n_rot: int, theta: float, neox: bool):
     """RoPE in place on x [T, H, D] at positions pos (int32 [T]), from a table of positions kept
-    per (n_rot, theta) and grown in powers of two (4096 positions x 64 dims: 1 MB)."""
-    n = 1 << max(12, int(pos.max()).bit_length())
-    return K.rope(x, pos, *rope_table(int(n_rot), float(theta), n), neox)
+    per (n_rot, theta) and grown in powers of two."""
+    return K.rope(x, pos, *rope_table(int(n_rot), float(theta), rope_rows(pos.max())), neox)
 
 
 def linear_chunked(m, x: np.ndarray, threads: int) -> np.ndarray:

@@ -150,6 +150,11 @@ class API:
         finally:
             self.runner.submit(gen.close).result()
 
+    def stop(self):
+        """The server is going away: the model's step in flight ends, no other starts (then its
+        owner may close the model)."""
+        self.runner.shutdown(wait=True, cancel_futures=True)
+
     def check_key(self, header):
         if not self.api_key:
             return

@@ -23,10 +23,13 @@ import numpy as np
 from .. import ops
 from ..errors import GlmcpuError
 from ..net import wire as wirecodec
-from ..net.link import Client, Keepalive, LinkError
+from ..net.link import Client, Keepalive, LinkError, LinkLost
 from ..net.protocol import ProtocolError
 from ..plan import make_plan, weigh
 from ..weights import FileWeights, Recorder
+
+
+LONG = 600        # seconds a live worker may take over a load or a put (a dead one is noticed in --timeout)
 
 
 class ClusterError(GlmcpuError):
@@ -50,6 +53,28 @@ class Distributed:
         return self.cluster.exchange(self, x, args)
 
 
+class DraftHead:
+    """A draft head (models.glm4_moe.MTP) whose output head may be split: a worker lost during its
+    step marks the workers' KV stale (the next forward replays it) and the step runs again, now
+    with that share on the root; its own cache is the root's and commits only whole steps."""
+
+    def __init__(self, cluster, head):
+        self.cluster, self.head = cluster, head
+
+    def new_cache(self, n_ctx):
+        return self.head.new_cache(n_ctx)
+
+    def limit_vocab(self, n):
+        self.head.limit_vocab(n)
+
+    def forward(self, *args, **kw):
+        while True:
+            try:
+                return self.head.forward(*args, **kw)
+            except WorkerLost:
+                self.cluster.live = None
+
+
 class Cluster:
     """What the engine runs when workers share the work: forward, new_cache, begin, status."""
 
@@ -58,11 +83,24 @@ class Cluster:
         if wire not in wirecodec.CODECS:
             raise ClusterError(f"--wire {wire}: use f32 (exact), f16 (half the bytes) or q8_0 (about a quarter)")
         self.file, self.model_cls, self.n_ctx, self.wire = f, model_cls, n_ctx, wire
-        self.cfg = cfg = model_cls.config_class.from_gguf(f)
+        self.cfg = model_cls.config_class.from_gguf(f)
         self.session = secrets.token_hex(16)
         self.clients = [Client(e, keypair, worker_key, timeout=timeout) for e in endpoints]
         self.alive = [True] * len(self.clients)
         self.epochs = [0] * len(self.clients)
+        self.stats = {"tokens": 0, "round_trips": 0, "failovers": 0, "replays": 0, "net_seconds": 0.0,
+                      "compute_seconds": 0.0, "sent": 0, "received": 0}     # bytes of requests, not of loads
+        # however this root ends (close, an error, Ctrl-C, exit), its workers hear goodbye
+        self.keepalive = Keepalive(endpoints, keypair, worker_key, "ping", {"s": self.session})
+        self._goodbye = weakref.finalize(self, goodbye, self.keepalive, self.clients, self.alive, self.session)
+        try:
+            self._start(endpoints, shares, threads, progress, digest_cache, repack)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, endpoints, shares, threads, progress, digest_cache, repack):
+        f, cfg = self.file, self.cfg
         self.info = [self.hello(c) for c in self.clients]
         # by default shares follow each node's threads, trimmed to what its memory holds; "auto"
         # follows the read bandwidth each node measured (decode is bound by it), which is truer but
@@ -78,7 +116,7 @@ class Cluster:
         except ValueError as e:
             raise ClusterError(f"--shares: {e}") from None
         self.packing = ops.plan_packing(f, repack)
-        self.model = model_cls(f, threads, ranges=self.plan.ranges(0), progress=progress, packing=self.packing)
+        self.model = self.model_cls(f, threads, ranges=self.plan.ranges(0), progress=progress, packing=self.packing)
         self.modules = []
         for l, L in enumerate(self.model.layers):
             L.attn = self._wrap("attn", l, L.attn)
@@ -91,21 +129,16 @@ class Cluster:
         self.digests = self._digests(digest_cache)
         self.config = {k: (float(v) if isinstance(v, float) else v) for k, v in dataclasses.asdict(cfg).items()}
         self.shipped = 0
-        self.stats = {"tokens": 0, "round_trips": 0, "failovers": 0, "replays": 0, "net_seconds": 0.0,
-                      "compute_seconds": 0.0, "sent": 0, "received": 0}     # bytes of requests, not of loads
         self.live = None                  # the cache whose sequence the workers' KV caches hold
         self.needs_replay = False
         for i, c in enumerate(self.clients):
             try:
                 self.load(i)
+            except LinkLost:              # gone while loading: the root computes its shares
+                self.lose(i + 1)
             except LinkError as e:
-                self.close()
                 raise ClusterError(f"worker {c.endpoint} could not load its share: {e}") from None
-            except ClusterError:
-                self.close()
-                raise
-        self.keepalive = Keepalive(endpoints, keypair, worker_key, "ping", {"s": self.session})
-        weakref.finalize(self, self.keepalive.stop)
+        self.needs_replay = False         # nothing was computed yet: nothing to replay
 
     def _wrap(self, kind, layer, local):
         if all(n == 0 for n, _, _ in self.plan.parts(kind, layer)):
@@ -127,7 +160,10 @@ class Cluster:
             cache_dir = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or
                                                   os.path.join(os.path.expanduser("~"), ".cache"), "glmcpu", "digests")
             st = os.stat(self.file.path)
-            path = os.path.join(cache_dir, f"{self.file.fingerprint()}-{st.st_size}-{st.st_mtime_ns}.json")
+            # the kernel sets ctime on every write and on every mtime change; it cannot be set back,
+            # so a file rewritten in place (its mtime restored or not) gets new digests
+            path = os.path.join(cache_dir, f"{self.file.fingerprint()}-{st.st_size}-{st.st_mtime_ns}-"
+                                           f"{st.st_ctime_ns}-{st.st_dev}-{st.st_ino}.json")
             try:
                 with open(path) as fh:
                     known = json.load(fh)
@@ -178,7 +214,7 @@ class Cluster:
                 rec = Recorder(FileWeights(self.file))
                 self.build(rec, *by_digest[digest])
                 entries, arrays = rec.payload()
-                c.request("put", {"s": self.session, "digest": digest, "entries": entries}, arrays, timeout=600)
+                c.request("put", {"s": self.session, "digest": digest, "entries": entries}, arrays, timeout=LONG)
                 self.shipped += sum(x.nbytes for x in arrays)
                 bar.advance(task)
         if self._request_load(c, meta):
@@ -186,7 +222,7 @@ class Cluster:
 
     def _request_load(self, c, meta):
         try:
-            return c.request("load", meta, timeout=600)[0].get("missing", [])
+            return c.request("load", meta, timeout=LONG)[0].get("missing", [])
         except LinkError as e:
             msg = str(e)
             if ": busy:" in msg or ": refused:" in msg:
@@ -195,7 +231,7 @@ class Cluster:
 
     def hello(self, c):
         try:
-            meta, _ = c.request("hello")
+            meta, _ = c.request("hello", {"s": self.session})
         except LinkError as e:
             raise ClusterError(f"worker {c.endpoint} is not reachable ({e}); is it running, with "
                                "matching keys (or --insecure on both sides)?") from None
@@ -216,13 +252,17 @@ class Cluster:
             cache.pos, cache.tokens = 0, []
 
     def draft_head(self):
-        """The file's MTP head, run whole on the root (one layer beside the split model)."""
-        return self.model.draft_head()
+        """The file's MTP head: its layer runs whole on the root, its output head (the model's,
+        split) through the cluster, so a worker lost in a draft step is a failover like any other."""
+        head = self.model.draft_head()
+        return None if head is None else DraftHead(self, head)
 
     def forward(self, ids, cache, all_logits=False, hidden=False):
         """The model's forward; the sequence so far is replayed first when the workers hold
-        another one, or when a worker holding KV heads is lost meanwhile. A cache cut back (a
-        draft's rejected guesses) needs nothing: each request names its first position."""
+        another one, or when a worker holding KV heads is lost meanwhile (the step's tokens are
+        committed to the cache only once all of it came back, so the replay ends where the step
+        starts). A cache cut back (a draft's rejected guesses) needs nothing: each request names
+        its first position."""
         while True:
             try:
                 if cache is not self.live and cache.pos > 0:
@@ -356,14 +396,35 @@ class Cluster:
 
 
     def close(self):
-        """Free the workers for other roots, and close the links."""
-        ka = getattr(self, "keepalive", None)
-        if ka is not None:
-            ka.stop()
-        for i, c in enumerate(self.clients):
-            if self.alive[i]:
-                try:
-                    c.request("bye", {"s": self.session}, timeout=0.5)
-                except LinkError:
-                    pass
+        """Free the workers for other roots at once, and close the links (also run when this
+        object is collected, and at interpreter exit)."""
+        if hasattr(self, "_goodbye"):
+            self._goodbye()
+        else:
+            for c in self.clients:
+                c.close()
+
+
+def goodbye(keepalive, clients, alive, session, wait=1.0):
+    """Say "bye" to every live worker (all at once, then up to `wait` seconds for the answers), so
+    each may serve another root now rather than after its lease; then close the links."""
+    keepalive.stop()
+    asked = []
+    for i, c in enumerate(clients):
+        if alive[i]:
+            try:
+                c.send("bye", {"s": session})
+                asked.append(c)
+            except Exception:                 # a closed or broken socket: nothing to free
+                pass
+    deadline = time.monotonic() + wait
+    for c in asked:
+        try:
+            c.recv(timeout=max(0.05, deadline - time.monotonic()))
+        except Exception:
+            pass
+    for c in clients:
+        try:
             c.close()
+        except Exception:
+            pass

@@ -9,7 +9,6 @@ use; a share built from the worker's own file must hash to the same name, or the
 from the root's and the load is refused. Every array a request carries is checked against the
 config's shapes and types before it reaches a kernel."""
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -19,12 +18,13 @@ import numpy as np
 
 from .. import ops
 from ..errors import GlmcpuError
+from .store import ShareStore, StoreError, is_digest
 from ..models import model_class
 from ..models.glm4 import KVCache
 from ..net import wire as wirecodec
 from ..net.protocol import ProtocolError
 from ..plan import KINDS
-from ..weights import FileWeights, Recorder, Shipped, payload_digest
+from ..weights import FileWeights, Recorder
 
 K = ops.K
 LIMITS = {"d_model": 1 << 16, "n_head": 1 << 10, "n_head_kv": 1 << 10, "head_dim": 1 << 11, "n_layer": 1 << 12,
@@ -47,10 +47,6 @@ def available_gb() -> float:
     return ops.memory_available() / 2**30
 
 
-def is_digest(d) -> bool:
-    return isinstance(d, str) and len(d) == 40 and all(c in "0123456789abcdef" for c in d)
-
-
 class WorkerService:
     """handler(op, meta, arrays) for net.link.Server: hello, load, put, attn, ffn, moe, head,
     ping, bye."""
@@ -67,7 +63,7 @@ class WorkerService:
         self.print = self.file.fingerprint() if self.file else None
         self.cache_dir = cache_dir or os.environ.get("GLMCPU_CACHE") or os.path.join(
             os.path.expanduser("~"), ".cache", "glmcpu", "worker")
-        self.cache_max = float(cache_max_gb) * 2**30 if cache_max_gb else None
+        self.store = ShareStore(self.cache_dir, int(float(cache_max_gb) * 2**30) if cache_max_gb else None)
         self.lease = float(lease)
         self.session = None           # the root this worker serves, and when it was last heard
         self.last_seen = 0.0
@@ -76,6 +72,8 @@ class WorkerService:
         self.modules = {}             # (kind, layer) -> module
         self.built = {}               # digest -> module (a reload of the same plan keeps them)
         self.wanted = set()           # digests the current load asked the root for
+        self.held = {}                # digest -> bytes in RAM of a shipped share that is built
+        self.need = 0                 # bytes the current load holds beyond its missing shares
         self.kv = None
         self.n_ctx = 0
         # for tests: "kill:attn:5" or "stop:moe:3" ends or stops this process at its 5th attn request
@@ -94,11 +92,11 @@ class WorkerService:
                 and time.monotonic() - self.last_seen < self.lease)
 
     def _own(self, meta):
-        """Requests of the current session and epoch only."""
+        """Requests of the current session and of its current, complete load only."""
         if meta.get("s") != self.session or self.session is None:
             raise ProtocolError("stale: this worker serves another root now (or none); load again")
-        if meta.get("e") != self.epoch:
-            raise ProtocolError("stale: a request from before the last load")
+        if self.epoch is None or meta.get("e") != self.epoch or type(meta.get("e")) is not int:
+            raise ProtocolError("stale: a request from before the last load, or before it completed")
         self.last_seen = time.monotonic()
 
     def __call__(self, op, meta, arrays):
@@ -112,10 +110,11 @@ class WorkerService:
             return {"busy": self._busy(meta.get("s"))}, []
         if op == "hello":
             from .. import __version__
-            return {"fingerprint": self.print, "threads": self.threads, "memory_gb": self.memory,
-                    "bandwidth_gbs": self.bandwidth, "version": __version__,
-                    "busy": self._busy(meta.get("s")), "busy_seconds": self.busy_seconds,
-                    "requests": self.requests}, []
+            out = {"fingerprint": self.print, "threads": self.threads, "memory_gb": self.memory,
+                   "bandwidth_gbs": self.bandwidth, "version": __version__, "busy": self._busy(meta.get("s"))}
+            if self.session is not None and meta.get("s") == self.session:   # its own figures only
+                out.update(busy_seconds=self.busy_seconds, requests=self.requests)
+            return out, []
         if op == "bye":
             if meta.get("s") == self.session:
                 self._free()
@@ -134,7 +133,10 @@ class WorkerService:
 
     def _free(self):
         self.session, self.epoch, self.cfg, self.kv = None, None, None, None
-        self.modules, self.built, self.wanted = {}, {}, set()
+        self.modules, self.built, self.wanted, self.held = {}, {}, set(), {}
+        self.store.pin(())
+        self.busy_seconds, self.requests = 0.0, 0
+        ops.rope_table.cache_clear()         # sized for that root's config: built again on demand
 
     # ---- loading -----------------------------------------------------------------------------
 
@@ -164,31 +166,6 @@ class WorkerService:
             raise ProtocolError("load: the model configuration is not self-consistent")
         return cfg
 
-    def _store(self, digest):
-        return os.path.join(self.cache_dir, digest)
-
-    def _read_shipped(self, digest):
-        """A stored share whose bytes still hash to its name, or None (a bad one is removed)."""
-        path = self._store(digest)
-        try:
-            with open(path + ".json") as fh:
-                entries = json.load(fh)
-            with np.load(path + ".npz", allow_pickle=False) as z:
-                arrays = [z[f"arr_{i}"] for i in range(len(z.files))]
-            if payload_digest(entries, arrays) != digest:
-                raise ValueError("digest")
-            os.utime(path + ".npz")                          # recently used: evicted last
-            return Shipped(entries, arrays)
-        except FileNotFoundError:
-            return None
-        except Exception:                                    # unreadable or not what its name says
-            for ext in (".json", ".npz"):
-                try:
-                    os.remove(path + ext)
-                except OSError:
-                    pass
-            return None
-
     def load(self, meta):
         """Build this worker's shares for the root's plan: from its own copy of the file when the
         headers match (and every share must hash to the root's digest), else from its cache of
@@ -210,9 +187,6 @@ class WorkerService:
         cfg = self._cfg(meta, own)
         if not isinstance(n_ctx, int) or not 1 <= n_ctx <= max(cfg.n_ctx_train, 1) * 8 or n_ctx > 1 << 20:
             raise ProtocolError(f"load: context {n_ctx!r} is out of range")
-        kv_bytes = cfg.kv_bytes(n_ctx)
-        if kv_bytes > max(self.memory, 1) * 2**30:
-            raise ProtocolError(f"load: a KV cache of {kv_bytes / 2**30:.1f} GB does not fit this worker")
         parsed = []
         for sh in shares:
             if (not isinstance(sh, list) or len(sh) != 5 or sh[0] not in KINDS
@@ -220,6 +194,15 @@ class WorkerService:
                     or not 0 <= sh[2] < sh[3] or not -1 <= sh[1] < cfg.n_layer):
                 raise ProtocolError("load: bad share")
             parsed.append(tuple(sh))
+        # what this load holds in RAM besides its own file's pages, counted before anything is built
+        need = cfg.kv_bytes(n_ctx) + ops.rope_table_bytes(cfg.n_rot, n_ctx)
+        if not own:
+            sizes = {d: self.held.get(d) or self.store.size(d) for *_, d in parsed}
+            need += sum(v for v in sizes.values() if v)
+        if need > self.memory * 2**30:
+            raise ProtocolError(f"load: its KV cache, rope tables and shipped shares need {need / 2**30:.2f} GB; "
+                                f"this worker offers {self.memory:g} GB (--memory)")
+        self.store.pin(d for *_, d in parsed)           # this load's own puts never evict its shares
         # its own file: what fits in the memory it offers; shipped shares are already in RAM
         packing = (ops.plan_packing(self.file, self.repack, available=self.memory * 2**30) if own else
                    ops.Packing(self.repack != "none", self.repack == "all"))
@@ -236,7 +219,7 @@ class WorkerService:
                                             f"root's in the {kind} share of layer {layer} ({a}..{b}); give it "
                                             "the same file, or none (the root then sends its share)")
                 elif mod is None:
-                    src = self._read_shipped(digest)
+                    src = self.store.get(digest)
                     if src is None:
                         missing.append(digest)
                         continue
@@ -248,20 +231,23 @@ class WorkerService:
         except (GlmcpuError, ValueError) as e:
             raise ProtocolError(f"load: a share does not fit the configuration ({e})") from None
         self.session, self.last_seen = s, time.monotonic()
+        ops.rope_table.cache_clear()           # another config's tables: only this one's are built
         if missing:
-            self.wanted = set(missing)
+            self.wanted, self.need = set(missing), need
             self.epoch = None                  # nothing runs until the shares are all here
             return {"missing": missing}
         self.cfg, self.n_ctx, self.epoch = cfg, n_ctx, epoch
         self.modules = {k: m for k, (m, _) in modules.items()}
         self.built = {d: m for m, d in modules.values()}
+        self.held = {d: sizes[d] or 0 for d in self.built} if not own else {}
         self.wanted = set()
         self.kv = KVCache(cfg, n_ctx)          # a new epoch starts clean
         return {"missing": [], "loaded": len(modules)}
 
     def put(self, meta, arrays):
-        """Store one shipped share under its digest, if the current load asked for it and its bytes
-        hash to that digest; a stored share is never overwritten."""
+        """Store one shipped share under its digest, if the current load asked for it, it fits the
+        memory this worker offers beside the rest of that load, and its bytes hash to that digest
+        (the store checks the bytes and keeps --cache-max)."""
         digest, entries = meta.get("digest"), meta.get("entries")
         if self.session is None or meta.get("s") != self.session or not is_digest(digest):
             raise ProtocolError("put: not asked for by this worker's root")
@@ -269,54 +255,18 @@ class WorkerService:
             raise ProtocolError("put: this share was not asked for")
         if not isinstance(entries, list):
             raise ProtocolError("put: bad share description")
-        try:
-            Shipped(entries, arrays)                               # shapes and dtypes as described
-            ok = payload_digest(entries, arrays) == digest
-        except Exception:
-            ok = False
-        if not ok:
-            raise ProtocolError("put: the share's bytes do not hash to its name")
-        self.last_seen = time.monotonic()
-        path = self._store(digest)
-        if os.path.exists(path + ".npz") and self._read_shipped(digest) is not None:
-            return {"stored": 0}
         size = sum(a.nbytes for a in arrays)
-        self._make_room(size)
-        os.makedirs(self.cache_dir, exist_ok=True)
-        with open(path + ".tmp.npz", "wb") as fh:
-            np.savez(fh, *arrays)
-        with open(path + ".json.tmp", "w") as fh:
-            json.dump(entries, fh)
-        os.replace(path + ".json.tmp", path + ".json")
-        os.replace(path + ".tmp.npz", path + ".npz")
-        return {"stored": size}
-
-    def _make_room(self, size):
-        """Keep the cache under --cache-max: evict the least recently used shares this root does
-        not need; refuse a share that cannot fit."""
-        if self.cache_max is None:
-            return
-        if size > self.cache_max:
-            raise ProtocolError(f"put: a share of {size / 2**30:.2f} GB exceeds this worker's --cache-max")
+        if self.need + size > self.memory * 2**30:
+            raise ProtocolError(f"put: with this share of {size / 2**30:.2f} GB, the load would need "
+                                f"{(self.need + size) / 2**30:.2f} GB; this worker offers {self.memory:g} GB (--memory)")
         try:
-            names = [n[:-4] for n in os.listdir(self.cache_dir) if n.endswith(".npz") and is_digest(n[:-4])]
-        except FileNotFoundError:
-            return
-        stats = sorted(((os.stat(self._store(n) + ".npz"), n) for n in names), key=lambda t: t[0].st_mtime)
-        used = sum(st.st_size for st, _ in stats)
-        for st, n in stats:
-            if used + size <= self.cache_max:
-                break
-            if n in self.wanted or n in self.built:
-                continue
-            for ext in (".json", ".npz"):
-                try:
-                    os.remove(self._store(n) + ext)
-                except OSError:
-                    pass
-            used -= st.st_size
-        if used + size > self.cache_max:
-            raise ProtocolError("put: this worker's --cache-max is too small for its share of this model")
+            stored = self.store.put(digest, entries, arrays)
+        except StoreError as e:
+            raise ProtocolError(f"put: {e}") from None
+        self.last_seen = time.monotonic()
+        self.wanted.discard(digest)
+        self.need += size
+        return {"stored": stored}
 
     # ---- computing ---------------------------------------------------------------------------
 

@@ -174,6 +174,13 @@ class KVCache:
         self.tokens = []                          # the ids at those positions (a cluster replays them)
 
 
+def commit(cache, ids):
+    """The step's tokens join the cache only once all of it, the head included, has come back: a
+    step that raises (a cluster that lost a worker) leaves the cache as it was, to be run again."""
+    cache.pos += len(ids)
+    cache.tokens += [int(i) for i in ids]
+
+
 def optional_vector(w, name: str):
     return w.vector(name) if w.has(name) else None
 
@@ -425,10 +432,9 @@ class Model:
         h = self.embed(self.embd, ids)                                   # [T, d_model]
         for l, L in enumerate(self.layers):
             self.run_layer(L, h, cache, l, pos)
-        cache.pos += T
-        cache.tokens += [int(i) for i in ids]
         if not (all_logits or hidden):
             h = h[-1:]
         normed = self.rmsnorm(np.ascontiguousarray(h), self.out_norm)        # rows are independent
         logits = self.output(normed if all_logits else np.ascontiguousarray(normed[-1:]), self.threads)
+        commit(cache, ids)
         return (logits, normed) if hidden else logits

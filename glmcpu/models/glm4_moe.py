@@ -169,10 +169,10 @@ class MTP:
                             m.rmsnorm(np.ascontiguousarray(hidden, np.float32), self.hnorm)], 1)
         h = self.eh_proj(x, m.threads)
         m.run_layer(self.layer, h, cache, 0, pos)
-        cache.pos += len(ids)
-        cache.tokens += [int(i) for i in ids]
         normed = m.rmsnorm(h, self.norm)
-        return self.head(normed if all_logits else np.ascontiguousarray(normed[-1:]), m.threads), normed
+        logits = self.head(normed if all_logits else np.ascontiguousarray(normed[-1:]), m.threads)
+        glm4.commit(cache, ids)
+        return logits, normed
 
 
 class Model(glm4.Model):

@@ -8,6 +8,7 @@ import time
 
 import zmq
 import zmq.auth
+import zmq.utils.monitor
 from zmq.auth.thread import ThreadAuthenticator
 
 from .protocol import MAX_ARRAYS, ProtocolError, pack, unpack
@@ -27,6 +28,11 @@ def _common(sock):
 
 class LinkError(Exception):
     """A worker that cannot be reached, does not answer in time, or answers with an error."""
+
+
+class LinkLost(LinkError):
+    """No answer will come: the peer did not answer in time, or its connection dropped while it
+    held our request (killed, or stopped: its heartbeats ceased)."""
 
 
 def keygen(path: str) -> str:
@@ -141,6 +147,7 @@ class Server:
                 self.sock.send_multipart([ident] + reply)
             except zmq.ZMQError:
                 pass
+            frames = body = meta = arrays = reply = rarrays = None     # a large message is not kept until the next
 
     def _receive(self):
         """One message, frame by frame: past MAX_FRAMES frames or MAX_TOTAL bytes the rest is read
@@ -164,7 +171,10 @@ class Server:
 
 
 class Client:
-    """One worker seen from the root. `request` raises LinkError on timeout or an error reply."""
+    """One worker seen from the root. `request` raises LinkError on an error reply, LinkLost when
+    no answer will come: past the deadline, or at once when the connection drops meanwhile (a
+    killed peer closes it; a stopped one misses its heartbeats for `timeout` seconds), so a long
+    request (a load) waits on a live worker as long as it needs, and not on a dead one."""
 
     def __init__(self, endpoint, keypair=None, server_key=None, timeout=5.0, ctx=None):
         self.endpoint, self.timeout = endpoint, timeout
@@ -176,27 +186,48 @@ class Client:
     def _connect(self):
         self.sock = self.ctx.socket(zmq.DEALER)
         _common(self.sock)
+        beat = max(100, int(self.timeout * 1000))
+        self.sock.setsockopt(zmq.HEARTBEAT_IVL, max(50, beat // 4))
+        self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, beat)
         if self.keypair is not None:
             self.sock.curve_publickey, self.sock.curve_secretkey = self.keypair
             self.sock.curve_serverkey = self.server_key
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.sock.connect(self.endpoint)
         self.pending = False
+
+    def _dropped(self, wait_ms=0) -> bool:
+        """Whether the connection dropped (events queued since the last look)."""
+        dropped = False
+        while self.monitor.poll(wait_ms):
+            wait_ms = 0
+            if zmq.utils.monitor.recv_monitor_message(self.monitor)["event"] == zmq.EVENT_DISCONNECTED:
+                dropped = True
+        return dropped
 
     def send(self, op, meta=None, arrays=()):
         if self.pending:                          # a reply we gave up on: start clean
             self.reset()
+        self._dropped()                           # drops before this request are not its loss
         frames = pack(op, meta, arrays)
         self.sock.send_multipart(frames, copy=False)
         self.sent += sum(len(f) for f in frames)
         self.pending = True
 
     def recv(self, timeout=None):
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+            ready = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+            if self.sock not in ready:
+                if self.monitor in ready and self._dropped():
+                    raise LinkLost(f"{self.endpoint} dropped the connection before answering (stopped or gone)")
                 if time.monotonic() >= deadline:
-                    raise LinkError(f"{self.endpoint} did not answer within {self.timeout:g} s")
+                    raise LinkLost(f"{self.endpoint} did not answer within {limit:g} s")
                 continue
             frames = self.sock.recv_multipart(copy=False)
             self.pending = False
@@ -215,10 +246,12 @@ class Client:
         return self.recv(timeout)
 
     def reset(self):
-        self.sock.close(0)
+        self.close()
         self._connect()
 
     def close(self):
+        self.sock.disable_monitor()
+        self.monitor.close(0)
         self.sock.close(0)
 
 

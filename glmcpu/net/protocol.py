@@ -36,6 +36,25 @@ def _no_ext(code, data):
     raise ProtocolError("msgpack extension types are not accepted")
 
 
+PLAIN = (type(None), bool, int, float, str, bytes)
+
+
+def plain(value) -> bool:
+    """Whether value is built of msgpack's plain types only (no Timestamp: msgpack decodes that
+    extension itself, before any ext_hook)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif type(v) not in PLAIN:
+            return False
+    return True
+
+
 def unpack(frames) -> tuple:
     """frames (bytes-like) -> (op, meta, [arrays]); raises ProtocolError on anything malformed."""
     if not frames:
@@ -55,6 +74,8 @@ def unpack(frames) -> tuple:
     op, meta, specs = header["op"], header["meta"], header["arrays"]
     if not isinstance(op, str) or not isinstance(meta, dict) or not isinstance(specs, list):
         raise ProtocolError("header fields have the wrong types")
+    if not plain(meta):
+        raise ProtocolError("meta holds values other than nil, bool, numbers, strings, bytes, lists and maps")
     if len(specs) > MAX_ARRAYS or len(specs) != len(frames) - 1:
         raise ProtocolError(f"header lists {len(specs)} arrays, the message carries {len(frames) - 1}")
     arrays = []
