@@ -111,13 +111,13 @@ def test_unlisted_key_and_plaintext_are_refused(keys):
     srv, finish = start(k["worker"], [k["root"][0]])
     try:
         stranger = Client(srv.endpoint, k["stranger"], k["worker"][0], timeout=1)
-        with pytest.raises(LinkError, match="did not answer"):
+        with pytest.raises(LinkError, match="did not answer|key refused"):
             stranger.request("ping")
         plain = Client(srv.endpoint, timeout=1)
-        with pytest.raises(LinkError, match="did not answer"):
+        with pytest.raises(LinkError, match="did not answer|key refused"):
             plain.request("ping")
         wrong_server = Client(srv.endpoint, k["root"], k["stranger"][0], timeout=1)
-        with pytest.raises(LinkError, match="did not answer"):   # the root checks the worker's key
+        with pytest.raises(LinkError, match="did not answer|key refused"):   # the root checks the worker's key
             wrong_server.request("ping")
         ok = Client(srv.endpoint, k["root"], load_public(str(folder / "worker.pub")), timeout=5)
         assert ok.request("ping", {"x": "hi"})[0] == {"pong": "hi"}

@@ -225,7 +225,7 @@ class Client:
             ready = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
             if self.sock not in ready:
                 if self.monitor in ready and self._dropped():
-                    raise LinkLost(f"{self.endpoint} dropped the connection before answering (stopped or gone)")
+                    raise LinkLost(f"{self.endpoint} dropped the connection before answering (stopped, gone, or our key refused)")
                 if time.monotonic() >= deadline:
                     raise LinkLost(f"{self.endpoint} did not answer within {limit:g} s")
                 continue
