@@ -18,13 +18,13 @@ import numpy as np
 
 from .. import ops
 from ..errors import GlmcpuError
-from .store import ShareStore, StoreError, is_digest
 from ..models import model_class
 from ..models.glm4 import KVCache
 from ..net import wire as wirecodec
 from ..net.protocol import ProtocolError
 from ..plan import KINDS
 from ..weights import FileWeights, Recorder
+from .store import ShareStore, StoreError, is_digest
 
 K = ops.K
 LIMITS = {"d_model": 1 << 16, "n_head": 1 << 10, "n_head_kv": 1 << 10, "head_dim": 1 << 11, "n_layer": 1 << 12,
