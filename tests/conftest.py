@@ -1,6 +1,7 @@
 """Tiny random GLM checkpoints built with transformers, converted by glmcpu's converter."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -199,6 +200,30 @@ def start_worker(path, *extra, bind="tcp://127.0.0.1:*", env=None):
     line = p.stdout.readline()
     assert line.startswith("glmcpu worker on "), p.stderr.read()
     return p, line.split()[3]
+
+
+@pytest.fixture
+def workers(tmp_path):
+    """start(path, n, *extra, faults=None, lease=None) -> (processes, endpoints) of n `glmcpu
+    worker`s on 127.0.0.1 (path None: without the file), each with its own --cache, all killed
+    (and woken first) at the end; faults[i] ("kill:attn:9", "stop:load:1") makes worker i fail
+    at that request."""
+    procs = []
+
+    def start(path, n, *extra, faults=None, lease=None):
+        started = []
+        for i in range(n):
+            env = {"GLMCPU_WORKER_FAULT": faults[i]} if faults and faults[i] else None
+            more = ("--lease", str(lease)) if lease else ()
+            started.append(start_worker(path, "--cache", str(tmp_path / f"cache{i}"), *extra, *more, env=env))
+        procs.extend(p for p, _ in started)
+        return [p for p, _ in started], [e for _, e in started]
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+        p.wait()
 
 
 def greedy(m, n=12):

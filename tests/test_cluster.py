@@ -16,27 +16,6 @@ from glmcpu.net.link import keygen
 from conftest import PROMPT, greedy, start_worker
 
 
-@pytest.fixture
-def workers(tmp_path):
-    procs = []
-
-    def start(path, n, *extra, faults=None, lease=None):
-        """n workers; faults[i] (e.g. "kill:attn:9") makes worker i fail at that request."""
-        started = []
-        for i in range(n):
-            env = {"GLMCPU_WORKER_FAULT": faults[i]} if faults and faults[i] else None
-            more = ("--lease", str(lease)) if lease else ()
-            started.append(start_worker(path, "--cache", str(tmp_path / f"cache{i}"), *extra, *more, env=env))
-        procs.extend(p for p, _ in started)
-        return [p for p, _ in started], [e for _, e in started]
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGCONT)
-            p.kill()
-        p.wait()
-
-
 def kl(want, got):
     def logp(x):
         x = x.astype(np.float64) - x.max(-1, keepdims=True)

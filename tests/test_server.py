@@ -344,7 +344,7 @@ def test_serve_shares_the_model_with_workers(client, tmp_path):
             assert (shared.chat.completions.create(**kw).choices[0].message.content
                     == client.chat.completions.create(**kw).choices[0].message.content)
             assert json.load(urllib.request.urlopen(url + "/health", timeout=30))["status"] == "ok"
-            assert list((tmp_path / "cache").rglob("*.npz")), "the root sent the worker no share"
+            assert list((tmp_path / "cache").rglob("*.share")), "the root sent the worker no share"
         finally:
             p.terminate()
             p.wait(timeout=30)
