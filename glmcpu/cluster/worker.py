@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import ops
 from ..errors import GlmcpuError
+from ..generate import PREFILL_CHUNK
 from ..models import model_class
 from ..models.glm4 import KVCache
 from ..net import wire as wirecodec
@@ -30,7 +31,7 @@ K = ops.K
 LIMITS = {"d_model": 1 << 16, "n_head": 1 << 10, "n_head_kv": 1 << 10, "head_dim": 1 << 11, "n_layer": 1 << 12,
           "n_ff": 1 << 20, "n_vocab": 1 << 23, "n_ctx_train": 1 << 24, "n_expert": 1 << 12,
           "n_expert_used": 1 << 8, "n_ff_exp": 1 << 20, "n_expert_shared": 1 << 6, "n_dense_lead": 1 << 12}
-MAX_TOKENS = 4096          # rows of one request (the root sends prefill chunks of 256)
+MAX_TOKENS = PREFILL_CHUNK     # rows of one request: a root never sends more than a prefill chunk
 
 
 def measure_bandwidth(threads, mib=128) -> float:
@@ -40,6 +41,16 @@ def measure_bandwidth(threads, mib=128) -> float:
     t = time.perf_counter()
     K.stream_read(buf, threads)
     return buf.nbytes / max(time.perf_counter() - t, 1e-9) / 1e9
+
+
+def scratch_bytes(cfg, shares) -> int:
+    """At most what one request's activations take: MAX_TOKENS rows of a few float32 copies of
+    the widest thing a share computes (float64 partial sums, head rows, FFN units, q|k|v, experts)."""
+    widest = 2 * cfg.d_model
+    for kind, _, a, b, _ in shares:
+        widest = max(widest, b - a if kind == "head" else 2 * (b - a) if kind == "ffn" else
+                     3 * (b - a) * cfg.head_dim if kind == "attn" else 3 * cfg.n_ff_exp * cfg.n_expert_used)
+    return MAX_TOKENS * 4 * 4 * widest
 
 
 def available_gb() -> float:
@@ -195,12 +206,12 @@ class WorkerService:
                 raise ProtocolError("load: bad share")
             parsed.append(tuple(sh))
         # what this load holds in RAM besides its own file's pages, counted before anything is built
-        need = cfg.kv_bytes(n_ctx) + ops.rope_table_bytes(cfg.n_rot, n_ctx)
+        need = cfg.kv_bytes(n_ctx) + ops.rope_table_bytes(cfg.n_rot, n_ctx) + scratch_bytes(cfg, parsed)
         if not own:
             sizes = {d: self.held.get(d) or self.store.size(d) for *_, d in parsed}
             need += sum(v for v in sizes.values() if v)
         if need > self.memory * 2**30:
-            raise ProtocolError(f"load: its KV cache, rope tables and shipped shares need {need / 2**30:.2f} GB; "
+            raise ProtocolError(f"load: its KV cache, rope tables, activations and shipped shares need {need / 2**30:.2f} GB; "
                                 f"this worker offers {self.memory:g} GB (--memory)")
         self.store.pin(d for *_, d in parsed)           # this load's own puts never evict its shares
         # its own file: what fits in the memory it offers; shipped shares are already in RAM
