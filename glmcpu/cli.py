@@ -142,6 +142,11 @@ def add_engine(p):
     p.add_argument("--mlock", action="store_true",
                    help="lock the non-expert weights in RAM (experts stay paged from the file)")
     p.add_argument("--repack", choices=["auto", "none", "all"], default=None, help=REPACK_HELP)
+    p.add_argument("--kv-type", choices=["f32", "f16"], default="f32",
+                   help="the KV cache's element type: f32 (default) or f16 (half the memory and reads; "
+                        "scores and sums stay float32); workers follow the root's")
+    p.add_argument("--kv-type-k", choices=["f32", "f16"], default=None, help="the keys' type (default: --kv-type)")
+    p.add_argument("--kv-type-v", choices=["f32", "f16"], default=None, help="the values' type (default: --kv-type)")
     p.add_argument("--draft", choices=["auto", "mtp", "lookup", "none"], default="auto",
                    help="speculative decoding: guess tokens cheaply, check them in one pass: mtp (the file's "
                         "own draft head, GLM-4.5), lookup (n-grams already in the context), none; "
@@ -210,6 +215,7 @@ def load_model(a):
     path = model_path(a.model)
     return load(path, threads=a.threads, ctx=a.ctx, mlock=a.mlock, repack=a.repack, draft=a.draft,
                 draft_tokens=a.draft_tokens, draft_vocab=a.draft_vocab,
+                kv_type=(a.kv_type_k or a.kv_type, a.kv_type_v or a.kv_type),
                 progress=StepBar(f"loading {os.path.basename(path)}: layers"), **cluster_kwargs(a))
 
 
@@ -303,14 +309,15 @@ def cmd_info(a):
     from . import ops
     from .engine import Model
 
-    m = Model(model_path(a.model), threads=a.threads, ctx=a.ctx, repack=a.repack, draft="none")
+    m = Model(model_path(a.model), threads=a.threads, ctx=a.ctx, repack=a.repack, draft="none",
+              kv_type=(a.kv_type_k or a.kv_type, a.kv_type_v or a.kv_type))
     c = m.cfg
     types, sizes = Counter(), Counter()
     for t in m.file.tensors.values():
         types[t.tensor_type.name] += 1
         sizes[t.tensor_type.name] += t.n_bytes
     weights = sum(sizes.values())
-    kv = c.kv_bytes(m.ctx)
+    kv = c.kv_bytes(m.ctx, m.kv_type)
     rows = [
         ("file", m.path),
         ("architecture", f"{c.arch} ({m.file.get('general.name', '?')})"),
@@ -320,7 +327,7 @@ def cmd_info(a):
         ("vocabulary", c.n_vocab),
         ("context", f"{m.ctx} (trained {c.n_ctx_train})"),
         ("tensor types", ", ".join(f"{k} x{v} ({human(sizes[k])})" for k, v in types.most_common())),
-        ("memory", f"{human(weights)} weights (memory-mapped) + {human(kv)} KV cache at ctx {m.ctx}"),
+        ("memory", f"{human(weights)} weights (memory-mapped) + {human(kv)} KV cache at ctx {m.ctx} ({'/'.join(m.kv_type)})"),
     ]
     experts = sum(t.n_bytes for n, t in m.file.tensors.items() if ops.is_expert(n))
     if experts:

@@ -7,6 +7,7 @@ from .draft import MODES, make as make_draft
 from .generate import check_fits, generate_ids, prefill
 from .gguf import GGUFFile
 from .models import model_class
+from .models.glm4 import kv_type as kv_types
 from .sampling import Sampler
 from .tokenizer import Detokenizer, Tokenizer
 
@@ -18,7 +19,7 @@ DEFAULT_DRAFT_TOKENS = {"MTPDraft": 1, "LookupDraft": 3}
 class Model:
     def __init__(self, path, threads=None, ctx=None, mlock=False, workers=None, key=None,
                  worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32", progress=None,
-                 repack=None, draft="auto", draft_tokens=None, draft_vocab=None):
+                 repack=None, draft="auto", draft_tokens=None, draft_vocab=None, kv_type="f32"):
         self.file = GGUFFile(path)
         self.path = self.file.path
         self.threads = int(threads) if threads else ops.default_threads()
@@ -29,16 +30,18 @@ class Model:
         self.ctx = int(ctx) if ctx else min(cfg.n_ctx_train, 4096)
         if self.ctx < 1:
             raise GlmcpuError(f"context size must be positive, not {ctx}")
-        kv, free = cfg.kv_bytes(self.ctx), ops.memory_available()
+        self.kv_type = kv_types(*((kv_type,) if isinstance(kv_type, str) else kv_type))
+        kv, free = cfg.kv_bytes(self.ctx, self.kv_type), ops.memory_available()
         if kv > free > 0:
             raise GlmcpuError(f"a KV cache of {self.ctx} tokens needs {kv / 2**30:.1f} GB and "
                               f"{free / 2**30:.1f} GB of RAM is free; lower --ctx")
         # the model, or a cluster running it: both have forward, new_cache, begin and status
         if workers:
             self.net = connect(self.file, cls, workers, key, worker_key, insecure, timeout, shares,
-                               self.threads, self.ctx, wire, progress, repack)
+                               self.threads, self.ctx, wire, progress, repack, self.kv_type)
         else:
-            self.net = cls(self.file, self.threads, progress=progress, packing=ops.plan_packing(self.file, repack))
+            self.net = cls(self.file, self.threads, progress=progress, packing=ops.plan_packing(self.file, repack),
+                           kv_type=self.kv_type)
         self.cfg = self.net.cfg
         try:
             if draft not in MODES:
@@ -148,7 +151,7 @@ class Model:
 
 
 def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None, repack=None, draft="auto",
-         draft_tokens=None, draft_vocab=None, **cluster) -> Model:
+         draft_tokens=None, draft_vocab=None, kv_type="f32", **cluster) -> Model:
     """A model, ready to generate.
 
     path: a GGUF file, or what the CLI takes: a model in `glmcpu list` (its name or file name,
@@ -170,14 +173,17 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
         files do), "mtp", "lookup" (prompt lookup: guesses from n-grams already in the context)
         or "none". Greedy output is exactly that of "none"; sampled output keeps its distribution.
     draft_tokens: tokens guessed per step (default 1 for mtp, 3 for lookup).
-    draft_vocab: the MTP head guesses among the first N token ids only (a cheaper guess; default all)."""
+    draft_vocab: the MTP head guesses among the first N token ids only (a cheaper guess; default all).
+    kv_type: the KV cache's element type, "f32" (default) or "f16" (half the memory and the reads;
+        scores and sums stay float32), or a (keys, values) pair such as ("f16", "f32")."""
     from .hub import resolve
     return Model(resolve(str(path)), threads=threads, ctx=ctx, mlock=mlock, workers=workers,
                  progress=progress, repack=repack, draft=draft, draft_tokens=draft_tokens,
-                 draft_vocab=draft_vocab, **cluster)
+                 draft_vocab=draft_vocab, kv_type=kv_type, **cluster)
 
 
-def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire, progress, repack):
+def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire, progress, repack,
+            kv_type):
     from .cluster import Cluster
     from .net.link import load_keypair, load_public
     if insecure:
@@ -190,7 +196,7 @@ def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads
     if isinstance(workers, str):
         workers = [w for w in workers.split(",") if w]
     return Cluster(f, cls, workers, keypair, server_key, timeout=timeout, shares=shares, threads=threads,
-                   n_ctx=n_ctx, wire=wire, progress=progress, repack=repack)
+                   n_ctx=n_ctx, wire=wire, progress=progress, repack=repack, kv_type=kv_type)
 
 
 def answer(pieces):

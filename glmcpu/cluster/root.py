@@ -79,10 +79,11 @@ class Cluster:
     """What the engine runs when workers share the work: forward, new_cache, begin, status."""
 
     def __init__(self, f, model_cls, endpoints, keypair=None, worker_key=None, timeout=5.0, shares=None,
-                 threads=1, n_ctx=4096, wire="f32", progress=None, digest_cache=None, repack=None):
+                 threads=1, n_ctx=4096, wire="f32", progress=None, digest_cache=None, repack=None,
+                 kv_type=("f32", "f32")):
         if wire not in wirecodec.CODECS:
             raise ClusterError(f"--wire {wire}: use f32 (exact), f16 (half the bytes) or q8_0 (about a quarter)")
-        self.file, self.model_cls, self.n_ctx, self.wire = f, model_cls, n_ctx, wire
+        self.file, self.model_cls, self.n_ctx, self.wire, self.kv_type = f, model_cls, n_ctx, wire, tuple(kv_type)
         self.cfg = model_cls.config_class.from_gguf(f)
         self.session = secrets.token_hex(16)
         self.clients = [Client(e, keypair, worker_key, timeout=timeout) for e in endpoints]
@@ -116,7 +117,8 @@ class Cluster:
         except ValueError as e:
             raise ClusterError(f"--shares: {e}") from None
         self.packing = ops.plan_packing(f, repack)
-        self.model = self.model_cls(f, threads, ranges=self.plan.ranges(0), progress=progress, packing=self.packing)
+        self.model = self.model_cls(f, threads, ranges=self.plan.ranges(0), progress=progress, packing=self.packing,
+                                    kv_type=self.kv_type)
         self.modules = []
         for l, L in enumerate(self.model.layers):
             L.attn = self._wrap("attn", l, L.attn)
@@ -196,7 +198,7 @@ class Cluster:
         c = self.clients[i]
         self.epochs[i] += 1
         shares = [[k, l, a, b, self.digests[(k, l, a, b)]] for k, l, a, b in self.plan.shares_of(i + 1)]
-        meta = {"s": self.session, "e": self.epochs[i], "config": self.config, "ctx": self.n_ctx,
+        meta = {"s": self.session, "e": self.epochs[i], "config": self.config, "ctx": self.n_ctx, "kv": list(self.kv_type),
                 "fingerprint": self.file.fingerprint(), "shares": shares}
         missing = self._request_load(c, meta)
         if not missing:

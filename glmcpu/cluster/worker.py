@@ -20,7 +20,7 @@ from .. import ops
 from ..errors import GlmcpuError
 from ..generate import PREFILL_CHUNK
 from ..models import model_class
-from ..models.glm4 import KVCache
+from ..models.glm4 import KV_TYPES, KVCache
 from ..net import wire as wirecodec
 from ..net.protocol import ProtocolError
 from ..plan import KINDS
@@ -188,8 +188,11 @@ class WorkerService:
             raise ProtocolError(f"busy: this worker serves another root (heard from it "
                                 f"{time.monotonic() - self.last_seen:.1f} s ago); wait for that root to "
                                 "finish, or use another worker")
-        shares = meta.get("shares")
+        shares, kv = meta.get("shares"), meta.get("kv", ["f32", "f32"])
         n_ctx, epoch = meta.get("ctx"), meta.get("e")
+        if not isinstance(kv, list) or len(kv) != 2 or not all(t in KV_TYPES for t in kv):
+            raise ProtocolError(f"load: KV cache types {kv!r}: use two of {', '.join(KV_TYPES)}")
+        kv = tuple(kv)
         if not isinstance(shares, list) or len(shares) > 1 << 16 or not isinstance(epoch, int):
             raise ProtocolError("load: bad share list")
         if s != self.session:
@@ -206,7 +209,7 @@ class WorkerService:
                 raise ProtocolError("load: bad share")
             parsed.append(tuple(sh))
         # what this load holds in RAM besides its own file's pages, counted before anything is built
-        need = cfg.kv_bytes(n_ctx) + ops.rope_table_bytes(cfg.n_rot, n_ctx) + scratch_bytes(cfg, parsed)
+        need = cfg.kv_bytes(n_ctx, kv) + ops.rope_table_bytes(cfg.n_rot, n_ctx) + scratch_bytes(cfg, parsed)
         if not own:
             sizes = {d: self.held.get(d) or self.store.size(d) for *_, d in parsed}
             need += sum(v for v in sizes.values() if v)
@@ -252,7 +255,7 @@ class WorkerService:
         self.built = {d: m for m, d in modules.values()}
         self.held = {d: sizes[d] or 0 for d in self.built} if not own else {}
         self.wanted = set()
-        self.kv = KVCache(cfg, n_ctx)          # a new epoch starts clean
+        self.kv = KVCache(cfg, n_ctx, kv)      # a new epoch starts clean
         return {"missing": [], "loaded": len(modules)}
 
     def put(self, meta, arrays):

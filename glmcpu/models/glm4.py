@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ops
-from ..errors import ModelFileError
+from ..errors import GlmcpuError, ModelFileError
 from ..gguf import GGUFFile, dequantize
 from ..plan import chunk_width
 from ..weights import FileWeights, ShareError, row_bytes
@@ -35,9 +35,10 @@ class Config:
     n_expert: int = 0              # routed experts per MoE layer (0: a dense model)
     n_nextn: int = 0               # MTP blocks after the n_layer layers (GLM-4.5: 1)
 
-    def kv_bytes(self, n_ctx: int) -> int:
-        """Bytes of a KV cache of n_ctx positions (float32 keys and values of every KV head)."""
-        return 2 * 4 * self.n_layer * self.n_head_kv * self.head_dim * n_ctx
+    def kv_bytes(self, n_ctx: int, kv_type=("f32", "f32")) -> int:
+        """Bytes of a KV cache of n_ctx positions (keys and values of every KV head, of kv_type)."""
+        per = sum(np.dtype(KV_TYPES[t]).itemsize for t in kv_type)
+        return per * self.n_layer * self.n_head_kv * self.head_dim * n_ctx
 
     def describe(self) -> str:
         """The sizes the tensors' shapes follow from, for error messages."""
@@ -161,14 +162,29 @@ def run_parts(lins, x, th):
     return outs[0] if len(outs) == 1 else np.concatenate(outs, 1)
 
 
+# element types of a KV cache: keys and values are stored in one of these when a position is
+# written (rounded once); scores, softmax and sums stay float32 (kernels.h attention)
+KV_TYPES = {"f32": np.float32, "f16": np.float16}
+
+
+def kv_type(k="f32", v=None) -> tuple:
+    """(key type, value type) of --kv-type-k / --kv-type-v (v defaults to k); one line if unknown."""
+    types = (k or "f32", v or k or "f32")
+    for t in types:
+        if t not in KV_TYPES:
+            raise GlmcpuError(f"KV cache type {t!r}: use one of {', '.join(KV_TYPES)}")
+    return types
+
+
 class KVCache:
     """Keys and values of every layer's KV heads. The arrays are allocated as zero pages, so a
     node that computes only some heads holds in RAM only the heads it writes."""
 
-    def __init__(self, cfg: Config, n_ctx: int):
+    def __init__(self, cfg: Config, n_ctx: int, kv_type=("f32", "f32")):
         shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
-        self.k = np.zeros(shape, np.float32)      # [n_layer, n_head_kv, n_ctx, head_dim]
-        self.v = np.zeros(shape, np.float32)      # [n_layer, n_head_kv, n_ctx, head_dim]
+        self.type = kv_type
+        self.k = np.zeros(shape, KV_TYPES[kv_type[0]])      # [n_layer, n_head_kv, n_ctx, head_dim]
+        self.v = np.zeros(shape, KV_TYPES[kv_type[1]])      # [n_layer, n_head_kv, n_ctx, head_dim]
         self.n_ctx = n_ctx
         self.pos = 0                              # positions filled so far
         self.tokens = []                          # the ids at those positions (a cluster replays them)
@@ -314,10 +330,12 @@ class Model:
     config_class = Config
     ffn_norm_name = "ffn_norm.weight"
 
-    def __init__(self, f: GGUFFile, threads: int, ranges=whole, progress=None, packing=None):
-        """progress(done, total) per layer; packing: what to copy into RAM (ops.plan_packing)."""
+    def __init__(self, f: GGUFFile, threads: int, ranges=whole, progress=None, packing=None, kv_type=("f32", "f32")):
+        """progress(done, total) per layer; packing: what to copy into RAM (ops.plan_packing);
+        kv_type: (keys, values) element types of the caches it makes (KV_TYPES)."""
         self.cfg = cfg = self.config_class.from_gguf(f)
         self.threads = threads
+        self.kv_type = kv_type
         self.packing = packing or ops.plan_packing(f)
         w = FileWeights(f, pack=self.packing.dense)
         self.repack = self.packing.experts
@@ -388,7 +406,7 @@ class Model:
         raise ShareError(f"{cfg.arch} models have no {kind!r} modules")
 
     def new_cache(self, n_ctx: int) -> KVCache:
-        return KVCache(self.cfg, n_ctx)
+        return KVCache(self.cfg, n_ctx, self.kv_type)
 
     def begin(self, cache):
         """Called before each request on the kept cache (a cluster checks its workers here)."""

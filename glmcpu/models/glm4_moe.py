@@ -158,7 +158,7 @@ class MTP:
             self.vocab = n
 
     def new_cache(self, n_ctx: int) -> glm4.KVCache:
-        return glm4.KVCache(replace(self.model.cfg, n_layer=1), n_ctx)
+        return glm4.KVCache(replace(self.model.cfg, n_layer=1), n_ctx, self.model.kv_type)
 
     def forward(self, ids, hidden, cache, all_logits=False):
         """ids: tokens at positions cache.pos + 1.., hidden [T, d]: the main model's normed hidden
