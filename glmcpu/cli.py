@@ -138,7 +138,9 @@ REPACK_HELP = ("which weights are copied into RAM in the kernels' faster layouts
 
 def add_engine(p):
     p.add_argument("--threads", "-t", type=int, default=None, help="default: physical cores")
-    p.add_argument("--ctx", "-c", type=int, default=None, help="context length (default: min(file's, 4096))")
+    p.add_argument("--ctx", "-c", type=int, default=None,
+                   help="context length (default: the file's, as far as half the free memory beside the weights "
+                        "holds its KV cache; at least min(file's, 4096))")
     p.add_argument("--mlock", action="store_true",
                    help="lock the non-expert weights in RAM (experts stay paged from the file)")
     p.add_argument("--repack", choices=["auto", "none", "all"], default=None, help=REPACK_HELP)
@@ -280,6 +282,7 @@ def serve(model, a):
                           "(0 picks a free one)") from None
     print(f"glmcpu serving {api.name} at {server.url} (chat page at /, OpenAI API at {server.url}/v1"
           f"{', API key required' if api.api_key else ''}). Ctrl-C to stop.", flush=True)
+    print(model.ctx_note, file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -27,11 +27,16 @@ class Model:
         cfg = cls.config_class.from_gguf(self.file)
         cls.check_tensors(self.file, cfg)
         self.tokenizer = Tokenizer.from_gguf(self.file)      # its mistakes found before any weight is read
-        self.ctx = int(ctx) if ctx else min(cfg.n_ctx_train, 4096)
+        self.kv_type = kv_types(*((kv_type,) if isinstance(kv_type, str) else kv_type))
+        free = ops.memory_available()
+        if ctx:
+            self.ctx, self.ctx_note = int(ctx), f"context {int(ctx)} tokens (--ctx)"
+        else:
+            resident = sum(t.n_bytes for n, t in self.file.tensors.items() if not ops.is_expert(n))
+            self.ctx, self.ctx_note = default_context(cfg, self.kv_type, free, resident)
         if self.ctx < 1:
             raise GlmcpuError(f"context size must be positive, not {ctx}")
-        self.kv_type = kv_types(*((kv_type,) if isinstance(kv_type, str) else kv_type))
-        kv, free = cfg.kv_bytes(self.ctx, self.kv_type), ops.memory_available()
+        kv = cfg.kv_bytes(self.ctx, self.kv_type)
         if kv > free > 0:
             raise GlmcpuError(f"a KV cache of {self.ctx} tokens needs {kv / 2**30:.1f} GB and "
                               f"{free / 2**30:.1f} GB of RAM is free; lower --ctx")
@@ -157,8 +162,9 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
     path: a GGUF file, or what the CLI takes: a model in `glmcpu list` (its name or file name,
         OWNER/REPO:FILE), a downloaded catalogue name, or "demo" (the built-in demo model).
     threads: compute threads (default: the physical cores, or GLMCPU_THREADS).
-    ctx: context length in tokens: the KV cache's size (default: the file's training context,
-        at most 4096).
+    ctx: context length in tokens: the KV cache's size (default: the file's training context, as
+        far as half the free memory beside the weights holds its KV cache, at least min(that,
+        4096); `model.ctx_note` says which).
     mlock: pin the weights in RAM (the non-expert ones for MoE files) so they are never paged out.
     workers: endpoints ("tcp://host:port") of `glmcpu worker`s to share the work with; then
         key= (this root's key file) and worker_key= (the workers' public key), or insecure=True;
@@ -197,6 +203,21 @@ def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads
         workers = [w for w in workers.split(",") if w]
     return Cluster(f, cls, workers, keypair, server_key, timeout=timeout, shares=shares, threads=threads,
                    n_ctx=n_ctx, wire=wire, progress=progress, repack=repack, kv_type=kv_type)
+
+
+def default_context(cfg, kv_type, free: int, resident: int) -> tuple:
+    """(tokens, a line saying why): the file's training context, capped so that its KV cache takes
+    at most half the memory left beside the weights every token reads (a MoE file's experts are
+    paged), in whole 1024s; never below min(file's, 4096)."""
+    floor, per = min(cfg.n_ctx_train, 4096), cfg.kv_bytes(1, kv_type)
+    room = max(0, free - resident) // 2 // per // 1024 * 1024
+    ctx = max(floor, min(cfg.n_ctx_train, room))
+    kind = kv_type[0] if kv_type[0] == kv_type[1] else "K {} / V {}".format(*kv_type)
+    gb = cfg.kv_bytes(ctx, kv_type) / 2**30
+    if ctx == cfg.n_ctx_train:
+        return ctx, f"context {ctx} tokens, the file's ({gb:.1f} GB of {kind} KV cache at most)"
+    return ctx, (f"context {ctx} of the file's {cfg.n_ctx_train} tokens: {gb:.1f} GB of {kind} KV cache, what half "
+                 f"the free memory beside the weights holds (--ctx N to choose, --kv-type f16 for twice as many)")
 
 
 def answer(pieces):

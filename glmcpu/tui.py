@@ -231,6 +231,8 @@ def run(model, sampling: dict, system=None, stats_extra=None, history_file=None)
     chat.console.print(f"[bold]glmcpu[/] chat with {os.path.basename(model.path)} ({c.arch}, "
                        f"{model.threads} threads, context {model.ctx}{nodes}). /help for commands, "
                        "Ctrl-D to leave.")
+    if getattr(model, "ctx_note", None):
+        chat.console.print(f"[dim]{model.ctx_note}[/]")
     while True:
         try:
             line = session.prompt("> ")

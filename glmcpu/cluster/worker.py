@@ -209,7 +209,9 @@ class WorkerService:
                 raise ProtocolError("load: bad share")
             parsed.append(tuple(sh))
         # what this load holds in RAM besides its own file's pages, counted before anything is built
-        need = cfg.kv_bytes(n_ctx, kv) + ops.rope_table_bytes(cfg.n_rot, n_ctx) + scratch_bytes(cfg, parsed)
+        G = cfg.n_head // cfg.n_head_kv           # the KV heads its query heads read, in every layer they hold
+        kv_heads = sum((b - 1) // G + 1 - a // G for kind, _, a, b, _ in parsed if kind == "attn")
+        need = cfg.kv_bytes(n_ctx, kv) // (cfg.n_layer * cfg.n_head_kv) * kv_heads + ops.rope_table_bytes(cfg.n_rot, n_ctx) + scratch_bytes(cfg, parsed)
         if not own:
             sizes = {d: self.held.get(d) or self.store.size(d) for *_, d in parsed}
             need += sum(v for v in sizes.values() if v)
