@@ -13,7 +13,12 @@ the instruction sets llama.cpp was built for. To compare against another llama.c
 llama-cpp-python at its libraries: LLAMA_CPP_LIB_PATH=/path/to/llama_cpp/lib.
 
 --busy N runs N busy-loop processes beside the engines (a loaded machine); --sampling adds
-glmcpu's generate() with its default sampling against greedy, on the same prompt."""
+glmcpu's generate() with its default sampling against greedy, on the same prompt.
+
+--depth 4096,16384 (like `llama-bench -d`): at each depth, a cache is filled once with that many
+random ids (not timed), then every run restores it and times a --prompt-token prefill and --gen
+decoded tokens after it. llama.cpp runs with flash attention and each --llama-kv cache type
+(f16, q8_0; restored with save_state/load_state); glmcpu with each --kv-type (f32, f16)."""
 import argparse
 import os
 import statistics
@@ -26,16 +31,33 @@ import numpy as np
 class GlmcpuEngine:
     name = "glmcpu"
 
-    def __init__(self, path, threads, n_ctx):
+    def __init__(self, path, threads, n_ctx, kv_type="f32", model=None):
         import glmcpu
-        self.m = glmcpu.load(path, threads=threads, ctx=n_ctx)
-        self.n_ctx = n_ctx
+        self.m = model or glmcpu.load(path, threads=threads, ctx=n_ctx, draft="none")
+        self.n_ctx, self.kv_type = n_ctx, kv_type
+        if kv_type != "f32":
+            self.name = f"glmcpu {kv_type}"
+        self.filled = None
+
+    def new_cache(self):
+        self.m.net.kv_type = (self.kv_type, self.kv_type)      # engines of several types share a model
+        return self.m.net.new_cache(self.n_ctx)
+
+    def fill(self, ids):
+        """A cache holding ids (restored by each run below)."""
+        from glmcpu.generate import prefill
+        self.filled = self.new_cache()
+        prefill(self.m.net, self.filled, ids)
 
     def run(self, prompt, gen):
-        net = self.m.net
-        cache = net.new_cache(self.n_ctx)
-        t0 = time.perf_counter()
         from glmcpu.generate import prefill
+        net = self.m.net
+        if self.filled is None:
+            cache = self.new_cache()
+        else:                      # later positions are simply written again: restoring is free
+            cache, depth = self.filled, len(self.filled.tokens)
+            cache.pos, cache.tokens = depth, cache.tokens[:depth]
+        t0 = time.perf_counter()
         prefill(net, cache, prompt)
         t1 = time.perf_counter()
         for tok in gen:
@@ -46,14 +68,27 @@ class GlmcpuEngine:
 
 class LlamaCppEngine:
     name = "llama.cpp"
+    TYPES = {"f16": 1, "q8_0": 8}        # ggml type ids of its KV caches
 
-    def __init__(self, path, threads, n_ctx):
+    def __init__(self, path, threads, n_ctx, kv_type=None):
         from llama_cpp import Llama
+        kw = {} if kv_type is None else dict(flash_attn=True, type_k=self.TYPES[kv_type], type_v=self.TYPES[kv_type])
+        if kv_type is not None:
+            self.name = f"llama.cpp {kv_type}"
         self.llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                         n_batch=512, n_ubatch=512, verbose=False)
+                         n_batch=512, n_ubatch=512, verbose=False, **kw)
+        self.state = None
+
+    def fill(self, ids):
+        self.llm.reset()
+        self.llm.eval(ids)
+        self.state = self.llm.save_state()
 
     def run(self, prompt, gen):
-        self.llm.reset()
+        if self.state is None:
+            self.llm.reset()
+        else:
+            self.llm.load_state(self.state)
         t0 = time.perf_counter()
         self.llm.eval(prompt)
         t1 = time.perf_counter()
@@ -136,10 +171,13 @@ def main():
     p.add_argument("--no-membw", action="store_true", help="skip the memory bandwidth measurement")
     p.add_argument("--busy", type=int, default=0, help="busy-loop processes to run beside the engines")
     p.add_argument("--sampling", action="store_true", help="also time generate() sampled vs greedy")
+    p.add_argument("--depth", default="", help="comma-separated context depths to time at (see above)")
+    p.add_argument("--kv-type", default="f32,f16", help="glmcpu KV cache types at --depth")
+    p.add_argument("--llama-kv", default="f16,q8_0", help="llama.cpp KV cache types at --depth (flash attention on)")
     a = p.parse_args()
     busy = busy_loops(a.busy)
     try:
-        run(a)
+        run_depths(a) if a.depth else run(a)
     finally:
         for b in busy:
             b.kill()
@@ -193,6 +231,48 @@ def run(a):
         sp = sampling_speed(engines[0].m, prompt[:16], a.gen + 1, a.runs)
         print(f"  glmcpu generate(): default sampling {sp['default sampling']:.2f} tok/s, greedy "
               f"{sp['greedy']:.2f} tok/s ({sp['default sampling'] / sp['greedy']:.3f}x)")
+
+
+def run_depths(a):
+    """Prefill and decode after a cache filled to each depth, every engine and KV type alternating."""
+    import glmcpu
+    depths = [int(d) for d in a.depth.split(",")]
+    n_ctx = max(depths) + a.prompt + a.gen + 8
+    m = glmcpu.load(a.model, threads=a.threads, ctx=n_ctx, draft="none")
+    engines = [GlmcpuEngine(a.model, a.threads, n_ctx, t, model=m) for t in a.kv_type.split(",") if t]
+    if not a.no_llama:
+        try:
+            engines += [LlamaCppEngine(a.model, a.threads, n_ctx, t) for t in a.llama_kv.split(",") if t]
+        except ImportError:
+            print("llama-cpp-python is not installed: glmcpu only", file=sys.stderr)
+    rng = np.random.default_rng(0)
+    vocab = min(m.cfg.n_vocab, 100000)
+    prompt = [int(i) for i in rng.integers(0, vocab, a.prompt)]
+    gen = [int(i) for i in rng.integers(0, vocab, a.gen)]
+    print(f"{os.path.basename(a.model)}, {a.threads} threads, {a.runs} runs, medians; at each depth a "
+          f"{a.prompt}-token prefill, then {a.gen} decoded tokens")
+    print(f"  CPU: {cpu_name()}; glmcpu kernels: {glmcpu.ops.VARIANT}"
+          + (f"; llama.cpp built for: {llama_isa()}" if any(isinstance(e, LlamaCppEngine) for e in engines) else ""))
+    for depth in depths:
+        fill = [int(i) for i in rng.integers(0, vocab, depth)]
+        times = {}
+        for e in engines:
+            t = time.perf_counter()
+            e.fill(fill)
+            print(f"depth {depth}: {e.name} filled in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+            times[e.name] = ([], [])
+        for r in range(a.runs):
+            for e in (engines if r % 2 == 0 else engines[::-1]):
+                tp, tg = e.run(prompt, gen)
+                times[e.name][0].append(a.prompt / tp)
+                times[e.name][1].append(a.gen / tg)
+                print(f"depth {depth} run {r + 1}: {e.name:<16} prefill {a.prompt / tp:8.1f}   decode {a.gen / tg:7.2f}",
+                      file=sys.stderr)
+        for e in engines:                        # one filled cache at a time
+            e.filled = e.state = None
+        print(f"  depth {depth}:")
+        for name, (pp, tg) in times.items():
+            print(f"    {name:<16} prefill {statistics.median(pp):8.1f} tok/s   decode {statistics.median(tg):7.2f} tok/s")
 
 
 if __name__ == "__main__":
