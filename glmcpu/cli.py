@@ -147,6 +147,9 @@ def add_engine(p):
     p.add_argument("--kv-type", choices=["f32", "f16"], default="f32",
                    help="the KV cache's element type: f32 (default) or f16 (half the memory and reads; "
                         "scores and sums stay float32); workers follow the root's")
+    p.add_argument("--cache-ram", type=float, default=None,
+                   help="GB of KV cache kept for conversations between requests (the longest shared prefix "
+                        "is reused; default: one full context's worth)")
     p.add_argument("--kv-type-k", choices=["f32", "f16"], default=None, help="the keys' type (default: --kv-type)")
     p.add_argument("--kv-type-v", choices=["f32", "f16"], default=None, help="the values' type (default: --kv-type)")
     p.add_argument("--draft", choices=["auto", "mtp", "lookup", "none"], default="auto",
@@ -217,7 +220,7 @@ def load_model(a):
     path = model_path(a.model)
     return load(path, threads=a.threads, ctx=a.ctx, mlock=a.mlock, repack=a.repack, draft=a.draft,
                 draft_tokens=a.draft_tokens, draft_vocab=a.draft_vocab,
-                kv_type=(a.kv_type_k or a.kv_type, a.kv_type_v or a.kv_type),
+                kv_type=(a.kv_type_k or a.kv_type, a.kv_type_v or a.kv_type), cache_ram=a.cache_ram,
                 progress=StepBar(f"loading {os.path.basename(path)}: layers"), **cluster_kwargs(a))
 
 

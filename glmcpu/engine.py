@@ -19,7 +19,7 @@ DEFAULT_DRAFT_TOKENS = {"MTPDraft": 1, "LookupDraft": 3}
 class Model:
     def __init__(self, path, threads=None, ctx=None, mlock=False, workers=None, key=None,
                  worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32", progress=None,
-                 repack=None, draft="auto", draft_tokens=None, draft_vocab=None, kv_type="f32"):
+                 repack=None, draft="auto", draft_tokens=None, draft_vocab=None, kv_type="f32", cache_ram=None):
         self.file = GGUFFile(path)
         self.path = self.file.path
         self.threads = int(threads) if threads else ops.default_threads()
@@ -56,7 +56,9 @@ class Model:
             self.draft_vocab = int(draft_vocab) if draft_vocab else None
             make_draft(self.draft_mode, self.net, 1, self.draft_vocab)   # builds the MTP head now; mtp without one: one line
             self.last_stats = {}
-            self.cache = None           # the KV cache kept between calls, for prompts sharing a prefix
+            self.caches = []            # KV caches kept between calls (conversations), least recently used first
+            # bytes of positions they may hold together (default: one full context's worth)
+            self.cache_ram = float(cache_ram) * 2**30 if cache_ram else self.cfg.kv_bytes(self.ctx, self.kv_type)
             if mlock:       # keep what every token reads in RAM; experts stay paged on demand
                 self.file.lock([n for n in self.file.tensors if not ops.is_expert(n)])
         except BaseException:
@@ -111,25 +113,55 @@ class Model:
         if rest:
             yield rest
 
+    @property
+    def cache(self):
+        """The KV cache of the latest request (None before the first)."""
+        return self.caches[-1] if self.caches else None
+
     def reuse_cache(self, ids):
-        """The kept cache, cut back to the longest prefix it shares with `ids` (at least one
-        token of `ids` is left to compute: its logits start the answer)."""
-        if self.cache is None:
-            self.cache = self.net.new_cache(self.ctx)
-            self.cache.draft = make_draft(self.draft_mode, self.net, self.ctx, self.draft_vocab)   # beside the cache
-        cache = self.cache
+        """The kept cache sharing the longest prefix with `ids`, cut back to it (at least one token
+        of `ids` is left to compute: its logits start the answer). When that would cut off another
+        conversation's later tokens, the shared prefix is copied into a cache of its own instead, so
+        alternating conversations keep theirs; caches past --cache-ram are dropped, least recently
+        used first. A cluster keeps one (its workers hold one sequence)."""
+        best, keep = None, -1
+        for c in self.caches:
+            n = common_prefix(c.tokens, ids[:-1])
+            if n > keep:
+                best, keep = c, n
+        dropped = find_drop(best.tokens, ids[:-1], keep) if best is not None and self.cluster is None else None
+        if dropped:                     # old turns dropped (a chat past --ctx): keep the turns after them
+            best.drop(keep, *dropped)
+            if getattr(best.draft, "hidden", None) is not None:   # an MTP draft catches up from there
+                d, m = dropped
+                best.draft.hidden[keep:keep + m] = best.draft.hidden[keep + d:keep + d + m]
+                c = best.draft.cache
+                c.pos = min(c.pos, max(keep - 1, 0))
+                c.tokens = c.tokens[:c.pos]
+            keep += dropped[1]
+        if best is None or (keep < len(best.tokens) and self.cluster is None):
+            cache = self.net.new_cache(self.ctx)
+            cache.draft = make_draft(self.draft_mode, self.net, self.ctx, self.draft_vocab)   # beside the cache
+            if best is not None and keep > 0:
+                copy_prefix(best, cache, keep)
+            else:
+                keep = 0
+            if self.cluster is not None:
+                self.caches = []
+        else:
+            cache = best
+            self.caches.remove(best)
+        self.caches.append(cache)
         self.net.begin(cache)           # a cluster whose worker came back starts this cache again
-        keep = 0
-        for a, b in zip(cache.tokens[:len(ids) - 1], ids):
-            if a != b:
-                break
-            keep += 1
-        cache.pos, cache.tokens = keep, cache.tokens[:keep]
+        cache.pos, cache.tokens = min(keep, cache.pos), cache.tokens[:min(keep, cache.pos)]
+        per = self.cfg.kv_bytes(1, self.kv_type)
+        while len(self.caches) > 1 and per * (sum(c.pos for c in self.caches) + len(ids)) > self.cache_ram:
+            self.caches.pop(0)
         return cache
 
     def reset(self):
-        """Forget the kept KV cache."""
-        self.cache = None
+        """Forget the kept KV caches."""
+        self.caches = []
 
     def close(self):
         """Free what this model holds beyond the process: a cluster's workers, at once (they are
@@ -156,7 +188,7 @@ class Model:
 
 
 def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None, repack=None, draft="auto",
-         draft_tokens=None, draft_vocab=None, kv_type="f32", **cluster) -> Model:
+         draft_tokens=None, draft_vocab=None, kv_type="f32", cache_ram=None, **cluster) -> Model:
     """A model, ready to generate.
 
     path: a GGUF file, or what the CLI takes: a model in `glmcpu list` (its name or file name,
@@ -181,11 +213,13 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
     draft_tokens: tokens guessed per step (default 1 for mtp, 3 for lookup).
     draft_vocab: the MTP head guesses among the first N token ids only (a cheaper guess; default all).
     kv_type: the KV cache's element type, "f32" (default) or "f16" (half the memory and the reads;
-        scores and sums stay float32), or a (keys, values) pair such as ("f16", "f32")."""
+        scores and sums stay float32), or a (keys, values) pair such as ("f16", "f32").
+    cache_ram: GB of KV cache kept for conversations between calls: each prompt reuses the kept
+        cache sharing its longest prefix (default: one full context's worth)."""
     from .hub import resolve
     return Model(resolve(str(path)), threads=threads, ctx=ctx, mlock=mlock, workers=workers,
                  progress=progress, repack=repack, draft=draft, draft_tokens=draft_tokens,
-                 draft_vocab=draft_vocab, kv_type=kv_type, **cluster)
+                 draft_vocab=draft_vocab, kv_type=kv_type, cache_ram=cache_ram, **cluster)
 
 
 def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire, progress, repack,
@@ -203,6 +237,41 @@ def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads
         workers = [w for w in workers.split(",") if w]
     return Cluster(f, cls, workers, keypair, server_key, timeout=timeout, shares=shares, threads=threads,
                    n_ctx=n_ctx, wire=wire, progress=progress, repack=repack, kv_type=kv_type)
+
+
+def common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def find_drop(tokens, ids, a: int, least: int = 32):
+    """(d, m) where tokens[a + d:a + d + m] == ids[a:a + m] with d > 0 and the longest m >= least:
+    a conversation whose tokens a..a+d-1 were dropped from the middle (its oldest turns), or None."""
+    t, q = np.asarray(tokens, np.int64), np.asarray(ids, np.int64)
+    if a >= min(len(t), len(q)):
+        return None
+    found = None
+    for s in np.flatnonzero(t[a + 1:] == q[a]) + a + 1:          # where the kept part may start
+        n = min(len(t) - s, len(q) - a)
+        same = t[s:s + n] == q[a:a + n]
+        m = n if same.all() else int(np.argmin(same))
+        if m >= least and (found is None or m > found[1]):
+            found = (int(s - a), m)
+    return found
+
+
+def copy_prefix(src, dst, n: int):
+    """Positions 0..n-1 of one KV cache (and of its MTP draft's hidden states and cache) into a
+    fresh one."""
+    dst.k[:, :, :n], dst.v[:, :, :n] = src.k[:, :, :n], src.v[:, :, :n]
+    dst.pos, dst.tokens = n, list(src.tokens[:n])
+    if getattr(src.draft, "hidden", None) is not None:
+        dst.draft.hidden[:n] = src.draft.hidden[:n]
+        copy_prefix(src.draft.cache, dst.draft.cache, min(n, src.draft.cache.pos))
 
 
 def default_context(cfg, kv_type, free: int, resident: int) -> tuple:

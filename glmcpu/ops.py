@@ -239,6 +239,13 @@ def rope(x, pos, n_rot: int, theta: float, neox: bool):
     return K.rope(x, pos, *rope_table(int(n_rot), float(theta), rope_rows(pos.max())), neox)
 
 
+def rope_by(x, delta: int, n_rot: int, theta: float, neox: bool):
+    """Rotate x [T, H, D] in place by `delta` positions (negative: back). RoPE rotations compose,
+    so keys written at position p become those of p + delta (a cache shifted after a drop)."""
+    cos, sin = K.rope_table(int(n_rot), float(theta), abs(delta) + 1)
+    return K.rope(x, np.full(x.shape[0], abs(delta), np.int32), cos, sin if delta >= 0 else -sin, neox)
+
+
 def linear_chunked(m, x: np.ndarray, threads: int) -> np.ndarray:
     """x [T, n] float32 @ W^T -> [T, N] float64 for W kept as column chunks (K.Chunked), summed
     chunk by chunk in double (see kernels gemm_chunked)."""

@@ -131,6 +131,19 @@ def test_prefix_of_a_conversation_is_reused(client):
     assert a.usage.prompt_tokens <= cached < b.usage.prompt_tokens
 
 
+def test_two_alternating_conversations_both_keep_their_history(client):
+    """Two chats taking turns on one server: each next turn reuses its own conversation's cache."""
+    chats = [[{"role": "user", "content": "Who begat Enos?"}], [{"role": "user", "content": "Where is Eden?"}]]
+    firsts = []
+    for turn in chats:
+        a = client.chat.completions.create(model="demo", messages=turn, max_tokens=6, temperature=0)
+        firsts.append(a.usage.prompt_tokens)
+        turn += [{"role": "assistant", "content": a.choices[0].message.content}, {"role": "user", "content": "And?"}]
+    for turn, first in zip(chats, firsts):
+        b = client.chat.completions.create(model="demo", messages=turn, max_tokens=6, temperature=0)
+        assert first <= b.usage.prompt_tokens_details.cached_tokens < b.usage.prompt_tokens
+
+
 def test_bad_requests_are_openai_errors(client, server):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="demo", messages=HELLO, temperature="hot")

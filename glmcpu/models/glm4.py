@@ -188,6 +188,23 @@ class KVCache:
         self.n_ctx = n_ctx
         self.pos = 0                              # positions filled so far
         self.tokens = []                          # the ids at those positions (a cluster replays them)
+        self.draft = None                         # a speculative draft's state kept beside it (draft.py)
+        self.cfg = cfg
+
+    def drop(self, a: int, d: int, m: int):
+        """Forget positions a..a+d-1: the m positions after them move down to a.., their keys
+        rotated back by d (values carry no position). What they attended to stays as it was
+        computed, as in llama.cpp's context shift: cheaper than computing them again, not equal."""
+        c, step = self.cfg, 1024
+        for s in range(0, m, step):                     # in order: a destination never overtakes its source
+            n = min(step, m - s)
+            for l in range(c.n_layer):
+                k = np.ascontiguousarray(self.k[l, :, a + d + s:a + d + s + n].transpose(1, 0, 2), np.float32)
+                ops.rope_by(k, -d, c.n_rot, c.rope_theta, c.neox)              # [n, n_head_kv, head_dim]
+                self.k[l, :, a + s:a + s + n] = k.transpose(1, 0, 2)
+                self.v[l, :, a + s:a + s + n] = self.v[l, :, a + d + s:a + d + s + n]
+        self.tokens = self.tokens[:a] + self.tokens[a + d:a + d + m]
+        self.pos = a + m
 
 
 def commit(cache, ids):

@@ -1,0 +1,102 @@
+"""Long conversations (issue 23). KV cache types: an f32 cache matches transformers as before; an
+f16 cache moves the logits no more than llama.cpp's f16 cache moves its own, over a prompt of 520
+tokens; a cluster computes what one process computes for each type (its workers hold their heads
+in that type). Kept caches: alternating conversations keep theirs within --cache-ram, and one
+that outgrows its context keeps the turns after the dropped ones, their keys re-rotated."""
+import numpy as np
+import pytest
+
+import glmcpu
+from conftest import hf_logits, kl, test_ids as make_ids
+
+N = 520                     # past 512: several attention chunks, and past the tiny files' 256 positions
+
+
+def llama_logits(path, ids, kv):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    types = {"f32": 0, "f16": 1}
+    llm = llama_cpp.Llama(model_path=path, n_ctx=N + 8, n_batch=N + 8, n_ubatch=N + 8, logits_all=True,
+                          verbose=False, n_threads=2, type_k=types[kv], type_v=types[kv])
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)], dtype=np.float32)
+
+
+@pytest.mark.parametrize("family", ["glm4", "glm4_moe"])
+def test_f16_cache_moves_logits_no_more_than_llama_cpps(tiny, family):
+    model, path, _ = tiny(family, "f32")
+    ids = make_ids(N, seed=3)
+    f32 = glmcpu.load(path, threads=2, ctx=N + 8).logits(ids)
+    f16 = glmcpu.load(path, threads=2, ctx=N + 8, kv_type="f16").logits(ids)
+    want = hf_logits(model, ids)
+    assert np.abs(f32 - want).max() <= 3e-3                   # f32: unchanged
+    ours = kl(f32, f16)
+    theirs = kl(llama_logits(path, ids, "f32"), llama_logits(path, ids, "f16"))
+    print(f"{family}: KL(f32 || f16 cache) glmcpu {ours:.2e}, llama.cpp {theirs:.2e}")
+    assert 0 < ours <= theirs
+    mixed = glmcpu.load(path, threads=2, ctx=N + 8, kv_type=("f16", "f32")).logits(ids)
+    assert 0 < kl(f32, mixed) <= theirs
+
+
+def test_kv_type_sizes_and_errors(tiny):
+    _, path, _ = tiny("glm4", "f32")
+    m = glmcpu.load(path, threads=1, kv_type="f16")
+    cache = m.net.new_cache(64)
+    assert cache.k.dtype == np.float16 and cache.v.dtype == np.float16
+    assert m.cfg.kv_bytes(64, ("f16", "f16")) * 2 == m.cfg.kv_bytes(64) == cache.k.nbytes * 4
+    with pytest.raises(glmcpu.GlmcpuError, match="KV cache type"):
+        glmcpu.load(path, kv_type="q3")
+
+
+@pytest.mark.parametrize("kv", ["f16", ("f32", "f16")])
+def test_cluster_equals_one_process_per_kv_type(tiny, workers, kv):
+    _, path, _ = tiny("glm4_moe", "q8_0")
+    ids = make_ids(40, seed=5)
+    want = glmcpu.load(path, threads=1, kv_type=kv).logits(ids)
+    assert not np.array_equal(want, glmcpu.load(path, threads=1).logits(ids))
+    _, eps = workers(path, 2, "--insecure")
+    with glmcpu.load(path, threads=1, workers=eps, insecure=True, kv_type=kv) as m:
+        np.testing.assert_array_equal(m.logits(ids), want)     # workers' caches are of that type too
+
+
+def test_conversations_keep_their_caches_within_cache_ram(tiny):
+    """Alternating prompts each reuse their own conversation's cache (a shared prefix is copied, not
+    cut from the other); the text is a fresh model's; past --cache-ram the oldest is dropped."""
+    _, path, _ = tiny("glm4", "q8_0")
+    a, b = list(range(5, 40)), list(range(5, 20)) + list(range(60, 80))      # 15 tokens shared
+
+    def turn(m, ids):
+        text = list(m.generate(ids, max_tokens=6, temperature=0, ignore_eos=True))
+        return text, m.last_stats["cached_tokens"]
+
+    fresh = glmcpu.load(path, threads=1)
+    m = glmcpu.load(path, threads=1)
+    assert turn(m, a)[1] == 0
+    a_seen = list(m.cache.tokens)                            # the prompt and the answer so far
+    assert turn(m, b)[1] == 15                               # the shared prefix, copied
+    b_seen = list(m.cache.tokens)
+    for ids, n in ((a_seen + [90, 91], len(a_seen)), (b_seen + [92], len(b_seen))):
+        text, cached = turn(m, ids)                          # each conversation's next turn
+        assert cached == n and text == turn(fresh, ids)[0]
+        fresh.reset()
+    assert len(m.caches) == 2
+    small = glmcpu.load(path, threads=1, cache_ram=m.cfg.kv_bytes(60) / 2**30)
+    turn(small, a)
+    turn(small, b)
+    assert len(small.caches) == 1 and turn(small, a + [90])[1] == 15      # a's own history was dropped
+
+
+def test_a_conversation_past_its_context_keeps_the_turns_after_the_dropped_ones(tiny):
+    _, path, _ = tiny("glm4", "q8_0")
+    system, t1, t2, t3 = list(range(5, 15)), list(range(20, 80)), list(range(100, 180)), list(range(200, 220))
+    m = glmcpu.load(path, threads=1, ctx=256)
+    list(m.generate(system + t1 + t2, max_tokens=4, temperature=0, ignore_eos=True))
+    list(m.generate(system + t2 + t3, max_tokens=4, temperature=0, ignore_eos=True))      # t1 dropped
+    assert m.last_stats["cached_tokens"] == len(system + t2) and len(m.caches) == 1
+    assert m.cache.tokens[:len(system + t2 + t3)] == system + t2 + t3
+    # layer 0's keys and values depend only on the token and its position: the moved ones are what a
+    # fresh pass writes (keys up to the re-rotation's rounding)
+    fresh = glmcpu.load(path, threads=1, ctx=256)
+    list(fresh.generate(system + t2 + t3, max_tokens=1, temperature=0, ignore_eos=True))
+    n = len(system + t2)
+    np.testing.assert_allclose(m.cache.k[0, :, :n], fresh.cache.k[0, :, :n], rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(m.cache.v[0, :, :n], fresh.cache.v[0, :, :n])
