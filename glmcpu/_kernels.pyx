@@ -20,8 +20,26 @@ cdef extern from "kernels.h" nogil:
                    int T, const float *x, const int8_t *xq, const float *xd, const float *xs,
                    float *out, int ldo)
     unsigned long long stream_xor(const uint8_t *p, size_t n)
-    void attend_one(int hd, int n, const float *q, const float *k, const float *v,
-                    size_t kv_stride, float scale, float *scratch, float *out)
+    int ATTN_CHUNK, ATTN_TILE
+    ctypedef struct attn_args:
+        const float *q
+        Py_ssize_t q_t, q_h
+        const void *k
+        const void *v
+        Py_ssize_t k_h, k_p, v_h, v_p
+        int k_f16, v_f16
+        float *out
+        Py_ssize_t o_t, o_h
+        int T, Hkv, G, D, pos0
+        float scale
+    int attn_nchunks(const attn_args *a, int t)
+    size_t attn_part_floats(const attn_args *a)
+    size_t attn_scratch_floats(const attn_args *a)
+    void attn_chunk(const attn_args *a, int t, int j, int c, float *scratch, float *part)
+    void attn_merge(const attn_args *a, float *st, const float *pt)
+    void attn_finish(const attn_args *a, int t, int j, const float *st)
+    void attn_tile(const attn_args *a, int t0, int t1, int j, float *work)
+    float exp_f32(float x)
 
 ISA = GLMCPU_ISA.decode()
 
@@ -437,30 +455,126 @@ def silu_mul(const float[:, ::1] gu, out_arr, int threads=1):
     return out_arr
 
 
-def attention(const float[:, :, ::1] q, const float[:, :, ::1] kc, const float[:, :, ::1] vc,
-              int pos0, float scale, out_arr, int threads=1):
-    """Causal grouped-query attention of q [T, Hq, D] (positions pos0..pos0+T-1) over the cache
-    kc/vc [Hkv, S, D] (filled up to pos0+T); kv head j serves q heads j*G .. j*G+G-1."""
+ATTENTION_CHUNK = ATTN_CHUNK     # positions per partial softmax (fixed: results never depend on threads)
+
+
+def attention_exp(const float[::1] x, out_arr):
+    """out = exp(x) by attention's polynomial (kernels.h av_exp), one lane at a time: for tests."""
+    cdef float[::1] out = out_arr
+    cdef Py_ssize_t i
+    if out.shape[0] != x.shape[0]:
+        raise ValueError("attention_exp: shape mismatch")
+    for i in range(x.shape[0]):
+        out[i] = exp_f32(x[i])
+    return out_arr
+
+
+cdef const void *_kv_view(x, const char *name, Py_ssize_t *strides, int *f16) except NULL:
+    """Data pointer of a float32 or float16 [Hkv, S, D] array (rows contiguous), its head and
+    position strides in elements, and whether it is half."""
+    cdef const float[:, :, :] x32
+    cdef const uint16_t[:, :, :] x16
+    x = np.asarray(x)
+    if x.ndim != 3 or x.shape[0] == 0 or x.shape[1] == 0 or x.strides[2] != x.itemsize:
+        raise ValueError(f"attention: {name.decode()} must be [Hkv, S, D] with rows contiguous, not "
+                         f"{x.shape} strides {x.strides}")
+    if x.dtype == np.float16:
+        x16 = x.view(np.uint16)
+        strides[0], strides[1], f16[0] = x16.strides[0] // 2, x16.strides[1] // 2, 1
+        return &x16[0, 0, 0]
+    if x.dtype == np.float32:
+        x32 = x
+        strides[0], strides[1], f16[0] = x32.strides[0] // 4, x32.strides[1] // 4, 0
+        return &x32[0, 0, 0]
+    raise TypeError(f"attention: {name.decode()} must be float32 or float16, not {x.dtype}")
+
+
+def attention(const float[:, :, ::1] q, kc, vc, int pos0, float scale, out_arr, int threads=1, split=None):
+    """Causal grouped-query attention of q [T, Hq, D] float32 (token t at position pos0 + t, seeing
+    positions 0..pos0+t) over the cache kc, vc [Hkv, S, D] (float32 or float16 each, rows
+    contiguous, filled up to pos0+T); KV head j serves query heads j*G .. j*G+G-1, G = Hq/Hkv.
+    Writes out [T, Hq, D] float32 and returns it.
+
+    Each (token, KV head) runs its G heads together over chunks of ATTENTION_CHUNK positions
+    (kernels.h attn_chunk), merged in chunk order: the same bytes for any `threads`, and a token
+    alone gives what it gives inside a batch. Many (token, KV head) items (a prompt) run an item
+    per thread; few (decode) spread their chunks over the threads. split=True/False forces one way
+    (both give the same bytes); None chooses."""
     cdef float[:, :, ::1] out = out_arr
-    cdef int T = q.shape[0], Hq = q.shape[1], D = q.shape[2], Hkv = kc.shape[0], S = kc.shape[1]
-    cdef int G, i, t, h
-    cdef float *scratch
-    if Hkv == 0 or Hq % Hkv or kc.shape[2] != D or vc.shape[0] != Hkv or vc.shape[1] != S \
-            or vc.shape[2] != D or pos0 < 0 or pos0 + T > S or out.shape[0] != T or out.shape[1] != Hq \
-            or out.shape[2] != D:
-        raise ValueError("attention: shape mismatch")
-    if T == 0:
+    cdef attn_args a
+    cdef Py_ssize_t ks[2]
+    cdef Py_ssize_t vs[2]
+    cdef int T = q.shape[0], Hq = q.shape[1], D = q.shape[2], Hkv, S
+    cdef int i, t, j, c, cc, u, nb, cb, items, ncmax, ntiles, nbatch
+    cdef size_t ps, ss
+    cdef float *work
+    cdef float *parts
+    cdef float *states
+    kc, vc = np.asarray(kc), np.asarray(vc)
+    a.k = _kv_view(kc, b"kc", ks, &a.k_f16)
+    a.v = _kv_view(vc, b"vc", vs, &a.v_f16)
+    Hkv, S = kc.shape[0], kc.shape[1]
+    if Hq % Hkv or kc.shape[2] != D or vc.shape[0] != Hkv or vc.shape[1] != S or vc.shape[2] != D \
+            or pos0 < 0 or pos0 + T > S or out.shape[0] != T or out.shape[1] != Hq or out.shape[2] != D:
+        raise ValueError(f"attention: shape mismatch: q {(T, Hq, D)}, kc {kc.shape}, vc {vc.shape}, "
+                         f"pos0 {pos0}, out {np.shape(out_arr)}")
+    if D % 8:
+        raise ValueError(f"attention: head_dim {D} is not a multiple of 8")
+    if T == 0 or Hq == 0:
         return out_arr
-    G = Hq // Hkv
-    threads = team(threads, 8.0 * D * (<double>T * Hq * (pos0 + T) + <double>Hkv * (pos0 + T)))
-    with nogil, parallel(num_threads=threads):
-        scratch = <float *>malloc(sizeof(float) * (pos0 + T))
-        for i in prange(T * Hq, schedule='dynamic'):
-            t = i // Hq
-            h = i % Hq
-            attend_one(D, pos0 + t + 1, &q[t, h, 0], &kc[h // G, 0, 0], &vc[h // G, 0, 0], D,
-                       scale, scratch, &out[t, h, 0])
-        free(scratch)
+    a.q, a.q_t, a.q_h = &q[0, 0, 0], q.strides[0] // 4, q.strides[1] // 4
+    a.k_h, a.k_p, a.v_h, a.v_p = ks[0], ks[1], vs[0], vs[1]
+    a.out, a.o_t, a.o_h = &out[0, 0, 0], out.strides[0] // 4, out.strides[1] // 4
+    a.T, a.Hkv, a.G, a.D, a.pos0, a.scale = T, Hkv, Hq // Hkv, D, pos0, scale
+    ps, ss = attn_part_floats(&a), attn_scratch_floats(&a)
+    # KV bytes read, weighted by the work each byte meets (G heads, T tokens)
+    threads = team(threads, <double>Hkv * (pos0 + T) * D * (4 - 2 * a.k_f16 + 4 - 2 * a.v_f16)
+                   * (1.0 + T * a.G / 8.0))
+    ntiles = (T + ATTN_TILE - 1) // ATTN_TILE
+    if split is None:
+        split = ntiles * Hkv < 8 * threads
+    if not split:                                        # a prompt: an item (tile of tokens, KV head) per thread
+        with nogil, parallel(num_threads=threads):
+            work = <float *>malloc(sizeof(float) * (ss + (ATTN_TILE + 1) * ps))
+            for i in prange(ntiles * Hkv, schedule='dynamic'):
+                t = (ntiles - 1 - i // Hkv) * ATTN_TILE  # the longest tiles first
+                attn_tile(&a, t, min(T, t + ATTN_TILE), i % Hkv, work)
+            free(work)
+        return out_arr
+    # decode: every (token, KV head, chunk) partial in parallel, then each item merges its own in
+    # chunk order; nbatch chunks at a time, so the partials take at most ~16 MB
+    items, ncmax = T * Hkv, attn_nchunks(&a, T - 1)
+    nbatch = max(1, min(ncmax, <int>((16 << 20) // (4 * ps * items))))
+    parts = <float *>malloc(sizeof(float) * ps * items * nbatch)
+    states = <float *>malloc(sizeof(float) * ps * items)
+    if parts == NULL or states == NULL:
+        free(parts)
+        free(states)
+        raise MemoryError()
+    try:
+        for cb in range(0, ncmax, nbatch):
+            nb = min(nbatch, ncmax - cb)
+            with nogil, parallel(num_threads=threads):
+                work = <float *>malloc(sizeof(float) * ss)
+                for u in prange(items * nb, schedule='dynamic'):
+                    c = cb + u % nb
+                    if c < attn_nchunks(&a, u // nb // Hkv):
+                        attn_chunk(&a, u // nb // Hkv, u // nb % Hkv, c, work, parts + <size_t>u * ps)
+                free(work)
+            with nogil:
+                for i in prange(items, num_threads=min(threads, items), schedule='static'):
+                    for cc in range(nb):
+                        c = cb + cc
+                        if c == 0:
+                            memcpy(states + <size_t>i * ps, parts + <size_t>(i * nb) * ps, sizeof(float) * ps)
+                        elif c < attn_nchunks(&a, i // Hkv):
+                            attn_merge(&a, states + <size_t>i * ps, parts + <size_t>(i * nb + cc) * ps)
+        with nogil:
+            for i in prange(items, num_threads=min(threads, items), schedule='static'):
+                attn_finish(&a, i // Hkv, i % Hkv, states + <size_t>i * ps)
+    finally:
+        free(parts)
+        free(states)
     return out_arr
 
 

@@ -951,24 +951,372 @@ static uint64_t stream_xor(const uint8_t *p, size_t n) {
     return r;
 }
 
-/* out[d] += a * v[d] */
-static inline void axpy_f32(int n, float a, const float *v, float *out) {
-    for (int j = 0; j < n; j++) out[j] += a * v[j];
+/* ---- attention: one KV head's query group at a time, over fixed chunks of positions -------
+ * Query heads j*G .. j*G+G-1 share KV head j. For one (token t, KV head j), the positions
+ * [c*ATTN_CHUNK, (c+1)*ATTN_CHUNK) of chunk c give each head a partial softmax: m = the max score,
+ * l = sum exp(s - m), acc[D] = sum exp(s - m) v, reading each key and value row once for all G
+ * heads. The partials merge in chunk order (online softmax), then out = acc / l. The chunk size is
+ * fixed and a chunk's arithmetic is the same whoever computes it, so the output is the same bytes
+ * whatever the thread count, and a token alone equals the same token inside a batch. */
+#define ATTN_CHUNK 256
+#define ATTN_TILE 8     /* tokens of a prompt that take each chunk in turn, while its rows sit in L2 */
+
+#if defined(__GNUC__)
+#define ATTN_INLINE static inline __attribute__((always_inline))
+#else
+#define ATTN_INLINE static inline
+#endif
+
+/* The few vector operations attention needs, AV_N float lanes wide; with AV_N = 1 they are plain
+ * C, and the same source below is the scalar twin (the same order of sums in every lane). */
+#if defined(GLMCPU_AVX512)
+#define AV_N 16
+typedef __m512 av_f32;
+typedef __mmask16 av_mask;            /* lanes of a D tile: D may end half way into a 16-lane tile */
+static inline av_mask av_mask_n(int n) { return n >= 16 ? (av_mask)0xffff : (av_mask)((1u << n) - 1); }
+static inline av_f32 av_zero(void) { return _mm512_setzero_ps(); }
+static inline av_f32 av_set1(float x) { return _mm512_set1_ps(x); }
+static inline av_f32 av_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void av_store(float *p, av_f32 x) { _mm512_storeu_ps(p, x); }
+static inline av_f32 av_load_m(const float *p, av_mask m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline av_f32 av_load_hm(const uint16_t *p, av_mask m) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+}
+static inline void av_store_m(float *p, av_f32 x, av_mask m) { _mm512_mask_storeu_ps(p, m, x); }
+static inline av_f32 av_fma(av_f32 a, av_f32 b, av_f32 c) { return _mm512_fmadd_ps(a, b, c); }
+static inline av_f32 av_mul(av_f32 a, av_f32 b) { return _mm512_mul_ps(a, b); }
+static inline av_f32 av_add(av_f32 a, av_f32 b) { return _mm512_add_ps(a, b); }
+static inline av_f32 av_sub(av_f32 a, av_f32 b) { return _mm512_sub_ps(a, b); }
+static inline av_f32 av_div(av_f32 a, av_f32 b) { return _mm512_div_ps(a, b); }
+static inline av_f32 av_max(av_f32 a, av_f32 b) { return _mm512_max_ps(a, b); }   /* a > b ? a : b */
+static inline av_f32 av_min(av_f32 a, av_f32 b) { return _mm512_min_ps(a, b); }   /* a < b ? a : b */
+static inline av_f32 av_pow2i(av_f32 n) {       /* 2^n for integral n in [-126, 127] */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
+#elif defined(GLMCPU_AVX2)
+#define AV_N 8
+typedef __m256 av_f32;
+typedef int av_mask;                  /* D is a multiple of 8: every tile is whole */
+static inline av_mask av_mask_n(int n) { (void)n; return 0; }
+static inline av_f32 av_zero(void) { return _mm256_setzero_ps(); }
+static inline av_f32 av_set1(float x) { return _mm256_set1_ps(x); }
+static inline av_f32 av_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void av_store(float *p, av_f32 x) { _mm256_storeu_ps(p, x); }
+static inline av_f32 av_load_m(const float *p, av_mask m) { (void)m; return _mm256_loadu_ps(p); }
+static inline av_f32 av_load_hm(const uint16_t *p, av_mask m) {
+    (void)m; return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+static inline void av_store_m(float *p, av_f32 x, av_mask m) { (void)m; _mm256_storeu_ps(p, x); }
+static inline av_f32 av_fma(av_f32 a, av_f32 b, av_f32 c) { return _mm256_fmadd_ps(a, b, c); }
+static inline av_f32 av_mul(av_f32 a, av_f32 b) { return _mm256_mul_ps(a, b); }
+static inline av_f32 av_add(av_f32 a, av_f32 b) { return _mm256_add_ps(a, b); }
+static inline av_f32 av_sub(av_f32 a, av_f32 b) { return _mm256_sub_ps(a, b); }
+static inline av_f32 av_div(av_f32 a, av_f32 b) { return _mm256_div_ps(a, b); }
+static inline av_f32 av_max(av_f32 a, av_f32 b) { return _mm256_max_ps(a, b); }
+static inline av_f32 av_min(av_f32 a, av_f32 b) { return _mm256_min_ps(a, b); }
+static inline av_f32 av_pow2i(av_f32 n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+#elif defined(GLMCPU_NEON)
+#define AV_N 4
+typedef float32x4_t av_f32;
+typedef int av_mask;
+static inline av_mask av_mask_n(int n) { (void)n; return 0; }
+static inline av_f32 av_zero(void) { return vdupq_n_f32(0.0f); }
+static inline av_f32 av_set1(float x) { return vdupq_n_f32(x); }
+static inline av_f32 av_load(const float *p) { return vld1q_f32(p); }
+static inline void av_store(float *p, av_f32 x) { vst1q_f32(p, x); }
+static inline av_f32 av_load_m(const float *p, av_mask m) { (void)m; return vld1q_f32(p); }
+static inline av_f32 av_load_hm(const uint16_t *p, av_mask m) {
+    (void)m; return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
+}
+static inline void av_store_m(float *p, av_f32 x, av_mask m) { (void)m; vst1q_f32(p, x); }
+static inline av_f32 av_fma(av_f32 a, av_f32 b, av_f32 c) { return vfmaq_f32(c, a, b); }
+static inline av_f32 av_mul(av_f32 a, av_f32 b) { return vmulq_f32(a, b); }
+static inline av_f32 av_add(av_f32 a, av_f32 b) { return vaddq_f32(a, b); }
+static inline av_f32 av_sub(av_f32 a, av_f32 b) { return vsubq_f32(a, b); }
+static inline av_f32 av_div(av_f32 a, av_f32 b) { return vdivq_f32(a, b); }
+/* as x86's max/min (the second operand where either is NaN), so the clamp in av_exp agrees */
+static inline av_f32 av_max(av_f32 a, av_f32 b) { return vbslq_f32(vcgtq_f32(a, b), a, b); }
+static inline av_f32 av_min(av_f32 a, av_f32 b) { return vbslq_f32(vcltq_f32(a, b), a, b); }
+static inline av_f32 av_pow2i(av_f32 n) {
+    return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23));
+}
+#else
+#define AV_N 1
+typedef float av_f32;
+typedef int av_mask;
+static inline av_mask av_mask_n(int n) { (void)n; return 0; }
+static inline av_f32 av_zero(void) { return 0.0f; }
+static inline av_f32 av_set1(float x) { return x; }
+static inline av_f32 av_load(const float *p) { return *p; }
+static inline void av_store(float *p, av_f32 x) { *p = x; }
+static inline av_f32 av_load_m(const float *p, av_mask m) { (void)m; return *p; }
+static inline av_f32 av_load_hm(const uint16_t *p, av_mask m) { (void)m; return fp16_to_fp32(*p); }
+static inline void av_store_m(float *p, av_f32 x, av_mask m) { (void)m; *p = x; }
+static inline av_f32 av_fma(av_f32 a, av_f32 b, av_f32 c) { return a * b + c; }   /* two roundings */
+static inline av_f32 av_mul(av_f32 a, av_f32 b) { return a * b; }
+static inline av_f32 av_add(av_f32 a, av_f32 b) { return a + b; }
+static inline av_f32 av_sub(av_f32 a, av_f32 b) { return a - b; }
+static inline av_f32 av_div(av_f32 a, av_f32 b) { return a / b; }
+static inline av_f32 av_max(av_f32 a, av_f32 b) { return a > b ? a : b; }
+static inline av_f32 av_min(av_f32 a, av_f32 b) { return a < b ? a : b; }
+static inline av_f32 av_pow2i(av_f32 n) {
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23; float f; memcpy(&f, &bits, 4); return f;
+}
+#endif
+
+/* exp(x) in every lane, Cephes expf's method: x = n ln2 + r (ln2 in two parts), a degree-7
+ * polynomial for exp(r) on |r| <= ln2/2, times 2^n. Within ~1 ulp of expf on [-87.3, 88]; x below
+ * -87.3 gives exp(-87.3) ~ 1e-38 (nothing to a softmax), above 88 gives exp(88). Plain multiplies
+ * and adds, no FMA: every ISA and the scalar twin give the same bits. */
+#define EXPF_LO (-87.3f)
+#define EXPF_HI 88.0f
+ATTN_INLINE av_f32 av_exp(av_f32 x) {
+    const av_f32 round = av_set1(0x1.8p23f);            /* adding it rounds |v| < 2^22 to an integer */
+    x = av_min(av_max(x, av_set1(EXPF_LO)), av_set1(EXPF_HI));
+    av_f32 n = av_sub(av_add(av_mul(x, av_set1(1.44269504088896341f)), round), round);
+    av_f32 r = av_sub(av_sub(x, av_mul(n, av_set1(0.693359375f))), av_mul(n, av_set1(-2.12194440e-4f)));
+    av_f32 y = av_add(av_mul(av_set1(1.9875691500e-4f), r), av_set1(1.3981999507e-3f));
+    y = av_add(av_mul(y, r), av_set1(8.3334519073e-3f));
+    y = av_add(av_mul(y, r), av_set1(4.1665795894e-2f));
+    y = av_add(av_mul(y, r), av_set1(1.6666665459e-1f));
+    y = av_add(av_mul(y, r), av_set1(5.0000001201e-1f));
+    y = av_add(av_add(av_mul(y, av_mul(r, r)), r), av_set1(1.0f));
+    return av_mul(y, av_pow2i(n));
 }
 
-/* One query head over n cached positions: softmax(q.K^T * scale) V.  scratch holds n floats. */
-static void attend_one(int hd, int n, const float *q, const float *k, const float *v,
-                       size_t kv_stride, float scale, float *scratch, float *out) {
-    float mx = -INFINITY;
-    for (int p = 0; p < n; p++) {
-        float s = vec_dot_f32_f32(hd, k + (size_t)p * kv_stride, q) * scale;
-        scratch[p] = s; mx = s > mx ? s : mx;
+static float exp_f32(float x) {          /* one lane of av_exp (tests and tools) */
+#if AV_N == 1
+    return av_exp(x);
+#else
+    float v[AV_N];
+    av_store(v, av_exp(av_set1(x)));
+    return v[0];
+#endif
+}
+
+/* What attention reads and writes. Strides are in elements. */
+typedef struct {
+    const float *q; ptrdiff_t q_t, q_h;        /* q[t, h, :] at q + t*q_t + h*q_h, h = j*G + g */
+    const void *k, *v;                         /* float, or IEEE half where k_f16 / v_f16 */
+    ptrdiff_t k_h, k_p, v_h, v_p;              /* key j, position p at k + j*k_h + p*k_p */
+    int k_f16, v_f16;
+    float *out; ptrdiff_t o_t, o_h;            /* out[t, h, :] */
+    int T, Hkv, G, D, pos0;                    /* token t is at position pos0 + t */
+    float scale;
+} attn_args;
+
+/* Query heads padded to whole vectors (and to 4, the step of attn_pv's head counts). */
+static inline int attn_gpad(int G) { const int s = AV_N < 4 ? 4 : AV_N; return (G + s - 1) / s * s; }
+static inline int attn_nchunks(const attn_args *a, int t) { return (a->pos0 + t + ATTN_CHUNK) / ATTN_CHUNK; }
+/* A partial, and a running state, is m [Gp], l [Gp], acc [Gp][D] (floats). */
+static size_t attn_part_floats(const attn_args *a) {
+    size_t gp = attn_gpad(a->G); return 2 * gp + gp * a->D;
+}
+/* attn_chunk's scratch: qT [D][Gp], kbuf [8][D] (half keys as floats), S [ATTN_CHUNK][Gp]. */
+static size_t attn_scratch_floats(const attn_args *a) {
+    size_t gp = attn_gpad(a->G); return gp * a->D + 8 * (size_t)a->D + ATTN_CHUNK * gp;
+}
+
+static inline void f16_to_f32_row(int n, const uint16_t *h, float *f) {     /* n a multiple of 8 */
+    for (int i = 0; i < n; i += 8) {
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+        _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#elif defined(GLMCPU_NEON)
+        vst1q_f32(f + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + i))));
+        vst1q_f32(f + i + 4, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + i + 4))));
+#else
+        for (int e = 0; e < 8; e++) f[i + e] = fp16_to_fp32(h[i + e]);
+#endif
     }
-    float tot = 0.0f;
-    for (int p = 0; p < n; p++) { float e = expf(scratch[p] - mx); scratch[p] = e; tot += e; }
-    float inv = 1.0f / tot;
-    memset(out, 0, sizeof(float) * hd);
-    for (int p = 0; p < n; p++) axpy_f32(hd, scratch[p] * inv, v + (size_t)p * kv_stride, out);
+}
+
+/* S[i][lanes] = scale * q.k_i for PB key rows kr[i] and NV vectors of AV_N query heads, qT [D][ldq]
+ * holding the heads' q transposed: each key value is broadcast once for all the heads; each lane
+ * sums over d in order, so no horizontal sums. */
+ATTN_INLINE void attn_scores(const int NV, const int PB, int D, const float *qT, int ldq,
+                             const float *const *kr, av_f32 scale, float *S, int ldS) {
+    av_f32 s0[8], s1[8];
+    for (int i = 0; i < PB; i++) { s0[i] = av_zero(); s1[i] = av_zero(); }
+    for (int d = 0; d < D; d++) {
+        av_f32 q0 = av_load(qT + (size_t)d * ldq), q1 = NV > 1 ? av_load(qT + (size_t)d * ldq + AV_N) : q0;
+        for (int i = 0; i < PB; i++) {
+            av_f32 kb = av_set1(kr[i][d]);
+            s0[i] = av_fma(q0, kb, s0[i]);
+            if (NV > 1) s1[i] = av_fma(q1, kb, s1[i]);
+        }
+    }
+    for (int i = 0; i < PB; i++) {
+        av_store(S + (size_t)i * ldS, av_mul(s0[i], scale));
+        if (NV > 1) av_store(S + (size_t)i * ldS + AV_N, av_mul(s1[i], scale));
+    }
+}
+
+#if defined(__GNUC__)
+#define ATTN_PREFETCH(p) __builtin_prefetch((p), 0, 2)
+#else
+#define ATTN_PREFETCH(p) ((void)(p))
+#endif
+
+/* Scores of PB positions (keys from k, k_p apart) for all Gp head lanes: S [PB][Gp]. Meanwhile the
+ * same positions' value rows (vrow bytes, v_p apart) are fetched towards L2: attn_pv reads them a
+ * column of 16 at a time, a stride the hardware prefetchers do not follow from memory. */
+ATTN_INLINE void attn_score_rows(const int PB, const int kf16, int D, const char *k, ptrdiff_t k_p,
+                                 const char *v, ptrdiff_t v_p, int vrow, const float *qT, int Gp,
+                                 float *kbuf, av_f32 scale, float *S) {
+    const float *kr[8];
+    for (int i = 0; i < PB; i++)
+        for (int off = 0; off < vrow; off += 64) ATTN_PREFETCH(v + i * v_p + off);
+    for (int i = 0; i < PB; i++) {
+        if (kf16) {
+            f16_to_f32_row(D, (const uint16_t *)k + i * k_p, kbuf + (size_t)i * D);
+            kr[i] = kbuf + (size_t)i * D;
+        } else {
+            kr[i] = (const float *)k + i * k_p;
+        }
+    }
+    int g = 0;
+    for (; g + 2 * AV_N <= Gp; g += 2 * AV_N) {
+        if (AV_N == 8 && PB == 8) {       /* AVX2 has 16 registers: 2 x 8 sums would spill */
+            attn_scores(2, PB / 2, D, qT + g, Gp, kr, scale, S + g, Gp);
+            attn_scores(2, PB / 2, D, qT + g, Gp, kr + PB / 2, scale, S + (size_t)(PB / 2) * Gp + g, Gp);
+        } else {
+            attn_scores(2, PB, D, qT + g, Gp, kr, scale, S + g, Gp);
+        }
+    }
+    if (g < Gp) attn_scores(1, PB, D, qT + g, Gp, kr, scale, S + g, Gp);
+}
+
+/* acc[g][:] = sum over the np positions of P[p][g] v_p, for HN heads whose sums stay in registers
+ * (one D tile at a time); every lane sums over p in order. */
+ATTN_INLINE void attn_pv(const int HN, const int vf16, int np, int D, const float *P, int ldp,
+                         const char *v, ptrdiff_t v_p, float *acc) {
+    for (int dt = 0; dt < D; dt += AV_N) {
+        av_mask mk = av_mask_n(D - dt);
+        av_f32 s[16];
+        for (int g = 0; g < HN; g++) s[g] = av_zero();
+        for (int p = 0; p < np; p++) {
+            av_f32 x = vf16 ? av_load_hm((const uint16_t *)v + p * v_p + dt, mk)
+                            : av_load_m((const float *)v + p * v_p + dt, mk);
+            const float *e = P + (size_t)p * ldp;
+            for (int g = 0; g < HN; g++) s[g] = av_fma(av_set1(e[g]), x, s[g]);
+        }
+        for (int g = 0; g < HN; g++) av_store_m(acc + (size_t)g * D + dt, s[g], mk);
+    }
+}
+
+#define ATTN_HN (AV_N == 8 ? 12 : 16)      /* heads per attn_pv pass: accumulators in registers */
+
+ATTN_INLINE void attn_chunk_kv(const attn_args *a, const int kf16, const int vf16, int t, int j, int c,
+                               float *scratch, float *part) {
+    const int D = a->D, G = a->G, Gp = attn_gpad(G);
+    const int n = a->pos0 + t + 1, p0 = c * ATTN_CHUNK, np = n - p0 < ATTN_CHUNK ? n - p0 : ATTN_CHUNK;
+    float *qT = scratch, *kbuf = qT + (size_t)Gp * D, *S = kbuf + 8 * (size_t)D;
+    float *m = part, *l = part + Gp, *acc = part + 2 * Gp;
+    const float *q = a->q + t * a->q_t + (ptrdiff_t)j * G * a->q_h;
+    for (int d = 0; d < D; d++)
+        for (int g = 0; g < Gp; g++) qT[(size_t)d * Gp + g] = g < G ? q[g * a->q_h + d] : 0.0f;
+    const ptrdiff_t ksz = kf16 ? 2 : 4, vsz = vf16 ? 2 : 4;
+    const char *k = (const char *)a->k + (j * a->k_h + (ptrdiff_t)p0 * a->k_p) * ksz;
+    const char *v = (const char *)a->v + (j * a->v_h + (ptrdiff_t)p0 * a->v_p) * vsz;
+    const av_f32 scale = av_set1(a->scale);
+    int p = 0;
+#define ROWS(PB) attn_score_rows(PB, kf16, D, k + p * a->k_p * ksz, a->k_p, v + p * a->v_p * vsz, a->v_p * vsz, \
+                                 (int)(D * vsz), qT, Gp, kbuf, scale, S + (size_t)p * Gp)
+    for (; p + 8 <= np; p += 8) ROWS(8);
+    for (; p + 4 <= np; p += 4) ROWS(4);
+    for (; p < np; p++) ROWS(1);
+#undef ROWS
+    for (int g = 0; g < Gp; g += AV_N) {              /* softmax of each head over the chunk */
+        av_f32 mx = av_load(S + g), sum = av_zero();
+        for (p = 1; p < np; p++) mx = av_max(mx, av_load(S + (size_t)p * Gp + g));
+        for (p = 0; p < np; p++) {
+            av_f32 e = av_exp(av_sub(av_load(S + (size_t)p * Gp + g), mx));
+            av_store(S + (size_t)p * Gp + g, e);
+            sum = av_add(sum, e);
+        }
+        av_store(m + g, mx);
+        av_store(l + g, sum);
+    }
+    for (int g = 0; g < G;) {                          /* g < Gp: a pass may run padded heads */
+        int hn = G - g > ATTN_HN ? ATTN_HN : (G - g + 3) / 4 * 4;
+        float *ag = acc + (size_t)g * D;
+        switch (hn) {
+        case 4: attn_pv(4, vf16, np, D, S + g, Gp, v, a->v_p, ag); break;
+        case 8: attn_pv(8, vf16, np, D, S + g, Gp, v, a->v_p, ag); break;
+        case 12: attn_pv(12, vf16, np, D, S + g, Gp, v, a->v_p, ag); break;
+        default: attn_pv(16, vf16, np, D, S + g, Gp, v, a->v_p, ag); break;
+        }
+        g += hn;
+    }
+}
+
+/* The partial of chunk c for token t's query heads on KV head j: part [attn_part_floats]. */
+static void attn_chunk(const attn_args *a, int t, int j, int c, float *scratch, float *part) {
+    if (a->k_f16 && a->v_f16) attn_chunk_kv(a, 1, 1, t, j, c, scratch, part);
+    else if (a->k_f16) attn_chunk_kv(a, 1, 0, t, j, c, scratch, part);
+    else if (a->v_f16) attn_chunk_kv(a, 0, 1, t, j, c, scratch, part);
+    else attn_chunk_kv(a, 0, 0, t, j, c, scratch, part);
+}
+
+/* state <- state merged with the next chunk's partial: M = max(M, m), each side rescaled by
+ * exp(its max - M). */
+static void attn_merge(const attn_args *a, float *st, const float *pt) {
+    const int D = a->D, G = a->G, Gp = attn_gpad(G);
+    float fa[AV_N], fb[AV_N];
+    for (int g0 = 0; g0 < Gp; g0 += AV_N) {
+        av_f32 M = av_load(st + g0), m = av_load(pt + g0), M2 = av_max(M, m);
+        av_f32 ea = av_exp(av_sub(M, M2)), eb = av_exp(av_sub(m, M2));
+        av_store(st + Gp + g0, av_add(av_mul(av_load(st + Gp + g0), ea), av_mul(av_load(pt + Gp + g0), eb)));
+        av_store(st + g0, M2);
+        av_store(fa, ea);
+        av_store(fb, eb);
+        for (int g = g0; g < G && g < g0 + AV_N; g++) {
+            float *A = st + 2 * Gp + (size_t)g * D;
+            const float *P = pt + 2 * Gp + (size_t)g * D;
+            av_f32 va = av_set1(fa[g - g0]), vb = av_set1(fb[g - g0]);
+            for (int d = 0; d < D; d += AV_N) {
+                av_mask mk = av_mask_n(D - d);
+                av_store_m(A + d, av_add(av_mul(av_load_m(A + d, mk), va), av_mul(av_load_m(P + d, mk), vb)), mk);
+            }
+        }
+    }
+}
+
+/* out[t, j*G + g, :] = acc[g] / l[g] */
+static void attn_finish(const attn_args *a, int t, int j, const float *st) {
+    const int D = a->D, G = a->G, Gp = attn_gpad(G);
+    for (int g = 0; g < G; g++) {
+        const float *A = st + 2 * Gp + (size_t)g * D;
+        float *o = a->out + t * a->o_t + ((ptrdiff_t)j * G + g) * a->o_h;
+        av_f32 l = av_set1(st[Gp + g]);
+        for (int d = 0; d < D; d += AV_N) {
+            av_mask mk = av_mask_n(D - d);
+            av_store_m(o + d, av_div(av_load_m(A + d, mk), l), mk);
+        }
+    }
+}
+
+/* Tokens t0..t1-1 on KV head j, whole: chunk by chunk, each token of the tile in turn (the chunk's
+ * rows come from memory once, then from L2), each token's partials merged in chunk order.
+ * work: attn_scratch_floats + (1 + t1 - t0) * attn_part_floats floats. */
+static void attn_tile(const attn_args *a, int t0, int t1, int j, float *work) {
+    const size_t ps = attn_part_floats(a);
+    float *scratch = work, *part = work + attn_scratch_floats(a), *st = part + ps;
+    const int nc = attn_nchunks(a, t1 - 1);
+    for (int c = 0; c < nc; c++)
+        for (int t = t0; t < t1; t++) {
+            float *s = st + (size_t)(t - t0) * ps;
+            if (c >= attn_nchunks(a, t)) continue;
+            if (c == 0) {
+                attn_chunk(a, t, j, 0, scratch, s);
+            } else {
+                attn_chunk(a, t, j, c, scratch, part);
+                attn_merge(a, s, part);
+            }
+        }
+    for (int t = t0; t < t1; t++) attn_finish(a, t, j, st + (size_t)(t - t0) * ps);
 }
 
 #endif
