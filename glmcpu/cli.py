@@ -150,6 +150,10 @@ def add_engine(p):
     p.add_argument("--cache-ram", type=float, default=None,
                    help="GB of KV cache kept for conversations between requests (the longest shared prefix "
                         "is reused; default: one full context's worth)")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep KV caches of long prompts here too (when they leave RAM, and at exit); a prompt "
+                        "that starts with one, after a restart too, is not computed again")
+    p.add_argument("--cache-disk", type=float, default=None, help="GB --cache-dir may hold (default: no cap)")
     p.add_argument("--kv-type-k", choices=["f32", "f16"], default=None, help="the keys' type (default: --kv-type)")
     p.add_argument("--kv-type-v", choices=["f32", "f16"], default=None, help="the values' type (default: --kv-type)")
     p.add_argument("--draft", choices=["auto", "mtp", "lookup", "none"], default="auto",
@@ -221,6 +225,7 @@ def load_model(a):
     return load(path, threads=a.threads, ctx=a.ctx, mlock=a.mlock, repack=a.repack, draft=a.draft,
                 draft_tokens=a.draft_tokens, draft_vocab=a.draft_vocab,
                 kv_type=(a.kv_type_k or a.kv_type, a.kv_type_v or a.kv_type), cache_ram=a.cache_ram,
+                cache_dir=a.cache_dir, cache_disk=a.cache_disk,
                 progress=StepBar(f"loading {os.path.basename(path)}: layers"), **cluster_kwargs(a))
 
 

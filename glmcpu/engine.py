@@ -1,4 +1,6 @@
 """The public API: `load(path) -> Model` with logits / generate / chat, like llama-cpp-python's Llama."""
+import os
+
 import numpy as np
 
 from . import ops
@@ -8,6 +10,7 @@ from .generate import check_fits, generate_ids, prefill
 from .gguf import GGUFFile
 from .models import model_class
 from .models.glm4 import kv_type as kv_types
+from .prompt_cache import PromptCache
 from .sampling import Sampler
 from .tokenizer import Detokenizer, Tokenizer
 
@@ -19,7 +22,8 @@ DEFAULT_DRAFT_TOKENS = {"MTPDraft": 1, "LookupDraft": 3}
 class Model:
     def __init__(self, path, threads=None, ctx=None, mlock=False, workers=None, key=None,
                  worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32", progress=None,
-                 repack=None, draft="auto", draft_tokens=None, draft_vocab=None, kv_type="f32", cache_ram=None):
+                 repack=None, draft="auto", draft_tokens=None, draft_vocab=None, kv_type="f32", cache_ram=None,
+                 cache_dir=None, cache_disk=None):
         self.file = GGUFFile(path)
         self.path = self.file.path
         self.threads = int(threads) if threads else ops.default_threads()
@@ -56,9 +60,14 @@ class Model:
             self.draft_vocab = int(draft_vocab) if draft_vocab else None
             make_draft(self.draft_mode, self.net, 1, self.draft_vocab)   # builds the MTP head now; mtp without one: one line
             self.last_stats = {}
-            self.caches = []            # KV caches kept between calls (conversations), least recently used first
-            # bytes of positions they may hold together (default: one full context's worth)
-            self.cache_ram = float(cache_ram) * 2**30 if cache_ram else self.cfg.kv_bytes(self.ctx, self.kv_type)
+            # KV caches kept between calls: cache_ram GB of positions (default: one full context's worth)
+            st = os.stat(self.path)
+            self.prompts = PromptCache(
+                self.net, self.ctx, lambda: make_draft(self.draft_mode, self.net, self.ctx, self.draft_vocab),
+                float(cache_ram) * 2**30 if cache_ram else self.cfg.kv_bytes(self.ctx, self.kv_type),
+                cache_dir, float(cache_disk) * 2**30 if cache_disk else None,
+                f"{self.file.fingerprint()}-{st.st_size}-{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}-"
+                f"{'-'.join(self.kv_type)}")
             if mlock:       # keep what every token reads in RAM; experts stay paged on demand
                 self.file.lock([n for n in self.file.tensors if not ops.is_expert(n)])
         except BaseException:
@@ -116,56 +125,28 @@ class Model:
     @property
     def cache(self):
         """The KV cache of the latest request (None before the first)."""
-        return self.caches[-1] if self.caches else None
+        return self.prompts.latest()
+
+    @property
+    def caches(self):
+        """The KV caches kept between requests, least recently used first."""
+        return self.prompts.caches
 
     def reuse_cache(self, ids):
-        """The kept cache sharing the longest prefix with `ids`, cut back to it (at least one token
-        of `ids` is left to compute: its logits start the answer). When that would cut off another
-        conversation's later tokens, the shared prefix is copied into a cache of its own instead, so
-        alternating conversations keep theirs; caches past --cache-ram are dropped, least recently
-        used first. A cluster keeps one (its workers hold one sequence)."""
-        best, keep = None, -1
-        for c in self.caches:
-            n = common_prefix(c.tokens, ids[:-1])
-            if n > keep:
-                best, keep = c, n
-        dropped = find_drop(best.tokens, ids[:-1], keep) if best is not None and self.cluster is None else None
-        if dropped:                     # old turns dropped (a chat past --ctx): keep the turns after them
-            best.drop(keep, *dropped)
-            if getattr(best.draft, "hidden", None) is not None:   # an MTP draft catches up from there
-                d, m = dropped
-                best.draft.hidden[keep:keep + m] = best.draft.hidden[keep + d:keep + d + m]
-                c = best.draft.cache
-                c.pos = min(c.pos, max(keep - 1, 0))
-                c.tokens = c.tokens[:c.pos]
-            keep += dropped[1]
-        if best is None or (keep < len(best.tokens) and self.cluster is None):
-            cache = self.net.new_cache(self.ctx)
-            cache.draft = make_draft(self.draft_mode, self.net, self.ctx, self.draft_vocab)   # beside the cache
-            if best is not None and keep > 0:
-                copy_prefix(best, cache, keep)
-            else:
-                keep = 0
-            if self.cluster is not None:
-                self.caches = []
-        else:
-            cache = best
-            self.caches.remove(best)
-        self.caches.append(cache)
-        self.net.begin(cache)           # a cluster whose worker came back starts this cache again
-        cache.pos, cache.tokens = min(keep, cache.pos), cache.tokens[:min(keep, cache.pos)]
-        per = self.cfg.kv_bytes(1, self.kv_type)
-        while len(self.caches) > 1 and per * (sum(c.pos for c in self.caches) + len(ids)) > self.cache_ram:
-            self.caches.pop(0)
-        return cache
+        """The kept cache holding the longest prefix of `ids` (prompt_cache.PromptCache.take)."""
+        return self.prompts.take(ids)
 
     def reset(self):
         """Forget the kept KV caches."""
-        self.caches = []
+        self.prompts.caches = []
 
     def close(self):
-        """Free what this model holds beyond the process: a cluster's workers, at once (they are
-        freed at exit or collection too, and after their lease if this process is killed)."""
+        """Write the kept caches to --cache-dir (if given), and free what this model holds beyond
+        the process: a cluster's workers, at once (they are freed at exit or collection too, and
+        after their lease if this process is killed)."""
+        prompts = getattr(self, "prompts", None)
+        if prompts is not None:
+            prompts.close()
         if self.cluster is not None:
             self.cluster.close()
 
@@ -188,7 +169,8 @@ class Model:
 
 
 def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None, repack=None, draft="auto",
-         draft_tokens=None, draft_vocab=None, kv_type="f32", cache_ram=None, **cluster) -> Model:
+         draft_tokens=None, draft_vocab=None, kv_type="f32", cache_ram=None, cache_dir=None, cache_disk=None,
+         **cluster) -> Model:
     """A model, ready to generate.
 
     path: a GGUF file, or what the CLI takes: a model in `glmcpu list` (its name or file name,
@@ -215,11 +197,15 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
     kv_type: the KV cache's element type, "f32" (default) or "f16" (half the memory and the reads;
         scores and sums stay float32), or a (keys, values) pair such as ("f16", "f32").
     cache_ram: GB of KV cache kept for conversations between calls: each prompt reuses the kept
-        cache sharing its longest prefix (default: one full context's worth)."""
+        cache sharing its longest prefix (default: one full context's worth).
+    cache_dir: a directory where kept caches of 256 positions or more are written when they leave
+        RAM or the model is closed, and read back for a prompt that starts with one (also after a
+        restart); cache_disk: its size cap in GB (default: none)."""
     from .hub import resolve
     return Model(resolve(str(path)), threads=threads, ctx=ctx, mlock=mlock, workers=workers,
                  progress=progress, repack=repack, draft=draft, draft_tokens=draft_tokens,
-                 draft_vocab=draft_vocab, kv_type=kv_type, cache_ram=cache_ram, **cluster)
+                 draft_vocab=draft_vocab, kv_type=kv_type, cache_ram=cache_ram, cache_dir=cache_dir,
+                 cache_disk=cache_disk, **cluster)
 
 
 def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire, progress, repack,
@@ -237,41 +223,6 @@ def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads
         workers = [w for w in workers.split(",") if w]
     return Cluster(f, cls, workers, keypair, server_key, timeout=timeout, shares=shares, threads=threads,
                    n_ctx=n_ctx, wire=wire, progress=progress, repack=repack, kv_type=kv_type)
-
-
-def common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def find_drop(tokens, ids, a: int, least: int = 32):
-    """(d, m) where tokens[a + d:a + d + m] == ids[a:a + m] with d > 0 and the longest m >= least:
-    a conversation whose tokens a..a+d-1 were dropped from the middle (its oldest turns), or None."""
-    t, q = np.asarray(tokens, np.int64), np.asarray(ids, np.int64)
-    if a >= min(len(t), len(q)):
-        return None
-    found = None
-    for s in np.flatnonzero(t[a + 1:] == q[a]) + a + 1:          # where the kept part may start
-        n = min(len(t) - s, len(q) - a)
-        same = t[s:s + n] == q[a:a + n]
-        m = n if same.all() else int(np.argmin(same))
-        if m >= least and (found is None or m > found[1]):
-            found = (int(s - a), m)
-    return found
-
-
-def copy_prefix(src, dst, n: int):
-    """Positions 0..n-1 of one KV cache (and of its MTP draft's hidden states and cache) into a
-    fresh one."""
-    dst.k[:, :, :n], dst.v[:, :, :n] = src.k[:, :, :n], src.v[:, :, :n]
-    dst.pos, dst.tokens = n, list(src.tokens[:n])
-    if getattr(src.draft, "hidden", None) is not None:
-        dst.draft.hidden[:n] = src.draft.hidden[:n]
-        copy_prefix(src.draft.cache, dst.draft.cache, min(n, src.draft.cache.pos))
 
 
 def default_context(cfg, kv_type, free: int, resident: int) -> tuple:

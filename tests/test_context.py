@@ -3,6 +3,8 @@ f16 cache moves the logits no more than llama.cpp's f16 cache moves its own, ove
 tokens; a cluster computes what one process computes for each type (its workers hold their heads
 in that type). Kept caches: alternating conversations keep theirs within --cache-ram, and one
 that outgrows its context keeps the turns after the dropped ones, their keys re-rotated."""
+import os
+
 import numpy as np
 import pytest
 
@@ -100,3 +102,31 @@ def test_a_conversation_past_its_context_keeps_the_turns_after_the_dropped_ones(
     n = len(system + t2)
     np.testing.assert_allclose(m.cache.k[0, :, :n], fresh.cache.k[0, :, :n], rtol=0, atol=2e-5)
     np.testing.assert_array_equal(m.cache.v[0, :, :n], fresh.cache.v[0, :, :n])
+
+
+def test_kept_caches_on_disk_answer_a_repeated_prompt_after_a_restart(tiny, tmp_path):
+    _, path, _ = tiny("glm4", "q8_0")
+    ids = make_ids(300, seed=9, vocab=300)
+    want = list(glmcpu.load(path, threads=1, ctx=400).generate(ids, max_tokens=6, temperature=0, ignore_eos=True))
+    d = str(tmp_path / "kv")
+    with glmcpu.load(path, threads=1, ctx=400, cache_dir=d) as m:
+        assert list(m.generate(ids, max_tokens=6, temperature=0, ignore_eos=True)) == want
+    files = [f for f in os.listdir(d) if f.endswith(".kv")]
+    assert len(files) == 1 and not [f for f in os.listdir(d) if f.endswith(".tmp")]
+    for kv, cached in (("f32", len(ids) - 1), ("f16", 0)):         # another KV type: not this entry
+        with glmcpu.load(path, threads=1, ctx=400, cache_dir=d, kv_type=kv) as m:
+            got = list(m.generate(ids, max_tokens=6, temperature=0, ignore_eos=True))
+            assert m.last_stats["cached_tokens"] == cached
+            assert got == want or kv == "f16"
+    entry = os.path.join(d, files[0])                                 # a damaged entry is not used
+    data = bytearray(open(entry, "rb").read())
+    data[-3] ^= 0xFF
+    open(entry, "wb").write(bytes(data))
+    with glmcpu.load(path, threads=1, ctx=400, cache_dir=d) as m:
+        assert list(m.generate(ids, max_tokens=6, temperature=0, ignore_eos=True)) == want
+        assert m.last_stats["cached_tokens"] == 0
+    assert os.path.exists(entry)                                      # written again at close
+    m = glmcpu.load(path, threads=1, ctx=400, cache_dir=d, cache_disk=1e-9)   # a cap below one entry
+    list(m.generate(ids[:280], max_tokens=2, temperature=0, ignore_eos=True))
+    m.close()
+    assert sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d)) == 0

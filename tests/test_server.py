@@ -144,6 +144,25 @@ def test_two_alternating_conversations_both_keep_their_history(client):
         assert first <= b.usage.prompt_tokens_details.cached_tokens < b.usage.prompt_tokens
 
 
+def test_a_restarted_server_reads_a_long_prompt_from_its_cache_dir(tmp_path):
+    """SIGTERM writes the kept caches to --cache-dir; the next server answers the same long prompt
+    without computing it again."""
+    long = [{"role": "user", "content": " ".join(f"verse {i} of the book" for i in range(60))}]
+    answers = []
+    for run in range(2):
+        p, url = start_server("--cache-dir", str(tmp_path / "kv"))
+        try:
+            c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
+            r = c.chat.completions.create(model="demo", messages=long, max_tokens=6, temperature=0)
+            answers.append((r.choices[0].message.content, r.usage.prompt_tokens_details.cached_tokens))
+            assert r.usage.prompt_tokens > 256
+        finally:
+            p.terminate()
+            p.wait(timeout=30)
+    assert answers[0][1] == 0 and answers[1][1] == r.usage.prompt_tokens - 1
+    assert answers[0][0] == answers[1][0]
+
+
 def test_bad_requests_are_openai_errors(client, server):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="demo", messages=HELLO, temperature="hot")
