@@ -34,8 +34,12 @@ cdef extern from "kernels.h" nogil:
         float scale
     int attn_nchunks(const attn_args *a, int t)
     size_t attn_part_floats(const attn_args *a)
+    size_t attn_qt_floats(const attn_args *a, int tt)
     size_t attn_scratch_floats(const attn_args *a)
-    void attn_chunk(const attn_args *a, int t, int j, int c, float *scratch, float *part)
+    size_t attn_tile_floats(const attn_args *a)
+    void attn_load_q(const attn_args *a, int t0, int t1, int j, float *qT)
+    void attn_chunk(const attn_args *a, int t0, int t1, int j, int c, const float *qT, float *scratch,
+                    float *const *part)
     void attn_merge(const attn_args *a, float *st, const float *pt)
     void attn_finish(const attn_args *a, int t, int j, const float *st)
     void attn_tile(const attn_args *a, int t0, int t1, int j, float *work)
@@ -497,19 +501,22 @@ def attention(const float[:, :, ::1] q, kc, vc, int pos0, float scale, out_arr, 
 
     Each (token, KV head) runs its G heads together over chunks of ATTENTION_CHUNK positions
     (kernels.h attn_chunk), merged in chunk order: the same bytes for any `threads`, and a token
-    alone gives what it gives inside a batch. Many (token, KV head) items (a prompt) run an item
-    per thread; few (decode) spread their chunks over the threads. split=True/False forces one way
-    (both give the same bytes); None chooses."""
+    alone gives what it gives inside a batch. A prompt runs (tile of 8 tokens, KV head) items, one
+    per thread, a tile's scores from one pass over each chunk's keys; decode (few items) spreads
+    the chunks of its items over the threads. split=True/False forces the one or the other (both
+    give the same bytes); None chooses."""
     cdef float[:, :, ::1] out = out_arr
     cdef attn_args a
     cdef Py_ssize_t ks[2]
     cdef Py_ssize_t vs[2]
     cdef int T = q.shape[0], Hq = q.shape[1], D = q.shape[2], Hkv, S
-    cdef int i, t, j, c, cc, u, nb, cb, items, ncmax, ntiles, nbatch
-    cdef size_t ps, ss
+    cdef int i, t, c, cc, u, nb, cb, items, ncmax, ntiles, nbatch
+    cdef size_t ps, ss, qs
     cdef float *work
+    cdef float *pp
     cdef float *parts
     cdef float *states
+    cdef float *qts
     kc, vc = np.asarray(kc), np.asarray(vc)
     a.k = _kv_view(kc, b"kc", ks, &a.k_f16)
     a.v = _kv_view(vc, b"vc", vs, &a.v_f16)
@@ -526,7 +533,7 @@ def attention(const float[:, :, ::1] q, kc, vc, int pos0, float scale, out_arr, 
     a.k_h, a.k_p, a.v_h, a.v_p = ks[0], ks[1], vs[0], vs[1]
     a.out, a.o_t, a.o_h = &out[0, 0, 0], out.strides[0] // 4, out.strides[1] // 4
     a.T, a.Hkv, a.G, a.D, a.pos0, a.scale = T, Hkv, Hq // Hkv, D, pos0, scale
-    ps, ss = attn_part_floats(&a), attn_scratch_floats(&a)
+    ps, ss, qs = attn_part_floats(&a), attn_scratch_floats(&a), attn_qt_floats(&a, 1)
     # KV bytes read, weighted by the work each byte meets (G heads, T tokens)
     threads = team(threads, <double>Hkv * (pos0 + T) * D * (4 - 2 * a.k_f16 + 4 - 2 * a.v_f16)
                    * (1.0 + T * a.G / 8.0))
@@ -535,7 +542,7 @@ def attention(const float[:, :, ::1] q, kc, vc, int pos0, float scale, out_arr, 
         split = ntiles * Hkv < 8 * threads
     if not split:                                        # a prompt: an item (tile of tokens, KV head) per thread
         with nogil, parallel(num_threads=threads):
-            work = <float *>malloc(sizeof(float) * (ss + (ATTN_TILE + 1) * ps))
+            work = <float *>malloc(sizeof(float) * attn_tile_floats(&a))
             for i in prange(ntiles * Hkv, schedule='dynamic'):
                 t = (ntiles - 1 - i // Hkv) * ATTN_TILE  # the longest tiles first
                 attn_tile(&a, t, min(T, t + ATTN_TILE), i % Hkv, work)
@@ -547,19 +554,27 @@ def attention(const float[:, :, ::1] q, kc, vc, int pos0, float scale, out_arr, 
     nbatch = max(1, min(ncmax, <int>((16 << 20) // (4 * ps * items))))
     parts = <float *>malloc(sizeof(float) * ps * items * nbatch)
     states = <float *>malloc(sizeof(float) * ps * items)
-    if parts == NULL or states == NULL:
+    qts = <float *>malloc(sizeof(float) * qs * items)
+    if parts == NULL or states == NULL or qts == NULL:
         free(parts)
         free(states)
+        free(qts)
         raise MemoryError()
     try:
+        with nogil:
+            for i in range(items):
+                attn_load_q(&a, i // Hkv, i // Hkv + 1, i % Hkv, qts + <size_t>i * qs)
         for cb in range(0, ncmax, nbatch):
             nb = min(nbatch, ncmax - cb)
             with nogil, parallel(num_threads=threads):
                 work = <float *>malloc(sizeof(float) * ss)
                 for u in prange(items * nb, schedule='dynamic'):
+                    i = u // nb
+                    t = i // Hkv
                     c = cb + u % nb
-                    if c < attn_nchunks(&a, u // nb // Hkv):
-                        attn_chunk(&a, u // nb // Hkv, u // nb % Hkv, c, work, parts + <size_t>u * ps)
+                    pp = parts + <size_t>u * ps
+                    if c < attn_nchunks(&a, t):
+                        attn_chunk(&a, t, t + 1, i % Hkv, c, qts + <size_t>i * qs, work, &pp)
                 free(work)
             with nogil:
                 for i in prange(items, num_threads=min(threads, items), schedule='static'):
@@ -575,6 +590,7 @@ def attention(const float[:, :, ::1] q, kc, vc, int pos0, float scale, out_arr, 
     finally:
         free(parts)
         free(states)
+        free(qts)
     return out_arr
 
 

@@ -959,7 +959,7 @@ static uint64_t stream_xor(const uint8_t *p, size_t n) {
  * fixed and a chunk's arithmetic is the same whoever computes it, so the output is the same bytes
  * whatever the thread count, and a token alone equals the same token inside a batch. */
 #define ATTN_CHUNK 256
-#define ATTN_TILE 8     /* tokens of a prompt that take each chunk in turn, while its rows sit in L2 */
+#define ATTN_TILE 8     /* tokens of a prompt whose scores come from one pass over a chunk's keys */
 
 #if defined(__GNUC__)
 #define ATTN_INLINE static inline __attribute__((always_inline))
@@ -990,6 +990,9 @@ static inline av_f32 av_sub(av_f32 a, av_f32 b) { return _mm512_sub_ps(a, b); }
 static inline av_f32 av_div(av_f32 a, av_f32 b) { return _mm512_div_ps(a, b); }
 static inline av_f32 av_max(av_f32 a, av_f32 b) { return _mm512_max_ps(a, b); }   /* a > b ? a : b */
 static inline av_f32 av_min(av_f32 a, av_f32 b) { return _mm512_min_ps(a, b); }   /* a < b ? a : b */
+static inline av_f32 av_keep_ge(av_f32 x, av_f32 lo, av_f32 r) {     /* x >= lo ? r : 0 */
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), r);
+}
 static inline av_f32 av_pow2i(av_f32 n) {       /* 2^n for integral n in [-126, 127] */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
 }
@@ -1014,6 +1017,9 @@ static inline av_f32 av_sub(av_f32 a, av_f32 b) { return _mm256_sub_ps(a, b); }
 static inline av_f32 av_div(av_f32 a, av_f32 b) { return _mm256_div_ps(a, b); }
 static inline av_f32 av_max(av_f32 a, av_f32 b) { return _mm256_max_ps(a, b); }
 static inline av_f32 av_min(av_f32 a, av_f32 b) { return _mm256_min_ps(a, b); }
+static inline av_f32 av_keep_ge(av_f32 x, av_f32 lo, av_f32 r) {
+    return _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GE_OQ), r);
+}
 static inline av_f32 av_pow2i(av_f32 n) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
@@ -1039,6 +1045,9 @@ static inline av_f32 av_div(av_f32 a, av_f32 b) { return vdivq_f32(a, b); }
 /* as x86's max/min (the second operand where either is NaN), so the clamp in av_exp agrees */
 static inline av_f32 av_max(av_f32 a, av_f32 b) { return vbslq_f32(vcgtq_f32(a, b), a, b); }
 static inline av_f32 av_min(av_f32 a, av_f32 b) { return vbslq_f32(vcltq_f32(a, b), a, b); }
+static inline av_f32 av_keep_ge(av_f32 x, av_f32 lo, av_f32 r) {
+    return vreinterpretq_f32_u32(vandq_u32(vcgeq_f32(x, lo), vreinterpretq_u32_f32(r)));
+}
 static inline av_f32 av_pow2i(av_f32 n) {
     return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23));
 }
@@ -1061,20 +1070,22 @@ static inline av_f32 av_sub(av_f32 a, av_f32 b) { return a - b; }
 static inline av_f32 av_div(av_f32 a, av_f32 b) { return a / b; }
 static inline av_f32 av_max(av_f32 a, av_f32 b) { return a > b ? a : b; }
 static inline av_f32 av_min(av_f32 a, av_f32 b) { return a < b ? a : b; }
+static inline av_f32 av_keep_ge(av_f32 x, av_f32 lo, av_f32 r) { return x >= lo ? r : 0.0f; }
 static inline av_f32 av_pow2i(av_f32 n) {
     uint32_t bits = (uint32_t)((int32_t)n + 127) << 23; float f; memcpy(&f, &bits, 4); return f;
 }
 #endif
 
 /* exp(x) in every lane, Cephes expf's method: x = n ln2 + r (ln2 in two parts), a degree-7
- * polynomial for exp(r) on |r| <= ln2/2, times 2^n. Within ~1 ulp of expf on [-87.3, 88]; x below
- * -87.3 gives exp(-87.3) ~ 1e-38 (nothing to a softmax), above 88 gives exp(88). Plain multiplies
- * and adds, no FMA: every ISA and the scalar twin give the same bits. */
+ * polynomial for exp(r) on |r| <= ln2/2, times 2^n. Within 1 ulp of exp on [-87.3, 88] (measured
+ * 0.97); 0 below -87.3 (exp(-inf) = 0: a masked score adds nothing), exp(88) above 88. Plain
+ * multiplies and adds, no FMA: every ISA and the scalar twin give the same bits. */
 #define EXPF_LO (-87.3f)
 #define EXPF_HI 88.0f
-ATTN_INLINE av_f32 av_exp(av_f32 x) {
+ATTN_INLINE av_f32 av_exp(av_f32 x0) {
     const av_f32 round = av_set1(0x1.8p23f);            /* adding it rounds |v| < 2^22 to an integer */
-    x = av_min(av_max(x, av_set1(EXPF_LO)), av_set1(EXPF_HI));
+    const av_f32 lo = av_set1(EXPF_LO);
+    av_f32 x = av_min(av_max(x0, lo), av_set1(EXPF_HI));
     av_f32 n = av_sub(av_add(av_mul(x, av_set1(1.44269504088896341f)), round), round);
     av_f32 r = av_sub(av_sub(x, av_mul(n, av_set1(0.693359375f))), av_mul(n, av_set1(-2.12194440e-4f)));
     av_f32 y = av_add(av_mul(av_set1(1.9875691500e-4f), r), av_set1(1.3981999507e-3f));
@@ -1083,7 +1094,7 @@ ATTN_INLINE av_f32 av_exp(av_f32 x) {
     y = av_add(av_mul(y, r), av_set1(1.6666665459e-1f));
     y = av_add(av_mul(y, r), av_set1(5.0000001201e-1f));
     y = av_add(av_add(av_mul(y, av_mul(r, r)), r), av_set1(1.0f));
-    return av_mul(y, av_pow2i(n));
+    return av_keep_ge(x0, lo, av_mul(y, av_pow2i(n)));
 }
 
 static float exp_f32(float x) {          /* one lane of av_exp (tests and tools) */
@@ -1107,16 +1118,35 @@ typedef struct {
     float scale;
 } attn_args;
 
-/* Query heads padded to whole vectors (and to 4, the step of attn_pv's head counts). */
-static inline int attn_gpad(int G) { const int s = AV_N < 4 ? 4 : AV_N; return (G + s - 1) / s * s; }
+static inline int attn_round(int x, int s) { return (x + s - 1) / s * s; }
+/* Lanes of the query heads of a tile of tt tokens: lane i*G + g is head g of the tile's token i;
+ * whole vectors, and room for attn_pv's passes of 4 heads. One token: its G heads, padded. */
+static inline int attn_lanes(int G, int tt) {
+    return attn_round((tt - 1) * G + attn_round(G, 4), AV_N < 4 ? 4 : AV_N);
+}
+static inline int attn_gpad(int G) { return attn_lanes(G, 1); }
 static inline int attn_nchunks(const attn_args *a, int t) { return (a->pos0 + t + ATTN_CHUNK) / ATTN_CHUNK; }
-/* A partial, and a running state, is m [Gp], l [Gp], acc [Gp][D] (floats). */
+/* A partial, and a running state, of one token: m [Gp], l [Gp], acc [Gp][D] (floats). */
 static size_t attn_part_floats(const attn_args *a) {
     size_t gp = attn_gpad(a->G); return 2 * gp + gp * a->D;
 }
-/* attn_chunk's scratch: qT [D][Gp], kbuf [8][D] (half keys as floats), S [ATTN_CHUNK][Gp]. */
+/* The queries of a tile of tt tokens, transposed: qT [D][attn_lanes(G, tt)] (attn_load_q). */
+static size_t attn_qt_floats(const attn_args *a, int tt) { return (size_t)a->D * attn_lanes(a->G, tt); }
+/* attn_chunk's scratch: kbuf [8][D] (half keys as floats), S [ATTN_CHUNK][L], max and sum [L]. */
 static size_t attn_scratch_floats(const attn_args *a) {
-    size_t gp = attn_gpad(a->G); return gp * a->D + 8 * (size_t)a->D + ATTN_CHUNK * gp;
+    size_t L = attn_lanes(a->G, ATTN_TILE); return 8 * (size_t)a->D + (ATTN_CHUNK + 2) * L;
+}
+
+static void attn_load_q(const attn_args *a, int t0, int t1, int j, float *qT) {
+    const int D = a->D, G = a->G, L = attn_lanes(G, t1 - t0);
+    for (int d = 0; d < D; d++) {
+        float *row = qT + (size_t)d * L;
+        for (int x = 0; x < L; x++) row[x] = 0.0f;
+        for (int i = 0; i < t1 - t0; i++) {
+            const float *q = a->q + (t0 + i) * a->q_t + (ptrdiff_t)j * G * a->q_h + d;
+            for (int g = 0; g < G; g++) row[i * G + g] = q[g * a->q_h];
+        }
+    }
 }
 
 static inline void f16_to_f32_row(int n, const uint16_t *h, float *f) {     /* n a multiple of 8 */
@@ -1132,25 +1162,24 @@ static inline void f16_to_f32_row(int n, const uint16_t *h, float *f) {     /* n
     }
 }
 
-/* S[i][lanes] = scale * q.k_i for PB key rows kr[i] and NV vectors of AV_N query heads, qT [D][ldq]
- * holding the heads' q transposed: each key value is broadcast once for all the heads; each lane
- * sums over d in order, so no horizontal sums. */
+/* S[i][lanes] = scale * q.k_i for PB key rows kr[i] and NV vectors of AV_N query lanes, qT [D][ldq]
+ * holding the queries transposed: each key value is broadcast once for all the lanes; each lane
+ * sums over d in order (the same bytes in any block), so no horizontal sums. */
 ATTN_INLINE void attn_scores(const int NV, const int PB, int D, const float *qT, int ldq,
                              const float *const *kr, av_f32 scale, float *S, int ldS) {
-    av_f32 s0[8], s1[8];
-    for (int i = 0; i < PB; i++) { s0[i] = av_zero(); s1[i] = av_zero(); }
+    av_f32 s[4][8];
+    for (int u = 0; u < NV; u++)
+        for (int i = 0; i < PB; i++) s[u][i] = av_zero();
     for (int d = 0; d < D; d++) {
-        av_f32 q0 = av_load(qT + (size_t)d * ldq), q1 = NV > 1 ? av_load(qT + (size_t)d * ldq + AV_N) : q0;
+        av_f32 qv[4];
+        for (int u = 0; u < NV; u++) qv[u] = av_load(qT + (size_t)d * ldq + u * AV_N);
         for (int i = 0; i < PB; i++) {
             av_f32 kb = av_set1(kr[i][d]);
-            s0[i] = av_fma(q0, kb, s0[i]);
-            if (NV > 1) s1[i] = av_fma(q1, kb, s1[i]);
+            for (int u = 0; u < NV; u++) s[u][i] = av_fma(qv[u], kb, s[u][i]);
         }
     }
-    for (int i = 0; i < PB; i++) {
-        av_store(S + (size_t)i * ldS, av_mul(s0[i], scale));
-        if (NV > 1) av_store(S + (size_t)i * ldS + AV_N, av_mul(s1[i], scale));
-    }
+    for (int i = 0; i < PB; i++)
+        for (int u = 0; u < NV; u++) av_store(S + (size_t)i * ldS + u * AV_N, av_mul(s[u][i], scale));
 }
 
 #if defined(__GNUC__)
@@ -1159,11 +1188,12 @@ ATTN_INLINE void attn_scores(const int NV, const int PB, int D, const float *qT,
 #define ATTN_PREFETCH(p) ((void)(p))
 #endif
 
-/* Scores of PB positions (keys from k, k_p apart) for all Gp head lanes: S [PB][Gp]. Meanwhile the
- * same positions' value rows (vrow bytes, v_p apart) are fetched towards L2: attn_pv reads them a
- * column of 16 at a time, a stride the hardware prefetchers do not follow from memory. */
+/* Scores of PB positions (keys from k, k_p apart) for all L query lanes: S [PB][L], in blocks of
+ * up to 16 sums in registers (8 on AVX2). Meanwhile the same positions' value rows (vrow bytes, v_p
+ * apart) are fetched towards L2: attn_pv reads them a column at a time, a stride the hardware
+ * prefetchers do not follow from memory. */
 ATTN_INLINE void attn_score_rows(const int PB, const int kf16, int D, const char *k, ptrdiff_t k_p,
-                                 const char *v, ptrdiff_t v_p, int vrow, const float *qT, int Gp,
+                                 const char *v, ptrdiff_t v_p, int vrow, const float *qT, int L,
                                  float *kbuf, av_f32 scale, float *S) {
     const float *kr[8];
     for (int i = 0; i < PB; i++)
@@ -1176,23 +1206,60 @@ ATTN_INLINE void attn_score_rows(const int PB, const int kf16, int D, const char
             kr[i] = (const float *)k + i * k_p;
         }
     }
-    int g = 0;
-    for (; g + 2 * AV_N <= Gp; g += 2 * AV_N) {
-        if (AV_N == 8 && PB == 8) {       /* AVX2 has 16 registers: 2 x 8 sums would spill */
-            attn_scores(2, PB / 2, D, qT + g, Gp, kr, scale, S + g, Gp);
-            attn_scores(2, PB / 2, D, qT + g, Gp, kr + PB / 2, scale, S + (size_t)(PB / 2) * Gp + g, Gp);
+    const int H = PB == 8 ? 4 : PB;      /* 4 vectors x 8 rows would be 32 sums: two halves */
+    int x = 0;
+    if (AV_N != 8)
+        for (; x + 4 * AV_N <= L; x += 4 * AV_N) {
+            attn_scores(4, H, D, qT + x, L, kr, scale, S + x, L);
+            if (PB == 8) attn_scores(4, H, D, qT + x, L, kr + H, scale, S + (size_t)H * L + x, L);
+        }
+    for (; x + 2 * AV_N <= L; x += 2 * AV_N) {
+        if (AV_N == 8) {
+            attn_scores(2, H, D, qT + x, L, kr, scale, S + x, L);
+            if (PB == 8) attn_scores(2, H, D, qT + x, L, kr + H, scale, S + (size_t)H * L + x, L);
         } else {
-            attn_scores(2, PB, D, qT + g, Gp, kr, scale, S + g, Gp);
+            attn_scores(2, PB, D, qT + x, L, kr, scale, S + x, L);
         }
     }
-    if (g < Gp) attn_scores(1, PB, D, qT + g, Gp, kr, scale, S + g, Gp);
+    if (x < L) attn_scores(1, PB, D, qT + x, L, kr, scale, S + x, L);
 }
 
+#define ATTN_NREG (AV_N == 8 ? 16 : 32)     /* vector registers */
+#define ATTN_HN (AV_N == 8 ? 12 : 16)       /* heads per attn_pv pass: sums in registers */
+
 /* acc[g][:] = sum over the np positions of P[p][g] v_p, for HN heads whose sums stay in registers
- * (one D tile at a time); every lane sums over p in order. */
+ * (two D tiles at a time where they fit, reusing each P broadcast); every lane sums over p in
+ * order. */
 ATTN_INLINE void attn_pv(const int HN, const int vf16, int np, int D, const float *P, int ldp,
                          const char *v, ptrdiff_t v_p, float *acc) {
-    for (int dt = 0; dt < D; dt += AV_N) {
+    int dt = 0;
+    if (AV_N > 1 && 2 * HN + 4 <= ATTN_NREG)
+        for (; dt + 2 * AV_N <= D; dt += 2 * AV_N) {
+            const av_mask all = av_mask_n(AV_N);
+            av_f32 s0[16], s1[16];
+            for (int g = 0; g < HN; g++) { s0[g] = av_zero(); s1[g] = av_zero(); }
+            for (int p = 0; p < np; p++) {
+                av_f32 x0, x1;
+                if (vf16) {
+                    x0 = av_load_hm((const uint16_t *)v + p * v_p + dt, all);
+                    x1 = av_load_hm((const uint16_t *)v + p * v_p + dt + AV_N, all);
+                } else {
+                    x0 = av_load((const float *)v + p * v_p + dt);
+                    x1 = av_load((const float *)v + p * v_p + dt + AV_N);
+                }
+                const float *e = P + (size_t)p * ldp;
+                for (int g = 0; g < HN; g++) {
+                    av_f32 b = av_set1(e[g]);
+                    s0[g] = av_fma(b, x0, s0[g]);
+                    s1[g] = av_fma(b, x1, s1[g]);
+                }
+            }
+            for (int g = 0; g < HN; g++) {
+                av_store(acc + (size_t)g * D + dt, s0[g]);
+                av_store(acc + (size_t)g * D + dt + AV_N, s1[g]);
+            }
+        }
+    for (; dt < D; dt += AV_N) {
         av_mask mk = av_mask_n(D - dt);
         av_f32 s[16];
         for (int g = 0; g < HN; g++) s[g] = av_zero();
@@ -1206,58 +1273,74 @@ ATTN_INLINE void attn_pv(const int HN, const int vf16, int np, int D, const floa
     }
 }
 
-#define ATTN_HN (AV_N == 8 ? 12 : 16)      /* heads per attn_pv pass: accumulators in registers */
-
-ATTN_INLINE void attn_chunk_kv(const attn_args *a, const int kf16, const int vf16, int t, int j, int c,
-                               float *scratch, float *part) {
-    const int D = a->D, G = a->G, Gp = attn_gpad(G);
-    const int n = a->pos0 + t + 1, p0 = c * ATTN_CHUNK, np = n - p0 < ATTN_CHUNK ? n - p0 : ATTN_CHUNK;
-    float *qT = scratch, *kbuf = qT + (size_t)Gp * D, *S = kbuf + 8 * (size_t)D;
-    float *m = part, *l = part + Gp, *acc = part + 2 * Gp;
-    const float *q = a->q + t * a->q_t + (ptrdiff_t)j * G * a->q_h;
-    for (int d = 0; d < D; d++)
-        for (int g = 0; g < Gp; g++) qT[(size_t)d * Gp + g] = g < G ? q[g * a->q_h + d] : 0.0f;
+/* The partials of chunk c for tokens t0..t1-1 on KV head j, whose queries qT holds (attn_load_q):
+ * part[i] for token t0+i, for each token that reaches the chunk. The tile's scores come from one
+ * pass over the chunk's keys, up to the last token's positions; each token's lanes then see only
+ * its own positions (-inf past them: exp gives 0, the max and the sums are as without them), so
+ * a token gets the bytes it gets alone. */
+ATTN_INLINE void attn_chunk_kv(const attn_args *a, const int kf16, const int vf16, int t0, int t1, int j,
+                               int c, const float *qT, float *scratch, float *const *part) {
+    const int D = a->D, G = a->G, Gp = attn_gpad(G), tt = t1 - t0, L = attn_lanes(G, tt);
+    const int p0 = c * ATTN_CHUNK, last = a->pos0 + t1 - p0;        /* positions the last token sees */
+    const int np = last < ATTN_CHUNK ? last : ATTN_CHUNK;
+    float *kbuf = scratch, *S = kbuf + 8 * (size_t)D, *M = S + (size_t)ATTN_CHUNK * attn_lanes(G, ATTN_TILE);
+    float *Ls = M + attn_lanes(G, ATTN_TILE);
     const ptrdiff_t ksz = kf16 ? 2 : 4, vsz = vf16 ? 2 : 4;
     const char *k = (const char *)a->k + (j * a->k_h + (ptrdiff_t)p0 * a->k_p) * ksz;
     const char *v = (const char *)a->v + (j * a->v_h + (ptrdiff_t)p0 * a->v_p) * vsz;
     const av_f32 scale = av_set1(a->scale);
     int p = 0;
 #define ROWS(PB) attn_score_rows(PB, kf16, D, k + p * a->k_p * ksz, a->k_p, v + p * a->v_p * vsz, a->v_p * vsz, \
-                                 (int)(D * vsz), qT, Gp, kbuf, scale, S + (size_t)p * Gp)
+                                 (int)(D * vsz), qT, L, kbuf, scale, S + (size_t)p * L)
     for (; p + 8 <= np; p += 8) ROWS(8);
     for (; p + 4 <= np; p += 4) ROWS(4);
     for (; p < np; p++) ROWS(1);
 #undef ROWS
-    for (int g = 0; g < Gp; g += AV_N) {              /* softmax of each head over the chunk */
-        av_f32 mx = av_load(S + g), sum = av_zero();
-        for (p = 1; p < np; p++) mx = av_max(mx, av_load(S + (size_t)p * Gp + g));
+    for (int i = 0; i < tt - 1; i++)                      /* each token's positions only */
+        for (p = a->pos0 + t0 + i + 1 - p0 < 0 ? 0 : a->pos0 + t0 + i + 1 - p0; p < np; p++)
+            for (int g = 0; g < G; g++) S[(size_t)p * L + i * G + g] = -INFINITY;
+    for (int x = 0; x < L; x += AV_N) {                   /* softmax of each lane over the chunk */
+        av_f32 mx = av_load(S + x), sum = av_zero();
+        for (p = 1; p < np; p++) mx = av_max(mx, av_load(S + (size_t)p * L + x));
         for (p = 0; p < np; p++) {
-            av_f32 e = av_exp(av_sub(av_load(S + (size_t)p * Gp + g), mx));
-            av_store(S + (size_t)p * Gp + g, e);
+            av_f32 e = av_exp(av_sub(av_load(S + (size_t)p * L + x), mx));
+            av_store(S + (size_t)p * L + x, e);
             sum = av_add(sum, e);
         }
-        av_store(m + g, mx);
-        av_store(l + g, sum);
+        av_store(M + x, mx);
+        av_store(Ls + x, sum);
     }
-    for (int g = 0; g < G;) {                          /* g < Gp: a pass may run padded heads */
-        int hn = G - g > ATTN_HN ? ATTN_HN : (G - g + 3) / 4 * 4;
-        float *ag = acc + (size_t)g * D;
-        switch (hn) {
-        case 4: attn_pv(4, vf16, np, D, S + g, Gp, v, a->v_p, ag); break;
-        case 8: attn_pv(8, vf16, np, D, S + g, Gp, v, a->v_p, ag); break;
-        case 12: attn_pv(12, vf16, np, D, S + g, Gp, v, a->v_p, ag); break;
-        default: attn_pv(16, vf16, np, D, S + g, Gp, v, a->v_p, ag); break;
+    for (int i = 0; i < tt; i++) {
+        const int own = a->pos0 + t0 + i + 1 - p0, npi = own < np ? own : np;
+        if (npi <= 0) continue;
+        float *m = part[i], *l = m + Gp, *acc = m + 2 * Gp;
+        for (int g = 0; g < Gp; g++) {
+            m[g] = g < G ? M[i * G + g] : 0.0f;
+            l[g] = g < G ? Ls[i * G + g] : 1.0f;
         }
-        g += hn;
+        for (int g = 0; g < G;) {                          /* a pass may run padded heads, g < Gp */
+            int hn = G - g > ATTN_HN ? ATTN_HN : (G - g + 3) / 4 * 4;
+            const float *P = S + i * G + g;
+            float *ag = acc + (size_t)g * D;
+            switch (hn) {
+            case 4: attn_pv(4, vf16, npi, D, P, L, v, a->v_p, ag); break;
+            case 8: attn_pv(8, vf16, npi, D, P, L, v, a->v_p, ag); break;
+            case 12: attn_pv(12, vf16, npi, D, P, L, v, a->v_p, ag); break;
+            default: attn_pv(16, vf16, npi, D, P, L, v, a->v_p, ag); break;
+            }
+            g += hn;
+        }
     }
 }
 
-/* The partial of chunk c for token t's query heads on KV head j: part [attn_part_floats]. */
-static void attn_chunk(const attn_args *a, int t, int j, int c, float *scratch, float *part) {
-    if (a->k_f16 && a->v_f16) attn_chunk_kv(a, 1, 1, t, j, c, scratch, part);
-    else if (a->k_f16) attn_chunk_kv(a, 1, 0, t, j, c, scratch, part);
-    else if (a->v_f16) attn_chunk_kv(a, 0, 1, t, j, c, scratch, part);
-    else attn_chunk_kv(a, 0, 0, t, j, c, scratch, part);
+/* The partials of chunk c for tokens t0..t1-1 (at most ATTN_TILE; chunk c within the last one's
+ * positions) on KV head j: part[i] [attn_part_floats] for token t0+i. qT: attn_load_q's. */
+static void attn_chunk(const attn_args *a, int t0, int t1, int j, int c, const float *qT, float *scratch,
+                       float *const *part) {
+    if (a->k_f16 && a->v_f16) attn_chunk_kv(a, 1, 1, t0, t1, j, c, qT, scratch, part);
+    else if (a->k_f16) attn_chunk_kv(a, 1, 0, t0, t1, j, c, qT, scratch, part);
+    else if (a->v_f16) attn_chunk_kv(a, 0, 1, t0, t1, j, c, qT, scratch, part);
+    else attn_chunk_kv(a, 0, 0, t0, t1, j, c, qT, scratch, part);
 }
 
 /* state <- state merged with the next chunk's partial: M = max(M, m), each side rescaled by
@@ -1298,25 +1381,27 @@ static void attn_finish(const attn_args *a, int t, int j, const float *st) {
     }
 }
 
-/* Tokens t0..t1-1 on KV head j, whole: chunk by chunk, each token of the tile in turn (the chunk's
- * rows come from memory once, then from L2), each token's partials merged in chunk order.
- * work: attn_scratch_floats + (1 + t1 - t0) * attn_part_floats floats. */
+/* attn_tile's work floats */
+static size_t attn_tile_floats(const attn_args *a) {
+    return attn_qt_floats(a, ATTN_TILE) + attn_scratch_floats(a) + 2 * ATTN_TILE * attn_part_floats(a);
+}
+
+/* Tokens t0..t1-1 (at most ATTN_TILE) on KV head j, whole: chunk by chunk, each token's partials
+ * merged in chunk order. work: attn_tile_floats. */
 static void attn_tile(const attn_args *a, int t0, int t1, int j, float *work) {
     const size_t ps = attn_part_floats(a);
-    float *scratch = work, *part = work + attn_scratch_floats(a), *st = part + ps;
+    float *qT = work, *scratch = qT + attn_qt_floats(a, ATTN_TILE);
+    float *st = scratch + attn_scratch_floats(a), *pt = st + ATTN_TILE * ps;
+    float *parts[ATTN_TILE];
     const int nc = attn_nchunks(a, t1 - 1);
-    for (int c = 0; c < nc; c++)
-        for (int t = t0; t < t1; t++) {
-            float *s = st + (size_t)(t - t0) * ps;
-            if (c >= attn_nchunks(a, t)) continue;
-            if (c == 0) {
-                attn_chunk(a, t, j, 0, scratch, s);
-            } else {
-                attn_chunk(a, t, j, c, scratch, part);
-                attn_merge(a, s, part);
-            }
-        }
-    for (int t = t0; t < t1; t++) attn_finish(a, t, j, st + (size_t)(t - t0) * ps);
+    attn_load_q(a, t0, t1, j, qT);
+    for (int c = 0; c < nc; c++) {
+        for (int i = 0; i < t1 - t0; i++) parts[i] = (c == 0 ? st : pt) + i * ps;
+        attn_chunk(a, t0, t1, j, c, qT, scratch, parts);
+        for (int i = 0; c > 0 && i < t1 - t0; i++)
+            if (c < attn_nchunks(a, t0 + i)) attn_merge(a, st + i * ps, pt + i * ps);
+    }
+    for (int i = 0; i < t1 - t0; i++) attn_finish(a, t0 + i, j, st + i * ps);
 }
 
 #endif
