@@ -203,7 +203,7 @@ def common_prefix(a, b) -> int:
     return n
 
 
-def find_drop(tokens, ids, a: int, least: int = 32):
+def find_drop(tokens, ids, a: int, least: int = 16):
     """(d, m) where tokens[a + d:a + d + m] == ids[a:a + m] with d > 0 and the longest m >= least:
     a conversation whose tokens a..a+d-1 were dropped from the middle (its oldest turns), or None."""
     t, q = np.asarray(tokens, np.int64), np.asarray(ids, np.int64)

@@ -193,3 +193,29 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tmp_path):
         t.wait("EXITED 0")
     finally:
         t.close()
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")
+def test_a_chat_past_its_context_computes_only_the_new_turn(tmp_path):
+    """Old turns dropped to fit --ctx: the turns after them keep their cache (moved, keys
+    re-rotated), so the status line shows a prompt mostly cached, not the conversation again."""
+    cmd = (f"{sys.executable} -m glmcpu run --temp 0 --max-tokens 12 --ignore-eos --threads 1 --ctx 192; "
+           "echo EXITED $?; sleep 30")
+    t = Tmux(f"env HOME={tmp_path} {cmd}")
+    pattern = r"dropped\.[^>]*?prompt (\d+) \((\d+) cached\)[^\n]*\n>"
+    try:
+        t.wait(r"/help for commands.*\n>")
+        for i in range(12):
+            t.keys(f"Tell me of the kings of Israel and Judah, the {i}th time, and of all their wars", "Enter")
+            s = t.wait(rf"the {i}th time, and of all their wars\n.*" + DONE.replace("/512", "/192"))
+            m = re.search(rf"the {i}th time, and of all their wars\n.*" + pattern, s, re.S)
+            if m:
+                break
+        assert m, "the conversation never outgrew its context"
+        prompt, cached = int(m.group(1)), int(m.group(2))
+        print(f"turn {i}: prompt {prompt}, {cached} cached")
+        assert cached > prompt - 40, (prompt, cached)      # the new message and its template tokens
+        t.keys("/exit", "Enter")
+        t.wait("EXITED 0")
+    finally:
+        t.close()
