@@ -1,11 +1,13 @@
 # The hot loops behind glmcpu.ops. Built once per instruction set through one-line shims
 # (_kernels_avx2.pyx: `include "_kernels.pyx"`); kernels.h picks its SIMD path from the
 # compiler's ISA macros. Thin `def` wrappers check shapes once; the work runs without the GIL.
-from cython.parallel cimport prange, parallel
+from cython.parallel cimport prange, parallel, threadid
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, int8_t, int16_t, int32_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
 from libc.math cimport sqrtf, expf, cos, sin, pow
+import threading
+
 import numpy as np
 
 cdef extern from "kernels.h" nogil:
@@ -20,7 +22,7 @@ cdef extern from "kernels.h" nogil:
                    int T, const float *x, const int8_t *xq, const float *xd, const float *xs,
                    float *out, int ldo)
     unsigned long long stream_xor(const uint8_t *p, size_t n)
-    int ATTN_CHUNK, ATTN_TILE
+    int ATTN_CHUNK
     ctypedef struct attn_args:
         const float *q
         Py_ssize_t q_t, q_h
@@ -33,6 +35,7 @@ cdef extern from "kernels.h" nogil:
         int T, Hkv, G, D, pos0
         float scale
     int attn_nchunks(const attn_args *a, int t)
+    int attn_tile_tokens(int G)
     size_t attn_part_floats(const attn_args *a)
     size_t attn_qt_floats(const attn_args *a, int tt)
     size_t attn_scratch_floats(const attn_args *a)
@@ -473,6 +476,25 @@ def attention_exp(const float[::1] x, out_arr):
     return out_arr
 
 
+_scratch = threading.local()
+
+
+cdef inline size_t _lines(size_t floats) noexcept nogil:
+    """floats rounded up to whole 64-byte lines"""
+    return (floats + 15) // 16 * 16
+
+
+cdef float *_scratch_floats(size_t n) except NULL:
+    """n floats of this Python thread's scratch, kept from call to call: fresh pages would fault in
+    on every call (~1 ms for a decode's 4 MB of partials)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.shape[0] < n:
+        buf = np.empty(n + n // 4 + 16, np.float32)
+        _scratch.buf = buf
+    cdef float[::1] view = buf
+    return &view[(16 - (<size_t>&view[0] // 4) % 16) % 16]          # from a line's start
+
+
 cdef const void *_kv_view(x, const char *name, Py_ssize_t *strides, int *f16) except NULL:
     """Data pointer of a float32 or float16 [Hkv, S, D] array (rows contiguous), its head and
     position strides in elements, and whether it is half."""
@@ -510,8 +532,9 @@ def attention(const float[:, :, ::1] q, kc, vc, int pos0, float scale, out_arr, 
     cdef Py_ssize_t ks[2]
     cdef Py_ssize_t vs[2]
     cdef int T = q.shape[0], Hq = q.shape[1], D = q.shape[2], Hkv, S
-    cdef int i, t, c, cc, u, nb, cb, items, ncmax, ntiles, nbatch
-    cdef size_t ps, ss, qs
+    cdef int i, t, c, cc, u, nb, cb, items, ncmax, ntiles, nbatch, tile
+    cdef size_t ps, ss, qs, ws
+    cdef float *base
     cdef float *work
     cdef float *pp
     cdef float *parts
@@ -533,64 +556,55 @@ def attention(const float[:, :, ::1] q, kc, vc, int pos0, float scale, out_arr, 
     a.k_h, a.k_p, a.v_h, a.v_p = ks[0], ks[1], vs[0], vs[1]
     a.out, a.o_t, a.o_h = &out[0, 0, 0], out.strides[0] // 4, out.strides[1] // 4
     a.T, a.Hkv, a.G, a.D, a.pos0, a.scale = T, Hkv, Hq // Hkv, D, pos0, scale
-    ps, ss, qs = attn_part_floats(&a), attn_scratch_floats(&a), attn_qt_floats(&a, 1)
+    ps, ss, qs = _lines(attn_part_floats(&a)), _lines(attn_scratch_floats(&a)), _lines(attn_qt_floats(&a, 1))
     # KV bytes read, weighted by the work each byte meets (G heads, T tokens)
     threads = team(threads, <double>Hkv * (pos0 + T) * D * (4 - 2 * a.k_f16 + 4 - 2 * a.v_f16)
                    * (1.0 + T * a.G / 8.0))
-    ntiles = (T + ATTN_TILE - 1) // ATTN_TILE
+    tile = attn_tile_tokens(a.G)
+    ntiles = (T + tile - 1) // tile
     if split is None:
         split = ntiles * Hkv < 8 * threads
     if not split:                                        # a prompt: an item (tile of tokens, KV head) per thread
+        ws = _lines(attn_tile_floats(&a))
+        base = _scratch_floats(ws * threads)
         with nogil, parallel(num_threads=threads):
-            work = <float *>malloc(sizeof(float) * attn_tile_floats(&a))
+            work = base + ws * threadid()
             for i in prange(ntiles * Hkv, schedule='dynamic'):
-                t = (ntiles - 1 - i // Hkv) * ATTN_TILE  # the longest tiles first
-                attn_tile(&a, t, min(T, t + ATTN_TILE), i % Hkv, work)
-            free(work)
+                t = (ntiles - 1 - i // Hkv) * tile       # the longest tiles first
+                attn_tile(&a, t, min(T, t + tile), i % Hkv, work)
         return out_arr
     # decode: every (token, KV head, chunk) partial in parallel, then each item merges its own in
-    # chunk order; nbatch chunks at a time, so the partials take at most ~16 MB
+    # chunk order; nbatch chunks at a time, so the partials take at most ~8 MB
     items, ncmax = T * Hkv, attn_nchunks(&a, T - 1)
-    nbatch = max(1, min(ncmax, <int>((16 << 20) // (4 * ps * items))))
-    parts = <float *>malloc(sizeof(float) * ps * items * nbatch)
-    states = <float *>malloc(sizeof(float) * ps * items)
-    qts = <float *>malloc(sizeof(float) * qs * items)
-    if parts == NULL or states == NULL or qts == NULL:
-        free(parts)
-        free(states)
-        free(qts)
-        raise MemoryError()
-    try:
-        with nogil:
-            for i in range(items):
-                attn_load_q(&a, i // Hkv, i // Hkv + 1, i % Hkv, qts + <size_t>i * qs)
-        for cb in range(0, ncmax, nbatch):
+    nbatch = max(1, min(ncmax, <int>((8 << 20) // (4 * ps * items))))
+    base = _scratch_floats(ss * threads + (qs + ps + ps * nbatch) * items)
+    qts, states = base + ss * threads, base + ss * threads + qs * items
+    parts = states + ps * items
+    with nogil:
+        for i in range(items):
+            attn_load_q(&a, i // Hkv, i // Hkv + 1, i % Hkv, qts + <size_t>i * qs)
+        cb = 0
+        while cb < ncmax:
             nb = min(nbatch, ncmax - cb)
-            with nogil, parallel(num_threads=threads):
-                work = <float *>malloc(sizeof(float) * ss)
-                for u in prange(items * nb, schedule='dynamic'):
+            with parallel(num_threads=threads):
+                work = base + ss * threadid()
+                for u in prange(items * nb, schedule='dynamic', chunksize=8):
                     i = u // nb
                     t = i // Hkv
                     c = cb + u % nb
                     pp = parts + <size_t>u * ps
                     if c < attn_nchunks(&a, t):
                         attn_chunk(&a, t, t + 1, i % Hkv, c, qts + <size_t>i * qs, work, &pp)
-                free(work)
-            with nogil:
-                for i in prange(items, num_threads=min(threads, items), schedule='static'):
-                    for cc in range(nb):
-                        c = cb + cc
-                        if c == 0:
-                            memcpy(states + <size_t>i * ps, parts + <size_t>(i * nb) * ps, sizeof(float) * ps)
-                        elif c < attn_nchunks(&a, i // Hkv):
-                            attn_merge(&a, states + <size_t>i * ps, parts + <size_t>(i * nb + cc) * ps)
-        with nogil:
             for i in prange(items, num_threads=min(threads, items), schedule='static'):
-                attn_finish(&a, i // Hkv, i % Hkv, states + <size_t>i * ps)
-    finally:
-        free(parts)
-        free(states)
-        free(qts)
+                for cc in range(nb):
+                    c = cb + cc
+                    if c == 0:
+                        memcpy(states + <size_t>i * ps, parts + <size_t>(i * nb) * ps, sizeof(float) * ps)
+                    elif c < attn_nchunks(&a, i // Hkv):
+                        attn_merge(&a, states + <size_t>i * ps, parts + <size_t>(i * nb + cc) * ps)
+            cb = cb + nb
+        for i in prange(items, num_threads=min(threads, items), schedule='static'):
+            attn_finish(&a, i // Hkv, i % Hkv, states + <size_t>i * ps)
     return out_arr
 
 

@@ -960,11 +960,14 @@ static uint64_t stream_xor(const uint8_t *p, size_t n) {
  * whatever the thread count, and a token alone equals the same token inside a batch. */
 #define ATTN_CHUNK 256
 #define ATTN_TILE 8     /* tokens of a prompt whose scores come from one pass over a chunk's keys */
+#define ATTN_LANES 128  /* ... at most this many query heads in all (a wide group takes fewer tokens) */
 
 #if defined(__GNUC__)
 #define ATTN_INLINE static inline __attribute__((always_inline))
+#define ATTN_NOINLINE static __attribute__((noinline))
 #else
 #define ATTN_INLINE static inline
+#define ATTN_NOINLINE static
 #endif
 
 /* The few vector operations attention needs, AV_N float lanes wide; with AV_N = 1 they are plain
@@ -1125,6 +1128,10 @@ static inline int attn_lanes(int G, int tt) {
     return attn_round((tt - 1) * G + attn_round(G, 4), AV_N < 4 ? 4 : AV_N);
 }
 static inline int attn_gpad(int G) { return attn_lanes(G, 1); }
+/* Tokens in a prompt's tile: ATTN_TILE, or fewer where G is wide. */
+static inline int attn_tile_tokens(int G) {
+    return G * ATTN_TILE <= ATTN_LANES ? ATTN_TILE : G >= ATTN_LANES ? 1 : ATTN_LANES / G;
+}
 static inline int attn_nchunks(const attn_args *a, int t) { return (a->pos0 + t + ATTN_CHUNK) / ATTN_CHUNK; }
 /* A partial, and a running state, of one token: m [Gp], l [Gp], acc [Gp][D] (floats). */
 static size_t attn_part_floats(const attn_args *a) {
@@ -1132,9 +1139,10 @@ static size_t attn_part_floats(const attn_args *a) {
 }
 /* The queries of a tile of tt tokens, transposed: qT [D][attn_lanes(G, tt)] (attn_load_q). */
 static size_t attn_qt_floats(const attn_args *a, int tt) { return (size_t)a->D * attn_lanes(a->G, tt); }
-/* attn_chunk's scratch: kbuf [8][D] (half keys as floats), S [ATTN_CHUNK][L], max and sum [L]. */
+/* attn_chunk's scratch: kbuf [8][D] (half keys as floats), S [ATTN_CHUNK][L], max and sum [L],
+ * L the lanes of a whole tile. */
 static size_t attn_scratch_floats(const attn_args *a) {
-    size_t L = attn_lanes(a->G, ATTN_TILE); return 8 * (size_t)a->D + (ATTN_CHUNK + 2) * L;
+    size_t L = attn_lanes(a->G, attn_tile_tokens(a->G)); return 8 * (size_t)a->D + (ATTN_CHUNK + 2) * L;
 }
 
 static void attn_load_q(const attn_args *a, int t0, int t1, int j, float *qT) {
@@ -1162,15 +1170,22 @@ static inline void f16_to_f32_row(int n, const uint16_t *h, float *f) {     /* n
     }
 }
 
+#if defined(__GNUC__)
+#define ATTN_PREFETCH(p) __builtin_prefetch((p), 0, 2)
+#else
+#define ATTN_PREFETCH(p) ((void)(p))
+#endif
+
 /* S[i][lanes] = scale * q.k_i for PB key rows kr[i] and NV vectors of AV_N query lanes, qT [D][ldq]
  * holding the queries transposed: each key value is broadcast once for all the lanes; each lane
  * sums over d in order (the same bytes in any block), so no horizontal sums. */
 ATTN_INLINE void attn_scores(const int NV, const int PB, int D, const float *qT, int ldq,
-                             const float *const *kr, av_f32 scale, float *S, int ldS) {
+                             const float *const *kr, av_f32 scale, float *S, int ldS, const char *pf, int npf) {
     av_f32 s[4][8];
     for (int u = 0; u < NV; u++)
         for (int i = 0; i < PB; i++) s[u][i] = av_zero();
     for (int d = 0; d < D; d++) {
+        if (d < npf) ATTN_PREFETCH(pf + (size_t)64 * d);      /* npf <= D lines, one per step */
         av_f32 qv[4];
         for (int u = 0; u < NV; u++) qv[u] = av_load(qT + (size_t)d * ldq + u * AV_N);
         for (int i = 0; i < PB; i++) {
@@ -1182,22 +1197,18 @@ ATTN_INLINE void attn_scores(const int NV, const int PB, int D, const float *qT,
         for (int u = 0; u < NV; u++) av_store(S + (size_t)i * ldS + u * AV_N, av_mul(s[u][i], scale));
 }
 
-#if defined(__GNUC__)
-#define ATTN_PREFETCH(p) __builtin_prefetch((p), 0, 2)
-#else
-#define ATTN_PREFETCH(p) ((void)(p))
-#endif
-
 /* Scores of PB positions (keys from k, k_p apart) for all L query lanes: S [PB][L], in blocks of
- * up to 16 sums in registers (8 on AVX2). Meanwhile the same positions' value rows (vrow bytes, v_p
- * apart) are fetched towards L2: attn_pv reads them a column at a time, a stride the hardware
- * prefetchers do not follow from memory. */
+ * up to 16 sums in registers (8 on AVX2). Meanwhile the same positions' value rows (vrow bytes,
+ * v_p apart) are fetched towards L2, a line per step of the first block where they lie in one
+ * piece: attn_pv reads them a column at a time, a stride the hardware prefetchers do not follow. */
 ATTN_INLINE void attn_score_rows(const int PB, const int kf16, int D, const char *k, ptrdiff_t k_p,
                                  const char *v, ptrdiff_t v_p, int vrow, const float *qT, int L,
                                  float *kbuf, av_f32 scale, float *S) {
     const float *kr[8];
-    for (int i = 0; i < PB; i++)
-        for (int off = 0; off < vrow; off += 64) ATTN_PREFETCH(v + i * v_p + off);
+    int npf = v_p == vrow ? PB * vrow / 64 : 0;
+    if (!npf)
+        for (int i = 0; i < PB; i++)
+            for (int off = 0; off < vrow; off += 64) ATTN_PREFETCH(v + i * v_p + off);
     for (int i = 0; i < PB; i++) {
         if (kf16) {
             f16_to_f32_row(D, (const uint16_t *)k + i * k_p, kbuf + (size_t)i * D);
@@ -1208,30 +1219,34 @@ ATTN_INLINE void attn_score_rows(const int PB, const int kf16, int D, const char
     }
     const int H = PB == 8 ? 4 : PB;      /* 4 vectors x 8 rows would be 32 sums: two halves */
     int x = 0;
+#define SC(NV, P, R, X) do { attn_scores(NV, P, D, qT + (X), L, kr + (R), scale, S + (size_t)(R) * L + (X), L, v, npf); \
+                             npf = 0; } while (0)
     if (AV_N != 8)
         for (; x + 4 * AV_N <= L; x += 4 * AV_N) {
-            attn_scores(4, H, D, qT + x, L, kr, scale, S + x, L);
-            if (PB == 8) attn_scores(4, H, D, qT + x, L, kr + H, scale, S + (size_t)H * L + x, L);
+            SC(4, H, 0, x);
+            if (PB == 8) SC(4, H, H, x);
         }
     for (; x + 2 * AV_N <= L; x += 2 * AV_N) {
         if (AV_N == 8) {
-            attn_scores(2, H, D, qT + x, L, kr, scale, S + x, L);
-            if (PB == 8) attn_scores(2, H, D, qT + x, L, kr + H, scale, S + (size_t)H * L + x, L);
+            SC(2, H, 0, x);
+            if (PB == 8) SC(2, H, H, x);
         } else {
-            attn_scores(2, PB, D, qT + x, L, kr, scale, S + x, L);
+            SC(2, PB, 0, x);
         }
     }
-    if (x < L) attn_scores(1, PB, D, qT + x, L, kr, scale, S + x, L);
+    if (x < L) SC(1, PB, 0, x);
+#undef SC
 }
 
 #define ATTN_NREG (AV_N == 8 ? 16 : 32)     /* vector registers */
-#define ATTN_HN (AV_N == 8 ? 12 : 16)       /* heads per attn_pv pass: sums in registers */
+#define ATTN_HN 12     /* heads per attn_pv pass: sums in registers (x2 D tiles on AVX-512 and NEON) */
 
 /* acc[g][:] = sum over the np positions of P[p][g] v_p, for HN heads whose sums stay in registers
  * (two D tiles at a time where they fit, reusing each P broadcast); every lane sums over p in
- * order. */
+ * order. Each step also fetches 2 lines of [*pf, pfe) towards L2 (the next chunk's keys). */
 ATTN_INLINE void attn_pv(const int HN, const int vf16, int np, int D, const float *P, int ldp,
-                         const char *v, ptrdiff_t v_p, float *acc) {
+                         const char *v, ptrdiff_t v_p, float *acc, const char **pf, const char *pfe) {
+    const char *pc = *pf;
     int dt = 0;
     if (AV_N > 1 && 2 * HN + 4 <= ATTN_NREG)
         for (; dt + 2 * AV_N <= D; dt += 2 * AV_N) {
@@ -1239,6 +1254,7 @@ ATTN_INLINE void attn_pv(const int HN, const int vf16, int np, int D, const floa
             av_f32 s0[16], s1[16];
             for (int g = 0; g < HN; g++) { s0[g] = av_zero(); s1[g] = av_zero(); }
             for (int p = 0; p < np; p++) {
+                if (pc < pfe) { ATTN_PREFETCH(pc); ATTN_PREFETCH(pc + 64); pc += 128; }
                 av_f32 x0, x1;
                 if (vf16) {
                     x0 = av_load_hm((const uint16_t *)v + p * v_p + dt, all);
@@ -1264,6 +1280,7 @@ ATTN_INLINE void attn_pv(const int HN, const int vf16, int np, int D, const floa
         av_f32 s[16];
         for (int g = 0; g < HN; g++) s[g] = av_zero();
         for (int p = 0; p < np; p++) {
+            if (pc < pfe) { ATTN_PREFETCH(pc); ATTN_PREFETCH(pc + 64); pc += 128; }
             av_f32 x = vf16 ? av_load_hm((const uint16_t *)v + p * v_p + dt, mk)
                             : av_load_m((const float *)v + p * v_p + dt, mk);
             const float *e = P + (size_t)p * ldp;
@@ -1271,7 +1288,25 @@ ATTN_INLINE void attn_pv(const int HN, const int vf16, int np, int D, const floa
         }
         for (int g = 0; g < HN; g++) av_store_m(acc + (size_t)g * D + dt, s[g], mk);
     }
+    *pf = pc;
 }
+
+/* attn_score_rows and attn_pv for each constant they are built for, each a function of its own:
+ * inlined into the chunk function, GCC 12 kept their row pointers on the stack. */
+#define ATTN_ROWS(PB, KF) \
+    ATTN_NOINLINE void attn_rows_##PB##_##KF(int D, const char *k, ptrdiff_t k_p, const char *v, ptrdiff_t v_p, \
+                                            int vrow, const float *qT, int L, float *kbuf, av_f32 scale, float *S) { \
+        attn_score_rows(PB, KF, D, k, k_p, v, v_p, vrow, qT, L, kbuf, scale, S); \
+    }
+ATTN_ROWS(8, 0) ATTN_ROWS(4, 0) ATTN_ROWS(1, 0) ATTN_ROWS(8, 1) ATTN_ROWS(4, 1) ATTN_ROWS(1, 1)
+#undef ATTN_ROWS
+#define ATTN_PV(HN, VF) \
+    ATTN_NOINLINE void attn_pv_##HN##_##VF(int np, int D, const float *P, int ldp, const char *v, ptrdiff_t v_p, \
+                                          float *acc, const char **pf, const char *pfe) { \
+        attn_pv(HN, VF, np, D, P, ldp, v, v_p, acc, pf, pfe); \
+    }
+ATTN_PV(4, 0) ATTN_PV(8, 0) ATTN_PV(12, 0) ATTN_PV(4, 1) ATTN_PV(8, 1) ATTN_PV(12, 1)
+#undef ATTN_PV
 
 /* The partials of chunk c for tokens t0..t1-1 on KV head j, whose queries qT holds (attn_load_q):
  * part[i] for token t0+i, for each token that reaches the chunk. The tile's scores come from one
@@ -1283,22 +1318,24 @@ ATTN_INLINE void attn_chunk_kv(const attn_args *a, const int kf16, const int vf1
     const int D = a->D, G = a->G, Gp = attn_gpad(G), tt = t1 - t0, L = attn_lanes(G, tt);
     const int p0 = c * ATTN_CHUNK, last = a->pos0 + t1 - p0;        /* positions the last token sees */
     const int np = last < ATTN_CHUNK ? last : ATTN_CHUNK;
-    float *kbuf = scratch, *S = kbuf + 8 * (size_t)D, *M = S + (size_t)ATTN_CHUNK * attn_lanes(G, ATTN_TILE);
-    float *Ls = M + attn_lanes(G, ATTN_TILE);
+    const int Lmax = attn_lanes(G, attn_tile_tokens(G));
+    float *kbuf = scratch, *S = kbuf + 8 * (size_t)D, *M = S + (size_t)ATTN_CHUNK * Lmax, *Ls = M + Lmax;
     const ptrdiff_t ksz = kf16 ? 2 : 4, vsz = vf16 ? 2 : 4;
     const char *k = (const char *)a->k + (j * a->k_h + (ptrdiff_t)p0 * a->k_p) * ksz;
     const char *v = (const char *)a->v + (j * a->v_h + (ptrdiff_t)p0 * a->v_p) * vsz;
     const av_f32 scale = av_set1(a->scale);
     int p = 0;
-#define ROWS(PB) attn_score_rows(PB, kf16, D, k + p * a->k_p * ksz, a->k_p, v + p * a->v_p * vsz, a->v_p * vsz, \
-                                 (int)(D * vsz), qT, L, kbuf, scale, S + (size_t)p * L)
+#define ROWS(PB) (kf16 ? attn_rows_##PB##_1 : attn_rows_##PB##_0)(D, k + p * a->k_p * ksz, a->k_p, \
+        v + p * a->v_p * vsz, a->v_p * vsz, (int)(D * vsz), qT, L, kbuf, scale, S + (size_t)p * L)
     for (; p + 8 <= np; p += 8) ROWS(8);
     for (; p + 4 <= np; p += 4) ROWS(4);
     for (; p < np; p++) ROWS(1);
 #undef ROWS
-    for (int i = 0; i < tt - 1; i++)                      /* each token's positions only */
-        for (p = a->pos0 + t0 + i + 1 - p0 < 0 ? 0 : a->pos0 + t0 + i + 1 - p0; p < np; p++)
+    for (int i = 0; i < tt - 1; i++) {                    /* each token's positions only */
+        const int own = a->pos0 + t0 + i + 1 - p0;
+        for (p = own < 0 ? 0 : own; p < np; p++)
             for (int g = 0; g < G; g++) S[(size_t)p * L + i * G + g] = -INFINITY;
+    }
     for (int x = 0; x < L; x += AV_N) {                   /* softmax of each lane over the chunk */
         av_f32 mx = av_load(S + x), sum = av_zero();
         for (p = 1; p < np; p++) mx = av_max(mx, av_load(S + (size_t)p * L + x));
@@ -1310,6 +1347,10 @@ ATTN_INLINE void attn_chunk_kv(const attn_args *a, const int kf16, const int vf1
         av_store(M + x, mx);
         av_store(Ls + x, sum);
     }
+    /* the next chunk's keys, if the tile sees it, are fetched while the values are summed */
+    const char *pf = k + ATTN_CHUNK * a->k_p * ksz, *pfe = pf;
+    if (last > ATTN_CHUNK)
+        pfe += ((ptrdiff_t)((last - ATTN_CHUNK < ATTN_CHUNK ? last - ATTN_CHUNK : ATTN_CHUNK) - 1) * a->k_p + D) * ksz;
     for (int i = 0; i < tt; i++) {
         const int own = a->pos0 + t0 + i + 1 - p0, npi = own < np ? own : np;
         if (npi <= 0) continue;
@@ -1322,19 +1363,20 @@ ATTN_INLINE void attn_chunk_kv(const attn_args *a, const int kf16, const int vf1
             int hn = G - g > ATTN_HN ? ATTN_HN : (G - g + 3) / 4 * 4;
             const float *P = S + i * G + g;
             float *ag = acc + (size_t)g * D;
+#define PV(HN) (vf16 ? attn_pv_##HN##_1 : attn_pv_##HN##_0)(npi, D, P, L, v, a->v_p, ag, &pf, pfe)
             switch (hn) {
-            case 4: attn_pv(4, vf16, npi, D, P, L, v, a->v_p, ag); break;
-            case 8: attn_pv(8, vf16, npi, D, P, L, v, a->v_p, ag); break;
-            case 12: attn_pv(12, vf16, npi, D, P, L, v, a->v_p, ag); break;
-            default: attn_pv(16, vf16, npi, D, P, L, v, a->v_p, ag); break;
+            case 4: PV(4); break;
+            case 8: PV(8); break;
+            default: PV(12); break;
             }
+#undef PV
             g += hn;
         }
     }
 }
 
-/* The partials of chunk c for tokens t0..t1-1 (at most ATTN_TILE; chunk c within the last one's
- * positions) on KV head j: part[i] [attn_part_floats] for token t0+i. qT: attn_load_q's. */
+/* The partials of chunk c for tokens t0..t1-1 (at most attn_tile_tokens; chunk c within the last
+ * one's positions) on KV head j: part[i] [attn_part_floats] for token t0+i. qT: attn_load_q's. */
 static void attn_chunk(const attn_args *a, int t0, int t1, int j, int c, const float *qT, float *scratch,
                        float *const *part) {
     if (a->k_f16 && a->v_f16) attn_chunk_kv(a, 1, 1, t0, t1, j, c, qT, scratch, part);
@@ -1383,15 +1425,17 @@ static void attn_finish(const attn_args *a, int t, int j, const float *st) {
 
 /* attn_tile's work floats */
 static size_t attn_tile_floats(const attn_args *a) {
-    return attn_qt_floats(a, ATTN_TILE) + attn_scratch_floats(a) + 2 * ATTN_TILE * attn_part_floats(a);
+    const int tt = attn_tile_tokens(a->G);
+    return attn_qt_floats(a, tt) + attn_scratch_floats(a) + 2 * (size_t)tt * attn_part_floats(a);
 }
 
-/* Tokens t0..t1-1 (at most ATTN_TILE) on KV head j, whole: chunk by chunk, each token's partials
- * merged in chunk order. work: attn_tile_floats. */
+/* Tokens t0..t1-1 (at most attn_tile_tokens) on KV head j, whole: chunk by chunk, each token's
+ * partials merged in chunk order. work: attn_tile_floats. */
 static void attn_tile(const attn_args *a, int t0, int t1, int j, float *work) {
     const size_t ps = attn_part_floats(a);
-    float *qT = work, *scratch = qT + attn_qt_floats(a, ATTN_TILE);
-    float *st = scratch + attn_scratch_floats(a), *pt = st + ATTN_TILE * ps;
+    const int tt = attn_tile_tokens(a->G);
+    float *qT = work, *scratch = qT + attn_qt_floats(a, tt);
+    float *st = scratch + attn_scratch_floats(a), *pt = st + tt * ps;
     float *parts[ATTN_TILE];
     const int nc = attn_nchunks(a, t1 - 1);
     attn_load_q(a, t0, t1, j, qT);
