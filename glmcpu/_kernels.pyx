@@ -523,7 +523,7 @@ def attention(const float[:, :, ::1] q, kc, vc, int pos0, float scale, out_arr, 
 
     Each (token, KV head) runs its G heads together over chunks of ATTENTION_CHUNK positions
     (kernels.h attn_chunk), merged in chunk order: the same bytes for any `threads`, and a token
-    alone gives what it gives inside a batch. A prompt runs (tile of 8 tokens, KV head) items, one
+    alone gives what it gives inside a batch. A prompt runs (tile of <= 8 tokens, KV head) items, one
     per thread, a tile's scores from one pass over each chunk's keys; decode (few items) spreads
     the chunks of its items over the threads. split=True/False forces the one or the other (both
     give the same bytes); None chooses."""

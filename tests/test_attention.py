@@ -100,6 +100,18 @@ def test_batch_equals_each_token_alone(K, pos0, T, Hkv, G, split):
         assert one.tobytes() == batch[t:t + 1].tobytes(), t
 
 
+def test_decode_partials_in_several_batches():
+    """split=True keeps at most ~8 MB of chunk partials, merging them batch by batch: 64 tokens of
+    16 heads x 128 over 17 chunks take two batches (the batching is the wrapper's, one ISA will do)."""
+    K = ops.load_variant(VARIANTS[0])
+    rng = np.random.default_rng(11)
+    q, kc, vc, pos0 = make(rng, 4097, 64, 1, 16, 128, F16, np.float32, 3)
+    split = K.attention(q, kc, vc, pos0, 0.09, np.empty_like(q), 2, split=True)
+    whole = K.attention(q, kc, vc, pos0, 0.09, np.empty_like(q), 2, split=False)
+    assert split.tobytes() == whole.tobytes()
+    assert error(split[-2:], q[-2:], kc, vc, pos0 + 62, 0.09) <= 1
+
+
 def test_head_alone_equals_head_in_its_group(K):
     """A node holding some query heads of a group computes them as one process does."""
     rng = np.random.default_rng(5)
