@@ -48,6 +48,7 @@ class GlmcpuEngine:
         from glmcpu.generate import prefill
         self.filled = self.new_cache()
         prefill(self.m.net, self.filled, ids)
+        self.depth = len(ids)
 
     def run(self, prompt, gen):
         from glmcpu.generate import prefill
@@ -55,8 +56,8 @@ class GlmcpuEngine:
         if self.filled is None:
             cache = self.new_cache()
         else:                      # later positions are simply written again: restoring is free
-            cache, depth = self.filled, len(self.filled.tokens)
-            cache.pos, cache.tokens = depth, cache.tokens[:depth]
+            cache = self.filled
+            cache.pos, cache.tokens = self.depth, cache.tokens[:self.depth]
         t0 = time.perf_counter()
         prefill(net, cache, prompt)
         t1 = time.perf_counter()
