@@ -338,7 +338,8 @@ def cmd_info(a):
         ("vocabulary", c.n_vocab),
         ("context", f"{m.ctx} (trained {c.n_ctx_train})"),
         ("tensor types", ", ".join(f"{k} x{v} ({human(sizes[k])})" for k, v in types.most_common())),
-        ("memory", f"{human(weights)} weights (memory-mapped) + {human(kv)} KV cache at ctx {m.ctx} ({'/'.join(m.kv_type)})"),
+        ("memory", f"{human(weights)} weights (memory-mapped) + {human(kv)} KV cache at ctx {m.ctx} "
+                   f"({m.kv_type[0] if m.kv_type[0] == m.kv_type[1] else 'K {} / V {}'.format(*m.kv_type)})"),
     ]
     experts = sum(t.n_bytes for n, t in m.file.tensors.items() if ops.is_expert(n))
     if experts:
