@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import secrets
+import sys
 import time
 import weakref
 
@@ -136,8 +137,9 @@ class Cluster:
         for i, c in enumerate(self.clients):
             try:
                 self.load(i)
-            except LinkLost:              # gone while loading: the root computes its shares
+            except LinkLost as e:         # gone while loading: the root computes its shares
                 self.lose(i + 1)
+                print(f"glmcpu: {e}; the root computes that worker's share itself", file=sys.stderr)
             except LinkError as e:
                 raise ClusterError(f"worker {c.endpoint} could not load its share: {e}") from None
         self.needs_replay = False         # nothing was computed yet: nothing to replay
