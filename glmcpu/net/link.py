@@ -193,6 +193,9 @@ class Client:
             self.sock.curve_publickey, self.sock.curve_secretkey = self.keypair
             self.sock.curve_serverkey = self.server_key
         self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.poller = zmq.Poller()                # made once: recv runs per module and token
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
         self.sock.connect(self.endpoint)
         self.pending = False
 
@@ -217,12 +220,9 @@ class Client:
     def recv(self, timeout=None):
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.monitor, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            ready = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+            ready = dict(self.poller.poll(int(left * 1000) + 1)) if left > 0 else {}
             if self.sock not in ready:
                 if self.monitor in ready and self._dropped():
                     raise LinkLost(f"{self.endpoint} dropped the connection before answering (stopped, gone, or our key refused)")
