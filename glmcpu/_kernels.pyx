@@ -23,13 +23,14 @@ cdef extern from "kernels.h" nogil:
                    float *out, int ldo)
     unsigned long long stream_xor(const uint8_t *p, size_t n)
     int ATTN_CHUNK
+    Py_ssize_t kv_row_bytes(int t, int D)
     ctypedef struct attn_args:
         const float *q
         Py_ssize_t q_t, q_h
         const void *k
         const void *v
         Py_ssize_t k_h, k_p, v_h, v_p
-        int k_f16, v_f16
+        int kt, vt
         float *out
         Py_ssize_t o_t, o_h
         int T, Hkv, G, D, pos0
@@ -495,24 +496,38 @@ cdef float *_scratch_floats(size_t n) except NULL:
     return &view[(16 - (<size_t>&view[0] // 4) % 16) % 16]          # from a line's start
 
 
-cdef const void *_kv_view(x, const char *name, Py_ssize_t *strides, int *f16) except NULL:
-    """Data pointer of a float32 or float16 [Hkv, S, D] array (rows contiguous), its head and
-    position strides in elements, and whether it is half."""
-    cdef const float[:, :, :] x32
-    cdef const uint16_t[:, :, :] x16
+def kv_kind(dtype) -> int:
+    """kernels.h's KV type of a cache array's dtype: float32 0, float16 1, uint16 (bfloat16 bits)
+    2, Q8_0 blocks (34 bytes: "d" <f2, "qs" 32 x i1; a row of D values is D/32 of them) 3; -1 if
+    none."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return 0
+    if dtype == np.float16:
+        return 1
+    if dtype == np.uint16:
+        return 2
+    if dtype.itemsize == 34 and dtype.names == ("d", "qs"):
+        return 3
+    return -1
+
+
+cdef const void *_kv_view(x, const char *name, int D, Py_ssize_t *strides, int *kind) except NULL:
+    """Data pointer of a KV array [Hkv, S, D] (Q8_0: [Hkv, S, D/32] blocks) with rows contiguous,
+    its head and position strides in bytes, and its KV type (kv_kind)."""
+    cdef const uint8_t[:, :, :] xb
     x = np.asarray(x)
-    if x.ndim != 3 or x.shape[0] == 0 or x.shape[1] == 0 or x.strides[2] != x.itemsize:
-        raise ValueError(f"attention: {name.decode()} must be [Hkv, S, D] with rows contiguous, not "
-                         f"{x.shape} strides {x.strides}")
-    if x.dtype == np.float16:
-        x16 = x.view(np.uint16)
-        strides[0], strides[1], f16[0] = x16.strides[0] // 2, x16.strides[1] // 2, 1
-        return &x16[0, 0, 0]
-    if x.dtype == np.float32:
-        x32 = x
-        strides[0], strides[1], f16[0] = x32.strides[0] // 4, x32.strides[1] // 4, 0
-        return &x32[0, 0, 0]
-    raise TypeError(f"attention: {name.decode()} must be float32 or float16, not {x.dtype}")
+    kind[0] = kv_kind(x.dtype)
+    if kind[0] < 0:
+        raise TypeError(f"attention: {name.decode()} must be float32, float16, bfloat16 (uint16) or Q8_0 "
+                        f"blocks, not {x.dtype}")
+    if x.ndim != 3 or x.shape[0] == 0 or x.shape[1] == 0 or x.strides[2] != x.itemsize \
+            or x.shape[2] * x.itemsize != kv_row_bytes(kind[0], D) or (kind[0] == 3 and D % 32):
+        raise ValueError(f"attention: {name.decode()} must be [Hkv, S, {D}] with rows contiguous"
+                         f"{' (Q8_0: D/32 blocks)' if kind[0] == 3 else ''}, not {x.shape} strides {x.strides}")
+    xb = x.view(np.uint8)
+    strides[0], strides[1] = x.strides[0], x.strides[1]
+    return &xb[0, 0, 0]
 
 
 def attention(const float[:, :, ::1] q, kc, vc, int pos0, float scale, out_arr, int threads=1, split=None):
@@ -541,15 +556,15 @@ def attention(const float[:, :, ::1] q, kc, vc, int pos0, float scale, out_arr, 
     cdef float *states
     cdef float *qts
     kc, vc = np.asarray(kc), np.asarray(vc)
-    a.k = _kv_view(kc, b"kc", ks, &a.k_f16)
-    a.v = _kv_view(vc, b"vc", vs, &a.v_f16)
+    if D % 8:
+        raise ValueError(f"attention: head_dim {D} is not a multiple of 8")
+    a.k = _kv_view(kc, b"kc", D, ks, &a.kt)
+    a.v = _kv_view(vc, b"vc", D, vs, &a.vt)
     Hkv, S = kc.shape[0], kc.shape[1]
-    if Hq % Hkv or kc.shape[2] != D or vc.shape[0] != Hkv or vc.shape[1] != S or vc.shape[2] != D \
+    if Hq % Hkv or vc.shape[0] != Hkv or vc.shape[1] != S \
             or pos0 < 0 or pos0 + T > S or out.shape[0] != T or out.shape[1] != Hq or out.shape[2] != D:
         raise ValueError(f"attention: shape mismatch: q {(T, Hq, D)}, kc {kc.shape}, vc {vc.shape}, "
                          f"pos0 {pos0}, out {np.shape(out_arr)}")
-    if D % 8:
-        raise ValueError(f"attention: head_dim {D} is not a multiple of 8")
     if T == 0 or Hq == 0:
         return out_arr
     a.q, a.q_t, a.q_h = &q[0, 0, 0], q.strides[0] // 4, q.strides[1] // 4
@@ -558,7 +573,7 @@ def attention(const float[:, :, ::1] q, kc, vc, int pos0, float scale, out_arr, 
     a.T, a.Hkv, a.G, a.D, a.pos0, a.scale = T, Hkv, Hq // Hkv, D, pos0, scale
     ps, ss, qs = _lines(attn_part_floats(&a)), _lines(attn_scratch_floats(&a)), _lines(attn_qt_floats(&a, 1))
     # KV bytes read, weighted by the work each byte meets (G heads, T tokens)
-    threads = team(threads, <double>Hkv * (pos0 + T) * D * (4 - 2 * a.k_f16 + 4 - 2 * a.v_f16)
+    threads = team(threads, <double>Hkv * (pos0 + T) * (kv_row_bytes(a.kt, D) + kv_row_bytes(a.vt, D))
                    * (1.0 + T * a.G / 8.0))
     tile = attn_tile_tokens(a.G)
     ntiles = (T + tile - 1) // tile

@@ -985,6 +985,13 @@ static inline av_f32 av_load_m(const float *p, av_mask m) { return _mm512_maskz_
 static inline av_f32 av_load_hm(const uint16_t *p, av_mask m) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
+static inline av_f32 av_load_bm(const uint16_t *p, av_mask m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+static inline av_f32 av_load_q8(const int8_t *q, float d) {      /* 16 int8 times d (a whole tile) */
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))),
+                         _mm512_set1_ps(d));
+}
 static inline void av_store_m(float *p, av_f32 x, av_mask m) { _mm512_mask_storeu_ps(p, m, x); }
 static inline av_f32 av_fma(av_f32 a, av_f32 b, av_f32 c) { return _mm512_fmadd_ps(a, b, c); }
 static inline av_f32 av_mul(av_f32 a, av_f32 b) { return _mm512_mul_ps(a, b); }
@@ -1011,6 +1018,13 @@ static inline void av_store(float *p, av_f32 x) { _mm256_storeu_ps(p, x); }
 static inline av_f32 av_load_m(const float *p, av_mask m) { (void)m; return _mm256_loadu_ps(p); }
 static inline av_f32 av_load_hm(const uint16_t *p, av_mask m) {
     (void)m; return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+static inline av_f32 av_load_bm(const uint16_t *p, av_mask m) {
+    (void)m; return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+static inline av_f32 av_load_q8(const int8_t *q, float d) {
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q))),
+                         _mm256_set1_ps(d));
 }
 static inline void av_store_m(float *p, av_f32 x, av_mask m) { (void)m; _mm256_storeu_ps(p, x); }
 static inline av_f32 av_fma(av_f32 a, av_f32 b, av_f32 c) { return _mm256_fmadd_ps(a, b, c); }
@@ -1039,6 +1053,14 @@ static inline av_f32 av_load_m(const float *p, av_mask m) { (void)m; return vld1
 static inline av_f32 av_load_hm(const uint16_t *p, av_mask m) {
     (void)m; return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p)));
 }
+static inline av_f32 av_load_bm(const uint16_t *p, av_mask m) {
+    (void)m; return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16));
+}
+static inline av_f32 av_load_q8(const int8_t *q, float d) {
+    int32_t w; memcpy(&w, q, 4);                                  /* 4 bytes, any alignment */
+    int8x8_t b = vreinterpret_s8_s32(vdup_n_s32(w));
+    return vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(vmovl_s8(b)))), d);
+}
 static inline void av_store_m(float *p, av_f32 x, av_mask m) { (void)m; vst1q_f32(p, x); }
 static inline av_f32 av_fma(av_f32 a, av_f32 b, av_f32 c) { return vfmaq_f32(c, a, b); }
 static inline av_f32 av_mul(av_f32 a, av_f32 b) { return vmulq_f32(a, b); }
@@ -1065,6 +1087,10 @@ static inline av_f32 av_load(const float *p) { return *p; }
 static inline void av_store(float *p, av_f32 x) { *p = x; }
 static inline av_f32 av_load_m(const float *p, av_mask m) { (void)m; return *p; }
 static inline av_f32 av_load_hm(const uint16_t *p, av_mask m) { (void)m; return fp16_to_fp32(*p); }
+static inline av_f32 av_load_bm(const uint16_t *p, av_mask m) {
+    (void)m; uint32_t b = (uint32_t)*p << 16; float f; memcpy(&f, &b, 4); return f;
+}
+static inline av_f32 av_load_q8(const int8_t *q, float d) { return (float)*q * d; }
 static inline void av_store_m(float *p, av_f32 x, av_mask m) { (void)m; *p = x; }
 static inline av_f32 av_fma(av_f32 a, av_f32 b, av_f32 c) { return a * b + c; }   /* two roundings */
 static inline av_f32 av_mul(av_f32 a, av_f32 b) { return a * b; }
@@ -1110,12 +1136,20 @@ static float exp_f32(float x) {          /* one lane of av_exp (tests and tools)
 #endif
 }
 
-/* What attention reads and writes. Strides are in elements. */
+/* The element types of a KV cache. Each is read exactly as a float (a half, a bfloat16 and a
+ * Q8_0 value q * d are all exact in float32), so a cache of any type gives the bytes its values
+ * give as floats. Q8_0 rows are D/32 blocks of 34 bytes (block_q8_0; D a multiple of 32). */
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2, KV_Q8_0 = 3 };
+static inline ptrdiff_t kv_row_bytes(int t, int D) {
+    return t == KV_Q8_0 ? (ptrdiff_t)D / QK * (ptrdiff_t)sizeof(block_q8_0) : (ptrdiff_t)D * (t == KV_F32 ? 4 : 2);
+}
+
+/* What attention reads and writes. Strides of q and out are in floats; of k and v in bytes. */
 typedef struct {
     const float *q; ptrdiff_t q_t, q_h;        /* q[t, h, :] at q + t*q_t + h*q_h, h = j*G + g */
-    const void *k, *v;                         /* float, or IEEE half where k_f16 / v_f16 */
-    ptrdiff_t k_h, k_p, v_h, v_p;              /* key j, position p at k + j*k_h + p*k_p */
-    int k_f16, v_f16;
+    const void *k, *v;                         /* rows of KV type kt / vt */
+    ptrdiff_t k_h, k_p, v_h, v_p;              /* key j, position p at k + j*k_h + p*k_p (bytes) */
+    int kt, vt;
     float *out; ptrdiff_t o_t, o_h;            /* out[t, h, :] */
     int T, Hkv, G, D, pos0;                    /* token t is at position pos0 + t */
     float scale;
@@ -1170,6 +1204,62 @@ static inline void f16_to_f32_row(int n, const uint16_t *h, float *f) {     /* n
     }
 }
 
+static inline void bf16_to_f32_row(int n, const uint16_t *h, float *f) {    /* n a multiple of 8 */
+    for (int i = 0; i < n; i += 8) {
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+        __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(h + i)));
+        _mm256_storeu_ps(f + i, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
+#elif defined(GLMCPU_NEON)
+        vst1q_f32(f + i, vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(h + i), 16)));
+        vst1q_f32(f + i + 4, vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(h + i + 4), 16)));
+#else
+        for (int e = 0; e < 8; e++) { uint32_t b = (uint32_t)h[i + e] << 16; memcpy(f + i + e, &b, 4); }
+#endif
+    }
+}
+
+static inline void q8_0_to_f32_row(int n, const block_q8_0 *x, float *f) {   /* n a multiple of 32 */
+    for (int b = 0; b < n / QK; b++, f += QK) {
+        const float d = fp16_to_fp32(x[b].d);
+        const int8_t *q = x[b].qs;
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+        const __m256 vd = _mm256_set1_ps(d);
+        for (int e = 0; e < QK; e += 8)
+            _mm256_storeu_ps(f + e, _mm256_mul_ps(_mm256_cvtepi32_ps(
+                _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + e)))), vd));
+#elif defined(GLMCPU_NEON)
+        for (int e = 0; e < QK; e += 8) {
+            int16x8_t w = vmovl_s8(vld1_s8(q + e));
+            vst1q_f32(f + e, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_low_s16(w))), d));
+            vst1q_f32(f + e + 4, vmulq_n_f32(vcvtq_f32_s32(vmovl_s16(vget_high_s16(w))), d));
+        }
+#else
+        for (int e = 0; e < QK; e++) f[e] = (float)q[e] * d;
+#endif
+    }
+}
+
+/* One KV row of type t as D floats in buf; f32 rows are read where they lie. */
+static inline const float *kv_row_f32(const int t, int D, const char *row, float *buf) {
+    switch (t) {
+    case KV_F16: f16_to_f32_row(D, (const uint16_t *)row, buf); return buf;
+    case KV_BF16: bf16_to_f32_row(D, (const uint16_t *)row, buf); return buf;
+    case KV_Q8_0: q8_0_to_f32_row(D, (const block_q8_0 *)row, buf); return buf;
+    default: return (const float *)row;
+    }
+}
+
+/* AV_N values d0.. of a KV row of type t as floats (lanes past mask m: 0) */
+ATTN_INLINE av_f32 av_load_kv(const int t, const char *row, int d0, av_mask m) {
+    if (t == KV_F16) return av_load_hm((const uint16_t *)row + d0, m);
+    if (t == KV_BF16) return av_load_bm((const uint16_t *)row + d0, m);
+    if (t == KV_Q8_0) {
+        const block_q8_0 *b = (const block_q8_0 *)row + d0 / QK;
+        return av_load_q8(b->qs + d0 % QK, fp16_to_fp32(b->d));
+    }
+    return av_load_m((const float *)row + d0, m);
+}
+
 #if defined(__GNUC__)
 #define ATTN_PREFETCH(p) __builtin_prefetch((p), 0, 2)
 #else
@@ -1197,11 +1287,11 @@ ATTN_INLINE void attn_scores(const int NV, const int PB, int D, const float *qT,
         for (int u = 0; u < NV; u++) av_store(S + (size_t)i * ldS + u * AV_N, av_mul(s[u][i], scale));
 }
 
-/* Scores of PB positions (keys from k, k_p apart) for all L query lanes: S [PB][L], in blocks of
+/* Scores of PB positions (keys of type KT from k, k_p bytes apart) for all L query lanes: S [PB][L], in blocks of
  * up to 16 sums in registers (8 on AVX2). Meanwhile the same positions' value rows (vrow bytes,
  * v_p apart) are fetched towards L2, a line per step of the first block where they lie in one
  * piece: attn_pv reads them a column at a time, a stride the hardware prefetchers do not follow. */
-ATTN_INLINE void attn_score_rows(const int PB, const int kf16, int D, const char *k, ptrdiff_t k_p,
+ATTN_INLINE void attn_score_rows(const int PB, const int KT, int D, const char *k, ptrdiff_t k_p,
                                  const char *v, ptrdiff_t v_p, int vrow, const float *qT, int L,
                                  float *kbuf, av_f32 scale, float *S) {
     const float *kr[8];
@@ -1209,14 +1299,7 @@ ATTN_INLINE void attn_score_rows(const int PB, const int kf16, int D, const char
     if (!npf)
         for (int i = 0; i < PB; i++)
             for (int off = 0; off < vrow; off += 64) ATTN_PREFETCH(v + i * v_p + off);
-    for (int i = 0; i < PB; i++) {
-        if (kf16) {
-            f16_to_f32_row(D, (const uint16_t *)k + i * k_p, kbuf + (size_t)i * D);
-            kr[i] = kbuf + (size_t)i * D;
-        } else {
-            kr[i] = (const float *)k + i * k_p;
-        }
-    }
+    for (int i = 0; i < PB; i++) kr[i] = kv_row_f32(KT, D, k + i * k_p, kbuf + (size_t)i * D);
     const int H = PB == 8 ? 4 : PB;      /* 4 vectors x 8 rows would be 32 sums: two halves */
     int x = 0;
 #define SC(NV, P, R, X) do { attn_scores(NV, P, D, qT + (X), L, kr + (R), scale, S + (size_t)(R) * L + (X), L, v, npf); \
@@ -1241,10 +1324,10 @@ ATTN_INLINE void attn_score_rows(const int PB, const int kf16, int D, const char
 #define ATTN_NREG (AV_N == 8 ? 16 : 32)     /* vector registers */
 #define ATTN_HN 12     /* heads per attn_pv pass: sums in registers (x2 D tiles on AVX-512 and NEON) */
 
-/* acc[g][:] = sum over the np positions of P[p][g] v_p, for HN heads whose sums stay in registers
+/* acc[g][:] = sum over the np positions of P[p][g] v_p (rows of type VT, v_p bytes apart), for HN heads whose sums stay in registers
  * (two D tiles at a time where they fit, reusing each P broadcast); every lane sums over p in
  * order. Each step also fetches 2 lines of [*pf, pfe) towards L2 (the next chunk's keys). */
-ATTN_INLINE void attn_pv(const int HN, const int vf16, int np, int D, const float *P, int ldp,
+ATTN_INLINE void attn_pv(const int HN, const int VT, int np, int D, const float *P, int ldp,
                          const char *v, ptrdiff_t v_p, float *acc, const char **pf, const char *pfe) {
     const char *pc = *pf;
     int dt = 0;
@@ -1255,14 +1338,7 @@ ATTN_INLINE void attn_pv(const int HN, const int vf16, int np, int D, const floa
             for (int g = 0; g < HN; g++) { s0[g] = av_zero(); s1[g] = av_zero(); }
             for (int p = 0; p < np; p++) {
                 if (pc < pfe) { ATTN_PREFETCH(pc); ATTN_PREFETCH(pc + 64); pc += 128; }
-                av_f32 x0, x1;
-                if (vf16) {
-                    x0 = av_load_hm((const uint16_t *)v + p * v_p + dt, all);
-                    x1 = av_load_hm((const uint16_t *)v + p * v_p + dt + AV_N, all);
-                } else {
-                    x0 = av_load((const float *)v + p * v_p + dt);
-                    x1 = av_load((const float *)v + p * v_p + dt + AV_N);
-                }
+                av_f32 x0 = av_load_kv(VT, v + p * v_p, dt, all), x1 = av_load_kv(VT, v + p * v_p, dt + AV_N, all);
                 const float *e = P + (size_t)p * ldp;
                 for (int g = 0; g < HN; g++) {
                     av_f32 b = av_set1(e[g]);
@@ -1281,8 +1357,7 @@ ATTN_INLINE void attn_pv(const int HN, const int vf16, int np, int D, const floa
         for (int g = 0; g < HN; g++) s[g] = av_zero();
         for (int p = 0; p < np; p++) {
             if (pc < pfe) { ATTN_PREFETCH(pc); ATTN_PREFETCH(pc + 64); pc += 128; }
-            av_f32 x = vf16 ? av_load_hm((const uint16_t *)v + p * v_p + dt, mk)
-                            : av_load_m((const float *)v + p * v_p + dt, mk);
+            av_f32 x = av_load_kv(VT, v + p * v_p, dt, mk);
             const float *e = P + (size_t)p * ldp;
             for (int g = 0; g < HN; g++) s[g] = av_fma(av_set1(e[g]), x, s[g]);
         }
@@ -1293,19 +1368,31 @@ ATTN_INLINE void attn_pv(const int HN, const int vf16, int np, int D, const floa
 
 /* attn_score_rows and attn_pv for each constant they are built for, each a function of its own:
  * inlined into the chunk function, GCC 12 kept their row pointers on the stack. */
-#define ATTN_ROWS(PB, KF) \
-    ATTN_NOINLINE void attn_rows_##PB##_##KF(int D, const char *k, ptrdiff_t k_p, const char *v, ptrdiff_t v_p, \
+typedef void (*attn_rows_fn)(int D, const char *k, ptrdiff_t k_p, const char *v, ptrdiff_t v_p, int vrow,
+                             const float *qT, int L, float *kbuf, av_f32 scale, float *S);
+typedef void (*attn_pv_fn)(int np, int D, const float *P, int ldp, const char *v, ptrdiff_t v_p, float *acc,
+                           const char **pf, const char *pfe);
+#define ATTN_ROWS(PB, KT) \
+    ATTN_NOINLINE void attn_rows_##PB##_##KT(int D, const char *k, ptrdiff_t k_p, const char *v, ptrdiff_t v_p, \
                                             int vrow, const float *qT, int L, float *kbuf, av_f32 scale, float *S) { \
-        attn_score_rows(PB, KF, D, k, k_p, v, v_p, vrow, qT, L, kbuf, scale, S); \
+        attn_score_rows(PB, KT, D, k, k_p, v, v_p, vrow, qT, L, kbuf, scale, S); \
     }
-ATTN_ROWS(8, 0) ATTN_ROWS(4, 0) ATTN_ROWS(1, 0) ATTN_ROWS(8, 1) ATTN_ROWS(4, 1) ATTN_ROWS(1, 1)
-#undef ATTN_ROWS
-#define ATTN_PV(HN, VF) \
-    ATTN_NOINLINE void attn_pv_##HN##_##VF(int np, int D, const float *P, int ldp, const char *v, ptrdiff_t v_p, \
+#define ATTN_PV(HN, VT) \
+    ATTN_NOINLINE void attn_pv_##HN##_##VT(int np, int D, const float *P, int ldp, const char *v, ptrdiff_t v_p, \
                                           float *acc, const char **pf, const char *pfe) { \
-        attn_pv(HN, VF, np, D, P, ldp, v, v_p, acc, pf, pfe); \
+        attn_pv(HN, VT, np, D, P, ldp, v, v_p, acc, pf, pfe); \
     }
-ATTN_PV(4, 0) ATTN_PV(8, 0) ATTN_PV(12, 0) ATTN_PV(4, 1) ATTN_PV(8, 1) ATTN_PV(12, 1)
+#define ATTN_TYPE(T) ATTN_ROWS(8, T) ATTN_ROWS(4, T) ATTN_ROWS(1, T) ATTN_PV(4, T) ATTN_PV(8, T) ATTN_PV(12, T)
+ATTN_TYPE(0) ATTN_TYPE(1) ATTN_TYPE(2) ATTN_TYPE(3)
+/* [KV type][8, 4 or 1 rows] and [KV type][4, 8 or 12 heads] */
+static const attn_rows_fn attn_rows_of[4][3] = {
+    {attn_rows_8_0, attn_rows_4_0, attn_rows_1_0}, {attn_rows_8_1, attn_rows_4_1, attn_rows_1_1},
+    {attn_rows_8_2, attn_rows_4_2, attn_rows_1_2}, {attn_rows_8_3, attn_rows_4_3, attn_rows_1_3}};
+static const attn_pv_fn attn_pv_of[4][3] = {
+    {attn_pv_4_0, attn_pv_8_0, attn_pv_12_0}, {attn_pv_4_1, attn_pv_8_1, attn_pv_12_1},
+    {attn_pv_4_2, attn_pv_8_2, attn_pv_12_2}, {attn_pv_4_3, attn_pv_8_3, attn_pv_12_3}};
+#undef ATTN_TYPE
+#undef ATTN_ROWS
 #undef ATTN_PV
 
 /* The partials of chunk c for tokens t0..t1-1 on KV head j, whose queries qT holds (attn_load_q):
@@ -1313,23 +1400,24 @@ ATTN_PV(4, 0) ATTN_PV(8, 0) ATTN_PV(12, 0) ATTN_PV(4, 1) ATTN_PV(8, 1) ATTN_PV(1
  * pass over the chunk's keys, up to the last token's positions; each token's lanes then see only
  * its own positions (-inf past them: exp gives 0, the max and the sums are as without them), so
  * a token gets the bytes it gets alone. */
-ATTN_INLINE void attn_chunk_kv(const attn_args *a, const int kf16, const int vf16, int t0, int t1, int j,
-                               int c, const float *qT, float *scratch, float *const *part) {
+static void attn_chunk(const attn_args *a, int t0, int t1, int j, int c, const float *qT, float *scratch,
+                       float *const *part) {
     const int D = a->D, G = a->G, Gp = attn_gpad(G), tt = t1 - t0, L = attn_lanes(G, tt);
     const int p0 = c * ATTN_CHUNK, last = a->pos0 + t1 - p0;        /* positions the last token sees */
     const int np = last < ATTN_CHUNK ? last : ATTN_CHUNK;
     const int Lmax = attn_lanes(G, attn_tile_tokens(G));
     float *kbuf = scratch, *S = kbuf + 8 * (size_t)D, *M = S + (size_t)ATTN_CHUNK * Lmax, *Ls = M + Lmax;
-    const ptrdiff_t ksz = kf16 ? 2 : 4, vsz = vf16 ? 2 : 4;
-    const char *k = (const char *)a->k + (j * a->k_h + (ptrdiff_t)p0 * a->k_p) * ksz;
-    const char *v = (const char *)a->v + (j * a->v_h + (ptrdiff_t)p0 * a->v_p) * vsz;
+    const char *k = (const char *)a->k + j * a->k_h + (ptrdiff_t)p0 * a->k_p;
+    const char *v = (const char *)a->v + j * a->v_h + (ptrdiff_t)p0 * a->v_p;
+    const int vrow = (int)kv_row_bytes(a->vt, D);
+    const attn_rows_fn *rows = attn_rows_of[a->kt];
+    const attn_pv_fn *pvs = attn_pv_of[a->vt];
     const av_f32 scale = av_set1(a->scale);
     int p = 0;
-#define ROWS(PB) (kf16 ? attn_rows_##PB##_1 : attn_rows_##PB##_0)(D, k + p * a->k_p * ksz, a->k_p, \
-        v + p * a->v_p * vsz, a->v_p * vsz, (int)(D * vsz), qT, L, kbuf, scale, S + (size_t)p * L)
-    for (; p + 8 <= np; p += 8) ROWS(8);
-    for (; p + 4 <= np; p += 4) ROWS(4);
-    for (; p < np; p++) ROWS(1);
+#define ROWS(I) rows[I](D, k + p * a->k_p, a->k_p, v + p * a->v_p, a->v_p, vrow, qT, L, kbuf, scale, S + (size_t)p * L)
+    for (; p + 8 <= np; p += 8) ROWS(0);
+    for (; p + 4 <= np; p += 4) ROWS(1);
+    for (; p < np; p++) ROWS(2);
 #undef ROWS
     for (int i = 0; i < tt - 1; i++) {                    /* each token's positions only */
         const int own = a->pos0 + t0 + i + 1 - p0;
@@ -1348,9 +1436,10 @@ ATTN_INLINE void attn_chunk_kv(const attn_args *a, const int kf16, const int vf1
         av_store(Ls + x, sum);
     }
     /* the next chunk's keys, if the tile sees it, are fetched while the values are summed */
-    const char *pf = k + ATTN_CHUNK * a->k_p * ksz, *pfe = pf;
+    const char *pf = k + ATTN_CHUNK * a->k_p, *pfe = pf;
     if (last > ATTN_CHUNK)
-        pfe += ((ptrdiff_t)((last - ATTN_CHUNK < ATTN_CHUNK ? last - ATTN_CHUNK : ATTN_CHUNK) - 1) * a->k_p + D) * ksz;
+        pfe += (ptrdiff_t)((last - ATTN_CHUNK < ATTN_CHUNK ? last - ATTN_CHUNK : ATTN_CHUNK) - 1) * a->k_p
+               + kv_row_bytes(a->kt, D);
     for (int i = 0; i < tt; i++) {
         const int own = a->pos0 + t0 + i + 1 - p0, npi = own < np ? own : np;
         if (npi <= 0) continue;
@@ -1363,26 +1452,10 @@ ATTN_INLINE void attn_chunk_kv(const attn_args *a, const int kf16, const int vf1
             int hn = G - g > ATTN_HN ? ATTN_HN : (G - g + 3) / 4 * 4;
             const float *P = S + i * G + g;
             float *ag = acc + (size_t)g * D;
-#define PV(HN) (vf16 ? attn_pv_##HN##_1 : attn_pv_##HN##_0)(npi, D, P, L, v, a->v_p, ag, &pf, pfe)
-            switch (hn) {
-            case 4: PV(4); break;
-            case 8: PV(8); break;
-            default: PV(12); break;
-            }
-#undef PV
+            pvs[hn == 4 ? 0 : hn == 8 ? 1 : 2](npi, D, P, L, v, a->v_p, ag, &pf, pfe);
             g += hn;
         }
     }
-}
-
-/* The partials of chunk c for tokens t0..t1-1 (at most attn_tile_tokens; chunk c within the last
- * one's positions) on KV head j: part[i] [attn_part_floats] for token t0+i. qT: attn_load_q's. */
-static void attn_chunk(const attn_args *a, int t0, int t1, int j, int c, const float *qT, float *scratch,
-                       float *const *part) {
-    if (a->k_f16 && a->v_f16) attn_chunk_kv(a, 1, 1, t0, t1, j, c, qT, scratch, part);
-    else if (a->k_f16) attn_chunk_kv(a, 1, 0, t0, t1, j, c, qT, scratch, part);
-    else if (a->v_f16) attn_chunk_kv(a, 0, 1, t0, t1, j, c, qT, scratch, part);
-    else attn_chunk_kv(a, 0, 0, t0, t1, j, c, qT, scratch, part);
 }
 
 /* state <- state merged with the next chunk's partial: M = max(M, m), each side rescaled by

@@ -8,6 +8,8 @@ import os
 from typing import NamedTuple
 
 import numpy as np
+from gguf import GGMLQuantizationType
+from gguf import quants as gguf_quants
 
 from .errors import GlmcpuError
 
@@ -244,6 +246,37 @@ def rope_by(x, delta: int, n_rot: int, theta: float, neox: bool):
     so keys written at position p become those of p + delta (a cache shifted after a drop)."""
     cos, sin = K.rope_table(int(n_rot), float(theta), abs(delta) + 1)
     return K.rope(x, np.full(x.shape[0], abs(delta), np.int32), cos, sin if delta >= 0 else -sin, neox)
+
+
+# The element types a KV cache holds (kernels.h KV_*): array dtype, values per element. bf16 is
+# kept as its uint16 bits; q8_0 as llama.cpp's blocks of 32 values (an f16 scale d, 32 int8: q * d).
+Q8_0_BLOCK = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
+KV_DTYPES = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16), "bf16": np.dtype(np.uint16),
+             "q8_0": Q8_0_BLOCK}
+KV_BLOCK = {"f32": 1, "f16": 1, "bf16": 1, "q8_0": 32}
+
+
+def kv_bytes_per_value(t: str) -> float:
+    return KV_DTYPES[t].itemsize / KV_BLOCK[t]
+
+
+def kv_encode(x, t: str) -> np.ndarray:
+    """x float32 [..., D] in KV type t: [..., D / KV_BLOCK[t]] of KV_DTYPES[t], rounded once (bf16
+    to nearest even; q8_0 as llama.cpp's quantize_row_q8_0, by gguf-py)."""
+    x = np.asarray(x, np.float32)
+    if t in ("f32", "f16"):
+        return x.astype(KV_DTYPES[t])
+    qtype = GGMLQuantizationType.BF16 if t == "bf16" else GGMLQuantizationType.Q8_0
+    return np.ascontiguousarray(gguf_quants.quantize(x, qtype)).view(KV_DTYPES[t])
+
+
+def kv_decode(a, t: str) -> np.ndarray:
+    """The float32 values of a KV array of type t, a new array (exact: every type is a subset of
+    float32)."""
+    if t in ("f32", "f16"):
+        return np.array(a, np.float32, order="C")
+    qtype = GGMLQuantizationType.BF16 if t == "bf16" else GGMLQuantizationType.Q8_0
+    return gguf_quants.dequantize(np.ascontiguousarray(a).view(np.uint8), qtype).astype(np.float32, copy=False)
 
 
 def linear_chunked(m, x: np.ndarray, threads: int) -> np.ndarray:

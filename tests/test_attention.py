@@ -77,6 +77,40 @@ def test_matches_float64(K, n, T, Hkv, G, D, kt, vt, qs):
     assert error(out, q, kc, vc, pos0, scale) <= 1
 
 
+def encoded(rng, n, T, Hkv, G, D, kt, vt, qs=1.0):
+    """make()'s inputs with the caches in KV types kt, vt (ops.KV_DTYPES names), and their floats."""
+    q, kc, vc, pos0 = make(rng, n, T, Hkv, G, D, np.float32, np.float32, qs, extra=0)
+    ke, ve = ops.kv_encode(kc, kt), ops.kv_encode(vc, vt)
+    return q, ke, ve, ops.kv_decode(ke, kt), ops.kv_decode(ve, vt), pos0
+
+
+@pytest.mark.parametrize("n,T,G,kt,vt", [
+    (1, 1, 12, "q8_0", "q8_0"), (3, 3, 16, "bf16", "bf16"), (17, 1, 12, "q8_0", "f16"),
+    (33, 7, 16, "f16", "q8_0"), (511, 1, 16, "q8_0", "q8_0"), (511, 9, 12, "bf16", "q8_0"),
+    (4097, 1, 12, "q8_0", "q8_0"), (4097, 3, 16, "q8_0", "bf16"), (4097, 1, 16, "f32", "q8_0")])
+def test_quantised_caches_read_as_their_floats(K, n, T, G, kt, vt):
+    """A bf16 or Q8_0 cache gives the bytes of its values as a float32 cache (every value is
+    exact in float32), so it meets the float64 reference as float32 does."""
+    rng = np.random.default_rng(n + T + G)
+    q, ke, ve, kf, vf, pos0 = encoded(rng, n, T, 2, G, 64, kt, vt, 2)
+    got = K.attention(q, ke, ve, pos0, 0.125, np.empty_like(q), 2)
+    want = K.attention(q, kf, vf, pos0, 0.125, np.empty_like(q), 2)
+    assert got.tobytes() == want.tobytes()
+    assert error(got, q, kf, vf, pos0, 0.125) <= 1
+    for threads, split in ((1, None), (3, True), (2, False)):
+        again = K.attention(q, ke, ve, pos0, 0.125, np.empty_like(q), threads, split=split)
+        assert again.tobytes() == got.tobytes(), (threads, split)
+
+
+def test_q8_0_cache_needs_whole_blocks(K):
+    q = np.zeros((1, 4, 48), np.float32)
+    kv = np.zeros((2, 8, 1), ops.Q8_0_BLOCK)
+    with pytest.raises(ValueError):
+        K.attention(q, kv, kv, 0, 1.0, np.empty_like(q))                  # 48 values are 1.5 blocks
+    with pytest.raises(ValueError):
+        K.attention(np.zeros((1, 4, 64), np.float32), kv, kv, 0, 1.0, np.empty((1, 4, 64), np.float32))
+
+
 def test_same_bytes_for_any_threads_and_split(K):
     rng = np.random.default_rng(1)
     q, kc, vc, pos0 = make(rng, 4097, 3, 2, 12, 64, F16, np.float32, 3)

@@ -37,8 +37,8 @@ class Config:
 
     def kv_bytes(self, n_ctx: int, kv_type=("f32", "f32")) -> int:
         """Bytes of a KV cache of n_ctx positions (keys and values of every KV head, of kv_type)."""
-        per = sum(np.dtype(KV_TYPES[t]).itemsize for t in kv_type)
-        return per * self.n_layer * self.n_head_kv * self.head_dim * n_ctx
+        per = sum(ops.kv_bytes_per_value(t) for t in kv_type)
+        return int(per * self.n_layer * self.n_head_kv * self.head_dim) * n_ctx
 
     def describe(self) -> str:
         """The sizes the tensors' shapes follow from, for error messages."""
@@ -162,18 +162,26 @@ def run_parts(lins, x, th):
     return outs[0] if len(outs) == 1 else np.concatenate(outs, 1)
 
 
-# element types of a KV cache: keys and values are stored in one of these when a position is
-# written (rounded once); scores, softmax and sums stay float32 (kernels.h attention)
-KV_TYPES = {"f32": np.float32, "f16": np.float16}
+# element types of a KV cache (ops.KV_DTYPES): keys and values are stored in one of these when a
+# position is written (rounded once); scores, softmax and sums stay float32 (kernels.h attention)
+KV_TYPES = tuple(ops.KV_DTYPES)
 
 
-def kv_type(k="f32", v=None) -> tuple:
-    """(key type, value type) of --kv-type-k / --kv-type-v (v defaults to k); one line if unknown."""
+def kv_type(k="f32", v=None, head_dim=None) -> tuple:
+    """(key type, value type) of --kv-type-k / --kv-type-v (v defaults to k); one line if unknown
+    or (given head_dim) if a head's values do not fill whole blocks of the type."""
     types = (k or "f32", v or k or "f32")
     for t in types:
         if t not in KV_TYPES:
             raise GlmcpuError(f"KV cache type {t!r}: use one of {', '.join(KV_TYPES)}")
+        if head_dim is not None and head_dim % ops.KV_BLOCK[t]:
+            raise GlmcpuError(f"KV cache type {t}: holds blocks of {ops.KV_BLOCK[t]} values, and this model's "
+                              f"heads have {head_dim}")
     return types
+
+
+def checked_kv_type(types, head_dim: int) -> tuple:
+    return kv_type(*types, head_dim=head_dim)
 
 
 class KVCache:
@@ -181,10 +189,12 @@ class KVCache:
     node that computes only some heads holds in RAM only the heads it writes."""
 
     def __init__(self, cfg: Config, n_ctx: int, kv_type=("f32", "f32")):
-        shape = (cfg.n_layer, cfg.n_head_kv, n_ctx, cfg.head_dim)
+        kv_type = checked_kv_type(kv_type, cfg.head_dim)
+        shape = (cfg.n_layer, cfg.n_head_kv, n_ctx)
         self.type = kv_type
-        self.k = np.zeros(shape, KV_TYPES[kv_type[0]])      # [n_layer, n_head_kv, n_ctx, head_dim]
-        self.v = np.zeros(shape, KV_TYPES[kv_type[1]])      # [n_layer, n_head_kv, n_ctx, head_dim]
+        # [n_layer, n_head_kv, n_ctx, head_dim / block], in ops.KV_DTYPES
+        self.k = np.zeros(shape + (cfg.head_dim // ops.KV_BLOCK[kv_type[0]],), ops.KV_DTYPES[kv_type[0]])
+        self.v = np.zeros(shape + (cfg.head_dim // ops.KV_BLOCK[kv_type[1]],), ops.KV_DTYPES[kv_type[1]])
         self.n_ctx = n_ctx
         self.pos = 0                              # positions filled so far
         self.tokens = []                          # the ids at those positions (a cluster replays them)
@@ -199,9 +209,9 @@ class KVCache:
         for s in range(0, m, step):                     # in order: a destination never overtakes its source
             n = min(step, m - s)
             for l in range(c.n_layer):
-                k = np.ascontiguousarray(self.k[l, :, a + d + s:a + d + s + n].transpose(1, 0, 2), np.float32)
+                k = ops.kv_decode(self.k[l, :, a + d + s:a + d + s + n].transpose(1, 0, 2), self.type[0])
                 ops.rope_by(k, -d, c.n_rot, c.rope_theta, c.neox)              # [n, n_head_kv, head_dim]
-                self.k[l, :, a + s:a + s + n] = k.transpose(1, 0, 2)
+                self.k[l, :, a + s:a + s + n] = ops.kv_encode(k, self.type[0]).transpose(1, 0, 2)
                 self.v[l, :, a + s:a + s + n] = self.v[l, :, a + d + s:a + d + s + n]
         self.tokens = self.tokens[:a] + self.tokens[a + d:a + d + m]
         self.pos = a + m
@@ -273,8 +283,8 @@ class Attention:
         ops.rope(q, pos, c.n_rot, c.rope_theta, c.neox)
         ops.rope(k, pos, c.n_rot, c.rope_theta, c.neox)
         kc, vc = cache.k[l, self.kv0:self.kv1], cache.v[l, self.kv0:self.kv1]  # [nkv, n_ctx, head_dim]
-        kc[:, pos0:pos0 + T] = k.transpose(1, 0, 2)
-        vc[:, pos0:pos0 + T] = v.transpose(1, 0, 2)
+        kc[:, pos0:pos0 + T] = ops.kv_encode(k, cache.type[0]).transpose(1, 0, 2)
+        vc[:, pos0:pos0 + T] = ops.kv_encode(v, cache.type[1]).transpose(1, 0, 2)
         out = np.empty_like(q)                                                # [T, nq, head_dim]
         if self.aligned:
             K.attention(q, kc, vc, pos0, self.scale, out, th)
