@@ -12,6 +12,8 @@ from .hub import human
 from .net.link import LinkError
 from .quantize import FILE_TYPES
 
+KV_TYPES = ["f32", "f16", "bf16", "q8_0"]      # models.glm4.KV_TYPES (without loading the kernels)
+
 
 def model_path(name) -> str:
     """The file for a model argument (path, local or catalogue name); the demo model when absent."""
@@ -144,9 +146,9 @@ def add_engine(p):
     p.add_argument("--mlock", action="store_true",
                    help="lock the non-expert weights in RAM (experts stay paged from the file)")
     p.add_argument("--repack", choices=["auto", "none", "all"], default=None, help=REPACK_HELP)
-    p.add_argument("--kv-type", choices=["f32", "f16"], default="f32",
-                   help="the KV cache's element type: f32 (default) or f16 (half the memory and reads; "
-                        "scores and sums stay float32); workers follow the root's")
+    p.add_argument("--kv-type", choices=KV_TYPES, default="f32",
+                   help="the KV cache's element type: f32 (default), f16 or bf16 (half the memory and reads), "
+                        "q8_0 (34 bytes per 32 values); scores and sums stay float32; workers follow the root's")
     p.add_argument("--cache-ram", type=float, default=None,
                    help="GB of KV cache kept for conversations between requests (the longest shared prefix "
                         "is reused; default: one full context's worth)")
@@ -154,8 +156,8 @@ def add_engine(p):
                    help="keep KV caches of long prompts here too (when they leave RAM, and at exit); a prompt "
                         "that starts with one, after a restart too, is not computed again")
     p.add_argument("--cache-disk", type=float, default=None, help="GB --cache-dir may hold (default: no cap)")
-    p.add_argument("--kv-type-k", choices=["f32", "f16"], default=None, help="the keys' type (default: --kv-type)")
-    p.add_argument("--kv-type-v", choices=["f32", "f16"], default=None, help="the values' type (default: --kv-type)")
+    p.add_argument("--kv-type-k", choices=KV_TYPES, default=None, help="the keys' type (default: --kv-type)")
+    p.add_argument("--kv-type-v", choices=KV_TYPES, default=None, help="the values' type (default: --kv-type)")
     p.add_argument("--draft", choices=["auto", "mtp", "lookup", "none"], default="auto",
                    help="speculative decoding: guess tokens cheaply, check them in one pass: mtp (the file's "
                         "own draft head, GLM-4.5), lookup (n-grams already in the context), none; "

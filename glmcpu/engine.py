@@ -31,7 +31,7 @@ class Model:
         cfg = cls.config_class.from_gguf(self.file)
         cls.check_tensors(self.file, cfg)
         self.tokenizer = Tokenizer.from_gguf(self.file)      # its mistakes found before any weight is read
-        self.kv_type = kv_types(*((kv_type,) if isinstance(kv_type, str) else kv_type))
+        self.kv_type = kv_types(*((kv_type,) if isinstance(kv_type, str) else kv_type), head_dim=cfg.head_dim)
         free = ops.memory_available()
         if ctx:
             self.ctx, self.ctx_note = int(ctx), f"context {int(ctx)} tokens (--ctx)"
@@ -194,8 +194,9 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
         or "none". Greedy output is exactly that of "none"; sampled output keeps its distribution.
     draft_tokens: tokens guessed per step (default 1 for mtp, 3 for lookup).
     draft_vocab: the MTP head guesses among the first N token ids only (a cheaper guess; default all).
-    kv_type: the KV cache's element type, "f32" (default) or "f16" (half the memory and the reads;
-        scores and sums stay float32), or a (keys, values) pair such as ("f16", "f32").
+    kv_type: the KV cache's element type: "f32" (default), "f16" or "bf16" (half the memory and
+        the reads), "q8_0" (34 bytes per 32 values, as llama.cpp's); scores and sums stay float32.
+        Or a (keys, values) pair such as ("q8_0", "f16").
     cache_ram: GB of KV cache kept for conversations between calls: each prompt reuses the kept
         cache sharing its longest prefix (default: one full context's worth).
     cache_dir: a directory where kept caches of 256 positions or more are written when they leave

@@ -155,8 +155,10 @@ class PromptCache:
         try:
             with open(path, "rb") as f:
                 f.seek(len(MAGIC) + 8 + head["size"])
-                k = np.fromfile(f, head["k"][0], int(np.prod(head["k"][1]))).reshape(head["k"][1])
-                v = np.fromfile(f, head["v"][0], int(np.prod(head["v"][1]))).reshape(head["v"][1])
+                if head["k"][0] != cache.k.dtype.str or head["v"][0] != cache.v.dtype.str:
+                    raise ValueError("another KV type")          # (the identity names it too)
+                k = np.fromfile(f, cache.k.dtype, int(np.prod(head["k"][1]))).reshape(head["k"][1])
+                v = np.fromfile(f, cache.v.dtype, int(np.prod(head["v"][1]))).reshape(head["v"][1])
             h = hashlib.sha256(memoryview(k).cast("B"))
             h.update(memoryview(v).cast("B"))
             if h.hexdigest() != head["sha256"] or k.shape[:2] != cache.k.shape[:2] or k.dtype != cache.k.dtype:
