@@ -18,7 +18,10 @@ glmcpu's generate() with its default sampling against greedy, on the same prompt
 --depth 4096,16384 (like `llama-bench -d`): at each depth, a cache is filled once with that many
 random ids (not timed), then every run restores it and times a --prompt-token prefill and --gen
 decoded tokens after it. llama.cpp runs with flash attention and each --llama-kv cache type
-(f16, q8_0; restored with save_state/load_state); glmcpu with each --kv-type (f32, f16)."""
+(f16, q8_0, bf16; restored with save_state/load_state); glmcpu with each --kv-type (f32, f16,
+bf16, q8_0). Each line gives the fill's speed (a depth-token prompt from an empty cache), the
+prefill and decode after it, and the decode as a share of the read bandwidth: the bytes of
+weights plus the KV cache of that type that each token reads."""
 import argparse
 import os
 import statistics
@@ -69,9 +72,10 @@ class GlmcpuEngine:
 
 class LlamaCppEngine:
     name = "llama.cpp"
-    TYPES = {"f16": 1, "q8_0": 8}        # ggml type ids of its KV caches
+    TYPES = {"f16": 1, "q8_0": 8, "bf16": 30}        # ggml type ids of its KV caches
 
     def __init__(self, path, threads, n_ctx, kv_type=None):
+        self.kv_type = kv_type or "f16"
         from llama_cpp import Llama
         kw = {} if kv_type is None else dict(flash_attn=True, type_k=self.TYPES[kv_type], type_v=self.TYPES[kv_type])
         if kv_type is not None:
@@ -237,9 +241,12 @@ def run(a):
 def run_depths(a):
     """Prefill and decode after a cache filled to each depth, every engine and KV type alternating."""
     import glmcpu
+    from membw import read_bandwidth
     depths = [int(d) for d in a.depth.split(",")]
     n_ctx = max(depths) + a.prompt + a.gen + 8
     m = glmcpu.load(a.model, threads=a.threads, ctx=n_ctx, draft="none")
+    bw = [] if a.no_membw else [read_bandwidth(a.threads)]
+    weights = bytes_per_token(m)
     engines = [GlmcpuEngine(a.model, a.threads, n_ctx, t, model=m) for t in a.kv_type.split(",") if t]
     if not a.no_llama:
         try:
@@ -256,11 +263,12 @@ def run_depths(a):
           + (f"; llama.cpp built for: {llama_isa()}" if any(isinstance(e, LlamaCppEngine) for e in engines) else ""))
     for depth in depths:
         fill = [int(i) for i in rng.integers(0, vocab, depth)]
-        times = {}
+        times, filled = {}, {}
         for e in engines:
             t = time.perf_counter()
             e.fill(fill)
-            print(f"depth {depth}: {e.name} filled in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+            filled[e.name] = time.perf_counter() - t
+            print(f"depth {depth}: {e.name} filled in {filled[e.name]:.0f} s", file=sys.stderr)
             times[e.name] = ([], [])
         for r in range(a.runs):
             for e in (engines if r % 2 == 0 else engines[::-1]):
@@ -271,9 +279,24 @@ def run_depths(a):
                       file=sys.stderr)
         for e in engines:                        # one filled cache at a time
             e.filled = e.state = None
-        print(f"  depth {depth}:")
-        for name, (pp, tg) in times.items():
-            print(f"    {name:<16} prefill {statistics.median(pp):8.1f} tok/s   decode {statistics.median(tg):7.2f} tok/s")
+        if not a.no_membw:
+            bw.append(read_bandwidth(a.threads))
+        print(f"  depth {depth} (the fill: a {depth}-token prompt from an empty cache, in {a.prompt}-token "
+              f"batches for llama.cpp, 256 for glmcpu):")
+        for e in engines:
+            pp, tg = (statistics.median(x) for x in times[e.name])
+            kv = m.cfg.kv_bytes(depth + a.prompt + a.gen // 2, (e.kv_type,) * 2)     # read per decoded token
+            line = (f"    {e.name:<16} fill {depth / filled[e.name]:7.1f} tok/s   prefill {pp:8.1f} tok/s   "
+                    f"decode {tg:7.2f} tok/s")
+            if bw:
+                gbs = (weights + kv) * tg / 1e9
+                line += (f" = {gbs:5.1f} GB/s of weights + KV ({kv / 1e9:.2f} GB {e.kv_type}), "
+                         f"{gbs / statistics.mean(bw):.0%} of the read bandwidth")
+            print(line)
+        if bw:
+            print(f"    read bandwidth (tools/membw.py, before/after): {' / '.join(f'{b:.1f}' for b in bw[-2:])} GB/s; "
+                  f"{weights / 1e9:.2f} GB of weights per token")
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
