@@ -179,10 +179,15 @@ def main():
     p.add_argument("--depth", default="", help="comma-separated context depths to time at (see above)")
     p.add_argument("--kv-type", default="f32,f16", help="glmcpu KV cache types at --depth")
     p.add_argument("--llama-kv", default="f16,q8_0", help="llama.cpp KV cache types at --depth (flash attention on)")
+    p.add_argument("--apart", metavar="DIR", default=None,
+                   help="--depth with each engine in a process of its own, one at a time, fills kept in DIR")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.child:
+        return depth_child(a)
     busy = busy_loops(a.busy)
     try:
-        run_depths(a) if a.depth else run(a)
+        run_apart(a) if a.apart else run_depths(a) if a.depth else run(a)
     finally:
         for b in busy:
             b.kill()
@@ -297,6 +302,137 @@ def run_depths(a):
             print(f"    read bandwidth (tools/membw.py, before/after): {' / '.join(f'{b:.1f}' for b in bw[-2:])} GB/s; "
                   f"{weights / 1e9:.2f} GB of weights per token")
         sys.stdout.flush()
+
+
+def depth_ids(vocab, n_prompt, n_gen, depth):
+    """run_depths' ids: the prompt, the decoded tokens, then the fill of that depth."""
+    rng = np.random.default_rng(0)
+    prompt = [int(i) for i in rng.integers(0, vocab, n_prompt)]
+    gen = [int(i) for i in rng.integers(0, vocab, n_gen)]
+    return prompt, gen, [int(i) for i in np.random.default_rng(depth).integers(0, vocab, depth)]
+
+
+def depth_child(a):
+    """One engine of --apart in this process: fill (saving it) or restore, then one timed run.
+    Prints one JSON line."""
+    import json
+    import pickle
+    c = json.loads(a.child)
+    engine, kv, depth, state = c["engine"], c["kv"], c["depth"], c["state"]
+    n_ctx = depth + a.prompt + a.gen + 8
+    if engine == "glmcpu":
+        e = GlmcpuEngine(a.model, a.threads, n_ctx, kv)
+        vocab = min(e.m.cfg.n_vocab, 100000)
+    else:
+        e = LlamaCppEngine(a.model, a.threads, n_ctx, kv)
+        vocab = min(e.llm.n_vocab(), 100000)
+    prompt, gen, fill = depth_ids(vocab, a.prompt, a.gen, depth)
+    out = {}
+    if not os.path.exists(state):
+        t = time.perf_counter()
+        e.fill(fill)
+        out["fill_s"] = time.perf_counter() - t
+        with open(state + ".tmp", "wb") as f:
+            if engine == "glmcpu":
+                pickle.dump((e.filled.k[:, :, :depth], e.filled.v[:, :, :depth], depth), f, protocol=5)
+            else:
+                pickle.dump(e.state, f, protocol=5)
+        os.replace(state + ".tmp", state)
+    else:
+        with open(state, "rb") as f:
+            saved = pickle.load(f)
+        if engine == "glmcpu":
+            from glmcpu import ops
+            k, v, n = saved
+            e.filled = e.new_cache()
+            for dst, src in ((e.filled.k, k), (e.filled.v, v)):
+                if src.dtype == dst.dtype:
+                    dst[:, :, :n] = src
+                else:                                # a cache of another type: its values in this one
+                    src_t = next(t for t, d in ops.KV_DTYPES.items() if d == src.dtype)
+                    for l in range(dst.shape[0]):
+                        dst[l, :, :n] = ops.kv_encode(ops.kv_decode(src[l], src_t), kv)
+            e.filled.pos, e.filled.tokens, e.depth = n, list(fill), n
+        else:
+            e.state = saved
+        e.run(prompt[:8], gen[:2])                  # warm-up: weights paged in
+        tp, tg = e.run(prompt, gen)
+        out.update(prefill=a.prompt / tp, decode=a.gen / tg)
+    print(json.dumps(out), flush=True)
+
+
+def run_apart(a):
+    """--apart DIR: every engine in a process of its own, one at a time (a file too big for two
+    engines' copies of its weights in RAM). A depth is filled once per engine and KV type and
+    kept in DIR (later runs and invocations restore it; glmcpu's other KV types are converted
+    from its first type's fill: the values differ, the work does not); the runs alternate
+    engines, a fresh process each."""
+    import json
+    import subprocess
+    from glmcpu.gguf import GGUFFile
+    from glmcpu.models import model_class
+    from membw import read_bandwidth
+    f = GGUFFile(a.model)
+    cfg = model_class(f.arch).config_class.from_gguf(f)
+    from types import SimpleNamespace
+    weights = bytes_per_token(SimpleNamespace(cfg=cfg, file=f))
+    os.makedirs(a.apart, exist_ok=True)
+    tag = os.path.basename(a.model)
+    engines = [("glmcpu", t) for t in a.kv_type.split(",") if t]
+    if not a.no_llama:
+        engines += [("llama", t) for t in a.llama_kv.split(",") if t]
+
+    def child(engine, kv, depth, state):
+        spec = json.dumps({"engine": engine, "kv": kv, "depth": depth, "state": state})
+        p = subprocess.run([sys.executable, __file__, a.model, "--threads", str(a.threads), "--prompt", str(a.prompt),
+                            "--gen", str(a.gen), "--child", spec], capture_output=True, text=True)
+        if p.returncode:
+            raise SystemExit(f"{engine} {kv}: {p.stderr.strip().splitlines()[-1:]}")
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    print(f"{tag}, {a.threads} threads, {a.runs} runs, medians; each engine in a process of its own, one at a "
+          f"time; at each depth a {a.prompt}-token prefill, then {a.gen} decoded tokens", flush=True)
+    for depth in [int(d) for d in a.depth.split(",")]:
+        fills, times = {}, {e: ([], []) for e in engines}
+        first = a.kv_type.split(",")[0]
+        for engine, kv in engines:
+            name = f"{engine}-{first if engine == 'glmcpu' else kv}-{depth}"
+            state = os.path.join(a.apart, f"{tag}.{name}.state")
+            side = state + ".json"
+            if not os.path.exists(state):
+                r = child(engine, first if engine == "glmcpu" else kv, depth, state)
+                with open(side, "w") as fh:
+                    json.dump(r, fh)
+            with open(side) as fh:
+                fills[name] = json.load(fh)["fill_s"]
+            print(f"depth {depth}: {name} filled in {fills[name]:.0f} s", file=sys.stderr, flush=True)
+        bw = [] if a.no_membw else [read_bandwidth(a.threads)]
+        for r in range(a.runs):
+            for engine, kv in (engines if r % 2 == 0 else engines[::-1]):
+                state = os.path.join(a.apart, f"{tag}.{engine}-{first if engine == 'glmcpu' else kv}-{depth}.state")
+                res = child(engine, kv, depth, state)
+                times[(engine, kv)][0].append(res["prefill"])
+                times[(engine, kv)][1].append(res["decode"])
+                print(f"depth {depth} run {r + 1}: {engine} {kv:<5} prefill {res['prefill']:8.1f}   "
+                      f"decode {res['decode']:7.2f}", file=sys.stderr, flush=True)
+        if not a.no_membw:
+            bw.append(read_bandwidth(a.threads))
+        print(f"  CPU: {cpu_name()}; glmcpu kernels: {__import__('glmcpu').ops.VARIANT}"
+              + ("" if a.no_llama else f"; llama.cpp built for: {llama_isa()}"))
+        print(f"  depth {depth} (fill: a {depth}-token prompt from an empty cache; glmcpu's in its first KV type):")
+        for (engine, kv), (pp, tg) in times.items():
+            name = f"{engine}-{first if engine == 'glmcpu' else kv}-{depth}"
+            line = (f"    {engine:<9} {kv:<5} fill {depth / fills[name]:7.1f} tok/s   prefill "
+                    f"{statistics.median(pp):8.1f} tok/s   decode {statistics.median(tg):7.2f} tok/s")
+            if bw:
+                kvb = cfg.kv_bytes(depth + a.prompt + a.gen // 2, (kv, kv))
+                gbs = (weights + kvb) * statistics.median(tg) / 1e9
+                line += (f" = {gbs:5.1f} GB/s of weights + KV ({kvb / 1e9:.2f} GB), "
+                         f"{gbs / statistics.mean(bw):.0%} of the read bandwidth")
+            print(line)
+        if bw:
+            print(f"    read bandwidth (tools/membw.py, before/after the runs): "
+                  f"{' / '.join(f'{b:.1f}' for b in bw)} GB/s; {weights / 1e9:.2f} GB of weights per token", flush=True)
 
 
 if __name__ == "__main__":
