@@ -146,9 +146,10 @@ def add_engine(p):
     p.add_argument("--mlock", action="store_true",
                    help="lock the non-expert weights in RAM (experts stay paged from the file)")
     p.add_argument("--repack", choices=["auto", "none", "all"], default=None, help=REPACK_HELP)
-    p.add_argument("--kv-type", choices=KV_TYPES, default="f32",
-                   help="the KV cache's element type: f32 (default), f16 or bf16 (half the memory and reads), "
-                        "q8_0 (34 bytes per 32 values); scores and sums stay float32; workers follow the root's")
+    p.add_argument("--kv-type", choices=KV_TYPES, default=None,
+                   help="the KV cache's element type: f16 (default, or $GLMCPU_KV_TYPE), bf16, f32 (twice the "
+                        "memory and reads), q8_0 (34 bytes per 32 values); scores and sums stay float32; "
+                        "workers follow the root's")
     p.add_argument("--cache-ram", type=float, default=None,
                    help="GB of KV cache kept for conversations between requests (the longest shared prefix "
                         "is reused; default: one full context's worth)")

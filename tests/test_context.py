@@ -73,6 +73,15 @@ def test_kv_type_sizes_and_errors(tiny):
     assert cli.KV_TYPES == list(glm4.KV_TYPES)
 
 
+def test_default_kv_type_is_f16_unless_asked(tiny, monkeypatch):
+    _, path, _ = tiny("glm4", "f32")
+    monkeypatch.delenv("GLMCPU_KV_TYPE")
+    assert glmcpu.load(path, threads=1).kv_type == ("f16", "f16")
+    assert glmcpu.load(path, threads=1, kv_type=(None, "f32")).kv_type == ("f16", "f32")
+    monkeypatch.setenv("GLMCPU_KV_TYPE", "bf16")
+    assert glmcpu.load(path, threads=1).kv_type == ("bf16", "bf16")
+
+
 @pytest.mark.parametrize("kv", ["f16", ("f32", "f16"), "q8_0", ("bf16", "q8_0")])
 def test_cluster_equals_one_process_per_kv_type(tiny, workers, kv):
     _, path, _ = tiny("glm4_moe", "q8_0")

@@ -34,11 +34,11 @@ import numpy as np
 class GlmcpuEngine:
     name = "glmcpu"
 
-    def __init__(self, path, threads, n_ctx, kv_type="f32", model=None):
+    def __init__(self, path, threads, n_ctx, kv_type=None, model=None):
         import glmcpu
         self.m = model or glmcpu.load(path, threads=threads, ctx=n_ctx, draft="none")
-        self.n_ctx, self.kv_type = n_ctx, kv_type
-        if kv_type != "f32":
+        self.n_ctx, self.kv_type = n_ctx, kv_type or self.m.kv_type[0]
+        if kv_type:
             self.name = f"glmcpu {kv_type}"
         self.filled = None
 
