@@ -436,6 +436,13 @@ static void vec_dot4_q8_0_q8_0(int n, const block_q8_0 *w, const int8_t *xq, con
     }
 }
 
+/* v stays one running sum in a register: without it GCC reassociates the unrolled integer adds
+ * and parks every product on the stack (AVX2: 16 registers) */
+#if defined(__GNUC__)
+#define IN_REG(v) __asm__("" : "+x"(v))
+#else
+#define IN_REG(v) ((void)0)
+#endif
 #include "kquants.h"
 
 static void gemm_q4_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, const int8_t *xq,
@@ -533,37 +540,37 @@ static inline void gemv_q4_0x8_tc(int n, const block_q4_0x8 *w, const int TC, co
     for (int t = 0; t < TCMAX; t++) acc[t] = _mm256_setzero_ps();
     const __m256i m4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
     for (int b = 0; b < nb; b++) {
-        __m256i lo[4], hi[4];
         if (pf) X8PREFETCH(w + b);
+        /* k outer, each token's sum in a register (VNNI: 2 chains each, for latency; otherwise
+         * |sum| <= 8 * 3810 fits int16) */
+        __m256i sa[TCMAX], sb[TCMAX];
+        for (int t = 0; t < TC; t++) sa[t] = sb[t] = _mm256_setzero_si256();
         for (int k = 0; k < 4; k++) {
             __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * k));
-            lo[k] = _mm256_and_si256(v, m4);
-            hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            for (int t = 0; t < TC; t++) {
+                const int8_t *x = xq + (size_t)t * n + b * QK;
+                int32_t xl, xh;
+                memcpy(&xl, x + 4 * k, 4);
+                memcpy(&xh, x + 16 + 4 * k, 4);
+#if defined(GLMCPU_VNNI)
+                sa[t] = _mm256_dpbusd_epi32(sa[t], lo, _mm256_set1_epi32(xl));
+                sb[t] = _mm256_dpbusd_epi32(sb[t], hi, _mm256_set1_epi32(xh));
+                IN_REG(sb[t]);
+#else
+                sa[t] = _mm256_add_epi16(sa[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl)));
+                sa[t] = _mm256_add_epi16(sa[t], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh)));
+#endif
+                IN_REG(sa[t]);
+            }
         }
         __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].d));
         for (int t = 0; t < TC; t++) {
-            const int8_t *x = xq + (size_t)t * n + b * QK;
 #if defined(GLMCPU_VNNI)
-            __m256i sa = _mm256_setzero_si256(), sb = _mm256_setzero_si256();   /* 2 chains: latency */
-            for (int k = 0; k < 4; k++) {
-                int32_t xl, xh;
-                memcpy(&xl, x + 4 * k, 4);
-                memcpy(&xh, x + 16 + 4 * k, 4);
-                sa = _mm256_dpbusd_epi32(sa, lo[k], _mm256_set1_epi32(xl));
-                sb = _mm256_dpbusd_epi32(sb, hi[k], _mm256_set1_epi32(xh));
-            }
-            __m256 isum = _mm256_cvtepi32_ps(_mm256_add_epi32(sa, sb));
+            __m256 isum = _mm256_cvtepi32_ps(_mm256_add_epi32(sa[t], sb[t]));
             (void)ones;
 #else
-            __m256i s16 = _mm256_setzero_si256();   /* |sum| <= 8 * 3810 fits int16 */
-            for (int k = 0; k < 4; k++) {
-                int32_t xl, xh;
-                memcpy(&xl, x + 4 * k, 4);
-                memcpy(&xh, x + 16 + 4 * k, 4);
-                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[k], _mm256_set1_epi32(xl)));
-                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[k], _mm256_set1_epi32(xh)));
-            }
-            __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+            __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(sa[t], ones));
 #endif
             __m256 v = _mm256_fmsub_ps(_mm256_set1_ps(xd[t * nb + b]), isum, _mm256_set1_ps(8.0f * xs[t * nb + b]));
             acc[t] = _mm256_fmadd_ps(dw, v, acc[t]);
@@ -692,27 +699,27 @@ static inline void gemv_q8_0x8_tc(int n, const block_q8_0x8 *w, const int TC, co
     const __m256i ones = _mm256_set1_epi16(1);
     for (int b = 0; b < nb; b++) {
         if (pf) X8PREFETCH(w + b);
-        __m256i q[8], aq[8];
-        for (int k = 0; k < 8; k++) {
-            q[k] = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * k));
-            aq[k] = _mm256_sign_epi8(q[k], q[k]);
+        __m256i s32[TCMAX];
+        for (int t = 0; t < TC; t++) s32[t] = _mm256_setzero_si256();
+        for (int k = 0; k < 8; k++) {          /* k outer: 16 registers hold one q, aq and the sums */
+            __m256i q = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * k));
+            __m256i aq = _mm256_sign_epi8(q, q);
+            for (int t = 0; t < TC; t++) {
+                int32_t xk;
+                memcpy(&xk, xq + (size_t)t * n + b * QK + 4 * k, 4);
+#if defined(GLMCPU_VNNI)
+                s32[t] = _mm256_dpbusd_epi32(s32[t], aq, _mm256_sign_epi8(_mm256_set1_epi32(xk), q));
+#else
+                __m256i p = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(_mm256_set1_epi32(xk), q));
+                s32[t] = _mm256_add_epi32(s32[t], _mm256_madd_epi16(p, ones));
+#endif
+                IN_REG(s32[t]);
+            }
         }
         __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].d));
         for (int t = 0; t < TC; t++) {
-            const int8_t *x = xq + (size_t)t * n + b * QK;
-            __m256i s32 = _mm256_setzero_si256();
-            for (int k = 0; k < 8; k++) {
-                int32_t xk;
-                memcpy(&xk, x + 4 * k, 4);
-#if defined(GLMCPU_VNNI)
-                s32 = _mm256_dpbusd_epi32(s32, aq[k], _mm256_sign_epi8(_mm256_set1_epi32(xk), q[k]));
-#else
-                __m256i p = _mm256_maddubs_epi16(aq[k], _mm256_sign_epi8(_mm256_set1_epi32(xk), q[k]));
-                s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p, ones));
-#endif
-            }
             acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(xd[t * nb + b])),
-                                     _mm256_cvtepi32_ps(s32), acc[t]);
+                                     _mm256_cvtepi32_ps(s32[t]), acc[t]);
         }
     }
     store_rows8(acc, TC, out, ldo);
@@ -769,41 +776,39 @@ static inline void gemv_q5_0x8_tc(int n, const block_q5_0x8 *w, const int TC, co
 #endif
     for (int b = 0; b < nb; b++) {
         if (pf) X8PREFETCH(w + b);
-        __m256i lo[4], hi[4];
         const __m256i h = _mm256_loadu_si256((const __m256i *)w[b].h);
-#define Q5_LOAD(k) do { \
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * (k))); \
-            lo[k] = _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_slli_epi32(h, 4 - (k)), m5)); \
-            hi[k] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4), \
-                                    _mm256_and_si256(_mm256_srli_epi32(h, (k)), m5)); \
-        } while (0)
-        Q5_LOAD(0); Q5_LOAD(1); Q5_LOAD(2); Q5_LOAD(3);
-#undef Q5_LOAD
+        /* k outer, the tokens' sums in registers (values 0..31: four pair sums of |31 * 127 * 2|
+         * fit int16 without VNNI, so one sum per half) */
+        __m256i sa[TCMAX], sb[TCMAX];
+        for (int t = 0; t < TC; t++) sa[t] = sb[t] = _mm256_setzero_si256();
+        for (int k = 0; k < 4; k++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * k));
+            __m256i lo = _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_slli_epi32(h, 4 - k), m5));
+            __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
+                                         _mm256_and_si256(_mm256_srli_epi32(h, k), m5));
+            for (int t = 0; t < TC; t++) {
+                const int8_t *x = xq + (size_t)t * n + b * QK;
+                int32_t xl, xh;
+                memcpy(&xl, x + 4 * k, 4);
+                memcpy(&xh, x + 16 + 4 * k, 4);
+#if defined(GLMCPU_VNNI)
+                sa[t] = _mm256_dpbusd_epi32(sa[t], lo, _mm256_set1_epi32(xl));
+                sb[t] = _mm256_dpbusd_epi32(sb[t], hi, _mm256_set1_epi32(xh));
+#else
+                sa[t] = _mm256_add_epi16(sa[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xl)));
+                sb[t] = _mm256_add_epi16(sb[t], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xh)));
+#endif
+                IN_REG(sa[t]);
+                IN_REG(sb[t]);
+            }
+        }
         __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)w[b].d));
         for (int t = 0; t < TC; t++) {
-            const int8_t *x = xq + (size_t)t * n + b * QK;
 #if defined(GLMCPU_VNNI)
-            __m256i sa = _mm256_setzero_si256(), sb = _mm256_setzero_si256();
-            for (int k = 0; k < 4; k++) {
-                int32_t xl, xh;
-                memcpy(&xl, x + 4 * k, 4);
-                memcpy(&xh, x + 16 + 4 * k, 4);
-                sa = _mm256_dpbusd_epi32(sa, lo[k], _mm256_set1_epi32(xl));
-                sb = _mm256_dpbusd_epi32(sb, hi[k], _mm256_set1_epi32(xh));
-            }
-            __m256 isum = _mm256_cvtepi32_ps(_mm256_add_epi32(sa, sb));
+            __m256 isum = _mm256_cvtepi32_ps(_mm256_add_epi32(sa[t], sb[t]));
 #else
-            /* values 0..31: four pair sums of |31 * 127 * 2| fit int16, so one sum per half */
-            __m256i sa = _mm256_setzero_si256(), sb = _mm256_setzero_si256();
-            for (int k = 0; k < 4; k++) {
-                int32_t xl, xh;
-                memcpy(&xl, x + 4 * k, 4);
-                memcpy(&xh, x + 16 + 4 * k, 4);
-                sa = _mm256_add_epi16(sa, _mm256_maddubs_epi16(lo[k], _mm256_set1_epi32(xl)));
-                sb = _mm256_add_epi16(sb, _mm256_maddubs_epi16(hi[k], _mm256_set1_epi32(xh)));
-            }
-            __m256 isum = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(sa, ones),
-                                                              _mm256_madd_epi16(sb, ones)));
+            __m256 isum = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(sa[t], ones),
+                                                              _mm256_madd_epi16(sb[t], ones)));
 #endif
             __m256 v = _mm256_fmsub_ps(_mm256_set1_ps(xd[t * nb + b]), isum, _mm256_set1_ps(16.0f * xs[t * nb + b]));
             acc[t] = _mm256_fmadd_ps(dw, v, acc[t]);
