@@ -61,6 +61,7 @@ extensions = [
         f"glmcpu._kernels_{name}",
         [f"glmcpu/_kernels_{name}.pyx"],
         include_dirs=[numpy.get_include(), "glmcpu"],
+        depends=["glmcpu/kernels.h", "glmcpu/kquants.h", "glmcpu/_kernels.pyx"],   # rebuild when they change
         extra_compile_args=base + flags + omp,
         extra_link_args=omp,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
