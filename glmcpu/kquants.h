@@ -448,41 +448,44 @@ GLMCPU_INLINE void vec_dot4_q6_K_q8_K(int n, const block_q6_K *w, const int TC, 
     }
     for (int t = 0; t < TC; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
 #elif defined(GLMCPU_AVX2)
+    /* one 32-value piece at a time into each token's running sum: 16 registers hold no more
+     * (the 8 pieces and 8 scale vectors of a block spilled to the stack) */
     int nb = n / QK_K;
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x30);
     for (int b = 0; b < nb; b++) {
-        __m256i q[8], sc[8];
+        KPREFETCH(w + b + 4, sizeof(block_q6_K));
+        __m256i ai[4];
+        for (int t = 0; t < TC; t++) ai[t] = _mm256_setzero_si256();
         __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[b].scales));
         for (int h = 0; h < 2; h++) {
-            __m256i l0 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h));
-            __m256i l1 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h + 32));
-            __m256i hb = _mm256_loadu_si256((const __m256i *)(w[b].qh + 32 * h));
-            /* piece 4h + k = values 128h + 32k + l: k = 0 low nibbles of l0, 1 of l1, 2 high of
-             * l0, 3 high of l1; its high 2 bits are bits 2k, 2k+1 of hb */
-            q[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m3));
-            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m3));
-            q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m3));
-            q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                           _mm256_and_si256(_mm256_srli_epi16(hb, 2), m3));
-            /* a piece spans sub-blocks 8h + 2k (low 128 bits) and 8h + 2k + 1 (high) */
+            /* piece 4h + k = values 128h + 32k + l: k = 0 low nibbles of ql[64h..], 1 of
+             * ql[64h + 32..], 2 and 3 their high nibbles; its high 2 bits are bits 2k, 2k+1 of
+             * qh[32h + l]; it spans sub-blocks 8h + 2k (low 128 bits) and 8h + 2k + 1 (high) */
             __m256i half = _mm256_broadcastsi128_si256(h ? _mm256_extracti128_si256(sc16, 1)
                                                          : _mm256_castsi256_si128(sc16));
-            for (int k = 0; k < 4; k++)
-                sc[4 * h + k] = _mm256_shuffle_epi8(half, _mm256_set_m128i(
+            for (int k = 0; k < 4; k++) {
+                __m256i l = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h + 32 * (k & 1)));
+                __m256i hb = _mm256_loadu_si256((const __m256i *)(w[b].qh + 32 * h));
+                if (k >= 2) l = _mm256_srli_epi16(l, 4);
+                hb = k == 0 ? _mm256_slli_epi16(hb, 4) : k == 1 ? _mm256_slli_epi16(hb, 2)
+                   : k == 2 ? hb : _mm256_srli_epi16(hb, 2);
+                __m256i q = _mm256_or_si256(_mm256_and_si256(l, m4), _mm256_and_si256(hb, m3));
+                __m256i sc = _mm256_shuffle_epi8(half, _mm256_set_m128i(
                     _mm_set1_epi16((short)(((4 * k + 3) << 8) | (4 * k + 2))),
                     _mm_set1_epi16((short)(((4 * k + 1) << 8) | (4 * k)))));
+                for (int t = 0; t < TC; t++) {
+                    ai[t] = dot_scaled(ai[t], q, _mm256_loadu_si256((const __m256i *)(KX(t) + b * QK_K + 128 * h + 32 * k)), sc);
+                    IN_REG(ai[t]);
+                }
+            }
         }
         float d = fp16_to_fp32(w[b].d);
         for (int t = 0; t < TC; t++) {
-            const int8_t *x = KX(t) + b * QK_K;
-            __m256i ai = _mm256_setzero_si256();
-            for (int i = 0; i < 8; i++)
-                ai = dot_scaled(ai, q[i], _mm256_loadu_si256((const __m256i *)(x + 32 * i)), sc[i]);
             /* the "- 32" of every value: 32 * sc[s] * (sum of sub-block s's activations) */
             __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), sc16);
-            ai = _mm256_sub_epi32(ai, _mm256_slli_epi32(off, 5));
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * KD(t)[b]), _mm256_cvtepi32_ps(ai), acc[t]);
+            __m256i s = _mm256_sub_epi32(ai[t], _mm256_slli_epi32(off, 5));
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * KD(t)[b]), _mm256_cvtepi32_ps(s), acc[t]);
         }
     }
     for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
