@@ -214,3 +214,16 @@ def test_a_port_in_use_or_a_bad_bind_is_one_line():
             Server("tcp://no-such-interface-xyz:1", handler)
     finally:
         first.close()
+
+
+@pytest.mark.parametrize("transport", ["zmq-curve", "tcp-aesgcm", "star"])
+def test_bench_sync_exchanges_rows(transport):
+    """tools/bench_sync.py: two processes exchange rows over each transport (a few syncs, not a
+    timing; speed lives in the tool): every sum is the two rows', one time per sync."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    import bench_sync
+    got = bench_sync.measure(transport, 256, "f64", 20, 3)
+    assert got is not None
+    times, sums_right = got
+    assert sums_right and times.shape == (20,) and np.all(times > 0)
