@@ -176,3 +176,30 @@ def test_llama_cpp_other_quant_files(tiny, tmp_path, ftype, must):
     # top-1 0.9: on this tiny random model even Q8_0 files agree only ~0.96 (near-ties in the
     # logits); the KL bound is what catches a wrong kernel (a wrong layout gives KL >> 0.01)
     assert_agrees_with_llama_cpp(out, ftype, top1=0.9)
+
+
+def test_bench_tiles_a_llama_cpp_state(tiny):
+    """tools/bench.py --tile: llama.cpp's state of n cells repeated twice loads into a fresh
+    context, which then holds positions 0..2n-1 and writes the same bytes back (the layout as
+    this llama.cpp reads and writes it); a state cut short is refused."""
+    import ctypes
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    import bench
+    _, path, _ = tiny("glm4", "q8_0")
+    kw = dict(model_path=path, n_ctx=128, n_batch=64, n_ubatch=64, flash_attn=True, type_k=1, type_v=1,
+              verbose=False, n_threads=2)
+    llm = llama_cpp.Llama(**kw)
+    llm.eval(list(range(1, 41)))
+    blob = bench.tile_llama_state(llm.save_state().llama_state, 2)
+    two = llama_cpp.Llama(**kw)
+    ctx = two._ctx.ctx
+    assert llama_cpp.llama_state_set_data(ctx, (ctypes.c_uint8 * len(blob)).from_buffer_copy(blob), len(blob)) == len(blob)
+    assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx), 0) == 79
+    size = llama_cpp.llama_state_get_size(ctx)
+    buf = (ctypes.c_uint8 * size)()
+    n = llama_cpp.llama_state_get_data(ctx, buf, size)
+    assert bytes(buf[:n]) == blob
+    with pytest.raises(ValueError):
+        bench.tile_llama_state(blob[:-3], 2)

@@ -21,7 +21,13 @@ decoded tokens after it. llama.cpp runs with flash attention and each --llama-kv
 (f16, q8_0, bf16; restored with save_state/load_state); glmcpu with each --kv-type (f32, f16,
 bf16, q8_0). Each line gives the fill's speed (a depth-token prompt from an empty cache), the
 prefill and decode after it, and the decode as a share of the read bandwidth: the bytes of
-weights plus the KV cache of that type that each token reads."""
+weights plus the KV cache of that type that each token reads.
+
+--apart DIR keeps each engine in a process of its own and its fills in DIR; --tile then makes a
+missing depth by repeating a kept fill of a depth that divides it (32768 from 16384: a 32k fill
+of a 9-layer Air file takes llama.cpp over an hour on 2 cores). Neither engine's work depends on
+the cached values, so the timing is a real cache's; the line says "tiled from" in place of the
+fill speed."""
 import argparse
 import os
 import statistics
@@ -181,6 +187,9 @@ def main():
     p.add_argument("--llama-kv", default="f16,q8_0", help="llama.cpp KV cache types at --depth (flash attention on)")
     p.add_argument("--apart", metavar="DIR", default=None,
                    help="--depth with each engine in a process of its own, one at a time, fills kept in DIR")
+    p.add_argument("--tile", action="store_true",
+                   help="--apart: a depth with no kept fill repeats a kept fill of a depth dividing it "
+                        "(for timing only: neither engine's work depends on the cached values)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -361,6 +370,61 @@ def depth_child(a):
     print(json.dumps(out), flush=True)
 
 
+def tile_llama_state(blob: bytes, m: int) -> bytes:
+    """llama.cpp's state (as llama-cpp-python 0.3.36 saves it: the architecture's name, then the
+    KV cache: streams, cells as (position, seq-id count, seq ids), then each layer's K rows and each
+    layer's V rows, untransposed under flash attention) with its cells repeated m times, positions
+    running on. ValueError where the bytes are not laid out so (the layout is checked to the byte)."""
+    import struct
+    (n,) = struct.unpack_from("<I", blob, 0)
+    o = 4 + n
+    head = blob[:o]
+    streams, cells = struct.unpack_from("<II", blob, o)
+    o += 8
+    meta = np.frombuffer(blob, np.int32, 3 * cells, o).reshape(cells, 3)
+    if streams != 1 or not (meta[:, 1] == 1).all() or not (meta[:, 0] == np.arange(cells)).all():
+        raise ValueError("not one sequence of cells at positions 0..n-1")
+    o += meta.nbytes
+    v_trans, layers = struct.unpack_from("<II", blob, o)
+    if v_trans:
+        raise ValueError("a transposed V cache (flash attention off)")
+    out = [head, struct.pack("<II", 1, cells * m)]
+    new_meta = np.empty((cells * m, 3), np.int32)
+    new_meta[:, 0], new_meta[:, 1], new_meta[:, 2] = np.arange(cells * m), 1, meta[0, 2]
+    out += [new_meta.tobytes(), blob[o:o + 8]]
+    o += 8
+    for _ in range(2 * layers):                         # K of every layer, then V of every layer
+        typ, row = struct.unpack_from("<iQ", blob, o)
+        out.append(blob[o:o + 12])
+        o += 12
+        out.append(blob[o:o + cells * row] * m)
+        o += cells * row
+    if o != len(blob):
+        raise ValueError(f"the state is {len(blob) - o:+d} bytes off the layout this reads")
+    return b"".join(out)
+
+
+def tile_state(src, dst, engine, m, n_ctx):
+    """A kept fill repeated m times along the positions (a deeper cache for timing: neither
+    engine's work depends on the cached values)."""
+    import pickle
+    with open(src, "rb") as f:
+        saved = pickle.load(f)
+    if engine == "glmcpu":
+        k, v, n = saved
+        tiled = (np.concatenate([k] * m, axis=2), np.concatenate([v] * m, axis=2), n * m)
+    else:
+        from llama_cpp.llama import LlamaState
+        blob = tile_llama_state(saved.llama_state, m)
+        ids = np.zeros(max(n_ctx, saved.n_tokens * m), saved.input_ids.dtype)
+        ids[:saved.n_tokens * m] = np.tile(saved.input_ids[:saved.n_tokens], m)
+        tiled = LlamaState(input_ids=ids, scores=saved.scores, n_tokens=saved.n_tokens * m,
+                           llama_state=blob, llama_state_size=len(blob), seed=saved.seed)
+    with open(dst + ".tmp", "wb") as f:
+        pickle.dump(tiled, f, protocol=5)
+    os.replace(dst + ".tmp", dst)
+
+
 def run_apart(a):
     """--apart DIR: every engine in a process of its own, one at a time (a file too big for two
     engines' copies of its weights in RAM). A depth is filled once per engine and KV type and
@@ -399,13 +463,22 @@ def run_apart(a):
             name = f"{engine}-{first if engine == 'glmcpu' else kv}-{depth}"
             state = os.path.join(a.apart, f"{tag}.{name}.state")
             side = state + ".json"
+            kept = [d for d in range(depth - 1, 0, -1) if depth % d == 0
+                    and os.path.exists(os.path.join(a.apart, f"{tag}.{name.rsplit('-', 1)[0]}-{d}.state"))]
+            if not os.path.exists(state) and a.tile and kept:
+                src = os.path.join(a.apart, f"{tag}.{name.rsplit('-', 1)[0]}-{kept[0]}.state")
+                tile_state(src, state, engine, depth // kept[0], depth + a.prompt + a.gen + 8)
+                with open(side, "w") as fh:
+                    json.dump({"fill_s": None, "tiled_from": kept[0]}, fh)
             if not os.path.exists(state):
                 r = child(engine, first if engine == "glmcpu" else kv, depth, state)
                 with open(side, "w") as fh:
                     json.dump(r, fh)
             with open(side) as fh:
-                fills[name] = json.load(fh)["fill_s"]
-            print(f"depth {depth}: {name} filled in {fills[name]:.0f} s", file=sys.stderr, flush=True)
+                side_info = json.load(fh)
+            fills[name] = side_info["fill_s"] or f"tiled from {side_info['tiled_from']}"
+            print(f"depth {depth}: {name} " + (f"filled in {fills[name]:.0f} s" if side_info["fill_s"] else
+                                              fills[name]), file=sys.stderr, flush=True)
         bw = [] if a.no_membw else [read_bandwidth(a.threads)]
         for r in range(a.runs):
             for engine, kv in (engines if r % 2 == 0 else engines[::-1]):
@@ -419,10 +492,13 @@ def run_apart(a):
             bw.append(read_bandwidth(a.threads))
         print(f"  CPU: {cpu_name()}; glmcpu kernels: {__import__('glmcpu').ops.VARIANT}"
               + ("" if a.no_llama else f"; llama.cpp built for: {llama_isa()}"))
-        print(f"  depth {depth} (fill: a {depth}-token prompt from an empty cache; glmcpu's in its first KV type):")
+        print(f"  depth {depth} (fill: a {depth}-token prompt from an empty cache, or a kept fill tiled; "
+              f"glmcpu's in its first KV type):")
         for (engine, kv), (pp, tg) in times.items():
             name = f"{engine}-{first if engine == 'glmcpu' else kv}-{depth}"
-            line = (f"    {engine:<9} {kv:<5} fill {depth / fills[name]:7.1f} tok/s   prefill "
+            fill = (f"fill {depth / fills[name]:7.1f} tok/s" if isinstance(fills[name], float)
+                    else f"({fills[name]})")
+            line = (f"    {engine:<9} {kv:<5} {fill}   prefill "
                     f"{statistics.median(pp):8.1f} tok/s   decode {statistics.median(tg):7.2f} tok/s")
             if bw:
                 kvb = cfg.kv_bytes(depth + a.prompt + a.gen // 2, (kv, kv))
