@@ -296,7 +296,7 @@ class Cluster:
         lost workers are computed here, from the same wire values the worker would have read. Partial
         sums come in float64 (f32 wire) and add in node order: float32 chunk sums add exactly in
         double, so the total is one process's."""
-        kind, th = mod.kind, args[-1]
+        kind = mod.kind
         x = np.ascontiguousarray(x, np.float32)
         meta = {"layer": mod.layer, "s": self.session, "wire": self.wire}
         extra = []
