@@ -79,6 +79,7 @@ class GlmcpuEngine:
 class LlamaCppEngine:
     name = "llama.cpp"
     TYPES = {"f16": 1, "q8_0": 8, "bf16": 30}        # ggml type ids of its KV caches
+    N_BATCH = 512
 
     def __init__(self, path, threads, n_ctx, kv_type=None):
         self.kv_type = kv_type or "f16"
@@ -87,7 +88,7 @@ class LlamaCppEngine:
         if kv_type is not None:
             self.name = f"llama.cpp {kv_type}"
         self.llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
-                         n_batch=512, n_ubatch=512, verbose=False, **kw)
+                         n_batch=self.N_BATCH, n_ubatch=self.N_BATCH, verbose=False, **kw)
         self.state = None
 
     def fill(self, ids):
@@ -394,7 +395,7 @@ def tile_llama_state(blob: bytes, m: int) -> bytes:
     out += [new_meta.tobytes(), blob[o:o + 8]]
     o += 8
     for _ in range(2 * layers):                         # K of every layer, then V of every layer
-        typ, row = struct.unpack_from("<iQ", blob, o)
+        (row,) = struct.unpack_from("<Q", blob, o + 4)   # after the layer's ggml type
         out.append(blob[o:o + 12])
         o += 12
         out.append(blob[o:o + cells * row] * m)
@@ -416,9 +417,12 @@ def tile_state(src, dst, engine, m, n_ctx):
     else:
         from llama_cpp.llama import LlamaState
         blob = tile_llama_state(saved.llama_state, m)
-        ids = np.zeros(max(n_ctx, saved.n_tokens * m), saved.input_ids.dtype)
-        ids[:saved.n_tokens * m] = np.tile(saved.input_ids[:saved.n_tokens], m)
-        tiled = LlamaState(input_ids=ids, scores=saved.scores, n_tokens=saved.n_tokens * m,
+        n = saved.n_tokens * m
+        ids = np.zeros(max(n_ctx, n), saved.input_ids.dtype)
+        ids[:n] = np.tile(saved.input_ids[:saved.n_tokens], m)
+        # llama-cpp-python keeps the logits of min(tokens, its batch) rows; a run evaluates before it reads them
+        scores = np.zeros((min(n, LlamaCppEngine.N_BATCH, n_ctx), saved.scores.shape[1]), saved.scores.dtype)
+        tiled = LlamaState(input_ids=ids, scores=scores, n_tokens=n,
                            llama_state=blob, llama_state_size=len(blob), seed=saved.seed)
     with open(dst + ".tmp", "wb") as f:
         pickle.dump(tiled, f, protocol=5)
@@ -463,22 +467,22 @@ def run_apart(a):
             name = f"{engine}-{first if engine == 'glmcpu' else kv}-{depth}"
             state = os.path.join(a.apart, f"{tag}.{name}.state")
             side = state + ".json"
-            kept = [d for d in range(depth - 1, 0, -1) if depth % d == 0
-                    and os.path.exists(os.path.join(a.apart, f"{tag}.{name.rsplit('-', 1)[0]}-{d}.state"))]
-            if not os.path.exists(state) and a.tile and kept:
-                src = os.path.join(a.apart, f"{tag}.{name.rsplit('-', 1)[0]}-{kept[0]}.state")
-                tile_state(src, state, engine, depth // kept[0], depth + a.prompt + a.gen + 8)
-                with open(side, "w") as fh:
-                    json.dump({"fill_s": None, "tiled_from": kept[0]}, fh)
+            stem = os.path.join(a.apart, f"{tag}.{name.rsplit('-', 1)[0]}")       # + "-{depth}.state"
+            if a.tile and not os.path.exists(state):
+                kept = [d for d in range(depth // 2, 0, -1) if depth % d == 0 and os.path.exists(f"{stem}-{d}.state")]
+                if kept:
+                    tile_state(f"{stem}-{kept[0]}.state", state, engine, depth // kept[0], depth + a.prompt + a.gen + 8)
+                    with open(side, "w") as fh:
+                        json.dump({"fill_s": None, "tiled_from": kept[0]}, fh)
             if not os.path.exists(state):
                 r = child(engine, first if engine == "glmcpu" else kv, depth, state)
                 with open(side, "w") as fh:
                     json.dump(r, fh)
             with open(side) as fh:
                 side_info = json.load(fh)
-            fills[name] = side_info["fill_s"] or f"tiled from {side_info['tiled_from']}"
-            print(f"depth {depth}: {name} " + (f"filled in {fills[name]:.0f} s" if side_info["fill_s"] else
-                                              fills[name]), file=sys.stderr, flush=True)
+            fills[name] = (f"fill {depth / side_info['fill_s']:7.1f} tok/s ({side_info['fill_s']:.0f} s)" if side_info["fill_s"]
+                           else f"(tiled from {side_info['tiled_from']})")
+            print(f"depth {depth}: {name} {fills[name]}", file=sys.stderr, flush=True)
         bw = [] if a.no_membw else [read_bandwidth(a.threads)]
         for r in range(a.runs):
             for engine, kv in (engines if r % 2 == 0 else engines[::-1]):
@@ -496,9 +500,7 @@ def run_apart(a):
               f"glmcpu's in its first KV type):")
         for (engine, kv), (pp, tg) in times.items():
             name = f"{engine}-{first if engine == 'glmcpu' else kv}-{depth}"
-            fill = (f"fill {depth / fills[name]:7.1f} tok/s" if isinstance(fills[name], float)
-                    else f"({fills[name]})")
-            line = (f"    {engine:<9} {kv:<5} {fill}   prefill "
+            line = (f"    {engine:<9} {kv:<5} {fills[name]}   prefill "
                     f"{statistics.median(pp):8.1f} tok/s   decode {statistics.median(tg):7.2f} tok/s")
             if bw:
                 kvb = cfg.kv_bytes(depth + a.prompt + a.gen // 2, (kv, kv))

@@ -92,11 +92,8 @@ def run_zmq(rank, port, row, iters, warmup, curve, keys):
         else:
             s.curve_publickey, s.curve_secretkey, s.curve_serverkey = client_pub, client_sec, server_pub
     (s.bind if rank == 0 else s.connect)(f"tcp://127.0.0.1:{port}")
-    buf = np.empty_like(row)
-
     def recv():
-        buf[:] = np.frombuffer(s.recv(copy=False).buffer, row.dtype)
-        return buf
+        return np.frombuffer(s.recv(copy=False).buffer, row.dtype).reshape(row.shape)
     times = exchange_loop(rank, lambda r: s.send(r, copy=False), recv, row, iters, warmup)
     s.close(0)
     ctx.term()
@@ -155,21 +152,13 @@ def run_star(rank, port, row, iters, warmup, keys):
     from glmcpu.net.link import Client, Server
     server_pub, server_sec, client_pub, client_sec = keys
     if rank == 1:
+        served = [0]
+
         def echo(op, meta, arrays):
-            return {}, [np.asarray(row)]
+            served[0] += 1
+            return {}, [row]
         srv = Server(f"tcp://127.0.0.1:{port}", echo, keypair=(server_pub, server_sec), allowed=[client_pub])
-        n = [0]
-
-        def stop():
-            return n[0] >= warmup + iters
-
-        orig = srv.handler
-
-        def counted(op, meta, arrays):
-            n[0] += 1
-            return orig(op, meta, arrays)
-        srv.handler = counted
-        srv.serve(stop=stop, poll_ms=50)
+        srv.serve(stop=lambda: served[0] >= warmup + iters, poll_ms=50)
         srv.close()
         return None
     cl = Client(f"tcp://127.0.0.1:{port}", keypair=(client_pub, client_sec), server_key=server_pub, timeout=10)
