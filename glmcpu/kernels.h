@@ -1178,10 +1178,10 @@ static size_t attn_part_floats(const attn_args *a) {
 }
 /* The queries of a tile of tt tokens, transposed: qT [D][attn_lanes(G, tt)] (attn_load_q). */
 static size_t attn_qt_floats(const attn_args *a, int tt) { return (size_t)a->D * attn_lanes(a->G, tt); }
-/* attn_chunk's scratch: kbuf [16][D] (keys as floats), S [ATTN_CHUNK][L], max and sum [L],
+/* attn_chunk's scratch: kbuf [8][D] (half keys as floats), S [ATTN_CHUNK][L], max and sum [L],
  * L the lanes of a whole tile. */
 static size_t attn_scratch_floats(const attn_args *a) {
-    size_t L = attn_lanes(a->G, attn_tile_tokens(a->G)); return 16 * (size_t)a->D + (ATTN_CHUNK + 2) * L;
+    size_t L = attn_lanes(a->G, attn_tile_tokens(a->G)); return 8 * (size_t)a->D + (ATTN_CHUNK + 2) * L;
 }
 
 static void attn_load_q(const attn_args *a, int t0, int t1, int j, float *qT) {
@@ -1197,11 +1197,7 @@ static void attn_load_q(const attn_args *a, int t0, int t1, int j, float *qT) {
 }
 
 static inline void f16_to_f32_row(int n, const uint16_t *h, float *f) {     /* n a multiple of 8 */
-    int i = 0;
-#if defined(GLMCPU_AVX512)
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
-#endif
-    for (; i < n; i += 8) {
+    for (int i = 0; i < n; i += 8) {
 #if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
         _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
 #elif defined(GLMCPU_NEON)
@@ -1275,25 +1271,21 @@ ATTN_INLINE av_f32 av_load_kv(const int t, const char *row, int d0, av_mask m) {
 #define ATTN_PREFETCH(p) ((void)(p))
 #endif
 
-#define ATTN_NREG (AV_N == 8 ? 16 : 32)     /* vector registers */
-#define ATTN_SUMS (AV_N == 8 ? 12 : 16)     /* score sums in registers in a pass of attn_score_rows */
-
-/* S[i][lanes] = scale * q.k_i for PB key rows kb + i*D (floats), NV vectors of AV_N query lanes,
- * qT [D][ldq] holding the queries transposed: each key value is broadcast once for all the lanes;
- * each lane sums over d in order (the same bytes in any block), so no horizontal sums. With D a
- * constant (attn_rows_*) the rows are fixed displacements from one pointer: no row pointers to keep. */
-ATTN_INLINE void attn_scores(const int NV, const int PB, const int D, const float *qT, int ldq,
-                             const float *kb, av_f32 scale, float *S, int ldS, const char *pf, int npf) {
-    av_f32 s[4][16];
+/* S[i][lanes] = scale * q.k_i for PB key rows kr[i] and NV vectors of AV_N query lanes, qT [D][ldq]
+ * holding the queries transposed: each key value is broadcast once for all the lanes; each lane
+ * sums over d in order (the same bytes in any block), so no horizontal sums. */
+ATTN_INLINE void attn_scores(const int NV, const int PB, int D, const float *qT, int ldq,
+                             const float *const *kr, av_f32 scale, float *S, int ldS, const char *pf, int npf) {
+    av_f32 s[4][8];
     for (int u = 0; u < NV; u++)
         for (int i = 0; i < PB; i++) s[u][i] = av_zero();
-    for (int d = 0; d < D; d++, qT += ldq) {
+    for (int d = 0; d < D; d++) {
         if (d < npf) ATTN_PREFETCH(pf + (size_t)64 * d);      /* npf <= D lines, one per step */
         av_f32 qv[4];
-        for (int u = 0; u < NV; u++) qv[u] = av_load(qT + u * AV_N);
+        for (int u = 0; u < NV; u++) qv[u] = av_load(qT + (size_t)d * ldq + u * AV_N);
         for (int i = 0; i < PB; i++) {
-            av_f32 kv = av_set1(kb[i * D + d]);
-            for (int u = 0; u < NV; u++) s[u][i] = av_fma(qv[u], kv, s[u][i]);
+            av_f32 kb = av_set1(kr[i][d]);
+            for (int u = 0; u < NV; u++) s[u][i] = av_fma(qv[u], kb, s[u][i]);
         }
     }
     for (int i = 0; i < PB; i++)
@@ -1301,36 +1293,40 @@ ATTN_INLINE void attn_scores(const int NV, const int PB, const int D, const floa
 }
 
 /* Scores of PB positions (keys of type KT from k, k_p bytes apart) for all L query lanes: S [PB][L], in blocks of
- * up to 16 sums in registers (8 on AVX2). The keys are first written as floats to kbuf [PB][D]
- * (f32 rows copied: one layout for the loop). Meanwhile the same positions' value rows (vrow
- * bytes, v_p apart) are fetched towards L2, a line per step of the first pass where they lie in one
- * piece: attn_pv reads them a column at a time, a stride the
- * hardware prefetchers do not follow. */
-ATTN_INLINE void attn_score_rows(const int PB, const int KT, const int D, const char *k, ptrdiff_t k_p,
+ * up to 16 sums in registers (8 on AVX2). Meanwhile the same positions' value rows (vrow bytes,
+ * v_p apart) are fetched towards L2, a line per step of the first block where they lie in one
+ * piece: attn_pv reads them a column at a time, a stride the hardware prefetchers do not follow. */
+ATTN_INLINE void attn_score_rows(const int PB, const int KT, int D, const char *k, ptrdiff_t k_p,
                                  const char *v, ptrdiff_t v_p, int vrow, const float *qT, int L,
                                  float *kbuf, av_f32 scale, float *S) {
-    int npf = v_p == vrow && PB * vrow / 64 <= D ? PB * vrow / 64 : 0;
-    for (int i = 0; i < PB; i++) {
-        if (!npf)
+    const float *kr[8];
+    int npf = v_p == vrow ? PB * vrow / 64 : 0;
+    if (!npf)
+        for (int i = 0; i < PB; i++)
             for (int off = 0; off < vrow; off += 64) ATTN_PREFETCH(v + i * v_p + off);
-        const float *r = kv_row_f32(KT, D, k + i * k_p, kbuf + (size_t)i * D);
-        if (r != kbuf + (size_t)i * D) memcpy(kbuf + (size_t)i * D, r, sizeof(float) * D);
-    }
+    for (int i = 0; i < PB; i++) kr[i] = kv_row_f32(KT, D, k + i * k_p, kbuf + (size_t)i * D);
+    const int H = PB == 8 ? 4 : PB;      /* 4 vectors x 8 rows would be 32 sums: two halves */
     int x = 0;
-#define SC(NV, P, R, X) do { attn_scores(NV, P, D, qT + (X), L, kbuf + (size_t)(R) * D, scale, S + (size_t)(R) * L + (X), L, \
-                                         v, npf); npf = 0; } while (0)
-    /* passes of H rows: NV * H sums in registers, as many as the FMA latency wants */
-#define PASSES(NV) do { const int H = ATTN_SUMS / (NV) < PB ? ATTN_SUMS / (NV) : PB; int r = 0; \
-                        for (; r + H <= PB; r += H) SC(NV, H, r, x); \
-                        if (PB % H) SC(NV, PB % H, r, x); } while (0)
+#define SC(NV, P, R, X) do { attn_scores(NV, P, D, qT + (X), L, kr + (R), scale, S + (size_t)(R) * L + (X), L, v, npf); \
+                             npf = 0; } while (0)
     if (AV_N != 8)
-        for (; x + 4 * AV_N <= L; x += 4 * AV_N) PASSES(4);
-    for (; x + 2 * AV_N <= L; x += 2 * AV_N) PASSES(2);
-    if (x < L) PASSES(1);
-#undef PASSES
+        for (; x + 4 * AV_N <= L; x += 4 * AV_N) {
+            SC(4, H, 0, x);
+            if (PB == 8) SC(4, H, H, x);
+        }
+    for (; x + 2 * AV_N <= L; x += 2 * AV_N) {
+        if (AV_N == 8) {
+            SC(2, H, 0, x);
+            if (PB == 8) SC(2, H, H, x);
+        } else {
+            SC(2, PB, 0, x);
+        }
+    }
+    if (x < L) SC(1, PB, 0, x);
 #undef SC
 }
 
+#define ATTN_NREG (AV_N == 8 ? 16 : 32)     /* vector registers */
 #define ATTN_HN 12     /* heads per attn_pv pass: sums in registers (x2 D tiles on AVX-512 and NEON) */
 
 /* acc[g][:] = sum over the np positions of P[p][g] v_p (rows of type VT, v_p bytes apart), for HN heads whose sums stay in registers
@@ -1384,20 +1380,19 @@ typedef void (*attn_pv_fn)(int np, int D, const float *P, int ldp, const char *v
 #define ATTN_ROWS(PB, KT) \
     ATTN_NOINLINE void attn_rows_##PB##_##KT(int D, const char *k, ptrdiff_t k_p, const char *v, ptrdiff_t v_p, \
                                             int vrow, const float *qT, int L, float *kbuf, av_f32 scale, float *S) { \
-        if (D == 128) attn_score_rows(PB, KT, 128, k, k_p, v, v_p, vrow, qT, L, kbuf, scale, S); \
-        else attn_score_rows(PB, KT, D, k, k_p, v, v_p, vrow, qT, L, kbuf, scale, S); \
+        attn_score_rows(PB, KT, D, k, k_p, v, v_p, vrow, qT, L, kbuf, scale, S); \
     }
 #define ATTN_PV(HN, VT) \
     ATTN_NOINLINE void attn_pv_##HN##_##VT(int np, int D, const float *P, int ldp, const char *v, ptrdiff_t v_p, \
                                           float *acc, const char **pf, const char *pfe) { \
         attn_pv(HN, VT, np, D, P, ldp, v, v_p, acc, pf, pfe); \
     }
-#define ATTN_TYPE(T) ATTN_ROWS(16, T) ATTN_ROWS(4, T) ATTN_ROWS(1, T) ATTN_PV(4, T) ATTN_PV(8, T) ATTN_PV(12, T)
+#define ATTN_TYPE(T) ATTN_ROWS(8, T) ATTN_ROWS(4, T) ATTN_ROWS(1, T) ATTN_PV(4, T) ATTN_PV(8, T) ATTN_PV(12, T)
 ATTN_TYPE(0) ATTN_TYPE(1) ATTN_TYPE(2) ATTN_TYPE(3)
-/* [KV type][16, 4 or 1 rows] and [KV type][4, 8 or 12 heads] */
+/* [KV type][8, 4 or 1 rows] and [KV type][4, 8 or 12 heads] */
 static const attn_rows_fn attn_rows_of[4][3] = {
-    {attn_rows_16_0, attn_rows_4_0, attn_rows_1_0}, {attn_rows_16_1, attn_rows_4_1, attn_rows_1_1},
-    {attn_rows_16_2, attn_rows_4_2, attn_rows_1_2}, {attn_rows_16_3, attn_rows_4_3, attn_rows_1_3}};
+    {attn_rows_8_0, attn_rows_4_0, attn_rows_1_0}, {attn_rows_8_1, attn_rows_4_1, attn_rows_1_1},
+    {attn_rows_8_2, attn_rows_4_2, attn_rows_1_2}, {attn_rows_8_3, attn_rows_4_3, attn_rows_1_3}};
 static const attn_pv_fn attn_pv_of[4][3] = {
     {attn_pv_4_0, attn_pv_8_0, attn_pv_12_0}, {attn_pv_4_1, attn_pv_8_1, attn_pv_12_1},
     {attn_pv_4_2, attn_pv_8_2, attn_pv_12_2}, {attn_pv_4_3, attn_pv_8_3, attn_pv_12_3}};
@@ -1416,7 +1411,7 @@ static void attn_chunk(const attn_args *a, int t0, int t1, int j, int c, const f
     const int p0 = c * ATTN_CHUNK, last = a->pos0 + t1 - p0;        /* positions the last token sees */
     const int np = last < ATTN_CHUNK ? last : ATTN_CHUNK;
     const int Lmax = attn_lanes(G, attn_tile_tokens(G));
-    float *kbuf = scratch, *S = kbuf + 16 * (size_t)D, *M = S + (size_t)ATTN_CHUNK * Lmax, *Ls = M + Lmax;
+    float *kbuf = scratch, *S = kbuf + 8 * (size_t)D, *M = S + (size_t)ATTN_CHUNK * Lmax, *Ls = M + Lmax;
     const char *k = (const char *)a->k + j * a->k_h + (ptrdiff_t)p0 * a->k_p;
     const char *v = (const char *)a->v + j * a->v_h + (ptrdiff_t)p0 * a->v_p;
     const int vrow = (int)kv_row_bytes(a->vt, D);
@@ -1425,7 +1420,7 @@ static void attn_chunk(const attn_args *a, int t0, int t1, int j, int c, const f
     const av_f32 scale = av_set1(a->scale);
     int p = 0;
 #define ROWS(I) rows[I](D, k + p * a->k_p, a->k_p, v + p * a->v_p, a->v_p, vrow, qT, L, kbuf, scale, S + (size_t)p * L)
-    for (; p + 16 <= np; p += 16) ROWS(0);
+    for (; p + 8 <= np; p += 8) ROWS(0);
     for (; p + 4 <= np; p += 4) ROWS(1);
     for (; p < np; p++) ROWS(2);
 #undef ROWS
