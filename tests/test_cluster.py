@@ -98,6 +98,32 @@ def test_plan_predicts_a_rate_limited_link(wide_file, tmp_path):
     assert r["per_token"]["q8_0"]["sent"] < 0.3 * r["per_token"]["f32"]["sent"]
 
 
+def test_netns_mesh_measures_cluster_and_ceiling(wide_file, tmp_path):
+    """bench_cluster.py --netns: every node in a namespace of its own and on a core of its own,
+    joined through a bridge by tbf-limited veth pairs, CurveZMQ keys made for the run. The ceiling
+    (2 pinned one-core processes at once) beats one alone, and the cluster's figures come from a
+    cluster whose worker stayed alive (the tool refuses otherwise), over both link speeds."""
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc") or not shutil.which("taskset"):
+        pytest.skip("needs root, ip, tc and taskset to make pinned nodes in network namespaces")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs 2 cores: one per node")
+    out = tmp_path / "mesh.json"
+    p = subprocess.run([sys.executable, TOOLS + "/bench_cluster.py", wide_file, "--netns", "--runs", "1", "--tokens",
+                        "6", "--link-mbit", "1000,100", "--json", str(out)], capture_output=True, text=True, timeout=900)
+    if p.returncode == 3:
+        pytest.skip(p.stderr.strip().splitlines()[-1])
+    assert p.returncode == 0, p.stderr[-2000:]
+    import json
+    r = json.loads(out.read_text())
+    assert r["nodes"] == 2 and r["ceiling"] > 1.2 * r["alone"] > 0, r
+    assert set(r["cluster"]) == {"1000.0", "100.0"}, r
+    for mbit, rate in r["cluster"].items():
+        assert 0 < rate < r["ceiling"] * 1.1, r
+        assert r["predicted"][mbit] > 0, r
+    assert "of the ceiling" in p.stdout
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.count("glmb-") == 0
+
+
 # ---- faults ---------------------------------------------------------------------------------
 
 FAULT_KINDS = {"glm4": ("attn", "ffn", "head"), "glm4_moe": ("attn", "ffn", "moe")}

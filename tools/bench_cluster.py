@@ -1,15 +1,26 @@
 #!/usr/bin/env python3
-"""Decode speed of a root + one worker against one process, on this machine, same file.
+"""Decode speed of a cluster against one machine's, on this machine, same file.
 
     python tools/bench_cluster.py glm4-9b-40l-q4_0.gguf --runs 5 --tokens 24
-    python tools/bench_cluster.py glm4-9b-2l-q4_0.gguf --link-mbit 200   # worker behind a tbf link
+    sudo python tools/bench_cluster.py glm4-9b-40l-q4_0.gguf --netns --link-mbit 1000,100 --runs 3
 
-One process runs with --single-threads (2), the root and the worker with one thread each, so
-both sides use the same cores and the same memory bus (on one machine parity is the ceiling).
-Runs alternate; medians are reported, with the bytes and round trips per token of each wire
-codec. With --link-mbit the worker runs in a network namespace behind a veth pair whose both
-ends are rate-limited with tc's tbf (root needed), and the measured speed is set beside what
-`glmcpu plan` predicts from the one-process speeds and the link."""
+Loopback (the default): one process with --single-threads (2) against a root and a worker with
+one thread each over 127.0.0.1, so both sides use the same cores and the same memory bus (on one
+machine parity is the ceiling). Runs alternate; medians are reported, with the bytes and round
+trips per token of each wire codec. --link-mbit alone puts the worker in a network namespace
+behind a tbf-limited veth pair, the root outside it.
+
+--netns (root needed) measures a cluster as separate machines would see it. Every node gets a
+network namespace of its own and one core of its own (`taskset`): the root on core 0, worker i on
+core i. The nodes meet at a bridge in a namespace of its own through veth pairs whose both ends
+are limited by `tc ... tbf` to each --link-mbit in turn (a switch with ports of that speed). The
+links are authenticated and encrypted (CurveZMQ keys made for the run) unless --insecure. The
+yardstick is the machine's own ceiling, not N x one core: the memory bus is shared, so N
+independent one-core processes decoding at the same time (each pinned to its core) are what N
+nodes of this machine can do at best. Each run measures one such process alone, then N of them at
+once, then the cluster at each link speed; medians over --runs. The figures: the cluster's speed
+as a multiple of one core, and as a share of the ceiling (its speed over the N processes' summed
+speed), with `glmcpu plan`'s prediction for the link."""
 import argparse
 import os
 import platform
@@ -60,6 +71,220 @@ def start_worker(path, netns=False):
     return p, line.split()[3]
 
 
+SW = "glmb-sw"                      # --netns: the bridge's namespace; node i is glmb-<i>
+
+
+def node_ns(i):
+    return f"glmb-{i}"
+
+
+def node_addr(i):
+    return f"10.231.8.{i + 1}"
+
+
+def mesh_down(n=16):
+    for i in range(n):
+        sh("ip", "netns", "del", node_ns(i), check=False)
+    sh("ip", "netns", "del", SW, check=False)
+
+
+def mesh_up(nodes, mbit):
+    """nodes namespaces joined by a bridge in SW through veth pairs, both ends limited by tbf."""
+    mesh_down()
+    sh("ip", "netns", "add", SW)
+    sw = ("ip", "netns", "exec", SW)
+    sh(*sw, "ip", "link", "add", "br0", "type", "bridge")
+    sh(*sw, "ip", "link", "set", "br0", "up")
+    for i in range(nodes):
+        ns = node_ns(i)
+        at = ("ip", "netns", "exec", ns)
+        sh("ip", "netns", "add", ns)
+        sh(*at, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", f"p{i}", "netns", SW)
+        sh(*at, "ip", "addr", "add", f"{node_addr(i)}/24", "dev", "eth0")
+        sh(*at, "ip", "link", "set", "eth0", "up")
+        sh(*at, "ip", "link", "set", "lo", "up")
+        sh(*sw, "ip", "link", "set", f"p{i}", "master", "br0")
+        sh(*sw, "ip", "link", "set", f"p{i}", "up")
+    set_rate(nodes, mbit, "add")
+
+
+def set_rate(nodes, mbit, how="change"):
+    # burst: at least one 1 ms of the rate (tbf needs rate/HZ), and room for a 64 KB message
+    burst = max(64 * 1024, int(mbit * 1e6 / 8 / 1000))
+    for i in range(nodes):
+        for pre, dev in ((("ip", "netns", "exec", node_ns(i)), "eth0"), (("ip", "netns", "exec", SW), f"p{i}")):
+            sh(*pre, "tc", "qdisc", how, "dev", dev, "root", "tbf", "rate", f"{mbit}mbit", "burst", str(burst),
+               "latency", "50ms")
+
+
+class Child:
+    """A decoding process (tools/bench_cluster.py --child): loads, warms up, says "ready", then
+    decodes N tokens for each line "N" it reads and answers with a JSON line."""
+
+    def __init__(self, pre, argv):
+        self.p = subprocess.Popen(pre + [sys.executable, os.path.abspath(__file__)] + argv, stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+
+    def wait_ready(self):
+        line = self.p.stdout.readline()
+        if line.strip() != "ready":
+            raise SystemExit(f"a benchmark process did not start ({line.strip() or 'no output'})")
+
+    def ask(self, n):
+        self.p.stdin.write(f"{n}\n")
+        self.p.stdin.flush()
+
+    def answer(self):
+        import json
+        line = self.p.stdout.readline()
+        if not line:
+            raise SystemExit("a benchmark process ended early")
+        return json.loads(line)
+
+    def close(self):
+        try:
+            self.p.stdin.close()
+            self.p.wait(timeout=30)
+        except Exception:
+            self.p.kill()
+
+
+def together(children, n):
+    """All of them decode n tokens at the same time: their rates."""
+    for c in children:
+        c.ask(n)
+    return [c.answer() for c in children]
+
+
+def child_main(args):
+    """One decoding process, pinned and placed by its parent."""
+    import json
+    import glmcpu
+    kw = {}
+    if args.child == "root":
+        kw = dict(workers=args.endpoints.split(","), timeout=60, wire=args.wires.split(",")[0])
+        kw.update(insecure=True) if args.insecure else kw.update(key=args.key, worker_key=args.worker_key)
+    m = glmcpu.load(args.model, threads=args.threads, **kw)
+    prompt = list(range(1000, 1008))
+    decode_rate(m, 4, prompt)
+    print("ready", flush=True)
+    c = getattr(m, "cluster", None)
+    for line in sys.stdin:
+        n = int(line)
+        before = c and (sum(x.sent for x in c.clients), sum(x.received for x in c.clients), c.stats["round_trips"],
+                        c.stats["net_seconds"], c.stats["tokens"])
+        rate = decode_rate(m, n, prompt)
+        out = {"rate": rate}
+        if c:
+            after = (sum(x.sent for x in c.clients), sum(x.received for x in c.clients), c.stats["round_trips"],
+                     c.stats["net_seconds"], c.stats["tokens"])
+            d = [y - x for x, y in zip(before, after)]
+            tok = max(1, d[4])
+            out.update(sent_kib=d[0] / 1024 / tok, received_kib=d[1] / 1024 / tok, round_trips=d[2] / tok,
+                       net_ms=1e3 * d[3] / tok, alive=sum(c.alive))
+        print(json.dumps(out), flush=True)
+
+
+def netns_main(args):
+    """Each node in its namespace on its core, over tbf links; the ceiling from N pinned processes."""
+    import tempfile
+    from glmcpu.net.link import keygen
+    from glmcpu.plan import make_plan, module_bytes, predict
+    n = args.nodes
+    if n > (os.cpu_count() or 1):
+        raise SystemExit(f"--nodes {n}: this machine has {os.cpu_count()} cores (one per node)")
+    mbits = [float(x) for x in args.link_mbit.split(",")]
+    tmp = tempfile.mkdtemp(prefix="glmb-")
+    keys = []
+    if not args.insecure:
+        keygen(os.path.join(tmp, "root"))
+        keygen(os.path.join(tmp, "worker"))
+        keys = ["--key", os.path.join(tmp, "root"), "--worker-key", os.path.join(tmp, "worker.pub")]
+    try:
+        mesh_up(n, mbits[0])
+    except (subprocess.CalledProcessError, OSError) as e:
+        mesh_down()
+        print(f"netns: cannot make rate-limited network namespaces here ({getattr(e, 'stderr', '') or e})",
+              file=sys.stderr)
+        sys.exit(3)
+    base = ["--child", "single", "--threads", "1", args.model]
+    rates = {"alone": [], "ceiling": [], **{m: [] for m in mbits}}
+    figures = {}
+    workers, root, singles = [], None, []
+    try:
+        for r in range(args.runs):
+            # the ceiling: N one-core processes, each pinned to its core (no network)
+            singles = [Child(["taskset", "-c", str(i)], base) for i in range(n)]
+            for c in singles:
+                c.wait_ready()
+            rates["alone"].append(together(singles[:1], args.tokens)[0]["rate"])
+            rates["ceiling"].append(sum(x["rate"] for x in together(singles, args.tokens)))
+            for c in singles:
+                c.close()
+            singles = []
+            # the cluster: root on core 0 in glmb-0, worker i on core i in glmb-i
+            if not workers:
+                wkeys = [] if args.insecure else ["--key", os.path.join(tmp, "worker"), "--allow",
+                                                  os.path.join(tmp, "root.pub")]
+                for i in range(1, n):
+                    w = subprocess.Popen(["ip", "netns", "exec", node_ns(i), "taskset", "-c", str(i), sys.executable,
+                                          "-m", "glmcpu", "worker", "--bind", f"tcp://{node_addr(i)}:5599", "--model",
+                                          args.model, "-t", "1"] + (["--insecure"] if args.insecure else wkeys),
+                                         stdout=subprocess.PIPE, text=True)
+                    if not w.stdout.readline().startswith("glmcpu worker on"):
+                        raise SystemExit("a worker did not start")
+                    workers.append(w)
+            eps = ",".join(f"tcp://{node_addr(i)}:5599" for i in range(1, n))
+            root = Child(["ip", "netns", "exec", node_ns(0), "taskset", "-c", "0"],
+                         ["--child", "root", "--threads", "1", "--endpoints", eps, "--wires", args.wires, args.model]
+                         + (["--insecure"] if args.insecure else keys))
+            root.wait_ready()
+            for m in mbits:
+                set_rate(n, m)
+                res = together([root], args.tokens)[0]
+                if res["alive"] != n - 1:
+                    raise SystemExit("a worker was lost during the run: the figure would be the root's alone")
+                rates[m].append(res["rate"])
+                figures[m] = res
+            root.close()
+            root = None
+            print(f"run {r + 1}: one core {rates['alone'][-1]:.2f} tok/s, {n} at once {rates['ceiling'][-1]:.2f}, "
+                  + ", ".join(f"cluster over {m:g} Mbit/s {rates[m][-1]:.2f}" for m in mbits), flush=True)
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        one, ceil = med["alone"], med["ceiling"]
+        print(f"one core alone: {one:.2f} tok/s; {n} one-core processes at once: {ceil:.2f} tok/s in all "
+              f"(this machine's ceiling for {n} nodes: {ceil / one:.2f}x)")
+        from glmcpu.gguf import GGUFFile
+        from glmcpu.models import model_class
+        f = GGUFFile(args.model)
+        cfg = model_class(f.arch).config_class.from_gguf(f)
+        sizes = module_bytes(f, cfg)
+        per_token = sum(sum(sizes[k].values()) for k in ("attn", "ffn", "moe")) + sizes["head"] + sizes["root"]
+        plan = make_plan(cfg, ["root"] + [f"w{i}" for i in range(1, n)], [1] * n)
+        result = {"nodes": n, "alone": one, "ceiling": ceil, "cluster": {}, "predicted": {}}
+        for m in dict.fromkeys(mbits):
+            fig = figures[m]
+            p = predict(plan, cfg, sizes, [per_token * one / 1e9] * n, m, 0.05, args.wires.split(",")[0])
+            result["cluster"][m], result["predicted"][m] = med[m], p["tok_s"]
+            print(f"cluster over {m:g} Mbit/s: {med[m]:.2f} tok/s = {med[m] / one:.2f}x one core, "
+                  f"{med[m] / ceil:.2f} of the ceiling (runs {', '.join(f'{x:.2f}' for x in rates[m])}); per token "
+                  f"{fig['sent_kib']:.1f} KiB sent, {fig['received_kib']:.1f} KiB received, {fig['round_trips']:.0f} "
+                  f"round trips, {fig['net_ms']:.1f} ms waiting; `glmcpu plan` predicts {p['tok_s']:.2f}")
+        if args.json:
+            import json
+            with open(args.json, "w") as fh:
+                json.dump(result, fh)
+    finally:
+        for c in singles + ([root] if root else []):
+            c.p.kill()
+        for w in workers:
+            w.kill()
+            w.wait()
+        mesh_down()
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def decode_rate(m, n, prompt):
     m.reset()
     list(m.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True))
@@ -74,10 +299,26 @@ def main():
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--single-threads", type=int, default=2)
     ap.add_argument("--wires", default="f32,f16,q8_0")
-    ap.add_argument("--link-mbit", type=float, default=None)
+    ap.add_argument("--link-mbit", default=None, help="Mbit/s of the link (--netns: comma-separated, each in turn)")
     ap.add_argument("--shares", default=None, help="root,worker (default: even)")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--netns", action="store_true", help="every node in a namespace and on a core of its own")
+    ap.add_argument("--nodes", type=int, default=2, help="--netns: root + workers")
+    ap.add_argument("--insecure", action="store_true", help="--netns: plain TCP (default: CurveZMQ keys)")
+    ap.add_argument("--child", choices=("single", "root"), help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--endpoints", help=argparse.SUPPRESS)
+    ap.add_argument("--key", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-key", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return child_main(args)
+    if args.netns:
+        if not args.link_mbit:
+            args.link_mbit = "1000,100"
+        return netns_main(args)
+    if args.link_mbit:
+        args.link_mbit = float(args.link_mbit)
 
     import glmcpu
     from glmcpu import ops
