@@ -106,7 +106,12 @@ def cmd_plan(a):
     from .models import model_class
 
     f = GGUFFile(model_path(a.model))
-    cfg = model_class(f.arch).config_class.from_gguf(f)
+    cfg = cfg0 = model_class(f.arch).config_class.from_gguf(f)
+    if a.layers:                    # a file cut short (tools/make_model.py --layers): its widths at full depth
+        import dataclasses
+        if a.layers < cfg.n_layer:
+            raise GlmcpuError(f"--layers {a.layers}: the file has {cfg.n_layer}; give more")
+        cfg = dataclasses.replace(cfg, n_layer=a.layers)
     nodes = ["root"] + [w for w in (a.workers or "").split(",") if w]
     shares = parse_shares(a.shares)
     try:
@@ -124,11 +129,30 @@ def cmd_plan(a):
             speeds = speeds * len(nodes)
         if len(speeds) != len(nodes):
             raise GlmcpuError(f"--speed: give one GB/s figure, or one per node ({len(nodes)})")
-        from .plan import module_bytes, predict
-        p = predict(plan, cfg, module_bytes(f, cfg), speeds, a.link_mbit, a.latency_ms, a.wire)
+        from .plan import SYNC_MS, module_bytes, predict
+        sizes = module_bytes(f, cfg0)
+        n_dense = cfg.n_dense_lead if cfg.n_expert else cfg.n_layer
+        for l in range(cfg.n_layer):                 # --layers: the file's last layer of each kind, repeated
+            for kind in ("attn", "ffn" if l < n_dense else "moe"):
+                if l not in sizes[kind]:
+                    sizes[kind][l] = sizes[kind][max(sizes[kind])]
+        p = predict(plan, cfg, sizes, speeds, a.link_mbit, a.latency_ms, a.wire, a.topology, a.sync_ms)
         link = f"{a.link_mbit:g} Mbit/s, {a.latency_ms:g} ms latency" if a.link_mbit else "an unlimited link"
-        print(f"predicted decode: {p['tok_s']:.2f} tok/s ({p['compute_ms']:.1f} ms reading weights on the "
-              f"slowest node + {p['network_ms']:.1f} ms on the network, over {link})")
+        sync = SYNC_MS[a.topology] if a.sync_ms is None else a.sync_ms
+        print(f"predicted decode ({a.topology}, {sync:g} ms of software a sync): {p['tok_s']:.2f} tok/s "
+              f"({p['compute_ms']:.1f} ms reading weights on the slowest node + {p['network_ms']:.1f} ms on the "
+              f"network, over {link})")
+        one = predict(make_plan(cfg, ["root"]), cfg, sizes, speeds[:1])["tok_s"]
+        print(f"equal nodes of {speeds[0]:g} GB/s over {link} (one node: {one:.2f} tok/s), predicted:")
+        for top in ("star", "mesh"):
+            row = []
+            for n in (2, 4, 8):
+                q = predict(make_plan(cfg, ["root"] + [f"w{i}" for i in range(1, n)]), cfg, sizes, speeds[:1] * n,
+                            a.link_mbit, a.latency_ms, a.wire, top, a.sync_ms)
+                row.append(f"{n} nodes {q['tok_s']:.2f} tok/s ({q['tok_s'] / one:.2f}x)")
+            what = ("today's links: the root sends each input, the workers answer" if top == "star" else
+                    "every node sends its partial to every other at once (not built yet)")
+            print(f"  {top}: " + ", ".join(row) + f"  [{what}]")
     return 0
 
 
@@ -532,6 +556,12 @@ def build_parser():
                                     "for all, or one per node, root first): predicts tok/s")
     pl.add_argument("--link-mbit", type=float, default=None, help="the link's rate, for the prediction")
     pl.add_argument("--latency-ms", type=float, default=0.1, help="one-way latency, for the prediction")
+    pl.add_argument("--layers", type=int, default=None,
+                    help="predict for the file's widths at this many layers (a file cut short by tools/make_model.py)")
+    pl.add_argument("--topology", choices=["star", "mesh"], default="star",
+                    help="star: today's request/reply links; mesh: one exchange among all nodes per sync")
+    pl.add_argument("--sync-ms", type=float, default=None,
+                    help="software cost of one sync in ms (default: 0.3 star, 0.05 mesh; tools/bench_sync.py)")
     pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("info", help="what a model file holds and what running it needs")

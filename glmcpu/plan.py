@@ -161,31 +161,70 @@ def module_bytes(f, cfg) -> dict:
     return out
 
 
-def predict(plan: Plan, cfg, sizes: dict, node_gbs, link_mbit=None, latency_ms=0.0, wire="f32") -> dict:
-    """Decode tok/s this plan should give: each node reads its share of the weights at its
-    measured speed (GB/s of weights, as a one-process decode shows), the root also its own part;
-    each round trip waits for the slowest node plus the link (latency, and the root's bytes at
-    the link's rate: a star topology sends every worker's vector through the root's port)."""
+SYNC_MS = {"star": 0.3, "mesh": 0.05}    # software per sync, ms (tools/bench_sync.py on loopback: the
+                                         # cluster's request/reply ~0.3, a raw socket with AES-GCM ~0.05)
+
+
+def expected_max_experts(parts, n_expert, k, speeds, draws=4000) -> float:
+    """E[max over nodes of (the chosen experts it holds) / its speed] for k of n_expert experts
+    chosen uniformly: one token's MoE layer waits for the node that drew the most (a fixed seed:
+    the same figure every time)."""
+    rng = np.random.default_rng(0)
+    owner = np.zeros(n_expert, int)
+    for node, a, b in parts:
+        owner[a:b] = node
+    picks = np.argsort(rng.random((draws, n_expert)), axis=1)[:, :k]
+    counts = np.stack([(owner[picks] == node).sum(1) for node, _, _ in parts], 1)
+    return float((counts / np.array([speeds[node] for node, _, _ in parts])).max(1).mean())
+
+
+def predict(plan: Plan, cfg, sizes: dict, node_gbs, link_mbit=None, latency_ms=0.0, wire="f32",
+            topology="star", sync_ms=None) -> dict:
+    """Decode tok/s this plan should give, sync by sync. Each node reads its share of each split
+    module's weights at its speed (GB/s of weights, as a one-core decode of the whole file shows
+    when all the nodes' cores run at once); a MoE layer waits for the node that drew the most of
+    the token's experts. topology "star" (today's links): the root sends the input to every worker
+    through its one port, computes its own part meanwhile, and each worker's partial comes back
+    through that port; "mesh": every node holds the input already and sends its partial to every
+    other node at once (full-duplex ports). Each sync also costs `sync_ms` of software (SYNC_MS);
+    the root alone reads the norms, routers and shared experts."""
     n = len(plan.nodes)
+    speeds = np.asarray(node_gbs, float) * 1e9                       # bytes per second
+    sync = SYNC_MS[topology] if sync_ms is None else sync_ms
+    lat = latency_ms / 1e3
+    rate = link_mbit * 1e6 / 8 if link_mbit else np.inf             # bytes per second of a port
+    per = WIRE_BYTES[wire]
     read = np.zeros(n)
-    for kind in LAYER_KINDS:
-        for l, parts in plan.tables[kind].items():
-            total = sizes[kind][l]
-            whole = cfg.n_head if kind == "attn" else cfg.n_ff if kind == "ffn" else cfg.n_expert
-            for node, a, b in parts:
-                read[node] += total * (b - a) / whole
-    for node, a, b in plan.tables["head"][-1]:
-        read[node] += sizes["head"] * (b - a) / cfg.n_vocab
-    read[0] += sizes["root"]
-    compute = read / (np.asarray(node_gbs, float) * 1e9)           # seconds per token, each node
-    # nodes work in parallel within each module: the token takes the slowest node's time
-    seconds = float(compute.max())
+    seconds = sizes["root"] / speeds[0]
     net = 0.0
-    if n > 1:
-        trips = plan.trips()
-        w = plan.wire(cfg, wire)
-        net = trips * 2 * latency_ms / 1e3
-        if link_mbit:
-            net += max(w["sent"], w["received"]) * 8 / (link_mbit * 1e6)
-    return {"tok_s": 1.0 / (seconds + net), "compute_ms": seconds * 1e3, "network_ms": net * 1e3,
+    modules = [(k, l, parts) for k in LAYER_KINDS for l, parts in plan.tables[k].items()]
+    modules.append(("head", -1, plan.tables["head"][-1]))
+    for kind, l, parts in modules:
+        whole = {"attn": cfg.n_head, "ffn": cfg.n_ff, "moe": cfg.n_expert, "head": cfg.n_vocab}[kind]
+        total = sizes["head"] if kind == "head" else sizes[kind][l]
+        c = np.zeros(n)
+        for node, a, b in parts:
+            c[node] = total * (b - a) / whole / speeds[node]
+            read[node] += total * (b - a) / whole
+        if kind == "moe" and len(parts) > 1:
+            c_max = expected_max_experts(parts, cfg.n_expert, cfg.n_expert_used, speeds) * total / cfg.n_expert_used
+        else:
+            c_max = c.max()
+        workers = [(node, a, b) for node, a, b in parts if node > 0]
+        if not workers:                                              # the root's alone
+            seconds += c[0]
+            continue
+        reply = [(b - a) * 4 if kind == "head" else cfg.d_model * (8 if wire == "f32" else per) for _, a, b in workers]
+        if topology == "star":
+            x = cfg.d_model * per + FRAME
+            # the last input leaves the root's port after all of them, the replies share it coming back
+            done = max(2 * lat + (i + 1) * x / rate + c[node] + reply[i] / rate for i, (node, _, _) in enumerate(workers))
+            done = max(done, 2 * lat + x / rate + min(c[node] for node, _, _ in workers) + sum(reply) / rate)
+            t = max(c_max if kind == "moe" else c[0], done)
+        else:
+            out = max(reply) * (n - 1) if kind != "head" else sum(reply)     # each port sends to all others
+            t = c_max + lat + out / rate
+        seconds += t + sync / 1e3
+        net += t - c_max + sync / 1e3
+    return {"tok_s": 1.0 / seconds, "compute_ms": (seconds - net) * 1e3, "network_ms": net * 1e3,
             "read_gb": [float(r / 1e9) for r in read]}

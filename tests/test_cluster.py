@@ -399,7 +399,17 @@ def test_plan_command_and_figures(tiny):
                         "--link-mbit", "100"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "3 nodes: root 50%" in p.stdout and "round trips" in p.stdout and "predicted decode" in p.stdout
+    assert "star: 2 nodes" in p.stdout and "mesh: 2 nodes" in p.stdout and "8 nodes" in p.stdout
     f = glmcpu.load(path).cfg
+    import re
+
+    def one_node(*extra):
+        q = subprocess.run([sys.executable, "-m", "glmcpu", "plan", path, "--workers", "tcp://a:1", "--speed", "10",
+                            *extra], capture_output=True, text=True)
+        assert q.returncode == 0, q.stderr
+        return float(re.search(r"one node: ([0-9.]+) tok/s", q.stdout).group(1))
+    # a file cut short, predicted at 4x its depth: its layers' reads 4x (the head's once)
+    assert one_node("--layers", str(4 * f.n_layer)) < 0.6 * one_node()
     plan = make_plan(f, ["root", "a", "b"], [1, 1, 1])
     assert all(sum(b - a for _, a, b in parts) == f.n_ff for parts in plan.tables["ffn"].values())
     assert all(sum(b - a for _, a, b in parts) == f.n_expert for parts in plan.tables["moe"].values())
@@ -466,13 +476,42 @@ def test_plan_predicts_from_speeds_and_link():
                           d_model=4096, n_expert=0)
     sizes = {"attn": {l: 20e6 for l in range(40)}, "ffn": {l: 100e6 for l in range(40)}, "moe": {},
              "head": 350e6, "root": 0}
+    plan2 = make_plan(cfg, ["root", "w"])
     one = predict(make_plan(cfg, ["root"]), cfg, sizes, [20])
-    two = predict(make_plan(cfg, ["root", "w"]), cfg, sizes, [20, 20], latency_ms=0.05)
-    slow_link = predict(make_plan(cfg, ["root", "w"]), cfg, sizes, [20, 20], link_mbit=100, latency_ms=0.5)
+    bare = predict(plan2, cfg, sizes, [20, 20], latency_ms=0.05, sync_ms=0)
+    two = predict(plan2, cfg, sizes, [20, 20], latency_ms=0.05)
+    slow_link = predict(plan2, cfg, sizes, [20, 20], link_mbit=100, latency_ms=0.5)
     assert abs(one["tok_s"] - 20e9 / 5.15e9) < 0.01
     # halved reading but for the FFN's chunk grid (6912 | 6784 units) and 81 round trips
-    assert 1.8 < two["tok_s"] / one["tok_s"] < 1.97
+    assert 1.8 < bare["tok_s"] / one["tok_s"] < 1.97
+    # each of the 81 syncs costs the star's 0.3 ms of software
+    assert abs(1e3 / two["tok_s"] - 1e3 / bare["tok_s"] - 81 * 0.3) < 0.5
     assert slow_link["tok_s"] < two["tok_s"] and slow_link["network_ms"] > 80
+    # over 100 Mbit/s a star sync waits for the 16 KB input to go out and the 32 KB partial to come
+    # back, a mesh sync only for the partials crossing at once
+    for mbit in (100, 1000):
+        star, mesh = (predict(plan2, cfg, sizes, [20, 20], link_mbit=mbit, latency_ms=0.1, topology=t)
+                      for t in ("star", "mesh"))
+        assert mesh["tok_s"] > star["tok_s"], (mbit, star, mesh)
+    star = predict(plan2, cfg, sizes, [20, 20], link_mbit=100, latency_ms=0.1, sync_ms=0)
+    per_sync = 2 * 0.1 + (4096 * 4 + 120 + 8) * 8 / 1e5 + 4096 * 8 * 8 / 1e5      # ms: latencies, input, partial
+    assert star["network_ms"] > 80 * per_sync
+    mesh = predict(plan2, cfg, sizes, [20, 20], link_mbit=100, latency_ms=0.1, topology="mesh", sync_ms=0)
+    assert mesh["network_ms"] < 80 * (0.1 + 4096 * 8 * 8 / 1e5) + 30       # + the head's logits to the root
+
+
+def test_plan_expects_the_busiest_node_of_a_moe_layer():
+    """One token's 8 of 128 experts fall unevenly on 2 nodes: the layer waits for the node with
+    more (E[max] of a hypergeometric split: 5.04 experts, not 4)."""
+    from glmcpu.plan import expected_max_experts
+    assert expected_max_experts([(0, 0, 128)], 128, 8, [1.0]) == 8
+    two = expected_max_experts([(0, 0, 64), (1, 64, 128)], 128, 8, [1.0, 1.0])
+    assert 4.95 < two < 5.15
+    four = expected_max_experts([(i, 32 * i, 32 * i + 32) for i in range(4)], 128, 8, [1.0] * 4)
+    assert 3.0 < four < 3.6
+    # a node twice as fast is waited for half as long per expert
+    fast = expected_max_experts([(0, 0, 64), (1, 64, 128)], 128, 8, [2.0, 1.0])
+    assert fast < two
 
 
 def test_cluster_runs_a_llama_cpp_q4_k_m_file(tiny, workers, tmp_path):
