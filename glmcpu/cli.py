@@ -103,14 +103,16 @@ def cmd_keygen(a):
 def cmd_plan(a):
     from .cluster import make_plan
     from .gguf import GGUFFile
+    from .plan import module_bytes
     from .models import model_class
 
     f = GGUFFile(model_path(a.model))
-    cfg = cfg0 = model_class(f.arch).config_class.from_gguf(f)
+    cfg = model_class(f.arch).config_class.from_gguf(f)
+    if a.layers and a.layers < cfg.n_layer:
+        raise GlmcpuError(f"--layers {a.layers}: the file has {cfg.n_layer}; give more")
+    sizes = module_bytes(f, cfg, a.layers)
     if a.layers:                    # a file cut short (tools/make_model.py --layers): its widths at full depth
         import dataclasses
-        if a.layers < cfg.n_layer:
-            raise GlmcpuError(f"--layers {a.layers}: the file has {cfg.n_layer}; give more")
         cfg = dataclasses.replace(cfg, n_layer=a.layers)
     nodes = ["root"] + [w for w in (a.workers or "").split(",") if w]
     shares = parse_shares(a.shares)
@@ -129,13 +131,7 @@ def cmd_plan(a):
             speeds = speeds * len(nodes)
         if len(speeds) != len(nodes):
             raise GlmcpuError(f"--speed: give one GB/s figure, or one per node ({len(nodes)})")
-        from .plan import SYNC_MS, module_bytes, predict
-        sizes = module_bytes(f, cfg0)
-        n_dense = cfg.n_dense_lead if cfg.n_expert else cfg.n_layer
-        for l in range(cfg.n_layer):                 # --layers: the file's last layer of each kind, repeated
-            for kind in ("attn", "ffn" if l < n_dense else "moe"):
-                if l not in sizes[kind]:
-                    sizes[kind][l] = sizes[kind][max(sizes[kind])]
+        from .plan import SYNC_MS, predict
         p = predict(plan, cfg, sizes, speeds, a.link_mbit, a.latency_ms, a.wire, a.topology, a.sync_ms)
         link = f"{a.link_mbit:g} Mbit/s, {a.latency_ms:g} ms latency" if a.link_mbit else "an unlimited link"
         sync = SYNC_MS[a.topology] if a.sync_ms is None else a.sync_ms

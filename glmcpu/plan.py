@@ -141,10 +141,11 @@ def weigh(speeds, memories, need_gb) -> list:
     return [float(x) for x in shares]
 
 
-def module_bytes(f, cfg) -> dict:
+def module_bytes(f, cfg, n_layer=None) -> dict:
     """Bytes of weights one decoded token reads, per split module and for the root's own part:
     {"attn": per layer, "ffn": per dense layer, "moe": per MoE layer (the experts a token uses),
-    "head": the output matrix, "root": norms, routers, shared experts}."""
+    "head": the output matrix, "root": norms, routers, shared experts}. n_layer beyond the file's
+    (a file cut short by tools/make_model.py) repeats its last layer of each kind."""
     def size(name):
         return f.tensors[name].n_bytes if f.has(name) else 0
     out = {"attn": {}, "ffn": {}, "moe": {}, "head": size("output.weight") or size("token_embd.weight"), "root": 0}
@@ -158,7 +159,17 @@ def module_bytes(f, cfg) -> dict:
             out["root"] += size(p + "ffn_gate_inp.weight")
         else:
             out["ffn"][l] = sum(size(p + f"ffn_{n}.weight") for n in ("gate", "up", "down"))
+    per_layer_root = out["root"] / max(1, len(out["moe"]))
+    for l in range(cfg.n_layer, n_layer or cfg.n_layer):
+        for kind in ("attn", "moe" if out["moe"] else "ffn"):
+            out[kind][l] = out[kind][l - 1]
+        out["root"] += per_layer_root if out["moe"] else 0
     return out
+
+
+def token_bytes(sizes) -> float:
+    """Bytes of weights one decoded token reads in all (module_bytes' figures summed)."""
+    return sum(sum(sizes[k].values()) for k in LAYER_KINDS) + sizes["head"] + sizes["root"]
 
 
 SYNC_MS = {"star": 0.3, "mesh": 0.05}    # software per sync, ms (tools/bench_sync.py on loopback: the
@@ -199,6 +210,7 @@ def predict(plan: Plan, cfg, sizes: dict, node_gbs, link_mbit=None, latency_ms=0
     net = 0.0
     modules = [(k, l, parts) for k in LAYER_KINDS for l, parts in plan.tables[k].items()]
     modules.append(("head", -1, plan.tables["head"][-1]))
+    busiest = {}                                  # MoE layers split alike wait alike: drawn once
     for kind, l, parts in modules:
         whole = {"attn": cfg.n_head, "ffn": cfg.n_ff, "moe": cfg.n_expert, "head": cfg.n_vocab}[kind]
         total = sizes["head"] if kind == "head" else sizes[kind][l]
@@ -207,7 +219,10 @@ def predict(plan: Plan, cfg, sizes: dict, node_gbs, link_mbit=None, latency_ms=0
             c[node] = total * (b - a) / whole / speeds[node]
             read[node] += total * (b - a) / whole
         if kind == "moe" and len(parts) > 1:
-            c_max = expected_max_experts(parts, cfg.n_expert, cfg.n_expert_used, speeds) * total / cfg.n_expert_used
+            key = tuple(parts)
+            if key not in busiest:
+                busiest[key] = expected_max_experts(parts, cfg.n_expert, cfg.n_expert_used, speeds)
+            c_max = busiest[key] * total / cfg.n_expert_used
         else:
             c_max = c.max()
         workers = [(node, a, b) for node, a, b in parts if node > 0]

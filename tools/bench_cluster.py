@@ -179,17 +179,14 @@ def child_main(args):
     c = getattr(m, "cluster", None)
     for line in sys.stdin:
         n = int(line)
-        before = c and (sum(x.sent for x in c.clients), sum(x.received for x in c.clients), c.stats["round_trips"],
-                        c.stats["net_seconds"], c.stats["tokens"])
+        before = counters(c) if c else None
         rate = decode_rate(m, n, prompt)
         out = {"rate": rate}
         if c:
-            after = (sum(x.sent for x in c.clients), sum(x.received for x in c.clients), c.stats["round_trips"],
-                     c.stats["net_seconds"], c.stats["tokens"])
-            d = [y - x for x, y in zip(before, after)]
+            d = counters(c) - before
             tok = max(1, d[4])
             out.update(sent_kib=d[0] / 1024 / tok, received_kib=d[1] / 1024 / tok, round_trips=d[2] / tok,
-                       net_ms=1e3 * d[3] / tok, alive=sum(c.alive))
+                       net_ms=1e3 * d[3] / tok, alive=int(sum(c.alive)))
         print(json.dumps(out), flush=True)
 
 
@@ -197,7 +194,7 @@ def netns_main(args):
     """Each node in its namespace on its core, over tbf links; the ceiling from N pinned processes."""
     import tempfile
     from glmcpu.net.link import keygen
-    from glmcpu.plan import make_plan, module_bytes, predict
+    from glmcpu.plan import make_plan, module_bytes, predict, token_bytes
     n = args.nodes
     if n > (os.cpu_count() or 1):
         raise SystemExit(f"--nodes {n}: this machine has {os.cpu_count()} cores (one per node)")
@@ -267,7 +264,7 @@ def netns_main(args):
         f = GGUFFile(args.model)
         cfg = model_class(f.arch).config_class.from_gguf(f)
         sizes = module_bytes(f, cfg)
-        per_token = sum(sum(sizes[k].values()) for k in ("attn", "ffn", "moe")) + sizes["head"] + sizes["root"]
+        per_token = token_bytes(sizes)
         plan = make_plan(cfg, ["root"] + [f"w{i}" for i in range(1, n)], [1] * n)
         result = {"nodes": n, "alone": one, "ceiling": ceil, "cluster": {}, "predicted": {}}
         for m in dict.fromkeys(mbits):
@@ -296,6 +293,12 @@ def netns_main(args):
         mesh_down()
         import shutil
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def counters(c):
+    """A cluster's running totals: bytes sent, received, round trips, seconds waiting, tokens."""
+    return np.array([sum(x.sent for x in c.clients), sum(x.received for x in c.clients), c.stats["round_trips"],
+                     c.stats["net_seconds"], c.stats["tokens"]], float)
 
 
 def decode_rate(m, n, prompt):
@@ -335,7 +338,7 @@ def main():
 
     import glmcpu
     from glmcpu import ops
-    from glmcpu.plan import make_plan, module_bytes, predict
+    from glmcpu.plan import make_plan, module_bytes, predict, token_bytes
 
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
                platform.processor())
@@ -359,19 +362,15 @@ def main():
         figures = {}
         decode_rate(single, 4, prompt)
         decode_rate(root, 4, prompt)
-        def counters():
-            return np.array([sum(x.sent for x in c.clients), sum(x.received for x in c.clients),
-                             c.stats["round_trips"], c.stats["net_seconds"]], float)
-
         for r in range(args.runs):
             rates["single"].append(decode_rate(single, args.tokens, prompt))
             for w in wires:
                 c.wire = w
-                t0 = counters()
+                t0 = counters(c)[:4]
                 decode_rate(root, 1, prompt)                 # the prompt alone
-                t1 = counters()
+                t1 = counters(c)[:4]
                 rates[w].append(decode_rate(root, args.tokens, prompt))
-                t2 = counters()
+                t2 = counters(c)[:4]
                 figures[w] = ((t2 - t1) - (t1 - t0)) / (args.tokens - 1)    # per decoded token
         med = {k: statistics.median(v) for k, v in rates.items()}
         print(f"one process, {args.single_threads} threads: {med['single']:.2f} tok/s "
@@ -387,7 +386,7 @@ def main():
         if args.link_mbit:
             cfg = root.cfg
             sizes = module_bytes(root.file, cfg)
-            per_token = sum(sum(sizes[k].values()) for k in ("attn", "ffn", "moe")) + sizes["head"] + sizes["root"]
+            per_token = token_bytes(sizes)
             one_gbs = per_token * decode_rate(glmcpu.load(args.model, threads=1), args.tokens, prompt) / 1e9
             plan = make_plan(cfg, ["root", ep], [1, 1])
             for w in wires:
