@@ -526,8 +526,19 @@ def test_serve_options_bound_connections_and_slow_heads():
     p, url = start_server("--max-connections", "1", "--head-timeout", "1")
     try:
         addr = (urlsplit(url).hostname, urlsplit(url).port)
-        idle = socket.create_connection(addr, timeout=5)
-        time.sleep(0.2)
+        for _ in range(20):     # the /health probe's thread may not have given its slot back yet
+            idle = socket.create_connection(addr, timeout=5)
+            time.sleep(0.2)
+            idle.setblocking(False)
+            try:
+                idle.recv(1, socket.MSG_PEEK)       # data or EOF: turned away, try again
+            except BlockingIOError:
+                break                               # nothing to read: it holds the one slot
+            idle.close()
+        else:
+            raise AssertionError("no connection ever held the server's one slot")
+        idle.setblocking(True)
+        idle.settimeout(5)
         other = socket.create_connection(addr, timeout=5)
         other.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         answer = other.recv(65536).decode()
