@@ -48,6 +48,10 @@ def add_cluster(p):
     p.add_argument("--wire", default="f32", choices=["f32", "f16", "q8_0"],
                    help="hidden vectors on the network: f32 (exact), f16 (half the bytes) or q8_0 (34 "
                         "bytes per 32 values)")
+    p.add_argument("--topology", default="star", choices=["star", "mesh"],
+                   help="star: every sync through the root; mesh: every node runs the layers and sends its "
+                        "parts straight to all others (one exchange per sync; exact wire; each worker opens "
+                        "one more port, on its --bind host)")
 
 
 def parse_shares(text):
@@ -66,7 +70,7 @@ def cluster_kwargs(a):
         return {}
     shares = parse_shares(a.shares)
     return dict(workers=a.workers, key=a.key, worker_key=a.worker_key, insecure=a.insecure,
-                timeout=a.timeout, shares=shares, wire=a.wire)
+                timeout=a.timeout, shares=shares, wire=a.wire, topology=a.topology)
 
 
 def cmd_worker(a):
@@ -83,6 +87,7 @@ def cmd_worker(a):
     service = WorkerService(a.model and model_path(a.model), a.threads, a.memory, a.cache, a.cache_max, a.lease,
                             repack=a.repack)
     server = Server(a.bind, service, keypair=keypair, allowed=allowed)
+    service.attach(server)
     print(f"glmcpu worker on {server.endpoint} ({'insecure' if a.insecure else 'CurveZMQ'}; "
           f"public key {keypair[0].decode() if keypair else '-'})", flush=True)
     try:

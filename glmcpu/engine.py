@@ -21,7 +21,7 @@ DEFAULT_DRAFT_TOKENS = {"MTPDraft": 1, "LookupDraft": 3}
 
 class Model:
     def __init__(self, path, threads=None, ctx=None, mlock=False, workers=None, key=None,
-                 worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32", progress=None,
+                 worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32", topology="star", progress=None,
                  repack=None, draft="auto", draft_tokens=None, draft_vocab=None, kv_type=None, cache_ram=None,
                  cache_dir=None, cache_disk=None):
         self.file = GGUFFile(path)
@@ -47,7 +47,7 @@ class Model:
         # the model, or a cluster running it: both have forward, new_cache, begin and status
         if workers:
             self.net = connect(self.file, cls, workers, key, worker_key, insecure, timeout, shares,
-                               self.threads, self.ctx, wire, progress, repack, self.kv_type)
+                               self.threads, self.ctx, wire, progress, repack, self.kv_type, topology)
         else:
             self.net = cls(self.file, self.threads, progress=progress, packing=ops.plan_packing(self.file, repack),
                            kv_type=self.kv_type)
@@ -182,7 +182,9 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
     mlock: pin the weights in RAM (the non-expert ones for MoE files) so they are never paged out.
     workers: endpoints ("tcp://host:port") of `glmcpu worker`s to share the work with; then
         key= (this root's key file) and worker_key= (the workers' public key), or insecure=True;
-        also timeout= (seconds, default 5), shares= and wire= ("f32", "f16" or "q8_0").
+        also timeout= (seconds, default 5), shares=, wire= ("f32", "f16" or "q8_0") and topology=
+        ("star": every sync through the root; "mesh": every node runs the layers and sends its
+        parts straight to all the others, exact wire only).
     progress: progress(done, total) is called as layers are built.
     repack: "auto" (default, or GLMCPU_REPACK), "none" or "all": which weights are copied into RAM
         in the kernels' faster layouts. auto copies the non-expert weights when they fit in 80% of
@@ -210,7 +212,7 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
 
 
 def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire, progress, repack,
-            kv_type):
+            kv_type, topology="star"):
     from .cluster import Cluster
     from .net.link import load_keypair, load_public
     if insecure:
@@ -223,7 +225,7 @@ def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads
     if isinstance(workers, str):
         workers = [w for w in workers.split(",") if w]
     return Cluster(f, cls, workers, keypair, server_key, timeout=timeout, shares=shares, threads=threads,
-                   n_ctx=n_ctx, wire=wire, progress=progress, repack=repack, kv_type=kv_type)
+                   n_ctx=n_ctx, wire=wire, progress=progress, repack=repack, kv_type=kv_type, topology=topology)
 
 
 DEFAULT_KV_TYPE = "f16"

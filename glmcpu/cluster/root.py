@@ -25,9 +25,11 @@ from .. import ops
 from ..errors import GlmcpuError
 from ..net import wire as wirecodec
 from ..net.link import Client, Keepalive, LinkError, LinkLost
+from ..net.mesh import Mesh, MeshError
 from ..net.protocol import ProtocolError
 from ..plan import make_plan, weigh
 from ..weights import FileWeights, Recorder
+from .exchange import MeshRun, add_parts, own_part, senders
 
 
 LONG = 600        # seconds a live worker may take over a load or a put (a dead one is noticed in --timeout)
@@ -40,6 +42,13 @@ class ClusterError(GlmcpuError):
 
 class WorkerLost(Exception):
     """A worker holding KV-cache state stopped answering mid-sequence (handled by a replay)."""
+    replay = True
+
+
+class StepAgain(WorkerLost):
+    """A mesh step called off (a node lost or misbehaving): the step runs again, over the star,
+    from where it started; the sequence so far is replayed only if a lost node held KV heads."""
+    replay = False
 
 
 class Distributed:
@@ -81,9 +90,16 @@ class Cluster:
 
     def __init__(self, f, model_cls, endpoints, keypair=None, worker_key=None, timeout=5.0, shares=None,
                  threads=1, n_ctx=4096, wire="f32", progress=None, digest_cache=None, repack=None,
-                 kv_type=("f32", "f32")):
+                 kv_type=("f32", "f32"), topology="star"):
         if wire not in wirecodec.CODECS:
             raise ClusterError(f"--wire {wire}: use f32 (exact), f16 (half the bytes) or q8_0 (about a quarter)")
+        if topology not in ("star", "mesh"):
+            raise ClusterError(f"--topology {topology}: use star (every sync through the root) or mesh "
+                               "(every node runs the layers and sends its parts to all others)")
+        if topology == "mesh" and wire != "f32":
+            raise ClusterError(f"--topology mesh sends exact float64 parts; --wire {wire} is for the star")
+        self.topology, self.mesh, self.run_mesh, self.stepping, self.steps = topology, None, None, False, 0
+        self.timeout = timeout
         self.file, self.model_cls, self.n_ctx, self.wire, self.kv_type = f, model_cls, n_ctx, wire, tuple(kv_type)
         self.cfg = model_cls.config_class.from_gguf(f)
         self.session = secrets.token_hex(16)
@@ -91,7 +107,8 @@ class Cluster:
         self.alive = [True] * len(self.clients)
         self.epochs = [0] * len(self.clients)
         self.stats = {"tokens": 0, "round_trips": 0, "failovers": 0, "replays": 0, "net_seconds": 0.0,
-                      "compute_seconds": 0.0, "sent": 0, "received": 0}     # bytes of requests, not of loads
+                      "compute_seconds": 0.0, "sent": 0, "received": 0,     # bytes of requests, not of loads
+                      "syncs": 0, "mesh_steps": 0}
         # however this root ends (close, an error, Ctrl-C, exit), its workers hear goodbye
         self.keepalive = Keepalive(endpoints, keypair, worker_key, "ping", {"s": self.session})
         self._goodbye = weakref.finalize(self, goodbye, self.keepalive, self.clients, self.alive, self.session)
@@ -124,7 +141,7 @@ class Cluster:
         for l, L in enumerate(self.model.layers):
             L.attn = self._wrap("attn", l, L.attn)
             if hasattr(L.ffn, "experts"):
-                L.ffn.experts = self._wrap("moe", l, L.ffn.experts)
+                L.ffn.experts = self._wrap("moe", l, L.ffn.experts)       # the root adds the shared expert
             else:
                 L.ffn = self._wrap("ffn", l, L.ffn)
         self.model.output = self._wrap("head", -1, self.model.output)
@@ -143,21 +160,31 @@ class Cluster:
             except LinkError as e:
                 raise ClusterError(f"worker {c.endpoint} could not load its share: {e}") from None
         self.needs_replay = False         # nothing was computed yet: nothing to replay
+        if self.topology == "mesh" and all(self.alive):
+            self.setup_mesh()
 
     def _wrap(self, kind, layer, local):
-        if all(n == 0 for n, _, _ in self.plan.parts(kind, layer)):
-            return local                  # the root holds all of it: nothing to send
+        if all(n == 0 for n, _, _ in self.plan.parts(kind, layer)) and self.topology == "star":
+            return local                  # the root holds all of it: nothing to send (a mesh's workers need it)
         mod = Distributed(self, kind, layer, local)
         self.modules.append(mod)
         return mod
 
     # ---- loading -----------------------------------------------------------------------------
 
+    def shares_of(self, node):
+        """[(kind, layer, a, b)] a worker builds: its plan shares, and in a mesh every layer's norms
+        (and routers) and the output norm, for it runs the layer loop itself."""
+        own = self.plan.shares_of(node)
+        if self.topology == "mesh":
+            own = own + [("norms", l, 0, 1) for l in range(self.cfg.n_layer)] + [("norms", -1, 0, 1)]
+        return own
+
     def _digests(self, cache_dir):
         """sha256 of every worker share (its tensors' bytes, names and ranges): the name a worker
         stores a shipped share under and the check of its own copy of the file. Kept on disk per
         file (size, mtime and header), so a second start reads nothing."""
-        wanted = [(k, l, a, b) for node in range(1, len(self.plan.nodes)) for k, l, a, b in self.plan.shares_of(node)]
+        wanted = [(k, l, a, b) for node in range(1, len(self.plan.nodes)) for k, l, a, b in self.shares_of(node)]
         path = None
         known = {}
         if cache_dir is not False:
@@ -199,7 +226,7 @@ class Cluster:
         any it has neither in a matching copy of the file nor in its cache (once: it keeps them)."""
         c = self.clients[i]
         self.epochs[i] += 1
-        shares = [[k, l, a, b, self.digests[(k, l, a, b)]] for k, l, a, b in self.plan.shares_of(i + 1)]
+        shares = [[k, l, a, b, self.digests[(k, l, a, b)]] for k, l, a, b in self.shares_of(i + 1)]
         meta = {"s": self.session, "e": self.epochs[i], "config": self.config, "ctx": self.n_ctx, "kv": list(self.kv_type),
                 "fingerprint": self.file.fingerprint(), "shares": shares}
         missing = self._request_load(c, meta)
@@ -272,30 +299,150 @@ class Cluster:
                 if cache is not self.live and cache.pos > 0:
                     self.replay(cache)
                 self.live = cache
-                out = self.model.forward(ids, cache, all_logits, hidden)
+                out = self.run(ids, cache, all_logits, hidden)
                 self.stats["tokens"] += len(ids)
                 return out
-            except WorkerLost:
-                self.live = None
+            except WorkerLost as e:
+                if e.replay or self.needs_replay:
+                    self.needs_replay = False
+                    self.live = None
 
     def replay(self, cache):
         history = list(cache.tokens[:cache.pos])
         self.stats["replays"] += 1
         while True:                       # until one whole pass gets through
             cache.pos, cache.tokens = 0, []
+            self.needs_replay = False
             self.live = cache
             try:
                 for s in range(0, len(history), 256):
-                    self.model.forward(history[s:s + 256], cache, False)
+                    self.run(history[s:s + 256], cache, False)
                 return
             except WorkerLost:            # lost another one meanwhile: again, without it
                 continue
+
+    # ---- the mesh ------------------------------------------------------------------------------
+
+    def setup_mesh(self):
+        """Every worker binds a mesh port and connects to the workers after it, the root to all;
+        the session's CurveZMQ key pair for it travels over each worker's own link. On any failure
+        the cluster goes on as a star (a lost worker is a failover as ever)."""
+        import zmq
+        self.drop_mesh()
+        secure = self.clients[0].keypair is not None
+        keypair = zmq.curve_keypair() if secure else None
+        n = 1 + len(self.clients)
+        base = {"s": self.session, "n": n, "timeout": float(self.timeout),
+                "key": list(keypair) if keypair else None,
+                "tables": {k: {str(l): [list(p) for p in parts] for l, parts in t.items()}
+                           for k, t in self.plan.tables.items()}}
+        i = 0
+        try:
+            ports = {}
+            for i, c in enumerate(self.clients):
+                meta, _ = c.request("mesh", dict(base, e=self.epochs[i], phase="bind", node=i + 1))
+                ports[i + 1] = int(meta["port"])
+            eps = {j: f"tcp://{host_of(self.clients[j - 1].endpoint)}:{port}" for j, port in ports.items()}
+            for i, c in enumerate(self.clients):
+                c.request("mesh", {"s": self.session, "e": self.epochs[i], "phase": "connect",
+                                   "peers": {str(j): e for j, e in eps.items() if j > i + 1}})
+            mesh = Mesh(0, n, keypair, timeout=self.timeout)
+            mesh.connect(eps)
+            self.mesh = mesh
+            for i, c in enumerate(self.clients):
+                c.request("mesh", {"s": self.session, "e": self.epochs[i], "phase": "ready"})
+        except LinkLost as e:
+            self.drop_mesh()
+            self.lose(i + 1)
+            print(f"glmcpu: {e}; the cluster runs as a star without it", file=sys.stderr)
+            return
+        except (LinkError, KeyError, TypeError, ValueError) as e:
+            self.drop_mesh()
+            print(f"glmcpu: no mesh ({e}); the cluster runs as a star", file=sys.stderr)
+            return
+        self.run_mesh = MeshRun(self.mesh, self.cfg)
+
+    def drop_mesh(self):
+        if self.mesh is not None:
+            self.mesh.close()
+        self.mesh = self.run_mesh = None
+
+    def run(self, ids, cache, all_logits=False, hidden=False):
+        """One forward step: over the star, or in a mesh the root hands every worker the step's
+        embedded rows and runs the layers as they do, exchanging parts."""
+        if self.mesh is None:
+            return self.model.forward(ids, cache, all_logits, hidden)
+        self.steps += 1
+        meta = {"s": self.session, "step": self.steps, "pos0": int(cache.pos), "all": bool(all_logits)}
+        rows = self.model.embed(self.model.embd, ids)
+        for i, c in enumerate(self.clients):
+            try:
+                c.send("step", dict(meta, e=self.epochs[i]), [rows])
+            except LinkError:
+                self.mesh_failed(i + 1)
+        self.run_mesh.begin(self.steps)
+        self.stepping = True
+        try:
+            out = self.model.forward(ids, cache, all_logits, hidden)
+        except WorkerLost:
+            raise
+        except BaseException:             # Ctrl-C or a bug mid-step: the workers drop the step
+            if self.mesh is not None:
+                self.mesh.abort()
+            raise
+        finally:
+            self.stepping = False
+        self.stats["mesh_steps"] += 1
+        return out
+
+    def mesh_failed(self, node):
+        """A node of the mesh failed (lost, or sent what it should not): the others are told to
+        drop the step, the cluster goes on as a star, and the step runs again."""
+        if self.mesh is not None:
+            self.mesh.abort()
+        self.drop_mesh()
+        if node:
+            self.lose(node)
+        raise StepAgain()
+
+    def exchange_mesh(self, mod, x, args):
+        """One sync of a mesh step; the output head's parts come back as the workers' answers to
+        the step (every worker answers it, holding a part of the head or not)."""
+        t0 = time.perf_counter()
+        if mod.kind != "head":
+            try:
+                y = self.run_mesh(mod.kind, mod.parts, mod.local, x, args)
+            except MeshError as e:
+                self.mesh_failed(e.node)
+            self.stats["syncs"] += 1
+            self.stats["net_seconds"] += time.perf_counter() - t0
+            return y
+        out = {0: mod.local(x, *args)} if mod.local is not None else {}
+        widths = {n: b - a for n, a, b in mod.parts}
+        for i, c in enumerate(self.clients):
+            if not self.alive[i]:
+                continue
+            try:
+                _, arrays = c.recv()
+                if i + 1 in widths:
+                    y = wirecodec.decode(arrays, "f32", widths[i + 1], x.shape[0])
+                    if y.shape[0] != x.shape[0]:
+                        raise ProtocolError(f"{y.shape[0]} rows of logits for {x.shape[0]}")
+                    out[i + 1] = y
+            except (LinkError, ProtocolError):
+                self.mesh_failed(i + 1)
+        self.stats["net_seconds"] += time.perf_counter() - t0
+        return np.concatenate([out[n] for n, _, _ in mod.parts], 1)
+
+    # ---- the star ------------------------------------------------------------------------------
 
     def exchange(self, mod, x, args):
         """Send x to the live workers holding parts of mod, run the root's part, gather; parts of
         lost workers are computed here, from the same wire values the worker would have read. Partial
         sums come in float64 (f32 wire) and add in node order: float32 chunk sums add exactly in
         double, so the total is one process's."""
+        if self.stepping:
+            return self.exchange_mesh(mod, x, args)
         kind = mod.kind
         x = np.ascontiguousarray(x, np.float32)
         meta = {"layer": mod.layer, "s": self.session, "wire": self.wire}
@@ -317,8 +464,9 @@ class Cluster:
                     self.lose(n)
         t0 = time.perf_counter()
         out = {}
-        if mod.local is not None:
-            out[0] = mod.local(x, *args)
+        own = own_part(kind, mod.local, x, args)
+        if own is not None:
+            out[0] = own
         t1 = time.perf_counter()
         self.stats["compute_seconds"] += t1 - t0
         width = None
@@ -338,21 +486,16 @@ class Cluster:
         if self.needs_replay:
             self.needs_replay = False
             raise WorkerLost()
-        parts = []
         for n, a, b in mod.parts:
             if n not in out:                                       # a worker that is gone
                 if n not in mod.fallback:
                     mod.fallback[n] = self.build(FileWeights(self.file, self.packing.dense), kind, mod.layer, a, b,
                                                  self.packing.experts)
-                y = mod.fallback[n](wirecodec.roundtrip(x, self.wire), *args)
+                y = mod.fallback[n](wirecodec.roundtrip(x, self.wire), *(args[:3] if kind == "moe" else args))
                 out[n] = y if kind == "head" else wirecodec.roundtrip(y, reply)
-            parts.append(out[n])
         if kind == "head":
-            return np.concatenate(parts, 1)
-        y = parts[0]
-        for p in parts[1:]:
-            y = y + p
-        return y
+            return np.concatenate([out[n] for n, _, _ in mod.parts], 1)
+        return add_parts(senders(self.cfg, kind, mod.parts), out)
 
     def lose(self, n):
         if not self.alive[n - 1]:
@@ -383,6 +526,8 @@ class Cluster:
             back += 1
         if back:
             self.live = None
+            if self.topology == "mesh" and all(self.alive):
+                self.setup_mesh()
         return back
 
     def status(self) -> dict:
@@ -396,17 +541,26 @@ class Cluster:
                 "compute_ms": 1e3 * self.stats["compute_seconds"] / n,
                 "failovers": self.stats["failovers"], "replays": self.stats["replays"],
                 "alive": f"{sum(self.alive)}/{len(self.alive)}",
+                "topology": "mesh" if self.mesh is not None else "star",
+                "syncs": self.stats["syncs"] / n,
                 "nodes": f"{1 + sum(self.alive)}/{1 + len(self.alive)}"}
 
 
     def close(self):
         """Free the workers for other roots at once, and close the links (also run when this
         object is collected, and at interpreter exit)."""
+        if getattr(self, "mesh", None) is not None:
+            self.drop_mesh()
         if hasattr(self, "_goodbye"):
             self._goodbye()
         else:
             for c in self.clients:
                 c.close()
+
+
+def host_of(endpoint: str) -> str:
+    """The host of a tcp:// endpoint, as this root reaches it (other nodes reach it the same way)."""
+    return endpoint.split("://", 1)[-1].rsplit(":", 1)[0]
 
 
 def goodbye(keepalive, clients, alive, session, wait=1.0):

@@ -22,10 +22,14 @@ from ..generate import PREFILL_CHUNK
 from ..models import model_class
 from ..models.glm4 import KV_TYPES, KVCache
 from ..net import wire as wirecodec
+from ..net.mesh import Mesh, MeshError
 from ..net.protocol import ProtocolError
 from ..plan import KINDS
 from ..weights import FileWeights, Recorder
+from .exchange import MeshModule, MeshRun
 from .store import ShareStore, StoreError, is_digest
+
+SHARE_KINDS = KINDS + ("norms",)     # norms: a layer's norms and router, which a mesh node holds whole
 
 K = ops.K
 LIMITS = {"d_model": 1 << 16, "n_head": 1 << 10, "n_head_kv": 1 << 10, "head_dim": 1 << 11, "n_layer": 1 << 12,
@@ -48,6 +52,8 @@ def scratch_bytes(cfg, shares) -> int:
     the widest thing a share computes (float64 partial sums, head rows, FFN units, q|k|v, experts)."""
     widest = 2 * cfg.d_model
     for kind, _, a, b, _ in shares:
+        if kind == "norms":
+            continue
         widest = max(widest, b - a if kind == "head" else 2 * (b - a) if kind == "ffn" else
                      3 * (b - a) * cfg.head_dim if kind == "attn" else 3 * cfg.n_ff_exp * cfg.n_expert_used)
     return MAX_TOKENS * 4 * 4 * widest
@@ -60,7 +66,7 @@ def available_gb() -> float:
 
 class WorkerService:
     """handler(op, meta, arrays) for net.link.Server: hello, load, put, attn, ffn, moe, head,
-    ping, bye."""
+    mesh, step, ping, bye."""
 
     def __init__(self, model_path=None, threads=None, memory_gb=None, cache_dir=None, cache_max_gb=None,
                  lease=10.0, fault=None, repack=None):
@@ -95,6 +101,20 @@ class WorkerService:
             self.fault = (how, op, int(n))
         self.counts = {}
         self.busy_seconds, self.requests = 0.0, 0    # time spent computing, and requests computed
+        self.link = None              # the net.link.Server answering for this service (attach)
+        self.mesh = self.mesh_layers = None
+
+    def attach(self, server):
+        """The link this service answers on: a mesh port binds on its host, under its keys' rules."""
+        self.link = server
+
+    def tick(self, op):
+        """For tests: the fault chosen by GLMCPU_WORKER_FAULT, at the n-th request of a kind (or
+        n-th module of that kind computed, in a mesh step)."""
+        if self.fault and op == self.fault[1]:
+            self.counts[op] = self.counts.get(op, 0) + 1
+            if self.counts[op] == self.fault[2]:
+                os.kill(os.getpid(), signal.SIGKILL if self.fault[0] == "kill" else signal.SIGSTOP)
 
     # ---- the session -------------------------------------------------------------------------
 
@@ -111,10 +131,8 @@ class WorkerService:
         self.last_seen = time.monotonic()
 
     def __call__(self, op, meta, arrays):
-        if self.fault and op == self.fault[1]:
-            self.counts[op] = self.counts.get(op, 0) + 1
-            if self.counts[op] == self.fault[2]:
-                os.kill(os.getpid(), signal.SIGKILL if self.fault[0] == "kill" else signal.SIGSTOP)
+        if op not in KINDS:
+            self.tick(op)
         if op == "ping":
             if meta.get("s") == self.session and self.session is not None:
                 self.last_seen = time.monotonic()
@@ -134,15 +152,18 @@ class WorkerService:
             return self.load(meta), []
         if op == "put":
             return self.put(meta, arrays), []
-        if op in KINDS:
+        if op in KINDS or op == "step":
             t = time.perf_counter()
-            out = self.compute(op, meta, arrays)
+            out = self.compute(op, meta, arrays) if op != "step" else self.step(meta, arrays)
             self.busy_seconds += time.perf_counter() - t
             self.requests += 1
             return {}, out
+        if op == "mesh":
+            return self.mesh_setup(meta), []
         raise ProtocolError(f"unknown op {op!r}")
 
     def _free(self):
+        self.drop_mesh()
         self.session, self.epoch, self.cfg, self.kv = None, None, None, None
         self.modules, self.built, self.wanted, self.held = {}, {}, set(), {}
         self.store.pin(())
@@ -203,7 +224,7 @@ class WorkerService:
             raise ProtocolError(f"load: context {n_ctx!r} is out of range")
         parsed = []
         for sh in shares:
-            if (not isinstance(sh, list) or len(sh) != 5 or sh[0] not in KINDS
+            if (not isinstance(sh, list) or len(sh) != 5 or sh[0] not in SHARE_KINDS
                     or not all(isinstance(v, int) for v in sh[1:4]) or not is_digest(sh[4])
                     or not 0 <= sh[2] < sh[3] or not -1 <= sh[1] < cfg.n_layer):
                 raise ProtocolError("load: bad share")
@@ -252,6 +273,7 @@ class WorkerService:
             self.wanted, self.need = set(missing), need
             self.epoch = None                  # nothing runs until the shares are all here
             return {"missing": missing}
+        self.drop_mesh()                       # a mesh is set up for a complete load
         self.cfg, self.n_ctx, self.epoch = cfg, n_ctx, epoch
         self.modules = {k: m for k, (m, _) in modules.items()}
         self.built = {d: m for m, d in modules.values()}
@@ -286,8 +308,145 @@ class WorkerService:
 
     # ---- computing ---------------------------------------------------------------------------
 
+    # ---- the mesh ----------------------------------------------------------------------------
+
+    def drop_mesh(self):
+        if self.mesh is not None:
+            self.mesh.close()
+        self.mesh = self.mesh_layers = None
+
+    def mesh_setup(self, meta):
+        """The root's three calls: "bind" (a mesh port, on this worker's host, admitting the
+        session's key only), "connect" (to the workers after this one), "ready" (all the workers
+        before it have connected); then this worker runs whole steps, its layers put together from
+        its shares, its norms and the plan's tables."""
+        self._own(meta)
+        phase = meta.get("phase")
+        if phase == "bind":
+            self.drop_mesh()
+            node, n, key, timeout = meta.get("node"), meta.get("n"), meta.get("key"), meta.get("timeout")
+            if not (type(node) is int and type(n) is int and 1 <= node < n <= 256):
+                raise ProtocolError("mesh: bad node numbers")
+            if not isinstance(timeout, (int, float)) or not 0.05 <= timeout <= 600:
+                raise ProtocolError("mesh: bad timeout")
+            secure = self.link is not None and self.link.auth is not None
+            if key is None and secure:
+                raise ProtocolError("refused: this worker takes CurveZMQ links only; a mesh needs the session's key")
+            if key is not None and (not isinstance(key, list) or len(key) != 2
+                                    or not all(isinstance(k, bytes) and len(k) == 40 for k in key)):
+                raise ProtocolError("mesh: bad key pair")
+            layers = self._mesh_layers(meta.get("tables"), node)
+            host = self.link.endpoint.split("://", 1)[-1].rsplit(":", 1)[0] if self.link is not None else "127.0.0.1"
+            self.mesh = Mesh(node, n, tuple(key) if key else None, timeout=float(timeout),
+                             ctx=self.link.ctx if self.link is not None else None)
+            try:
+                port = self.mesh.bind(host, self.link.auth if self.link is not None else None)
+            except Exception as e:
+                self.drop_mesh()
+                raise ProtocolError(f"mesh: cannot bind a port on {host}: {e}") from None
+            self.mesh_layers = layers
+            return {"port": port}
+        if self.mesh is None:
+            raise ProtocolError("mesh: no mesh port bound")
+        if phase == "connect":
+            peers = meta.get("peers")
+            if not isinstance(peers, dict) or len(peers) > 256:
+                raise ProtocolError("mesh: bad peers")
+            parsed = {}
+            for k, e in peers.items():
+                if (not isinstance(k, str) or not k.isdigit() or not int(k) > self.mesh.node or int(k) >= self.mesh.n
+                        or not isinstance(e, str) or not e.startswith("tcp://") or len(e) > 300):
+                    raise ProtocolError("mesh: bad peer")
+                parsed[int(k)] = e
+            self.mesh.connect(parsed)
+            return {}
+        if phase == "ready":
+            try:
+                self.mesh.wait_joined(range(self.mesh.node))
+            except MeshError as e:
+                self.drop_mesh()
+                raise ProtocolError(f"mesh: {e}") from None
+            return {}
+        raise ProtocolError("mesh: unknown phase")
+
+    def _mesh_layers(self, tables, node):
+        """The model's layers over this worker's shares, each split module wrapped to exchange its
+        parts (the plan's tables say whose), with the norms and routers shipped for the mesh."""
+        cfg = self.cfg
+        if not isinstance(tables, dict) or set(tables) != set(KINDS):
+            raise ProtocolError("mesh: bad plan tables")
+        parsed = {}
+        for kind, t in tables.items():
+            if not isinstance(t, dict):
+                raise ProtocolError("mesh: bad plan tables")
+            for l, parts in t.items():
+                if (not isinstance(l, str) or not l.lstrip("-").isdigit() or not isinstance(parts, list)
+                        or not all(isinstance(p, list) and len(p) == 3 and all(type(v) is int for v in p)
+                                   for p in parts)):
+                    raise ProtocolError("mesh: bad plan tables")
+                parsed[(kind, int(l))] = [tuple(p) for p in parts]
+        # every module of every layer, and this worker's parts as the load built them
+        cls = model_class(cfg.arch)
+        run = MeshRun(None, cfg)
+        layers = []
+        try:
+            for l in range(cfg.n_layer):
+                norms = self.modules[("norms", l)]
+                fk = "moe" if norms.router is not None else "ffn"
+                mine = {k: [p for p in parsed[(k, l)] if p[0] == node] for k in ("attn", fk)}
+                for k in ("attn", fk):
+                    if bool(mine[k]) != ((k, l) in self.modules):
+                        raise ProtocolError(f"mesh: the plan's {k} of layer {l} is not what this worker loaded")
+                attn = MeshModule(run, "attn", parsed[("attn", l)], self.modules.get(("attn", l)), self.tick)
+                ffn = MeshModule(run, fk, parsed[(fk, l)], self.modules.get((fk, l)), self.tick)
+                if fk == "moe":
+                    ffn = cls.moe_class.of(cfg, norms.router, ffn)
+                layers.append(cls.layer_class.of(norms, attn, ffn))
+            out_norm = self.modules[("norms", -1)].out_norm
+        except KeyError as e:
+            raise ProtocolError(f"mesh: this worker's load lacks {e} (load it for a mesh)") from None
+        skeleton = cls.__new__(cls)          # the model's own layer loop, over these layers
+        skeleton.cfg, skeleton.threads = cfg, self.threads
+        return {"layers": layers, "run": run, "model": skeleton, "out_norm": out_norm}
+
+    def step(self, meta, arrays):
+        """One forward step of the root's: its embedded rows [T, d] at positions pos0..; every
+        layer here, exchanging parts with the other nodes; answers this worker's columns of the
+        output head (of the last row, or of all rows)."""
+        self._own(meta)
+        if self.mesh is None or self.mesh_layers is None:
+            raise ProtocolError("step: no mesh is set up")
+        cfg = self.cfg
+        step, pos0, every = meta.get("step"), meta.get("pos0"), meta.get("all")
+        if type(step) is not int or not step > 0 or not isinstance(every, bool):
+            raise ProtocolError("step: bad step")
+        if len(arrays) != 1:
+            raise ProtocolError("step: expected the embedded rows")
+        h = np.array(wirecodec.decode(arrays, "f32", cfg.d_model, MAX_TOKENS))
+        T = h.shape[0]
+        if type(pos0) is not int or not 0 <= pos0 <= self.n_ctx - T:
+            raise ProtocolError(f"step: positions {pos0!r}.. are outside the context of {self.n_ctx}")
+        m = self.mesh_layers
+        m["run"].mesh = self.mesh
+        m["run"].begin(step)
+        self.kv.pos = pos0
+        pos = np.arange(pos0, pos0 + T, dtype=np.int32)
+        try:
+            for l, L in enumerate(m["layers"]):
+                m["model"].run_layer(L, h, self.kv, l, pos)
+        except MeshError as e:
+            raise ProtocolError(f"step: {e}") from None
+        head = self.modules.get(("head", -1))
+        if head is None:
+            return []
+        self.tick("head")
+        rows = np.ascontiguousarray(h if every else h[-1:])
+        normed = m["model"].rmsnorm(rows, m["out_norm"])
+        return [np.ascontiguousarray(head(normed, self.threads), np.float32)]
+
     def compute(self, op, meta, arrays):
         self._own(meta)
+        self.tick(op)
         cfg = self.cfg
         mod = self.modules.get((op, meta.get("layer")))
         if mod is None:

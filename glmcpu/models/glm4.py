@@ -339,6 +339,22 @@ class DenseFFN:
         return self.down(K.silu_mul(gu, np.empty((x.shape[0], gu.shape[1] // 2), np.float32), th), th)
 
 
+class Norms:
+    """What every node of a mesh holds whole beside its shares (cluster/: each node runs the layer
+    loop itself): a layer's norms (layer -1: the output norm), and in a MoE layer its router."""
+
+    def __init__(self, w, cfg: Config, layer: int, ffn_norm_name: str):
+        if layer < 0:
+            self.out_norm = w.vector("output_norm.weight")
+            return
+        p = f"blk.{layer}."
+        self.attn_norm = w.vector(p + "attn_norm.weight")
+        self.post_attn_norm = w.vector(p + "post_attention_norm.weight") if cfg.sandwich_norms else None
+        self.ffn_norm = w.vector(p + ffn_norm_name)
+        self.post_ffw_norm = w.vector(p + "post_ffw_norm.weight") if cfg.sandwich_norms else None
+        self.router = None
+
+
 class Layer:
     def __init__(self, model, w, i: int, ranges):
         cfg, p = model.cfg, f"blk.{i}."
@@ -353,6 +369,15 @@ class Layer:
             self.ffn = model.moe_class(w, p, cfg, lambda: model.build(w, cfg, "moe", i, ranges("moe", i), model.repack))
         self.post_ffw_norm = w.vector(p + "post_ffw_norm.weight") if cfg.sandwich_norms else None
 
+    @classmethod
+    def of(cls, norms: Norms, attn, ffn) -> "Layer":
+        """A layer put together from parts built apart (a mesh node's norms and wrapped shares)."""
+        L = cls.__new__(cls)
+        L.attn_norm, L.post_attn_norm = norms.attn_norm, norms.post_attn_norm
+        L.ffn_norm, L.post_ffw_norm = norms.ffn_norm, norms.post_ffw_norm
+        L.attn, L.ffn = attn, ffn
+        return L
+
 
 def whole(kind, layer):
     return None
@@ -363,6 +388,7 @@ class Model:
     it) picks this node's share of each split module: kind "attn" (query heads), "ffn" (FFN
     units), "moe" (routed experts) or "head" (vocabulary rows of the output)."""
     config_class = Config
+    layer_class = Layer
     ffn_norm_name = "ffn_norm.weight"
 
     def __init__(self, f: GGUFFile, threads: int, ranges=whole, progress=None, packing=None, kv_type=("f32", "f32")):
@@ -429,6 +455,8 @@ class Model:
         if rng == ():
             return None
         p = f"blk.{layer}."
+        if kind == "norms":
+            return Norms(w, cfg, layer, cls.ffn_norm_name)
         if kind == "attn":
             return Attention(w, p, cfg, heads=rng)
         if kind == "ffn":

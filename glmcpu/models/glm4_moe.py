@@ -96,13 +96,17 @@ class Experts:
         if self.gu_type != tu:
             raise ModelFileError(f"{p}ffn_gate_exps and ffn_up_exps differ in type")
 
-    def __call__(self, x, ids, weights, th):
+    def __call__(self, x, ids, weights, th, shared=None):
         """x [T, d], ids [T, k] (global expert ids), weights [T, k] -> this range's sum [T, d] float64
-        (experts add in double, so the ranges of several nodes add up to one process's sum)."""
+        (experts add in double, so the ranges of several nodes add up to one process's sum), plus
+        the shared expert's output where given (one node of a cluster adds it to its part)."""
         local = ids if (self.e0, self.e1) == (0, self.cfg.n_expert) else \
             np.where((ids >= self.e0) & (ids < self.e1), ids - self.e0, -1).astype(np.int32)
-        return K.moe(x, self.gate, self.up, self.down, self.gu_type, self.down_type, local,
-                     np.ascontiguousarray(weights, np.float32), np.empty(x.shape, np.float64), th)
+        y = K.moe(x, self.gate, self.up, self.down, self.gu_type, self.down_type, local,
+                  np.ascontiguousarray(weights, np.float32), np.empty(x.shape, np.float64), th)
+        if shared is not None:
+            y += shared(x, th)
+        return y
 
 
 class MoE:
@@ -117,13 +121,18 @@ class MoE:
                        if cfg.n_expert_shared else None)
         self.hits = np.zeros(cfg.n_expert, np.int64)                      # tokens routed to each expert
 
+    @classmethod
+    def of(cls, cfg, route, experts, shared=None) -> "MoE":
+        """A MoE layer put together from parts built apart (a mesh node's router and wrapped share)."""
+        m = cls.__new__(cls)
+        m.cfg, m.route, m.experts, m.shared = cfg, route, experts, shared
+        m.hits = np.zeros(cfg.n_expert, np.int64)
+        return m
+
     def __call__(self, x, th):
         idx, w = self.route(x, th)
         self.hits += np.bincount(idx.reshape(-1), minlength=self.cfg.n_expert)
-        y = self.experts(x, idx, w, th)
-        if self.shared is not None:
-            y += self.shared(x, th)
-        return y
+        return self.experts(x, idx, w, th, self.shared)     # the shared expert is added to the sum there
 
 
 class MTP:
@@ -208,4 +217,7 @@ class Model(glm4.Model):
     def build(cls, w, cfg, kind, layer, rng, repack=False):
         if kind == "moe" and rng != ():
             return Experts(w, f"blk.{layer}.", cfg, experts=rng, repack=repack)
-        return super().build(w, cfg, kind, layer, rng, repack)
+        out = super().build(w, cfg, kind, layer, rng, repack)
+        if kind == "norms" and layer >= cfg.n_dense_lead:
+            out.router = Router(w, f"blk.{layer}.", cfg)
+        return out
