@@ -48,10 +48,10 @@ def add_cluster(p):
     p.add_argument("--wire", default="f32", choices=["f32", "f16", "q8_0"],
                    help="hidden vectors on the network: f32 (exact), f16 (half the bytes) or q8_0 (34 "
                         "bytes per 32 values)")
-    p.add_argument("--topology", default="star", choices=["star", "mesh"],
+    p.add_argument("--topology", default=None, choices=["star", "mesh"],
                    help="star: every sync through the root; mesh: every node runs the layers and sends its "
                         "parts straight to all others (one exchange per sync; exact wire; each worker opens "
-                        "one more port, on its --bind host)")
+                        "one more port, on its --bind host). Default: $GLMCPU_TOPOLOGY or star")
 
 
 def parse_shares(text):

@@ -21,7 +21,7 @@ DEFAULT_DRAFT_TOKENS = {"MTPDraft": 1, "LookupDraft": 3}
 
 class Model:
     def __init__(self, path, threads=None, ctx=None, mlock=False, workers=None, key=None,
-                 worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32", topology="star", progress=None,
+                 worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32", topology=None, progress=None,
                  repack=None, draft="auto", draft_tokens=None, draft_vocab=None, kv_type=None, cache_ram=None,
                  cache_dir=None, cache_disk=None):
         self.file = GGUFFile(path)
@@ -184,7 +184,7 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
         key= (this root's key file) and worker_key= (the workers' public key), or insecure=True;
         also timeout= (seconds, default 5), shares=, wire= ("f32", "f16" or "q8_0") and topology=
         ("star": every sync through the root; "mesh": every node runs the layers and sends its
-        parts straight to all the others, exact wire only).
+        parts straight to all the others, exact wire only; default $GLMCPU_TOPOLOGY or star).
     progress: progress(done, total) is called as layers are built.
     repack: "auto" (default, or GLMCPU_REPACK), "none" or "all": which weights are copied into RAM
         in the kernels' faster layouts. auto copies the non-expert weights when they fit in 80% of
@@ -212,7 +212,7 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
 
 
 def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire, progress, repack,
-            kv_type, topology="star"):
+            kv_type, topology=None):
     from .cluster import Cluster
     from .net.link import load_keypair, load_public
     if insecure:

@@ -282,3 +282,14 @@ def random_blocks(rng, qtype, rows, cols, extreme=True):
         raw[2::5] = 0                               # zero blocks
     raw = raw.reshape(rows, nb * bb)
     return raw, quants.dequantize(raw, qtype).reshape(rows, cols).astype(np.float32)
+
+
+@pytest.fixture(autouse=True)
+def cluster_topology(request, monkeypatch):
+    """A test module's TOPOLOGY ("star" or "mesh") becomes every cluster's default there, in this
+    process and in the `glmcpu` processes it starts: test_*_mesh.py run the cluster's tests again,
+    unchanged, over a mesh."""
+    topology = getattr(request.module, "TOPOLOGY", None)
+    if topology:
+        monkeypatch.setenv("GLMCPU_TOPOLOGY", topology)
+    return topology or os.environ.get("GLMCPU_TOPOLOGY") or "star"

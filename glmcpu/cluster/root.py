@@ -90,9 +90,12 @@ class Cluster:
 
     def __init__(self, f, model_cls, endpoints, keypair=None, worker_key=None, timeout=5.0, shares=None,
                  threads=1, n_ctx=4096, wire="f32", progress=None, digest_cache=None, repack=None,
-                 kv_type=("f32", "f32"), topology="star"):
+                 kv_type=("f32", "f32"), topology=None):
         if wire not in wirecodec.CODECS:
             raise ClusterError(f"--wire {wire}: use f32 (exact), f16 (half the bytes) or q8_0 (about a quarter)")
+        if topology is None:              # the default; a mesh sends exact parts, so other wires mean a star
+            topology = os.environ.get("GLMCPU_TOPOLOGY") or "star"
+            topology = topology if wire == "f32" else "star"
         if topology not in ("star", "mesh"):
             raise ClusterError(f"--topology {topology}: use star (every sync through the root) or mesh "
                                "(every node runs the layers and sends its parts to all others)")
