@@ -117,7 +117,7 @@ def test_netns_mesh_measures_cluster_and_ceiling(wide_file, tmp_path):
     import json
     r = json.loads(out.read_text())
     assert r["nodes"] == 2 and r["ceiling"] > 1.05 * r["alone"] > 0, r      # (1.05: 2 vCPUs may share a core)
-    assert set(r["cluster"]) == {"1000.0", "100.0"}, r
+    assert set(r["cluster"]) == {"star 1000", "star 100", "mesh 1000", "mesh 100"}, r
     for mbit, rate in r["cluster"].items():
         assert 0 < rate < r["ceiling"] * 1.1, r
         assert r["predicted"][mbit] > 0, r

@@ -138,8 +138,8 @@ class Child:
         if line.strip() != "ready":
             raise SystemExit(f"a benchmark process did not start ({line.strip() or 'no output'})")
 
-    def ask(self, n):
-        self.p.stdin.write(f"{n}\n")
+    def ask(self, n, topology=None):
+        self.p.stdin.write(f"{n} {topology}\n" if topology else f"{n}\n")
         self.p.stdin.flush()
 
     def answer(self):
@@ -157,10 +157,10 @@ class Child:
             self.p.kill()
 
 
-def together(children, n):
+def together(children, n, topology=None):
     """All of them decode n tokens at the same time: their rates."""
     for c in children:
-        c.ask(n)
+        c.ask(n, topology)
     return [c.answer() for c in children]
 
 
@@ -170,7 +170,8 @@ def child_main(args):
     import glmcpu
     kw = {}
     if args.child == "root":
-        kw = dict(workers=args.endpoints.split(","), timeout=60, wire=args.wires.split(",")[0])
+        kw = dict(workers=args.endpoints.split(","), timeout=60, wire=args.wires.split(",")[0],
+                  topology="mesh" if "mesh" in args.topologies.split(",") else "star")
         kw.update(insecure=True) if args.insecure else kw.update(key=args.key, worker_key=args.worker_key)
     m = glmcpu.load(args.model, threads=args.threads, **kw)
     prompt = list(range(1000, 1008))
@@ -178,7 +179,11 @@ def child_main(args):
     print("ready", flush=True)
     c = getattr(m, "cluster", None)
     for line in sys.stdin:
-        n = int(line)
+        n, *topology = line.split()
+        n = int(n)
+        if c and topology and c.topology == "mesh":
+            if c.use_mesh(topology[0] == "mesh") != (topology[0] == "mesh"):
+                raise SystemExit("the mesh could not be set up")
         before = counters(c) if c else None
         rate = decode_rate(m, n, prompt)
         out = {"rate": rate}
@@ -186,7 +191,7 @@ def child_main(args):
             d = counters(c) - before
             tok = max(1, d[4])
             out.update(sent_kib=d[0] / 1024 / tok, received_kib=d[1] / 1024 / tok, round_trips=d[2] / tok,
-                       net_ms=1e3 * d[3] / tok, alive=int(sum(c.alive)))
+                       net_ms=1e3 * d[3] / tok, syncs=d[5] / tok, alive=int(sum(c.alive)))
         print(json.dumps(out), flush=True)
 
 
@@ -213,7 +218,9 @@ def netns_main(args):
               file=sys.stderr)
         sys.exit(3)
     base = ["--child", "single", "--threads", "1", args.model]
-    rates = {"alone": [], "ceiling": [], **{m: [] for m in mbits}}
+    topologies = args.topologies.split(",")
+    links = [(m, t) for m in mbits for t in topologies]          # each link speed, each topology
+    rates = {"alone": [], "ceiling": [], **{k: [] for k in links}}
     figures = {}
     workers, root, singles = [], None, []
     try:
@@ -241,20 +248,22 @@ def netns_main(args):
                     workers.append(w)
             eps = ",".join(f"tcp://{node_addr(i)}:5599" for i in range(1, n))
             root = Child(["ip", "netns", "exec", node_ns(0), "taskset", "-c", "0"],
-                         ["--child", "root", "--threads", "1", "--endpoints", eps, "--wires", args.wires, args.model]
+                         ["--child", "root", "--threads", "1", "--endpoints", eps, "--wires", args.wires,
+                          "--topologies", args.topologies, args.model]
                          + (["--insecure"] if args.insecure else keys))
             root.wait_ready()
             for m in mbits:
                 set_rate(n, m)
-                res = together([root], args.tokens)[0]
-                if res["alive"] != n - 1:
-                    raise SystemExit("a worker was lost during the run: the figure would be the root's alone")
-                rates[m].append(res["rate"])
-                figures[m] = res
+                for t in (topologies if r % 2 == 0 else topologies[::-1]):      # alternating order
+                    res = together([root], args.tokens, t)[0]
+                    if res["alive"] != n - 1:
+                        raise SystemExit("a worker was lost during the run: the figure would be the root's alone")
+                    rates[(m, t)].append(res["rate"])
+                    figures[(m, t)] = res
             root.close()
             root = None
             print(f"run {r + 1}: one core {rates['alone'][-1]:.2f} tok/s, {n} at once {rates['ceiling'][-1]:.2f}, "
-                  + ", ".join(f"cluster over {m:g} Mbit/s {rates[m][-1]:.2f}" for m in mbits), flush=True)
+                  + ", ".join(f"{t} over {m:g} Mbit/s {rates[(m, t)][-1]:.2f}" for m, t in links), flush=True)
         med = {k: statistics.median(v) for k, v in rates.items()}
         one, ceil = med["alone"], med["ceiling"]
         print(f"one core alone: {one:.2f} tok/s; {n} one-core processes at once: {ceil:.2f} tok/s in all "
@@ -267,19 +276,17 @@ def netns_main(args):
         per_token = token_bytes(sizes)
         plan = make_plan(cfg, ["root"] + [f"w{i}" for i in range(1, n)], [1] * n)
         result = {"nodes": n, "alone": one, "ceiling": ceil, "cluster": {}, "predicted": {}}
-        for m in dict.fromkeys(mbits):
-            fig = figures[m]
+        for m, t in links:
+            fig, key = figures[(m, t)], f"{t} {m:g}"
             # each node as fast as one of the N processes that ran at once (its share of the memory bus)
             speeds = [per_token * ceil / n / 1e9] * n
-            p = predict(plan, cfg, sizes, speeds, m, 0.05, args.wires.split(",")[0])
-            mesh = predict(plan, cfg, sizes, speeds, m, 0.05, args.wires.split(",")[0], topology="mesh")
-            result["cluster"][m], result["predicted"][m], result.setdefault("mesh", {})[m] = med[m], p["tok_s"], mesh["tok_s"]
-            print(f"cluster over {m:g} Mbit/s: {med[m]:.2f} tok/s = {med[m] / one:.2f}x one core, "
-                  f"{med[m] / ceil:.2f} of the ceiling (runs {', '.join(f'{x:.2f}' for x in rates[m])}); per token "
-                  f"{fig['sent_kib']:.1f} KiB sent, {fig['received_kib']:.1f} KiB received, {fig['round_trips']:.0f} "
-                  f"round trips, {fig['net_ms']:.1f} ms waiting; `glmcpu plan` predicts {p['tok_s']:.2f} "
-                  f"(and {mesh['tok_s']:.2f} = {mesh['tok_s'] / ceil:.2f} of the ceiling for one exchange among "
-                  f"all nodes per sync)")
+            p = predict(plan, cfg, sizes, speeds, m, 0.05, args.wires.split(",")[0], topology=t)
+            result["cluster"][key], result["predicted"][key] = med[(m, t)], p["tok_s"]
+            print(f"{t} over {m:g} Mbit/s: {med[(m, t)]:.2f} tok/s = {med[(m, t)] / one:.2f}x one core, "
+                  f"{med[(m, t)] / ceil:.2f} of the ceiling (runs {', '.join(f'{x:.2f}' for x in rates[(m, t)])}); "
+                  f"per token {fig['sent_kib']:.1f} KiB sent, {fig['received_kib']:.1f} KiB received by the root, "
+                  f"{fig['round_trips']:.0f} round trips, {fig['syncs']:.0f} mesh syncs, {fig['net_ms']:.1f} ms waiting; "
+                  f"`glmcpu plan --topology {t}` predicts {p['tok_s']:.2f} ({p['tok_s'] / ceil:.2f} of the ceiling)")
         if args.json:
             import json
             with open(args.json, "w") as fh:
@@ -296,9 +303,9 @@ def netns_main(args):
 
 
 def counters(c):
-    """A cluster's running totals: bytes sent, received, round trips, seconds waiting, tokens."""
+    """A cluster's running totals: bytes sent, received, round trips, seconds waiting, tokens, syncs."""
     return np.array([sum(x.sent for x in c.clients), sum(x.received for x in c.clients), c.stats["round_trips"],
-                     c.stats["net_seconds"], c.stats["tokens"]], float)
+                     c.stats["net_seconds"], c.stats["tokens"], c.stats["syncs"]], float)
 
 
 def decode_rate(m, n, prompt):
@@ -314,7 +321,10 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--single-threads", type=int, default=2)
-    ap.add_argument("--wires", default="f32,f16,q8_0")
+    ap.add_argument("--wires", default="f32,f16,q8_0", help="the star's wire codecs to measure")
+    ap.add_argument("--topologies", default="star,mesh",
+                    help="star (every sync through the root, each --wires) and/or mesh (one exchange among "
+                         "all nodes per sync, exact wire), in turn on the same workers")
     ap.add_argument("--link-mbit", default=None, help="Mbit/s of the link (--netns: comma-separated, each in turn)")
     ap.add_argument("--shares", default=None, help="root,worker (default: even)")
     ap.add_argument("--json", help="also write the figures to this file")
@@ -355,9 +365,13 @@ def main():
         prompt = list(range(1000, 1008))
         single = glmcpu.load(args.model, threads=args.single_threads)
         shares = [float(x) for x in args.shares.split(",")] if args.shares else None
-        root = glmcpu.load(args.model, threads=1, workers=[ep], insecure=True, timeout=30, shares=shares)
+        topologies = args.topologies.split(",")
+        root = glmcpu.load(args.model, threads=1, workers=[ep], insecure=True, timeout=30, shares=shares,
+                           topology="mesh" if "mesh" in topologies else "star")
         c = root.cluster
-        wires = args.wires.split(",")
+        # each configuration: a wire over the star, or the mesh (exact wire)
+        wires = ([w for w in args.wires.split(",")] if "star" in topologies else []) + (
+            ["mesh"] if "mesh" in topologies else [])
         rates = {"single": [], **{w: [] for w in wires}}
         figures = {}
         decode_rate(single, 4, prompt)
@@ -365,23 +379,30 @@ def main():
         for r in range(args.runs):
             rates["single"].append(decode_rate(single, args.tokens, prompt))
             for w in wires:
-                c.wire = w
-                t0 = counters(c)[:4]
+                if "mesh" in topologies:
+                    c.use_mesh(w == "mesh")
+                c.wire = "f32" if w == "mesh" else w
+                t0 = counters(c)[[0, 1, 2, 3, 5]]
                 decode_rate(root, 1, prompt)                 # the prompt alone
-                t1 = counters(c)[:4]
+                t1 = counters(c)[[0, 1, 2, 3, 5]]
                 rates[w].append(decode_rate(root, args.tokens, prompt))
-                t2 = counters(c)[:4]
+                t2 = counters(c)[[0, 1, 2, 3, 5]]
                 figures[w] = ((t2 - t1) - (t1 - t0)) / (args.tokens - 1)    # per decoded token
         med = {k: statistics.median(v) for k, v in rates.items()}
         print(f"one process, {args.single_threads} threads: {med['single']:.2f} tok/s "
               f"(runs {', '.join(f'{x:.2f}' for x in rates['single'])})")
         for w in wires:
-            sent, recv, trips, net = figures[w]
-            print(f"root 1 thread + worker 1 thread, wire {w}: {med[w]:.2f} tok/s = {med[w] / med['single']:.2f}x "
-                  f"(runs {', '.join(f'{x:.2f}' for x in rates[w])}); per token {sent / 1024:.1f} KiB sent, "
-                  f"{recv / 1024:.1f} KiB received, {trips:.0f} round trips, {1e3 * net:.1f} ms waiting")
+            sent, recv, trips, net, syncs = figures[w]
+            what = "mesh (exact wire)" if w == "mesh" else f"star, wire {w}"
+            print(f"root 1 thread + worker 1 thread, {what}: {med[w]:.2f} tok/s = {med[w] / med['single']:.2f}x "
+                  f"(runs {', '.join(f'{x:.2f}' for x in rates[w])}); per token " +
+                  (f"{syncs:.0f} syncs, {1e3 * net:.1f} ms sending and waiting in them, "
+                   f"{1e3 * net / max(syncs, 1):.3f} ms a sync" if w == "mesh" else
+                   f"{sent / 1024:.1f} KiB sent, {recv / 1024:.1f} KiB received, {trips:.0f} round trips, "
+                   f"{1e3 * net:.1f} ms waiting"))
         result = {"single": med["single"], "cluster": {w: med[w] for w in wires},
-                  "per_token": {w: dict(zip(("sent", "received", "round_trips", "net_seconds"), map(float, figures[w])))
+                  "per_token": {w: dict(zip(("sent", "received", "round_trips", "net_seconds", "syncs"),
+                                            map(float, figures[w])))
                                 for w in wires}, "predicted": {}}
         if args.link_mbit:
             cfg = root.cfg
@@ -390,7 +411,8 @@ def main():
             one_gbs = per_token * decode_rate(glmcpu.load(args.model, threads=1), args.tokens, prompt) / 1e9
             plan = make_plan(cfg, ["root", ep], [1, 1])
             for w in wires:
-                p = predict(plan, cfg, sizes, [one_gbs, one_gbs], args.link_mbit, 0.05, w)
+                p = predict(plan, cfg, sizes, [one_gbs, one_gbs], args.link_mbit, 0.05, "f32" if w == "mesh" else w,
+                            topology="mesh" if w == "mesh" else "star")
                 result["predicted"][w] = p["tok_s"]
                 print(f"over {args.link_mbit:g} Mbit/s, wire {w}: measured {med[w]:.2f} tok/s, `glmcpu plan` "
                       f"predicts {p['tok_s']:.2f} ({one_gbs:.1f} GB/s per node from a 1-thread run)")

@@ -14,6 +14,9 @@ rank 0, in microseconds. Transports:
   tcp-aesgcm   the same, each message sealed with AES-256-GCM (`cryptography`, a counter nonce)
   star         today's cluster link: glmcpu.net.link Client.request to a Server that echoes
                (ROUTER/DEALER, msgpack header, CurveZMQ), one request/reply per sync
+  mesh         glmcpu's own exchange (glmcpu/net/mesh.py) as `--topology mesh` runs it: DEALER to
+               ROUTER, a 16-byte header and the raw row, CurveZMQ with the session's key admitted
+               by a ZAP handler
   gloo         torch.distributed's gloo all_reduce of the row (the collective of an existing
                engine; torch is a test dependency)
 
@@ -30,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-TRANSPORTS = ("zmq", "zmq-curve", "tcp", "tcp-aesgcm", "star", "gloo")
+TRANSPORTS = ("zmq", "zmq-curve", "tcp", "tcp-aesgcm", "star", "mesh", "gloo")
 DTYPES = {"f64": np.float64, "f32": np.float32}
 
 
@@ -96,6 +99,38 @@ def run_zmq(rank, port, row, iters, warmup, curve, keys):
         return np.frombuffer(s.recv(copy=False).buffer, row.dtype).reshape(row.shape)
     times = exchange_loop(rank, lambda r: s.send(r, copy=False), recv, row, iters, warmup)
     s.close(0)
+    ctx.term()
+    return times
+
+
+def run_mesh(rank, port, row, iters, warmup, keys):
+    import zmq
+    from zmq.auth.thread import ThreadAuthenticator
+    from glmcpu.net.mesh import Mesh
+    ctx = zmq.Context()
+    mesh = Mesh(rank, 2, keys[:2], timeout=30, ctx=ctx)
+    auth = None
+    if rank == 1:                        # the worker: its ROUTER admits the session's key only
+        auth = ThreadAuthenticator(ctx)
+        auth.start()
+        mesh.bind("127.0.0.1", auth, port=port)
+        mesh.wait_joined([0], timeout=30)
+    else:
+        mesh.connect({1: f"tcp://127.0.0.1:{port}"})
+    mesh.begin(1)
+    sync = [0]
+
+    def send(r):
+        mesh.send(1, sync[0], memoryview(r.reshape(-1)).cast("B"))
+
+    def recv():
+        buf = mesh.gather(sync[0], [1 - rank], row.nbytes)[1 - rank]
+        sync[0] += 1
+        return np.frombuffer(buf, row.dtype).reshape(row.shape)
+    times = exchange_loop(rank, send, recv, row, iters, warmup)
+    mesh.close()
+    if auth is not None:
+        auth.stop()
     ctx.term()
     return times
 
@@ -201,6 +236,8 @@ def node(rank, transport, port, width, dtype, iters, warmup, keys, aes_key, out)
         times = run_tcp(rank, port, row, iters, warmup, aes_key if transport == "tcp-aesgcm" else None)
     elif transport == "star":
         times = run_star(rank, port, row, iters, warmup, keys)
+    elif transport == "mesh":
+        times = run_mesh(rank, port, row, iters, warmup, keys)
     else:
         times = run_gloo(rank, port, row, iters, warmup)
     if rank == 0:

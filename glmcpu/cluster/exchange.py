@@ -5,6 +5,8 @@ A MoE layer's shared expert runs on the root, added to the root's part (Experts.
 root sends a part of every MoE layer of a model with shared experts, whether or not it holds
 routed experts there. Partial sums are float64 whose float32 terms add exactly in double, so the
 parts added in node order give one process's bits."""
+import time
+
 import numpy as np
 
 
@@ -40,6 +42,7 @@ class MeshRun:
 
     def __init__(self, mesh, cfg):
         self.mesh, self.cfg, self.sync = mesh, cfg, 0
+        self.waited = 0.0               # seconds spent sending and waiting, own parts not included
 
     def begin(self, step: int):
         self.mesh.begin(step)
@@ -55,10 +58,13 @@ class MeshRun:
                 tick(kind)
             own = own_part(kind, local, x, args)
             got[me] = own = np.ascontiguousarray(own, np.float64)
+        t = time.perf_counter()
+        if me in order:
             self.mesh.send(self.mesh.step, sync, memoryview(own.reshape(-1)).cast("B"))
         T, d = x.shape[0], self.cfg.d_model
         for n, buf in self.mesh.gather(sync, [n for n in order if n != me], T * d * 8).items():
             got[n] = np.frombuffer(buf, np.float64).reshape(T, d)
+        self.waited += time.perf_counter() - t
         y = add_parts(order, got)
         return y if y.flags.writeable else y.copy()
 

@@ -365,6 +365,17 @@ class Cluster:
             return
         self.run_mesh = MeshRun(self.mesh, self.cfg)
 
+    def use_mesh(self, on: bool) -> bool:
+        """Switch a cluster loaded as a mesh between the mesh and the star (tools/bench_cluster.py
+        compares them on the same workers); whether it runs as a mesh now."""
+        if self.topology != "mesh":
+            raise ClusterError("this cluster was loaded as a star; load it with topology='mesh'")
+        if not on:
+            self.drop_mesh()
+        elif self.mesh is None and all(self.alive):
+            self.setup_mesh()
+        return self.mesh is not None
+
     def drop_mesh(self):
         if self.mesh is not None:
             self.mesh.close()
@@ -413,14 +424,17 @@ class Cluster:
         the step (every worker answers it, holding a part of the head or not)."""
         t0 = time.perf_counter()
         if mod.kind != "head":
+            w0 = self.run_mesh.waited
             try:
                 y = self.run_mesh(mod.kind, mod.parts, mod.local, x, args)
             except MeshError as e:
                 self.mesh_failed(e.node)
             self.stats["syncs"] += 1
-            self.stats["net_seconds"] += time.perf_counter() - t0
+            self.stats["net_seconds"] += self.run_mesh.waited - w0
+            self.stats["compute_seconds"] += time.perf_counter() - t0 - (self.run_mesh.waited - w0)
             return y
         out = {0: mod.local(x, *args)} if mod.local is not None else {}
+        t0 = time.perf_counter()
         widths = {n: b - a for n, a, b in mod.parts}
         for i, c in enumerate(self.clients):
             if not self.alive[i]:

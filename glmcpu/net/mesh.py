@@ -51,20 +51,23 @@ class Mesh:
         self.dealers = {}               # higher node -> DEALER to its ROUTER
         self.monitors = {}              # monitor socket -> the node whose connection it watches
         self.joined = set()             # lower nodes whose DEALER reached our ROUTER
+        self.routes = []                # their identities, in node order
         self.inbox = {}                 # (step, sync, node) -> frame
+        self.socks = {}                 # socket we read parts on -> the peer's identity (None: the ROUTER's)
         self.poller = zmq.Poller()
         self.step = 0                   # messages of older steps are dropped
 
     def _options(self, s):
         s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVTIMEO, 20)          # _poll's slice
         s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
         beat = max(100, int(self.timeout * 1000))
         s.setsockopt(zmq.HEARTBEAT_IVL, max(50, min(HEARTBEAT_MS, beat // 4)))
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, beat)
 
-    def bind(self, host: str, auth=None) -> int:
-        """Listen on host (an ephemeral port, returned) for the lower nodes; auth: the context's
-        ThreadAuthenticator, which then admits only this session's key here."""
+    def bind(self, host: str, auth=None, port="*") -> int:
+        """Listen on host (an ephemeral port by default; the port is returned) for the lower nodes;
+        auth: the context's ThreadAuthenticator, which then admits only this session's key here."""
         s = self.ctx.socket(zmq.ROUTER)
         self._options(s)
         s.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -74,8 +77,9 @@ class Mesh:
             s.zap_domain = DOMAIN
             if auth is not None:
                 auth.configure_curve_callback(DOMAIN.decode(), _Allowed([self.keypair[0]]))
-        s.bind(f"tcp://{host}:*")
+        s.bind(f"tcp://{host}:{port}")
         self.router = s
+        self.socks[s] = None
         self.poller.register(s, zmq.POLLIN)
         return int(s.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
 
@@ -93,8 +97,8 @@ class Mesh:
             s.send_multipart([HEADER.pack(0, 0, self.node, JOIN)])
             self.dealers[j] = s
             self.monitors[mon] = j
+            self.socks[s] = _identity(j)
             self.poller.register(s, zmq.POLLIN)
-            self.poller.register(mon, zmq.POLLIN)
 
     def wait_joined(self, nodes, timeout=None):
         """Until every node in `nodes` (all lower than this one) has connected."""
@@ -104,14 +108,14 @@ class Mesh:
 
     def send(self, step: int, sync: int, data):
         """Our part of sync `sync` of step `step` to every other node."""
-        head = HEADER.pack(step, sync, self.node, DATA)
+        msg = HEADER.pack(step, sync, self.node, DATA) + data       # one frame: one seal, one hand-over
         for s in self.dealers.values():
-            s.send_multipart([head, data], copy=False)
-        for j in sorted(self.joined):
+            s.send(msg, copy=False)
+        for ident in self.routes:
             try:
-                self.router.send_multipart([_identity(j), head, data], copy=False)
+                self.router.send_multipart([ident, msg], copy=False)
             except zmq.ZMQError:        # its connection is gone: it will not read this
-                raise PeerLost(f"node {j} is no longer connected", j) from None
+                raise PeerLost(f"node {_node_of(ident)} is no longer connected", _node_of(ident)) from None
 
     def abort(self):
         """Call every other node's exchange off (the root, when it gives up on this mesh)."""
@@ -121,9 +125,9 @@ class Mesh:
                 s.send_multipart([head], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-        for j in self.joined:
+        for ident in self.routes:
             try:
-                self.router.send_multipart([_identity(j), head], flags=zmq.NOBLOCK)
+                self.router.send_multipart([ident, head], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
 
@@ -146,41 +150,55 @@ class Mesh:
             out[j] = buf
         return out
 
-    def _poll(self, deadline, waiting_for):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise PeerLost(f"node {waiting_for} did not send its part within {self.timeout:g} s", waiting_for)
-        for sock, _ in self.poller.poll(int(left * 1000) + 1):
-            if sock in self.monitors:
-                j = self.monitors[sock]
-                if zmq.utils.monitor.recv_monitor_message(sock)["event"] == zmq.EVENT_DISCONNECTED:
+    def _poll(self, deadline, waiting_for, slice_ms=20):
+        """Read what has come in, waiting up to slice_ms for something; between waits, see whether
+        a connection dropped and whether the deadline passed."""
+        socks = self.socks
+        if len(socks) == 1:                       # two nodes: one socket, a blocking read (no poll)
+            sock = next(iter(socks))
+            try:
+                frames = sock.recv_multipart()                  # RCVTIMEO: slice_ms
+            except zmq.Again:
+                ready = ()
+            else:
+                self._take_from(sock, frames)
+                ready = (sock,)
+        else:
+            ready = [s for s, _ in self.poller.poll(slice_ms)]
+        for sock in ready:
+            while sock.get(zmq.EVENTS) & zmq.POLLIN:
+                self._take_from(sock, sock.recv_multipart())
+        if ready:
+            return
+        for mon, j in self.monitors.items():
+            while mon.poll(0):
+                if zmq.utils.monitor.recv_monitor_message(mon)["event"] == zmq.EVENT_DISCONNECTED:
                     raise PeerLost(f"node {j} dropped its connection", j)
-                continue
-            while True:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                if sock is self.router:
-                    ident, frames = bytes(frames[0].buffer), frames[1:]
-                else:
-                    ident = _identity(next(j for j, s in self.dealers.items() if s is sock))
-                self._take(ident, frames)
+        if time.monotonic() >= deadline:
+            raise PeerLost(f"node {waiting_for} did not send its part within {self.timeout:g} s", waiting_for)
+
+    def _take_from(self, sock, frames):
+        ident = self.socks[sock]
+        if ident is None:
+            ident, frames = frames[0], frames[1:]
+        self._take(ident, frames)
 
     def _take(self, ident, frames):
-        if not frames or len(frames[0].buffer) != HEADER.size or len(frames) > 2:
+        if len(frames) != 1 or len(frames[0]) < HEADER.size:
             raise PeerLost(f"a malformed mesh message from {ident!r}", _node_of(ident))
-        step, sync, node, kind = HEADER.unpack(frames[0].buffer)
+        buf = memoryview(frames[0])
+        step, sync, node, kind = HEADER.unpack_from(buf)
         if ident != _identity(node):
             raise PeerLost(f"node {node}'s header on {ident!r}'s connection", _node_of(ident))
         if kind == JOIN and node < self.node:
             self.joined.add(node)
+            self.routes = [_identity(j) for j in sorted(self.joined)]
         elif kind == ABORT and node == 0:
             if step >= self.step:
                 raise Aborted("the root called this step off")
-        elif kind == DATA and len(frames) == 2:
+        elif kind == DATA:
             if step >= self.step:
-                self.inbox[(step, sync, node)] = frames[1].buffer
+                self.inbox[(step, sync, node)] = buf[HEADER.size:]
         else:
             raise PeerLost(f"a malformed mesh message from node {node}", node)
 
@@ -192,7 +210,8 @@ class Mesh:
             s.close(0)
         if self.router is not None:
             self.router.close(0)
-        self.dealers, self.monitors, self.router = {}, {}, None
+        self.dealers, self.monitors, self.router, self.socks = {}, {}, None, {}
+        self.poller = zmq.Poller()
 
 
 def _node_of(ident: bytes):
