@@ -14,9 +14,9 @@ rank 0, in microseconds. Transports:
   tcp-aesgcm   the same, each message sealed with AES-256-GCM (`cryptography`, a counter nonce)
   star         today's cluster link: glmcpu.net.link Client.request to a Server that echoes
                (ROUTER/DEALER, msgpack header, CurveZMQ), one request/reply per sync
-  mesh         glmcpu's own exchange (glmcpu/net/mesh.py) as `--topology mesh` runs it: DEALER to
-               ROUTER, a 16-byte header and the raw row, CurveZMQ with the session's key admitted
-               by a ZAP handler
+  mesh         glmcpu's own exchange (glmcpu/net/mesh.py) as `--topology mesh` runs it: raw TCP
+               read and written by the computing thread, a 6-byte prefix and 16-byte header,
+               AES-256-GCM with the mesh's key
   gloo         torch.distributed's gloo all_reduce of the row (the collective of an existing
                engine; torch is a test dependency)
 
@@ -103,20 +103,19 @@ def run_zmq(rank, port, row, iters, warmup, curve, keys):
     return times
 
 
-def run_mesh(rank, port, row, iters, warmup, keys):
-    import zmq
-    from zmq.auth.thread import ThreadAuthenticator
+def run_mesh(rank, port, row, iters, warmup, aes_key):
     from glmcpu.net.mesh import Mesh
-    ctx = zmq.Context()
-    mesh = Mesh(rank, 2, keys[:2], timeout=30, ctx=ctx)
-    auth = None
-    if rank == 1:                        # the worker: its ROUTER admits the session's key only
-        auth = ThreadAuthenticator(ctx)
-        auth.start()
-        mesh.bind("127.0.0.1", auth, port=port)
+    mesh = Mesh(rank, 2, aes_key, timeout=30)
+    if rank == 1:                        # the worker: its port admits a node holding the key only
+        mesh.bind("127.0.0.1", port=port)
         mesh.wait_joined([0], timeout=30)
     else:
-        mesh.connect({1: f"tcp://127.0.0.1:{port}"})
+        for _ in range(100):
+            try:
+                mesh.connect({1: f"tcp://127.0.0.1:{port}"})
+                break
+            except Exception:
+                time.sleep(0.05)
     mesh.begin(1)
     sync = [0]
 
@@ -129,9 +128,6 @@ def run_mesh(rank, port, row, iters, warmup, keys):
         return np.frombuffer(buf, row.dtype).reshape(row.shape)
     times = exchange_loop(rank, send, recv, row, iters, warmup)
     mesh.close()
-    if auth is not None:
-        auth.stop()
-    ctx.term()
     return times
 
 
@@ -237,7 +233,7 @@ def node(rank, transport, port, width, dtype, iters, warmup, keys, aes_key, out)
     elif transport == "star":
         times = run_star(rank, port, row, iters, warmup, keys)
     elif transport == "mesh":
-        times = run_mesh(rank, port, row, iters, warmup, keys)
+        times = run_mesh(rank, port, row, iters, warmup, aes_key)
     else:
         times = run_gloo(rank, port, row, iters, warmup)
     if rank == 0:

@@ -25,7 +25,7 @@ from .. import ops
 from ..errors import GlmcpuError
 from ..net import wire as wirecodec
 from ..net.link import Client, Keepalive, LinkError, LinkLost
-from ..net.mesh import Mesh, MeshError
+from ..net.mesh import Mesh, MeshError, new_key
 from ..net.protocol import ProtocolError
 from ..plan import make_plan, weigh
 from ..weights import FileWeights, Recorder
@@ -328,15 +328,13 @@ class Cluster:
 
     def setup_mesh(self):
         """Every worker binds a mesh port and connects to the workers after it, the root to all;
-        the session's CurveZMQ key pair for it travels over each worker's own link. On any failure
-        the cluster goes on as a star (a lost worker is a failover as ever)."""
-        import zmq
+        the mesh's AES-GCM key (fresh each time) travels over each worker's own CurveZMQ link. On
+        any failure the cluster goes on as a star (a lost worker is a failover as ever)."""
         self.drop_mesh()
         secure = self.clients[0].keypair is not None
-        keypair = zmq.curve_keypair() if secure else None
+        key = new_key() if secure else None
         n = 1 + len(self.clients)
-        base = {"s": self.session, "n": n, "timeout": float(self.timeout),
-                "key": list(keypair) if keypair else None,
+        base = {"s": self.session, "n": n, "timeout": float(min(self.timeout, 60)), "key": key,
                 "tables": {k: {str(l): [list(p) for p in parts] for l, parts in t.items()}
                            for k, t in self.plan.tables.items()}}
         i = 0
@@ -349,9 +347,8 @@ class Cluster:
             for i, c in enumerate(self.clients):
                 c.request("mesh", {"s": self.session, "e": self.epochs[i], "phase": "connect",
                                    "peers": {str(j): e for j, e in eps.items() if j > i + 1}})
-            mesh = Mesh(0, n, keypair, timeout=self.timeout)
-            mesh.connect(eps)
-            self.mesh = mesh
+            self.mesh = Mesh(0, n, key, timeout=min(self.timeout, 60))
+            self.mesh.connect(eps)
             for i, c in enumerate(self.clients):
                 c.request("mesh", {"s": self.session, "e": self.epochs[i], "phase": "ready"})
         except LinkLost as e:
@@ -359,7 +356,7 @@ class Cluster:
             self.lose(i + 1)
             print(f"glmcpu: {e}; the cluster runs as a star without it", file=sys.stderr)
             return
-        except (LinkError, KeyError, TypeError, ValueError) as e:
+        except (LinkError, MeshError, KeyError, TypeError, ValueError) as e:
             self.drop_mesh()
             print(f"glmcpu: no mesh ({e}); the cluster runs as a star", file=sys.stderr)
             return

@@ -327,23 +327,21 @@ class WorkerService:
             node, n, key, timeout = meta.get("node"), meta.get("n"), meta.get("key"), meta.get("timeout")
             if not (type(node) is int and type(n) is int and 1 <= node < n <= 256):
                 raise ProtocolError("mesh: bad node numbers")
-            if not isinstance(timeout, (int, float)) or not 0.05 <= timeout <= 600:
+            if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0.05 <= timeout <= 60:
                 raise ProtocolError("mesh: bad timeout")
             secure = self.link is not None and self.link.auth is not None
             if key is None and secure:
-                raise ProtocolError("refused: this worker takes CurveZMQ links only; a mesh needs the session's key")
-            if key is not None and (not isinstance(key, list) or len(key) != 2
-                                    or not all(isinstance(k, bytes) and len(k) == 40 for k in key)):
-                raise ProtocolError("mesh: bad key pair")
+                raise ProtocolError("refused: this worker takes encrypted links only; a mesh needs the session's key")
+            if key is not None and not (isinstance(key, bytes) and len(key) == 32):
+                raise ProtocolError("mesh: bad key")
             layers = self._mesh_layers(meta.get("tables"), node)
             host = self.link.endpoint.split("://", 1)[-1].rsplit(":", 1)[0] if self.link is not None else "127.0.0.1"
-            self.mesh = Mesh(node, n, tuple(key) if key else None, timeout=float(timeout),
-                             ctx=self.link.ctx if self.link is not None else None)
             try:
-                port = self.mesh.bind(host, self.link.auth if self.link is not None else None)
-            except Exception as e:
+                self.mesh = Mesh(node, n, key, timeout=float(timeout))
+                port = self.mesh.bind(host)
+            except (OSError, MeshError) as e:
                 self.drop_mesh()
-                raise ProtocolError(f"mesh: cannot bind a port on {host}: {e}") from None
+                raise ProtocolError(f"mesh: cannot listen on {host}: {e}") from None
             self.mesh_layers = layers
             return {"port": port}
         if self.mesh is None:
@@ -358,7 +356,10 @@ class WorkerService:
                         or not isinstance(e, str) or not e.startswith("tcp://") or len(e) > 300):
                     raise ProtocolError("mesh: bad peer")
                 parsed[int(k)] = e
-            self.mesh.connect(parsed)
+            try:
+                self.mesh.connect(parsed)
+            except MeshError as e:
+                raise ProtocolError(f"mesh: {e}") from None
             return {}
         if phase == "ready":
             try:

@@ -1,24 +1,33 @@
 """One exchange per sync among all the nodes of a cluster: each node sends its part straight to
 every other node at once and reads theirs; nobody waits for a request.
 
-Sockets: every node but the root binds a ROUTER; each pair of nodes shares one connection, the
-lower-numbered node's DEALER to the higher one's ROUTER, used both ways. CurveZMQ encrypts every
-connection with one key pair the root makes for the session and hands its workers over their own
-authenticated links; a worker's ROUTER admits only that key (ZAP domain `DOMAIN`), so only nodes of
-this session can join. A message is a 16-byte header (step, sync, sender, kind) and the raw bytes
-of one part: no msgpack and no per-array objects on this path. Nothing here knows what the bytes
-mean; the caller says which nodes' parts it waits for and how long they are."""
+Raw TCP, one connection per pair of nodes (the lower-numbered node connects to the higher one's
+port), used both ways. Parts are written and read by the computing thread itself: no I/O thread
+and no message framework between a part and the kernel (ZeroMQ's cost ~150 us more a sync on a
+busy core here: tools/bench_sync.py). ZeroMQ + CurveZMQ stays the protocol for control, loads and
+faults; the root makes a fresh AES-256-GCM key for each mesh and hands it to its workers over those
+authenticated, encrypted links, so the mesh is keyed from the CurveZMQ sessions.
+
+A frame is a 6-byte prefix (body length, sender node), then the body: a 16-byte header (step,
+sync, sender, kind) and the raw bytes of one part, sealed with AES-GCM (the prefix authenticated
+with it; the nonce is sender, receiver and a per-direction counter, so a frame cannot be replayed,
+reordered or passed off as another node's). A connection's first frame must be a JOIN that opens
+with the session's key; anything else, and a stranger, is dropped. Without a key (--insecure)
+frames travel in plain text. Nothing here knows what the bytes mean: the caller says which nodes'
+parts it waits for and how long they are."""
+import os
+import select
+import socket
 import struct
 import time
 
-import zmq
-import zmq.utils.monitor
-
-from .link import HEARTBEAT_MS, MAX_MESSAGE, _Allowed
-
 HEADER = struct.Struct("<QIHH")        # step, sync, sender node, kind
+PREFIX = struct.Struct("<IH")          # body length, sender node
+NONCE = struct.Struct("<HHQ")          # sender, receiver, frame counter (12 bytes)
 DATA, JOIN, ABORT = 0, 1, 2
-DOMAIN = b"glmcpu-mesh"
+TAG = 16                               # AES-GCM's tag
+MAX_BODY = 1 << 30
+SLICE = 0.02                           # seconds between looks at the deadline
 
 
 class MeshError(Exception):
@@ -37,107 +46,141 @@ class Aborted(MeshError):
     """The root called the exchange off (it lost a node, and goes on without this mesh)."""
 
 
-def _identity(node: int) -> bytes:
-    return b"n%d" % node
+def _sealer(key):
+    if key is None:
+        return None
+    if not isinstance(key, bytes) or len(key) != 32:
+        raise ValueError("a mesh key is 32 bytes")
+    try:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    except ImportError:
+        raise MeshError("an encrypted mesh needs the `cryptography` package (pip install cryptography)") from None
+    return AESGCM(key)
+
+
+class Peer:
+    """One connection: its socket, what is still to be written, what has been read so far."""
+
+    def __init__(self, sock, node=None):
+        self.sock, self.node = sock, node
+        self.out = []                  # buffers still to write
+        self.prefix = bytearray(PREFIX.size)
+        self.got = 0                   # bytes of the prefix, then of the body, read so far
+        self.body = None               # the frame being read, once its prefix is in
+        self.sent = self.received = 0  # frames each way (the nonces' counters)
 
 
 class Mesh:
     """This node's side of the mesh: node numbers 0..n-1, the root being 0."""
 
-    def __init__(self, node: int, n: int, keypair=None, timeout=5.0, ctx=None):
-        self.node, self.n, self.keypair, self.timeout = node, n, keypair, timeout
-        self.ctx = ctx or zmq.Context.instance()
-        self.router = None
-        self.dealers = {}               # higher node -> DEALER to its ROUTER
-        self.monitors = {}              # monitor socket -> the node whose connection it watches
-        self.joined = set()             # lower nodes whose DEALER reached our ROUTER
-        self.routes = []                # their identities, in node order
-        self.inbox = {}                 # (step, sync, node) -> frame
-        self.socks = {}                 # socket we read parts on -> the peer's identity (None: the ROUTER's)
-        self.poller = zmq.Poller()
-        self.step = 0                   # messages of older steps are dropped
+    def __init__(self, node: int, n: int, key=None, timeout=5.0):
+        self.node, self.n, self.timeout = node, n, timeout
+        self.aead = _sealer(key)
+        self.listener = None
+        self.peers = {}                 # node -> Peer
+        self.strangers = []             # accepted connections that have not said who they are
+        self.inbox = {}                 # (step, sync, node) -> part bytes
+        self.step = 0                   # parts of older steps are dropped
 
-    def _options(self, s):
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.RCVTIMEO, 20)          # _poll's slice
-        s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
-        beat = max(100, int(self.timeout * 1000))
-        s.setsockopt(zmq.HEARTBEAT_IVL, max(50, min(HEARTBEAT_MS, beat // 4)))
-        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, beat)
+    # ---- setting up ------------------------------------------------------------------------
 
-    def bind(self, host: str, auth=None, port="*") -> int:
-        """Listen on host (an ephemeral port by default; the port is returned) for the lower nodes;
-        auth: the context's ThreadAuthenticator, which then admits only this session's key here."""
-        s = self.ctx.socket(zmq.ROUTER)
-        self._options(s)
-        s.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        if self.keypair is not None:
-            s.curve_server = True
-            s.curve_publickey, s.curve_secretkey = self.keypair
-            s.zap_domain = DOMAIN
-            if auth is not None:
-                auth.configure_curve_callback(DOMAIN.decode(), _Allowed([self.keypair[0]]))
-        s.bind(f"tcp://{host}:{port}")
-        self.router = s
-        self.socks[s] = None
-        self.poller.register(s, zmq.POLLIN)
-        return int(s.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+    def bind(self, host: str, port=0) -> int:
+        """Listen on host (an ephemeral port by default; the port is returned) for the lower nodes."""
+        family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host.strip("[]") if host != "*" else "", port))
+        s.listen(64)
+        s.setblocking(False)
+        self.listener = s
+        return s.getsockname()[1]
 
     def connect(self, peers: dict):
-        """Connect to the higher nodes' ROUTERs ({node: endpoint}) and say who we are."""
+        """Connect to the higher nodes' ports ({node: "tcp://host:port"}) and say who we are."""
         for j, endpoint in sorted(peers.items()):
-            s = self.ctx.socket(zmq.DEALER)
-            self._options(s)
-            s.setsockopt(zmq.ROUTING_ID, _identity(self.node))
-            if self.keypair is not None:
-                s.curve_publickey, s.curve_secretkey = self.keypair
-                s.curve_serverkey = self.keypair[0]
-            mon = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            s.connect(endpoint)
-            s.send_multipart([HEADER.pack(0, 0, self.node, JOIN)])
-            self.dealers[j] = s
-            self.monitors[mon] = j
-            self.socks[s] = _identity(j)
-            self.poller.register(s, zmq.POLLIN)
+            host, port = endpoint.split("://", 1)[-1].rsplit(":", 1)
+            try:
+                s = socket.create_connection((host.strip("[]"), int(port)), timeout=self.timeout)
+            except OSError as e:
+                raise PeerLost(f"cannot reach node {j} at {endpoint} ({e})", j) from None
+            self._ready(s)
+            peer = self.peers[j] = Peer(s, j)
+            self._queue(peer, JOIN, 0, 0)
+        self._flush(time.monotonic() + self.timeout)
 
     def wait_joined(self, nodes, timeout=None):
-        """Until every node in `nodes` (all lower than this one) has connected."""
+        """Until every node in `nodes` (all lower than this one) has connected and proved it holds
+        the session's key; strangers are dropped. Then the port is closed."""
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while not set(nodes) <= self.joined:
-            self._poll(deadline, min(set(nodes) - self.joined))
+        want = set(nodes)
+        while not want <= set(self.peers):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = min(want - set(self.peers))
+                raise PeerLost(f"node {missing} did not join the mesh within {self.timeout:g} s", missing)
+            socks = [self.listener] + [p.sock for p in self.strangers]
+            ready, _, _ = select.select(socks, [], [], min(left, SLICE))
+            for s in ready:
+                if s is self.listener:
+                    try:
+                        c, _ = s.accept()
+                    except OSError:
+                        continue
+                    self._ready(c)
+                    self.strangers.append(Peer(c))
+                else:
+                    self._introduce(next(p for p in self.strangers if p.sock is s))
+        for p in self.strangers:
+            p.sock.close()
+        self.strangers = []
+        self.listener.close()
+        self.listener = None
 
-    def send(self, step: int, sync: int, data):
-        """Our part of sync `sync` of step `step` to every other node."""
-        msg = HEADER.pack(step, sync, self.node, DATA) + data       # one frame: one seal, one hand-over
-        for s in self.dealers.values():
-            s.send(msg, copy=False)
-        for ident in self.routes:
-            try:
-                self.router.send_multipart([ident, msg], copy=False)
-            except zmq.ZMQError:        # its connection is gone: it will not read this
-                raise PeerLost(f"node {_node_of(ident)} is no longer connected", _node_of(ident)) from None
+    def _introduce(self, p):
+        """A new connection's first frame: a JOIN of a lower node not yet here, sealed with the
+        session's key; anything else closes it."""
+        try:
+            frames = self._read(p)
+            if not frames:
+                return                   # not a whole frame yet
+            sender, *frame = frames[0]
+            step, sync, node, kind, _ = self._open(p, sender, frame)
+        except MeshError:
+            return self._drop(p)
+        if kind != JOIN or node >= self.node or node in self.peers:
+            return self._drop(p)
+        p.node = sender
+        self.peers[sender] = p
+        self.strangers.remove(p)
+        for sender, *frame in frames[1:]:
+            self._take(p, sender, frame)
 
-    def abort(self):
-        """Call every other node's exchange off (the root, when it gives up on this mesh)."""
-        head = HEADER.pack(self.step, 0, self.node, ABORT)
-        for s in self.dealers.values():
-            try:
-                s.send_multipart([head], flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-        for ident in self.routes:
-            try:
-                self.router.send_multipart([ident, head], flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+    def _drop(self, p):
+        self.strangers.remove(p)
+        p.sock.close()
+
+    @staticmethod
+    def _ready(s):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setblocking(False)
+
+    # ---- exchanging ------------------------------------------------------------------------
 
     def begin(self, step: int):
         """A new step: parts of older ones (an aborted step's) are dropped."""
         self.step = step
         self.inbox = {k: v for k, v in self.inbox.items() if k[0] >= step}
 
+    def send(self, step: int, sync: int, data):
+        """Our part of sync `sync` of step `step` to every other node (written as the sockets take
+        it: while we wait for the others' parts, what is left goes out)."""
+        for p in self.peers.values():
+            self._queue(p, DATA, step, sync, data)
+        for p in self.peers.values():
+            self._write(p)
+
     def gather(self, sync: int, nodes, nbytes: int) -> dict:
-        """{node: buffer} of the parts of `nodes` for this step's sync, each of nbytes."""
+        """{node: bytes} of the parts of `nodes` for this step's sync, each of nbytes."""
         deadline = time.monotonic() + self.timeout
         out = {}
         for j in nodes:
@@ -148,74 +191,147 @@ class Mesh:
             if len(buf) != nbytes:
                 raise PeerLost(f"node {j} sent {len(buf)} bytes where {nbytes} were due", j)
             out[j] = buf
-        return out
+        while True:           # and ours all handed to the kernel: nobody polls for us once we go on
+            waiting = [p.node for p in self.peers.values() if p.out]
+            if not waiting:
+                return out
+            self._poll(deadline, waiting[0], "takes nothing in")
 
-    def _poll(self, deadline, waiting_for, slice_ms=20):
-        """Read what has come in, waiting up to slice_ms for something; between waits, see whether
-        a connection dropped and whether the deadline passed."""
-        socks = self.socks
-        if len(socks) == 1:                       # two nodes: one socket, a blocking read (no poll)
-            sock = next(iter(socks))
+    def abort(self):
+        """Call every other node's exchange off (the root, when it gives up on this mesh)."""
+        for p in self.peers.values():
             try:
-                frames = sock.recv_multipart()                  # RCVTIMEO: slice_ms
-            except zmq.Again:
-                ready = ()
-            else:
-                self._take_from(sock, frames)
-                ready = (sock,)
+                self._queue(p, ABORT, self.step, 0)
+                self._write(p)
+            except MeshError:
+                pass
+
+    def _poll(self, deadline, waiting_for, what="did not send its part"):
+        """Read what has come in and write what is waiting to go, for up to SLICE seconds."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise PeerLost(f"node {waiting_for} {what} within {self.timeout:g} s", waiting_for)
+        readers = [p.sock for p in self.peers.values()]
+        writers = [p.sock for p in self.peers.values() if p.out]
+        r, w, _ = select.select(readers, writers, [], min(left, SLICE))
+        by_sock = {p.sock: p for p in self.peers.values()}
+        for s in w:
+            self._write(by_sock[s])
+        for s in r:
+            p = by_sock[s]
+            for sender, *frame in self._read(p):
+                self._take(p, sender, frame)
+
+    def _flush(self, deadline):
+        while any(p.out for p in self.peers.values()):
+            if time.monotonic() > deadline:
+                j = next(p.node for p in self.peers.values() if p.out)
+                raise PeerLost(f"node {j} takes nothing in", j)
+            writers = [p.sock for p in self.peers.values() if p.out]
+            _, w, _ = select.select([], writers, [], SLICE)
+            for p in self.peers.values():
+                if p.sock in w:
+                    self._write(p)
+
+    # ---- frames ------------------------------------------------------------------------------
+
+    def _queue(self, p, kind, step, sync, data=b""):
+        head = HEADER.pack(step, sync, self.node, kind)
+        prefix = PREFIX.pack(len(head) + len(data) + (TAG if self.aead else 0), self.node)
+        if self.aead is None:
+            p.out += [prefix, head, data] if len(data) else [prefix, head]
         else:
-            ready = [s for s, _ in self.poller.poll(slice_ms)]
-        for sock in ready:
-            while sock.get(zmq.EVENTS) & zmq.POLLIN:
-                self._take_from(sock, sock.recv_multipart())
-        if ready:
-            return
-        for mon, j in self.monitors.items():
-            while mon.poll(0):
-                if zmq.utils.monitor.recv_monitor_message(mon)["event"] == zmq.EVENT_DISCONNECTED:
-                    raise PeerLost(f"node {j} dropped its connection", j)
-        if time.monotonic() >= deadline:
-            raise PeerLost(f"node {waiting_for} did not send its part within {self.timeout:g} s", waiting_for)
+            p.out += [prefix, self.aead.encrypt(NONCE.pack(self.node, p.node, p.sent), head + data, prefix)]
+        p.sent += 1
 
-    def _take_from(self, sock, frames):
-        ident = self.socks[sock]
-        if ident is None:
-            ident, frames = frames[0], frames[1:]
-        self._take(ident, frames)
+    def _write(self, p):
+        """Hand what is waiting for p to the kernel, as much as it takes now (one sendmsg)."""
+        while p.out:
+            try:
+                n = p.sock.sendmsg(p.out[:64])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                raise PeerLost(f"node {p.node}'s connection failed ({e.strerror or e})", p.node) from None
+            while n:
+                first = p.out[0]
+                if n >= len(first):
+                    n -= len(first)
+                    p.out.pop(0)
+                else:
+                    p.out[0] = memoryview(first)[n:]
+                    return
 
-    def _take(self, ident, frames):
-        if len(frames) != 1 or len(frames[0]) < HEADER.size:
-            raise PeerLost(f"a malformed mesh message from {ident!r}", _node_of(ident))
-        buf = memoryview(frames[0])
-        step, sync, node, kind = HEADER.unpack_from(buf)
-        if ident != _identity(node):
-            raise PeerLost(f"node {node}'s header on {ident!r}'s connection", _node_of(ident))
-        if kind == JOIN and node < self.node:
-            self.joined.add(node)
-            self.routes = [_identity(j) for j in sorted(self.joined)]
-        elif kind == ABORT and node == 0:
+    def _read(self, p) -> list:
+        """The whole frames that have come in on p: [(sender, prefix, body)], each read straight
+        into a buffer of its own."""
+        frames = []
+        while True:
+            if p.body is None:
+                view, want = memoryview(p.prefix)[p.got:], PREFIX.size
+            else:
+                view, want = memoryview(p.body)[p.got:], len(p.body)
+            try:
+                n = p.sock.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                return frames
+            except OSError as e:
+                raise PeerLost(f"node {p.node}'s connection failed ({e.strerror or e})", p.node) from None
+            if n == 0:
+                raise PeerLost(f"node {p.node} closed its connection", p.node)
+            p.got += n
+            if p.got < want:
+                continue
+            p.got = 0
+            if p.body is None:
+                length, sender = PREFIX.unpack_from(p.prefix)
+                least = HEADER.size + (TAG if self.aead else 0)
+                if length > (MAX_BODY if p.node is not None else least) or length < least or (
+                        p.node is not None and sender != p.node):     # a stranger sends one JOIN, no more
+                    raise PeerLost(f"a malformed frame from node {p.node}", p.node)
+                p.body = bytearray(length)
+            else:
+                frames.append((PREFIX.unpack_from(p.prefix)[1], bytes(p.prefix), p.body))
+                p.body = None
+
+    def _open(self, p, sender, frame):
+        """(step, sync, node, kind, part) of a frame (prefix, body) from `sender`."""
+        prefix, body = frame
+        if self.aead is not None:
+            from cryptography.exceptions import InvalidTag
+            try:
+                body = self.aead.decrypt(NONCE.pack(sender, self.node, p.received), body, prefix)
+            except InvalidTag:
+                raise PeerLost(f"a frame from node {sender} does not open with the session's key", sender) from None
+        p.received += 1
+        step, sync, node, kind = HEADER.unpack_from(body)
+        if node != sender:
+            raise PeerLost(f"node {node}'s header on node {sender}'s connection", sender)
+        return step, sync, node, kind, memoryview(body)[HEADER.size:]
+
+    def _take(self, p, sender, frame):
+        step, sync, node, kind, part = self._open(p, sender, frame)
+        if kind == ABORT and node == 0:
             if step >= self.step:
                 raise Aborted("the root called this step off")
         elif kind == DATA:
             if step >= self.step:
-                self.inbox[(step, sync, node)] = buf[HEADER.size:]
+                self.inbox[(step, sync, node)] = part
         else:
-            raise PeerLost(f"a malformed mesh message from node {node}", node)
+            raise PeerLost(f"a malformed frame from node {node}", node)
 
     def close(self):
-        for mon in self.monitors:
-            mon.close(0)
-        for s in self.dealers.values():
-            s.disable_monitor()
-            s.close(0)
-        if self.router is not None:
-            self.router.close(0)
-        self.dealers, self.monitors, self.router, self.socks = {}, {}, None, {}
-        self.poller = zmq.Poller()
+        for p in list(self.peers.values()) + self.strangers:
+            try:
+                p.sock.close()
+            except OSError:
+                pass
+        if self.listener is not None:
+            self.listener.close()
+        self.peers, self.strangers, self.listener = {}, [], None
 
 
-def _node_of(ident: bytes):
-    try:
-        return int(ident[1:])
-    except ValueError:
-        return None
+def new_key() -> bytes:
+    """A fresh AES-256-GCM key for one mesh."""
+    return os.urandom(32)
+
