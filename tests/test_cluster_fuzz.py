@@ -117,7 +117,7 @@ class Peer:
 def templates(path, m, session):
     """Valid messages of every op, from a real root's plan for this worker."""
     c = m.cluster
-    shares = [[k, l, a, b, c.digests[(k, l, a, b)]] for k, l, a, b in c.plan.shares_of(1)]
+    shares = [[k, l, a, b, c.digests[(k, l, a, b)]] for k, l, a, b in c.shares_of(1)]
     load = {"s": session, "e": 1, "config": c.config, "ctx": 64, "fingerprint": c.file.fingerprint(),
             "shares": shares}
     k, l, a, b = c.plan.shares_of(1)[0]
@@ -134,6 +134,12 @@ def templates(path, m, session):
             ("attn", dict(base, layer=0, pos0=0), [x]), ("ffn", dict(base, layer=0), [x]),
             ("moe", dict(base, layer=moe_layer), [x, ids, np.full((3, 2), 0.5, np.float32)]),
             ("head", dict(base, layer=-1), [x]),
+            ("mesh", {"s": session, "e": 1, "phase": "bind", "node": 1, "n": 2, "timeout": 0.2,
+                      "key": bytes(range(32)), "tables": {k: {str(l): [list(p) for p in parts] for l, parts in t.items()}
+                                                          for k, t in c.plan.tables.items()}}, []),
+            ("mesh", {"s": session, "e": 1, "phase": "connect", "peers": {}}, []),
+            ("mesh", {"s": session, "e": 1, "phase": "ready"}, []),
+            ("step", {"s": session, "e": 1, "step": 1, "pos0": 0, "all": False}, [x]),
             ("attn", dict(base, layer=0, pos0=0, wire="q8_0"),
              [np.zeros((3, d), np.int8), np.ones((3, d // 32), np.float16)]),
             ("bye", {"s": session}, [])]
@@ -143,7 +149,7 @@ def fuzz(endpoint, path, keys, n, seed):
     rng = np.random.default_rng(seed)
     session = "f" * 32
     root_kw = dict(key=keys[0], worker_key=keys[1]) if keys else dict(insecure=True)
-    m = glmcpu.load(path, threads=1, workers=[endpoint], **root_kw)
+    m = glmcpu.load(path, threads=1, workers=[endpoint], topology="mesh", **root_kw)
     tmpl = templates(path, m, session)
     m.cluster.close()
     peer = Peer(endpoint, keys and (load_keypair(keys[0]), open(keys[1]).read().split()[0].encode()))
