@@ -85,7 +85,7 @@ def cmd_worker(a):
         raise GlmcpuError("a worker needs --key (its key file) and --allow (the root's public key), "
                           "made with `glmcpu keygen`; or --insecure")
     service = WorkerService(a.model and model_path(a.model), a.threads, a.memory, a.cache, a.cache_max, a.lease,
-                            repack=a.repack)
+                            repack=a.repack, mesh_port=a.mesh_port)
     server = Server(a.bind, service, keypair=keypair, allowed=allowed)
     service.attach(server)
     print(f"glmcpu worker on {server.endpoint} ({'insecure' if a.insecure else 'CurveZMQ'}; "
@@ -542,6 +542,9 @@ def build_parser():
                                                                    "shares go first; default: no limit)")
     w.add_argument("--lease", type=float, default=10.0, help="seconds of silence after which this worker's "
                                                               "root is taken for gone and another may use it")
+    w.add_argument("--mesh-port", type=int, default=None,
+                   help="TCP port for a mesh root's parts (--topology mesh; on the --bind host): default the "
+                        "--bind port + 1, or any free port when --bind names none")
     w.set_defaults(func=cmd_worker)
 
     k = sub.add_parser("keygen", help="make a CurveZMQ key pair for a root or a worker")

@@ -69,7 +69,7 @@ class WorkerService:
     mesh, step, ping, bye."""
 
     def __init__(self, model_path=None, threads=None, memory_gb=None, cache_dir=None, cache_max_gb=None,
-                 lease=10.0, fault=None, repack=None):
+                 lease=10.0, fault=None, repack=None, mesh_port=None):
         """repack: "auto", "none" or "all" (ops.repack_mode) for the modules this worker builds."""
         from ..gguf import GGUFFile
         self.file = GGUFFile(model_path) if model_path else None
@@ -102,6 +102,7 @@ class WorkerService:
         self.counts = {}
         self.busy_seconds, self.requests = 0.0, 0    # time spent computing, and requests computed
         self.link = None              # the net.link.Server answering for this service (attach)
+        self.mesh_port = mesh_port    # None: the link's port + 1 (any free port if the link has none)
         self.mesh = self.mesh_layers = None
 
     def attach(self, server):
@@ -335,10 +336,13 @@ class WorkerService:
             if key is not None and not (isinstance(key, bytes) and len(key) == 32):
                 raise ProtocolError("mesh: bad key")
             layers = self._mesh_layers(meta.get("tables"), node)
-            host = self.link.endpoint.split("://", 1)[-1].rsplit(":", 1)[0] if self.link is not None else "127.0.0.1"
+            host, port = (self.link.endpoint.split("://", 1)[-1].rsplit(":", 1) if self.link is not None
+                          else ("127.0.0.1", "0"))
+            port = self.mesh_port if self.mesh_port is not None else (
+                int(port) + 1 if port.isdigit() and self.link.bound_port else 0)
             try:
                 self.mesh = Mesh(node, n, key, timeout=float(timeout))
-                port = self.mesh.bind(host)
+                port = self.mesh.bind(host, port)
             except (OSError, MeshError) as e:
                 self.drop_mesh()
                 raise ProtocolError(f"mesh: cannot listen on {host}: {e}") from None

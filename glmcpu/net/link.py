@@ -118,6 +118,7 @@ class Server:
             self.close()
             raise LinkError(f"cannot listen on {endpoint}: {e}") from None
         self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.bound_port = not endpoint.rstrip("/").endswith((":*", ":0"))     # a port chosen by the user
         self.served = self.refused = 0
 
     def serve(self, stop=lambda: False, poll_ms=200):
