@@ -172,8 +172,10 @@ def token_bytes(sizes) -> float:
     return sum(sum(sizes[k].values()) for k in LAYER_KINDS) + sizes["head"] + sizes["root"]
 
 
-SYNC_MS = {"star": 0.3, "mesh": 0.05}    # software per sync, ms (tools/bench_sync.py on loopback: the
-                                         # cluster's request/reply ~0.3, a raw socket with AES-GCM ~0.05)
+# software per sync, ms: the star's request/reply ~0.3 (tools/bench_sync.py); the mesh's exchange
+# takes 0.05-0.07 idle on loopback, and between two busy pinned nodes in namespaces over a 1 Gbit/s
+# tbf link 0.44 ms after both parts were sent, of which 0.26 is the 32 KB on the wire: ~0.15-0.18
+SYNC_MS = {"star": 0.3, "mesh": 0.15}
 
 
 def expected_max_experts(parts, n_expert, k, speeds, draws=4000) -> float:

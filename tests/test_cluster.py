@@ -15,6 +15,8 @@ from glmcpu.cluster import ClusterError, make_plan
 from glmcpu.net.link import keygen
 from conftest import PROMPT, greedy, start_worker
 
+TOPOLOGY = "star"          # tests/test_*_mesh.py run these tests again over a mesh
+
 
 def kl(want, got):
     def logp(x):

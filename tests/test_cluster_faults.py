@@ -22,6 +22,8 @@ from conftest import PROMPT, greedy, start_worker
 from test_cluster import flip_a_weight
 from test_cluster_fuzz import Peer, rss_mb
 
+TOPOLOGY = "star"          # tests/test_*_mesh.py run these tests again over a mesh
+
 
 def glmcpu_cli(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "glmcpu", *args], stdout=subprocess.PIPE,

@@ -5,8 +5,10 @@
     sudo python tools/bench_cluster.py glm4-9b-40l-q4_0.gguf --netns --link-mbit 1000,100 --runs 3
 
 Loopback (the default): one process with --single-threads (2) against a root and a worker with
-one thread each over 127.0.0.1, so both sides use the same cores and the same memory bus (on one
-machine parity is the ceiling). Runs alternate; medians are reported, with the bytes and round
+one thread each over 127.0.0.1, each pinned to a core of its own (the root to the first, the
+worker to the last), so both sides use the same cores and the same memory bus (on one machine
+parity is the ceiling). --topologies measures the star (each of --wires) and the mesh in turn on
+the same workers. Runs alternate; medians are reported, with the bytes and round
 trips per token of each wire codec. --link-mbit alone puts the worker in a network namespace
 behind a tbf-limited veth pair, the root outside it.
 
@@ -61,8 +63,10 @@ def netns_down():
 def start_worker(path, netns=False):
     bind = f"tcp://{ADDR_WORKER}:5599" if netns else "tcp://127.0.0.1:*"
     pre = ["ip", "netns", "exec", NS] if netns else []
-    if os.environ.get("WORKER_CPUS"):
-        pre += ["taskset", "-c", os.environ["WORKER_CPUS"]]
+    cpus = os.environ.get("WORKER_CPUS") or (str(sorted(os.sched_getaffinity(0))[-1])
+                                             if len(os.sched_getaffinity(0)) > 1 else None)
+    if cpus:                                   # the worker on a core of its own (the last), the root on another
+        pre += ["taskset", "-c", cpus]
     p = subprocess.Popen(pre + [sys.executable, "-m", "glmcpu", "worker", "--bind", bind, "--model", path,
                                 "-t", "1", "--insecure"], stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline()
@@ -302,6 +306,39 @@ def netns_main(args):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def apart_main(args):
+    """Loopback with one model resident at a time (a file near half the RAM would push the other
+    out of the page cache): each run, a --single-threads process alone, then a root (first core)
+    and a worker (last core) with one thread each, every --topologies in turn."""
+    cores = sorted(os.sched_getaffinity(0))
+    topologies = args.topologies.split(",")
+    rates = {"single": [], **{t: [] for t in topologies}}
+    for r in range(args.runs):
+        c = Child([], ["--child", "single", "--threads", str(args.single_threads), args.model])
+        c.wait_ready()
+        rates["single"].append(together([c], args.tokens)[0]["rate"])
+        c.close()
+        w, ep = start_worker(args.model)
+        try:
+            root = Child(["taskset", "-c", str(cores[0])], ["--child", "root", "--threads", "1", "--endpoints", ep,
+                                                            "--wires", "f32", "--topologies", args.topologies,
+                                                            "--insecure", args.model])
+            root.wait_ready()
+            for t in (topologies if r % 2 == 0 else topologies[::-1]):
+                rates[t].append(together([root], args.tokens, t)[0]["rate"])
+            root.close()
+        finally:
+            w.kill()
+            w.wait()
+        print(f"run {r + 1}: one process {rates['single'][-1]:.2f} tok/s, "
+              + ", ".join(f"{t} {rates[t][-1]:.2f}" for t in topologies), flush=True)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"one process, {args.single_threads} threads: {med['single']:.2f} tok/s")
+    for t in topologies:
+        print(f"root 1 thread + worker 1 thread, {t} (exact wire): {med[t]:.2f} tok/s = "
+              f"{med[t] / med['single']:.2f}x (runs {', '.join(f'{x:.2f}' for x in rates[t])})")
+
+
 def counters(c):
     """A cluster's running totals: bytes sent, received, round trips, seconds waiting, tokens, syncs."""
     return np.array([sum(x.sent for x in c.clients), sum(x.received for x in c.clients), c.stats["round_trips"],
@@ -331,6 +368,8 @@ def main():
     ap.add_argument("--netns", action="store_true", help="every node in a namespace and on a core of its own")
     ap.add_argument("--nodes", type=int, default=2, help="--netns: root + workers")
     ap.add_argument("--insecure", action="store_true", help="--netns: plain TCP (default: CurveZMQ keys)")
+    ap.add_argument("--apart", action="store_true",
+                    help="loopback with one model loaded at a time (files near half the RAM)")
     ap.add_argument("--child", choices=("single", "root"), help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--endpoints", help=argparse.SUPPRESS)
@@ -339,6 +378,8 @@ def main():
     args = ap.parse_args()
     if args.child:
         return child_main(args)
+    if args.apart:
+        return apart_main(args)
     if args.netns:
         if not args.link_mbit:
             args.link_mbit = "1000,100"
@@ -375,9 +416,14 @@ def main():
         rates = {"single": [], **{w: [] for w in wires}}
         figures = {}
         decode_rate(single, 4, prompt)
+        all_cores = os.sched_getaffinity(0)
+        root_core = {sorted(all_cores)[0]} if len(all_cores) > 1 else all_cores
+        os.sched_setaffinity(0, root_core)        # this thread runs the root's one-thread kernels
         decode_rate(root, 4, prompt)
         for r in range(args.runs):
+            os.sched_setaffinity(0, all_cores)
             rates["single"].append(decode_rate(single, args.tokens, prompt))
+            os.sched_setaffinity(0, root_core)
             for w in wires:
                 if "mesh" in topologies:
                     c.use_mesh(w == "mesh")

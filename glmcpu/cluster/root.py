@@ -94,7 +94,7 @@ class Cluster:
         if wire not in wirecodec.CODECS:
             raise ClusterError(f"--wire {wire}: use f32 (exact), f16 (half the bytes) or q8_0 (about a quarter)")
         if topology is None:              # the default; a mesh sends exact parts, so other wires mean a star
-            topology = os.environ.get("GLMCPU_TOPOLOGY") or "star"
+            topology = os.environ.get("GLMCPU_TOPOLOGY") or "mesh"
             topology = topology if wire == "f32" else "star"
         if topology not in ("star", "mesh"):
             raise ClusterError(f"--topology {topology}: use star (every sync through the root) or mesh "
