@@ -51,8 +51,8 @@ def add_cluster(p):
     p.add_argument("--topology", default=None, choices=["star", "mesh"],
                    help="star: every sync through the root; mesh: every node runs the layers and sends its "
                         "parts straight to all others (one exchange per sync; exact wire; each worker opens "
-                        "one more port, --mesh-port). Default: $GLMCPU_TOPOLOGY, else mesh on the exact wire "
-                        "and star on the others")
+                        "one more port, --mesh-port). Default: $GLMCPU_TOPOLOGY, else mesh for up to 3 workers "
+                        "on the exact wire, star otherwise")
 
 
 def parse_shares(text):

@@ -93,8 +93,11 @@ class Cluster:
                  kv_type=("f32", "f32"), topology=None):
         if wire not in wirecodec.CODECS:
             raise ClusterError(f"--wire {wire}: use f32 (exact), f16 (half the bytes) or q8_0 (about a quarter)")
-        if topology is None:              # the default; a mesh sends exact parts, so other wires mean a star
-            topology = os.environ.get("GLMCPU_TOPOLOGY") or "mesh"
+        if topology is None:
+            # the default: a mesh sends exact parts (other wires mean a star), and every node's port
+            # carries a part to each other node, which past 4 nodes on 1 GbE costs more than the
+            # star saves (glmcpu plan's 2/4/8-node predictions)
+            topology = os.environ.get("GLMCPU_TOPOLOGY") or ("mesh" if len(endpoints) <= 3 else "star")
             topology = topology if wire == "f32" else "star"
         if topology not in ("star", "mesh"):
             raise ClusterError(f"--topology {topology}: use star (every sync through the root) or mesh "
@@ -386,14 +389,14 @@ class Cluster:
         self.steps += 1
         meta = {"s": self.session, "step": self.steps, "pos0": int(cache.pos), "all": bool(all_logits)}
         rows = self.model.embed(self.model.embd, ids)
-        for i, c in enumerate(self.clients):
-            try:
-                c.send("step", dict(meta, e=self.epochs[i]), [rows])
-            except LinkError:
-                self.mesh_failed(i + 1)
         self.run_mesh.begin(self.steps)
         self.stepping = True
         try:
+            for i, c in enumerate(self.clients):
+                try:
+                    c.send("step", dict(meta, e=self.epochs[i]), [rows])
+                except LinkError:
+                    self.mesh_failed(i + 1)
             out = self.model.forward(ids, cache, all_logits, hidden)
         except WorkerLost:
             raise
@@ -578,17 +581,17 @@ def host_of(endpoint: str) -> str:
 
 
 def goodbye(keepalive, clients, alive, session, wait=1.0):
-    """Say "bye" to every live worker (all at once, then up to `wait` seconds for the answers), so
-    each may serve another root now rather than after its lease; then close the links."""
+    """Say "bye" to every worker (all at once, then up to `wait` seconds for the answers), so each
+    may serve another root now rather than after its lease; then close the links. Workers taken
+    for lost hear it too: one that was only slow (or was lost as Ctrl-C struck) is freed as well."""
     keepalive.stop()
     asked = []
-    for i, c in enumerate(clients):
-        if alive[i]:
-            try:
-                c.send("bye", {"s": session})
-                asked.append(c)
-            except Exception:                 # a closed or broken socket: nothing to free
-                pass
+    for c in clients:
+        try:
+            c.send("bye", {"s": session})
+            asked.append(c)
+        except Exception:                     # a closed or broken socket: nothing to free
+            pass
     deadline = time.monotonic() + wait
     for c in asked:
         try:
