@@ -157,3 +157,58 @@ def test_malformed_parts_name_the_sender(bad):
     finally:
         root.close()
         worker.close()
+
+
+# ---- the mesh in a cluster of real `glmcpu worker`s ------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_keyed_cluster_is_a_mesh_on_the_next_port_and_a_blocked_port_means_a_star(tiny, workers, tmp_path):
+    """With keys, the default cluster of 2 workers is a mesh (AES-GCM keyed over CurveZMQ) on each
+    worker's --bind port + 1, giving one process's logits; a worker whose mesh port is taken
+    leaves the cluster a star, with one line saying so, and the same answer."""
+    import glmcpu
+    from glmcpu.net.link import keygen
+    from conftest import PROMPT, greedy, start_worker
+    _, path, _ = tiny("glm4_moe", "q8_0")
+    one = glmcpu.load(path, threads=1)
+    want_logits, want = one.logits(PROMPT), greedy(one)
+    for name in ("root", "worker"):
+        keygen(str(tmp_path / name))
+    wkeys = ["--key", str(tmp_path / "worker"), "--allow", str(tmp_path / "root.pub")]
+    ports = [free_port() for _ in range(2)]
+    procs = [start_worker(path, *wkeys, bind=f"tcp://127.0.0.1:{p}") for p in ports]
+    keys = dict(key=str(tmp_path / "root"), worker_key=str(tmp_path / "worker.pub"))
+    try:
+        m = glmcpu.load(path, threads=1, workers=[e for _, e in procs], timeout=5, **keys)
+        assert m.cluster.status()["topology"] == "mesh" and m.cluster.mesh.aead is not None
+        assert sorted(p.sock.getpeername()[1] for p in m.cluster.mesh.peers.values()) == sorted(p + 1 for p in ports)
+        np.testing.assert_array_equal(m.logits(PROMPT), want_logits)
+        assert greedy(m) == want and m.cluster.stats["mesh_steps"] > 0
+        m.cluster.close()
+    finally:
+        for p, _ in procs:
+            p.kill()
+            p.wait()
+    # a mesh port already taken: the star, and one line on stderr
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    p, ep = start_worker(path, "--insecure", "--mesh-port", str(taken.getsockname()[1]))
+    try:
+        import contextlib
+        import io
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            m = glmcpu.load(path, threads=1, workers=[ep], insecure=True, timeout=5)
+        assert m.cluster.status()["topology"] == "star" and "runs as a star" in err.getvalue()
+        assert greedy(m) == want
+        m.cluster.close()
+    finally:
+        p.kill()
+        p.wait()
+        taken.close()

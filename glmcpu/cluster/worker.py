@@ -441,6 +441,7 @@ class WorkerService:
                 m["model"].run_layer(L, h, self.kv, l, pos)
         except MeshError as e:
             raise ProtocolError(f"step: {e}") from None
+        self.last_seen = time.monotonic()     # a long step (a prefill) is the root heard from, not a silence
         head = self.modules.get(("head", -1))
         if head is None:
             return []
