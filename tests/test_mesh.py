@@ -162,9 +162,16 @@ def test_malformed_parts_name_the_sender(bad):
 # ---- the mesh in a cluster of real `glmcpu worker`s ------------------------------------------
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, with the next one free too (a worker's mesh port)."""
+    while True:
+        with socket.socket() as s, socket.socket() as t:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            try:
+                t.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
 
 
 def test_a_keyed_cluster_is_a_mesh_on_the_next_port_and_a_blocked_port_means_a_star(tiny, workers, tmp_path):
