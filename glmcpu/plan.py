@@ -99,6 +99,13 @@ def chunk_width(n: int, unit: int = 1) -> int:
     return max(align, -(-(-(-n // 12)) // align) * align)
 
 
+def row_halves(n: int) -> list:
+    """Two output-row ranges of a partial sum of n values, cut at a multiple of 8 (a repacked
+    matrix's row group): a mesh node sends the first while it computes the second."""
+    h = n // 2 // 8 * 8
+    return [(0, h), (h, n)] if 0 < h < n else [(0, n)]
+
+
 def make_plan(cfg, nodes, shares=None) -> Plan:
     shares = list(shares or [1.0] * len(nodes))
     if len(shares) != len(nodes) or min(shares) < 0 or sum(shares) <= 0:

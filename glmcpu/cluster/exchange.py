@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from ..plan import row_halves
+
 
 def senders(cfg, kind, parts) -> list:
     """Nodes whose parts make up one split module's output, in node order."""
@@ -38,35 +40,55 @@ def add_parts(order, parts: dict):
 class MeshRun:
     """The syncs of one step over a net.mesh.Mesh: each split module's part goes to every other
     node at once, theirs come in, and all add them in node order: every node then holds the same
-    bits of the residual stream."""
+    bits of the residual stream. A part travels in two halves of its rows; a module that yields
+    its output by halves (row_blocks: attention, dense FFN) has the first on the wire while it
+    computes the second."""
 
     def __init__(self, mesh, cfg):
         self.mesh, self.cfg, self.sync = mesh, cfg, 0
         self.waited = 0.0               # seconds spent sending and waiting, own parts not included
+        self.halves = row_halves(cfg.d_model)
 
     def begin(self, step: int):
         self.mesh.begin(step)
         self.sync = 0
 
+    def _send(self, block, y):
+        t = time.perf_counter()
+        self.mesh.send(self.mesh.step, block, memoryview(y.reshape(-1)).cast("B"))
+        self.waited += time.perf_counter() - t
+
     def __call__(self, kind, parts, local, x, args, tick=None):
         sync, self.sync = self.sync, self.sync + 1
         order = senders(self.cfg, kind, parts)
         me = self.mesh.node
-        got = {}
+        halves = self.halves
+        mine = {}
         if me in order:
             if tick is not None:
                 tick(kind)
-            own = own_part(kind, local, x, args)
-            got[me] = own = np.ascontiguousarray(own, np.float64)
+            if local is not None and hasattr(local, "row_blocks"):
+                blocks = local.row_blocks(x, *args)
+            else:
+                whole = own_part(kind, local, x, args)
+                blocks = ((a, b, whole[:, a:b]) for a, b in halves)
+            for i, (a, b, y) in enumerate(blocks):
+                if (a, b) != halves[i]:
+                    raise ValueError(f"a {kind} part came in rows {a}..{b}, not {halves[i]}")
+                mine[i] = y = np.ascontiguousarray(y, np.float64)
+                self._send(len(halves) * sync + i, y)
         t = time.perf_counter()
-        if me in order:
-            self.mesh.send(self.mesh.step, sync, memoryview(own.reshape(-1)).cast("B"))
-        T, d = x.shape[0], self.cfg.d_model
-        for n, buf in self.mesh.gather(sync, [n for n in order if n != me], T * d * 8).items():
-            got[n] = np.frombuffer(buf, np.float64).reshape(T, d)
+        T = x.shape[0]
+        out = np.empty((T, self.cfg.d_model), np.float64)
+        others = [n for n in order if n != me]
+        for i, (a, b) in enumerate(halves):
+            got = self.mesh.gather(len(halves) * sync + i, others, T * (b - a) * 8)
+            got = {n: np.frombuffer(buf, np.float64).reshape(T, b - a) for n, buf in got.items()}
+            if me in order:
+                got[me] = mine[i]
+            out[:, a:b] = add_parts(order, got)
         self.waited += time.perf_counter() - t
-        y = add_parts(order, got)
-        return y if y.flags.writeable else y.copy()
+        return out
 
 
 class MeshModule:

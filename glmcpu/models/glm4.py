@@ -10,7 +10,7 @@ import numpy as np
 from .. import ops
 from ..errors import GlmcpuError, ModelFileError
 from ..gguf import GGUFFile, dequantize
-from ..plan import chunk_width
+from ..plan import chunk_width, row_halves
 from ..weights import FileWeights, ShareError, row_bytes
 
 K = ops.K
@@ -101,7 +101,7 @@ class Linear:
             if self.b.shape != (self.n_out,):
                 raise ShareError(f"{name}.bias has {self.b.shape[0]} values for {self.n_out} rows")
         file_rows = self.w
-        self.chunks = None
+        self.chunks = self.halves = None
         if chunk:
             per = row_bytes(self.type, chunk)                    # bytes of one chunk of a row
             parts = [ops.repack(self.w[:, c:c + per], self.type, pack=w.pack) for c in range(0, self.w.shape[1], per)]
@@ -115,8 +115,12 @@ class Linear:
                 buf = np.concatenate([p.ravel() for p in lines])
                 offs = np.cumsum([0] + [p.size for p in lines])
                 lines = [buf[offs[i]:offs[i + 1]].reshape(p.shape) for i, p in enumerate(lines)]
-            self.chunks = K.Chunked([(ln, min(chunk, self.n_in - i * chunk)) for i, ln in enumerate(lines)],
-                                    self.type)
+            widths = [min(chunk, self.n_in - i * chunk) for i in range(len(lines))]
+            self.chunks = K.Chunked(list(zip(lines, widths)), self.type)
+            # the same chunks over each half of the output rows (views, no copies): row_blocks
+            grp = 8 if self.type in ops.PACKED else 1
+            self.halves = [((a, b), K.Chunked([(ln[a // grp:b // grp], n) for ln, n in zip(lines, widths)], self.type))
+                           for a, b in row_halves(self.n_out)] if self.n_out % 8 == 0 else None
             self.w = None
         else:
             self.w, self.type = ops.repack(self.w, self.type, pack=w.pack)    # Q4_0/Q8_0: [n_out/8, 8 * row_bytes]
@@ -140,9 +144,19 @@ class Linear:
         new.name = "+".join(p.name for p in parts)
         new.w = np.concatenate([p.w for p in parts], 0)          # a copy: only of packed (RAM) weights
         new.type, new.n_in, new.packed, new.in_ram, new.chunks = first.type, first.n_in, first.packed, True, None
+        new.halves = None
         new.n_out = sum(p.n_out for p in parts)
         new.b = None if first.b is None else np.concatenate([p.b for p in parts])
         return new
+
+    def row_blocks(self, x, threads):
+        """A chunked matrix's output in halves of its rows, each as soon as it is computed:
+        (a, b, [T, b - a] float64), the same bits as __call__'s columns a..b."""
+        if self.halves is None:
+            yield 0, self.n_out, self(x, threads)
+            return
+        for (a, b), m in self.halves:
+            yield a, b, ops.linear_chunked(m, x, threads)
 
     def __call__(self, x, threads):            # x [T, n_in] -> [T, n_out] (float64 if chunked)
         if self.chunks is not None:
@@ -280,6 +294,13 @@ class Attention:
         self.aligned = q0 % G == 0 and self.nq % G == 0
 
     def __call__(self, x, cache, l: int, pos, th):     # x [T, d_model] (normed) -> [T, d_model] float64
+        return self.wo(self.mix(x, cache, l, pos, th), th)
+
+    def row_blocks(self, x, cache, l: int, pos, th):
+        """__call__'s output in halves of its rows, each as soon as it is computed (Linear.row_blocks)."""
+        yield from self.wo.row_blocks(self.mix(x, cache, l, pos, th), th)
+
+    def mix(self, x, cache, l: int, pos, th):          # -> the heads' outputs [T, nq * head_dim]
         c, T, pos0, hd = self.cfg, x.shape[0], cache.pos, self.cfg.head_dim
         qkv = run_parts(self.qkv, x, th)                                      # [T, width]
         q = np.ascontiguousarray(qkv[:, :self.nq * hd]).reshape(T, self.nq, hd)
@@ -302,7 +323,7 @@ class Attention:
                 j = (self.q0 + i) // G - self.kv0
                 out[:, i:i + 1] = K.attention(np.ascontiguousarray(q[:, i:i + 1]), kc[j:j + 1], vc[j:j + 1],
                                               pos0, self.scale, np.empty((T, 1, hd), np.float32), th)
-        return self.wo(out.reshape(T, -1), th)
+        return out.reshape(T, -1)
 
 
 def head_norm(x, w, eps):
@@ -335,8 +356,15 @@ class DenseFFN:
               and self.down.n_out == d_model, f"{p}: FFN{suffix} shapes disagree with the config")
 
     def __call__(self, x, th):                           # x [T, d_model] -> [T, d_model]
+        return self.down(self.hidden(x, th), th)
+
+    def row_blocks(self, x, th):
+        """__call__'s output in halves of its rows, each as soon as it is computed (Linear.row_blocks)."""
+        yield from self.down.row_blocks(self.hidden(x, th), th)
+
+    def hidden(self, x, th):                             # -> silu(gate) * up [T, units]
         gu = run_parts(self.gate_up, x, th)               # [T, 2 * units]: gate | up
-        return self.down(K.silu_mul(gu, np.empty((x.shape[0], gu.shape[1] // 2), np.float32), th), th)
+        return K.silu_mul(gu, np.empty((x.shape[0], gu.shape[1] // 2), np.float32), th)
 
 
 class Norms:
