@@ -588,6 +588,9 @@ def goodbye(keepalive, clients, alive, session, wait=1.0):
     asked = []
     for c in clients:
         try:
+            # on a fresh connection: an answer still due on the old one (a request cut short by
+            # Ctrl-C) must not pass for the bye's, nor the close that follows drop an unsent bye
+            c.reset()
             c.send("bye", {"s": session})
             asked.append(c)
         except Exception:                     # a closed or broken socket: nothing to free
