@@ -338,9 +338,9 @@ def print_expert_stats(model):
 
 def cluster_line(f) -> str:
     return (f"cluster, per token: {f['sent_kib']:.1f} KiB sent, {f['received_kib']:.1f} KiB received, "
-            f"{f['round_trips']:.1f} round trips, {f['network_ms']:.2f} ms waiting on the network vs "
-            f"{f['compute_ms']:.2f} ms on the root's shares; workers alive {f['alive']}, "
-            f"failovers {f['failovers']}, replays {f['replays']}")
+            f"{f['round_trips']:.1f} round trips, {f.get('syncs', 0):.1f} mesh syncs, {f['network_ms']:.2f} ms "
+            f"waiting on the network vs {f['compute_ms']:.2f} ms on the root's shares; workers alive "
+            f"{f['alive']}, failovers {f['failovers']}, replays {f['replays']}; {f.get('topology', 'star')}")
 
 
 
