@@ -117,7 +117,7 @@ class Cluster:
                       "syncs": 0, "mesh_steps": 0}
         # however this root ends (close, an error, Ctrl-C, exit), its workers hear goodbye
         self.keepalive = Keepalive(endpoints, keypair, worker_key, "ping", {"s": self.session})
-        self._goodbye = weakref.finalize(self, goodbye, self.keepalive, self.clients, self.alive, self.session)
+        self._goodbye = weakref.finalize(self, goodbye, self.keepalive, self.clients, self.session)
         try:
             self._start(endpoints, shares, threads, progress, digest_cache, repack)
         except BaseException:
@@ -337,7 +337,8 @@ class Cluster:
         secure = self.clients[0].keypair is not None
         key = new_key() if secure else None
         n = 1 + len(self.clients)
-        base = {"s": self.session, "n": n, "timeout": float(min(self.timeout, 60)), "key": key,
+        timeout = float(min(self.timeout, 60))       # a worker takes up to 60 s
+        base = {"s": self.session, "n": n, "timeout": timeout, "key": key,
                 "tables": {k: {str(l): [list(p) for p in parts] for l, parts in t.items()}
                            for k, t in self.plan.tables.items()}}
         i = 0
@@ -350,7 +351,7 @@ class Cluster:
             for i, c in enumerate(self.clients):
                 c.request("mesh", {"s": self.session, "e": self.epochs[i], "phase": "connect",
                                    "peers": {str(j): e for j, e in eps.items() if j > i + 1}})
-            self.mesh = Mesh(0, n, key, timeout=min(self.timeout, 60))
+            self.mesh = Mesh(0, n, key, timeout=timeout)
             self.mesh.connect(eps)
             for i, c in enumerate(self.clients):
                 c.request("mesh", {"s": self.session, "e": self.epochs[i], "phase": "ready"})
@@ -580,7 +581,7 @@ def host_of(endpoint: str) -> str:
     return endpoint.split("://", 1)[-1].rsplit(":", 1)[0]
 
 
-def goodbye(keepalive, clients, alive, session, wait=1.0):
+def goodbye(keepalive, clients, session, wait=1.0):
     """Say "bye" to every worker (all at once, then up to `wait` seconds for the answers), so each
     may serve another root now rather than after its lease; then close the links. Workers taken
     for lost hear it too: one that was only slow (or was lost as Ctrl-C struck) is freed as well."""

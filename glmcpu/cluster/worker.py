@@ -346,6 +346,7 @@ class WorkerService:
             except (OSError, MeshError) as e:
                 self.drop_mesh()
                 raise ProtocolError(f"mesh: cannot listen on {host}: {e}") from None
+            layers["run"].mesh = self.mesh
             self.mesh_layers = layers
             return {"port": port}
         if self.mesh is None:
@@ -392,7 +393,7 @@ class WorkerService:
                 parsed[(kind, int(l))] = [tuple(p) for p in parts]
         # every module of every layer, and this worker's parts as the load built them
         cls = model_class(cfg.arch)
-        run = MeshRun(None, cfg)
+        run = MeshRun(None, cfg)             # its mesh is set once the port is bound
         layers = []
         try:
             for l in range(cfg.n_layer):
@@ -432,7 +433,6 @@ class WorkerService:
         if type(pos0) is not int or not 0 <= pos0 <= self.n_ctx - T:
             raise ProtocolError(f"step: positions {pos0!r}.. are outside the context of {self.n_ctx}")
         m = self.mesh_layers
-        m["run"].mesh = self.mesh
         m["run"].begin(step)
         self.kv.pos = pos0
         pos = np.arange(pos0, pos0 + T, dtype=np.int32)
