@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -198,12 +199,23 @@ PROMPT = list(range(5, 17))      # token ids the cluster tests generate from
 
 def start_worker(path, *extra, bind="tcp://127.0.0.1:*", env=None):
     model = ["--model", path] if path else []
+    log = tempfile.TemporaryFile("w+")         # not a pipe: a worker that writes much never blocks on it
     p = subprocess.Popen([sys.executable, "-m", "glmcpu", "worker", "--bind", bind, *model, "-t", "1",
-                          *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          *extra], stdout=subprocess.PIPE, stderr=log, text=True,
                          env=dict(os.environ, **(env or {})))
+    p.log = log
     line = p.stdout.readline()
-    assert line.startswith("glmcpu worker on "), p.stderr.read()
+    if not line.startswith("glmcpu worker on "):
+        p.wait()
+        log.seek(0)
+        raise AssertionError(log.read())
     return p, line.split()[3]
+
+
+def worker_log(p) -> str:
+    """What a worker started by start_worker wrote to stderr so far."""
+    p.log.seek(0)
+    return p.log.read()
 
 
 @pytest.fixture

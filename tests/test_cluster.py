@@ -13,7 +13,7 @@ import pytest
 import glmcpu
 from glmcpu.cluster import ClusterError, make_plan
 from glmcpu.net.link import keygen
-from conftest import PROMPT, greedy, start_worker
+from conftest import PROMPT, greedy, start_worker, worker_log
 
 TOPOLOGY = "star"          # tests/test_*_mesh.py run these tests again over a mesh
 
@@ -161,7 +161,8 @@ def test_a_worker_lost_mid_answer_changes_nothing(tiny, workers, family, how, n_
         assert greedy(m, 16) == want, faults
         st = m.cluster.status()
         held_kv = any(n == victim + 1 for parts in plan.tables["attn"].values() for n, _, _ in parts)
-        assert st["failovers"] == 1 and st["alive"] == f"{n_workers - 1}/{n_workers}"
+        assert st["failovers"] == 1 and st["alive"] == f"{n_workers - 1}/{n_workers}", (
+            faults, st, [worker_log(p)[-2000:] for p in procs])
         assert (st["replays"] >= 1) == held_kv        # only a lost KV cache needs the sequence again
         if how == "stop":       # the stopped worker wakes up: its stale answers change nothing, and
             procs[victim].send_signal(signal.SIGCONT)        # it is used again, from a clean start

@@ -130,6 +130,30 @@ def test_silence_a_lost_peer_and_the_roots_abort_name_who():
             m.close()
 
 
+def test_a_peer_that_sent_its_part_and_died_did_send_it():
+    """Node 2 sends its last part and is gone (killed after its last sync): the others still take
+    that part; only a later wait on node 2 fails, naming it, and a wait on node 1 does not."""
+    nodes = make_mesh(3, new_key(), timeout=0.5)
+    try:
+        for m in nodes:
+            m.begin(1)
+        nodes[2].send(1, 0, b"\x02" * 8)
+        nodes[2].close()
+        __import__("time").sleep(0.1)                   # its part and its end have both arrived
+        nodes[1].send(1, 0, b"\x01" * 8)               # to node 2 too: that goes nowhere, no error yet
+        got = nodes[0].gather(0, [1, 2], 8)
+        assert got[2] == b"\x02" * 8 and got[1] == b"\x01" * 8
+        nodes[1].send(1, 1, b"\x01" * 8)              # node 2 is not waited on: nothing fails
+        assert nodes[1].peers[2].lost                   # (node 1's writes to it have failed by now)
+        assert nodes[0].gather(1, [1], 8)[1] == b"\x01" * 8
+        with pytest.raises(PeerLost) as e:
+            nodes[0].gather(2, [2], 8)
+        assert e.value.node == 2 and "closed" in str(e.value)
+    finally:
+        for m in nodes[:2]:
+            m.close()
+
+
 @pytest.mark.parametrize("bad", ["wrong size", "other node's header", "unknown kind", "forged", "huge"])
 def test_malformed_parts_name_the_sender(bad):
     key = new_key()
@@ -219,3 +243,34 @@ def test_a_keyed_cluster_is_a_mesh_on_the_next_port_and_a_blocked_port_means_a_s
         p.kill()
         p.wait()
         taken.close()
+
+
+def test_a_worker_that_reports_another_nodes_fault_is_not_blamed(tiny, workers):
+    """A worker whose step failed over the mesh (it names a peer) is not the one lost: the step runs
+    again over the star, nobody fails over, and the next request has the mesh back."""
+    import glmcpu
+    from conftest import greedy
+    from glmcpu.net.link import LinkError
+    _, path, _ = tiny("glm4", "q8_0")
+    want = greedy(glmcpu.load(path, threads=1))
+    _, eps = workers(path, 2, "--insecure")
+    m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=5)
+    c = m.cluster.clients[0]
+    real, calls = c.recv, []
+
+    def recv(timeout=None):                             # its 3rd step's answer: a mesh fault it saw
+        out = real(timeout)
+        calls.append(1)
+        if len(calls) == 3:
+            e = LinkError(f"{c.endpoint}: mesh: step: node 2 closed its connection")
+            e.kind = "mesh"
+            raise e
+        return out
+    c.recv = recv
+    assert greedy(m) == want
+    st = m.cluster.status()
+    assert st["failovers"] == 0 and st["alive"] == "2/2" and st["topology"] == "star", st
+    steps = m.cluster.stats["mesh_steps"]
+    assert greedy(m) == want and m.cluster.status()["topology"] == "mesh"
+    assert m.cluster.stats["mesh_steps"] > steps and m.cluster.status()["failovers"] == 0
+    m.cluster.close()

@@ -105,6 +105,7 @@ class Cluster:
         if topology == "mesh" and wire != "f32":
             raise ClusterError(f"--topology mesh sends exact float64 parts; --wire {wire} is for the star")
         self.topology, self.mesh, self.run_mesh, self.stepping, self.steps = topology, None, None, False, 0
+        self.mesh_again = False           # a mesh dropped with nobody lost: set up again at the next request
         self.timeout = timeout
         self.file, self.model_cls, self.n_ctx, self.wire, self.kv_type = f, model_cls, n_ctx, wire, tuple(kv_type)
         self.cfg = model_cls.config_class.from_gguf(f)
@@ -112,6 +113,7 @@ class Cluster:
         self.clients = [Client(e, keypair, worker_key, timeout=timeout) for e in endpoints]
         self.alive = [True] * len(self.clients)
         self.epochs = [0] * len(self.clients)
+        self.losses = []                  # why workers were lost, the last few
         self.stats = {"tokens": 0, "round_trips": 0, "failovers": 0, "replays": 0, "net_seconds": 0.0,
                       "compute_seconds": 0.0, "sent": 0, "received": 0,     # bytes of requests, not of loads
                       "syncs": 0, "mesh_steps": 0}
@@ -161,7 +163,7 @@ class Cluster:
             try:
                 self.load(i)
             except LinkLost as e:         # gone while loading: the root computes its shares
-                self.lose(i + 1)
+                self.lose(i + 1, f"lost while loading: {e}")
                 print(f"glmcpu: {e}; the root computes that worker's share itself", file=sys.stderr)
             except LinkError as e:
                 raise ClusterError(f"worker {c.endpoint} could not load its share: {e}") from None
@@ -283,10 +285,14 @@ class Cluster:
         return self.model.expert_stats()
 
     def begin(self, cache):
-        """Before a request: workers that failed earlier get another chance; one that comes back
-        starts clean, so the kept cache is computed again."""
+        """Before a request: workers that failed earlier get another chance (one that comes back
+        starts clean, so the kept cache is computed again), and a mesh dropped over a fault of no
+        worker's own is set up again."""
         if self.revive():
             cache.pos, cache.tokens = 0, []
+        elif self.mesh_again and self.mesh is None and all(self.alive):
+            self.setup_mesh()
+        self.mesh_again = False
 
     def draft_head(self):
         """The file's MTP head: its layer runs whole on the root, its output head (the model's,
@@ -357,7 +363,7 @@ class Cluster:
                 c.request("mesh", {"s": self.session, "e": self.epochs[i], "phase": "ready"})
         except LinkLost as e:
             self.drop_mesh()
-            self.lose(i + 1)
+            self.lose(i + 1, f"lost while setting up the mesh: {e}")
             print(f"glmcpu: {e}; the cluster runs as a star without it", file=sys.stderr)
             return
         except (LinkError, MeshError, KeyError, TypeError, ValueError) as e:
@@ -396,8 +402,8 @@ class Cluster:
             for i, c in enumerate(self.clients):
                 try:
                     c.send("step", dict(meta, e=self.epochs[i]), [rows])
-                except LinkError:
-                    self.mesh_failed(i + 1)
+                except LinkError as e:
+                    self.mesh_failed(i + 1, f"step not sent: {e}")
             out = self.model.forward(ids, cache, all_logits, hidden)
         except WorkerLost:
             raise
@@ -410,14 +416,16 @@ class Cluster:
         self.stats["mesh_steps"] += 1
         return out
 
-    def mesh_failed(self, node):
+    def mesh_failed(self, node, why):
         """A node of the mesh failed (lost, or sent what it should not): the others are told to
         drop the step, the cluster goes on as a star, and the step runs again."""
         if self.mesh is not None:
             self.mesh.abort()
         self.drop_mesh()
         if node:
-            self.lose(node)
+            self.lose(node, f"in the mesh: {why}")
+        else:
+            self.mesh_again = True
         raise StepAgain()
 
     def exchange_mesh(self, mod, x, args):
@@ -429,7 +437,7 @@ class Cluster:
             try:
                 y = self.run_mesh(mod.kind, mod.parts, mod.local, x, args)
             except MeshError as e:
-                self.mesh_failed(e.node)
+                self.mesh_failed(e.node, e)
             self.stats["syncs"] += 1
             self.stats["net_seconds"] += self.run_mesh.waited - w0
             self.stats["compute_seconds"] += time.perf_counter() - t0 - (self.run_mesh.waited - w0)
@@ -447,8 +455,10 @@ class Cluster:
                     if y.shape[0] != x.shape[0]:
                         raise ProtocolError(f"{y.shape[0]} rows of logits for {x.shape[0]}")
                     out[i + 1] = y
-            except (LinkError, ProtocolError):
-                self.mesh_failed(i + 1)
+            except (LinkError, ProtocolError) as e:
+                if getattr(e, "kind", None) == "mesh":       # its trouble was another node's: no blame
+                    self.mesh_failed(0, "")                 # (the star finds out who is gone, if any)
+                self.mesh_failed(i + 1, f"head: {e}")
         self.stats["net_seconds"] += time.perf_counter() - t0
         return np.concatenate([out[n] for n, _, _ in mod.parts], 1)
 
@@ -478,8 +488,8 @@ class Cluster:
                 try:
                     self.clients[n - 1].send(kind, dict(meta, e=self.epochs[n - 1]), sent + extra)
                     asked.append(n)
-                except LinkError:
-                    self.lose(n)
+                except LinkError as e:
+                    self.lose(n, f"{kind} not sent: {e}")
         t0 = time.perf_counter()
         out = {}
         own = own_part(kind, mod.local, x, args)
@@ -494,8 +504,8 @@ class Cluster:
                 try:
                     _, arrays = self.clients[n - 1].recv()
                     out[n] = wirecodec.decode(arrays, "f32" if kind == "head" else reply, width, x.shape[0])
-                except (LinkError, ProtocolError):
-                    self.lose(n)
+                except (LinkError, ProtocolError) as e:
+                    self.lose(n, f"{kind}: {e}")
         if asked:
             self.stats["round_trips"] += 1
         self.stats["sent"] += sum(c.sent for c in self.clients) - bytes0[0]
@@ -515,11 +525,12 @@ class Cluster:
             return np.concatenate([out[n] for n, _, _ in mod.parts], 1)
         return add_parts(senders(self.cfg, kind, mod.parts), out)
 
-    def lose(self, n):
+    def lose(self, n, why=""):
         if not self.alive[n - 1]:
             return
         self.alive[n - 1] = False
         self.stats["failovers"] += 1
+        self.losses = (self.losses + [f"worker {n} ({self.clients[n - 1].endpoint}): {why}"])[-8:]
         self.clients[n - 1].reset()
         if n in self.kv_nodes:
             self.needs_replay = True
@@ -557,7 +568,7 @@ class Cluster:
                 "round_trips": self.stats["round_trips"] / n,
                 "network_ms": 1e3 * self.stats["net_seconds"] / n,
                 "compute_ms": 1e3 * self.stats["compute_seconds"] / n,
-                "failovers": self.stats["failovers"], "replays": self.stats["replays"],
+                "failovers": self.stats["failovers"], "replays": self.stats["replays"], "losses": list(self.losses),
                 "alive": f"{sum(self.alive)}/{len(self.alive)}",
                 "topology": "mesh" if self.mesh is not None else "star",
                 "syncs": self.stats["syncs"] / n,

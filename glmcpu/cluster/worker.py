@@ -64,6 +64,12 @@ def available_gb() -> float:
     return ops.memory_available() / 2**30
 
 
+class MeshFault(ProtocolError):
+    """A step that failed over the mesh (a peer lost, or one that sent what it should not): the root
+    is told, and knows it was not this worker's own fault."""
+    kind = "mesh"
+
+
 class WorkerService:
     """handler(op, meta, arrays) for net.link.Server: hello, load, put, attn, ffn, moe, head,
     mesh, step, ping, bye."""
@@ -440,7 +446,7 @@ class WorkerService:
             for l, L in enumerate(m["layers"]):
                 m["model"].run_layer(L, h, self.kv, l, pos)
         except MeshError as e:
-            raise ProtocolError(f"step: {e}") from None
+            raise MeshFault(f"step: {e}") from None
         self.last_seen = time.monotonic()     # a long step (a prefill) is the root heard from, not a silence
         head = self.modules.get(("head", -1))
         if head is None:

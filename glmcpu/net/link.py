@@ -27,7 +27,9 @@ def _common(sock):
 
 
 class LinkError(Exception):
-    """A worker that cannot be reached, does not answer in time, or answers with an error."""
+    """A worker that cannot be reached, does not answer in time, or answers with an error (whose
+    kind the worker named: `kind`)."""
+    kind = None
 
 
 class LinkLost(LinkError):
@@ -140,7 +142,7 @@ class Server:
                 self.served += 1
             except ProtocolError as e:
                 self.refused += 1
-                reply = pack("error", {"kind": "protocol", "message": str(e)})
+                reply = pack("error", {"kind": e.kind, "message": str(e)})
             except Exception as e:             # a handler bug must not take the worker down
                 self.refused += 1
                 reply = pack("error", {"kind": type(e).__name__, "message": str(e)[:500]})
@@ -239,7 +241,9 @@ class Client:
             except ProtocolError as e:
                 raise LinkError(f"{self.endpoint} sent a malformed reply ({e})") from None
             if op == "error":
-                raise LinkError(f"{self.endpoint}: {meta.get('kind')}: {meta.get('message')}")
+                err = LinkError(f"{self.endpoint}: {meta.get('kind')}: {meta.get('message')}")
+                err.kind = meta.get("kind")
+                raise err
             return meta, arrays
 
     def request(self, op, meta=None, arrays=(), timeout=None):

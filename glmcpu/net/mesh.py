@@ -68,6 +68,7 @@ class Peer:
         self.got = 0                   # bytes of the prefix, then of the body, read so far
         self.body = None               # the frame being read, once its prefix is in
         self.sent = self.received = 0  # frames each way (the nonces' counters)
+        self.lost = None               # why the connection ended, once it has (read to its end first)
 
 
 class Mesh:
@@ -142,7 +143,7 @@ class Mesh:
         try:
             frames = self._read(p)
             if not frames:
-                return                   # not a whole frame yet
+                return self._drop(p) if p.lost else None     # gone, or not a whole frame yet
             sender, *frame = frames[0]
             step, sync, node, kind, _ = self._open(p, sender, frame)
         except MeshError:
@@ -207,12 +208,18 @@ class Mesh:
                 pass
 
     def _poll(self, deadline, waiting_for, what="did not send its part"):
-        """Read what has come in and write what is waiting to go, for up to SLICE seconds."""
+        """Read what has come in and write what is waiting to go, for up to SLICE seconds. A lost
+        peer fails the exchange only once we wait on it."""
+        peer = self.peers.get(waiting_for)
+        if peer is None:
+            raise PeerLost(f"node {waiting_for} is not in this mesh", waiting_for)
+        if peer.lost is not None:
+            raise PeerLost(peer.lost, waiting_for)
         left = deadline - time.monotonic()
         if left <= 0:
             raise PeerLost(f"node {waiting_for} {what} within {self.timeout:g} s", waiting_for)
-        readers = [p.sock for p in self.peers.values()]
-        writers = [p.sock for p in self.peers.values() if p.out]
+        readers = [p.sock for p in self.peers.values() if p.lost is None]
+        writers = [p.sock for p in self.peers.values() if p.out and p.lost is None]
         r, w, _ = select.select(readers, writers, [], min(left, SLICE))
         by_sock = {p.sock: p for p in self.peers.values()}
         for s in w:
@@ -223,7 +230,10 @@ class Mesh:
                 self._take(p, sender, frame)
 
     def _flush(self, deadline):
-        while any(p.out for p in self.peers.values()):
+        while any(p.out or p.lost for p in self.peers.values()):
+            lost = next((p for p in self.peers.values() if p.lost), None)
+            if lost is not None:
+                raise PeerLost(lost.lost, lost.node)
             if time.monotonic() > deadline:
                 j = next(p.node for p in self.peers.values() if p.out)
                 raise PeerLost(f"node {j} takes nothing in", j)
@@ -236,6 +246,8 @@ class Mesh:
     # ---- frames ------------------------------------------------------------------------------
 
     def _queue(self, p, kind, step, sync, data=b""):
+        if p.lost is not None:           # gone: nothing more goes to it
+            return
         head = HEADER.pack(step, sync, self.node, kind)
         prefix = PREFIX.pack(len(head) + len(data) + (TAG if self.aead else 0), self.node)
         if self.aead is None:
@@ -245,14 +257,17 @@ class Mesh:
         p.sent += 1
 
     def _write(self, p):
-        """Hand what is waiting for p to the kernel, as much as it takes now (one sendmsg)."""
-        while p.out:
+        """Hand what is waiting for p to the kernel, as much as it takes now (one sendmsg). A
+        connection that failed sets p.lost (what was still to go to it is dropped)."""
+        while p.out and p.lost is None:
             try:
                 n = p.sock.sendmsg(p.out[:64])
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                raise PeerLost(f"node {p.node}'s connection failed ({e.strerror or e})", p.node) from None
+                p.lost = f"node {p.node}'s connection failed ({e.strerror or e})"
+                p.out = []
+                return
             while n:
                 first = p.out[0]
                 if n >= len(first):
@@ -264,9 +279,10 @@ class Mesh:
 
     def _read(self, p) -> list:
         """The whole frames that have come in on p: [(sender, prefix, body)], each read straight
-        into a buffer of its own."""
+        into a buffer of its own. A connection that ends sets p.lost: what came before its end is
+        taken all the same (a peer that sent its last part and then died did send it)."""
         frames = []
-        while True:
+        while p.lost is None:
             if p.body is None:
                 view, want = memoryview(p.prefix)[p.got:], PREFIX.size
             else:
@@ -276,9 +292,11 @@ class Mesh:
             except (BlockingIOError, InterruptedError):
                 return frames
             except OSError as e:
-                raise PeerLost(f"node {p.node}'s connection failed ({e.strerror or e})", p.node) from None
+                p.lost = f"node {p.node}'s connection failed ({e.strerror or e})"
+                break
             if n == 0:
-                raise PeerLost(f"node {p.node} closed its connection", p.node)
+                p.lost = f"node {p.node} closed its connection"
+                break
             p.got += n
             if p.got < want:
                 continue
@@ -293,6 +311,7 @@ class Mesh:
             else:
                 frames.append((PREFIX.unpack_from(p.prefix)[1], bytes(p.prefix), p.body))
                 p.body = None
+        return frames
 
     def _open(self, p, sender, frame):
         """(step, sync, node, kind, part) of a frame (prefix, body) from `sender`."""

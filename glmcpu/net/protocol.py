@@ -19,7 +19,9 @@ MAX_DIMS = 8
 
 
 class ProtocolError(Exception):
-    """A message that does not follow this protocol (the peer gets an error reply, nothing more)."""
+    """A message that does not follow this protocol (the peer gets an error reply, nothing more).
+    `kind` names the error in that reply."""
+    kind = "protocol"
 
 
 def pack(op: str, meta: dict = None, arrays=()) -> list:
