@@ -15,15 +15,16 @@ PREFILL_CHUNK = 256     # tokens per prefill step: bounds activation memory, kee
 MIN_ACCEPTANCE, DRAFT_TRIAL, PLAIN_PROBE = 0.4, 24, 4
 
 
-def prefill(model, cache, ids, all_logits=False, chunk=PREFILL_CHUNK, progress=None, draft=None) -> np.ndarray:
-    """Feed `ids` into the cache in chunks; logits of every token or of the last one.
-    progress(done, total) is called after each chunk; a draft that wants them gets the hidden
-    states of every position."""
+def prefill(model, cache, ids, all_logits=False, chunk=PREFILL_CHUNK, progress=None, draft=None,
+            top=0) -> np.ndarray:
+    """Feed `ids` into the cache in chunks; logits of every token or of the last one (of the last
+    one, only the `top` best are needed when top > 0: see forward). progress(done, total) is
+    called after each chunk; a draft that wants them gets the hidden states of every position."""
     outs = []
     for s in range(0, len(ids), chunk):
         part = ids[s:s + chunk]
         last = s + chunk >= len(ids)
-        out = forward(model, part, cache, all_logits, draft)
+        out = forward(model, part, cache, all_logits, draft, 0 if all_logits else top)
         if all_logits or last:
             outs.append(out)
         if progress:
@@ -31,12 +32,16 @@ def prefill(model, cache, ids, all_logits=False, chunk=PREFILL_CHUNK, progress=N
     return np.concatenate(outs, 0)
 
 
-def forward(model, ids, cache, all_logits, draft):
-    """model.forward, recording the hidden states for a draft that needs them."""
+def forward(model, ids, cache, all_logits, draft, top=0):
+    """model.forward, recording the hidden states for a draft that needs them. top > 0: only the
+    top best logits of the last row are needed (Sampler.needs); a model that gathers its logits
+    over a network (cluster.root.Cluster: `sparse_logits`) then sends those alone, -inf in the
+    others."""
+    kw = {"top": top} if top and getattr(model, "sparse_logits", False) else {}
     if draft is None or not draft.wants_hidden:
-        return model.forward(ids, cache, all_logits=all_logits)
+        return model.forward(ids, cache, all_logits=all_logits, **kw)
     start = cache.pos
-    logits, hidden = model.forward(ids, cache, all_logits=all_logits, hidden=True)
+    logits, hidden = model.forward(ids, cache, all_logits=all_logits, hidden=True, **kw)
     draft.record(start, hidden)
     return logits
 
@@ -66,7 +71,8 @@ def generate_ids(model, cache, prompt_ids, sampler, max_tokens, stop_ids, stats,
     if draft is not None:
         stats.update(drafted=0, accepted=0)
     t = time.perf_counter()
-    logits = prefill(model, cache, list(prompt_ids[cache.pos:]), progress=progress, draft=draft)
+    logits = prefill(model, cache, list(prompt_ids[cache.pos:]), progress=progress, draft=draft,
+                     top=sampler.needs(prompt_ids))
     if draft is not None:
         draft.prefill(list(prompt_ids))
     stats["prompt_seconds"] = time.perf_counter() - t
@@ -97,7 +103,7 @@ def generate_ids(model, cache, prompt_ids, sampler, max_tokens, stop_ids, stats,
             k = 0                                       # guesses that do not pay: decode plainly
         step = False
         if draft is None or k <= 0:
-            logits = forward(model, [tok], cache, False, draft)
+            logits = forward(model, [tok], cache, False, draft, sampler.needs(history))
             check_finite(logits[-1], cache.pos)
             new = [sampler(logits[-1], history)]
             continue

@@ -12,6 +12,8 @@ LAYER_KINDS = ("attn", "ffn", "moe")     # split modules of a layer: query heads
 KINDS = LAYER_KINDS + ("head",)          # and the output head's vocabulary rows
 WIRE_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}    # bytes per value of a hidden vector on the wire
 FRAME = 120           # bytes of header per message (msgpack + ZeroMQ framing), measured on loopback
+HEAD_TOP = 40         # a worker's slice of the output head sends its best logits (and ids) while decoding:
+                      # the default sampler's top-k (Sampler.needs; a penalty would need the whole slice)
 
 
 @dataclass
@@ -55,7 +57,7 @@ class Plan:
                 extra = cfg.n_expert_used * 8 if kind == "moe" else 8 if kind == "attn" else 0
                 sent += len(workers) * (d * per + FRAME + extra)
                 for a, b in workers:       # partial sums come back in double on the exact wire
-                    received += FRAME + ((b - a) * 4 if kind == "head" else d * (8 if wire == "f32" else per))
+                    received += FRAME + (min(b - a, HEAD_TOP) * 8 if kind == "head" else d * (8 if wire == "f32" else per))
         return {"sent": sent, "received": received}
 
     def describe(self, cfg, wire="f32") -> list:
@@ -238,7 +240,8 @@ def predict(plan: Plan, cfg, sizes: dict, node_gbs, link_mbit=None, latency_ms=0
         if not workers:                                              # the root's alone
             seconds += c[0]
             continue
-        reply = [(b - a) * 4 if kind == "head" else cfg.d_model * (8 if wire == "f32" else per) for _, a, b in workers]
+        reply = [min(b - a, HEAD_TOP) * 8 if kind == "head" else cfg.d_model * (8 if wire == "f32" else per)
+                 for _, a, b in workers]
         if topology == "star":
             x = cfg.d_model * per + FRAME
             # the last input leaves the root's port after all of them, the replies share it coming back

@@ -21,6 +21,15 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature <= 0
 
+    def needs(self, history) -> int:
+        """How many of the best logits decide this sampler's choice, 0 meaning all of them: the best
+        one when greedy, the top-k's k (top-p and min-p then work within those), all when a
+        penalty may reorder them. A cluster's workers then send those, not whole logit slices;
+        every other logit may be -inf and the choice is the same."""
+        if self.repeat_penalty != 1.0 and len(history):
+            return 0
+        return 1 if self.greedy else max(self.top_k, 0)
+
     def __call__(self, logits: np.ndarray, history) -> int:
         return self.draw(*self.distribution(logits, history))
 
@@ -64,6 +73,9 @@ class Sampler:
             k = self.top_k
             floor = logits[:n // k * k].reshape(k, -1).max(1).min()
             cand = np.flatnonzero(logits >= floor)
+            if floor == -np.inf:                             # a cluster's best logits only, -inf elsewhere
+                finite = np.flatnonzero(logits > -np.inf)
+                cand = finite if len(finite) >= k else cand
             kth = logits[cand][np.argpartition(logits[cand], len(cand) - k)[len(cand) - k]]
             cand = cand[logits[cand] >= kth]                 # the k best, and any tied with the k-th
         else:

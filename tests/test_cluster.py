@@ -49,6 +49,8 @@ def test_cluster_computes_what_one_process_does(tiny, workers, family, n_workers
     # the same bits as one process
     assert_same_logits(want_logits, m.logits(PROMPT), rel=0)
     assert greedy(m) == want
+    sampled = dict(max_tokens=10, temperature=0.8, seed=5, ignore_eos=True)     # top-k 40: the workers' 40 best
+    assert list(m.generate(PROMPT, **sampled)) == list(one.generate(PROMPT, **sampled))
     assert m.cluster.stats["round_trips" if cluster_topology == "star" else "mesh_steps"] > 0
     assert m.cluster.stats["failovers"] == 0 and m.cluster.status()["topology"] == cluster_topology
     plan = m.cluster.plan
@@ -80,6 +82,22 @@ def test_cluster_on_a_9b_wide_q4_0_file(workers, wide_file):
         m = glmcpu.load(wide_file, threads=1, workers=eps_used, insecure=True, shares=shares)
         assert_same_logits(want, m.logits(ids), rel=0)
         m.cluster.close()
+    # decoding, the head's slices come back as their best logits only: 40 of them, not ~75,000
+    m = glmcpu.load(wide_file, threads=1, workers=eps[:1], insecure=True)
+    one = glmcpu.load(wide_file, threads=1)
+    for how in (dict(temperature=0), dict(temperature=0.8, seed=1)):
+        assert list(m.generate(ids, max_tokens=4, ignore_eos=True, **how)) == list(
+            one.generate(ids, max_tokens=4, ignore_eos=True, **how))
+
+    def received(**how):        # by the root, over 5 steps of one row (the prompt is in the cache)
+        r0 = m.cluster.stats["received"]
+        list(m.generate(ids, max_tokens=5, ignore_eos=True, **how))
+        return m.cluster.stats["received"] - r0
+    list(m.generate(ids, max_tokens=1))
+    slices = received(temperature=0, repeat_penalty=1.1)                # a penalty needs every logit
+    best = received(temperature=0)
+    assert slices - best > 5 * 151552 // 2 * 4 * 0.95, (slices, best)
+    m.cluster.close()
 
 
 def test_plan_predicts_a_rate_limited_link(wide_file, tmp_path):
@@ -167,7 +185,9 @@ def test_a_worker_lost_mid_answer_changes_nothing(tiny, workers, family, how, n_
         if how == "stop":       # the stopped worker wakes up: its stale answers change nothing, and
             procs[victim].send_signal(signal.SIGCONT)        # it is used again, from a clean start
             time.sleep(0.3)
-            assert greedy(m, 16) == want and m.cluster.status()["alive"] == f"{n_workers}/{n_workers}"
+            assert greedy(m, 16) == want
+            assert m.cluster.status()["alive"] == f"{n_workers}/{n_workers}", (
+                faults, m.cluster.status(), worker_log(procs[victim])[-2000:])
         m.cluster.close()
         for p in procs:
             p.kill()
@@ -499,9 +519,9 @@ def test_plan_predicts_from_speeds_and_link():
         assert mesh["tok_s"] > star["tok_s"], (mbit, star, mesh)
     star = predict(plan2, cfg, sizes, [20, 20], link_mbit=100, latency_ms=0.1, sync_ms=0)
     per_sync = 2 * 0.1 + (4096 * 4 + 120 + 8) * 8 / 1e5 + 4096 * 8 * 8 / 1e5      # ms: latencies, input, partial
-    assert star["network_ms"] > 80 * per_sync
+    assert star["network_ms"] > 0.98 * 80 * per_sync          # (less the root's own part, computed meanwhile)
     mesh = predict(plan2, cfg, sizes, [20, 20], link_mbit=100, latency_ms=0.1, topology="mesh", sync_ms=0)
-    assert mesh["network_ms"] < 80 * (0.1 + 4096 * 8 * 8 / 1e5) + 30       # + the head's logits to the root
+    assert mesh["network_ms"] < 80 * (0.1 + 4096 * 8 * 8 / 1e5) + 5        # + the head's best logits to the root
 
 
 def test_plan_expects_the_busiest_node_of_a_moe_layer():

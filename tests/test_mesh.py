@@ -154,6 +154,32 @@ def test_a_peer_that_sent_its_part_and_died_did_send_it():
             m.close()
 
 
+def test_a_node_late_to_a_called_off_step_stops_at_once():
+    """A node stopped mid-step (SIGSTOP) wakes after the root called the step off and closed the
+    mesh: waiting on another worker's part (not the root's), it stops at once, not after its
+    timeout: the root's ABORT is read even once writing to the root has failed, and a node without
+    its root has no step to finish."""
+    for aborted in (True, False):
+        nodes = make_mesh(3, new_key(), timeout=5.0)
+        try:
+            for m in nodes:
+                m.begin(1)
+            if aborted:
+                nodes[0].abort()
+            nodes[0].close()
+            __import__("time").sleep(0.05)
+            t = __import__("time").monotonic()
+            with pytest.raises((Aborted, PeerLost)) as e:
+                for sync in range(3):                       # writes to the root fail by the second
+                    nodes[2].send(1, sync, b"\x02" * 8)
+                    nodes[2].gather(sync, [1], 8)           # node 1 never sends
+            assert __import__("time").monotonic() - t < 1.0
+            assert isinstance(e.value, Aborted) if aborted else e.value.node == 0
+        finally:
+            for m in nodes[1:]:
+                m.close()
+
+
 @pytest.mark.parametrize("bad", ["wrong size", "other node's header", "unknown kind", "forged", "huge"])
 def test_malformed_parts_name_the_sender(bad):
     key = new_key()

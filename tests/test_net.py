@@ -227,3 +227,21 @@ def test_bench_sync_exchanges_rows(transport):
     assert got is not None
     times, sums_right = got
     assert sums_right and times.shape == (20,) and np.all(times > 0)
+
+
+def test_top_values_travel_and_bad_ones_are_refused():
+    """encode_top/decode_top: each row's k best with ties by the lower column, -inf elsewhere; a
+    matrix with NaN travels whole; wrong dtypes, shapes or columns are a ProtocolError."""
+    from glmcpu.net.wire import decode_top, encode_top
+    x = np.array([[1, 5, 5, 2, 5], [0, -1, 3, 3, 2]], np.float32)
+    v, c = encode_top(x, 2)
+    assert c.tolist() == [[1, 2], [2, 3]] and v.tolist() == [[5, 5], [3, 3]]
+    y = decode_top([v, c], 5, 2, 2)
+    assert y.tolist() == [[-np.inf, 5, 5, -np.inf, -np.inf], [-np.inf, -np.inf, 3, 3, -np.inf]]
+    nan = x.copy()
+    nan[0, 0] = np.nan
+    assert len(encode_top(nan, 2)) == 1 and np.isnan(decode_top(encode_top(nan, 2), 5, 2, 2)[0, 0])
+    for bad in ([v, c + 3], [v, -c], [v.astype(np.float64), c], [v, c.astype(np.int64)], [v[:, :1], c[:, :1]],
+                [v, c, c], [v[:0], c[:0]]):
+        with pytest.raises(ProtocolError):
+            decode_top(bad, 5, 2, 2)

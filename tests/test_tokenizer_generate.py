@@ -63,6 +63,28 @@ def test_sampler_greedy_topk_seed():
     assert Sampler(temperature=0, repeat_penalty=2.0)(logits, [1]) == 2
 
 
+@pytest.mark.parametrize("settings", [dict(temperature=0), dict(temperature=0.8),                # defaults: top-k 40
+                                      dict(temperature=1.5, top_k=3, top_p=0.5, min_p=0.0),
+                                      dict(temperature=1.0, top_k=2000, top_p=1.0, min_p=0.0)])
+def test_a_samplers_needs_decide_its_choice(settings):
+    """What Sampler.needs asks a cluster for (each worker's best logits of its slice, with ties by
+    the lower id; -inf in all others) gives the same choices, draw by draw, as whole logits, with
+    many ties; a penalty needs them all."""
+    from glmcpu.net.wire import decode_top, encode_top
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        logits = np.round(rng.standard_normal(3000) * 3, 1).astype(np.float32)      # ties galore
+        cuts = [0, 700, 1900, 3000]                       # the root's slice, then two workers'
+        a, b = Sampler(**settings, seed=trial), Sampler(**settings, seed=trial)
+        k = a.needs([5, 6])
+        assert k == (1 if settings["temperature"] == 0 else settings.get("top_k", 40))
+        merged = np.concatenate([logits[:700]] + [decode_top(encode_top(logits[None, u:v], k), v - u, 1, k)[0]
+                                                  for u, v in zip(cuts[1:], cuts[2:])])
+        assert (merged == -np.inf).sum() >= 3000 - 700 - 2 * k
+        assert [a(logits, [5, 6]) for _ in range(5)] == [b(merged, [5, 6]) for _ in range(5)]
+    assert Sampler(repeat_penalty=1.1).needs([5]) == 0 and Sampler(top_k=0).needs([]) == 0
+
+
 def test_generate_greedy_matches_logits_argmax(model):
     m, _ = model
     prompt = m.tokenizer.encode("The quick brown")

@@ -341,13 +341,13 @@ def apart_main(args):
 
 def counters(c):
     """A cluster's running totals: bytes sent, received, round trips, seconds waiting, tokens, syncs."""
-    return np.array([sum(x.sent for x in c.clients), sum(x.received for x in c.clients), c.stats["round_trips"],
+    return np.array([c.stats["sent"], c.stats["received"], c.stats["round_trips"],        # (the mesh's bytes too)
                      c.stats["net_seconds"], c.stats["tokens"], c.stats["syncs"]], float)
 
 
 def decode_rate(m, n, prompt):
     m.reset()
-    list(m.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True))
+    list(m.generate(prompt, max_tokens=n, seed=0, ignore_eos=True))       # default sampling (top-k 40)
     s = m.last_stats
     return s["gen_tokens"] / s["gen_seconds"]
 

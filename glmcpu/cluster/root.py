@@ -87,6 +87,7 @@ class DraftHead:
 
 class Cluster:
     """What the engine runs when workers share the work: forward, new_cache, begin, status."""
+    sparse_logits = True        # forward(top=k): workers send their k best logits, not whole slices
 
     def __init__(self, f, model_cls, endpoints, keypair=None, worker_key=None, timeout=5.0, shares=None,
                  threads=1, n_ctx=4096, wire="f32", progress=None, digest_cache=None, repack=None,
@@ -106,6 +107,7 @@ class Cluster:
             raise ClusterError(f"--topology mesh sends exact float64 parts; --wire {wire} is for the star")
         self.topology, self.mesh, self.run_mesh, self.stepping, self.steps = topology, None, None, False, 0
         self.mesh_again = False           # a mesh dropped with nobody lost: set up again at the next request
+        self.top = 0                      # this step's head: the workers' best `top` logits only (0: all)
         self.timeout = timeout
         self.file, self.model_cls, self.n_ctx, self.wire, self.kv_type = f, model_cls, n_ctx, wire, tuple(kv_type)
         self.cfg = model_cls.config_class.from_gguf(f)
@@ -300,18 +302,23 @@ class Cluster:
         head = self.model.draft_head()
         return None if head is None else DraftHead(self, head)
 
-    def forward(self, ids, cache, all_logits=False, hidden=False):
+    def forward(self, ids, cache, all_logits=False, hidden=False, top=0):
         """The model's forward; the sequence so far is replayed first when the workers hold
         another one, or when a worker holding KV heads is lost meanwhile (the step's tokens are
         committed to the cache only once all of it came back, so the replay ends where the step
         starts). A cache cut back (a draft's rejected guesses) needs nothing: each request names
-        its first position."""
+        its first position. top > 0: of the last row's logits only the `top` best are wanted (the
+        sampler's choice needs no more): workers send those, the others come back as -inf."""
         while True:
             try:
                 if cache is not self.live and cache.pos > 0:
                     self.replay(cache)
                 self.live = cache
-                out = self.run(ids, cache, all_logits, hidden)
+                self.top = int(top) if not all_logits and 0 < top <= wirecodec.MAX_TOP else 0
+                try:
+                    out = self.run(ids, cache, all_logits, hidden)
+                finally:
+                    self.top = 0
                 self.stats["tokens"] += len(ids)
                 return out
             except WorkerLost as e:
@@ -394,8 +401,11 @@ class Cluster:
         if self.mesh is None:
             return self.model.forward(ids, cache, all_logits, hidden)
         self.steps += 1
-        meta = {"s": self.session, "step": self.steps, "pos0": int(cache.pos), "all": bool(all_logits)}
+        meta = {"s": self.session, "step": self.steps, "pos0": int(cache.pos), "all": bool(all_logits),
+                "top": self.top}
         rows = self.model.embed(self.model.embd, ids)
+        mesh = self.mesh
+        bytes0 = (sum(c.sent for c in self.clients) + mesh.bytes_out, sum(c.received for c in self.clients) + mesh.bytes_in)
         self.run_mesh.begin(self.steps)
         self.stepping = True
         try:
@@ -414,6 +424,8 @@ class Cluster:
         finally:
             self.stepping = False
         self.stats["mesh_steps"] += 1
+        self.stats["sent"] += sum(c.sent for c in self.clients) + mesh.bytes_out - bytes0[0]
+        self.stats["received"] += sum(c.received for c in self.clients) + mesh.bytes_in - bytes0[1]
         return out
 
     def mesh_failed(self, node, why):
@@ -451,7 +463,7 @@ class Cluster:
             try:
                 _, arrays = c.recv()
                 if i + 1 in widths:
-                    y = wirecodec.decode(arrays, "f32", widths[i + 1], x.shape[0])
+                    y = wirecodec.decode_top(arrays, widths[i + 1], x.shape[0], self.top)
                     if y.shape[0] != x.shape[0]:
                         raise ProtocolError(f"{y.shape[0]} rows of logits for {x.shape[0]}")
                     out[i + 1] = y
@@ -477,6 +489,8 @@ class Cluster:
         extra = []
         if kind == "attn":
             meta["pos0"] = int(args[0].pos)
+        elif kind == "head":
+            meta["top"] = self.top
         elif kind == "moe":
             extra = [np.ascontiguousarray(args[0], np.int32), np.ascontiguousarray(args[1], np.float32)]
         sent = wirecodec.encode(x, self.wire)
@@ -503,7 +517,8 @@ class Cluster:
                 width = (b - a) if kind == "head" else self.cfg.d_model
                 try:
                     _, arrays = self.clients[n - 1].recv()
-                    out[n] = wirecodec.decode(arrays, "f32" if kind == "head" else reply, width, x.shape[0])
+                    out[n] = (wirecodec.decode_top(arrays, width, x.shape[0], self.top) if kind == "head"
+                              else wirecodec.decode(arrays, reply, width, x.shape[0]))
                 except (LinkError, ProtocolError) as e:
                     self.lose(n, f"{kind}: {e}")
         if asked:

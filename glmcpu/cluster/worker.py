@@ -432,6 +432,7 @@ class WorkerService:
         step, pos0, every = meta.get("step"), meta.get("pos0"), meta.get("all")
         if type(step) is not int or not step > 0 or not isinstance(every, bool):
             raise ProtocolError("step: bad step")
+        top = self._top(meta)
         if len(arrays) != 1:
             raise ProtocolError("step: expected the embedded rows")
         h = np.array(wirecodec.decode(arrays, "f32", cfg.d_model, MAX_TOKENS))
@@ -454,7 +455,16 @@ class WorkerService:
         self.tick("head")
         rows = np.ascontiguousarray(h if every else h[-1:])
         normed = m["model"].rmsnorm(rows, m["out_norm"])
-        return [np.ascontiguousarray(head(normed, self.threads), np.float32)]
+        y = np.ascontiguousarray(head(normed, self.threads), np.float32)
+        return wirecodec.encode_top(y, top) if top else [y]
+
+    @staticmethod
+    def _top(meta) -> int:
+        """How many best logits a head answer carries (0: the whole slice)."""
+        top = meta.get("top", 0)
+        if type(top) is not int or not 0 <= top <= wirecodec.MAX_TOP:
+            raise ProtocolError(f"head: top must be 0..{wirecodec.MAX_TOP}")
+        return top
 
     def compute(self, op, meta, arrays):
         self._own(meta)
@@ -489,5 +499,8 @@ class WorkerService:
             y = mod(x, np.ascontiguousarray(ids), np.ascontiguousarray(w), th)
         else:
             y = mod(x, th)
-        return wirecodec.encode(y, "f32" if op == "head" else wirecodec.reply_codec(codec))
+        if op == "head":
+            top = self._top(meta)
+            return wirecodec.encode_top(y, top) if top else wirecodec.encode(y, "f32")
+        return wirecodec.encode(y, wirecodec.reply_codec(codec))
 

@@ -82,6 +82,7 @@ class Mesh:
         self.strangers = []             # accepted connections that have not said who they are
         self.inbox = {}                 # (step, sync, node) -> part bytes
         self.step = 0                   # parts of older steps are dropped
+        self.bytes_out = self.bytes_in = 0
 
     # ---- setting up ------------------------------------------------------------------------
 
@@ -215,6 +216,9 @@ class Mesh:
             raise PeerLost(f"node {waiting_for} is not in this mesh", waiting_for)
         if peer.lost is not None:
             raise PeerLost(peer.lost, waiting_for)
+        root = self.peers.get(0)
+        if root is not None and root.lost is not None:      # no root, no step
+            raise PeerLost(root.lost, 0)
         left = deadline - time.monotonic()
         if left <= 0:
             raise PeerLost(f"node {waiting_for} {what} within {self.timeout:g} s", waiting_for)
@@ -265,9 +269,12 @@ class Mesh:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                p.lost = f"node {p.node}'s connection failed ({e.strerror or e})"
                 p.out = []
+                for sender, *frame in self._read(p):      # what it sent before the end counts (an ABORT)
+                    self._take(p, sender, frame)
+                p.lost = p.lost or f"node {p.node}'s connection failed ({e.strerror or e})"
                 return
+            self.bytes_out += n
             while n:
                 first = p.out[0]
                 if n >= len(first):
@@ -298,6 +305,7 @@ class Mesh:
                 p.lost = f"node {p.node} closed its connection"
                 break
             p.got += n
+            self.bytes_in += n
             if p.got < want:
                 continue
             p.got = 0

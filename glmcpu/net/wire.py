@@ -65,3 +65,46 @@ def roundtrip(x: np.ndarray, codec: str) -> np.ndarray:
     if codec in ("f32", "f64"):
         return x
     return decode(encode(x, codec), codec, x.shape[1], x.shape[0])
+
+
+MAX_TOP = 1024
+
+
+def encode_top(x: np.ndarray, k: int) -> list:
+    """float32 [T, n] -> the k largest of each row with their columns, best first, ties by the
+    lower column ([values f32 [T, k], columns int32 [T, k]]): what a receiver that only ranks
+    the values needs. A matrix holding NaN or infinities travels whole (encode's f32)."""
+    T, n = x.shape
+    k = min(k, n)
+    if not np.isfinite(x).all():
+        return encode(x, "f32")
+    cols = np.empty((T, k), np.int32)
+    for r in range(T):
+        row = x[r]
+        if k == 1:
+            cols[r, 0] = np.argmax(row)              # the first of the largest
+            continue
+        kth = np.partition(row, n - k)[n - k]
+        above = np.flatnonzero(row > kth)
+        c = np.concatenate([above, np.flatnonzero(row == kth)[:k - len(above)]])
+        cols[r] = c[np.lexsort((c, -row[c]))]
+    return [np.take_along_axis(x, cols.astype(np.intp), 1).astype(np.float32), cols]
+
+
+def decode_top(arrays, n: int, max_rows: int, k: int) -> np.ndarray:
+    """The arrays of encode_top() -> float32 [T, n]: those values in their columns, -inf in every
+    other (or the whole matrix, as sent); dtypes, shapes and columns checked (ProtocolError)."""
+    if len(arrays) == 1:
+        return decode(arrays, "f32", n, max_rows)
+    k = min(k, n)
+    if len(arrays) != 2:
+        raise ProtocolError("top values: expected values and columns")
+    v, c = arrays
+    if (v.dtype != np.float32 or c.dtype != np.int32 or v.ndim != 2 or v.shape != c.shape
+            or v.shape[1] != k or not 1 <= v.shape[0] <= max_rows):
+        raise ProtocolError(f"top values of shapes {list(v.shape)} / {list(c.shape)}: want [1..{max_rows}, {k}]")
+    if c.size and (c.min() < 0 or c.max() >= n):
+        raise ProtocolError(f"top values: columns outside 0..{n - 1}")
+    out = np.full((v.shape[0], n), -np.inf, np.float32)
+    np.put_along_axis(out, c.astype(np.intp), v, 1)
+    return out
