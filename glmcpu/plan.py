@@ -102,9 +102,10 @@ def chunk_width(n: int, unit: int = 1) -> int:
 
 
 def row_halves(n: int) -> list:
-    """Two output-row ranges of a partial sum of n values, cut at a multiple of 8 (a repacked
-    matrix's row group): a mesh node sends the first while it computes the second."""
-    h = n // 2 // 8 * 8
+    """Two output-row ranges of a partial sum of n values, cut at a multiple of 32 (a repacked
+    matrix's 8-row group, a Q8_0 wire's block): a mesh node sends the first while it computes the
+    second."""
+    h = n // 2 // 32 * 32
     return [(0, h), (h, n)] if 0 < h < n else [(0, n)]
 
 

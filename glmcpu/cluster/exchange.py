@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from ..net import wire as wirecodec
 from ..plan import row_halves
 
 
@@ -42,20 +43,45 @@ class MeshRun:
     node at once, theirs come in, and all add them in node order: every node then holds the same
     bits of the residual stream. A part travels in two halves of its rows; a module that yields
     its output by halves (row_blocks: attention, dense FFN) has the first on the wire while it
-    computes the second."""
+    computes the second.
 
-    def __init__(self, mesh, cfg):
+    On a smaller wire (f16, q8_0) every node adds the parts as they travel, its own included (each
+    rounded as it would be sent), so every node still holds the same bits: one process's within
+    the wire's rounding."""
+
+    def __init__(self, mesh, cfg, wire="f32"):
         self.mesh, self.cfg, self.sync = mesh, cfg, 0
+        self.codec = wirecodec.reply_codec(wire)      # f64 on the exact wire
         self.waited = 0.0               # seconds spent sending and waiting, own parts not included
         self.halves = row_halves(cfg.d_model)
+
+    def _pack(self, y) -> tuple:
+        """A part block as bytes to send, and as every node will add it (float64)."""
+        if self.codec == "f64":
+            return memoryview(y.reshape(-1)).cast("B"), y
+        arrays = wirecodec.encode(np.asarray(y, np.float32), self.codec)
+        buf = b"".join(a.tobytes() for a in arrays)
+        return buf, self._unpack(buf, y.shape[0], y.shape[1])
+
+    def _unpack(self, buf, T, n) -> np.ndarray:
+        if self.codec == "f64":
+            return np.frombuffer(buf, np.float64).reshape(T, n)
+        if self.codec == "f16":
+            return np.frombuffer(buf, np.float16).reshape(T, n).astype(np.float64)
+        q = np.frombuffer(buf, np.int8, T * n).reshape(T, n)
+        d = np.frombuffer(buf, np.float16, offset=T * n).reshape(T, n // wirecodec.QK)
+        return wirecodec.decode([q, d], "q8_0", n, T).astype(np.float64)
+
+    def _nbytes(self, T, n) -> int:
+        return T * n * {"f64": 8, "f16": 2}.get(self.codec, 1) + (T * n // wirecodec.QK * 2 if self.codec == "q8_0" else 0)
 
     def begin(self, step: int):
         self.mesh.begin(step)
         self.sync = 0
 
-    def _send(self, block, y):
+    def _send(self, block, buf):
         t = time.perf_counter()
-        self.mesh.send(self.mesh.step, block, memoryview(y.reshape(-1)).cast("B"))
+        self.mesh.send(self.mesh.step, block, buf)
         self.waited += time.perf_counter() - t
 
     def __call__(self, kind, parts, local, x, args, tick=None):
@@ -75,15 +101,15 @@ class MeshRun:
             for i, (a, b, y) in enumerate(blocks):
                 if (a, b) != halves[i]:
                     raise ValueError(f"a {kind} part came in rows {a}..{b}, not {halves[i]}")
-                mine[i] = y = np.ascontiguousarray(y, np.float64)
-                self._send(len(halves) * sync + i, y)
+                buf, mine[i] = self._pack(np.ascontiguousarray(y, np.float64))
+                self._send(len(halves) * sync + i, buf)
         t = time.perf_counter()
         T = x.shape[0]
         out = np.empty((T, self.cfg.d_model), np.float64)
         others = [n for n in order if n != me]
         for i, (a, b) in enumerate(halves):
-            got = self.mesh.gather(len(halves) * sync + i, others, T * (b - a) * 8)
-            got = {n: np.frombuffer(buf, np.float64).reshape(T, b - a) for n, buf in got.items()}
+            got = self.mesh.gather(len(halves) * sync + i, others, self._nbytes(T, b - a))
+            got = {n: self._unpack(buf, T, b - a) for n, buf in got.items()}
             if me in order:
                 got[me] = mine[i]
             out[:, a:b] = add_parts(order, got)

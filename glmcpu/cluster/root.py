@@ -95,16 +95,12 @@ class Cluster:
         if wire not in wirecodec.CODECS:
             raise ClusterError(f"--wire {wire}: use f32 (exact), f16 (half the bytes) or q8_0 (about a quarter)")
         if topology is None:
-            # the default: a mesh sends exact parts (other wires mean a star), and every node's port
-            # carries a part to each other node, which past 4 nodes on 1 GbE costs more than the
-            # star saves (glmcpu plan's 2/4/8-node predictions)
+            # the default: every node's port carries a part to each other node, which past 4 nodes
+            # on 1 GbE costs more than the star saves (glmcpu plan's 2/4/8-node predictions)
             topology = os.environ.get("GLMCPU_TOPOLOGY") or ("mesh" if len(endpoints) <= 3 else "star")
-            topology = topology if wire == "f32" else "star"
         if topology not in ("star", "mesh"):
             raise ClusterError(f"--topology {topology}: use star (every sync through the root) or mesh "
                                "(every node runs the layers and sends its parts to all others)")
-        if topology == "mesh" and wire != "f32":
-            raise ClusterError(f"--topology mesh sends exact float64 parts; --wire {wire} is for the star")
         self.topology, self.mesh, self.run_mesh, self.stepping, self.steps = topology, None, None, False, 0
         self.mesh_again = False           # a mesh dropped with nobody lost: set up again at the next request
         self.top = 0                      # this step's head: the workers' best `top` logits only (0: all)
@@ -351,7 +347,7 @@ class Cluster:
         key = new_key() if secure else None
         n = 1 + len(self.clients)
         timeout = float(min(self.timeout, 60))       # a worker takes up to 60 s
-        base = {"s": self.session, "n": n, "timeout": timeout, "key": key,
+        base = {"s": self.session, "n": n, "timeout": timeout, "key": key, "wire": self.wire,
                 "tables": {k: {str(l): [list(p) for p in parts] for l, parts in t.items()}
                            for k, t in self.plan.tables.items()}}
         i = 0
@@ -377,7 +373,7 @@ class Cluster:
             self.drop_mesh()
             print(f"glmcpu: no mesh ({e}); the cluster runs as a star", file=sys.stderr)
             return
-        self.run_mesh = MeshRun(self.mesh, self.cfg)
+        self.run_mesh = MeshRun(self.mesh, self.cfg, self.wire)
 
     def use_mesh(self, on: bool) -> bool:
         """Switch a cluster loaded as a mesh between the mesh and the star (tools/bench_cluster.py

@@ -341,7 +341,10 @@ class WorkerService:
                 raise ProtocolError("refused: this worker takes encrypted links only; a mesh needs the session's key")
             if key is not None and not (isinstance(key, bytes) and len(key) == 32):
                 raise ProtocolError("mesh: bad key")
-            layers = self._mesh_layers(meta.get("tables"), node)
+            wire = meta.get("wire", "f32")
+            if wire not in wirecodec.CODECS or (wire == "q8_0" and self.cfg.d_model % wirecodec.QK):
+                raise ProtocolError(f"mesh: wire {wire!r} is not one this model's width can take")
+            layers = self._mesh_layers(meta.get("tables"), node, wire)
             host, port = (self.link.endpoint.split("://", 1)[-1].rsplit(":", 1) if self.link is not None
                           else ("127.0.0.1", "0"))
             port = self.mesh_port if self.mesh_port is not None else (
@@ -381,7 +384,7 @@ class WorkerService:
             return {}
         raise ProtocolError("mesh: unknown phase")
 
-    def _mesh_layers(self, tables, node):
+    def _mesh_layers(self, tables, node, wire="f32"):
         """The model's layers over this worker's shares, each split module wrapped to exchange its
         parts (the plan's tables say whose), with the norms and routers shipped for the mesh."""
         cfg = self.cfg
@@ -399,7 +402,7 @@ class WorkerService:
                 parsed[(kind, int(l))] = [tuple(p) for p in parts]
         # every module of every layer, and this worker's parts as the load built them
         cls = model_class(cfg.arch)
-        run = MeshRun(None, cfg)             # its mesh is set once the port is bound
+        run = MeshRun(None, cfg, wire)       # its mesh is set once the port is bound
         layers = []
         try:
             for l in range(cfg.n_layer):

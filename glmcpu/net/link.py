@@ -199,6 +199,9 @@ class Client:
         self.poller = zmq.Poller()                # made once: recv runs per module and token
         self.poller.register(self.sock, zmq.POLLIN)
         self.poller.register(self.monitor, zmq.POLLIN)
+        # a send waits this long at most for a connection (a DEALER whose handshakes keep failing,
+        # a wrong key or plain text against CurveZMQ, may have none to queue the message on)
+        self.sock.setsockopt(zmq.SNDTIMEO, max(100, int(self.timeout * 1000)))
         self.sock.connect(self.endpoint)
         self.pending = False
 
@@ -216,7 +219,11 @@ class Client:
             self.reset()
         self._dropped()                           # drops before this request are not its loss
         frames = pack(op, meta, arrays)
-        self.sock.send_multipart(frames, copy=False)
+        try:
+            self.sock.send_multipart(frames, copy=False)
+        except zmq.Again:
+            raise LinkLost(f"{self.endpoint} took no connection within {self.timeout:g} s (gone, or our key "
+                           "refused)") from None
         self.sent += sum(len(f) for f in frames)
         self.pending = True
 
