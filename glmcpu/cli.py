@@ -50,9 +50,9 @@ def add_cluster(p):
                         "bytes per 32 values)")
     p.add_argument("--topology", default=None, choices=["star", "mesh"],
                    help="star: every sync through the root; mesh: every node runs the layers and sends its "
-                        "parts straight to all others (one exchange per sync; exact wire; each worker opens "
-                        "one more port, --mesh-port). Default: $GLMCPU_TOPOLOGY, else mesh for up to 3 workers "
-                        "on the exact wire, star otherwise")
+                        "parts straight to all others (one exchange per sync, on any --wire; each worker opens "
+                        "one more port, --mesh-port). Default: $GLMCPU_TOPOLOGY, else mesh for up to 3 workers, "
+                        "star for more")
 
 
 def parse_shares(text):
@@ -138,7 +138,7 @@ def cmd_plan(a):
         if len(speeds) != len(nodes):
             raise GlmcpuError(f"--speed: give one GB/s figure, or one per node ({len(nodes)})")
         from .plan import SYNC_MS, predict
-        a.topology = a.topology or ("mesh" if a.wire == "f32" else "star")      # as a cluster runs it
+        a.topology = a.topology or ("mesh" if len(nodes) <= 4 else "star")      # as a cluster runs it
         p = predict(plan, cfg, sizes, speeds, a.link_mbit, a.latency_ms, a.wire, a.topology, a.sync_ms)
         link = f"{a.link_mbit:g} Mbit/s, {a.latency_ms:g} ms latency" if a.link_mbit else "an unlimited link"
         sync = SYNC_MS[a.topology] if a.sync_ms is None else a.sync_ms
@@ -566,7 +566,7 @@ def build_parser():
                     help="predict for the file's widths at this many layers (a file cut short by tools/make_model.py)")
     pl.add_argument("--topology", choices=["star", "mesh"], default=None,
                     help="star: request/reply links through the root; mesh: one exchange among all nodes per "
-                         "sync (default: as a cluster runs, mesh on the exact wire)")
+                         "sync (default: as a cluster runs, mesh for up to 3 workers)")
     pl.add_argument("--sync-ms", type=float, default=None,
                     help="software cost of one sync in ms (default: 0.3 star, 0.15 mesh: measured under load)")
     pl.set_defaults(func=cmd_plan)

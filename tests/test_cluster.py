@@ -106,7 +106,9 @@ def test_plan_predicts_a_rate_limited_link(wide_file, tmp_path):
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
         pytest.skip("needs root, ip and tc to make a rate-limited network namespace")
     out = tmp_path / "bench.json"
-    p = subprocess.run([sys.executable, TOOLS + "/bench_cluster.py", wide_file, "--runs", "1", "--tokens", "10",
+    # medians of 3: with the head's logits no longer crossing the link, the q8_0 star is bound by
+    # the cores, and a full suite once ran it at 0.59 of its prediction in one noisy run
+    p = subprocess.run([sys.executable, TOOLS + "/bench_cluster.py", wide_file, "--runs", "3", "--tokens", "10",
                         "--link-mbit", "50", "--wires", "f32,q8_0", "--json", str(out)],
                        capture_output=True, text=True, timeout=600)
     if p.returncode == 3:
