@@ -413,9 +413,12 @@ def main():
         # each configuration: a wire over the star, or the mesh (exact wire)
         wires = ([w for w in args.wires.split(",")] if "star" in topologies else []) + (
             ["mesh"] if "mesh" in topologies else [])
-        rates = {"single": [], **{w: [] for w in wires}}
+        rates = {"single": [], "one": [], **{w: [] for w in wires}}
         figures = {}
         decode_rate(single, 4, prompt)
+        # a one-thread process on the root's core, timed in every run beside the cluster (the
+        # prediction's node speed, measured under the same conditions as what it predicts)
+        one = glmcpu.load(args.model, threads=1) if args.link_mbit else None
         all_cores = os.sched_getaffinity(0)
         root_core = {sorted(all_cores)[0]} if len(all_cores) > 1 else all_cores
         os.sched_setaffinity(0, root_core)        # this thread runs the root's one-thread kernels
@@ -424,6 +427,8 @@ def main():
             os.sched_setaffinity(0, all_cores)
             rates["single"].append(decode_rate(single, args.tokens, prompt))
             os.sched_setaffinity(0, root_core)
+            if one is not None:
+                rates["one"].append(decode_rate(one, args.tokens, prompt))
             for w in wires:
                 if "mesh" in topologies:
                     c.use_mesh(w == "mesh")
@@ -434,7 +439,7 @@ def main():
                 rates[w].append(decode_rate(root, args.tokens, prompt))
                 t2 = counters(c)[[0, 1, 2, 3, 5]]
                 figures[w] = ((t2 - t1) - (t1 - t0)) / (args.tokens - 1)    # per decoded token
-        med = {k: statistics.median(v) for k, v in rates.items()}
+        med = {k: statistics.median(v) for k, v in rates.items() if v}
         print(f"one process, {args.single_threads} threads: {med['single']:.2f} tok/s "
               f"(runs {', '.join(f'{x:.2f}' for x in rates['single'])})")
         for w in wires:
@@ -454,7 +459,7 @@ def main():
             cfg = root.cfg
             sizes = module_bytes(root.file, cfg)
             per_token = token_bytes(sizes)
-            one_gbs = per_token * decode_rate(glmcpu.load(args.model, threads=1), args.tokens, prompt) / 1e9
+            one_gbs = per_token * med["one"] / 1e9
             plan = make_plan(cfg, ["root", ep], [1, 1])
             for w in wires:
                 p = predict(plan, cfg, sizes, [one_gbs, one_gbs], args.link_mbit, 0.05, "f32" if w == "mesh" else w,
