@@ -184,8 +184,8 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
         key= (this root's key file) and worker_key= (the workers' public key), or insecure=True;
         also timeout= (seconds, default 5), shares=, wire= ("f32", "f16" or "q8_0") and topology=
         ("star": every sync through the root; "mesh": every node runs the layers and sends its
-        parts straight to all the others, exact wire only; default $GLMCPU_TOPOLOGY, else mesh for
-        up to 3 workers on the exact wire).
+        parts straight to all the others, on any wire; default $GLMCPU_TOPOLOGY, else mesh for up
+        to 3 workers).
     progress: progress(done, total) is called as layers are built.
     repack: "auto" (default, or GLMCPU_REPACK), "none" or "all": which weights are copied into RAM
         in the kernels' faster layouts. auto copies the non-expert weights when they fit in 80% of

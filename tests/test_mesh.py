@@ -2,8 +2,10 @@
 add up the same everywhere; only a node holding the session's key joins, and a stranger's bytes
 never reach an exchange; a silent, gone or misbehaving peer and the root's abort end an exchange
 with the node named."""
+import contextlib
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -20,6 +22,19 @@ def make_mesh(n, key, timeout=5.0):
         if i:
             m.wait_joined(range(i))
     return nodes
+
+
+@contextlib.contextmanager
+def begun(n, timeout):
+    """A keyed mesh of n nodes, all at step 1; every node closed at the end (closing twice is fine)."""
+    nodes = make_mesh(n, new_key(), timeout=timeout)
+    try:
+        for m in nodes:
+            m.begin(1)
+        yield nodes
+    finally:
+        for m in nodes:
+            m.close()
 
 
 def run_all(nodes, fn):
@@ -143,10 +158,7 @@ def test_only_the_session_key_joins():
 
 
 def test_silence_a_lost_peer_and_the_roots_abort_name_who():
-    nodes = make_mesh(3, new_key(), timeout=0.5)
-    try:
-        for m in nodes:
-            m.begin(1)
+    with begun(3, 0.5) as nodes:
         with pytest.raises(PeerLost) as e:              # node 0 never sends
             nodes[1].gather(0, [0, 2], 8)
         assert e.value.node == 0 and "did not send" in str(e.value)
@@ -157,21 +169,15 @@ def test_silence_a_lost_peer_and_the_roots_abort_name_who():
         with pytest.raises(PeerLost) as e:
             nodes[0].gather(1, [2], 8)
         assert e.value.node == 2 and "closed" in str(e.value)
-    finally:
-        for m in nodes[:2]:
-            m.close()
 
 
 def test_a_peer_that_sent_its_part_and_died_did_send_it():
     """Node 2 sends its last part and is gone (killed after its last sync): the others still take
     that part; only a later wait on node 2 fails, naming it, and a wait on node 1 does not."""
-    nodes = make_mesh(3, new_key(), timeout=0.5)
-    try:
-        for m in nodes:
-            m.begin(1)
+    with begun(3, 0.5) as nodes:
         nodes[2].send(1, 0, b"\x02" * 8)
         nodes[2].close()
-        __import__("time").sleep(0.1)                   # its part and its end have both arrived
+        time.sleep(0.1)                   # its part and its end have both arrived
         nodes[1].send(1, 0, b"\x01" * 8)               # to node 2 too: that goes nowhere, no error yet
         got = nodes[0].gather(0, [1, 2], 8)
         assert got[2] == b"\x02" * 8 and got[1] == b"\x01" * 8
@@ -181,9 +187,6 @@ def test_a_peer_that_sent_its_part_and_died_did_send_it():
         with pytest.raises(PeerLost) as e:
             nodes[0].gather(2, [2], 8)
         assert e.value.node == 2 and "closed" in str(e.value)
-    finally:
-        for m in nodes[:2]:
-            m.close()
 
 
 def test_a_node_late_to_a_called_off_step_stops_at_once():
@@ -192,24 +195,18 @@ def test_a_node_late_to_a_called_off_step_stops_at_once():
     timeout: the root's ABORT is read even once writing to the root has failed, and a node without
     its root has no step to finish."""
     for aborted in (True, False):
-        nodes = make_mesh(3, new_key(), timeout=5.0)
-        try:
-            for m in nodes:
-                m.begin(1)
+        with begun(3, 5.0) as nodes:
             if aborted:
                 nodes[0].abort()
             nodes[0].close()
-            __import__("time").sleep(0.05)
-            t = __import__("time").monotonic()
+            time.sleep(0.05)
+            t = time.monotonic()
             with pytest.raises((Aborted, PeerLost)) as e:
                 for sync in range(3):                       # writes to the root fail by the second
                     nodes[2].send(1, sync, b"\x02" * 8)
                     nodes[2].gather(sync, [1], 8)           # node 1 never sends
-            assert __import__("time").monotonic() - t < 1.0
+            assert time.monotonic() - t < 1.0
             assert isinstance(e.value, Aborted) if aborted else e.value.node == 0
-        finally:
-            for m in nodes[1:]:
-                m.close()
 
 
 @pytest.mark.parametrize("bad", ["wrong size", "other node's header", "unknown kind", "forged", "huge"])
@@ -232,7 +229,7 @@ def test_malformed_parts_name_the_sender(bad):
             p.out.append(memoryview(frame(0, DATA, b"\x00" * 24)))
         else:
             p.out.append(memoryview(PREFIX.pack(1 << 31, 0)))
-        root._flush(__import__("time").monotonic() + 10)
+        root._flush(time.monotonic() + 10)
         with pytest.raises(PeerLost) as e:
             worker.gather(0, [0], 8)
         assert e.value.node == 0

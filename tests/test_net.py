@@ -245,3 +245,18 @@ def test_top_values_travel_and_bad_ones_are_refused():
                 [v, c, c], [v[:0], c[:0]]):
         with pytest.raises(ProtocolError):
             decode_top(bad, 5, 2, 2)
+
+
+@pytest.mark.parametrize("codec", ["f64", "f32", "f16", "q8_0"])
+def test_a_matrix_in_one_buffer(codec):
+    """to_bytes/from_bytes (a mesh part in one frame): packed_size bytes, the codec's values back
+    (f64 exactly, the others as encode/decode round them), a wrong size refused."""
+    from glmcpu.net.wire import decode, encode, from_bytes, packed_size, to_bytes
+    x = np.random.default_rng(0).standard_normal((3, 64))
+    buf = to_bytes(x, codec)
+    assert len(buf) == packed_size(codec, 3, 64)
+    y = from_bytes(buf, codec, 3, 64)
+    want = x if codec == "f64" else decode(encode(x.astype(np.float32), codec), codec, 64, 3)
+    np.testing.assert_array_equal(y, want)
+    with pytest.raises(ProtocolError):
+        from_bytes(bytes(buf)[:-1], codec, 3, 64)

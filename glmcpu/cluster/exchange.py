@@ -57,23 +57,11 @@ class MeshRun:
 
     def _pack(self, y) -> tuple:
         """A part block as bytes to send, and as every node will add it (float64)."""
-        if self.codec == "f64":
-            return memoryview(y.reshape(-1)).cast("B"), y
-        arrays = wirecodec.encode(np.asarray(y, np.float32), self.codec)
-        buf = b"".join(a.tobytes() for a in arrays)
-        return buf, self._unpack(buf, y.shape[0], y.shape[1])
+        buf = wirecodec.to_bytes(y, self.codec)
+        return buf, (y if self.codec == "f64" else self._unpack(buf, *y.shape))
 
     def _unpack(self, buf, T, n) -> np.ndarray:
-        if self.codec == "f64":
-            return np.frombuffer(buf, np.float64).reshape(T, n)
-        if self.codec == "f16":
-            return np.frombuffer(buf, np.float16).reshape(T, n).astype(np.float64)
-        q = np.frombuffer(buf, np.int8, T * n).reshape(T, n)
-        d = np.frombuffer(buf, np.float16, offset=T * n).reshape(T, n // wirecodec.QK)
-        return wirecodec.decode([q, d], "q8_0", n, T).astype(np.float64)
-
-    def _nbytes(self, T, n) -> int:
-        return T * n * {"f64": 8, "f16": 2}.get(self.codec, 1) + (T * n // wirecodec.QK * 2 if self.codec == "q8_0" else 0)
+        return wirecodec.from_bytes(buf, self.codec, T, n).astype(np.float64, copy=False)
 
     def begin(self, step: int):
         self.mesh.begin(step)
@@ -108,7 +96,7 @@ class MeshRun:
         out = np.empty((T, self.cfg.d_model), np.float64)
         others = [n for n in order if n != me]
         for i, (a, b) in enumerate(halves):
-            got = self.mesh.gather(len(halves) * sync + i, others, self._nbytes(T, b - a))
+            got = self.mesh.gather(len(halves) * sync + i, others, wirecodec.packed_size(self.codec, T, b - a))
             got = {n: self._unpack(buf, T, b - a) for n, buf in got.items()}
             if me in order:
                 got[me] = mine[i]

@@ -464,9 +464,8 @@ class Cluster:
                         raise ProtocolError(f"{y.shape[0]} rows of logits for {x.shape[0]}")
                     out[i + 1] = y
             except (LinkError, ProtocolError) as e:
-                if getattr(e, "kind", None) == "mesh":       # its trouble was another node's: no blame
-                    self.mesh_failed(0, "")                 # (the star finds out who is gone, if any)
-                self.mesh_failed(i + 1, f"head: {e}")
+                # a worker whose trouble was another node's is not blamed: the star finds out who is gone
+                self.mesh_failed(0 if getattr(e, "kind", None) == "mesh" else i + 1, f"head: {e}")
         self.stats["net_seconds"] += time.perf_counter() - t0
         return np.concatenate([out[n] for n, _, _ in mod.parts], 1)
 

@@ -55,6 +55,33 @@ def decode(arrays, codec: str, n: int, max_rows: int) -> np.ndarray:
     raise ProtocolError(f"activations are not {codec} arrays of the right shapes")
 
 
+def packed_size(codec: str, T: int, n: int) -> int:
+    """Bytes of a [T, n] matrix in one buffer (to_bytes): f64 and f32 values, f16 values, or Q8_0's
+    int8 values then its fp16 scales."""
+    if codec == "q8_0":
+        return T * n + T * (n // QK) * 2
+    return T * n * {"f64": 8, "f32": 4, "f16": 2}[codec]
+
+
+def to_bytes(x: np.ndarray, codec: str):
+    """A [T, n] matrix as one buffer in `codec` (a view, for f64 values sent as f64)."""
+    if codec == "f64" and x.dtype == np.float64 and x.flags.c_contiguous:
+        return memoryview(x.reshape(-1)).cast("B")
+    return b"".join(a.tobytes() for a in encode(np.asarray(x, np.float32), codec))
+
+
+def from_bytes(buf, codec: str, T: int, n: int) -> np.ndarray:
+    """The matrix of to_bytes() (float32, or float64 for f64), its size checked."""
+    if len(buf) != packed_size(codec, T, n):
+        raise ProtocolError(f"{len(buf)} bytes for a [{T}, {n}] {codec} matrix")
+    if codec == "q8_0":
+        q = np.frombuffer(buf, np.int8, T * n).reshape(T, n)
+        d = np.frombuffer(buf, np.float16, offset=T * n).reshape(T, n // QK)
+        return decode([q, d], "q8_0", n, T)
+    a = np.frombuffer(buf, {"f64": np.float64, "f32": np.float32, "f16": np.float16}[codec]).reshape(T, n)
+    return a.astype(np.float32) if codec == "f16" else a
+
+
 def arrays_of(codec: str) -> int:
     """How many arrays carry one activation matrix in this codec."""
     return 2 if codec == "q8_0" else 1
