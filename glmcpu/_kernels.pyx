@@ -232,7 +232,7 @@ def gemm_chunked(Chunked m, const float[:, ::1] x, out_arr, int threads=1):
     threads = team(threads, m.nbytes * T)
     # a few row ranges per thread, small enough that a range's sums over all its tokens (T x rows
     # doubles and floats, <= ~200 KB) stay in L2 while the chunks pass
-    nitems = max(1, min(N // grp, max(threads * 4, (T * N) // 16384)))
+    nitems = max(1, min(N // grp, threads if T == 1 else max(threads * 4, (T * N) // 16384)))
     maxrows = ((N // grp + nitems - 1) // nitems) * grp
     with nogil:
         for i in prange(T * C, num_threads=threads if T > 1 else 1, schedule='static'):

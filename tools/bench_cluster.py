@@ -98,6 +98,10 @@ def mesh_up(nodes, mbit):
     sh("ip", "netns", "add", SW)
     sw = ("ip", "netns", "exec", SW)
     sh(*sw, "ip", "link", "add", "br0", "type", "bridge")
+    # a switch runs no firewall: frames through the bridge skip iptables (br_netfilter would run
+    # every frame through it, on the sending node's core)
+    for proto in ("iptables", "ip6tables", "arptables"):
+        sh(*sw, "sysctl", "-qw", f"net.bridge.bridge-nf-call-{proto}=0", check=False)
     sh(*sw, "ip", "link", "set", "br0", "up")
     for i in range(nodes):
         ns = node_ns(i)
@@ -188,11 +192,11 @@ def child_main(args):
         if c and topology and c.topology == "mesh":
             if c.use_mesh(topology[0] == "mesh") != (topology[0] == "mesh"):
                 raise SystemExit("the mesh could not be set up")
-        before = counters(c) if c else None
-        rate = decode_rate(m, n, prompt)
+        first = []
+        rate = decode_rate(m, n, prompt, (lambda: first.append(counters(c))) if c else None)
         out = {"rate": rate}
         if c:
-            d = counters(c) - before
+            d = counters(c) - first[0]              # the decode steps alone, not the prompt's
             tok = max(1, d[4])
             out.update(sent_kib=d[0] / 1024 / tok, received_kib=d[1] / 1024 / tok, round_trips=d[2] / tok,
                        net_ms=1e3 * d[3] / tok, syncs=d[5] / tok, alive=int(sum(c.alive)))
@@ -345,9 +349,13 @@ def counters(c):
                      c.stats["net_seconds"], c.stats["tokens"], c.stats["syncs"]], float)
 
 
-def decode_rate(m, n, prompt):
+def decode_rate(m, n, prompt, at_first=None):
+    """Decode tok/s of n tokens after the prompt; at_first() is called once the first token (the
+    prompt's step) is out, so that counters taken then and at the end cover decode steps alone."""
     m.reset()
-    list(m.generate(prompt, max_tokens=n, seed=0, ignore_eos=True))       # default sampling (top-k 40)
+    for i, _ in enumerate(m.generate(prompt, max_tokens=n, seed=0, ignore_eos=True)):  # default sampling
+        if i == 0 and at_first is not None:
+            at_first()
     s = m.last_stats
     return s["gen_tokens"] / s["gen_seconds"]
 
