@@ -288,3 +288,26 @@ def test_gemm_chunked_sums_like_one_matrix(K, qtype, cols, width, repack, T):
         np.testing.assert_array_equal((a + b).astype(np.float32), whole.astype(np.float32))
     with pytest.raises(ValueError):
         K.gemm_chunked(m, np.zeros((T, cols + 32), np.float32), np.empty((T, 16), np.float64), 1)
+
+
+def test_huge_empty_is_aligned_private_and_outlives_its_maker():
+    """Weights read at every token start on a 2 MB boundary in private memory (shared anonymous
+    memory is shmem, which gets no transparent huge pages), and the array keeps its mapping."""
+    import gc
+    import mmap
+    a = ops.huge_empty((3 * 1024, 1024 + 7), np.float32)
+    assert a.shape == (3072, 1031) and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+    if hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS"):
+        assert a.ctypes.data % ops.HUGE_PAGE == 0
+        with open("/proc/self/maps") as fh:
+            lo = a.ctypes.data
+            perms = [ln.split()[1] for ln in fh if int(ln.split("-")[0], 16) <= lo < int(ln.split()[0].split("-")[1], 16)]
+        assert perms and perms[0].endswith("p"), perms          # private, not shared
+    a[:] = 1.5
+    b = a[10:20]                       # a view: the mapping lives as long as any view of it
+    del a
+    gc.collect()
+    b += 1
+    assert (b == 2.5).all()
+    small = ops.huge_empty((4, 4), np.int8)
+    assert small.shape == (4, 4) and small.dtype == np.int8

@@ -109,10 +109,10 @@ class Linear:
             self.in_ram = not np.may_share_memory(parts[0][0], file_rows)
             lines = [p for p, _ in parts]
             if self.in_ram and len(lines) > 1:
-                # the chunks side by side in one allocation: numpy asks the kernel for huge pages
-                # only for arrays of 4 MB or more, and chunks of 1-3 MB on 4 KB pages read at
-                # 15 GB/s where the same bytes on huge pages read at 24 (decode, ffn_down Q5_0)
-                buf = np.concatenate([p.ravel() for p in lines])
+                # the chunks side by side in one allocation on huge pages: chunks of 1-3 MB on
+                # 4 KB pages read at 15 GB/s where the same bytes on huge pages read at 24
+                # (decode, ffn_down Q5_0)
+                buf = np.concatenate([p.ravel() for p in lines], out=ops.huge_empty(sum(p.size for p in lines)))
                 offs = np.cumsum([0] + [p.size for p in lines])
                 lines = [buf[offs[i]:offs[i + 1]].reshape(p.shape) for i, p in enumerate(lines)]
             widths = [min(chunk, self.n_in - i * chunk) for i in range(len(lines))]
@@ -142,7 +142,8 @@ class Linear:
             return None
         new = cls.__new__(cls)
         new.name = "+".join(p.name for p in parts)
-        new.w = np.concatenate([p.w for p in parts], 0)          # a copy: only of packed (RAM) weights
+        new.w = np.concatenate([p.w for p in parts], 0, out=ops.huge_empty(          # a copy: only of packed
+            (sum(p.w.shape[0] for p in parts),) + first.w.shape[1:], first.w.dtype))   # (RAM) weights
         new.type, new.n_in, new.packed, new.in_ram, new.chunks = first.type, first.n_in, first.packed, True, None
         new.halves = None
         new.n_out = sum(p.n_out for p in parts)
