@@ -271,14 +271,15 @@ def gemm_chunked(Chunked m, const float[:, ::1] x, out_arr, int threads=1):
     return out_arr
 
 
-def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4):
+def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4, alloc=None):
     """Q4_0, Q5_0, Q8_0 or Q4_K rows [N, row_bytes] (N a multiple of 8) -> 8-row groups laid out
     as kernels.h's block_q4_0x8 / block_q5_0x8 / block_q8_0x8 / block_q4_Kx8: [N/8, 8 * row_bytes]
-    (Q4_K: 1184 bytes per 8 x 256 values). Returns (groups, Q4_0X8, Q5_0X8, Q8_0X8 or Q4_KX8)."""
+    (Q4_K: 1184 bytes per 8 x 256 values). Returns (groups, Q4_0X8, Q5_0X8, Q8_0X8 or Q4_KX8).
+    alloc(shape, dtype) makes the output (np.empty by default)."""
     cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, k, i, bsz, nk, qs0, hd
     cdef uint32_t qh, h
     if wtype == 12:
-        return _repack_q4_Kx8(w, threads), Q4_KX8
+        return _repack_q4_Kx8(w, threads, alloc or np.empty), Q4_KX8
     if wtype == 2:
         bsz, nk, qs0, hd, ptype = 18, 4, 2, 0, Q4_0X8
     elif wtype == 6:
@@ -290,7 +291,7 @@ def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4):
     if N % 8 or rb % bsz:
         raise ValueError("repack_x8 needs whole groups of 8 rows of whole blocks")
     nb, G = rb // bsz, N // 8
-    packed = np.empty((G, nb * 8 * bsz), np.uint8)
+    packed = (alloc or np.empty)((G, nb * 8 * bsz), np.uint8)
     cdef uint8_t[:, ::1] out = packed
     cdef const uint8_t *src
     cdef uint8_t *dst
@@ -314,12 +315,12 @@ def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4):
     return packed, ptype
 
 
-def _repack_q4_Kx8(const uint8_t[:, ::1] w, int threads):
+def _repack_q4_Kx8(const uint8_t[:, ::1] w, int threads, alloc):
     cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, p, k, j
     if N % 8 or rb % 144:
         raise ValueError("repack_x8 needs whole groups of 8 rows of whole blocks")
     nb, G = rb // 144, N // 8
-    packed = np.empty((G, nb * 1184), np.uint8)
+    packed = alloc((G, nb * 1184), np.uint8)
     cdef uint8_t[:, ::1] out = packed
     cdef const uint8_t *src
     cdef uint8_t *dst

@@ -209,7 +209,7 @@ def repack(w, wtype: int, ram_copy: bool = True, pack: bool = True):
         return w, wtype
     # the 8-row kernels have AVX2/AVX-512 bodies; elsewhere (NEON, generic) the file's layout is faster
     if wtype in PACKABLE and w.shape[0] % 8 == 0 and VARIANT in ("avx2", "avx512", "avx512vnni"):
-        return K.repack_x8(np.ascontiguousarray(w), wtype)
+        return K.repack_x8(np.ascontiguousarray(w), wtype, alloc=huge_empty)
     if wtype in IN_RAM and ram_copy:
         out = huge_empty(w.shape, w.dtype)
         out[...] = w
