@@ -88,17 +88,41 @@ def split(total: int, shares, unit: int = 1) -> list:
     return [(int(cuts[i]), int(cuts[i + 1])) for i in range(len(shares))]
 
 
-def chunk_width(n: int, unit: int = 1) -> int:
-    """Columns per chunk of a matrix whose outputs nodes add up (attention output, FFN down): every
-    process sums such a matrix chunk by chunk in double (kernels: gemm_chunked), and nodes split it
-    only at chunk edges, so partial sums add up to one process's sum. About n/12 wide, so 2, 3, 4
-    or 6 nodes can share it evenly; whole quantisation blocks (K-quant super-blocks where the width
-    is made of them, else 32-blocks) and whole `unit`s (an attention head's columns)."""
+def chunk_edges(n: int, unit: int = 1) -> list:
+    """Column edges [0, ..., n] of the chunks of a matrix whose outputs nodes add up (attention
+    output, FFN down): every process sums such a matrix chunk by chunk in double (kernels:
+    gemm_chunked), and nodes split it only at chunk edges, so partial sums add up to one process's
+    sum. About 12 chunks of whole quantisation blocks (K-quant super-blocks where the width is made
+    of them, else 32-blocks) and whole `unit`s (an attention head's columns), as even as those
+    allow, so 2, 3, 4 or 6 nodes share it evenly (GLM-4-9B's 13,696 FFN units are 428 blocks: two
+    nodes get 214 each, not 216 and 212); a width under 2048 in chunks of one block."""
     block = 256 if n % 256 == 0 else 32
     if n < 2048:
-        return block
-    align = int(np.lcm(block, unit))
-    return max(align, -(-(-(-n // 12)) // align) * align)
+        return list(range(0, n, block)) + [n]
+    g = int(np.lcm(block, unit))
+    m = n // g                                          # whole groups; a rest joins the last chunk
+    k = max(1, min(12, m))
+    return sorted({(2 * i * m + k) // (2 * k) * g for i in range(k)} | {n})
+
+
+def local_edges(edges, a: int, b: int) -> list:
+    """The chunk edges of columns a..b of a matrix, counted from a (a node's slice of it)."""
+    return [0] + [e - a for e in edges if a < e < b] + [b - a]
+
+
+def split_at(points, total: int, shares) -> list:
+    """[a, b) ranges of `total` proportional to shares, cut at the allowed points nearest to the
+    proportional ones (0 and total are always allowed), covering it exactly."""
+    pts = np.array(sorted(set(points) | {0, total}))
+    ideal = np.cumsum([0.0] + list(shares)) / sum(shares) * total
+    cuts = []
+    for x in ideal:
+        i = int(np.clip(np.searchsorted(pts, x), 1, len(pts) - 1))       # pts[i - 1] <= x <= pts[i]
+        lo, hi = x - pts[i - 1], pts[i] - x
+        cuts.append(int(pts[i - 1] if lo < hi or lo == hi and (i - 1) % 2 == 0 else pts[i]))   # ties: even point, as np.round
+    cuts[0], cuts[-1] = 0, total
+    cuts = list(np.maximum.accumulate(cuts))
+    return [(int(cuts[i]), int(cuts[i + 1])) for i in range(len(shares))]
 
 
 def row_halves(n: int) -> list:
@@ -118,17 +142,21 @@ def make_plan(cfg, nodes, shares=None) -> Plan:
     def ranges(total, unit=1):
         return [(i, a, b) for i, (a, b) in enumerate(split(total, shares, unit)) if b > a]
 
+    def at(points, total):
+        return [(i, a, b) for i, (a, b) in enumerate(split_at(points, total, shares)) if b > a]
+
     G = cfg.n_head // cfg.n_head_kv
-    width = chunk_width(cfg.n_head * cfg.head_dim, cfg.head_dim)   # Wo column slices: whole chunks
-    unit = width // int(np.gcd(width, cfg.head_dim))
+    hd = cfg.head_dim
+    cuts = [e // hd for e in chunk_edges(cfg.n_head * hd, hd)]     # Wo column slices: whole chunks
     if len(nodes) <= cfg.n_head_kv:
-        unit = int(np.lcm(unit, G))                     # whole KV groups: no K/V computed twice
-    heads = ranges(cfg.n_head, unit)
+        cuts = [h for h in cuts if h % G == 0]          # whole KV groups: no K/V computed twice
+    heads = at(cuts, cfg.n_head)
+    ffn = at(chunk_edges(cfg.n_ff), cfg.n_ff) if cfg.n_ff else []
     n_dense = cfg.n_dense_lead if cfg.n_expert else cfg.n_layer
     for l in range(cfg.n_layer):
         plan.tables["attn"][l] = heads
         if l < n_dense:
-            plan.tables["ffn"][l] = ranges(cfg.n_ff, chunk_width(cfg.n_ff))
+            plan.tables["ffn"][l] = ffn
         else:
             plan.tables["moe"][l] = ranges(cfg.n_expert)
     plan.tables["head"][-1] = ranges(cfg.n_vocab, 8)     # whole 8-row groups of the repacked layout

@@ -482,7 +482,7 @@ def test_plan_slices_whole_k_quant_blocks():
     """Wo and FFN-down column slices are whole 256-value super-blocks where the widths allow
     (K-quant files), whole 32-blocks otherwise (Q4_0/Q8_0, and llama.cpp's fallback types)."""
     from types import SimpleNamespace
-    from glmcpu.plan import chunk_width
+    from glmcpu.plan import chunk_edges
     for head_dim, n_head, n_kv, n_ff, blk in [(128, 32, 2, 13696, 32), (128, 96, 8, 10944, 32),
                                              (64, 16, 4, 1024, 256), (16, 4, 2, 96, 32)]:
         cfg = SimpleNamespace(head_dim=head_dim, n_head=n_head, n_head_kv=n_kv, n_ff=n_ff, n_layer=2,
@@ -490,13 +490,33 @@ def test_plan_slices_whole_k_quant_blocks():
         for nodes in (2, 3, 5):
             plan = make_plan(cfg, [f"n{i}" for i in range(nodes)], [1, 3, 2, 1, 1][:nodes])
             for parts in plan.tables["attn"].values():      # Wo columns: whole chunks of whole blocks
-                assert all(a * head_dim % chunk_width(n_head * head_dim, head_dim) == 0 for _, a, _ in parts)
+                assert all(a * head_dim in chunk_edges(n_head * head_dim, head_dim) for _, a, _ in parts)
                 assert all(a * head_dim % 256 == 0 or blk == 32 and a * head_dim % 32 == 0 for _, a, _ in parts)
                 assert sum(b - a for _, a, b in parts) == n_head
             for parts in plan.tables["ffn"].values():
                 ffn_blk = 256 if n_ff % 256 == 0 else 32
-                assert all(a % ffn_blk == 0 and a % chunk_width(n_ff) == 0 for _, a, _ in parts)
+                assert all(a % ffn_blk == 0 and a in chunk_edges(n_ff) for _, a, _ in parts)
                 assert sum(b - a for _, a, b in parts) == n_ff
+
+
+def test_chunks_are_as_even_as_the_blocks_allow():
+    """About 12 chunks of whole blocks whose widths differ by one block at most, so two nodes of
+    GLM-4-9B get 6,848 FFN units each (uniform 1,152-wide chunks gave 6,912 and 6,784: the root
+    waited at every FFN sync) and 16 query heads each; a narrow matrix goes block by block."""
+    from types import SimpleNamespace
+    from glmcpu.plan import chunk_edges, local_edges
+    for n, unit, blk in [(13696, 1, 32), (4096, 128, 256), (12288, 128, 256), (10944, 1, 32), (1024, 1, 256)]:
+        e = chunk_edges(n, unit)
+        w = np.diff(e)
+        assert e[0] == 0 and e[-1] == n and (w > 0).all() and all(x % blk == 0 and x % unit == 0 for x in e[:-1])
+        if n >= 2048:
+            assert len(w) == 12 and w[:-1].max() - w[:-1].min() <= np.lcm(blk, unit)
+    assert local_edges(chunk_edges(13696), 6848, 13696)[-1] == 6848
+    cfg = SimpleNamespace(head_dim=128, n_head=32, n_head_kv=2, n_ff=13696, n_layer=1, n_vocab=151552,
+                          d_model=4096, n_expert=0)
+    plan = make_plan(cfg, ["root", "w1"])
+    assert plan.tables["ffn"][0] == [(0, 0, 6848), (1, 6848, 13696)]
+    assert plan.tables["attn"][0] == [(0, 0, 16), (1, 16, 32)]
 
 
 def test_plan_predicts_from_speeds_and_link():

@@ -10,7 +10,7 @@ import numpy as np
 from .. import ops
 from ..errors import GlmcpuError, ModelFileError
 from ..gguf import GGUFFile, dequantize
-from ..plan import chunk_width, row_halves
+from ..plan import chunk_edges, local_edges, row_halves
 from ..weights import FileWeights, ShareError, row_bytes
 
 K = ops.K
@@ -84,8 +84,9 @@ class Linear:
     file's pages of them are then given back to the OS."""
 
     def __init__(self, w, name: str, bias: bool = False, rows=None, cols=None, chunk=None):
-        """chunk: columns per chunk for a matrix whose outputs nodes add up (Wo, FFN down): it is
-        then run chunk by chunk, summed in double (ops.linear_chunked), and returns float64."""
+        """chunk: the column edges [0, ..., n_in] of the chunks of a matrix whose outputs nodes add
+        up (Wo, FFN down; plan.chunk_edges): it is then run chunk by chunk, summed in double
+        (ops.linear_chunked), and returns float64."""
         self.name = name
         if cols is not None:
             self.w, self.type, self.n_in = w.cols(f"{name}.weight", *cols)
@@ -103,8 +104,10 @@ class Linear:
         file_rows = self.w
         self.chunks = self.halves = None
         if chunk:
-            per = row_bytes(self.type, chunk)                    # bytes of one chunk of a row
-            parts = [ops.repack(self.w[:, c:c + per], self.type, pack=w.pack) for c in range(0, self.w.shape[1], per)]
+            if chunk[0] != 0 or chunk[-1] != self.n_in or any(b <= a for a, b in zip(chunk, chunk[1:])):
+                raise ShareError(f"{name}: chunk edges {chunk[:3]}...{chunk[-1:]} do not cover its {self.n_in} columns")
+            offs = [row_bytes(self.type, e) for e in chunk]       # whole blocks (ValueError otherwise)
+            parts = [ops.repack(self.w[:, a:b], self.type, pack=w.pack) for a, b in zip(offs, offs[1:])]
             self.type = parts[0][1]
             self.in_ram = not np.may_share_memory(parts[0][0], file_rows)
             lines = [p for p, _ in parts]
@@ -115,7 +118,7 @@ class Linear:
                 buf = np.concatenate([p.ravel() for p in lines], out=ops.huge_empty(sum(p.size for p in lines)))
                 offs = np.cumsum([0] + [p.size for p in lines])
                 lines = [buf[offs[i]:offs[i + 1]].reshape(p.shape) for i, p in enumerate(lines)]
-            widths = [min(chunk, self.n_in - i * chunk) for i in range(len(lines))]
+            widths = [b - a for a, b in zip(chunk, chunk[1:])]
             self.chunks = K.Chunked(list(zip(lines, widths)), self.type)
             # the same chunks over each half of the output rows (views, no copies): row_blocks
             grp = 8 if self.type in ops.PACKED else 1
@@ -288,7 +291,7 @@ class Attention:
         check((self.q_norm is None or self.q_norm.shape == (hd,)) and (self.k_norm is None) == (self.q_norm is None)
               and (self.k_norm is None or self.k_norm.shape == (hd,)), f"{p}: q/k norms are not head_dim wide")
         self.wo = Linear(w, p + "attn_output", cols=None if heads is None else q,
-                         chunk=chunk_width(cfg.n_head * hd, hd))             # float64: nodes add it up
+                         chunk=local_edges(chunk_edges(cfg.n_head * hd, hd), q0 * hd, q0 * hd + self.nq * hd))
         check(self.wo.n_in == self.nq * hd and self.wo.n_out == cfg.d_model, f"{p}: attn_output shape")
         self.scale = 1.0 / np.sqrt(hd)
         # whole KV groups map local q head i to local kv head i // G; a slice of a group goes head by head
@@ -351,7 +354,7 @@ class DenseFFN:
             parts = [(p + "ffn_up" + suffix, (a, b)), (p + "ffn_up" + suffix, (n_ff + a, n_ff + b))]
         self.gate_up = linears(w, parts)
         self.down = Linear(w, p + "ffn_down" + suffix, cols=None if whole else (a, b),
-                           chunk=chunk_width(n_ff) if split else None)
+                           chunk=local_edges(chunk_edges(n_ff), a, b) if split else None)
         check(sum(lin.n_out for lin in self.gate_up) == 2 * (b - a) and
               all(lin.n_in == d_model for lin in self.gate_up) and self.down.n_in == b - a
               and self.down.n_out == d_model, f"{p}: FFN{suffix} shapes disagree with the config")

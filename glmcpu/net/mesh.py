@@ -28,6 +28,12 @@ DATA, JOIN, ABORT = 0, 1, 2
 TAG = 16                               # AES-GCM's tag
 MAX_BODY = 1 << 30
 SLICE = 0.02                           # seconds between looks at the deadline
+# seconds a node polls without sleeping before it blocks, at each gather: a core put to sleep takes
+# an interrupt to wake (in a VM, an exit), which cost 25 us of the 60 a sync took on loopback (the
+# parts of two busy pinned nodes of GLM-4-9B, median: 58 us blocking, 34 spinning). It yields at
+# each look, so nodes that share a core still take turns.
+SPIN = 0.002
+_yield = getattr(os, "sched_yield", lambda: None)
 
 
 class MeshError(Exception):
@@ -82,6 +88,7 @@ class Mesh:
         self.strangers = []             # accepted connections that have not said who they are
         self.inbox = {}                 # (step, sync, node) -> part bytes
         self.step = 0                   # parts of older steps are dropped
+        self._spin_until = 0.0          # gather polls without sleeping until then
         self.bytes_out = self.bytes_in = 0
 
     # ---- setting up ------------------------------------------------------------------------
@@ -184,6 +191,7 @@ class Mesh:
     def gather(self, sync: int, nodes, nbytes: int) -> dict:
         """{node: bytes} of the parts of `nodes` for this step's sync, each of nbytes."""
         deadline = time.monotonic() + self.timeout
+        self._spin_until = time.monotonic() + SPIN
         out = {}
         for j in nodes:
             key = (self.step, sync, j)
@@ -224,7 +232,11 @@ class Mesh:
             raise PeerLost(f"node {waiting_for} {what} within {self.timeout:g} s", waiting_for)
         readers = [p.sock for p in self.peers.values() if p.lost is None]
         writers = [p.sock for p in self.peers.values() if p.out and p.lost is None]
-        r, w, _ = select.select(readers, writers, [], min(left, SLICE))
+        if time.monotonic() < self._spin_until:
+            _yield()
+            r, w, _ = select.select(readers, writers, [], 0)
+        else:
+            r, w, _ = select.select(readers, writers, [], min(left, SLICE))
         by_sock = {p.sock: p for p in self.peers.values()}
         for s in w:
             self._write(by_sock[s])
