@@ -14,8 +14,9 @@ behind a tbf-limited veth pair, the root outside it.
 
 --netns (root needed) measures a cluster as separate machines would see it. Every node gets a
 network namespace of its own and one core of its own (`taskset`): the root on core 0, worker i on
-core i. The nodes meet at a bridge in a namespace of its own through veth pairs whose both ends
-are limited by `tc ... tbf` to each --link-mbit in turn (a switch with ports of that speed). The
+core i. Two nodes are joined by one veth pair whose both ends are limited by `tc ... tbf` to each
+--link-mbit in turn (a cable); more (or --switch) meet at a bridge in a namespace of its own
+through such pairs (a switch with ports of that speed). The
 links are authenticated and encrypted (CurveZMQ keys made for the run) unless --insecure. The
 yardstick is the machine's own ceiling, not N x one core: the memory bus is shared, so N
 independent one-core processes decoding at the same time (each pinned to its core) are what N
@@ -92,27 +93,37 @@ def mesh_down(n=16):
     sh("ip", "netns", "del", SW, check=False)
 
 
-def mesh_up(nodes, mbit):
-    """nodes namespaces joined by a bridge in SW through veth pairs, both ends limited by tbf."""
+def mesh_up(nodes, mbit, switch=False):
+    """nodes namespaces joined by a bridge in SW through veth pairs, both ends limited by tbf (a
+    switch with ports of that speed); two nodes by one veth pair, each end limited (a cable),
+    unless switch. The emulated network's work runs on the sending node's core (a real NIC and
+    switch do it in hardware): a bridge and a second pair of queues cost each 16 KB part ~0.1 ms
+    of that core's time here."""
     mesh_down()
-    sh("ip", "netns", "add", SW)
-    sw = ("ip", "netns", "exec", SW)
-    sh(*sw, "ip", "link", "add", "br0", "type", "bridge")
-    # a switch runs no firewall: frames through the bridge skip iptables (br_netfilter would run
-    # every frame through it, on the sending node's core)
-    for proto in ("iptables", "ip6tables", "arptables"):
-        sh(*sw, "sysctl", "-qw", f"net.bridge.bridge-nf-call-{proto}=0", check=False)
-    sh(*sw, "ip", "link", "set", "br0", "up")
     for i in range(nodes):
-        ns = node_ns(i)
-        at = ("ip", "netns", "exec", ns)
-        sh("ip", "netns", "add", ns)
-        sh(*at, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", f"p{i}", "netns", SW)
+        sh("ip", "netns", "add", node_ns(i))
+    if nodes == 2 and not switch:
+        sh("ip", "netns", "exec", node_ns(0), "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+           "netns", node_ns(1))
+    else:
+        sh("ip", "netns", "add", SW)
+        sw = ("ip", "netns", "exec", SW)
+        sh(*sw, "ip", "link", "add", "br0", "type", "bridge")
+        # a switch runs no firewall: frames through the bridge skip iptables (br_netfilter would run
+        # every frame through it, on the sending node's core)
+        for proto in ("iptables", "ip6tables", "arptables"):
+            sh(*sw, "sysctl", "-qw", f"net.bridge.bridge-nf-call-{proto}=0", check=False)
+        sh(*sw, "ip", "link", "set", "br0", "up")
+        for i in range(nodes):
+            sh("ip", "netns", "exec", node_ns(i), "ip", "link", "add", "eth0", "type", "veth", "peer", "name", f"p{i}",
+               "netns", SW)
+            sh(*sw, "ip", "link", "set", f"p{i}", "master", "br0")
+            sh(*sw, "ip", "link", "set", f"p{i}", "up")
+    for i in range(nodes):
+        at = ("ip", "netns", "exec", node_ns(i))
         sh(*at, "ip", "addr", "add", f"{node_addr(i)}/24", "dev", "eth0")
         sh(*at, "ip", "link", "set", "eth0", "up")
         sh(*at, "ip", "link", "set", "lo", "up")
-        sh(*sw, "ip", "link", "set", f"p{i}", "master", "br0")
-        sh(*sw, "ip", "link", "set", f"p{i}", "up")
     set_rate(nodes, mbit, "add")
 
 
@@ -127,8 +138,10 @@ def tbf_burst(mbit):
 
 def set_rate(nodes, mbit, how="change"):
     burst = tbf_burst(mbit)
+    switch = sh("ip", "netns", "pids", SW, check=False).returncode == 0
     for i in range(nodes):
-        for pre, dev in ((("ip", "netns", "exec", node_ns(i)), "eth0"), (("ip", "netns", "exec", SW), f"p{i}")):
+        ports = [(("ip", "netns", "exec", node_ns(i)), "eth0")] + ([(("ip", "netns", "exec", SW), f"p{i}")] if switch else [])
+        for pre, dev in ports:
             sh(*pre, "tc", "qdisc", how, "dev", dev, "root", "tbf", "rate", f"{mbit}mbit", "burst", str(burst),
                "latency", "50ms")
 
@@ -219,7 +232,7 @@ def netns_main(args):
         keygen(os.path.join(tmp, "worker"))
         keys = ["--key", os.path.join(tmp, "root"), "--worker-key", os.path.join(tmp, "worker.pub")]
     try:
-        mesh_up(n, mbits[0])
+        mesh_up(n, mbits[0], args.switch)
     except (subprocess.CalledProcessError, OSError) as e:
         mesh_down()
         print(f"netns: cannot make rate-limited network namespaces here ({getattr(e, 'stderr', '') or e})",
@@ -376,6 +389,7 @@ def main():
     ap.add_argument("--netns", action="store_true", help="every node in a namespace and on a core of its own")
     ap.add_argument("--nodes", type=int, default=2, help="--netns: root + workers")
     ap.add_argument("--insecure", action="store_true", help="--netns: plain TCP (default: CurveZMQ keys)")
+    ap.add_argument("--switch", action="store_true", help="--netns: 2 nodes meet at a bridge too (default: a cable)")
     ap.add_argument("--apart", action="store_true",
                     help="loopback with one model loaded at a time (files near half the RAM)")
     ap.add_argument("--child", choices=("single", "root"), help=argparse.SUPPRESS)
