@@ -17,6 +17,9 @@ cdef extern from "kernels.h" nogil:
         GT_Q6_K, GT_BF16, GT_Q4_0X8, GT_Q5_0X8, GT_Q8_0X8, GT_Q4_KX8
     int QK
     void quantize_row_q8(int n, const float *x, int8_t *xq, float *xd, float *xs)
+    float fp16_to_fp32(uint16_t h)
+    long lrintf(float x)
+    float fabsf(float x)
     void quantize_row_q8_K(int n, const float *x, int8_t *xq, float *xd, int16_t *xb)
     void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1,
                    int T, const float *x, const int8_t *xq, const float *xd, const float *xs,
@@ -84,6 +87,63 @@ cdef inline int team(int threads, double work_bytes) noexcept nogil:
     if most < threads:
         return 1 if most < 1 else <int>most
     return threads
+
+
+def wire_q8_scales(const float[:, ::1] x, out_arr):
+    """out[t, b] = max |x[t, 32b..32b+32]| / 127 in float32 (NaN if the block holds one): a Q8_0
+    wire block's scale before its fp16 rounding (net/wire.py; NumPy's abs().max() / 127)."""
+    cdef float[:, ::1] out = out_arr
+    cdef Py_ssize_t T = x.shape[0], nb = x.shape[1] // 32, t, b, j
+    cdef float m, a
+    if x.shape[1] % 32 or out.shape[0] != T or out.shape[1] != nb:
+        raise ValueError(f"wire_q8_scales: x {tuple(x.shape)}, out {tuple(out.shape)}")
+    with nogil:
+        for t in range(T):
+            for b in range(nb):
+                m = 0
+                for j in range(32):
+                    a = fabsf(x[t, b * 32 + j])
+                    if a != a:
+                        m = a
+                        break
+                    if a > m:
+                        m = a
+                out[t, b] = m / 127
+    return out_arr
+
+
+def wire_q8_quantize(const float[:, ::1] x, const uint16_t[:, ::1] d, int8_t[:, ::1] q):
+    """q = clip(rint(x / d), -127, 127) per 32-block with fp16 scales d (0 where d is not > 0):
+    NumPy's x * (1 / d) rounded half to even, in float32, as net/wire.py's encode."""
+    cdef Py_ssize_t T = x.shape[0], n = x.shape[1], t, b, j
+    cdef float df, inv
+    cdef long v
+    if n % 32 or d.shape[0] != T or d.shape[1] != n // 32 or q.shape[0] != T or q.shape[1] != n:
+        raise ValueError(f"wire_q8_quantize: x {tuple(x.shape)}, d {tuple(d.shape)}, q {tuple(q.shape)}")
+    with nogil:
+        for t in range(T):
+            for b in range(n // 32):
+                df = fp16_to_fp32(d[t, b])
+                inv = 1.0 / df if df > 0 else 0
+                for j in range(b * 32, b * 32 + 32):
+                    v = lrintf(x[t, j] * inv)
+                    q[t, j] = <int8_t>(127 if v > 127 else (-127 if v < -127 else v))
+
+
+def wire_q8_dequantize(const int8_t[:, ::1] q, const uint16_t[:, ::1] d, out_arr):
+    """out = q * d per 32-block, the product in float32 (as NumPy's decode), stored as double."""
+    cdef double[:, ::1] out = out_arr
+    cdef Py_ssize_t T = q.shape[0], n = q.shape[1], t, b, j
+    cdef float df
+    if n % 32 or d.shape[0] != T or d.shape[1] != n // 32 or out.shape[0] != T or out.shape[1] != n:
+        raise ValueError(f"wire_q8_dequantize: q {tuple(q.shape)}, d {tuple(d.shape)}, out {tuple(out.shape)}")
+    with nogil:
+        for t in range(T):
+            for b in range(n // 32):
+                df = fp16_to_fp32(d[t, b])
+                for j in range(b * 32, b * 32 + 32):
+                    out[t, j] = <double>(<float>q[t, j] * df)
+    return out_arr
 
 
 def quantize_q8(const float[:, ::1] x, int threads=1):

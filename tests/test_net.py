@@ -260,3 +260,38 @@ def test_a_matrix_in_one_buffer(codec):
     np.testing.assert_array_equal(y, want)
     with pytest.raises(ProtocolError):
         from_bytes(bytes(buf)[:-1], codec, 3, 64)
+
+
+def _q8_reference(x):
+    """The Q8_0 wire in NumPy (what the kernels must give bit for bit): fp16 scales of max / 127,
+    values x * (1 / d) rounded half to even and clipped, all in float32."""
+    T, n = x.shape
+    b = x.reshape(T, n // 32, 32)
+    d = (np.abs(b).max(-1) / 127).astype(np.float16)
+    df = d.astype(np.float32)
+    inv = np.divide(1.0, df, out=np.zeros_like(df), where=df > 0)
+    q = np.clip(np.rint(b * inv[..., None]), -127, 127).astype(np.int8).reshape(T, n)
+    back = (q.reshape(T, -1, 32).astype(np.float32) * df[..., None]).reshape(T, n)
+    return q, d, back
+
+
+def test_q8_0_wire_kernels_match_numpy():
+    """wire.encode's and from_bytes' Q8_0 loops against the NumPy reference, bit for bit: ordinary
+    blocks, a zero block, halves that round to even, scales that fall to fp16 zero or overflow to
+    infinity (both send zeros; the latter reads back as NaN, past any model's activations),
+    float64 partial sums."""
+    from glmcpu.net.wire import encode, from_bytes, to_bytes
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((4, 512)) * np.exp(rng.uniform(-8, 8, (4, 1)))).astype(np.float32)
+    x[0, :32] = 0
+    x[1, 32:64] = np.r_[31.75, 0.125 + 0.25 * np.arange(31)]      # d = 0.25 exactly: x / d = k + 0.5
+    x[2, :32] = 1e-9                             # max / 127 below fp16's least subnormal: d = 0
+    x[2, 32:64] = 1e9                            # max / 127 past fp16's largest: d = inf
+    q, d, back = _q8_reference(x)
+    got_q, got_d = encode(x, "q8_0")
+    np.testing.assert_array_equal(got_d.view(np.uint16), d.view(np.uint16))
+    np.testing.assert_array_equal(got_q, q)
+    assert (q[2, :64] == 0).all() and list(q[1, 33:37]) == [0, 2, 2, 4]          # half to even
+    y = from_bytes(to_bytes(x.astype(np.float64), "q8_0"), "q8_0", 4, 512)
+    assert y.dtype == np.float64
+    np.testing.assert_array_equal(y, back.astype(np.float64))
