@@ -211,9 +211,11 @@ def token_bytes(sizes) -> float:
 
 
 # software per sync, ms: the star's request/reply ~0.3 (tools/bench_sync.py); the mesh's exchange
-# takes 0.05-0.07 idle on loopback, and between two busy pinned nodes in namespaces over a 1 Gbit/s
-# tbf link 0.44 ms after both parts were sent, of which 0.26 is the 32 KB on the wire: ~0.15-0.18
-SYNC_MS = {"star": 0.3, "mesh": 0.15}
+# takes 0.03-0.07 idle on loopback, but its nodes move in lockstep: traced on both nodes' clocks
+# (GLM-4-9B, two busy pinned nodes in namespaces, 1 Gbit/s tbf, 2026-12-07) each of the 80 syncs
+# a token cost 0.42 ms of waiting, 0.13 of it the last half of the 32 KB part on the wire and
+# ~0.3 the exchange's software, the nodes reaching the sync 0.05-0.2 ms apart, and stalls
+SYNC_MS = {"star": 0.3, "mesh": 0.3}
 
 
 def expected_max_experts(parts, n_expert, k, speeds, draws=4000) -> float:
