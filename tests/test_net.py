@@ -275,6 +275,7 @@ def _q8_reference(x):
     return q, d, back
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
 def test_q8_0_wire_kernels_match_numpy():
     """wire.encode's and from_bytes' Q8_0 loops against the NumPy reference, bit for bit: ordinary
     blocks, a zero block, halves that round to even, scales that fall to fp16 zero or overflow to
