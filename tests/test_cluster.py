@@ -123,7 +123,7 @@ def test_plan_predicts_a_rate_limited_link(wide_file, tmp_path):
 
 def test_netns_mesh_measures_cluster_and_ceiling(wide_file, tmp_path):
     """bench_cluster.py --netns: every node in a namespace of its own and on a core of its own,
-    joined through a bridge by tbf-limited veth pairs, CurveZMQ keys made for the run. The ceiling
+    joined by a tbf-limited veth pair (a bridge for more nodes), CurveZMQ keys made for the run. The ceiling
     (2 pinned one-core processes at once) beats one alone, and the cluster's figures come from a
     cluster whose worker stayed alive (the tool refuses otherwise), over both link speeds."""
     if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc") or not shutil.which("taskset"):

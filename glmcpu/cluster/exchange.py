@@ -73,20 +73,6 @@ class MeshRun:
         self.waited += time.perf_counter() - t
 
     def __call__(self, kind, parts, local, x, args, tick=None):
-        r = self._call(kind, parts, local, x, args, tick)
-        import os
-        if os.environ.get("GLMCPU_MESH_TRACE"):
-            tr = self.__dict__.setdefault("trace", [])
-            tr.append((self.mesh.step, self.sync - 1, self.t0, self.t1, self.t2, time.perf_counter()))
-            if len(tr) >= 400:
-                with open(os.environ["GLMCPU_MESH_TRACE"] + f".{self.mesh.node}", "a") as fh:
-                    fh.writelines(" ".join(map(str, e)) + "\n" for e in tr)
-                tr.clear()
-        return r
-
-    def _call(self, kind, parts, local, x, args, tick=None):
-        self.t0 = time.perf_counter()
-        self.t1 = None
         sync, self.sync = self.sync, self.sync + 1
         order = senders(self.cfg, kind, parts)
         me = self.mesh.node
@@ -106,7 +92,6 @@ class MeshRun:
                 buf, mine[i] = self._pack(np.ascontiguousarray(y, np.float64))
                 self._send(len(halves) * sync + i, buf)
         t = time.perf_counter()
-        self.t1 = t
         T = x.shape[0]
         out = np.empty((T, self.cfg.d_model), np.float64)
         others = [n for n in order if n != me]
@@ -116,8 +101,6 @@ class MeshRun:
             if me in order:
                 got[me] = mine[i]
             out[:, a:b] = add_parts(order, got)
-            if i == 0:
-                self.t2 = time.perf_counter()
         self.waited += time.perf_counter() - t
         return out
 
