@@ -568,7 +568,8 @@ def build_parser():
                     help="star: request/reply links through the root; mesh: one exchange among all nodes per "
                          "sync (default: as a cluster runs, mesh for up to 3 workers)")
     pl.add_argument("--sync-ms", type=float, default=None,
-                    help="software cost of one sync in ms (default: 0.3 star, 0.15 mesh: measured under load)")
+                    help="software cost of one sync in ms (default: plan.SYNC_MS, 0.3 for either topology: measured "
+                         "between busy nodes)")
     pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("info", help="what a model file holds and what running it needs")

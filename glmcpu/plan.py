@@ -79,15 +79,6 @@ class Plan:
         return lines
 
 
-def split(total: int, shares, unit: int = 1) -> list:
-    """[a, b) ranges of `total`, proportional to shares, cut at the multiples of `unit` nearest to
-    the proportional points (the last range takes a partial unit), covering it exactly."""
-    ideal = np.cumsum([0.0] + list(shares)) / sum(shares) * total
-    cuts = np.minimum(np.round(ideal / unit).astype(int) * unit, total)
-    cuts[-1] = total
-    return [(int(cuts[i]), int(cuts[i + 1])) for i in range(len(shares))]
-
-
 def chunk_edges(n: int, unit: int = 1) -> list:
     """Column edges [0, ..., n] of the chunks of a matrix whose outputs nodes add up (attention
     output, FFN down): every process sums such a matrix chunk by chunk in double (kernels:
@@ -110,10 +101,11 @@ def local_edges(edges, a: int, b: int) -> list:
     return [0] + [e - a for e in edges if a < e < b] + [b - a]
 
 
-def split_at(points, total: int, shares) -> list:
+def split(points, total: int, shares) -> list:
     """[a, b) ranges of `total` proportional to shares, cut at the allowed points nearest to the
-    proportional ones (0 and total are always allowed), covering it exactly."""
-    pts = np.array(sorted(set(points) | {0, total}))
+    proportional ones (0 and total are always allowed; range(0, total, unit): whole units, the
+    last range taking a partial one), covering it exactly."""
+    pts = np.union1d(np.asarray(points, np.int64), [0, total])
     ideal = np.cumsum([0.0] + list(shares)) / sum(shares) * total
     cuts = []
     for x in ideal:
@@ -139,27 +131,24 @@ def make_plan(cfg, nodes, shares=None) -> Plan:
         raise ValueError(f"{len(shares)} shares for {len(nodes)} nodes; give one non-negative share per node")
     plan = Plan(list(nodes), [s / sum(shares) for s in shares])
 
-    def ranges(total, unit=1):
-        return [(i, a, b) for i, (a, b) in enumerate(split(total, shares, unit)) if b > a]
-
-    def at(points, total):
-        return [(i, a, b) for i, (a, b) in enumerate(split_at(points, total, shares)) if b > a]
+    def ranges(points, total):
+        return [(i, a, b) for i, (a, b) in enumerate(split(points, total, shares)) if b > a]
 
     G = cfg.n_head // cfg.n_head_kv
     hd = cfg.head_dim
     cuts = [e // hd for e in chunk_edges(cfg.n_head * hd, hd)]     # Wo column slices: whole chunks
     if len(nodes) <= cfg.n_head_kv:
         cuts = [h for h in cuts if h % G == 0]          # whole KV groups: no K/V computed twice
-    heads = at(cuts, cfg.n_head)
-    ffn = at(chunk_edges(cfg.n_ff), cfg.n_ff) if cfg.n_ff else []
+    heads = ranges(cuts, cfg.n_head)
+    ffn = ranges(chunk_edges(cfg.n_ff), cfg.n_ff) if cfg.n_ff else []
     n_dense = cfg.n_dense_lead if cfg.n_expert else cfg.n_layer
     for l in range(cfg.n_layer):
         plan.tables["attn"][l] = heads
         if l < n_dense:
             plan.tables["ffn"][l] = ffn
         else:
-            plan.tables["moe"][l] = ranges(cfg.n_expert)
-    plan.tables["head"][-1] = ranges(cfg.n_vocab, 8)     # whole 8-row groups of the repacked layout
+            plan.tables["moe"][l] = ranges(range(cfg.n_expert), cfg.n_expert)
+    plan.tables["head"][-1] = ranges(range(0, cfg.n_vocab, 8), cfg.n_vocab)   # whole 8-row groups (repacked)
     return plan
 
 

@@ -37,6 +37,15 @@ def begun(n, timeout):
             m.close()
 
 
+def same_everywhere(out):
+    """run_all's results when every node finished and all hold the same bits, sync by sync."""
+    for r in out:
+        assert not isinstance(r, Exception), r
+        for a, b in zip(r, out[0]):
+            np.testing.assert_array_equal(a, b)
+    return out
+
+
 def run_all(nodes, fn):
     """fn(i, mesh) on every node at once; their results (or the exception each raised)."""
     out = [None] * len(nodes)
@@ -77,11 +86,7 @@ def test_every_node_gets_every_part_and_the_same_sum(secure, rows):
                 sums.append(y)
         return sums
     try:
-        out = run_all(nodes, node)
-        for r in out:
-            assert not isinstance(r, Exception), r
-            for a, b in zip(r, out[0]):
-                np.testing.assert_array_equal(a, b)
+        out = same_everywhere(run_all(nodes, node))
         np.testing.assert_array_equal(out[0][0], sum(parts))
     finally:
         for m in nodes:
@@ -105,11 +110,7 @@ def test_every_node_adds_the_same_bits_on_every_wire(wire):
         return [run("ffn", [(0, 0, 4), (1, 4, 8), (2, 8, 12)], lambda x, k=k: parts[i] * k, np.zeros((2, 8)), ())
                 for k in (1, 2)]
     try:
-        out = run_all(nodes, node)
-        for r in out:
-            assert not isinstance(r, Exception), r
-            for a, b in zip(r, out[0]):
-                np.testing.assert_array_equal(a, b)
+        out = same_everywhere(run_all(nodes, node))
         if wire == "f32":
             np.testing.assert_array_equal(out[0][1], parts[0] * 2 + parts[1] * 2 + parts[2] * 2)
         else:

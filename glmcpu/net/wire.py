@@ -3,15 +3,11 @@
 per 32 values). Nothing here knows what the numbers mean."""
 import numpy as np
 
+from ..ops import K
 from .protocol import ProtocolError
 
 CODECS = ("f32", "f16", "q8_0")
 QK = 32
-
-
-def _K():
-    from ..ops import K        # the kernels (imported late: the wire's other codecs need none)
-    return K
 
 
 def reply_codec(codec: str) -> str:
@@ -34,9 +30,9 @@ def encode(x: np.ndarray, codec: str) -> list:
             raise ValueError(f"q8_0 needs rows of whole {QK}-blocks, not {n}")
         x = np.ascontiguousarray(x, np.float32)
         with np.errstate(over="ignore"):                        # a scale past fp16's range: inf, zeros sent
-            d = _K().wire_q8_scales(x, np.empty((T, n // QK), np.float32)).astype(np.float16)   # [T, n/32]
+            d = K.wire_q8_scales(x, np.empty((T, n // QK), np.float32)).astype(np.float16)   # [T, n/32]
         q = np.empty((T, n), np.int8)
-        _K().wire_q8_quantize(x, d.view(np.uint16), q)
+        K.wire_q8_quantize(x, d.view(np.uint16), q)
         return [q, d]
     raise ValueError(f"unknown wire codec {codec!r}; use one of {', '.join(CODECS)}")
 
@@ -84,7 +80,7 @@ def from_bytes(buf, codec: str, T: int, n: int) -> np.ndarray:
     if codec == "q8_0":                  # float64 (the float32 products q * d, widened)
         q = np.frombuffer(buf, np.int8, T * n).reshape(T, n)
         d = np.frombuffer(buf, np.uint16, offset=T * n).reshape(T, n // QK)
-        return _K().wire_q8_dequantize(q, d, np.empty((T, n), np.float64))
+        return K.wire_q8_dequantize(q, d, np.empty((T, n), np.float64))
     a = np.frombuffer(buf, {"f64": np.float64, "f32": np.float32, "f16": np.float16}[codec]).reshape(T, n)
     return a.astype(np.float32) if codec == "f16" else a
 
