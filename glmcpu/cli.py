@@ -193,6 +193,19 @@ def add_engine(p):
                         "none's; sampled output keeps its distribution")
     p.add_argument("--draft-tokens", type=int, default=None,
                    help="tokens guessed per step (default: 1 for mtp, 3 for lookup)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--gpu", nargs="?", const="cuda", default=None, choices=["cuda", "twin"],
+                   help="run on the NVIDIA GPU (CuPy), or stop with one line saying why none can be used; "
+                        "--gpu twin: the GPU kernels' NumPy twin on the CPU, for checking (default: the GPU "
+                        "when one can be used, else the CPU)")
+    g.add_argument("--cpu", action="store_true", help="never use a GPU")
+    p.add_argument("--gpu-layers", type=int, default=None,
+                   help="the last N layers (and the output head) on the GPU (default: as many as fit)")
+    p.add_argument("--cpu-moe", action="store_true",
+                   help="keep every MoE layer's routed experts on the CPU (attention, router and shared expert "
+                        "on the GPU)")
+    p.add_argument("--n-cpu-moe", type=int, default=None,
+                   help="keep the routed experts of the first N MoE layers on the CPU")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="the MTP head guesses among the first N token ids only (BPE lists them roughly by "
                         "frequency): a cheaper guess, the same output (default: all)")
@@ -255,8 +268,12 @@ def load_model(a):
     return load(path, threads=a.threads, ctx=a.ctx, mlock=a.mlock, repack=a.repack, draft=a.draft,
                 draft_tokens=a.draft_tokens, draft_vocab=a.draft_vocab,
                 kv_type=(a.kv_type_k or a.kv_type, a.kv_type_v or a.kv_type), cache_ram=a.cache_ram,
-                cache_dir=a.cache_dir, cache_disk=a.cache_disk,
+                cache_dir=a.cache_dir, cache_disk=a.cache_disk, **device_kwargs(a),
                 progress=StepBar(f"loading {os.path.basename(path)}: layers"), **cluster_kwargs(a))
+
+
+def device_kwargs(a) -> dict:
+    return dict(gpu="cpu" if a.cpu else a.gpu, gpu_layers=a.gpu_layers, cpu_moe=a.cpu_moe, n_cpu_moe=a.n_cpu_moe)
 
 
 def cmd_run(a):
@@ -351,7 +368,7 @@ def cmd_info(a):
     from .engine import Model
 
     m = Model(model_path(a.model), threads=a.threads, ctx=a.ctx, repack=a.repack, draft="none",
-              kv_type=(a.kv_type_k or a.kv_type, a.kv_type_v or a.kv_type))
+              kv_type=(a.kv_type_k or a.kv_type, a.kv_type_v or a.kv_type), **device_kwargs(a))
     c = m.cfg
     types, sizes = Counter(), Counter()
     for t in m.file.tensors.values():
@@ -397,15 +414,17 @@ def cmd_info(a):
 
 
 def gpu_rows(m) -> list:
-    """What `info` says of a GPU: why none is used, or what of this model would fit on it."""
+    """What `info` says of a GPU: where this model runs and why, and what of it would fit on a GPU."""
     from .gpu import available
+    where = m.placement.why
+    rows = [("runs on", where if m.placement.dev.name != "cpu" else f"the CPU ({where})")]
     ok, what = available()
     if not ok:
-        return [("GPU", f"none used: {what}")]
+        return rows if what in where else rows + [("GPU", f"none used: {what}")]
     import cupy
     from .gpu.plan import plan_offload
     free = cupy.cuda.Device(0).mem_info[0]
-    rows = [("GPU", f"{what}; not used yet (the GPU forward pass is not wired: models run on the CPU)")]
+    rows += [("GPU", f"{what}; not used yet (the CuPy device is not wired: models run on the CPU)")]
     rows.append(("would fit", plan_offload(m.file, m.cfg, free, m.ctx).describe()))
     if m.cfg.n_expert:
         rows.append(("with --cpu-moe", plan_offload(m.file, m.cfg, free, m.ctx, cpu_moe=True).describe()))

@@ -3,7 +3,7 @@ import os
 
 import numpy as np
 
-from . import ops
+from . import device, ops
 from .errors import GlmcpuError
 from .draft import MODES, make as make_draft
 from .generate import check_fits, generate_ids, prefill
@@ -23,7 +23,7 @@ class Model:
     def __init__(self, path, threads=None, ctx=None, mlock=False, workers=None, key=None,
                  worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32", topology=None, progress=None,
                  repack=None, draft="auto", draft_tokens=None, draft_vocab=None, kv_type=None, cache_ram=None,
-                 cache_dir=None, cache_disk=None):
+                 cache_dir=None, cache_disk=None, gpu=None, gpu_layers=None, cpu_moe=False, n_cpu_moe=None):
         self.file = GGUFFile(path)
         self.path = self.file.path
         self.threads = int(threads) if threads else ops.default_threads()
@@ -46,11 +46,16 @@ class Model:
                               f"{free / 2**30:.1f} GB of RAM is free; lower --ctx")
         # the model, or a cluster running it: both have forward, new_cache, begin and status
         if workers:
+            if gpu not in (None, "auto", False, "cpu"):
+                raise GlmcpuError("--gpu with --workers: a cluster runs on its nodes' CPUs (a GPU root or "
+                                  "`worker --gpu` is not wired yet)")
+            self.placement = device.ON_CPU
             self.net = connect(self.file, cls, workers, key, worker_key, insecure, timeout, shares,
                                self.threads, self.ctx, wire, progress, repack, self.kv_type, topology)
         else:
+            self.placement = device.place(self.file, cfg, gpu, gpu_layers, cpu_moe, n_cpu_moe, self.ctx)
             self.net = cls(self.file, self.threads, progress=progress, packing=ops.plan_packing(self.file, repack),
-                           kv_type=self.kv_type)
+                           kv_type=self.kv_type, placement=self.placement)
         self.cfg = self.net.cfg
         try:
             if draft not in MODES:
@@ -170,7 +175,7 @@ class Model:
 
 def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None, repack=None, draft="auto",
          draft_tokens=None, draft_vocab=None, kv_type=None, cache_ram=None, cache_dir=None, cache_disk=None,
-         **cluster) -> Model:
+         gpu=None, gpu_layers=None, cpu_moe=False, n_cpu_moe=None, **cluster) -> Model:
     """A model, ready to generate.
 
     path: a GGUF file, or what the CLI takes: a model in `glmcpu list` (its name or file name,
@@ -204,12 +209,19 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
         cache sharing its longest prefix (default: one full context's worth).
     cache_dir: a directory where kept caches of 256 positions or more are written when they leave
         RAM or the model is closed, and read back for a prompt that starts with one (also after a
-        restart); cache_disk: its size cap in GB (default: none)."""
+        restart); cache_disk: its size cap in GB (default: none).
+    gpu: None or "auto" (an NVIDIA GPU through CuPy where one can be used, else the CPU), True or
+        "cuda" (the GPU, or a one-line error saying why none can be used), False or "cpu", "twin"
+        (the GPU kernels' NumPy twin, on the CPU: for checking the GPU path); gpu_layers: the last N
+        layers (and the output head) on it, default as many as fit; cpu_moe: every MoE layer's
+        routed experts stay on the CPU (the shared expert, router and attention go to the device);
+        n_cpu_moe: those of the first N MoE layers only. `model.placement.why` says what runs where."""
     from .hub import resolve
     return Model(resolve(str(path)), threads=threads, ctx=ctx, mlock=mlock, workers=workers,
                  progress=progress, repack=repack, draft=draft, draft_tokens=draft_tokens,
                  draft_vocab=draft_vocab, kv_type=kv_type, cache_ram=cache_ram, cache_dir=cache_dir,
-                 cache_disk=cache_disk, **cluster)
+                 cache_disk=cache_disk, gpu=gpu, gpu_layers=gpu_layers, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe,
+                 **cluster)
 
 
 def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire, progress, repack,

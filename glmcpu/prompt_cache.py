@@ -101,6 +101,7 @@ class PromptCache:
         n, tokens = cache.pos, [int(t) for t in cache.tokens[:cache.pos]]
         if any(common_prefix(t, tokens) == n for t in self.index.values()):
             return                                   # held already, in this entry or a longer one
+        cache.to_host(n)                             # layers run on a device: theirs too
         k, v = np.ascontiguousarray(cache.k[:, :, :n]), np.ascontiguousarray(cache.v[:, :, :n])
         h = hashlib.sha256(memoryview(k).cast("B"))
         h.update(memoryview(v).cast("B"))
@@ -169,6 +170,7 @@ class PromptCache:
             return keep
         os.utime(path)                               # recently used: dropped last
         cache.k[:, :, :n], cache.v[:, :, :n] = k[:, :, :n], v[:, :, :n]
+        cache.to_device(n)
         cache.pos, cache.tokens = n, list(ids[:n])
         if cache.draft is not None and getattr(cache.draft, "cache", None) is not None:
             cache.draft.cache.pos, cache.draft.cache.tokens = 0, []      # the MTP head catches up
@@ -234,7 +236,9 @@ def drop(cache, a, d, m):
 def copy_prefix(src, dst, n: int):
     """Positions 0..n-1 of one KV cache (and of its MTP draft's hidden states and cache) into a
     fresh one."""
+    src.to_host(n)
     dst.k[:, :, :n], dst.v[:, :, :n] = src.k[:, :, :n], src.v[:, :, :n]
+    dst.to_device(n)
     dst.pos, dst.tokens = n, list(src.tokens[:n])
     if getattr(src.draft, "hidden", None) is not None:
         dst.draft.hidden[:n] = src.draft.hidden[:n]

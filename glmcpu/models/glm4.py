@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import ops
+from ..device import CPU_DEVICE, ON_CPU
 from ..errors import GlmcpuError, ModelFileError
 from ..gguf import GGUFFile, dequantize
 from ..plan import chunk_edges, local_edges, row_halves
@@ -83,11 +84,14 @@ class Linear:
     at load into 8-row groups (kernels.h: q4_0x8), which the kernels read about twice as fast; the
     file's pages of them are then given back to the OS."""
 
-    def __init__(self, w, name: str, bias: bool = False, rows=None, cols=None, chunk=None):
+    def __init__(self, w, name: str, bias: bool = False, rows=None, cols=None, chunk=None, dev=None):
         """chunk: the column edges [0, ..., n_in] of the chunks of a matrix whose outputs nodes add
         up (Wo, FFN down; plan.chunk_edges): it is then run chunk by chunk, summed in double
-        (ops.linear_chunked), and returns float64."""
+        (ops.linear_chunked), and returns float64. dev: the device its input and output live on
+        (glmcpu.device; the CPU by default); a weight type that device cannot read is multiplied
+        by the CPU, its input and output crossing."""
         self.name = name
+        self.dev = self.home = dev or CPU_DEVICE          # home: the device that multiplies
         if cols is not None:
             self.w, self.type, self.n_in = w.cols(f"{name}.weight", *cols)
         else:
@@ -101,6 +105,14 @@ class Linear:
             self.b = w.vector(f"{name}.bias", *(rows or (None, None)))
             if self.b.shape != (self.n_out,):
                 raise ShareError(f"{name}.bias has {self.b.shape[0]} values for {self.n_out} rows")
+        if not self.dev.takes(self.type):
+            self.home = CPU_DEVICE
+        if self.home is not CPU_DEVICE:                    # the file's rows, as the device holds them
+            self.w = self.home.weight(self.w, self.type, self.n_in)
+            self.b = None if self.b is None else self.home.vector(self.b)
+            self.chunks = self.halves = None
+            self.in_ram = self.packed = False
+            return
         file_rows = self.w
         self.chunks = self.halves = None
         if chunk:
@@ -149,6 +161,7 @@ class Linear:
             (sum(p.w.shape[0] for p in parts),) + first.w.shape[1:], first.w.dtype))   # (RAM) weights
         new.type, new.n_in, new.packed, new.in_ram, new.chunks = first.type, first.n_in, first.packed, True, None
         new.halves = None
+        new.dev = new.home = first.dev
         new.n_out = sum(p.n_out for p in parts)
         new.b = None if first.b is None else np.concatenate([p.b for p in parts])
         return new
@@ -163,6 +176,16 @@ class Linear:
             yield a, b, ops.linear_chunked(m, x, threads)
 
     def __call__(self, x, threads):            # x [T, n_in] -> [T, n_out] (float64 if chunked)
+        if self.home is not self.dev:                       # the CPU multiplies for a device
+            return self.dev.asarray(np.asarray(self.on_cpu(self.dev.to_host(x), threads), np.float32))
+        if self.home is not CPU_DEVICE:
+            y = self.home.linear(self.w, x)
+            if self.b is not None:
+                y += self.b
+            return y
+        return self.on_cpu(x, threads)
+
+    def on_cpu(self, x, threads):
         if self.chunks is not None:
             return ops.linear_chunked(self.chunks, x, threads)
         y = ops.linear(self.w, self.type, self.n_in, x, threads, self.n_out)
@@ -171,10 +194,10 @@ class Linear:
         return y
 
 
-def linears(w, parts, bias=False):
+def linears(w, parts, bias=False, dev=None):
     """Linears of (tensor, (a, b) rows) parts with one input, fused into one where they can be
     (in RAM, one layout); a list of one or more."""
-    lins = [Linear(w, name, bias=bias, rows=rng) for name, rng in parts]
+    lins = [Linear(w, name, bias=bias, rows=rng, dev=dev) for name, rng in parts]
     if len(lins) > 1 and lins[0].in_ram:
         fused = Linear.fused(lins)
         if fused is not None:
@@ -185,7 +208,7 @@ def linears(w, parts, bias=False):
 def run_parts(lins, x, th):
     """Outputs of linears() side by side: [T, sum of n_out]."""
     outs = [lin(x, th) for lin in lins]
-    return outs[0] if len(outs) == 1 else np.concatenate(outs, 1)
+    return outs[0] if len(outs) == 1 else lins[0].dev.xp.concatenate(outs, 1)
 
 
 # element types of a KV cache (ops.KV_DTYPES): keys and values are stored in one of these when a
@@ -214,7 +237,9 @@ class KVCache:
     """Keys and values of every layer's KV heads. The arrays are allocated as zero pages, so a
     node that computes only some heads holds in RAM only the heads it writes."""
 
-    def __init__(self, cfg: Config, n_ctx: int, kv_type=("f32", "f32")):
+    def __init__(self, cfg: Config, n_ctx: int, kv_type=("f32", "f32"), devices=None):
+        """devices: {layer: device} of layers that run off the CPU: theirs are float32 arrays on
+        that device (the GPU's attention reads float32), the host arrays' rows of them untouched."""
         kv_type = checked_kv_type(kv_type, cfg.head_dim)
         shape = (cfg.n_layer, cfg.n_head_kv, n_ctx)
         self.type = kv_type
@@ -226,12 +251,34 @@ class KVCache:
         self.tokens = []                          # the ids at those positions (a cluster replays them)
         self.draft = None                         # a speculative draft's state kept beside it (draft.py)
         self.cfg = cfg
+        shape = (cfg.n_head_kv, n_ctx, cfg.head_dim)
+        self.on_device = {l: (d, d.zeros(shape), d.zeros(shape)) for l, d in (devices or {}).items()}
+
+    def layer(self, l: int):
+        """(keys, values) of layer l: [n_head_kv, n_ctx, .], where that layer runs."""
+        if l in self.on_device:
+            return self.on_device[l][1:]
+        return self.k[l], self.v[l]
+
+    def to_host(self, n: int):
+        """The device layers' positions 0..n-1 into the host arrays (in the cache's types): what
+        is saved, copied or shifted is then all in self.k and self.v."""
+        for l, (d, k, v) in self.on_device.items():
+            self.k[l, :, :n] = ops.kv_encode(d.to_host(k[:, :n]), self.type[0])
+            self.v[l, :, :n] = ops.kv_encode(d.to_host(v[:, :n]), self.type[1])
+
+    def to_device(self, n: int):
+        """The host arrays' positions 0..n-1 back to the device layers (after a restore or a shift)."""
+        for l, (d, k, v) in self.on_device.items():
+            k[:, :n] = d.asarray(ops.kv_decode(self.k[l, :, :n], self.type[0]))
+            v[:, :n] = d.asarray(ops.kv_decode(self.v[l, :, :n], self.type[1]))
 
     def drop(self, a: int, d: int, m: int):
         """Forget positions a..a+d-1: the m positions after them move down to a.., their keys
         rotated back by d (values carry no position). What they attended to stays as it was
         computed, as in llama.cpp's context shift: cheaper than computing them again, not equal."""
         c, step = self.cfg, 1024
+        self.to_host(a + d + m)
         for s in range(0, m, step):                     # in order: a destination never overtakes its source
             n = min(step, m - s)
             for l in range(c.n_layer):
@@ -241,6 +288,7 @@ class KVCache:
                 self.v[l, :, a + s:a + s + n] = self.v[l, :, a + d + s:a + d + s + n]
         self.tokens = self.tokens[:a] + self.tokens[a + d:a + d + m]
         self.pos = a + m
+        self.to_device(a + m)
 
 
 def commit(cache, ids):
@@ -264,8 +312,9 @@ class Attention:
     heads=(q0, q1): only query heads q0..q1, the KV heads they read, and their columns of the
     output projection (whose output is then this share's partial sum)."""
 
-    def __init__(self, w, p: str, cfg: Config, heads=None):
-        self.cfg = cfg
+    def __init__(self, w, p: str, cfg: Config, heads=None, dev=None):
+        self.cfg, self.dev = cfg, dev or CPU_DEVICE
+        dev = self.dev
         hd, G = cfg.head_dim, cfg.n_head // cfg.n_head_kv
         self.q0, self.q1 = q0, q1 = heads or (0, cfg.n_head)
         self.kv0, self.kv1 = kv0, kv1 = q0 // G, (q1 - 1) // G + 1
@@ -274,15 +323,15 @@ class Attention:
         q, kv = (q0 * hd, q1 * hd), (kv0 * hd, kv1 * hd)
         if w.has(p + "attn_qkv.weight"):         # chatglm files may fuse Q, K, V (rows in that order)
             if heads is None:
-                self.qkv = [Linear(w, p + "attn_qkv", bias=True)]
+                self.qkv = [Linear(w, p + "attn_qkv", bias=True, dev=dev)]
             else:
                 off_k, off_v = cfg.n_head * hd, (cfg.n_head + cfg.n_head_kv) * hd
                 self.qkv = linears(w, [(p + "attn_qkv", q), (p + "attn_qkv", (off_k + kv[0], off_k + kv[1])),
-                                       (p + "attn_qkv", (off_v + kv[0], off_v + kv[1]))], bias=True)
+                                       (p + "attn_qkv", (off_v + kv[0], off_v + kv[1]))], bias=True, dev=dev)
         else:
             whole = heads is None
             self.qkv = linears(w, [(p + "attn_q", None if whole else q), (p + "attn_k", None if whole else kv),
-                                   (p + "attn_v", None if whole else kv)], bias=True)
+                                   (p + "attn_v", None if whole else kv)], bias=True, dev=dev)
         self.width = (self.nq + 2 * self.nkv) * hd                            # q | k | v outputs
         check(sum(lin.n_out for lin in self.qkv) == self.width and
               all(lin.n_in == cfg.d_model for lin in self.qkv), f"{p}: q/k/v shapes disagree with the config")
@@ -290,12 +339,14 @@ class Attention:
         self.k_norm = optional_vector(w, p + "attn_k_norm.weight")       # [head_dim]
         check((self.q_norm is None or self.q_norm.shape == (hd,)) and (self.k_norm is None) == (self.q_norm is None)
               and (self.k_norm is None or self.k_norm.shape == (hd,)), f"{p}: q/k norms are not head_dim wide")
-        self.wo = Linear(w, p + "attn_output", cols=None if heads is None else q,
+        self.wo = Linear(w, p + "attn_output", cols=None if heads is None else q, dev=dev,
                          chunk=local_edges(chunk_edges(cfg.n_head * hd, hd), q0 * hd, q0 * hd + self.nq * hd))
         check(self.wo.n_in == self.nq * hd and self.wo.n_out == cfg.d_model, f"{p}: attn_output shape")
         self.scale = 1.0 / np.sqrt(hd)
         # whole KV groups map local q head i to local kv head i // G; a slice of a group goes head by head
-        self.aligned = q0 % G == 0 and self.nq % G == 0
+        self.groups = None if q0 % G == 0 and self.nq % G == 0 else [(q0 + i) // G - kv0 for i in range(self.nq)]
+        if self.q_norm is not None:
+            self.q_norm, self.k_norm = dev.vector(self.q_norm), dev.vector(self.k_norm)
 
     def __call__(self, x, cache, l: int, pos, th):     # x [T, d_model] (normed) -> [T, d_model] float64
         return self.wo(self.mix(x, cache, l, pos, th), th)
@@ -305,43 +356,29 @@ class Attention:
         yield from self.wo.row_blocks(self.mix(x, cache, l, pos, th), th)
 
     def mix(self, x, cache, l: int, pos, th):          # -> the heads' outputs [T, nq * head_dim]
-        c, T, pos0, hd = self.cfg, x.shape[0], cache.pos, self.cfg.head_dim
+        c, T, pos0, hd, d = self.cfg, x.shape[0], cache.pos, self.cfg.head_dim, self.dev
         qkv = run_parts(self.qkv, x, th)                                      # [T, width]
-        q = np.ascontiguousarray(qkv[:, :self.nq * hd]).reshape(T, self.nq, hd)
-        k = np.ascontiguousarray(qkv[:, self.nq * hd:(self.nq + self.nkv) * hd]).reshape(T, self.nkv, hd)
+        q = d.xp.ascontiguousarray(qkv[:, :self.nq * hd]).reshape(T, self.nq, hd)
+        k = d.xp.ascontiguousarray(qkv[:, self.nq * hd:(self.nq + self.nkv) * hd]).reshape(T, self.nkv, hd)
         v = qkv[:, (self.nq + self.nkv) * hd:].reshape(T, self.nkv, hd)
         if self.q_norm is not None:
-            q = head_norm(q, self.q_norm, c.eps)
-            k = head_norm(k, self.k_norm, c.eps)
-        ops.rope(q, pos, c.n_rot, c.rope_theta, c.neox)
-        ops.rope(k, pos, c.n_rot, c.rope_theta, c.neox)
-        kc, vc = cache.k[l, self.kv0:self.kv1], cache.v[l, self.kv0:self.kv1]  # [nkv, n_ctx, head_dim]
-        kc[:, pos0:pos0 + T] = ops.kv_encode(k, cache.type[0]).transpose(1, 0, 2)
-        vc[:, pos0:pos0 + T] = ops.kv_encode(v, cache.type[1]).transpose(1, 0, 2)
-        out = np.empty_like(q)                                                # [T, nq, head_dim]
-        if self.aligned:
-            K.attention(q, kc, vc, pos0, self.scale, out, th)
-        else:
-            G = c.n_head // c.n_head_kv
-            for i in range(self.nq):
-                j = (self.q0 + i) // G - self.kv0
-                out[:, i:i + 1] = K.attention(np.ascontiguousarray(q[:, i:i + 1]), kc[j:j + 1], vc[j:j + 1],
-                                              pos0, self.scale, np.empty((T, 1, hd), np.float32), th)
-        return out.reshape(T, -1)
-
-
-def head_norm(x, w, eps):
-    """RMSNorm over each head's dims: x [T, H, D], w [D]."""
-    T, H, D = x.shape
-    return K.rmsnorm(x.reshape(T * H, D), w, eps, np.empty((T * H, D), np.float32)).reshape(T, H, D)
+            q = d.head_norm(q, self.q_norm, c.eps)
+            k = d.head_norm(k, self.k_norm, c.eps)
+        d.rope(q, pos, c)
+        d.rope(k, pos, c)
+        kc, vc = cache.layer(l)
+        kc, vc = kc[self.kv0:self.kv1], vc[self.kv0:self.kv1]                # [nkv, n_ctx, head_dim]
+        d.kv_write(kc, vc, pos0, k, v, cache.type)
+        return d.attention(q, kc, vc, pos0, self.scale, th, self.groups).reshape(T, -1)
 
 
 class DenseFFN:
     """silu(x Wg) * (x Wu) -> Wd, with gate and up fused in one [gate | up] tensor or apart.
     cols=(a, b): only intermediate units a..b (rows of gate and up, columns of down)."""
 
-    def __init__(self, w, p: str, n_ff: int, d_model: int, suffix: str = "", cols=None, split=True):
+    def __init__(self, w, p: str, n_ff: int, d_model: int, suffix: str = "", cols=None, split=True, dev=None):
         """split: nodes may share this FFN, so its down projection sums in chunks (float64 out)."""
+        self.dev = dev = dev or CPU_DEVICE
         a, b = cols or (0, n_ff)
         check(0 <= a < b <= n_ff, f"{p}: FFN units {a}..{b} of {n_ff}")
         whole = cols is None
@@ -352,8 +389,8 @@ class DenseFFN:
             parts = [(p + "ffn_up" + suffix, None)]
         else:
             parts = [(p + "ffn_up" + suffix, (a, b)), (p + "ffn_up" + suffix, (n_ff + a, n_ff + b))]
-        self.gate_up = linears(w, parts)
-        self.down = Linear(w, p + "ffn_down" + suffix, cols=None if whole else (a, b),
+        self.gate_up = linears(w, parts, dev=dev)
+        self.down = Linear(w, p + "ffn_down" + suffix, cols=None if whole else (a, b), dev=dev,
                            chunk=local_edges(chunk_edges(n_ff), a, b) if split else None)
         check(sum(lin.n_out for lin in self.gate_up) == 2 * (b - a) and
               all(lin.n_in == d_model for lin in self.gate_up) and self.down.n_in == b - a
@@ -367,8 +404,7 @@ class DenseFFN:
         yield from self.down.row_blocks(self.hidden(x, th), th)
 
     def hidden(self, x, th):                             # -> silu(gate) * up [T, units]
-        gu = run_parts(self.gate_up, x, th)               # [T, 2 * units]: gate | up
-        return K.silu_mul(gu, np.empty((x.shape[0], gu.shape[1] // 2), np.float32), th)
+        return self.dev.silu_mul(run_parts(self.gate_up, x, th), th)      # [T, 2 * units]: gate | up
 
 
 class Norms:
@@ -390,16 +426,18 @@ class Norms:
 class Layer:
     def __init__(self, model, w, i: int, ranges):
         cfg, p = model.cfg, f"blk.{i}."
-        self.attn_norm = w.vector(p + "attn_norm.weight")
-        self.attn = model.build(w, cfg, "attn", i, ranges("attn", i))
-        self.post_attn_norm = w.vector(p + "post_attention_norm.weight") if cfg.sandwich_norms else None
-        self.ffn_norm = w.vector(p + model.ffn_norm_name)
+        self.dev = dev = model.placement.layer(i)        # where it runs (glmcpu.device)
+        self.attn_norm = dev.vector(w.vector(p + "attn_norm.weight"))
+        self.attn = model.build(w, cfg, "attn", i, ranges("attn", i), dev=dev)
+        self.post_attn_norm = dev.vector(w.vector(p + "post_attention_norm.weight")) if cfg.sandwich_norms else None
+        self.ffn_norm = dev.vector(w.vector(p + model.ffn_norm_name))
         kind = model.ffn_kind(i)
         if kind == "ffn":
-            self.ffn = model.build(w, cfg, "ffn", i, ranges("ffn", i))
+            self.ffn = model.build(w, cfg, "ffn", i, ranges("ffn", i), dev=dev)
         else:
-            self.ffn = model.moe_class(w, p, cfg, lambda: model.build(w, cfg, "moe", i, ranges("moe", i), model.repack))
-        self.post_ffw_norm = w.vector(p + "post_ffw_norm.weight") if cfg.sandwich_norms else None
+            self.ffn = model.moe_class(w, p, cfg, lambda: model.build(
+                w, cfg, "moe", i, ranges("moe", i), model.repack, dev=model.placement.experts(i)), dev=dev)
+        self.post_ffw_norm = dev.vector(w.vector(p + "post_ffw_norm.weight")) if cfg.sandwich_norms else None
 
     @classmethod
     def of(cls, norms: Norms, attn, ffn) -> "Layer":
@@ -408,6 +446,7 @@ class Layer:
         L.attn_norm, L.post_attn_norm = norms.attn_norm, norms.post_attn_norm
         L.ffn_norm, L.post_ffw_norm = norms.ffn_norm, norms.post_ffw_norm
         L.attn, L.ffn = attn, ffn
+        L.dev = CPU_DEVICE
         return L
 
 
@@ -423,10 +462,13 @@ class Model:
     layer_class = Layer
     ffn_norm_name = "ffn_norm.weight"
 
-    def __init__(self, f: GGUFFile, threads: int, ranges=whole, progress=None, packing=None, kv_type=("f32", "f32")):
+    def __init__(self, f: GGUFFile, threads: int, ranges=whole, progress=None, packing=None, kv_type=("f32", "f32"),
+                 placement=None):
         """progress(done, total) per layer; packing: what to copy into RAM (ops.plan_packing);
-        kv_type: (keys, values) element types of the caches it makes (KV_TYPES)."""
+        kv_type: (keys, values) element types of the caches it makes (KV_TYPES); placement: which
+        device runs each layer, the experts and the head (glmcpu.device.place; all on the CPU by default)."""
         self.cfg = cfg = self.config_class.from_gguf(f)
+        self.placement = placement or ON_CPU
         self.threads = threads
         self.kv_type = kv_type
         self.packing = packing or ops.plan_packing(f)
@@ -439,7 +481,9 @@ class Model:
             if progress:
                 progress(i + 1, cfg.n_layer)
         self.out_norm = w.vector("output_norm.weight")
-        self.output = self.build(w, cfg, "head", None, ranges("head", None))
+        self.head_dev = self.placement.head()
+        self.output = self.build(w, cfg, "head", None, ranges("head", None), dev=self.head_dev)
+        self.head_norm = self.head_dev.vector(self.out_norm)
         self.file, self.weights = f, w      # for modules built later (a draft head)
 
     def draft_head(self):
@@ -481,27 +525,29 @@ class Model:
         return "ffn"
 
     @classmethod
-    def build(cls, w, cfg, kind, layer, rng, repack=False):
-        """One module of this family over a range (see ranges); None for an empty range. Workers
-        build their shares with this too: the math is the same code on every node."""
+    def build(cls, w, cfg, kind, layer, rng, repack=False, dev=None):
+        """One module of this family over a range (see ranges) on device dev (the CPU by default);
+        None for an empty range. Workers build their shares with this too: the math is the same code
+        on every node."""
         if rng == ():
             return None
         p = f"blk.{layer}."
         if kind == "norms":
             return Norms(w, cfg, layer, cls.ffn_norm_name)
         if kind == "attn":
-            return Attention(w, p, cfg, heads=rng)
+            return Attention(w, p, cfg, heads=rng, dev=dev)
         if kind == "ffn":
-            return DenseFFN(w, p, cfg.n_ff, cfg.d_model, cols=rng)
+            return DenseFFN(w, p, cfg.n_ff, cfg.d_model, cols=rng, dev=dev)
         if kind == "head":
-            head = Linear(w, "output" if w.has("output.weight") else "token_embd", rows=rng)
+            head = Linear(w, "output" if w.has("output.weight") else "token_embd", rows=rng, dev=dev)
             check(head.n_in == cfg.d_model and head.n_out == (cfg.n_vocab if rng is None else rng[1] - rng[0]),
                   "output: shape disagrees with the config")
             return head
         raise ShareError(f"{cfg.arch} models have no {kind!r} modules")
 
     def new_cache(self, n_ctx: int) -> KVCache:
-        return KVCache(self.cfg, n_ctx, self.kv_type)
+        return KVCache(self.cfg, n_ctx, self.kv_type,
+                       {l: L.dev for l, L in enumerate(self.layers) if L.dev is not CPU_DEVICE})
 
     def begin(self, cache):
         """Called before each request on the kept cache (a cluster checks its workers here)."""
@@ -525,14 +571,14 @@ class Model:
     def run_layer(self, L: Layer, h, cache, l: int, pos):
         """One decoder layer on the residual stream h [T, d_model] in place; its keys and values
         go to layer l of the cache, at slots cache.pos.. (rotated for positions pos)."""
-        th = self.threads
-        o = L.attn(self.rmsnorm(h, L.attn_norm), cache, l, pos, th)
+        th, d, eps = self.threads, L.dev, self.cfg.eps
+        o = L.attn(d.rmsnorm(h, L.attn_norm, eps), cache, l, pos, th)
         if L.post_attn_norm is not None:
-            o = self.rmsnorm(o.astype(np.float32), L.post_attn_norm)
+            o = d.rmsnorm(o.astype(np.float32), L.post_attn_norm, eps)
         h += o
-        y = L.ffn(self.rmsnorm(h, L.ffn_norm), th)
+        y = L.ffn(d.rmsnorm(h, L.ffn_norm, eps), th)
         if L.post_ffw_norm is not None:
-            y = self.rmsnorm(y.astype(np.float32), L.post_ffw_norm)
+            y = d.rmsnorm(y.astype(np.float32), L.post_ffw_norm, eps)
         h += y
 
     def forward(self, ids, cache: KVCache, all_logits: bool = False, hidden: bool = False):
@@ -543,11 +589,18 @@ class Model:
         T = len(ids)
         pos = np.arange(cache.pos, cache.pos + T, dtype=np.int32)
         h = self.embed(self.embd, ids)                                   # [T, d_model]
+        on = CPU_DEVICE                                                  # where h is
         for l, L in enumerate(self.layers):
+            if L.dev is not on:                                          # a crossing (CPU <-> GPU)
+                h, on = L.dev.asarray(on.to_host(h)), L.dev
             self.run_layer(L, h, cache, l, pos)
         if not (all_logits or hidden):
             h = h[-1:]
-        normed = self.rmsnorm(np.ascontiguousarray(h), self.out_norm)        # rows are independent
-        logits = self.output(normed if all_logits else np.ascontiguousarray(normed[-1:]), self.threads)
+        d = self.head_dev
+        if d is not on:
+            h, on = d.asarray(on.to_host(h)), d
+        normed = d.rmsnorm(d.xp.ascontiguousarray(h), self.head_norm, self.cfg.eps)   # rows are independent
+        logits = self.output(normed if all_logits else d.xp.ascontiguousarray(normed[-1:]), self.threads)
         commit(cache, ids)
-        return (logits, normed) if hidden else logits
+        logits = d.to_host(logits)
+        return (logits, d.to_host(normed)) if hidden else logits

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import ModelFileError, UnsupportedArchitecture
 from .. import ops
+from ..device import CPU_DEVICE
 from ..gguf import GGUFFile
 from ..weights import row_bytes
 from . import glm4
@@ -51,24 +52,20 @@ class Config(glm4.Config):
 class Router:
     """Sigmoid scores; the correction bias only chooses; top-k weights normalised and scaled."""
 
-    def __init__(self, w, p: str, cfg: Config):
-        self.cfg = cfg
-        self.gate = Linear(w, p + "ffn_gate_inp")                         # [n_expert, d_model]
+    def __init__(self, w, p: str, cfg: Config, dev=None):
+        self.cfg, self.dev = cfg, dev or CPU_DEVICE
+        self.gate = Linear(w, p + "ffn_gate_inp", dev=self.dev)           # [n_expert, d_model]
         if self.gate.n_out != cfg.n_expert:
             raise ModelFileError(f"tensor {p}ffn_gate_inp.weight routes to {self.gate.n_out} "
                                  f"experts, the metadata says {cfg.n_expert}")
         self.bias = optional_vector(w, p + "exp_probs_b.bias")            # [n_expert], choice only
+        if self.bias is not None:
+            self.bias = self.dev.vector(self.bias)
 
     def __call__(self, x, th):
         """x [T, d] -> expert ids [T, k] int32, weights [T, k] float32 (SPEC: 'MoE router')."""
         c = self.cfg
-        s = 1.0 / (1.0 + np.exp(-self.gate(x, th)))                        # [T, n_expert]
-        choice = s + self.bias if self.bias is not None else s
-        idx = np.argpartition(-choice, c.n_expert_used - 1, axis=1)[:, :c.n_expert_used]
-        w = np.take_along_axis(s, idx, 1)
-        if c.expert_norm:
-            w = w / (w.sum(1, keepdims=True) + 1e-20)
-        return idx.astype(np.int32), (w * c.expert_scale).astype(np.float32)
+        return self.dev.route(self.gate(x, th), self.bias, c.n_expert_used, c.expert_norm, c.expert_scale)
 
 
 class Experts:
@@ -76,8 +73,8 @@ class Experts:
     [experts, rows, row_bytes] lines, read from the memory map or, with repack, copied into RAM
     as 8-row groups (Q4_0/Q8_0, and Q5_0 as Q8_0)."""
 
-    def __init__(self, w, p: str, cfg: Config, experts=None, repack=False):
-        self.cfg = cfg
+    def __init__(self, w, p: str, cfg: Config, experts=None, repack=False, dev=None):
+        self.cfg, self.dev = cfg, dev or CPU_DEVICE
         self.e0, self.e1 = e0, e1 = experts or (0, cfg.n_expert)
         check(0 <= e0 < e1 <= cfg.n_expert, f"{p}: experts {e0}..{e1} of {cfg.n_expert}")
         d, ff = cfg.d_model, cfg.n_ff_exp
@@ -86,7 +83,12 @@ class Experts:
             t, wtype = w.experts(f"{p}ffn_{name}_exps.weight", rows, cols, cfg.n_expert, e0, e1)
             check(t.ndim == 3 and t.shape[:2] == (e1 - e0, rows) and t.shape[2] == row_bytes(wtype, cols),
                   f"{p}ffn_{name}_exps: experts of {t.shape[1:]} lines disagree with the config")
-            if repack:
+            if self.dev is not CPU_DEVICE:          # the file's rows, as the device holds them
+                if not self.dev.takes(wtype):
+                    raise ModelFileError(f"{p}ffn_{name}_exps: the {self.dev.name} device cannot read ggml type "
+                                         f"{wtype}; keep these experts on the CPU (--cpu-moe)")
+                t = self.dev.weight(t, wtype, cols)
+            elif repack:
                 packed, ptype = ops.repack(t.reshape((e1 - e0) * rows, -1), wtype, ram_copy=False)
                 if ptype != wtype:
                     w.release(f"{p}ffn_{name}_exps.weight")
@@ -102,6 +104,9 @@ class Experts:
         the shared expert's output where given (one node of a cluster adds it to its part)."""
         local = ids if (self.e0, self.e1) == (0, self.cfg.n_expert) else \
             np.where((ids >= self.e0) & (ids < self.e1), ids - self.e0, -1).astype(np.int32)
+        if self.dev is not CPU_DEVICE:
+            y = self.dev.experts(self.gate, self.up, self.down, x, local, weights)
+            return y if shared is None else y + shared(x, th)
         y = K.moe(x, self.gate, self.up, self.down, self.gu_type, self.down_type, local,
                   np.ascontiguousarray(weights, np.float32), np.empty(x.shape, np.float64), th)
         if shared is not None:
@@ -113,12 +118,12 @@ class MoE:
     """Router, routed experts (or this node's range of them; None: none here) and the shared expert.
     make_experts() builds the routed experts, after the router (whose shape errors come first)."""
 
-    def __init__(self, w, p: str, cfg: Config, make_experts):
-        self.cfg = cfg
-        self.route = Router(w, p, cfg)
+    def __init__(self, w, p: str, cfg: Config, make_experts, dev=None):
+        self.cfg, self.dev = cfg, dev or CPU_DEVICE
+        self.route = Router(w, p, cfg, self.dev)
         self.experts = make_experts()
-        self.shared = (DenseFFN(w, p, cfg.n_ff_exp * cfg.n_expert_shared, cfg.d_model, "_shexp", split=False)
-                       if cfg.n_expert_shared else None)
+        self.shared = (DenseFFN(w, p, cfg.n_ff_exp * cfg.n_expert_shared, cfg.d_model, "_shexp", split=False,
+                                dev=self.dev) if cfg.n_expert_shared else None)
         self.hits = np.zeros(cfg.n_expert, np.int64)                      # tokens routed to each expert
 
     @classmethod
@@ -126,13 +131,21 @@ class MoE:
         """A MoE layer put together from parts built apart (a mesh node's router and wrapped share)."""
         m = cls.__new__(cls)
         m.cfg, m.route, m.experts, m.shared = cfg, route, experts, shared
+        m.dev = CPU_DEVICE
         m.hits = np.zeros(cfg.n_expert, np.int64)
         return m
 
     def __call__(self, x, th):
+        d = self.dev
         idx, w = self.route(x, th)
-        self.hits += np.bincount(idx.reshape(-1), minlength=self.cfg.n_expert)
-        return self.experts(x, idx, w, th, self.shared)     # the shared expert is added to the sum there
+        self.hits += np.bincount(d.to_host(idx).reshape(-1), minlength=self.cfg.n_expert)
+        if getattr(self.experts, "dev", d) is d:
+            return self.experts(x, idx, w, th, self.shared)     # the shared expert is added to the sum there
+        # the hybrid (--cpu-moe): the shared expert here (a GPU runs it while the CPU computes the
+        # routed experts: its kernels are queued first), the routed experts on the CPU
+        s = self.shared(x, th) if self.shared is not None else None
+        y = d.asarray(self.experts(d.to_host(x), d.to_host(idx), d.to_host(w), th).astype(np.float32))
+        return y if s is None else y + s
 
 
 class MTP:
@@ -152,7 +165,8 @@ class MTP:
         self.norm = w.vector(p + "nextn.shared_head_norm.weight")
         own = p + "nextn.shared_head_head"
         self.head_name = own if w.has(own + ".weight") else "output" if w.has("output.weight") else "token_embd"
-        self.head = Linear(w, own) if self.head_name == own else model.output
+        self.head = Linear(w, own) if self.head_name == own else \
+            model.output if model.head_dev is CPU_DEVICE else Linear(w, self.head_name)
         self.vocab = None
         self.embd = f.tensor(p + "nextn.embed_tokens.weight") if f.has(p + "nextn.embed_tokens.weight") \
             else model.embd
@@ -214,10 +228,10 @@ class Model(glm4.Model):
         return "ffn" if i < self.cfg.n_dense_lead else "moe"
 
     @classmethod
-    def build(cls, w, cfg, kind, layer, rng, repack=False):
+    def build(cls, w, cfg, kind, layer, rng, repack=False, dev=None):
         if kind == "moe" and rng != ():
-            return Experts(w, f"blk.{layer}.", cfg, experts=rng, repack=repack)
-        out = super().build(w, cfg, kind, layer, rng, repack)
+            return Experts(w, f"blk.{layer}.", cfg, experts=rng, repack=repack, dev=dev)
+        out = super().build(w, cfg, kind, layer, rng, repack, dev)
         if kind == "norms" and layer >= cfg.n_dense_lead:
             out.router = Router(w, f"blk.{layer}.", cfg)
         return out
