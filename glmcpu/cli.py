@@ -417,10 +417,11 @@ def gpu_rows(m) -> list:
     """What `info` says of a GPU: where this model runs and why, and what of it would fit on a GPU."""
     from .gpu import available
     where = m.placement.why
-    rows = [("runs on", where if m.placement.dev.name != "cpu" else f"the CPU ({where})")]
+    rows = [("runs on", where if m.placement.dev.name != "cpu" else "the CPU" if "GPU used" in where
+             else f"the CPU ({where})")]
     ok, what = available()
     if not ok:
-        return rows if what in where else rows + [("GPU", f"none used: {what}")]
+        return rows + [("GPU", f"none used: {what}")]
     import cupy
     from .gpu.plan import plan_offload
     free = cupy.cuda.Device(0).mem_info[0]

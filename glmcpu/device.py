@@ -212,6 +212,90 @@ class Twin(CPU):
         return out
 
 
+class Cuda(CPU):
+    """An NVIDIA GPU through CuPy: glmcpu.gpu's NVRTC kernels (gpu/ops.py) on device arrays. Weights
+    are uploaded in the file's block layouts; the caches of its layers are float32 on the card.
+    NOT YET RUN ON A GPU (no card was lent to the sessions that wrote it): `--gpu` asks for it by
+    name, auto never picks it, and tools/gpu_check.py checks it against the twin."""
+    name = "cuda"
+
+    def __init__(self):
+        import cupy
+
+        from .gpu import ops as gpu_ops
+        self.xp, self.g, self.tables = cupy, gpu_ops, {}
+
+    def takes(self, wtype) -> bool:
+        return wtype in GPU_TYPES
+
+    def asarray(self, x):
+        return self.xp.ascontiguousarray(self.xp.asarray(x))
+
+    def to_host(self, x):
+        return self.xp.asnumpy(x)
+
+    def vector(self, v):
+        return self.xp.asarray(np.ascontiguousarray(v, np.float32))
+
+    def zeros(self, shape, dtype=np.float32):
+        return self.xp.zeros(shape, dtype)
+
+    def weight(self, rows, wtype, n_in):
+        return self.xp.asarray(np.ascontiguousarray(rows)), int(wtype), n_in
+
+    def linear(self, w, x, e=None):
+        return self.g.linear(w[0], w[1], w[2], self.xp.ascontiguousarray(x, self.xp.float32))
+
+    def rmsnorm(self, x, w, eps):
+        return self.g.rmsnorm(self.xp.ascontiguousarray(x, self.xp.float32), w, eps)
+
+    def head_norm(self, x, w, eps):
+        T, H, D = x.shape
+        return self.rmsnorm(x.reshape(T * H, D), w, eps).reshape(T, H, D)
+
+    def rope(self, x, pos, cfg):
+        if not cfg.n_rot:
+            return
+        rows = ops.rope_rows(int(np.max(pos)))
+        key = (int(cfg.n_rot), float(cfg.rope_theta), rows)
+        if key not in self.tables:                     # the CPU's table, uploaded once per size
+            self.tables = {key: tuple(self.xp.asarray(t) for t in ops.rope_table(*key))}
+        cos, sin = self.tables[key]
+        T, H, D = x.shape
+        self.g.rope(x.reshape(T, H * D), self.xp.asarray(np.asarray(pos, np.int32)), cos, sin, cfg.neox, H, D)
+
+    def kv_write(self, kc, vc, pos0, k, v, types):
+        T = k.shape[0]
+        kc[:, pos0:pos0 + T] = k.transpose(1, 0, 2)
+        vc[:, pos0:pos0 + T] = v.transpose(1, 0, 2)
+
+    def attention(self, q, kc, vc, pos0, scale, th, groups):
+        if groups is not None:
+            raise GlmcpuError("a share of a KV group runs on the CPU only")
+        T, nq, D = q.shape
+        if T == 1:
+            return self.g.attention_decode(q.reshape(nq, D), kc, vc, pos0 + 1, scale).reshape(1, nq, D)
+        return self.g.attention_prefill(q.reshape(T, nq * D), nq, kc, vc, pos0, scale)
+
+    def silu_mul(self, gu, th):
+        return self.g.silu_mul(self.xp.ascontiguousarray(gu))
+
+    def route(self, logits, bias, k, norm, scale):
+        return self.g.router(self.xp.ascontiguousarray(logits), bias, k, norm, scale)
+
+    def experts(self, gate, up, down, x, ids, weights):
+        xp, g = self.xp, self.g
+        ids, weights = xp.asarray(ids, xp.int32), xp.asarray(weights, xp.float32)
+        out = xp.empty((x.shape[0], down[0].shape[1]), xp.float32)
+        for t in range(x.shape[0]):
+            xt = xp.ascontiguousarray(x[t:t + 1])
+            a = g.silu_mul(g.experts_matvec(gate[0], gate[1], gate[2], ids[t], xt),
+                           g.experts_matvec(up[0], up[1], up[2], ids[t], xt))
+            y = g.experts_matvec(down[0], down[1], down[2], ids[t], a)      # [k, d]
+            out[t] = (weights[t][:, None] * y).sum(0)
+        return out
+
+
 class Placement:
     """Which device runs each part of a model: layers first..n_layer-1 and (head) the output head on
     `dev`, the rest on the CPU; the routed experts of a layer on the CPU where cpu_moe(layer). why:
@@ -253,9 +337,11 @@ def place(f, cfg, gpu=None, gpu_layers=None, cpu_moe=False, n_cpu_moe=None, n_ct
             if kind == "cuda":
                 raise NoGpu(f"--gpu: no GPU can be used: {what}")
             return Placement(why=f"no GPU used: {what}")
-        raise NoGpu(f"--gpu: {what} is there, but the CuPy device is not wired yet (issue 25: its kernels "
-                    "have not run on a GPU); run with --cpu") if kind == "cuda" else Placement(
-            why=f"{what}: not used (the CuPy device is not wired yet; models run on the CPU)")
+        if kind == "auto":                 # not before tools/gpu_check.py has passed on a card
+            return Placement(why=f"{what}: not used by default yet (the GPU path has not been checked on a "
+                                 "card; --gpu tries it)")
+        import cupy
+        dev, free = Cuda(), cupy.cuda.Device(0).mem_info[0]
     from .gpu.plan import plan_offload
     moe_layers = [i for i in range(cfg.n_layer) if cfg.n_expert and i >= getattr(cfg, "n_dense_lead", 0)]
     keep = set(moe_layers if cpu_moe else moe_layers[:max(0, int(n_cpu_moe or 0))])

@@ -184,3 +184,72 @@ def test_cpu_refuses_the_gpu_and_twin_takes_flags(files):
         isinstance(L.ffn.experts.dev, device.Twin) for L in moe[1:])
     with pytest.raises(glmcpu.GlmcpuError, match="--gpu 'tpu'"):
         glmcpu.load(path, threads=1, draft="none", gpu="tpu")
+
+
+class FakeGpuOps:
+    """glmcpu.gpu.ops's functions, same signatures and shapes, computed by the twin on NumPy arrays:
+    with it the CuPy device's own code (uploads, reshapes, the rope tables, the per-token experts,
+    the cache views) runs here, all but the kernels."""
+
+    def __init__(self):
+        self.t = device.Twin()
+
+    def linear(self, w, wtype, n_in, x):
+        return self.t.linear(device.TwinWeight(w, wtype, n_in), x)
+
+    def rmsnorm(self, x, w, eps):
+        return self.t.rmsnorm(x, w, eps)
+
+    def rope(self, x, pos, cos_t, sin_t, neox, n_head, head_dim):
+        T = x.shape[0]
+        n_rot = 2 * cos_t.shape[1]
+        c, s = cos_t[pos][:, None, :], sin_t[pos][:, None, :]
+        h = x[:, :n_head * head_dim].reshape(T, n_head, head_dim)       # a view: in place
+        half = n_rot // 2
+        if neox:
+            a, b = h[..., :half].copy(), h[..., half:n_rot].copy()
+            h[..., :half], h[..., half:n_rot] = a * c - b * s, a * s + b * c
+        else:
+            a, b = h[..., 0:n_rot:2].copy(), h[..., 1:n_rot:2].copy()
+            h[..., 0:n_rot:2], h[..., 1:n_rot:2] = a * c - b * s, a * s + b * c
+        return x
+
+    def attention_decode(self, q, k, v, n_pos, scale):
+        return self.t.attention(q[None], k, v, n_pos - 1, scale, 1, None)[0]
+
+    def attention_prefill(self, q, n_head, k, v, pos0, scale):
+        T, D = q.shape[0], k.shape[2]
+        return self.t.attention(np.ascontiguousarray(q[:, :n_head * D]).reshape(T, n_head, D), k, v, pos0, scale, 1, None)
+
+    def silu_mul(self, gate_up, up=None):
+        return self.t.silu_mul(gate_up if up is None else np.concatenate([gate_up, up], 1), 1)
+
+    def router(self, logits, bias, k, norm, scale):
+        return self.t.route(logits, bias, k, norm, scale)
+
+    def experts_matvec(self, w, wtype, n_in, ids, x):
+        W = device.TwinWeight(w, wtype, n_in)
+        return np.concatenate([self.t.linear(W, x[min(j, x.shape[0] - 1):][:1], int(e)) for j, e in enumerate(ids)])
+
+
+@pytest.mark.parametrize("family", ["glm4", "glm4_moe"])
+def test_the_cupy_device_code_runs_on_fake_kernels(files, family, monkeypatch):
+    """The CuPy device (device.Cuda) with NumPy for CuPy and FakeGpuOps for its kernels: its wiring
+    gives the twin's logits, whole and with --cpu-moe. (The kernels themselves: tools/gpu_check.py.)"""
+    path = path_of(files, family, "q8_0")
+
+    def fake_init(self):
+        self.xp, self.g, self.tables = np, FakeGpuOps(), {}
+    monkeypatch.setattr(device.Cuda, "__init__", fake_init)
+    monkeypatch.setattr(np, "asnumpy", np.asarray, raising=False)
+    f = GGUFFile(path)
+    cls = model_class(f.arch)
+    n = cls.config_class.from_gguf(f).n_layer
+    for cpu_moe in (frozenset(), frozenset(range(1, n))):
+        twin = cls(f, 1, placement=device.Placement(device.Twin(), 0, n, head=True, cpu_moe=cpu_moe))
+        fake = cls(f, 1, placement=device.Placement(device.Cuda(), 0, n, head=True, cpu_moe=cpu_moe))
+        a, b = twin.new_cache(32), fake.new_cache(32)
+        for tok in PROMPT[:4]:
+            np.testing.assert_allclose(fake.forward([tok], b), twin.forward([tok], a), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(prefill(fake, fake.new_cache(32), PROMPT, all_logits=True),
+                                   prefill(twin, twin.new_cache(32), PROMPT, all_logits=True), rtol=0, atol=1e-4)
