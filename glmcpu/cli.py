@@ -419,6 +419,17 @@ def gpu_rows(m) -> list:
     where = m.placement.why
     rows = [("runs on", where if m.placement.dev.name != "cpu" else "the CPU" if "GPU used" in where
              else f"the CPU ({where})")]
+    if m.placement.dev.name != "cpu":
+        from collections import Counter
+
+        from .device import GPU_TYPES
+        first = m.placement.first
+        left = Counter(t.tensor_type.name for n, t in m.file.tensors.items()
+                       if len(t.shape) >= 2 and int(t.tensor_type) not in GPU_TYPES and n != "token_embd.weight"
+                       and (int(n.split(".")[1]) >= first if n.startswith("blk.") else m.placement.head_on))
+        if left:
+            rows.append(("kept on the CPU", ", ".join(f"{k} x{v}" for k, v in left.most_common())
+                         + " (no GPU kernel for the type: the CPU multiplies them, their inputs crossing)"))
     ok, what = available()
     if not ok:
         return rows + [("GPU", f"none used: {what}")]

@@ -17,7 +17,7 @@ import glmcpu
 from glmcpu import device
 from glmcpu.generate import prefill
 from glmcpu.gguf import GGUFFile
-from glmcpu.models import model_class
+from glmcpu.models import glm4, model_class
 
 from conftest import PROMPT, run_cli
 
@@ -58,6 +58,9 @@ def path_of(files, family, t):
 class Exact(device.Twin):
     """The file's weights in float64 with unrounded activations: the yardstick both are measured by."""
     name = "exact"
+
+    def takes(self, wtype):
+        return True                       # gguf dequantises every type
 
     def linear(self, w, x, e=None):
         return (x.astype(np.float64) @ w.values(e).T.astype(np.float64)).astype(np.float32)
@@ -253,3 +256,27 @@ def test_the_cupy_device_code_runs_on_fake_kernels(files, family, monkeypatch):
             np.testing.assert_allclose(fake.forward([tok], b), twin.forward([tok], a), rtol=0, atol=1e-4)
         np.testing.assert_allclose(prefill(fake, fake.new_cache(32), PROMPT, all_logits=True),
                                    prefill(twin, twin.new_cache(32), PROMPT, all_logits=True), rtol=0, atol=1e-4)
+
+
+def test_types_without_a_gpu_kernel_stay_on_the_cpu(files, tiny, tmp_path):
+    """No file is refused for having a GPU: in a Q5_K_M file the Q5_K matrices (no GPU kernel) are
+    multiplied by the CPU inside twin layers, and a MoE layer whose experts hold such a type keeps
+    them on the CPU (the hybrid path); `info` lists what stays."""
+    dense = llama_quantize(tiny("glm4", "f32", hidden=256, ffn=512, head_dim=64, layers=2)[1],
+                           str(tmp_path / "dense_q5km.gguf"), "LLAMA_FTYPE_MOSTLY_Q5_K_M")
+    moe = llama_quantize(tiny("glm4_moe", "f32", hidden=256, ffn=512, expert_ffn=256, head_dim=64, layers=3)[1],
+                         str(tmp_path / "moe_q5km.gguf"), "LLAMA_FTYPE_MOSTLY_Q5_K_M")
+    for path in (dense, moe):
+        cpu = glmcpu.load(path, threads=1, draft="none")
+        twin = glmcpu.load(path, threads=1, draft="none", gpu="twin")
+        lins = [v for L in twin.net.layers for v in vars(L.attn).values() if isinstance(v, glm4.Linear)]
+        assert any(lin.home is device.CPU_DEVICE and isinstance(lin.dev, device.Twin) for lin in lins)
+        experts = [L.ffn.experts for L in twin.net.layers if hasattr(L.ffn, "experts")]
+        assert all(e.dev is device.CPU_DEVICE for e in experts)
+        ex = exact_model(path)
+        cc, tc, ec = cpu.net.new_cache(16), twin.net.new_cache(16), ex.new_cache(16)
+        for tok in PROMPT[:4]:
+            a, b, e = cpu.net.forward([tok], cc), twin.net.forward([tok], tc), ex.forward([tok], ec)
+            assert spread_diff(b, e, e) < 2 * spread_diff(a, e, e) + 0.02
+        p = run_cli("info", path, "--gpu", "twin")
+        assert p.returncode == 0 and "kept on the CPU" in p.stdout and "Q5_K" in p.stdout, p.stdout

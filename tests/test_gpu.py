@@ -221,7 +221,7 @@ def test_router_twin_agrees_with_the_engine():
     bias = (rng.standard_normal(cfg.n_expert) * 0.5).astype(np.float32)
     for b in (bias, None):
         r = glm4_moe.Router.__new__(glm4_moe.Router)
-        r.cfg, r.bias, r.gate = cfg, b, (lambda x, th: logits)
+        r.cfg, r.bias, r.gate, r.dev = cfg, b, (lambda x, th: logits), glm4_moe.CPU_DEVICE
         cpu_ids, cpu_w = r(None, 1)
         ids, w = reference.router(logits, b, cfg.n_expert_used, cfg.expert_norm, cfg.expert_scale)
         order = np.argsort(cpu_ids, 1)
@@ -414,22 +414,23 @@ def test_plan_of_small_files(tmp_path, arch):
 
 def test_gpu_check_reports_every_step(tmp_path):
     """tools/gpu_check.py --quick --no-install ends with a summary line per step (here, without a
-    GPU: the GPU steps skipped, the plans made for nominal cards), says the model forward pass is
-    not wired, and writes its JSON and log."""
+    GPU: the GPU steps skipped, the plans made for nominal cards), says what is not wired yet, and
+    writes its JSON and log."""
     out = tmp_path / "out"
     p = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "tools", "gpu_check.py"),
                         "--quick", "--no-install", "--out", str(out), "--files", str(tmp_path / "files")],
                        capture_output=True, text=True, timeout=600)
     summary = p.stdout[p.stdout.index("== summary"):]
-    steps = ("setup", "files", "device", "compile", "matvec", "ops", "plan", "speed: gemv per type")
+    steps = ("setup", "files", "device", "compile", "matvec", "ops", "plan", "speed: gemv per type",
+             "model: logits on the GPU", "model: decode speed")
     for s in steps:
         assert re.search(rf"^(ok|FAIL|skip)\s+{re.escape(s)}\s", summary, re.M), (s, summary)
-    assert "not yet wired: model forward on GPU" in summary
+    assert "not yet wired: CUDA graphs of the model's decode" in summary
     assert re.search(r"^ok\s+plan\s", summary, re.M) and "tiny-glm4moe.gguf --cpu-moe on a 24 GB card: GPU: 4/4" in p.stdout
     ok, _ = available()
     if not ok:
         assert p.returncode == 1 and re.search(r"^skip\s+matvec\s+.*no usable GPU", summary, re.M)
     import json
     facts = json.loads((out / "gpu_check.json").read_text())
-    assert facts["not_yet_wired"] == "model forward on GPU" and len(facts["results"]) >= len(steps)
+    assert facts["not_yet_wired"] == "CUDA graphs of the model's decode" and len(facts["results"]) >= len(steps)
     assert "== summary" in (out / "gpu_check.log").read_text()

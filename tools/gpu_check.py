@@ -22,8 +22,12 @@ Steps, each wrapped so one failure does not stop the others; the summary lists t
   plan      the offload plans of the written files for this card
   speed     gemv GB/s per type; a decode-shaped pass over the 40-layer file's weights (launch by
             launch and as a CUDA graph) against the copy bandwidth; the Air file's experts
+  model     the model's own modules on the GPU (glmcpu.load(gpu="cuda"), issue 25): logits of the
+            tiny dense and MoE files, whole and --cpu-moe, against the GPU's NumPy twin and the CPU
+  model speed  decode tok/s and GB/s of the 40-layer file on the GPU (against the copy bandwidth);
+            the 9-layer Air file with --cpu-moe against the CPU alone
 Writes gpu_check.json and gpu_check.log to --out (default: $OUT if set, else ./gpu_check_out).
-The model-level forward pass on the GPU is not wired yet; the summary says so."""
+CUDA graphs for the model's decode (issue 25, item 3) are not built yet; the summary says so."""
 import argparse
 import importlib
 import importlib.util
@@ -571,6 +575,71 @@ def speed_air(procs):
             f"expert: {dense_bytes / 1e6:.0f} MB in {tr * 1e6:.0f} us ({dense_bytes / tr / 1e9:.0f} GB/s)")
 
 
+def model_logits(paths):
+    """The tiny files through glmcpu.load(gpu="cuda") against gpu="twin" (the same math in NumPy)
+    and the CPU: decode steps and a 12-token prefill, whole and with --cpu-moe."""
+    need_gpu()
+    import glmcpu
+    from glmcpu.generate import prefill
+    c = Checks()
+    prompt = list(range(5, 17))
+    for arch, path in paths.items():
+        cpu = glmcpu.load(path, threads=4, draft="none", gpu="cpu")
+        for extra in ({}, {"cpu_moe": True}) if arch == "glm4moe" else ({},):
+            gpu = glmcpu.load(path, threads=4, draft="none", gpu="cuda", **extra)
+            twin = glmcpu.load(path, threads=4, draft="none", gpu="twin", **extra)
+            say(f"  {arch}{' --cpu-moe' if extra else ''}: {gpu.placement.why}")
+            gc, tc, cc = gpu.net.new_cache(32), twin.net.new_cache(32), cpu.net.new_cache(32)
+            for tok in prompt[:6]:
+                g, t, cp_ = gpu.net.forward([tok], gc), twin.net.forward([tok], tc), cpu.net.forward([tok], cc)
+                c.close(f"{arch} decode token {tok}: GPU vs twin", g, t, t.std(), 1e-3)
+                c.close(f"{arch} decode token {tok}: GPU vs CPU (Q8_1 vs Q8_0 rounding)", g, cp_, cp_.std(), 0.05)
+            g = prefill(gpu.net, gpu.net.new_cache(32), prompt, all_logits=True)
+            t = prefill(twin.net, twin.net.new_cache(32), prompt, all_logits=True)
+            c.close(f"{arch}{' --cpu-moe' if extra else ''} prefill of 12: GPU vs twin", g, t, t.std(), 1e-2)
+            text = list(gpu.generate(prompt, max_tokens=16, temperature=0, ignore_eos=True))
+            c.equal(f"{arch} greedy 16 tokens: GPU == twin",
+                    text == list(twin.generate(prompt, max_tokens=16, temperature=0, ignore_eos=True)))
+            gpu.close()
+    return c.done()
+
+
+def model_speed(procs):
+    """Decode tok/s of the 40-layer GLM-4-9B file wholly on the GPU (GB/s of weights against the copy
+    bandwidth), and of the Air file with --cpu-moe against the CPU alone."""
+    need_gpu()
+    import glmcpu
+    notes = []
+    prompt = list(range(1000, 1008))
+
+    def rate(m, n):
+        list(m.generate(prompt, max_tokens=4, seed=0, ignore_eos=True))
+        m.reset()
+        list(m.generate(prompt, max_tokens=n, seed=0, ignore_eos=True))
+        s = m.last_stats
+        return s["gen_tokens"] / s["gen_seconds"]
+    path = wait_file(procs, "glm4-9b-40l-q4_0.gguf")
+    m = glmcpu.load(path, gpu="cuda", draft="none", ctx=2048)
+    r = rate(m, 64)
+    weights = sum(t.n_bytes for n, t in m.file.tensors.items() if n != "token_embd.weight")
+    FACTS["model_9b_tok_s"], FACTS["model_9b_gbs"] = r, r * weights / 1e9
+    share = r * weights / 1e9 / FACTS.get("copy_gbs", float("nan"))
+    notes.append(f"9B 40 layers: {r:.1f} tok/s ({r * weights / 1e9:.0f} GB/s, {share:.0%} of the copy's)")
+    m.close()
+    path = wait_file(procs, "air-9l-q4_0.gguf")
+    cpu = glmcpu.load(path, gpu="cpu", draft="none", ctx=2048)
+    rc = rate(cpu, 16)
+    cpu.close()
+    hy = glmcpu.load(path, gpu="cuda", cpu_moe=True, draft="none", ctx=2048)
+    rh = rate(hy, 16)
+    hy.close()
+    FACTS["model_air_cpu_tok_s"], FACTS["model_air_hybrid_tok_s"] = rc, rh
+    notes.append(f"Air 9 layers --cpu-moe: {rh:.1f} tok/s against {rc:.1f} on the CPU alone ({rh / rc:.2f}x)")
+    for n in notes:
+        say("  " + n)
+    return "; ".join(notes)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--wheels", help="install missing packages only from this folder of wheels (offline)")
@@ -602,6 +671,8 @@ def main():
     step("speed: gemv per type", speed_types)
     step("speed: GLM-4-9B decode products", speed_9b, procs)
     step("speed: GLM-4.5-Air experts", speed_air, procs)
+    step("model: logits on the GPU", model_logits, paths)
+    step("model: decode speed", model_speed, procs)
     for proc, _ in procs.values():
         if proc is not None and proc.poll() is None:
             proc.kill()
@@ -609,10 +680,10 @@ def main():
     say("\n== summary")
     for name, status, note, secs in RESULTS:
         say(f"{status:5s} {name:34s} {secs:6.1f} s  {note}")
-    say("not yet wired: model forward on GPU (the model classes do not build GPU modules yet; issue 14)")
+    say("not yet wired: CUDA graphs of the model's decode (issue 25, item 3); the model forward runs launch by launch")
     say(f"total {time.time() - t_start:.0f} s")
     with open(os.path.join(a.out, "gpu_check.json"), "w") as fh:
-        json.dump({"results": RESULTS, "facts": FACTS, "not_yet_wired": "model forward on GPU"}, fh, indent=1,
+        json.dump({"results": RESULTS, "facts": FACTS, "not_yet_wired": "CUDA graphs of the model's decode"}, fh, indent=1,
                   default=str)
     return 1 if any(r[1] == "FAIL" for r in RESULTS) else 0
 

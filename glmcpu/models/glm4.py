@@ -161,7 +161,7 @@ class Linear:
             (sum(p.w.shape[0] for p in parts),) + first.w.shape[1:], first.w.dtype))   # (RAM) weights
         new.type, new.n_in, new.packed, new.in_ram, new.chunks = first.type, first.n_in, first.packed, True, None
         new.halves = None
-        new.dev = new.home = first.dev
+        new.dev, new.home = first.dev, first.home
         new.n_out = sum(p.n_out for p in parts)
         new.b = None if first.b is None else np.concatenate([p.b for p in parts])
         return new

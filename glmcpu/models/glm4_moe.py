@@ -78,15 +78,17 @@ class Experts:
         self.e0, self.e1 = e0, e1 = experts or (0, cfg.n_expert)
         check(0 <= e0 < e1 <= cfg.n_expert, f"{p}: experts {e0}..{e1} of {cfg.n_expert}")
         d, ff = cfg.d_model, cfg.n_ff_exp
-        mats = []
+        raw = []
         for name, rows, cols in (("gate", ff, d), ("up", ff, d), ("down", d, ff)):
             t, wtype = w.experts(f"{p}ffn_{name}_exps.weight", rows, cols, cfg.n_expert, e0, e1)
             check(t.ndim == 3 and t.shape[:2] == (e1 - e0, rows) and t.shape[2] == row_bytes(wtype, cols),
                   f"{p}ffn_{name}_exps: experts of {t.shape[1:]} lines disagree with the config")
+            raw.append((name, rows, cols, t, wtype))
+        if not all(self.dev.takes(wtype) for *_, wtype in raw):
+            self.dev = CPU_DEVICE                 # a type the device cannot read: these experts stay on the CPU
+        mats = []
+        for name, rows, cols, t, wtype in raw:
             if self.dev is not CPU_DEVICE:          # the file's rows, as the device holds them
-                if not self.dev.takes(wtype):
-                    raise ModelFileError(f"{p}ffn_{name}_exps: the {self.dev.name} device cannot read ggml type "
-                                         f"{wtype}; keep these experts on the CPU (--cpu-moe)")
                 t = self.dev.weight(t, wtype, cols)
             elif repack:
                 packed, ptype = ops.repack(t.reshape((e1 - e0) * rows, -1), wtype, ram_copy=False)
