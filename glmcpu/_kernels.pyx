@@ -14,7 +14,7 @@ cdef extern from "kernels.h" nogil:
     const char *GLMCPU_ISA
     enum:       # the ggml type codes the kernels run, and glmcpu's repacked ones: defined in kernels.h only
         GT_F32, GT_F16, GT_Q4_0, GT_Q4_1, GT_Q5_0, GT_Q5_1, GT_Q8_0, GT_Q2_K, GT_Q3_K, GT_Q4_K, GT_Q5_K,
-        GT_Q6_K, GT_BF16, GT_Q4_0X8, GT_Q5_0X8, GT_Q8_0X8, GT_Q4_KX8
+        GT_Q6_K, GT_IQ4_NL, GT_IQ4_XS, GT_BF16, GT_Q4_0X8, GT_Q5_0X8, GT_Q8_0X8, GT_Q4_KX8
     int QK
     void quantize_row_q8(int n, const float *x, int8_t *xq, float *xd, float *xs)
     float fp16_to_fp32(uint16_t h)
@@ -57,7 +57,7 @@ ISA = GLMCPU_ISA.decode()
 # Python names of kernels.h's type codes (tests check the ggml ones against gguf's)
 TYPES = {"F32": GT_F32, "F16": GT_F16, "Q4_0": GT_Q4_0, "Q4_1": GT_Q4_1, "Q5_0": GT_Q5_0, "Q5_1": GT_Q5_1,
          "Q8_0": GT_Q8_0, "Q2_K": GT_Q2_K, "Q3_K": GT_Q3_K, "Q4_K": GT_Q4_K, "Q5_K": GT_Q5_K, "Q6_K": GT_Q6_K,
-         "BF16": GT_BF16, "Q4_0X8": GT_Q4_0X8, "Q5_0X8": GT_Q5_0X8, "Q8_0X8": GT_Q8_0X8, "Q4_KX8": GT_Q4_KX8}
+         "IQ4_NL": GT_IQ4_NL, "IQ4_XS": GT_IQ4_XS, "BF16": GT_BF16, "Q4_0X8": GT_Q4_0X8, "Q5_0X8": GT_Q5_0X8, "Q8_0X8": GT_Q8_0X8, "Q4_KX8": GT_Q4_KX8}
 Q4_0X8 = GT_Q4_0X8  # Q4_0 repacked by repack_x8: one line of `w` per group of 8 rows
 Q5_0X8 = GT_Q5_0X8  # Q5_0 likewise
 Q8_0X8 = GT_Q8_0X8  # Q8_0 likewise
@@ -66,9 +66,10 @@ Q4_KX8 = GT_Q4_KX8  # Q4_K likewise (scales unpacked: 1184 bytes per 8 x 256 val
 TYPE_SIZES = {GT_F32: (1, 4), GT_F16: (1, 2), GT_Q4_0: (32, 18), GT_Q4_1: (32, 20), GT_Q5_0: (32, 22),
               GT_Q5_1: (32, 24), GT_Q8_0: (32, 34), GT_Q2_K: (256, 84), GT_Q3_K: (256, 110),
               GT_Q4_K: (256, 144), GT_Q5_K: (256, 176), GT_Q6_K: (256, 210), GT_BF16: (1, 2),
+              GT_IQ4_NL: (32, 18), GT_IQ4_XS: (256, 136),
               Q4_0X8: (32, 144), Q5_0X8: (32, 176), Q8_0X8: (32, 272), Q4_KX8: (256, 1184)}
 K_TYPES = (GT_Q2_K, GT_Q3_K, GT_Q4_K, GT_Q5_K, GT_Q6_K, Q4_KX8)   # activations as q8_K (quantize_q8_K)
-INT_TYPES = (GT_Q4_0, GT_Q4_1, GT_Q5_0, GT_Q5_1, GT_Q8_0, Q4_0X8, Q5_0X8, Q8_0X8) + K_TYPES
+INT_TYPES = (GT_Q4_0, GT_Q4_1, GT_Q5_0, GT_Q5_1, GT_Q8_0, Q4_0X8, Q5_0X8, Q8_0X8, GT_IQ4_NL, GT_IQ4_XS) + K_TYPES
 GROUP = {Q4_0X8: 8, Q5_0X8: 8, Q8_0X8: 8, Q4_KX8: 8}   # rows per line of `w`
 
 # Bytes each thread must have to read before a team pays for its fork and join: below this the

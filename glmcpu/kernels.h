@@ -48,7 +48,8 @@ static inline void store_rows8(const __m256 *acc, int TC, float *out, int ldo) {
 
 /* ggml tensor types we run (values of ggml_type / gguf.GGMLQuantizationType). */
 enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 = 8,
-       GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14, GT_BF16 = 30,
+       GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14, GT_IQ4_NL = 20, GT_IQ4_XS = 23,
+       GT_BF16 = 30,
        /* glmcpu's own: Q4_0 / Q5_0 / Q8_0 repacked in 8-row groups, see block_q4_0x8... */
        GT_Q4_0X8 = 1002, GT_Q5_0X8 = 1006, GT_Q8_0X8 = 1008, GT_Q4_KX8 = 1012 };
 
@@ -474,6 +475,10 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
     }
     if (type == GT_Q4_1 || type == GT_Q5_0 || type == GT_Q5_1) {
         gemm_rows_legacy(type, n, w, row_bytes, r0, r1, T, xq, xd, xs, out, ldo);
+        return;
+    }
+    if (type == GT_IQ4_NL || type == GT_IQ4_XS) {
+        gemm_rows_iq4(type, n, w, row_bytes, r0, r1, T, xq, xd, out, ldo);
         return;
     }
     if (type == GT_Q4_KX8) {

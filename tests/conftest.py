@@ -274,7 +274,7 @@ def test_ids(n=40, seed=1, vocab=340):
 
 # byte offsets of the fp16 scale fields in each block (the rest of a block is any bits)
 F16_FIELDS = {"Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q2_K": (80, 82), "Q3_K": (108,),
-              "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+              "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,), "IQ4_XS": (0,)}
 
 
 def random_blocks(rng, qtype, rows, cols, extreme=True):

@@ -1,5 +1,5 @@
-"""The legacy Q4_1/Q5_0/Q5_1 and K-quant (Q2_K..Q6_K) kernels of every variant this CPU runs,
-against gguf.quants' dequantisation."""
+"""The legacy Q4_1/Q5_0/Q5_1, K-quant (Q2_K..Q6_K) and IQ4_NL/IQ4_XS kernels of every variant this
+CPU runs, against gguf.quants' dequantisation."""
 import numpy as np
 import pytest
 from conftest import random_blocks
@@ -11,6 +11,8 @@ from glmcpu import ops
 VARIANTS = ops.available_variants()
 K_TYPES = [GT.Q2_K, GT.Q3_K, GT.Q4_K, GT.Q5_K, GT.Q6_K]
 LEGACY = [GT.Q4_1, GT.Q5_0, GT.Q5_1]
+IQ = [GT.IQ4_NL, GT.IQ4_XS]             # codebook types; Q8_0 activations (blocks of 32)
+WIDE = K_TYPES + [GT.IQ4_XS]             # rows of 256-value super-blocks
 ROWS = [1, 3, 17, 33]
 KCOLS = [256, 512, 4096]               # 1, 2 and 16 super-blocks
 LCOLS = [32, 96, 544, 4128]            # 1, 3, 17 and 129 blocks
@@ -60,11 +62,11 @@ def check(K, qtype, raw, deq, x, threads=2):
     return out
 
 
-@pytest.mark.parametrize("qtype", K_TYPES + LEGACY)
+@pytest.mark.parametrize("qtype", K_TYPES + LEGACY + IQ)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("tokens", [1, 5])
 def test_gemm_matches_gguf_dequantisation(K, qtype, rows, tokens):
-    for cols in KCOLS if qtype in K_TYPES else LCOLS:
+    for cols in KCOLS if qtype in WIDE else LCOLS:
         rng = np.random.default_rng(rows * 1000 + cols + tokens + int(qtype))
         raw, deq = weights(rng, qtype, rows, cols)
         x = rng.standard_normal((tokens, cols)).astype(np.float32)
@@ -72,7 +74,7 @@ def test_gemm_matches_gguf_dequantisation(K, qtype, rows, tokens):
         check(K, qtype, raw, deq, x)
 
 
-@pytest.mark.parametrize("qtype", K_TYPES + LEGACY)
+@pytest.mark.parametrize("qtype", K_TYPES + LEGACY + IQ)
 def test_extreme_activations(K, qtype):
     rng = np.random.default_rng(int(qtype))
     cols = 512
@@ -85,13 +87,13 @@ def test_extreme_activations(K, qtype):
     assert np.all(out[2] == 0.0)
 
 
-@pytest.mark.parametrize("qtype", K_TYPES + LEGACY)
+@pytest.mark.parametrize("qtype", K_TYPES + LEGACY + IQ)
 @pytest.mark.parametrize("T", [2, 3, 7, 9])
 def test_batched_and_threaded_equal_single(K, qtype, T):
     """Each token's result does not depend on the others in the batch (passes of 4, 3, 2 and 1
     tokens) or on the thread split."""
     rng = np.random.default_rng(7)
-    cols = 512 if qtype in K_TYPES else 544
+    cols = 512 if qtype in WIDE else 544
     raw, _ = random_blocks(rng, qtype, 33, cols)
     x = rng.standard_normal((T, cols)).astype(np.float32)
     batched = np.empty((T, 33), np.float32)
@@ -105,7 +107,7 @@ def test_batched_and_threaded_equal_single(K, qtype, T):
 def test_variants_agree():
     """The SIMD bodies and the scalar twin compute the same integer sums."""
     rng = np.random.default_rng(3)
-    for qtype in K_TYPES + LEGACY:
+    for qtype in K_TYPES + LEGACY + IQ:
         cols = 1024
         raw, _ = random_blocks(rng, qtype, 17, cols)
         x = rng.standard_normal((2, cols)).astype(np.float32)
