@@ -68,7 +68,7 @@ TYPE_SIZES = {GT_F32: (1, 4), GT_F16: (1, 2), GT_Q4_0: (32, 18), GT_Q4_1: (32, 2
               GT_Q4_K: (256, 144), GT_Q5_K: (256, 176), GT_Q6_K: (256, 210), GT_BF16: (1, 2),
               GT_IQ4_NL: (32, 18), GT_IQ4_XS: (256, 136),
               Q4_0X8: (32, 144), Q5_0X8: (32, 176), Q8_0X8: (32, 272), Q4_KX8: (256, 1184)}
-K_TYPES = (GT_Q2_K, GT_Q3_K, GT_Q4_K, GT_Q5_K, GT_Q6_K, Q4_KX8)   # activations as q8_K (quantize_q8_K)
+K_TYPES = (GT_Q2_K, GT_Q3_K, GT_Q4_K, GT_Q5_K, GT_Q6_K, Q4_KX8, GT_IQ4_XS)   # activations as q8_K (quantize_q8_K)
 INT_TYPES = (GT_Q4_0, GT_Q4_1, GT_Q5_0, GT_Q5_1, GT_Q8_0, Q4_0X8, Q5_0X8, Q8_0X8, GT_IQ4_NL, GT_IQ4_XS) + K_TYPES
 GROUP = {Q4_0X8: 8, Q5_0X8: 8, Q8_0X8: 8, Q4_KX8: 8}   # rows per line of `w`
 

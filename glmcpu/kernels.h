@@ -456,7 +456,8 @@ static void gemm_q5_0x8_groups(int n, const uint8_t *w, int g0, int g1, int T, c
 /* Rows r0..r1 of W (row_bytes apart) against T activation rows: out[t*ldo + r].
  * Integer types read xq/xd/xs (quantised once per call); float types read x. The K-quants read
  * q8_K activations: xd one scale per 256 (n/256 per token) and xs holding the int16 sums of
- * quantize_row_q8_K (n/16 per token: the same bytes per token as the n/32 floats of Q8_0). */
+ * quantize_row_q8_K (n/16 per token: the same bytes per token as the n/32 floats of Q8_0); so does
+ * IQ4_XS. */
 static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1,
                       int T, const float *x, const int8_t *xq, const float *xd, const float *xs,
                       float *out, int ldo) {
@@ -477,15 +478,15 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
         gemm_rows_legacy(type, n, w, row_bytes, r0, r1, T, xq, xd, xs, out, ldo);
         return;
     }
-    if (type == GT_IQ4_NL || type == GT_IQ4_XS) {
-        gemm_rows_iq4(type, n, w, row_bytes, r0, r1, T, xq, xd, out, ldo);
+    if (type == GT_IQ4_NL) {
+        gemm_rows_iq4_nl(n, w, row_bytes, r0, r1, T, xq, xd, out, ldo);
         return;
     }
     if (type == GT_Q4_KX8) {
         gemm_q4_Kx8_groups(n, w, r0 / 8, r1 / 8, T, xq, xd, (const int16_t *)xs, out, ldo);
         return;
     }
-    if (type >= GT_Q2_K && type <= GT_Q6_K) {
+    if ((type >= GT_Q2_K && type <= GT_Q6_K) || type == GT_IQ4_XS) {
         gemm_rows_k(type, n, w, row_bytes, r0, r1, T, xq, xd, (const int16_t *)xs, out, ldo);
         return;
     }

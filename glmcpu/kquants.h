@@ -579,6 +579,139 @@ GLMCPU_INLINE void vec_dot4_q3_K_q8_K(int n, const block_q3_K *w, const int TC, 
  * while the rows pass, instead of every row streaming all T tokens from L2/L3. */
 #define KROWS 16
 
+/* ---- IQ4_NL and IQ4_XS --------------------------------------------------------------------
+ * 4-bit indices into a fixed non-linear codebook of 16 signed values (llama.cpp's kvalues_iq4nl):
+ * the rows llama.cpp writes where a width is not a multiple of 256 (GLM-4.5-Air's 1408-wide expert
+ * down rows, GLM-4-9B's 13696) in its IQ mixes, and the IQ4_XS file type.
+ * IQ4_NL: one block of 32 = an fp16 scale and Q4_0's nibble layout (value j: LOW nibble of qs[j],
+ * value j+16: HIGH nibble); value = d * KVALUES_IQ4[q]. Dotted with Q8_0 activations (as Q4_0).
+ * IQ4_XS: a super-block of 256 = fp16 d, then 8 sub-blocks of 32, each IQ4_NL's nibbles
+ * (qs[16 s ..]) under a 6-bit scale ls (low 4 bits: nibble s % 2 of scales_l[s / 2]; high 2 bits:
+ * bits 2s, 2s+1 of scales_h); value = d * (ls - 32) * KVALUES_IQ4[q]. Dotted with q8_K activations
+ * (as the K-quants, and as llama.cpp does): integer sums scaled in integer, one float multiply per
+ * super-block and token. */
+typedef struct { uint16_t d; uint8_t qs[16]; } block_iq4_nl;
+typedef struct { uint16_t d; uint16_t scales_h; uint8_t scales_l[4]; uint8_t qs[128]; } block_iq4_xs;
+_Static_assert(sizeof(block_iq4_nl) == 18, "IQ4_NL block is 18 bytes");
+_Static_assert(sizeof(block_iq4_xs) == 136, "IQ4_XS block is 136 bytes");
+static const int8_t KVALUES_IQ4[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+/* the 8 sub-block factors ls - 32 of an IQ4_XS super-block */
+static inline void scales_iq4_xs(const block_iq4_xs *x, int16_t *sc) {
+    for (int s = 0; s < 8; s++)
+        sc[s] = (int16_t)((((x->scales_l[s / 2] >> (4 * (s % 2))) & 0x0f) | (((x->scales_h >> (2 * s)) & 3) << 4)) - 32);
+}
+
+/* integer dot of one 32-value codebook block (16 nibble bytes) with 32 int8 activations */
+static inline int dot_iq4_block(const uint8_t *qs, const int8_t *x) {
+    int isum = 0;
+    for (int j = 0; j < 16; j++) isum += KVALUES_IQ4[qs[j] & 0x0f] * x[j] + KVALUES_IQ4[qs[j] >> 4] * x[j + 16];
+    return isum;
+}
+
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+/* the 32 signed codebook values of a block's 16 nibble bytes (value j in byte j) */
+static inline __m256i values_iq4(const uint8_t *qs, __m256i table) {
+    return _mm256_shuffle_epi8(table, unpack_q4_0(qs));
+}
+#endif
+
+/* TC tokens (<= 4) of Q8_0 activations at once, each block's values looked up once. */
+GLMCPU_INLINE void vec_dot4_iq4_nl_q8_0(int n, const block_iq4_nl *w, const int TC, const int8_t *xq,
+                                        const float *xd, float *res) {
+    int nb = n / QK;
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES_IQ4));
+#if !defined(GLMCPU_VNNI)
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    for (int b = 0; b < nb; b++) {
+        float d = fp16_to_fp32(w[b].d);
+        __m256i v = values_iq4(w[b].qs, table);
+        __m256i av = _mm256_sign_epi8(v, v);                   /* |value| as u8 (the codebook has no 0) */
+        for (int t = 0; t < TC; t++) {
+            __m256i x = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + (size_t)t * n + b * QK)), v);
+#if defined(GLMCPU_VNNI)
+            __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), av, x);
+#else
+            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(av, x), ones);   /* pairs <= 2 * 127 * 127 */
+#endif
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[(size_t)t * nb + b]), _mm256_cvtepi32_ps(p), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#else
+    for (int t = 0; t < TC; t++) {
+        float sum = 0.0f;
+        for (int b = 0; b < nb; b++)
+            sum += fp16_to_fp32(w[b].d) * xd[(size_t)t * nb + b] * (float)dot_iq4_block(w[b].qs, xq + (size_t)t * n + b * QK);
+        res[t] = sum;
+    }
+#endif
+}
+
+/* TC tokens of q8_K activations: per super-block sum(sc * q.x) in integer, then d * dx. */
+GLMCPU_INLINE void vec_dot4_iq4_xs_q8_K(int n, const block_iq4_xs *w, const int TC, const int8_t *xq,
+                                        const float *xd, const int16_t *xb, float *res) {
+    int nb = n / QK_K;
+    (void)xb;                                       /* no mins, no offsets */
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES_IQ4));
+    for (int b = 0; b < nb; b++) {
+        int16_t s16[8];
+        __m256i v[8], av[8], sc[8];
+        KPREFETCH(w + b + 4, sizeof(block_iq4_xs));
+        scales_iq4_xs(w + b, s16);
+        for (int j = 0; j < 8; j++) {
+            v[j] = values_iq4(w[b].qs + 16 * j, table);
+            av[j] = _mm256_sign_epi8(v[j], v[j]);
+            sc[j] = _mm256_set1_epi16(s16[j]);
+        }
+        float d = fp16_to_fp32(w[b].d);
+        for (int t = 0; t < TC; t++) {
+            const int8_t *x = KX(t) + b * QK_K;
+            __m256i ai = _mm256_setzero_si256();
+            for (int j = 0; j < 8; j++)
+                ai = dot_scaled(ai, av[j], _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32 * j)), v[j]), sc[j]);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * KD(t)[b]), _mm256_cvtepi32_ps(ai), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#else
+    for (int t = 0; t < TC; t++) {
+        float sum = 0.0f;
+        for (int b = 0; b < nb; b++) {
+            int16_t s16[8];
+            scales_iq4_xs(w + b, s16);
+            int isum = 0;
+            for (int j = 0; j < 8; j++) isum += s16[j] * dot_iq4_block(w[b].qs + 16 * j, KX(t) + b * QK_K + 32 * j);
+            sum += fp16_to_fp32(w[b].d) * KD(t)[b] * (float)isum;
+        }
+        res[t] = sum;
+    }
+#endif
+}
+
+/* Rows r0..r1 of an IQ4_NL matrix against T tokens of Q8_0 activations. */
+static void gemm_rows_iq4_nl(int n, const uint8_t *w, size_t row_bytes, int r0, int r1, int T,
+                             const int8_t *xq, const float *xd, float *out, int ldo) {
+    int nb = n / QK;
+    for (int rb = r0; rb < r1; rb += KROWS)
+    FOR_TC(t, tc, T, 4) {
+        for (int r = rb; r < r1 && r < rb + KROWS; r++) {
+            float res[4];
+#define ICALL(TC) vec_dot4_iq4_nl_q8_0(n, (const block_iq4_nl *)(w + (size_t)r * row_bytes), TC, \
+                                       xq + (size_t)t * n, xd + (size_t)t * nb, res)
+            TC_CONST(tc, ICALL);
+#undef ICALL
+            for (int j = 0; j < tc; j++) out[(size_t)(t + j) * ldo + r] = res[j];
+        }
+    }
+}
+
+
 /* Rows r0..r1 of a K-quant matrix against T tokens of q8_K activations: out[t*ldo + r]. */
 static void gemm_rows_k(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1, int T,
                         const int8_t *xq, const float *xd, const int16_t *xb, float *out, int ldo) {
@@ -596,6 +729,7 @@ static void gemm_rows_k(int type, int n, const uint8_t *w, size_t row_bytes, int
             KCASE(GT_Q3_K, vec_dot4_q3_K_q8_K, block_q3_K, TC); \
             KCASE(GT_Q4_K, vec_dot4_q4_K_q8_K, block_q4_K, TC); \
             KCASE(GT_Q5_K, vec_dot4_q5_K_q8_K, block_q5_K, TC); \
+            KCASE(GT_IQ4_XS, vec_dot4_iq4_xs_q8_K, block_iq4_xs, TC); \
             default: KCASE(GT_Q6_K, vec_dot4_q6_K_q8_K, block_q6_K, TC); }
             TC_CONST(tc, KTYPES);
 #undef KTYPES
@@ -702,100 +836,6 @@ static void gemm_rows_legacy(int type, int n, const uint8_t *w, size_t row_bytes
             TC_CONST(tc, LTYPES);
 #undef LTYPES
 #undef LCASE
-            for (int j = 0; j < tc; j++) out[(size_t)(t + j) * ldo + r] = res[j];
-        }
-    }
-}
-
-/* ---- IQ4_NL and IQ4_XS . Q8_0 activations --------------------------------------------------
- * 4-bit indices into a fixed non-linear codebook of 16 signed values (llama.cpp's kvalues_iq4nl):
- * the rows llama.cpp writes where a width is not a multiple of 256 (GLM-4.5-Air's 1408-wide expert
- * down rows, GLM-4-9B's 13696) in its Q2_K/Q3_K_S and IQ mixes, and the IQ4_XS file type.
- * IQ4_NL: one block of 32 = an fp16 scale and Q4_0's nibble layout (value j: LOW nibble of qs[j],
- * value j+16: HIGH nibble); value = d * KVALUES_IQ4[q].
- * IQ4_XS: a super-block of 256 = fp16 d, then 8 sub-blocks of 32, each IQ4_NL's nibbles
- * (qs[16 s ..]) under a 6-bit scale ls (low 4 bits: nibble s % 2 of scales_l[s / 2]; high 2 bits:
- * bits 2s, 2s+1 of scales_h); value = d * (ls - 32) * KVALUES_IQ4[q].
- * Both meet the Q8_0 activations of the legacy types (one float scale per 32; llama.cpp gives
- * IQ4_XS Q8_K's one per 256, a coarser rounding). */
-typedef struct { uint16_t d; uint8_t qs[16]; } block_iq4_nl;
-typedef struct { uint16_t d; uint16_t scales_h; uint8_t scales_l[4]; uint8_t qs[128]; } block_iq4_xs;
-_Static_assert(sizeof(block_iq4_nl) == 18, "IQ4_NL block is 18 bytes");
-_Static_assert(sizeof(block_iq4_xs) == 136, "IQ4_XS block is 136 bytes");
-static const int8_t KVALUES_IQ4[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
-
-/* the scale of each 32-value block of a row, the codebook's factor d or d * (ls - 32) */
-static inline float iq4_scale(int type, const uint8_t *row, int b) {
-    if (type == GT_IQ4_NL) {
-        uint16_t dh;
-        memcpy(&dh, row + (size_t)b * sizeof(block_iq4_nl), 2);
-        return fp16_to_fp32(dh);
-    }
-    const block_iq4_xs *x = (const block_iq4_xs *)row + b / 8;
-    int s = b % 8;
-    int ls = ((x->scales_l[s / 2] >> (4 * (s % 2))) & 0x0f) | (((x->scales_h >> (2 * s)) & 3) << 4);
-    return fp16_to_fp32(x->d) * (float)(ls - 32);
-}
-
-/* the 16 nibble bytes of 32-value block b of a row */
-static inline const uint8_t *iq4_nibbles(int type, const uint8_t *row, int b) {
-    if (type == GT_IQ4_NL) return ((const block_iq4_nl *)row)[b].qs;
-    return ((const block_iq4_xs *)row)[b / 8].qs + 16 * (b % 8);
-}
-
-/* TC tokens (<= 4) at once, each block's codebook values looked up once: res[t] = row . token t.
- * The scalar twin (generic and NEON builds) sums the same integers; floats add in another order. */
-GLMCPU_INLINE void vec_dot4_iq4_q8_0(int type, int n, const uint8_t *row, const int TC, const int8_t *xq,
-                                     const float *xd, float *res) {
-    int nb = n / QK;
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES_IQ4));
-#if !defined(GLMCPU_VNNI)
-    const __m256i ones = _mm256_set1_epi16(1);
-#endif
-    for (int b = 0; b < nb; b++) {
-        float d = iq4_scale(type, row, b);
-        __m256i v = _mm256_shuffle_epi8(table, unpack_q4_0(iq4_nibbles(type, row, b)));   /* int8 values */
-        __m256i av = _mm256_sign_epi8(v, v);                   /* |value| as u8 (the codebook has no 0) */
-        for (int t = 0; t < TC; t++) {
-            __m256i x = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xq + (size_t)t * n + b * QK)), v);
-#if defined(GLMCPU_VNNI)
-            __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), av, x);
-#else
-            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(av, x), ones);   /* pairs <= 2 * 127 * 127 */
-#endif
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[(size_t)t * nb + b]), _mm256_cvtepi32_ps(p), acc[t]);
-        }
-    }
-    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
-#else
-    for (int t = 0; t < TC; t++) {
-        const int8_t *x = xq + (size_t)t * n;
-        float sum = 0.0f;
-        for (int b = 0; b < nb; b++) {
-            const uint8_t *qs = iq4_nibbles(type, row, b);
-            int isum = 0;
-            for (int j = 0; j < 16; j++)
-                isum += KVALUES_IQ4[qs[j] & 0x0f] * x[b * QK + j] + KVALUES_IQ4[qs[j] >> 4] * x[b * QK + j + 16];
-            sum += iq4_scale(type, row, b) * xd[(size_t)t * nb + b] * (float)isum;
-        }
-        res[t] = sum;
-    }
-#endif
-}
-
-/* Rows r0..r1 of an IQ4_NL / IQ4_XS matrix against T tokens of Q8_0 activations. */
-static void gemm_rows_iq4(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1, int T,
-                          const int8_t *xq, const float *xd, float *out, int ldo) {
-    int nb = n / QK;
-    for (int rb = r0; rb < r1; rb += KROWS)
-    FOR_TC(t, tc, T, 4) {
-        for (int r = rb; r < r1 && r < rb + KROWS; r++) {
-            float res[4];
-#define ICALL(TC) vec_dot4_iq4_q8_0(type, n, w + (size_t)r * row_bytes, TC, xq + (size_t)t * n, xd + (size_t)t * nb, res)
-            TC_CONST(tc, ICALL);
-#undef ICALL
             for (int j = 0; j < tc; j++) out[(size_t)(t + j) * ldo + r] = res[j];
         }
     }

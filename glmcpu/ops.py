@@ -173,7 +173,7 @@ def plan_packing(f, mode=None, available=None) -> Packing:
 
 # K-quants and the other legacy types keep the file's layout, but are copied into RAM like the
 # repacked ones, so q|k|v and gate|up can be fused into one matrix (one thread split, not three)
-IN_RAM = (Q4_1, Q5_0, Q5_1, K.TYPES["IQ4_NL"], K.TYPES["IQ4_XS"]) + tuple(K.K_TYPES)
+IN_RAM = (Q4_1, Q5_0, Q5_1, K.TYPES["IQ4_NL"]) + tuple(K.K_TYPES)
 
 
 HUGE_PAGE = 2 << 20

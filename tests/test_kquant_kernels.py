@@ -11,8 +11,8 @@ from glmcpu import ops
 VARIANTS = ops.available_variants()
 K_TYPES = [GT.Q2_K, GT.Q3_K, GT.Q4_K, GT.Q5_K, GT.Q6_K]
 LEGACY = [GT.Q4_1, GT.Q5_0, GT.Q5_1]
-IQ = [GT.IQ4_NL, GT.IQ4_XS]             # codebook types; Q8_0 activations (blocks of 32)
-WIDE = K_TYPES + [GT.IQ4_XS]             # rows of 256-value super-blocks
+IQ = [GT.IQ4_NL, GT.IQ4_XS]             # codebook types: IQ4_NL meets Q8_0 activations, IQ4_XS q8_K
+WIDE = K_TYPES + [GT.IQ4_XS]             # rows of 256-value super-blocks, q8_K activations
 ROWS = [1, 3, 17, 33]
 KCOLS = [256, 512, 4096]               # 1, 2 and 16 super-blocks
 LCOLS = [32, 96, 544, 4128]            # 1, 3, 17 and 129 blocks
@@ -52,7 +52,7 @@ def check(K, qtype, raw, deq, x, threads=2):
     T, cols = x.shape
     out = np.empty((T, deq.shape[0]), np.float32)
     K.gemm(raw, int(qtype), cols, x, out, threads)
-    q, d = q8_reference(x, 256 if qtype in K_TYPES else 32)
+    q, d = q8_reference(x, 256 if qtype in WIDE else 32)
     xdq = (q.astype(np.float64) * d[..., None]).reshape(T, cols)
     exact = xdq @ deq.astype(np.float64).T
     scale = np.abs(xdq) @ np.abs(deq).astype(np.float64).T

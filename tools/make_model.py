@@ -27,7 +27,8 @@ FIRST_SPECIAL = 151329
 STD = 0.02          # weight standard deviation: keeps 4 random layers' activations finite in fp16
 FTYPES = {"q4_0": (GT.Q4_0, LlamaFileType.MOSTLY_Q4_0), "q8_0": (GT.Q8_0, LlamaFileType.MOSTLY_Q8_0),
           "f16": (GT.F16, LlamaFileType.MOSTLY_F16), "f32": (GT.F32, LlamaFileType.ALL_F32)}
-LLAMA_FTYPES = ["q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q3_k_m", "q2_k", "q5_0", "q4_1"]
+LLAMA_FTYPES = ["q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "q3_k_m", "q3_k_s", "q2_k", "q5_0", "q4_1",
+                "iq4_nl", "iq4_xs"]
 
 
 def byte_level_alphabet():
@@ -181,19 +182,26 @@ def main():
                    help="glm4/chatglm: GLM-4-9B shape; glm4moe: GLM-4.5-Air shape")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mtp", action="store_true", help="glm4moe: add the MTP (nextn) block as one more layer")
+    p.add_argument("--from", dest="source", metavar="GGUF",
+                   help="llama.cpp's mixes: quantise this file (e.g. a Q4_0 one of this tool) instead of "
+                        "writing an F16 first (a 9-layer Air in F16 is 38 GB); for speed files, whose values "
+                        "do not matter")
     a = p.parse_args()
     if a.type in LLAMA_FTYPES:
         import llama_cpp
-        tmp = a.output + ".f16.tmp"
-        write(tmp, a.layers, "f16", a.arch, a.seed)
+        tmp = a.source or a.output + ".f16.tmp"
+        if not a.source:
+            write(tmp, a.layers, "f16", a.arch, a.seed)
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{a.type.upper()}")
         params.nthread = os.cpu_count() or 1
+        params.allow_requantize = bool(a.source)
         try:
             if llama_cpp.llama_model_quantize(tmp.encode(), a.output.encode(), params) != 0:
                 raise SystemExit(f"llama.cpp could not quantise {tmp} to {a.type}")
         finally:
-            os.remove(tmp)
+            if not a.source:
+                os.remove(tmp)
     else:
         write(a.output, a.layers, a.type, a.arch, a.seed, mtp=a.mtp)
     print(f"wrote {a.output}")
