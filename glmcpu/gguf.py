@@ -20,6 +20,22 @@ VT = GGUFValueType
 # the types the kernels multiply with; anything else is refused at load, by name
 RUNNABLE = (GT.F32, GT.F16, GT.BF16, GT.Q8_0, GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1,
             GT.Q2_K, GT.Q3_K, GT.Q4_K, GT.Q5_K, GT.Q6_K, GT.IQ4_NL, GT.IQ4_XS)
+# type codes ggml has had and dropped: llama.cpp's ARM repacks, written into files until late 2024
+REMOVED_TYPES = {31: "Q4_0_4_4", 32: "Q4_0_4_8", 33: "Q4_0_8_8", 36: "IQ4_NL_4_4", 37: "IQ4_NL_4_8", 38: "IQ4_NL_8_8"}
+
+
+def type_name(code: int) -> str:
+    """A tensor type code as people know it, and where it comes from if glmcpu cannot read it."""
+    if code in REMOVED_TYPES:
+        return (f"{REMOVED_TYPES[code]} (ggml type {code}: an ARM repack llama.cpp wrote until late 2024 and no "
+                "longer reads; get a file made by a current llama.cpp)")
+    try:
+        return GT(code).name
+    except ValueError:
+        return (f"ggml type {code}, which no mainline llama.cpp this glmcpu knows writes (a fork's own type, "
+                "such as ik_llama.cpp's IQ*_K, or a newer llama.cpp; from mainline llama.cpp, the file is damaged)")
+
+
 SCALARS = {VT.UINT8: "B", VT.INT8: "b", VT.UINT16: "H", VT.INT16: "h", VT.UINT32: "I",
            VT.INT32: "i", VT.FLOAT32: "f", VT.BOOL: "?", VT.UINT64: "Q", VT.INT64: "q",
            VT.FLOAT64: "d"}
@@ -108,6 +124,55 @@ class _Cursor:
 SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")    # llama.cpp's gguf-split naming
 
 
+def read_table(c, path, size):
+    """(metadata, [(tensor name, ggml type code, shape, offset)]) of a GGUF read through cursor c;
+    size: the whole file's bytes (c may hold only its first ones: a header read before a download)."""
+    if bytes(c.buf[:4]) != b"GGUF":
+        raise ModelFileError(f"{path} is not a GGUF file (it starts with {bytes(c.buf[:4])!r}, not b'GGUF')")
+    c.take("<I")
+    version = c.take("<I")
+    if version not in (2, 3):
+        raise ModelFileError(f"{path} is GGUF version {version}; glmcpu reads versions 2 and 3")
+    n_tensors, n_kv = c.take("<Q"), c.take("<Q")
+    left = size - c.pos
+    if n_kv > left // 13 or n_tensors > left // 29:   # smallest key-value / tensor entry
+        raise ModelFileError(f"{path} is a damaged or truncated GGUF file: it says it holds {n_tensors} tensors and "
+                             f"{n_kv} metadata keys, more than its {size} bytes can; download it again")
+    meta = {}
+    for _ in range(n_kv):
+        key = c.string()
+        if key in meta:
+            raise ModelFileError(f"{path} is a damaged GGUF file: metadata key {_name(key)} appears twice")
+        meta[key] = c.value(c.take("<I"))
+    infos = []
+    for _ in range(n_tensors):
+        name = c.string()
+        n_dims = c.take("<I")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise ModelFileError(f"{path}: tensor {_name(name)} has {n_dims} dimensions (ggml tensors have "
+                                 f"1 to {MAX_DIMS}); the file is damaged")
+        ne = tuple(c.take("<Q") for _ in range(n_dims))
+        infos.append((name, c.take("<I"), ne, c.take("<Q")))
+    return meta, infos
+
+
+class HeaderCut(Exception):
+    """The bytes given end before the header does (read_header: fetch more)."""
+
+
+class _PrefixCursor(_Cursor):
+    def take(self, fmt):
+        if self.pos + struct.calcsize(fmt) > len(self.buf):
+            raise HeaderCut()
+        return super().take(fmt)
+
+
+def read_header(head: bytes, size: int, path: str):
+    """(metadata, [(name, type code, shape, offset)]) from the first bytes of a GGUF of `size` bytes;
+    HeaderCut if they end before its tensor table does."""
+    return read_table(_PrefixCursor(memoryview(head), path), path, size)
+
+
 class GGUFFile:
     """One GGUF file, or all parts of a split one (given the first part: its metadata is the
     model's; every part adds its tensors)."""
@@ -173,34 +238,14 @@ class GGUFFile:
     @staticmethod
     def _parse(mm, path, size, part):
         c = _Cursor(memoryview(mm), path)
-        c.take("<I")
-        version = c.take("<I")
-        if version not in (2, 3):
-            raise ModelFileError(f"{path} is GGUF version {version}; glmcpu reads versions 2 and 3")
-        n_tensors, n_kv = c.take("<Q"), c.take("<Q")
-        left = size - c.pos
-        if n_kv > left // 13 or n_tensors > left // 29:   # smallest key-value / tensor entry
-            raise ModelFileError(f"{path} is a damaged or truncated GGUF file: it says it holds {n_tensors} tensors and "
-                                 f"{n_kv} metadata keys, more than its {size} bytes can; download it again")
-        meta = {}
-        for _ in range(n_kv):
-            key = c.string()
-            if key in meta:
-                raise ModelFileError(f"{path} is a damaged GGUF file: metadata key {_name(key)} appears twice")
-            meta[key] = c.value(c.take("<I"))
-        infos = []
-        for _ in range(n_tensors):
-            name = c.string()
-            n_dims = c.take("<I")
-            if not 1 <= n_dims <= MAX_DIMS:
-                raise ModelFileError(f"{path}: tensor {_name(name)} has {n_dims} dimensions (ggml tensors have "
-                                     f"1 to {MAX_DIMS}); the file is damaged")
-            ne = tuple(c.take("<Q") for _ in range(n_dims))
-            code = c.take("<I")
+        meta, infos = read_table(c, path, size)
+        for name, code, ne, off in infos:
             if code not in GGML_QUANT_SIZES:
-                raise ModelFileError(f"{path}: tensor {_name(name)} has ggml type {code}, which is no ggml type "
-                                     "(the file is damaged, or newer than this glmcpu's gguf package)")
-            infos.append((name, GT(code), ne, c.take("<Q")))
+                if code > 255:
+                    raise ModelFileError(f"{path}: tensor {_name(name)} has ggml type {code}, which is no ggml "
+                                         "type; the file is damaged")
+                raise UnsupportedTensorType(f"{path}: tensor {_name(name)} is stored as {type_name(code)}")
+        infos = [(name, GT(code), ne, off) for name, code, ne, off in infos]
         align = meta.get("general.alignment", 32)
         if isinstance(align, bool) or not isinstance(align, (int, np.integer)) or not 0 < align <= 1 << 20 \
                 or align & (align - 1):

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from importlib import resources
 from urllib.parse import urlparse
 
-from .errors import (ChecksumMismatch, DownloadInterrupted, HubError, ModelNotFound,
-                     NotEnoughDiskSpace)
+import numpy as np
+
+from .errors import (ChecksumMismatch, DownloadInterrupted, HubError, ModelFileError, ModelNotFound,
+                     NotEnoughDiskSpace, UnsupportedTensorType)
 from .gguf import SPLIT_NAME as SPLIT     # llama.cpp's gguf-split part names
 
 GB = 10**9
@@ -294,6 +296,10 @@ def pull(spec: str, progress: bool = True, log=None) -> list:
             metas.append(get_hf_file_metadata(hf_hub_url(repo, f, endpoint=_endpoint())))
     dests = [os.path.join(models_dir(), repo, f) for f in files]
     _check_space(dests, metas)
+    arch = None
+    for f, dest, meta in zip(files, dests, metas):   # every part's header, before any part's body
+        if not (os.path.isfile(dest) and os.path.getsize(dest) == meta.size):
+            arch = peek(repo, f, meta, log, arch) or arch
     for f, dest, meta in zip(files, dests, metas):
         if os.path.isfile(dest) and os.path.getsize(dest) == meta.size:
             log(f"{repo}/{f}: already downloaded")
@@ -302,6 +308,74 @@ def pull(spec: str, progress: bool = True, log=None) -> list:
         _fetch(repo, f, dest, meta, spec, progress, log)
     log(f"ready: glmcpu run {name}" + (f" (its {len(files)} parts are read as one model)" if len(files) > 1 else ""))
     return dests
+
+
+HEADER_MAX = 256 << 20      # a GGUF header (metadata, tokenizer, tensor table) is a few MB; stop looking here
+
+
+def _range(url: str, size: int, n: int, headers: dict) -> bytes:
+    """The first n bytes of a remote file (a server that ignores the Range is read no further)."""
+    from huggingface_hub.utils import get_session
+
+    got = bytearray()
+    with get_session().stream("GET", url, headers={**headers, "Range": f"bytes=0-{min(n, size) - 1}"},
+                              follow_redirects=True) as r:
+        r.raise_for_status()
+        for chunk in r.iter_bytes():
+            got += chunk
+            if len(got) >= n:
+                break
+    return bytes(got[:n])
+
+
+def peek(repo: str, filename: str, meta, log, arch=None):
+    """Read a remote GGUF's header (Range requests) before downloading it: refuse, in one line, a file
+    whose architecture or tensor types glmcpu cannot run; say what it holds. Returns its architecture
+    (a split file's later parts have none of their own). A header that cannot be read is only warned
+    of: the download's checksum and the load judge the file."""
+    from . import gguf
+    from .models import model_class
+
+    what = f"{repo}/{filename}"
+    same_host = urlparse(meta.location).netloc == urlparse(_endpoint()).netloc
+    from huggingface_hub.utils import build_hf_headers
+    headers = build_hf_headers() if same_host else {}
+    n, size = 4 << 20, meta.size or HEADER_MAX
+    try:
+        while True:
+            with _hub_errors(repo, filename):
+                head = _range(meta.location, size, n, headers)
+            try:
+                table, infos = gguf.read_header(head, size, what)
+                break
+            except gguf.HeaderCut:
+                if n >= min(size, HEADER_MAX) or len(head) < min(n, size):
+                    raise ModelFileError(f"{what}: its header does not end within its first {human(len(head))}")
+                n *= 4
+    except (ModelFileError, HubError, *_network_errors(), *_hub_http_errors()) as e:
+        log(f"{what}: could not read its header before the download ({_first_line(e)}); it is checked after")
+        return None
+    arch = table.get("general.architecture", arch)
+    if arch is not None:
+        model_class(arch)                    # UnsupportedArchitecture: one line naming it
+    from collections import Counter
+    types, nbytes, expert = Counter(), Counter(), 0
+    for name, code, ne, _ in infos:
+        if code not in gguf.GGML_QUANT_SIZES or gguf.GT(code) not in gguf.RUNNABLE:
+            raise UnsupportedTensorType(
+                f"{what}: tensor {name} is stored as {gguf.type_name(code)}, which glmcpu cannot run; "
+                f"nothing was downloaded (glmcpu runs {', '.join(t.name for t in gguf.RUNNABLE)})")
+        t = gguf.GT(code)
+        block, size_b = gguf.GGML_QUANT_SIZES[t]
+        b = int(np.prod(ne)) // block * size_b
+        types[t.name] += 1
+        nbytes[t.name] += b
+        expert += b if "_exps." in name else 0
+    total = sum(nbytes.values())
+    log(f"{what}: {arch or 'a later part'}, " + ", ".join(f"{k} x{v}" for k, v in types.most_common())
+        + f"; runs here; {human(total)} of weights" + (f", {human(total - expert)} of them not experts "
+                                                       "(the RAM it needs; experts are paged from disk)" if expert else ""))
+    return arch
 
 
 def _part_path(dest: str, etag: str) -> str:

@@ -194,6 +194,16 @@ def rewrite(src, dst, arch=None, retype=None, meta=None, drop=(), typed=None, dr
     w.close()
 
 
+def relabel(raw: bytes, name: str, code: int) -> bytes:
+    """A GGUF's bytes with tensor `name` labelled as ggml type `code` (its data untouched)."""
+    raw = bytearray(raw)
+    at = raw.index(name.encode()) + len(name)
+    n_dims = int.from_bytes(raw[at:at + 4], "little")
+    code_at = at + 4 + 8 * n_dims
+    raw[code_at:code_at + 4] = int(code).to_bytes(4, "little")
+    return bytes(raw)
+
+
 PROMPT = list(range(5, 17))      # token ids the cluster tests generate from
 
 

@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as GT
 from gguf import GGUFValueType
 
 import glmcpu
-from conftest import rewrite, run_cli
+from conftest import relabel, rewrite, run_cli
 from glmcpu.errors import (ContextOverflow, ModelFileError, UnsupportedArchitecture,
                            UnsupportedTensorType)
 
@@ -24,6 +24,8 @@ def bad_files(tiny, tmp_path_factory):
     (d / "text.gguf").write_text("this is a text file, not a model\n" * 10)
     rewrite(good, str(d / "llama.gguf"), arch="llama")
     rewrite(good, str(d / "iq4.gguf"), retype=("blk.1.attn_q.weight", GT.IQ4_NL))
+    # the same tensor labelled with ggml type 31, the Q4_0_4_4 repack llama.cpp no longer reads
+    (d / "q4_0_4_4.gguf").write_bytes(relabel(open(d / "iq4.gguf", "rb").read(), "blk.1.attn_q.weight", 31))
     U32, STR = GGUFValueType.UINT32, GGUFValueType.STRING
     rewrite(good, str(d / "align0.gguf"), typed={"general.alignment": (0, U32)})
     rewrite(good, str(d / "heads0.gguf"), typed={"glm4.attention.head_count": (0, U32)})
@@ -53,7 +55,8 @@ CASES = [("truncated.gguf", ModelFileError, "truncated"),
          ("text.gguf", ModelFileError, "not a GGUF file"),
          ("missing.gguf", ModelFileError, "no such file"),
          ("llama.gguf", UnsupportedArchitecture, "'llama'"),
-         ("iq4.gguf", UnsupportedTensorType, "blk.1.attn_q.weight is stored as IQ4_NL"),
+         ("q4_0_4_4.gguf", UnsupportedTensorType, "blk.1.attn_q.weight is stored as Q4_0_4_4 .ggml type 31: an ARM "
+          "repack llama.cpp wrote until late 2024"),
          ("align0.gguf", ModelFileError, "general.alignment = 0 is not a power of two"),
          ("heads0.gguf", ModelFileError, "glm4.attention.head_count = 0 is out of range"),
          ("ctx0.gguf", ModelFileError, "glm4.context_length = 0 is out of range"),

@@ -12,7 +12,8 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from conftest import run_cli
+import glmcpu
+from conftest import relabel, run_cli
 from glmcpu import cli, hub
 from glmcpu.errors import (HubError, ModelNotFound,
                            NotEnoughDiskSpace)
@@ -57,7 +58,12 @@ class FakeHub:
         self.server.server_close()
 
     def ranges(self):
-        return [r for m, _, r in self.requests if m == "GET" and r]
+        """The open-ended Range requests: downloads and their resumptions."""
+        return [r for m, _, r in self.requests if m == "GET" and r and r.endswith("-")]
+
+    def peeks(self):
+        """The closed ones (bytes=0-N): headers read before a download."""
+        return [r for m, _, r in self.requests if m == "GET" and r and not r.endswith("-")]
 
     def answer(self, h, body):
         path = unquote(urlparse(h.path).path)
@@ -84,15 +90,17 @@ class FakeHub:
             data = bytes(b ^ 0xFF for b in data[:64]) + data[64:]
         headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{sha}"', "X-Linked-Etag": f'"{sha}"',
                    "X-Linked-Size": str(len(data)), "Accept-Ranges": "bytes"}
-        start, status = 0, 200
-        if h.headers.get("Range"):
-            start, status = int(h.headers["Range"].split("=")[1].split("-")[0]), 206
-            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
-        if body and self.cut_after is not None:
+        start, end, status = 0, len(data) - 1, 200
+        ask = h.headers.get("Range")
+        if ask:
+            a, b = ask.split("=")[1].split("-")
+            start, end, status = int(a), min(int(b), len(data) - 1) if b else len(data) - 1, 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        if body and self.cut_after is not None and not (ask and not ask.endswith("-")):   # a download, not a peek
             self.down = not self.stay_up
             cut, self.cut_after = self.cut_after, None
-            return self.send(h, status, data[start:], body, headers, cut=cut)
-        self.send(h, status, data[start:], body, headers)
+            return self.send(h, status, data[start:end + 1], body, headers, cut=cut)
+        self.send(h, status, data[start:end + 1], body, headers)
 
     @staticmethod
     def send(h, status, data, body, headers=(), cut=None):
@@ -266,3 +274,37 @@ def test_catalogue_is_consistent():
         assert e.repo.count("/") == 1 and all(f.endswith(".gguf") for f in e.files)
     families = {e.family for e in hub.CATALOGUE}
     assert {"glm-4-9b-chat", "glm-4-9b-0414", "glm-4-32b-0414", "glm-4.5-air", "intellect-3"} <= families
+
+
+@pytest.mark.parametrize("code,named", [(16, "IQ2_XXS, which glmcpu cannot run"),
+                                        (31, "Q4_0_4_4 (ggml type 31: an ARM repack llama.cpp wrote"),
+                                        (200, "ggml type 200, which no mainline llama.cpp")])
+def test_pull_refuses_a_file_it_cannot_run_before_downloading(fake_hub, tmp_path, code, named):
+    """The header is read first (a Range request): a tensor type glmcpu cannot run stops the pull in
+    one line naming the type and where it comes from; nothing of the file's body is fetched."""
+    from gguf import GGUFReader
+    first = GGUFReader(hub.demo_path()).tensors[0].name
+    fake_hub.repos["glmtest/Odd-GGUF"] = {"odd.gguf": relabel(DEMO, first, code)}
+    p = pull_cli(fake_hub, tmp_path, "pull", "glmtest/Odd-GGUF:odd.gguf")
+    one_line_error(p, first, named, "nothing was downloaded")
+    assert fake_hub.peeks() and not fake_hub.ranges()
+    assert not [m for m, path, r in fake_hub.requests if m == "GET" and "odd.gguf" in path and not r]
+    assert not (tmp_path / "models" / "glmtest" / "Odd-GGUF").exists() or \
+        not list((tmp_path / "models" / "glmtest" / "Odd-GGUF").iterdir())
+
+
+def test_pull_says_what_a_file_holds_before_downloading(fake_hub):
+    seen = []
+    hub.pull("glmtest/Demo-GGUF:demo-Q8_0.gguf", progress=False, log=seen.append)
+    line = next(m for m in seen if m.startswith("glmtest/Demo-GGUF/demo-Q8_0.gguf: "))
+    assert "runs here" in line and "Q8_0 x" in line and "of weights" in line
+    assert seen.index(line) < next(i for i, m in enumerate(seen) if m.startswith("pulling"))
+    assert fake_hub.peeks() == ["bytes=0-4194303"]
+    # an architecture glmcpu does not know is refused the same way
+    at = DEMO.index(b"general.architecture") + len("general.architecture") + 4      # past the value's type
+    n = int.from_bytes(DEMO[at:at + 8], "little")
+    odd = DEMO[:at + 8] + b"x" * n + DEMO[at + 8 + n:]                              # same length, no model
+    fake_hub.repos["glmtest/Odd-GGUF"] = {"o.gguf": odd}
+    with pytest.raises(glmcpu.UnsupportedArchitecture, match="x" * n):
+        hub.pull("glmtest/Odd-GGUF:o.gguf", progress=False, log=lambda m: None)
+    assert [r for m, path, r in fake_hub.requests if m == "GET" and path.endswith("/o.gguf")] == ["bytes=0-4194303"]
