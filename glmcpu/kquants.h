@@ -301,6 +301,10 @@ GLMCPU_INLINE void add_block_k(const __m256i q[8], const __m256i sc[8], __m256i 
  * the hardware prefetcher's lead (a 2-token pass over a 151k x 4096 Q4_0 head: 12-15 ms -> 10-12,
  * one token unchanged; tools/bench_draft.py) */
 #define PFD 1024
+/* the row kernels: the bytes PFD ahead of super-block (or block) b, as it is reached. Rows lie
+ * back to back, so this runs into the next row too. 4 super-blocks ahead (336 bytes of Q2_K) left a
+ * 40-layer Q2_K decode at 12 GB/s, 1 KB ahead gives 23 (2 threads, gate|up 27392 x 4096). */
+#define KAHEAD(blk) KPREFETCH((const char *)(blk) + PFD, sizeof(*(blk)))
 #define X8PREFETCH(blk) KPREFETCH((const char *)(blk) + PFD, sizeof(*(blk)))
 
 #if defined(GLMCPU_AVX512)
@@ -335,7 +339,7 @@ GLMCPU_INLINE void vec_dot4_q4_K_q8_K(int n, const block_q4_K *w, const int TC, 
     for (int b = 0; b < nb; b++) {
         __m256i scv, mdup;
         __m512i q[4], sc[4];
-        KPREFETCH(w + b + 4, sizeof(block_q4_K));
+        KAHEAD(w + b);
         scales_q4_K_simd(w[b].scales, &scv, &mdup);
         __m512i sc8 = _mm512_castsi256_si512(scv);
         for (int p = 0; p < 4; p++) {
@@ -363,6 +367,7 @@ GLMCPU_INLINE void vec_dot4_q4_K_q8_K(int n, const block_q4_K *w, const int TC, 
     const __m256i m4 = _mm256_set1_epi8(0x0f);
     for (int b = 0; b < nb; b++) {
         __m256i scv, mdup, q[8], sc[8];
+        KAHEAD(w + b);
         scales_q4_K_simd(w[b].scales, &scv, &mdup);
         for (int p = 0; p < 4; p++) {       /* sub-block j = 2p + s holds values 32j..32j+31 */
             __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * p));
@@ -387,6 +392,7 @@ GLMCPU_INLINE void vec_dot4_q5_K_q8_K(int n, const block_q5_K *w, const int TC, 
     const __m256i m4 = _mm256_set1_epi8(0x0f), b4 = _mm256_set1_epi8(0x10);
     for (int b = 0; b < nb; b++) {
         __m256i scv, mdup, q[8], sc[8];
+        KAHEAD(w + b);
         scales_q4_K_simd(w[b].scales, &scv, &mdup);
         __m256i hb = _mm256_loadu_si256((const __m256i *)w[b].qh);
         for (int p = 0; p < 4; p++) {
@@ -418,7 +424,7 @@ GLMCPU_INLINE void vec_dot4_q6_K_q8_K(int n, const block_q6_K *w, const int TC, 
     for (int b = 0; b < nb; b++) {
         __m256i q[8];
         __m512i q2[4], sc[4];
-        KPREFETCH(w + b + 4, sizeof(block_q6_K));
+        KAHEAD(w + b);
         __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[b].scales));
         __m512i sc512 = _mm512_castsi256_si512(sc16);
         for (int h = 0; h < 2; h++) {
@@ -454,7 +460,7 @@ GLMCPU_INLINE void vec_dot4_q6_K_q8_K(int n, const block_q6_K *w, const int TC, 
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x30);
     for (int b = 0; b < nb; b++) {
-        KPREFETCH(w + b + 4, sizeof(block_q6_K));
+        KAHEAD(w + b);
         __m256i ai[4];
         for (int t = 0; t < TC; t++) ai[t] = _mm256_setzero_si256();
         __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[b].scales));
@@ -515,6 +521,7 @@ GLMCPU_INLINE void vec_dot4_q2_K_q8_K(int n, const block_q2_K *w, const int TC, 
     const __m256i m2 = _mm256_set1_epi8(3);
     for (int b = 0; b < nb; b++) {
         __m256i q[8], sc[8];
+        KAHEAD(w + b);
         __m128i raw = _mm_loadu_si128((const __m128i *)w[b].scales);
         __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, _mm_set1_epi8(0x0f)));
         __m256i m16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0f)));
@@ -543,6 +550,7 @@ GLMCPU_INLINE void vec_dot4_q3_K_q8_K(int n, const block_q3_K *w, const int TC, 
     for (int b = 0; b < nb; b++) {
         __m256i q[8], sc[8];
         int8_t s8[16];
+        KAHEAD(w + b);
         for (int s = 0; s < 16; s++) {
             int lo = (w[b].scales[s % 8] >> (4 * (s / 8))) & 0x0f;
             int hi = (w[b].scales[8 + s % 4] >> (2 * (s / 4))) & 3;
@@ -627,6 +635,7 @@ GLMCPU_INLINE void vec_dot4_iq4_nl_q8_0(int n, const block_iq4_nl *w, const int 
     const __m256i ones = _mm256_set1_epi16(1);
 #endif
     for (int b = 0; b < nb; b++) {
+        KAHEAD(w + b);
         float d = fp16_to_fp32(w[b].d);
         __m256i v = values_iq4(w[b].qs, table);
         __m256i av = _mm256_sign_epi8(v, v);                   /* |value| as u8 (the codebook has no 0) */
@@ -662,7 +671,7 @@ GLMCPU_INLINE void vec_dot4_iq4_xs_q8_K(int n, const block_iq4_xs *w, const int 
     for (int b = 0; b < nb; b++) {
         int16_t s16[8];
         __m256i v[8], av[8], sc[8];
-        KPREFETCH(w + b + 4, sizeof(block_iq4_xs));
+        KAHEAD(w + b);
         scales_iq4_xs(w + b, s16);
         for (int j = 0; j < 8; j++) {
             v[j] = values_iq4(w[b].qs + 16 * j, table);
@@ -791,6 +800,7 @@ GLMCPU_INLINE void vec_dot4_q45_q8_0(int n, const uint8_t *w, size_t bsize, int 
     const __m256i ones = _mm256_set1_epi16(1);
     for (int b = 0; b < nb; b++) {
         const uint8_t *blk = w + (size_t)b * bsize;
+        KPREFETCH(blk + PFD, bsize);
         uint16_t dh, mh = 0;
         memcpy(&dh, blk, 2);
         if (m_at >= 0) memcpy(&mh, blk + m_at, 2);
