@@ -351,5 +351,6 @@ def place(f, cfg, gpu=None, gpu_layers=None, cpu_moe=False, n_cpu_moe=None, n_ct
         why = (f"twin (the GPU kernels' NumPy twin, for checking): {plan.n_gpu}/{cfg.n_layer} layers"
                f"{' and the output head' if plan.head else ''}" + (f", layers 0-{plan.first - 1} on the CPU" if plan.first else ""))
     if keep:
-        why += f"; the routed experts of {len(keep)} MoE layers on the CPU"
+        why += ("; every MoE layer's routed experts on the CPU" if cpu_moe else
+                f"; the routed experts of the first {len(keep)} MoE layer{'s' * (len(keep) != 1)} on the CPU")
     return Placement(dev, first=plan.first, n_layer=cfg.n_layer, head=plan.head, cpu_moe=frozenset(keep), why=why)
