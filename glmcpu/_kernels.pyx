@@ -726,25 +726,33 @@ def _work_items(counts, int rows, int threads, int min_rows=16):
     return items
 
 
-def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int threads=1):
+def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int threads=1, int wtype_up=-1):
     """Routed experts of one MoE layer for T tokens, in one call.
 
-    x [T, n] float32; gate, up: [E, F, row_bytes] (ggml type wtype_gu); down: [E, n, row_bytes];
+    x [T, n] float32; gate, up: [E, F, row_bytes] (ggml type wtype_gu; up's wtype_up where it
+    differs, as in some GLM-4.5 files); down: [E, n, row_bytes];
     ids [T, k] int32 chosen experts (-1: skip); weights [T, k] float32 -> out [T, n] = sum_j weights[t, j] *
     down_e (silu(gate_e x) * up_e x). Tokens are grouped by expert, so each expert's rows are read
     once per call however many tokens chose it."""
     cdef int T = x.shape[0], n = x.shape[1], E = gate.shape[0], k = ids.shape[1]
     cdef int F = gate.shape[1] * GROUP.get(wtype_gu, 1)
-    cdef bint q_gu = wtype_gu in INT_TYPES, q_dn = wtype_down in INT_TYPES
+    if wtype_up < 0:
+        wtype_up = wtype_gu
+    cdef bint q_gu = wtype_gu in INT_TYPES, q_dn = wtype_down in INT_TYPES, q_up = wtype_up in INT_TYPES
+    if GROUP.get(wtype_up, 1) != GROUP.get(wtype_gu, 1):
+        raise ValueError("moe: gate and up differ in row grouping")
     if up.shape[0] != E or up.shape[1] != gate.shape[1] or down.shape[0] != E \
             or down.shape[1] * GROUP.get(wtype_down, 1) != n:
         raise ValueError("moe: expert tensor shapes disagree")
-    if wtype_gu not in TYPE_SIZES or wtype_down not in TYPE_SIZES:
+    if wtype_gu not in TYPE_SIZES or wtype_down not in TYPE_SIZES or wtype_up not in TYPE_SIZES:
         raise ValueError("moe: unsupported ggml type")
     # every line must hold exactly its rows' values: nothing may be read past a buffer
     bs, bb = TYPE_SIZES[wtype_gu]
-    if n % bs or gate.shape[2] != n // bs * bb or up.shape[2] != gate.shape[2]:
-        raise ValueError(f"moe: gate/up lines of {gate.shape[2]} bytes do not hold {n} values of type {wtype_gu}")
+    if n % bs or gate.shape[2] != n // bs * bb:
+        raise ValueError(f"moe: gate lines of {gate.shape[2]} bytes do not hold {n} values of type {wtype_gu}")
+    bs, bb = TYPE_SIZES[wtype_up]
+    if n % bs or up.shape[2] != n // bs * bb:
+        raise ValueError(f"moe: up lines of {up.shape[2]} bytes do not hold {n} values of type {wtype_up}")
     bs, bb = TYPE_SIZES[wtype_down]
     if F % bs or down.shape[2] != F // bs * bb:
         raise ValueError(f"moe: down lines of {down.shape[2]} bytes do not hold {F} values of type {wtype_down}")
@@ -778,7 +786,8 @@ def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int 
         _quantize_into(a, q, d, s, threads)
         return q, d, s
 
-    if (q_gu and n % TYPE_SIZES[wtype_gu][0]) or (q_dn and F % TYPE_SIZES[wtype_down][0]):
+    if (q_gu and n % TYPE_SIZES[wtype_gu][0]) or (q_up and n % TYPE_SIZES[wtype_up][0]) \
+            or (q_dn and F % TYPE_SIZES[wtype_down][0]):
         raise ValueError("moe: rows are not whole quantisation blocks")
     g = np.empty((A, F), np.float32)
     u = np.empty((A, F), np.float32)
@@ -792,7 +801,11 @@ def moe(x, gate, up, down, int wtype_gu, int wtype_down, ids, weights, out, int 
     it, xa, qa, da, sa = _work_items(counts, F, threads), xs_sorted, xq, xd, xsum
     with nogil:
         _expert_gemm(wtype_gu, n, wg, it, st, xa, qa, da, sa, q_gu, ga, threads)
-        _expert_gemm(wtype_gu, n, wu, it, st, xa, qa, da, sa, q_gu, ua, threads)
+    if q_up != q_gu or (wtype_up in K_TYPES) != (wtype_gu in K_TYPES):     # other activation blocks
+        xq, xd, xsum = quantized(xs_sorted, q_up, wtype_up)
+        qa, da, sa = xq, xd, xsum
+    with nogil:
+        _expert_gemm(wtype_up, n, wu, it, st, xa, qa, da, sa, q_up, ua, threads)
     h = np.empty((A, F), np.float32)
     silu_mul(np.concatenate([g, u], 1), h, threads)
     hq, hd, hs = quantized(h, q_dn, wtype_down)

@@ -125,3 +125,24 @@ def test_repacked_q4_0_experts(tiny):
     plain = m.logits(ids)
     assert (packed.argmax(-1) == plain.argmax(-1)).mean() >= 0.9
     assert kl(want, packed) < 1.5 * kl(want, plain) and kl(want, plain) < 1.5 * kl(want, packed)
+
+
+def test_gate_and_up_experts_of_different_types(tiny, tmp_path):
+    """GLM-4.5 files whose ffn_gate_exps and ffn_up_exps differ in type run (issue 26): F32 gate with
+    Q8_0 up (their activations quantised apart), and a Q4_0 gate (8-row groups when repacked) with an
+    F32 up (none), repacked or not; close to transformers."""
+    from gguf import GGMLQuantizationType as GT
+    model, path, _ = tiny("glm4_moe", "f32", **VARIANTS[0])
+    one = str(tmp_path / "one.gguf")
+    rewrite(path, one, retype=("blk.1.ffn_up_exps.weight", GT.Q8_0))
+    mixed = str(tmp_path / "mixed.gguf")
+    rewrite(one, mixed, retype=("blk.2.ffn_gate_exps.weight", GT.Q4_0))
+    ids = make_ids(40, seed=3)
+    want = hf_logits(model, ids)
+    for repack in ("all", "none"):
+        m = glmcpu.load(mixed, threads=2, repack=repack)
+        e1, e2 = m.net.layers[1].ffn.experts, m.net.layers[2].ffn.experts
+        assert (e1.gu_type, e1.up_type) == (int(GT.F32), int(GT.Q8_0)) and e2.up_type == int(GT.F32)
+        got = m.logits(ids)
+        assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.85
+        assert kl(want, got) < 0.02

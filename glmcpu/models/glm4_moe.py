@@ -86,19 +86,20 @@ class Experts:
             raw.append((name, rows, cols, t, wtype))
         if not all(self.dev.takes(wtype) for *_, wtype in raw):
             self.dev = CPU_DEVICE                 # a type the device cannot read: these experts stay on the CPU
+        # gate and up run in one kernel call: both in 8-row groups, or neither (GLM-4.5 files whose
+        # gate and up types differ may pair a packable type with one that is not)
+        pack_gu = (raw[0][4] in ops.PACKABLE) == (raw[1][4] in ops.PACKABLE)
         mats = []
         for name, rows, cols, t, wtype in raw:
             if self.dev is not CPU_DEVICE:          # the file's rows, as the device holds them
                 t = self.dev.weight(t, wtype, cols)
-            elif repack:
+            elif repack and (pack_gu or name == "down"):
                 packed, ptype = ops.repack(t.reshape((e1 - e0) * rows, -1), wtype, ram_copy=False)
                 if ptype != wtype:
                     w.release(f"{p}ffn_{name}_exps.weight")
                     t, wtype = packed.reshape(e1 - e0, rows // 8, -1), ptype
             mats.append((t, wtype))
-        (self.gate, self.gu_type), (self.up, tu), (self.down, self.down_type) = mats   # [E, ff, bytes] ...
-        if self.gu_type != tu:
-            raise ModelFileError(f"{p}ffn_gate_exps and ffn_up_exps differ in type")
+        (self.gate, self.gu_type), (self.up, self.up_type), (self.down, self.down_type) = mats   # [E, ff, bytes] ...
 
     def __call__(self, x, ids, weights, th, shared=None):
         """x [T, d], ids [T, k] (global expert ids), weights [T, k] -> this range's sum [T, d] float64
@@ -110,7 +111,7 @@ class Experts:
             y = self.dev.experts(self.gate, self.up, self.down, x, local, weights)
             return y if shared is None else y + shared(x, th)
         y = K.moe(x, self.gate, self.up, self.down, self.gu_type, self.down_type, local,
-                  np.ascontiguousarray(weights, np.float32), np.empty(x.shape, np.float64), th)
+                  np.ascontiguousarray(weights, np.float32), np.empty(x.shape, np.float64), th, self.up_type)
         if shared is not None:
             y += shared(x, th)
         return y
