@@ -669,40 +669,7 @@ GLMCPU_INLINE void vec_dot4_iq4_xs_q8_K(int n, const block_iq4_xs *w, const int 
                                         const float *xd, const int16_t *xb, float *res) {
     int nb = n / QK_K;
     (void)xb;                                       /* no mins, no offsets */
-#if defined(GLMCPU_AVX512)
-    /* two sub-blocks (64 values, contiguous in x) per 512-bit step; the sign moved onto x by a
-     * masked negate (AVX-512 has no vpsignb) */
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)KVALUES_IQ4));
-    for (int b = 0; b < nb; b++) {
-        int16_t s16[8];
-        __m512i av[4], sc[4];
-        __mmask64 neg[4];
-        KAHEAD(w + b);
-        scales_iq4_xs(w + b, s16);
-        for (int p = 0; p < 4; p++) {
-            __m512i nib = _mm512_inserti64x4(_mm512_castsi256_si512(unpack_q4_0(w[b].qs + 32 * p)),
-                                             unpack_q4_0(w[b].qs + 32 * p + 16), 1);
-            __m512i v = _mm512_shuffle_epi8(table, nib);
-            av[p] = _mm512_abs_epi8(v);
-            neg[p] = _mm512_movepi8_mask(v);
-            sc[p] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16(s16[2 * p])),
-                                       _mm256_set1_epi16(s16[2 * p + 1]), 1);
-        }
-        float d = fp16_to_fp32(w[b].d);
-        for (int t = 0; t < TC; t++) {
-            const int8_t *x = KX(t) + b * QK_K;
-            __m512i ai = _mm512_setzero_si512();
-            for (int p = 0; p < 4; p++) {
-                __m512i xv = _mm512_loadu_si512((const void *)(x + 64 * p));
-                xv = _mm512_mask_sub_epi8(xv, neg[p], _mm512_setzero_si512(), xv);
-                ai = dot_scaled512(ai, av[p], xv, sc[p]);
-            }
-            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * KD(t)[b]), _mm512_cvtepi32_ps(ai), acc[t]);
-        }
-    }
-    for (int t = 0; t < TC; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
-#elif defined(GLMCPU_AVX2)
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES_IQ4));
     for (int b = 0; b < nb; b++) {
