@@ -419,14 +419,12 @@ def gpu_rows(m) -> list:
     where = m.placement.why
     rows = [("runs on", where if m.placement.dev.name != "cpu" else "the CPU" if "GPU used" in where
              else f"the CPU ({where})")]
-    if m.placement.dev.name != "cpu":
+    if m.placement.plan is not None:
         from collections import Counter
 
         from .device import GPU_TYPES
-        first = m.placement.first
         left = Counter(t.tensor_type.name for n, t in m.file.tensors.items()
-                       if len(t.shape) >= 2 and int(t.tensor_type) not in GPU_TYPES and n != "token_embd.weight"
-                       and (int(n.split(".")[1]) >= first if n.startswith("blk.") else m.placement.head_on))
+                       if m.placement.plan.on_gpu(n) and len(t.shape) >= 2 and int(t.tensor_type) not in GPU_TYPES)
         if left:
             rows.append(("kept on the CPU", ", ".join(f"{k} x{v}" for k, v in left.most_common())
                          + " (no GPU kernel for the type: the CPU multiplies them, their inputs crossing)"))

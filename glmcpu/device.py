@@ -104,6 +104,16 @@ def dequantize_rows(rows, wtype, n_in: int) -> np.ndarray:
     return quants.dequantize(rows, GT(wtype)).reshape(rows.shape[0], n_in).astype(np.float32, copy=False)
 
 
+def rotate(x, pos, cos, sin, neox: bool):
+    """RoPE in place on the first 2 * cos.shape[1] dims of each head of x [T, H, D] at positions pos,
+    from tables [positions, n_rot / 2]: pairs (i, i + half) with neox, else (2i, 2i + 1)."""
+    half = cos.shape[1]
+    c, s = cos[pos][:, None, :], sin[pos][:, None, :]              # [T, 1, half]
+    ia, ib = (slice(0, half), slice(half, 2 * half)) if neox else (slice(0, 2 * half, 2), slice(1, 2 * half, 2))
+    a, b = x[..., ia].copy(), x[..., ib].copy()
+    x[..., ia], x[..., ib] = a * c - b * s, a * s + b * c
+
+
 class TwinWeight:
     """A weight as the GPU holds it (the file's rows, [n_out, row bytes] or experts [E, n_out, row
     bytes]); its float32 values made on first use and kept (the twin runs tiny models)."""
@@ -129,9 +139,6 @@ class Twin(CPU):
 
     def weight(self, rows, wtype, n_in):
         return TwinWeight(rows, wtype, n_in)
-
-    def zeros(self, shape, dtype=np.float32):
-        return np.zeros(shape, dtype)
 
     def _gemv_input(self, x, wtype):
         from .gpu.reference import dequantize_q8_1, quantize_q8_1
@@ -159,17 +166,9 @@ class Twin(CPU):
 
     def rope(self, x, pos, cfg):
         """In place on x [T, H, D], from the CPU's tables (the kernels read the same)."""
-        half = cfg.n_rot // 2
-        if not half:
-            return
-        cos, sin = ops.rope_table(int(cfg.n_rot), float(cfg.rope_theta), ops.rope_rows(int(pos.max())))
-        c, s = cos[pos][:, None, :], sin[pos][:, None, :]          # [T, 1, half]
-        if cfg.neox:
-            a, b = x[..., :half].copy(), x[..., half:2 * half].copy()
-            x[..., :half], x[..., half:2 * half] = a * c - b * s, a * s + b * c
-        else:
-            a, b = x[..., 0:2 * half:2].copy(), x[..., 1:2 * half:2].copy()
-            x[..., 0:2 * half:2], x[..., 1:2 * half:2] = a * c - b * s, a * s + b * c
+        if cfg.n_rot:
+            rotate(x, pos, *ops.rope_table(int(cfg.n_rot), float(cfg.rope_theta), ops.rope_rows(int(pos.max()))),
+                   cfg.neox)
 
     def kv_write(self, kc, vc, pos0, k, v, types):     # float32 caches
         T = k.shape[0]
@@ -212,7 +211,7 @@ class Twin(CPU):
         return out
 
 
-class Cuda(CPU):
+class Cuda(Twin):
     """An NVIDIA GPU through CuPy: glmcpu.gpu's NVRTC kernels (gpu/ops.py) on device arrays. Weights
     are uploaded in the file's block layouts; the caches of its layers are float32 on the card.
     NOT YET RUN ON A GPU (no card was lent to the sessions that wrote it): `--gpu` asks for it by
@@ -224,9 +223,6 @@ class Cuda(CPU):
 
         from .gpu import ops as gpu_ops
         self.xp, self.g, self.tables = cupy, gpu_ops, {}
-
-    def takes(self, wtype) -> bool:
-        return wtype in GPU_TYPES
 
     def asarray(self, x):
         return self.xp.ascontiguousarray(self.xp.asarray(x))
@@ -264,11 +260,6 @@ class Cuda(CPU):
         T, H, D = x.shape
         self.g.rope(x.reshape(T, H * D), self.xp.asarray(np.asarray(pos, np.int32)), cos, sin, cfg.neox, H, D)
 
-    def kv_write(self, kc, vc, pos0, k, v, types):
-        T = k.shape[0]
-        kc[:, pos0:pos0 + T] = k.transpose(1, 0, 2)
-        vc[:, pos0:pos0 + T] = v.transpose(1, 0, 2)
-
     def attention(self, q, kc, vc, pos0, scale, th, groups):
         if groups is not None:
             raise GlmcpuError("a share of a KV group runs on the CPU only")
@@ -301,9 +292,10 @@ class Placement:
     `dev`, the rest on the CPU; the routed experts of a layer on the CPU where cpu_moe(layer). why:
     one line for `info` and the start of a run."""
 
-    def __init__(self, dev=None, first=0, n_layer=0, head=False, cpu_moe=frozenset(), why="the CPU"):
+    def __init__(self, dev=None, first=0, n_layer=0, head=False, cpu_moe=frozenset(), why="the CPU", plan=None):
         self.dev = dev or CPU_DEVICE
         self.first, self.n_layer, self.head_on, self.cpu_moe, self.why = first, n_layer, head, cpu_moe, why
+        self.plan = plan                    # gpu/plan.py's GpuPlan (the tensors on the device), if any
 
     def layer(self, i: int):
         return self.dev if self.first <= i < self.n_layer else CPU_DEVICE
@@ -353,4 +345,5 @@ def place(f, cfg, gpu=None, gpu_layers=None, cpu_moe=False, n_cpu_moe=None, n_ct
     if keep:
         why += ("; every MoE layer's routed experts on the CPU" if cpu_moe else
                 f"; the routed experts of the first {len(keep)} MoE layer{'s' * (len(keep) != 1)} on the CPU")
-    return Placement(dev, first=plan.first, n_layer=cfg.n_layer, head=plan.head, cpu_moe=frozenset(keep), why=why)
+    return Placement(dev, first=plan.first, n_layer=cfg.n_layer, head=plan.head, cpu_moe=frozenset(keep), why=why,
+                     plan=plan)

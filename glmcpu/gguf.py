@@ -124,6 +124,12 @@ class _Cursor:
 SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")    # llama.cpp's gguf-split naming
 
 
+def tensor_bytes(ttype, ne) -> int:
+    """Bytes of a tensor of ggml type ttype and shape ne (ggml order)."""
+    block, nbytes_block = GGML_QUANT_SIZES[ttype]
+    return math.prod(ne) // block * nbytes_block
+
+
 def read_table(c, path, size):
     """(metadata, [(tensor name, ggml type code, shape, offset)]) of a GGUF read through cursor c;
     size: the whole file's bytes (c may hold only its first ones: a header read before a download)."""
@@ -255,13 +261,12 @@ class GGUFFile:
         tensors = {}
         for name, ttype, ne, off in infos:
             block, nbytes_block = GGML_QUANT_SIZES[ttype]
-            n = math.prod(ne)
             if name in tensors or min(ne) < 1 or ne[0] % block or off % align:
                 what = ("appears twice" if name in tensors else f"has shape {ne}" if min(ne) < 1 else
                         f"has rows of {ne[0]} values, not whole {block}-value {ttype.name} blocks"
                         if ne[0] % block else f"starts at offset {off}, not a multiple of {align}")
                 raise ModelFileError(f"{path}: tensor {_name(name)} {what}; the file is damaged")
-            nbytes = n // block * nbytes_block
+            nbytes = tensor_bytes(ttype, ne)
             begin = start + off
             if begin + nbytes > size:
                 raise ModelFileError(f"{path} is truncated: tensor {_name(name)} ends at byte "

@@ -6,12 +6,11 @@ import os
 import re
 import shutil
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from urllib.parse import urlparse
-
-import numpy as np
 
 from .errors import (ChecksumMismatch, DownloadInterrupted, HubError, ModelFileError, ModelNotFound,
                      NotEnoughDiskSpace, UnsupportedTensorType)
@@ -337,9 +336,7 @@ def peek(repo: str, filename: str, meta, log, arch=None):
     from .models import model_class
 
     what = f"{repo}/{filename}"
-    same_host = urlparse(meta.location).netloc == urlparse(_endpoint()).netloc
-    from huggingface_hub.utils import build_hf_headers
-    headers = build_hf_headers() if same_host else {}
+    headers = _auth_headers(meta)
     n, size = 4 << 20, meta.size or HEADER_MAX
     try:
         while True:
@@ -358,24 +355,29 @@ def peek(repo: str, filename: str, meta, log, arch=None):
     arch = table.get("general.architecture", arch)
     if arch is not None:
         model_class(arch)                    # UnsupportedArchitecture: one line naming it
-    from collections import Counter
-    types, nbytes, expert = Counter(), Counter(), 0
+    from .ops import is_expert
+
+    types, total, expert = Counter(), 0, 0
     for name, code, ne, _ in infos:
         if code not in gguf.GGML_QUANT_SIZES or gguf.GT(code) not in gguf.RUNNABLE:
             raise UnsupportedTensorType(
                 f"{what}: tensor {name} is stored as {gguf.type_name(code)}, which glmcpu cannot run; "
                 f"nothing was downloaded (glmcpu runs {', '.join(t.name for t in gguf.RUNNABLE)})")
-        t = gguf.GT(code)
-        block, size_b = gguf.GGML_QUANT_SIZES[t]
-        b = int(np.prod(ne)) // block * size_b
-        types[t.name] += 1
-        nbytes[t.name] += b
-        expert += b if "_exps." in name else 0
-    total = sum(nbytes.values())
+        b = gguf.tensor_bytes(gguf.GT(code), ne)
+        types[gguf.GT(code).name] += 1
+        total += b
+        expert += b if is_expert(name) else 0
     log(f"{what}: {arch or 'a later part'}, " + ", ".join(f"{k} x{v}" for k, v in types.most_common())
         + f"; runs here; {human(total)} of weights" + (f", {human(total - expert)} of them not experts "
                                                        "(the RAM it needs; experts are paged from disk)" if expert else ""))
     return arch
+
+
+def _auth_headers(meta) -> dict:
+    """The hub's token goes to the hub itself only, never to the CDN a large file is served from."""
+    from huggingface_hub.utils import build_hf_headers
+
+    return build_hf_headers() if urlparse(meta.location).netloc == urlparse(_endpoint()).netloc else {}
 
 
 def _part_path(dest: str, etag: str) -> str:
@@ -401,7 +403,7 @@ def _check_space(dests, metas):
 def _fetch(repo, filename, dest, meta, spec, progress, log):
     from huggingface_hub import constants
     from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import (are_progress_bars_disabled, build_hf_headers, disable_progress_bars,
+    from huggingface_hub.utils import (are_progress_bars_disabled, disable_progress_bars,
                                        enable_progress_bars)
 
     # httpx hands over a chunk only when it is full, so a dropped connection loses the chunk in
@@ -419,9 +421,7 @@ def _fetch(repo, filename, dest, meta, spec, progress, log):
         have = 0
     if have:
         log(f"resuming at {human(have)}")
-    # the hub's token only goes to the hub itself, never to the CDN a large file is served from
-    same_host = urlparse(meta.location).netloc == urlparse(_endpoint()).netloc
-    headers = build_hf_headers() if same_host else {}
+    headers = _auth_headers(meta)
     hide = not progress and not are_progress_bars_disabled()
     if hide:
         disable_progress_bars()

@@ -474,12 +474,8 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
         gemm_q5_0x8_groups(n, w, r0 / 8, r1 / 8, T, xq, xd, xs, out, ldo);
         return;
     }
-    if (type == GT_Q4_1 || type == GT_Q5_0 || type == GT_Q5_1) {
+    if (type == GT_Q4_1 || type == GT_Q5_0 || type == GT_Q5_1 || type == GT_IQ4_NL) {
         gemm_rows_legacy(type, n, w, row_bytes, r0, r1, T, xq, xd, xs, out, ldo);
-        return;
-    }
-    if (type == GT_IQ4_NL) {
-        gemm_rows_iq4_nl(n, w, row_bytes, r0, r1, T, xq, xd, out, ldo);
         return;
     }
     if (type == GT_Q4_KX8) {

@@ -707,24 +707,6 @@ GLMCPU_INLINE void vec_dot4_iq4_xs_q8_K(int n, const block_iq4_xs *w, const int 
 #endif
 }
 
-/* Rows r0..r1 of an IQ4_NL matrix against T tokens of Q8_0 activations. */
-static void gemm_rows_iq4_nl(int n, const uint8_t *w, size_t row_bytes, int r0, int r1, int T,
-                             const int8_t *xq, const float *xd, float *out, int ldo) {
-    int nb = n / QK;
-    for (int rb = r0; rb < r1; rb += KROWS)
-    FOR_TC(t, tc, T, 4) {
-        for (int r = rb; r < r1 && r < rb + KROWS; r++) {
-            float res[4];
-#define ICALL(TC) vec_dot4_iq4_nl_q8_0(n, (const block_iq4_nl *)(w + (size_t)r * row_bytes), TC, \
-                                       xq + (size_t)t * n, xd + (size_t)t * nb, res)
-            TC_CONST(tc, ICALL);
-#undef ICALL
-            for (int j = 0; j < tc; j++) out[(size_t)(t + j) * ldo + r] = res[j];
-        }
-    }
-}
-
-
 /* Rows r0..r1 of a K-quant matrix against T tokens of q8_K activations: out[t*ldo + r]. */
 static void gemm_rows_k(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1, int T,
                         const int8_t *xq, const float *xd, const int16_t *xb, float *out, int ldo) {
@@ -830,7 +812,7 @@ GLMCPU_INLINE void vec_dot4_q45_q8_0(int n, const uint8_t *w, size_t bsize, int 
 #endif
 }
 
-/* Rows r0..r1 of a Q4_1 / Q5_0 / Q5_1 matrix against T tokens of Q8_0 activations. */
+/* Rows r0..r1 of a Q4_1 / Q5_0 / Q5_1 / IQ4_NL matrix against T tokens of Q8_0 activations. */
 static void gemm_rows_legacy(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1, int T,
                              const int8_t *xq, const float *xd, const float *xs, float *out, int ldo) {
     int nb = n / QK;
@@ -846,6 +828,7 @@ static void gemm_rows_legacy(int type, int n, const uint8_t *w, size_t row_bytes
 #define LTYPES(TC) switch (type) {              /* byte offsets of qs, qh, m in the block */ \
             LCASE(GT_Q4_1, sizeof(block_q4_1), 4, -1, 2, 0.0f, TC); \
             LCASE(GT_Q5_0, sizeof(block_q5_0), 6, 2, -1, 16.0f, TC); \
+            case GT_IQ4_NL: vec_dot4_iq4_nl_q8_0(n, (const block_iq4_nl *)row, TC, q, d, res); break; \
             default: LCASE(GT_Q5_1, sizeof(block_q5_1), 8, 4, 2, 0.0f, TC); }
             TC_CONST(tc, LTYPES);
 #undef LTYPES

@@ -204,18 +204,8 @@ class FakeGpuOps:
         return self.t.rmsnorm(x, w, eps)
 
     def rope(self, x, pos, cos_t, sin_t, neox, n_head, head_dim):
-        T = x.shape[0]
-        n_rot = 2 * cos_t.shape[1]
-        c, s = cos_t[pos][:, None, :], sin_t[pos][:, None, :]
-        h = x[:, :n_head * head_dim].reshape(T, n_head, head_dim)       # a view: in place
-        half = n_rot // 2
-        if neox:
-            a, b = h[..., :half].copy(), h[..., half:n_rot].copy()
-            h[..., :half], h[..., half:n_rot] = a * c - b * s, a * s + b * c
-        else:
-            a, b = h[..., 0:n_rot:2].copy(), h[..., 1:n_rot:2].copy()
-            h[..., 0:n_rot:2], h[..., 1:n_rot:2] = a * c - b * s, a * s + b * c
-        return x
+        device.rotate(x[:, :n_head * head_dim].reshape(x.shape[0], n_head, head_dim), pos, cos_t, sin_t, neox)
+        return x                                                        # (a view: rotated in place)
 
     def attention_decode(self, q, k, v, n_pos, scale):
         return self.t.attention(q[None], k, v, n_pos - 1, scale, 1, None)[0]

@@ -483,7 +483,7 @@ class Model:
         self.out_norm = w.vector("output_norm.weight")
         self.head_dev = self.placement.head()
         self.output = self.build(w, cfg, "head", None, ranges("head", None), dev=self.head_dev)
-        self.head_norm = self.head_dev.vector(self.out_norm)
+        self.out_norm_dev = self.head_dev.vector(self.out_norm)     # where the head runs
         self.file, self.weights = f, w      # for modules built later (a draft head)
 
     def draft_head(self):
@@ -561,7 +561,7 @@ class Model:
         return {i: L.ffn.hits.copy() for i, L in enumerate(self.layers) if hasattr(L.ffn, "hits")}
 
     def rmsnorm(self, x, w):
-        return K.rmsnorm(x, w, self.cfg.eps, np.empty_like(x))
+        return CPU_DEVICE.rmsnorm(x, w, self.cfg.eps)
 
     @staticmethod
     def embed(embd, ids) -> np.ndarray:
@@ -599,7 +599,7 @@ class Model:
         d = self.head_dev
         if d is not on:
             h, on = d.asarray(on.to_host(h)), d
-        normed = d.rmsnorm(d.xp.ascontiguousarray(h), self.head_norm, self.cfg.eps)   # rows are independent
+        normed = d.rmsnorm(d.xp.ascontiguousarray(h), self.out_norm_dev, self.cfg.eps)   # rows are independent
         logits = self.output(normed if all_logits else d.xp.ascontiguousarray(normed[-1:]), self.threads)
         commit(cache, ids)
         logits = d.to_host(logits)
