@@ -362,33 +362,107 @@ def cluster_line(f) -> str:
 
 
 def cmd_info(a):
-    from collections import Counter
+    from .errors import ModelNotFound
+    from .hub import as_url, names_remote
 
+    if a.model and as_url(a.model):
+        return remote_info(a)
+    try:
+        path = model_path(a.model)
+    except ModelNotFound:
+        if not names_remote(a.model):      # a catalogue name or OWNER/REPO[:FILE] not downloaded: its header
+            raise
+        return remote_info(a)
     from . import ops
     from .engine import Model
 
-    m = Model(model_path(a.model), threads=a.threads, ctx=a.ctx, repack=a.repack, draft="none",
+    m = Model(path, threads=a.threads, ctx=a.ctx, repack=a.repack, draft="none",
               kv_type=(a.kv_type_k or a.kv_type, a.kv_type_v or a.kv_type), **device_kwargs(a))
-    c = m.cfg
-    types, sizes = Counter(), Counter()
-    for t in m.file.tensors.values():
-        types[t.tensor_type.name] += 1
-        sizes[t.tensor_type.name] += t.n_bytes
-    weights = sum(sizes.values())
-    kv = c.kv_bytes(m.ctx, m.kv_type)
-    rows = [
-        ("file", m.path),
-        ("architecture", f"{c.arch} ({m.file.get('general.name', '?')})"),
-        ("layers", c.n_layer),
-        ("hidden / ffn", f"{c.d_model} / {c.n_ff}"),
-        ("heads q / kv / dim", f"{c.n_head} / {c.n_head_kv} / {c.head_dim} (rope on {c.n_rot}, theta {c.rope_theta:g})"),
-        ("vocabulary", c.n_vocab),
-        ("context", f"{m.ctx} (trained {c.n_ctx_train})"),
-        ("tensor types", ", ".join(f"{k} x{v} ({human(sizes[k])})" for k, v in types.most_common())),
-        ("memory", f"{human(weights)} weights (memory-mapped) + {human(kv)} KV cache at ctx {m.ctx} "
-                   f"({m.kv_type[0] if m.kv_type[0] == m.kv_type[1] else 'K {} / V {}'.format(*m.kv_type)})"),
+    experts = any(ops.is_expert(n) for n in m.file.tensors)
+    pk = m.net.packing
+    rows = [("file", m.path)] + model_rows(m.file, m.cfg, m.ctx, m.kv_type) + [
+        ("free memory", f"{human(ops.memory_available())} (the RAM, or this container's limit if lower)"),
+        ("repacked", ("non-expert weights copied into RAM in the kernels' layouts" if pk.dense else
+                      "nothing: every weight is read from the file (--repack none, or too little free memory)")
+         + ("; experts too" if pk.experts else "; experts read from the file" if experts else "")),
+        ("kernels", f"{ops.VARIANT} (built: {', '.join(ops.available_variants())})"),
+        ("threads", m.threads),
     ]
-    experts = sum(t.n_bytes for n, t in m.file.tensors.items() if ops.is_expert(n))
+    print_rows(rows + gpu_rows(m))
+    return 0
+
+
+def remote_info(a):
+    """`info` of a file on the hub or the web, from its header alone (Range requests): nothing is
+    downloaded. The rows that describe the file are local `info`'s (model_rows)."""
+    from . import ops
+    from .engine import chosen_kv_type, default_context
+    from .hub import inspect_remote
+    from .models.glm4 import kv_type as kv_types
+
+    r = inspect_remote(a.model)
+    f, cfg = r.file, r.cfg
+    rows = [("file", r.name)]
+    if r.count > len(r.parts):
+        rows.append(("split", f"part 1 of {r.count}: the other parts were not read, so the sizes, types and "
+                              "memory below are part 1's alone"))
+    elif r.count > 1:
+        rows.append(("split", f"{r.count} parts: " + ", ".join(f"{human(s) if s else '?'}" for _, s in r.parts)))
+    rows.append(("file size", human(f.size) if f.size else "unknown (the server did not say)"))
+    rows.append(("glmcpu runs it", "yes (read from its header; nothing downloaded)" if r.refused is None
+                 else "no: " + " ".join(r.refused.split())))
+    ctx = kv = None
+    if cfg is not None:
+        kv = kv_types(*chosen_kv_type((a.kv_type_k or a.kv_type, a.kv_type_v or a.kv_type)), head_dim=cfg.head_dim)
+        resident = sum(t.n_bytes or 0 for n, t in f.tensors.items() if not ops.is_expert(n))
+        ctx = a.ctx or default_context(cfg, kv, ops.memory_available(), resident)[0]
+    print_rows(rows + model_rows(f, cfg, ctx, kv))
+    return 0
+
+
+def model_rows(f, cfg, ctx, kv_type) -> list:
+    """The rows `info` prints of what a model file holds and the RAM running it takes, for a local
+    file (a GGUFFile) and a remote one's header (hub.HeaderFile) alike; cfg None (a header that makes
+    no Config) gives the architecture and the tensor types only."""
+    from collections import Counter
+
+    from . import ops
+    from .gguf import REMOVED_TYPES
+
+    types, sizes, unknown = Counter(), Counter(), set()
+    for t in f.tensors.values():
+        k = getattr(t.tensor_type, "name", None) or REMOVED_TYPES.get(t.tensor_type, f"type {t.tensor_type}")
+        types[k] += 1
+        sizes[k] += t.n_bytes or 0
+        if t.n_bytes is None:
+            unknown.add(k)
+    weights = sum(sizes.values())
+
+    def share(k):
+        if k in unknown:
+            return "size unknown"
+        pct = 100 * sizes[k] / weights if weights else 0
+        return f"{human(sizes[k])}, {pct:.0f}%" if pct >= 1 else f"{human(sizes[k])}, <1%"
+
+    rows = [("architecture", f"{f.arch} ({f.get('general.name', '?')})")]
+    if cfg is not None:
+        c = cfg
+        rows += [
+            ("layers", c.n_layer),
+            ("hidden / ffn", f"{c.d_model} / {c.n_ff}"),
+            ("heads q / kv / dim", f"{c.n_head} / {c.n_head_kv} / {c.head_dim} (rope on {c.n_rot}, "
+                                   f"theta {c.rope_theta:g})"),
+            ("vocabulary", c.n_vocab),
+            ("context", f"{ctx} (trained {c.n_ctx_train})"),
+        ]
+    rows.append(("tensor types", ", ".join(f"{k} x{v} ({share(k)})" for k, v in types.most_common())))
+    if cfg is None:
+        return rows
+    kv = c.kv_bytes(ctx, kv_type)
+    rows.append(("memory", f"{human(weights)} weights (memory-mapped) + {human(kv)} KV cache at ctx {ctx} "
+                           f"({kv_type[0] if kv_type[0] == kv_type[1] else 'K {} / V {}'.format(*kv_type)})"
+                           + (f"; without the {', '.join(sorted(unknown))} tensors, of unknown size" if unknown else "")))
+    experts = sum(t.n_bytes or 0 for n, t in f.tensors.items() if ops.is_expert(n))
     if experts:
         rows += [
             ("experts", f"{c.n_expert} per layer, {c.n_expert_used} used per token + {c.n_expert_shared} shared, "
@@ -396,21 +470,14 @@ def cmd_info(a):
             ("RAM needed", f"{human(weights - experts + kv)} (non-expert weights + KV cache; lock with --mlock)"),
             ("expert weights", f"{human(experts)} read from the file on demand (the OS pages them in and out)"),
         ]
-    pk = m.net.packing
-    rows += [
-        ("free memory", f"{human(ops.memory_available())} (the RAM, or this container's limit if lower)"),
-        ("repacked", ("non-expert weights copied into RAM in the kernels' layouts" if pk.dense else
-                      "nothing: every weight is read from the file (--repack none, or too little free memory)")
-         + ("; experts too" if pk.experts else "; experts read from the file" if experts else "")),
-        ("draft head", f"MTP block {c.n_layer} (used by --draft auto/mtp)" if c.n_nextn else
-                       "none in the file (--draft lookup guesses from the context)"),
-        ("kernels", f"{ops.VARIANT} (built: {', '.join(ops.available_variants())})"),
-        ("threads", m.threads),
-    ]
-    rows += gpu_rows(m)
+    rows.append(("draft head", f"MTP block {c.n_layer} (used by --draft auto/mtp)" if c.n_nextn else
+                               "none in the file (--draft lookup guesses from the context)"))
+    return rows
+
+
+def print_rows(rows):
     for k, v in rows:
         print(f"{k:>20}  {v}")
-    return 0
 
 
 def gpu_rows(m) -> list:
@@ -602,7 +669,9 @@ def build_parser():
     pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("info", help="what a model file holds and what running it needs")
-    i.add_argument("model", nargs="?", help="a .gguf file or a name from `glmcpu list` (default: the demo model)")
+    i.add_argument("model", nargs="?", help="a .gguf file or a name from `glmcpu list` (default: the demo model); "
+                                           "a URL, or a catalogue name or OWNER/REPO[:FILE] not downloaded: read "
+                                           "from the remote file's header, nothing downloaded")
     add_engine(i)
     i.set_defaults(func=cmd_info)
 

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 from .errors import (ChecksumMismatch, DownloadInterrupted, HubError, ModelFileError, ModelNotFound,
                      NotEnoughDiskSpace, UnsupportedTensorType)
-from .gguf import SPLIT_NAME as SPLIT     # llama.cpp's gguf-split part names
+from .gguf import GGUFFile, SPLIT_NAME as SPLIT     # SPLIT: llama.cpp's gguf-split part names
 
 GB = 10**9
 # the quantisation tried first when a repository has several GGUF files (llama.cpp's usual default)
@@ -223,7 +223,7 @@ def _hub_errors(repo: str, filename: str = None):
     except (hf.RemoteEntryNotFoundError, hf.EntryNotFoundError):
         raise HubError(f"{repo} has no file {filename!r}; `glmcpu pull {repo}` lists its GGUF files") from None
     except hf.OfflineModeIsEnabled:
-        raise HubError(f"cannot fetch {what}: HF_HUB_OFFLINE is set; unset it to download") from None
+        raise HubError(f"cannot fetch {what}: HF_HUB_OFFLINE is set; unset it to reach the hub") from None
     except hf.HfHubHTTPError as e:
         raise HubError(f"{_endpoint()} refused {what}: {_first_line(e)}") from None
     except _network_errors() as e:
@@ -312,19 +312,57 @@ def pull(spec: str, progress: bool = True, log=None) -> list:
 HEADER_MAX = 256 << 20      # a GGUF header (metadata, tokenizer, tensor table) is a few MB; stop looking here
 
 
-def _range(url: str, size: int, n: int, headers: dict) -> bytes:
-    """The first n bytes of a remote file (a server that ignores the Range is read no further)."""
-    from huggingface_hub.utils import get_session
+def _range(url: str, size, n: int, headers: dict) -> tuple:
+    """(the first n bytes of a remote file, its size as the server gives it or None). A server that
+    ignores the Range is read no further than n bytes either."""
+    from huggingface_hub.utils import get_session, hf_raise_for_status
 
     got = bytearray()
-    with get_session().stream("GET", url, headers={**headers, "Range": f"bytes=0-{min(n, size) - 1}"},
+    with get_session().stream("GET", url, headers={**headers, "Range": f"bytes=0-{min(n, size or n) - 1}"},
                               follow_redirects=True) as r:
-        r.raise_for_status()
+        hf_raise_for_status(r)
+        total = (r.headers.get("Content-Range", "").rpartition("/")[2] if r.status_code == 206
+                 else r.headers.get("Content-Length", ""))
         for chunk in r.iter_bytes():
             got += chunk
             if len(got) >= n:
                 break
-    return bytes(got[:n])
+    return bytes(got[:n]), int(total) if total.isdigit() else None
+
+
+def read_remote_header(what: str, url: str, size, headers: dict) -> tuple:
+    """(metadata, tensor table, the file's size or None) of a remote GGUF, from Range requests of its
+    first 4 MiB, then 4x more until the tensor table ends (HEADER_MAX at most). size: its bytes when
+    known already (else the server's Content-Range tells)."""
+    from . import gguf
+
+    n = 4 << 20
+    while True:
+        head, total = _range(url, size, n, headers)
+        size = size or total
+        known = size or HEADER_MAX
+        try:
+            table, infos = gguf.read_header(head, known, what)
+            return table, infos, size
+        except gguf.HeaderCut:
+            if n >= min(known, HEADER_MAX) or len(head) < min(n, known):
+                raise ModelFileError(f"{what}: its header does not end within its first {human(len(head))}") from None
+            n *= 4
+
+
+def check_runnable(what: str, arch, infos):
+    """Refuse, in one line, a file whose architecture (UnsupportedArchitecture) or tensor types
+    (UnsupportedTensorType, naming the type and where it comes from) glmcpu cannot run."""
+    from . import gguf
+    from .models import model_class
+
+    if arch is not None:
+        model_class(arch)
+    for name, code, ne, _ in infos:
+        if code not in gguf.GGML_QUANT_SIZES or gguf.GT(code) not in gguf.RUNNABLE:
+            raise UnsupportedTensorType(
+                f"{what}: tensor {name} is stored as {gguf.type_name(code)}, which glmcpu cannot run; "
+                f"nothing was downloaded (glmcpu runs {', '.join(t.name for t in gguf.RUNNABLE)})")
 
 
 def peek(repo: str, filename: str, meta, log, arch=None):
@@ -333,36 +371,20 @@ def peek(repo: str, filename: str, meta, log, arch=None):
     (a split file's later parts have none of their own). A header that cannot be read is only warned
     of: the download's checksum and the load judge the file."""
     from . import gguf
-    from .models import model_class
 
     what = f"{repo}/{filename}"
-    headers = _auth_headers(meta)
-    n, size = 4 << 20, meta.size or HEADER_MAX
     try:
-        while True:
-            with _hub_errors(repo, filename):
-                head = _range(meta.location, size, n, headers)
-            try:
-                table, infos = gguf.read_header(head, size, what)
-                break
-            except gguf.HeaderCut:
-                if n >= min(size, HEADER_MAX) or len(head) < min(n, size):
-                    raise ModelFileError(f"{what}: its header does not end within its first {human(len(head))}")
-                n *= 4
+        with _hub_errors(repo, filename):
+            table, infos, _ = read_remote_header(what, meta.location, meta.size, _auth_headers(meta))
     except (ModelFileError, HubError, *_network_errors(), *_hub_http_errors()) as e:
         log(f"{what}: could not read its header before the download ({_first_line(e)}); it is checked after")
         return None
     arch = table.get("general.architecture", arch)
-    if arch is not None:
-        model_class(arch)                    # UnsupportedArchitecture: one line naming it
+    check_runnable(what, arch, infos)
     from .ops import is_expert
 
     types, total, expert = Counter(), 0, 0
     for name, code, ne, _ in infos:
-        if code not in gguf.GGML_QUANT_SIZES or gguf.GT(code) not in gguf.RUNNABLE:
-            raise UnsupportedTensorType(
-                f"{what}: tensor {name} is stored as {gguf.type_name(code)}, which glmcpu cannot run; "
-                f"nothing was downloaded (glmcpu runs {', '.join(t.name for t in gguf.RUNNABLE)})")
         b = gguf.tensor_bytes(gguf.GT(code), ne)
         types[gguf.GT(code).name] += 1
         total += b
@@ -473,3 +495,146 @@ def _verify(path, etag, what, progress, log):
         os.remove(path)
         raise ChecksumMismatch(f"{what}: the download's {kind} is {h.hexdigest()[:16]}..., the hub's is "
                                f"{etag[:16]}...; the file was deleted, run `glmcpu pull` again")
+
+
+# --- what a remote file holds, from its header alone (`glmcpu info URL-or-name`) -----------------
+
+HUB_HOSTS = ("huggingface.co", "www.huggingface.co", "hf.co")
+
+
+def as_url(name: str):
+    """name as a URL if it is one (http(s)://..., or hf.co/... and huggingface.co/... without the
+    scheme), else None."""
+    if name.startswith(("http://", "https://")):
+        return name
+    return "https://" + name if name.split("/", 1)[0] in HUB_HOSTS else None
+
+
+def names_remote(name: str) -> bool:
+    """Whether `name` names a file on the web or the hub: a URL, a catalogue name, OWNER/REPO[:FILE]
+    (a path such as dir/x.gguf or ./a/b is not taken for a repository)."""
+    if as_url(name) or find_entry(name):
+        return True
+    repo, colon, _ = name.partition(":")
+    return (repo.count("/") == 1 and all(repo.split("/")) and not repo.startswith((".", "~"))
+            and (bool(colon) or not repo.endswith(".gguf")))
+
+
+def _hub_file(url: str):
+    """(repo, revision, file) of a Hugging Face file URL, .../OWNER/REPO/resolve/REV/FILE (or /blob/,
+    the page's), on the hub or HF_ENDPOINT's host; None for any other URL."""
+    from urllib.parse import unquote
+
+    u = urlparse(url)
+    if u.netloc not in HUB_HOSTS and u.netloc != urlparse(_endpoint()).netloc:
+        return None
+    p = [unquote(x) for x in u.path.strip("/").split("/")]
+    if len(p) < 5 or p[2] not in ("resolve", "blob"):
+        return None
+    return f"{p[0]}/{p[1]}", p[3], "/".join(p[4:])
+
+
+@contextmanager
+def _url_errors(url: str):
+    """A web server's refusals as one-line HubErrors (the hub's own go through _hub_errors)."""
+    host = urlparse(url).netloc or url
+    try:
+        yield
+    except _hub_http_errors() as e:
+        r = getattr(e, "response", None)
+        code = getattr(r, "status_code", None)
+        why = {404: "no such file", 401: "it asks for a login", 403: "access is refused",
+               416: "it cannot serve a byte range of the file"}.get(code, "it refused the request")
+        raise HubError(f"{url}: {why} ({host} answered {code or _first_line(e)})") from None
+    except _network_errors() as e:
+        raise HubError(f"cannot reach {host} for {url} ({type(e).__name__}: {_first_line(e)}); "
+                       "check the URL and the network") from None
+
+
+class HeaderFile(GGUFFile):
+    """A GGUF known from its header alone (metadata and tensor table, no data): what a model's Config,
+    its check_tensors and `info` read, through GGUFFile's checked readers. A tensor of a type glmcpu
+    cannot read has its type code as tensor_type and n_bytes None."""
+
+    def __init__(self, path: str, meta: dict, infos: list, size):
+        from .gguf import GGML_QUANT_SIZES, GT, Tensor, tensor_bytes
+
+        self.path, self.meta, self.size, self.parts = path, meta, size, []
+        self.arch = meta.get("general.architecture")
+        self.tensors = {}
+        for name, code, ne, off in infos:
+            known = code in GGML_QUANT_SIZES
+            self.tensors[name] = Tensor(name, GT(code) if known else code, ne,
+                                        tensor_bytes(GT(code), ne) if known else None, off, None)
+
+
+@dataclass
+class Remote:
+    """What `inspect_remote` read of a remote GGUF (its header only; nothing downloaded)."""
+    name: str            # OWNER/REPO/FILE, or the URL
+    parts: list          # [(name, bytes or None)]: every part of a split file whose name says them, first first
+    count: int           # how many parts the file has (1: not split)
+    file: HeaderFile     # the first part's metadata, the tensors of every part read
+    cfg: object          # the model's Config, or None when the header does not make one
+    refused: str         # why glmcpu cannot run it (the line `pull` would refuse it with), or None
+
+
+def inspect_remote(target: str) -> Remote:
+    """Read the header of a remote GGUF with Range requests, downloading nothing: a URL (a hub URL
+    goes through the hub, HF_ENDPOINT and its token included), a catalogue name or OWNER/REPO[:FILE]
+    as `pull` takes them. A split file named on the hub has every part's header read (as `pull` does),
+    one given by another URL its first part's only."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    url = as_url(target)
+    on_hub = _hub_file(url) if url else None
+    heads, parts = [], []           # [(metadata, tensor table)], [(name, bytes)] of each part read
+    if url and not on_hub:
+        with _url_errors(url):
+            table, infos, size = read_remote_header(url, url, None, {})     # never the hub's token elsewhere
+        heads.append((table, infos))
+        parts.append((url, size))
+        name = url
+    else:
+        if on_hub:
+            repo, revision, filename = on_hub
+            files = expand_parts(filename)
+        else:
+            (repo, files, _), revision = _plan(target), None
+        name = f"{repo}/{files[0]}"
+        for f in files:
+            with _hub_errors(repo, f):
+                meta = get_hf_file_metadata(hf_hub_url(repo, f, revision=revision, endpoint=_endpoint()))
+                table, infos, size = read_remote_header(f"{repo}/{f}", meta.location, meta.size,
+                                                        _auth_headers(meta))
+            heads.append((table, infos))
+            parts.append((f"{repo}/{f}", size))
+    meta = heads[0][0]
+    infos = [i for _, table in heads for i in table]
+    file = HeaderFile(name, meta, infos, sum(s for _, s in parts) if all(s for _, s in parts) else None)
+    count = file.number("split.count", 1, maximum=99999)
+    if file.number("split.no", 0, minimum=0) != 0:
+        raise ModelFileError(f"{name} is part {file.number('split.no') + 1} of {count} of a split GGUF; "
+                             "give the first part (…-00001-of-…gguf): its header holds the model's metadata")
+    return Remote(name, parts, count, file, *_judge(file, infos))
+
+
+def _judge(file: HeaderFile, infos) -> tuple:
+    """(Config or None, why glmcpu cannot run the file or None): the load's own checks, on the header."""
+    from .errors import GlmcpuError
+    from .models import model_class
+
+    cfg, refused = None, None
+    if not isinstance(file.arch, str):
+        return None, f"{file.path} has no general.architecture: not a model GGUF"
+    try:
+        cls = model_class(file.arch)
+        cfg = cls.config_class.from_gguf(file)
+        cls.check_tensors(file, cfg)
+    except GlmcpuError as e:
+        refused = str(e)
+    try:
+        check_runnable(file.path, file.arch, infos)
+    except GlmcpuError as e:
+        refused = refused or str(e)
+    return cfg, refused

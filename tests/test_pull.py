@@ -308,3 +308,108 @@ def test_pull_says_what_a_file_holds_before_downloading(fake_hub):
     with pytest.raises(glmcpu.UnsupportedArchitecture, match="x" * n):
         hub.pull("glmtest/Odd-GGUF:o.gguf", progress=False, log=lambda m: None)
     assert [r for m, path, r in fake_hub.requests if m == "GET" and path.endswith("/o.gguf")] == ["bytes=0-4194303"]
+
+
+# --- `glmcpu info` of a remote file: its header only ----------------------------------------------
+
+FILE_ROWS = ("architecture", "layers", "hidden / ffn", "heads q / kv / dim", "vocabulary", "context",
+             "tensor types", "memory", "draft head")
+
+
+def info(capsys, *args):
+    """(exit status, {row: value} of `glmcpu info`'s table, stderr)."""
+    rc = cli.main(["info", *args])
+    out, err = capsys.readouterr()
+    return rc, dict(line.strip().split("  ", 1) for line in out.splitlines() if line.strip()), err
+
+
+def error_line(capsys, *args):
+    rc, rows, err = info(capsys, *args)
+    assert rc == 1 and not rows and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("glmcpu: error: ") and "Traceback" not in err
+    return err.strip()
+
+
+def test_info_of_a_remote_file_reads_its_header_only(fake_hub, capsys):
+    """A name not downloaded, or a hub URL: local info's rows of the file (types with their share of
+    bytes, the RAM it needs) from one Range request of its header; nothing lands in the models folder."""
+    _, local, _ = info(capsys, hub.demo_path())
+    for name in ("glmtest/Demo-GGUF:demo-Q8_0.gguf",
+                 "https://huggingface.co/glmtest/Demo-GGUF/resolve/main/demo-Q8_0.gguf",
+                 "hf.co/glmtest/Demo-GGUF/blob/main/demo-Q8_0.gguf?download=true"):
+        fake_hub.requests.clear()
+        rc, rows, err = info(capsys, name)
+        assert rc == 0, err
+        assert rows["file"] == "glmtest/Demo-GGUF/demo-Q8_0.gguf" and rows["file size"] == hub.human(len(DEMO))
+        assert rows["glmcpu runs it"].startswith("yes") and "split" not in rows
+        assert {k: rows[k] for k in FILE_ROWS} == {k: local[k] for k in FILE_ROWS}
+        assert "Q8_0 x26 (5.0 MiB, 100%)" in rows["tensor types"] and "KV cache at ctx" in rows["memory"]
+        assert fake_hub.peeks() == ["bytes=0-4194303"] and not fake_hub.ranges()
+        assert not [p for m, p, r in fake_hub.requests if m == "GET" and p.endswith(".gguf") and not r]
+    assert not os.path.exists(hub.models_dir())
+
+
+def a_type_glmcpu_cannot_run():
+    """A ggml type glmcpu reads but does not run (as kernels are added, a later one), whose blocks fit
+    the demo's 256-value rows."""
+    from glmcpu.gguf import GGML_QUANT_SIZES, GT, RUNNABLE
+    return next(t for t in GT if t in GGML_QUANT_SIZES and t not in RUNNABLE and 256 % GGML_QUANT_SIZES[t][0] == 0)
+
+
+@pytest.mark.parametrize("code", ["known", 31, 200])
+def test_info_of_a_remote_file_names_a_type_glmcpu_cannot_run(fake_hub, capsys, code):
+    from gguf import GGUFReader
+    from glmcpu.gguf import RUNNABLE, type_name
+    code = int(a_type_glmcpu_cannot_run()) if code == "known" else code
+    first = GGUFReader(hub.demo_path()).tensors[0].name
+    fake_hub.repos["glmtest/Odd-GGUF"] = {"odd.gguf": relabel(DEMO, first, code)}
+    rc, rows, err = info(capsys, "glmtest/Odd-GGUF:odd.gguf")
+    assert rc == 0, err
+    assert rows["glmcpu runs it"] == (f"no: glmtest/Odd-GGUF/odd.gguf: tensor {first} is stored as {type_name(code)}, "
+                                      "which glmcpu cannot run; nothing was downloaded (glmcpu runs "
+                                      + ", ".join(t.name for t in RUNNABLE) + ")")
+    assert rows["layers"] == "4"                              # the rest of the header is still told
+    label = {31: "Q4_0_4_4 x1 (size unknown)", 200: "type 200 x1 (size unknown)"}.get(code, f"{type_name(code)} x1 (")
+    assert label in rows["tensor types"]
+    assert not fake_hub.ranges() and not os.path.exists(hub.models_dir())
+
+
+def test_info_of_a_split_file(fake_hub, tmp_path, capsys, monkeypatch):
+    """On the hub every part is known by its name: all their sizes, and the types of all of them; by
+    a plain URL, part 1 of N is what was read."""
+    from huggingface_hub import constants
+    from test_split import write_split
+    (tmp_path / "split").mkdir()
+    parts = write_split(hub.demo_path(), str(tmp_path / "split"), per_part=30)
+    fake_hub.repos["glmtest/Parts-GGUF"] = {os.path.basename(p): open(p, "rb").read() for p in parts}
+    first = os.path.basename(parts[0])
+    _, local, _ = info(capsys, hub.demo_path())
+    rc, rows, err = info(capsys, f"glmtest/Parts-GGUF:{first}")
+    assert rc == 0, err
+    sizes = [os.path.getsize(p) for p in parts]
+    assert len(parts) == 2 and rows["split"] == "2 parts: " + ", ".join(map(hub.human, sizes))
+    assert rows["file size"] == hub.human(sum(sizes)) and rows["glmcpu runs it"].startswith("yes")
+    assert rows["tensor types"] == local["tensor types"] and rows["memory"] == local["memory"]
+    assert len(fake_hub.peeks()) == 2 and not fake_hub.ranges()
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")     # the fake hub as any web server
+    rc, rows, err = info(capsys, f"{fake_hub.url}/glmtest/Parts-GGUF/resolve/main/{first}")
+    assert rc == 0 and rows["split"].startswith("part 1 of 2: ") and rows["file size"] == hub.human(sizes[0])
+
+
+def test_info_of_a_bad_url_is_one_line(fake_hub, capsys, monkeypatch):
+    from huggingface_hub import constants
+    assert "has no file 'nope.gguf'" in error_line(
+        capsys, "https://huggingface.co/glmtest/Demo-GGUF/resolve/main/nope.gguf")
+    assert "no such repository" in error_line(capsys, "glmtest/Nope-GGUF:x.gguf")
+    assert "is not a GGUF file" in error_line(capsys, "glmtest/Demo-GGUF:README.md")
+    assert "not a file, not one of the 0 models" in error_line(capsys, "no-such-model")   # resolve's line
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    url = f"{fake_hub.url}/glmtest/Demo-GGUF/resolve/main/demo-Q8_0.gguf"
+    rc, rows, err = info(capsys, url)                         # any web server's file, by Range too
+    assert rc == 0 and rows["file"] == url and rows["file size"] == hub.human(len(DEMO)), err
+    assert f"{url[:-5]}x.gguf: no such file (127.0.0.1" in error_line(capsys, url[:-5] + "x.gguf")
+    with socket.socket() as s:                                 # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/m.gguf"
+    assert "cannot reach" in error_line(capsys, dead)
+    assert not os.path.exists(hub.models_dir())
