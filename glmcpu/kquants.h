@@ -45,11 +45,27 @@ _Static_assert(sizeof(block_q3_K) == 110, "Q3_K block is 110 bytes");
 _Static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
 _Static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
 _Static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
+/* IQ4_NL: one block of 32 = an fp16 scale and Q4_0's nibble layout (value j: LOW nibble of qs[j],
+ * value j+16: HIGH nibble); value = d * KVALUES_IQ4[q], llama.cpp's kvalues_iq4nl codebook.
+ * IQ4_XS: a super-block of 256 = fp16 d, then 8 sub-blocks of 32, each IQ4_NL's nibbles
+ * (qs[16 s ..]) under a 6-bit scale ls (low 4 bits: nibble s % 2 of scales_l[s / 2]; high 2 bits:
+ * bits 2s, 2s+1 of scales_h); value = d * (ls - 32) * KVALUES_IQ4[q]. */
+typedef struct { uint16_t d; uint8_t qs[16]; } block_iq4_nl;
+typedef struct { uint16_t d; uint16_t scales_h; uint8_t scales_l[4]; uint8_t qs[128]; } block_iq4_xs;
+_Static_assert(sizeof(block_iq4_nl) == 18, "IQ4_NL block is 18 bytes");
+_Static_assert(sizeof(block_iq4_xs) == 136, "IQ4_XS block is 136 bytes");
+static const int8_t KVALUES_IQ4[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+#include "kquants_neon.h"      /* the NEON bodies of the kernels below (arm64 builds only) */
 
 /* ---- activations for the K-quants ("q8_K") ------------------------------------------
  * int8 xq[n], one float scale xd[b] per 256 and int16 xb[n/16]: the sum of each 16 xq, which
  * carries the mins and the offsets (Q6_K's - 32) without touching the weights. */
 static void quantize_row_q8_K(int n, const float *x, int8_t *xq, float *xd, int16_t *xb) {
+#if defined(GLMCPU_NEON)
+    neon_quantize_row_q8_K(n, x, xq, xd, xb);
+    return;
+#endif
     for (int b = 0; b < n / QK_K; b++) {
         const float *v = x + b * QK_K;
         float amax = 0.0f;
@@ -379,6 +395,8 @@ GLMCPU_INLINE void vec_dot4_q4_K_q8_K(int n, const block_q4_K *w, const int TC, 
         add_block_k(q, sc, mdup, d, dm, b, n, TC, xq, xd, xb, acc);
     }
     for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#elif defined(GLMCPU_NEON)
+    neon_dot_q4_K(n, w, TC, xq, xd, xb, res);
 #else
     for (int t = 0; t < TC; t++) res[t] = vec_dot_q4_K_q8_K(n, w, KX(t), KD(t), KB(t));
 #endif
@@ -409,6 +427,8 @@ GLMCPU_INLINE void vec_dot4_q5_K_q8_K(int n, const block_q5_K *w, const int TC, 
         add_block_k(q, sc, mdup, d, dm, b, n, TC, xq, xd, xb, acc);
     }
     for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#elif defined(GLMCPU_NEON)
+    neon_dot_q5_K(n, w, TC, xq, xd, xb, res);
 #else
     for (int t = 0; t < TC; t++) res[t] = vec_dot_q5_K_q8_K(n, w, KX(t), KD(t), KB(t));
 #endif
@@ -495,6 +515,8 @@ GLMCPU_INLINE void vec_dot4_q6_K_q8_K(int n, const block_q6_K *w, const int TC, 
         }
     }
     for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#elif defined(GLMCPU_NEON)
+    neon_dot_q6_K(n, w, TC, xq, xd, res);
 #else
     for (int t = 0; t < TC; t++) res[t] = vec_dot_q6_K_q8_K(n, w, KX(t), KD(t), KB(t));
 #endif
@@ -534,6 +556,8 @@ GLMCPU_INLINE void vec_dot4_q2_K_q8_K(int n, const block_q2_K *w, const int TC, 
         add_block_k(q, sc, m16, d, dm, b, n, TC, xq, xd, xb, acc);
     }
     for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#elif defined(GLMCPU_NEON)
+    neon_dot_q2_K(n, w, TC, xq, xd, xb, res);
 #else
     for (int t = 0; t < TC; t++) res[t] = vec_dot_q2_K_q8_K(n, w, KX(t), KD(t), KB(t));
 #endif
@@ -582,6 +606,8 @@ GLMCPU_INLINE void vec_dot4_q3_K_q8_K(int n, const block_q3_K *w, const int TC, 
         }
     }
     for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#elif defined(GLMCPU_NEON)
+    neon_dot_q3_K(n, w, TC, xq, xd, res);
 #else
     for (int t = 0; t < TC; t++) res[t] = vec_dot_q3_K_q8_K(n, w, KX(t), KD(t), KB(t));
 #endif
@@ -592,21 +618,12 @@ GLMCPU_INLINE void vec_dot4_q3_K_q8_K(int n, const block_q3_K *w, const int TC, 
 #define KROWS 16
 
 /* ---- IQ4_NL and IQ4_XS --------------------------------------------------------------------
- * 4-bit indices into a fixed non-linear codebook of 16 signed values (llama.cpp's kvalues_iq4nl):
+ * 4-bit indices into a fixed non-linear codebook of 16 signed values (layouts at the top of this file):
  * the rows llama.cpp writes where a width is not a multiple of 256 (GLM-4.5-Air's 1408-wide expert
  * down rows, GLM-4-9B's 13696) in its IQ mixes, and the IQ4_XS file type.
- * IQ4_NL: one block of 32 = an fp16 scale and Q4_0's nibble layout (value j: LOW nibble of qs[j],
- * value j+16: HIGH nibble); value = d * KVALUES_IQ4[q]. Dotted with Q8_0 activations (as Q4_0).
- * IQ4_XS: a super-block of 256 = fp16 d, then 8 sub-blocks of 32, each IQ4_NL's nibbles
- * (qs[16 s ..]) under a 6-bit scale ls (low 4 bits: nibble s % 2 of scales_l[s / 2]; high 2 bits:
- * bits 2s, 2s+1 of scales_h); value = d * (ls - 32) * KVALUES_IQ4[q]. Dotted with q8_K activations
- * (as the K-quants, and as llama.cpp does): integer sums scaled in integer, one float multiply per
- * super-block and token. */
-typedef struct { uint16_t d; uint8_t qs[16]; } block_iq4_nl;
-typedef struct { uint16_t d; uint16_t scales_h; uint8_t scales_l[4]; uint8_t qs[128]; } block_iq4_xs;
-_Static_assert(sizeof(block_iq4_nl) == 18, "IQ4_NL block is 18 bytes");
-_Static_assert(sizeof(block_iq4_xs) == 136, "IQ4_XS block is 136 bytes");
-static const int8_t KVALUES_IQ4[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+ * IQ4_NL is dotted with Q8_0 activations (as Q4_0), IQ4_XS with q8_K activations (as the K-quants,
+ * and as llama.cpp does): integer sums scaled in integer, one float multiply per super-block and
+ * token. */
 
 /* the 8 sub-block factors ls - 32 of an IQ4_XS super-block */
 static inline void scales_iq4_xs(const block_iq4_xs *x, int16_t *sc) {
@@ -654,6 +671,9 @@ GLMCPU_INLINE void vec_dot4_iq4_nl_q8_0(int n, const block_iq4_nl *w, const int 
         }
     }
     for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#elif defined(GLMCPU_NEON)
+    (void)nb;
+    neon_dot_iq4_nl(n, w, TC, xq, xd, res);
 #else
     for (int t = 0; t < TC; t++) {
         float sum = 0.0f;
@@ -692,6 +712,9 @@ GLMCPU_INLINE void vec_dot4_iq4_xs_q8_K(int n, const block_iq4_xs *w, const int 
         }
     }
     for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+#elif defined(GLMCPU_NEON)
+    (void)nb;
+    neon_dot_iq4_xs(n, w, TC, xq, xd, res);
 #else
     for (int t = 0; t < TC; t++) {
         float sum = 0.0f;
@@ -805,6 +828,9 @@ GLMCPU_INLINE void vec_dot4_q45_q8_0(int n, const uint8_t *w, size_t bsize, int 
         }
     }
     for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]) + corr[t];
+#elif defined(GLMCPU_NEON)
+    (void)nb;
+    neon_dot_q45_q8_0(n, w, bsize, qs_at, qh_at, m_at, off, TC, xq, xd, xs, res);
 #else
     for (int t = 0; t < TC; t++)
         res[t] = vec_dot_q45_q8_0(nb, w, bsize, qs_at, qh_at, m_at, off, xq + (size_t)t * n,

@@ -15,6 +15,21 @@ float CAT(PFX, f32)(int n, const void *w, const float *x) { return vec_dot_f32_f
 void CAT(PFX, q4_0x4)(int n, const void *w, const int8_t *q, const float *d, const float *s, float *r) {
     vec_dot4_q4_0_q8_0(n, w, q, d, s, r);
 }
+/* 1 where the vdotq_s32 path is compiled in */
+int CAT(PFX, dotprod)(void) {
+#if defined(__ARM_FEATURE_DOTPROD)
+    return 1;
+#else
+    return 0;
+#endif
+}
+void CAT(PFX, quant_K)(int n, const float *x, int8_t *q, float *d, int16_t *b) { quantize_row_q8_K(n, x, q, d, b); }
+/* R rows of any type against T tokens through the engine's own dispatch (gemm_rows: 4-token
+ * chunks, then the rest), out[t*R + r]; xs is the int16 sums of q8_K for the K-quants */
+void CAT(PFX, rows)(int type, int n, const void *w, size_t row_bytes, int R, int T, const int8_t *xq,
+                    const float *xd, const void *xs, float *out) {
+    gemm_rows(type, n, w, row_bytes, 0, R, T, NULL, xq, xd, xs, out, R);
+}
 /* Attention of q [T][Hkv*G][D] over KV rows of types kt, vt ([Hkv][S] rows, S = pos0 + T), one
  * thread: every (tile of tokens, KV head) by attn_tile. */
 void CAT(PFX, attention)(int T, int Hkv, int G, int D, int pos0, int kt, int vt, const float *q, const void *k,
