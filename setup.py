@@ -3,6 +3,7 @@
 Each variant is a one-line shim (`include "_kernels.pyx"`) compiled with its own flags, so a
 wheel built on one machine runs on every machine of the LAN. Never -march=native.
 """
+import glob
 import os
 import platform
 import shutil
@@ -61,7 +62,7 @@ extensions = [
         f"glmcpu._kernels_{name}",
         [f"glmcpu/_kernels_{name}.pyx"],
         include_dirs=[numpy.get_include(), "glmcpu"],
-        depends=["glmcpu/kernels.h", "glmcpu/kquants.h", "glmcpu/_kernels.pyx"],   # rebuild when they change
+        depends=sorted(glob.glob("glmcpu/*.h")) + ["glmcpu/_kernels.pyx"],   # rebuild when they change
         extra_compile_args=base + flags + omp,
         extra_link_args=omp,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

@@ -14,7 +14,8 @@ cdef extern from "kernels.h" nogil:
     const char *GLMCPU_ISA
     enum:       # the ggml type codes the kernels run, and glmcpu's repacked ones: defined in kernels.h only
         GT_F32, GT_F16, GT_Q4_0, GT_Q4_1, GT_Q5_0, GT_Q5_1, GT_Q8_0, GT_Q2_K, GT_Q3_K, GT_Q4_K, GT_Q5_K,
-        GT_Q6_K, GT_IQ4_NL, GT_IQ4_XS, GT_BF16, GT_Q4_0X8, GT_Q5_0X8, GT_Q8_0X8, GT_Q4_KX8
+        GT_Q6_K, GT_IQ4_NL, GT_IQ4_XS, GT_BF16, GT_Q4_0X8, GT_Q5_0X8, GT_Q8_0X8, GT_Q4_KX8, GT_IQ4_NLX8,
+        GT_IQ4_XSX8
     int QK
     void quantize_row_q8(int n, const float *x, int8_t *xq, float *xd, float *xs)
     float fp16_to_fp32(uint16_t h)
@@ -57,20 +58,24 @@ ISA = GLMCPU_ISA.decode()
 # Python names of kernels.h's type codes (tests check the ggml ones against gguf's)
 TYPES = {"F32": GT_F32, "F16": GT_F16, "Q4_0": GT_Q4_0, "Q4_1": GT_Q4_1, "Q5_0": GT_Q5_0, "Q5_1": GT_Q5_1,
          "Q8_0": GT_Q8_0, "Q2_K": GT_Q2_K, "Q3_K": GT_Q3_K, "Q4_K": GT_Q4_K, "Q5_K": GT_Q5_K, "Q6_K": GT_Q6_K,
-         "IQ4_NL": GT_IQ4_NL, "IQ4_XS": GT_IQ4_XS, "BF16": GT_BF16, "Q4_0X8": GT_Q4_0X8, "Q5_0X8": GT_Q5_0X8, "Q8_0X8": GT_Q8_0X8, "Q4_KX8": GT_Q4_KX8}
+         "IQ4_NL": GT_IQ4_NL, "IQ4_XS": GT_IQ4_XS, "BF16": GT_BF16, "Q4_0X8": GT_Q4_0X8, "Q5_0X8": GT_Q5_0X8, "Q8_0X8": GT_Q8_0X8, "Q4_KX8": GT_Q4_KX8,
+         "IQ4_NLX8": GT_IQ4_NLX8, "IQ4_XSX8": GT_IQ4_XSX8}
 Q4_0X8 = GT_Q4_0X8  # Q4_0 repacked by repack_x8: one line of `w` per group of 8 rows
 Q5_0X8 = GT_Q5_0X8  # Q5_0 likewise
 Q8_0X8 = GT_Q8_0X8  # Q8_0 likewise
 Q4_KX8 = GT_Q4_KX8  # Q4_K likewise (scales unpacked: 1184 bytes per 8 x 256 values)
+IQ4_NLX8 = GT_IQ4_NLX8  # IQ4_NL likewise (Q4_0's layout)
+IQ4_XSX8 = GT_IQ4_XSX8  # IQ4_XS likewise (scales unpacked, nibbles in Q4_K's order: 1104 bytes)
 # type -> (block size, bytes per block); a repacked "block" is 8 rows' blocks
 TYPE_SIZES = {GT_F32: (1, 4), GT_F16: (1, 2), GT_Q4_0: (32, 18), GT_Q4_1: (32, 20), GT_Q5_0: (32, 22),
               GT_Q5_1: (32, 24), GT_Q8_0: (32, 34), GT_Q2_K: (256, 84), GT_Q3_K: (256, 110),
               GT_Q4_K: (256, 144), GT_Q5_K: (256, 176), GT_Q6_K: (256, 210), GT_BF16: (1, 2),
               GT_IQ4_NL: (32, 18), GT_IQ4_XS: (256, 136),
-              Q4_0X8: (32, 144), Q5_0X8: (32, 176), Q8_0X8: (32, 272), Q4_KX8: (256, 1184)}
-K_TYPES = (GT_Q2_K, GT_Q3_K, GT_Q4_K, GT_Q5_K, GT_Q6_K, Q4_KX8, GT_IQ4_XS)   # activations as q8_K (quantize_q8_K)
-INT_TYPES = (GT_Q4_0, GT_Q4_1, GT_Q5_0, GT_Q5_1, GT_Q8_0, Q4_0X8, Q5_0X8, Q8_0X8, GT_IQ4_NL, GT_IQ4_XS) + K_TYPES
-GROUP = {Q4_0X8: 8, Q5_0X8: 8, Q8_0X8: 8, Q4_KX8: 8}   # rows per line of `w`
+              Q4_0X8: (32, 144), Q5_0X8: (32, 176), Q8_0X8: (32, 272), Q4_KX8: (256, 1184),
+              IQ4_NLX8: (32, 144), IQ4_XSX8: (256, 1104)}
+K_TYPES = (GT_Q2_K, GT_Q3_K, GT_Q4_K, GT_Q5_K, GT_Q6_K, Q4_KX8, GT_IQ4_XS, IQ4_XSX8)   # activations as q8_K (quantize_q8_K)
+INT_TYPES = (GT_Q4_0, GT_Q4_1, GT_Q5_0, GT_Q5_1, GT_Q8_0, Q4_0X8, Q5_0X8, Q8_0X8, GT_IQ4_NL, IQ4_NLX8, GT_IQ4_XS) + K_TYPES
+GROUP = {Q4_0X8: 8, Q5_0X8: 8, Q8_0X8: 8, Q4_KX8: 8, IQ4_NLX8: 8, IQ4_XSX8: 8}   # rows per line of `w`
 
 # Bytes each thread must have to read before a team pays for its fork and join: below this the
 # caller's thread does the work alone. A team waits for its slowest member, and on a busy machine
@@ -333,16 +338,19 @@ def gemm_chunked(Chunked m, const float[:, ::1] x, out_arr, int threads=1):
 
 
 def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4, alloc=None):
-    """Q4_0, Q5_0, Q8_0 or Q4_K rows [N, row_bytes] (N a multiple of 8) -> 8-row groups laid out
-    as kernels.h's block_q4_0x8 / block_q5_0x8 / block_q8_0x8 / block_q4_Kx8: [N/8, 8 * row_bytes]
-    (Q4_K: 1184 bytes per 8 x 256 values). Returns (groups, Q4_0X8, Q5_0X8, Q8_0X8 or Q4_KX8).
+    """Q4_0, IQ4_NL, Q5_0, Q8_0, Q4_K or IQ4_XS rows [N, row_bytes] (N a multiple of 8) -> 8-row
+    groups laid out as groups.h's block_q4_0x8 (Q4_0 and IQ4_NL) / block_q5_0x8 / block_q8_0x8 /
+    block_q4_Kx8 / block_iq4_xsx8: [N/8, 8 * row_bytes] (Q4_K: 1184 bytes per 8 x 256 values,
+    IQ4_XS 1104). Returns (groups, its x8 type).
     alloc(shape, dtype) makes the output (np.empty by default)."""
     cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, k, i, bsz, nk, qs0, hd
     cdef uint32_t qh, h
     if wtype == 12:
         return _repack_q4_Kx8(w, threads, alloc or np.empty), Q4_KX8
-    if wtype == 2:
-        bsz, nk, qs0, hd, ptype = 18, 4, 2, 0, Q4_0X8
+    if wtype == 23:
+        return _repack_iq4_xsx8(w, threads, alloc or np.empty), IQ4_XSX8
+    if wtype == 2 or wtype == 20:
+        bsz, nk, qs0, hd, ptype = 18, 4, 2, 0, (Q4_0X8 if wtype == 2 else IQ4_NLX8)
     elif wtype == 6:
         bsz, nk, qs0, hd, ptype = 22, 4, 6, 32, Q5_0X8
     elif wtype == 8:
@@ -401,6 +409,37 @@ def _repack_q4_Kx8(const uint8_t[:, ::1] w, int threads, alloc):
                     for p in range(4):                                   # qs[((p*8 + k)*8 + r)*4 + i]
                         for k in range(8):
                             memcpy(dst + 160 + ((p * 8 + k) * 8 + r) * 4, src + 16 + 32 * p + 4 * k, 4)
+    return packed
+
+
+def _repack_iq4_xsx8(const uint8_t[:, ::1] w, int threads, alloc):
+    cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, j, v, s, e
+    cdef int ls
+    cdef uint8_t lo, hi
+    if N % 8 or rb % 136:
+        raise ValueError("repack_x8 needs whole groups of 8 rows of whole blocks")
+    nb, G = rb // 136, N // 8
+    packed = alloc((G, nb * 1104), np.uint8)
+    cdef uint8_t[:, ::1] out = packed
+    cdef const uint8_t *src
+    cdef uint8_t *dst
+    with nogil:
+        for g in prange(G, num_threads=max(1, threads), schedule='static'):
+            for b in range(nb):
+                dst = &out[g, b * 1104]
+                for r in range(8):
+                    src = &w[g * 8 + r, b * 136]                         # d, scales_h, scales_l[4], qs[128]
+                    memcpy(dst + 2 * r, src, 2)                          # d[r]
+                    for j in range(8):                                   # sc[j][r] = ls - 32
+                        ls = ((src[4 + j // 2] >> (4 * (j % 2))) & 0x0f) | (((src[2 + (j // 4)] >> (2 * (j % 4))) & 3) << 4)
+                        dst[16 + 8 * j + r] = <uint8_t>(<int8_t>(ls - 32))
+                    # byte l of piece p: value 64p + l's nibble (low), 64p + 32 + l's (high); value
+                    # 32s + e of the file is nibble e % 16 of qs[16s + e % 16], low for e < 16
+                    for v in range(128):
+                        s, e = (v // 32) * 2, v % 32                     # v = 32 * p + l
+                        lo = src[8 + 16 * s + e % 16] >> (4 * (e // 16)) & 0x0f
+                        hi = src[8 + 16 * (s + 1) + e % 16] >> (4 * (e // 16)) & 0x0f
+                        dst[80 + (((v // 32) * 8 + (e % 32) // 4) * 8 + r) * 4 + e % 4] = lo | (hi << 4)
     return packed
 
 

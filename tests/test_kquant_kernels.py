@@ -157,19 +157,24 @@ def test_q5_0_repacks_to_q5_0x8(ram_copy):
 
 
 
+X8 = {GT.Q4_K: ("Q4_KX8", 256, 1184), GT.IQ4_XS: ("IQ4_XSX8", 256, 1104), GT.IQ4_NL: ("IQ4_NLX8", 32, 144)}
+
+
+@pytest.mark.parametrize("qtype", list(X8))
 @pytest.mark.parametrize("rows,cols,T", [(8, 256, 1), (16, 512, 5), (24, 4096, 9), (64, 4096, 4), (8, 768, 13),
-                                        (16, 4096, 2), (8, 512, 3), (8, 768, 7)])
-def test_q4_K_in_8_row_groups(K, rows, cols, T):
-    """Q4_K repacked into 8-row groups (block_q4_Kx8, the layout K-quant mixes' Q4_K tensors run
-    in): the file rows' sums (q8_K activations, float order aside), and a batch equals its tokens
-    one at a time bit for bit."""
+                                        (16, 4096, 2), (8, 512, 3), (8, 768, 7), (16, 4352, 8)])
+def test_in_8_row_groups(K, qtype, rows, cols, T):
+    """Q4_K, IQ4_XS and IQ4_NL repacked into 8-row groups (groups.h: the layout these tensors run in
+    on x86): the file rows' sums (float order aside), and a batch equals its tokens one at a time
+    bit for bit (8+ tokens: AVX-512's two-group pass for IQ4_NL)."""
+    name, block, nbytes = X8[qtype]
     rng = np.random.default_rng(rows * cols + T)
-    raw, deq = random_blocks(rng, GT.Q4_K, rows, cols, extreme=False)
-    packed, ptype = K.repack_x8(raw, int(GT.Q4_K))
-    assert ptype == K.Q4_KX8 and packed.shape == (rows // 8, cols // 256 * 1184)
+    raw, deq = random_blocks(rng, qtype, rows, cols, extreme=False)
+    packed, ptype = K.repack_x8(raw, int(qtype))
+    assert ptype == K.TYPES[name] and packed.shape == (rows // 8, cols // block * nbytes)
     x = rng.standard_normal((T, cols)).astype(np.float32)
     out = K.gemm(packed, ptype, cols, x, np.empty((T, rows), np.float32), 2)
-    q, d = q8_reference(x, 256)
+    q, d = q8_reference(x, 256 if qtype in WIDE else 32)
     xdq = (q.astype(np.float64) * d[..., None]).reshape(T, cols)
     exact = xdq @ deq.astype(np.float64).T
     scale = np.abs(xdq) @ np.abs(deq).astype(np.float64).T
@@ -178,10 +183,10 @@ def test_q4_K_in_8_row_groups(K, rows, cols, T):
                              for i in range(T)])
     np.testing.assert_array_equal(out, single)
     # scales near the fp16 limits and zero blocks: the file rows' kernel, float rounding aside
-    raw, _ = random_blocks(rng, GT.Q4_K, rows, cols)
-    packed, ptype = K.repack_x8(raw, int(GT.Q4_K))
+    raw, _ = random_blocks(rng, qtype, rows, cols)
+    packed, ptype = K.repack_x8(raw, int(qtype))
     out = K.gemm(packed, ptype, cols, x, np.empty((T, rows), np.float32), 2)
-    want = K.gemm(raw, int(GT.Q4_K), cols, x, np.empty((T, rows), np.float32), 2)
+    want = K.gemm(raw, int(qtype), cols, x, np.empty((T, rows), np.float32), 2)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     with pytest.raises(ValueError):
-        K.repack_x8(raw[:rows - 1], int(GT.Q4_K))
+        K.repack_x8(raw[:rows - 1], int(qtype))
