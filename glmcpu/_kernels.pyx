@@ -52,6 +52,8 @@ cdef extern from "kernels.h" nogil:
     void attn_finish(const attn_args *a, int t, int j, const float *st)
     void attn_tile(const attn_args *a, int t0, int t1, int j, float *work)
     float exp_f32(float x)
+    enum:       # iquants.h (included by kernels.h): llama.cpp's codebook types below 4 bits
+        GT_IQ2_XXS, GT_IQ2_XS, GT_IQ2_S, GT_IQ3_XXS, GT_IQ3_S, GT_IQ1_S, GT_IQ1_M
 
 ISA = GLMCPU_ISA.decode()
 
@@ -76,6 +78,13 @@ TYPE_SIZES = {GT_F32: (1, 4), GT_F16: (1, 2), GT_Q4_0: (32, 18), GT_Q4_1: (32, 2
 K_TYPES = (GT_Q2_K, GT_Q3_K, GT_Q4_K, GT_Q5_K, GT_Q6_K, Q4_KX8, GT_IQ4_XS, IQ4_XSX8)   # activations as q8_K (quantize_q8_K)
 INT_TYPES = (GT_Q4_0, GT_Q4_1, GT_Q5_0, GT_Q5_1, GT_Q8_0, Q4_0X8, Q5_0X8, Q8_0X8, GT_IQ4_NL, IQ4_NLX8, GT_IQ4_XS) + K_TYPES
 GROUP = {Q4_0X8: 8, Q5_0X8: 8, Q8_0X8: 8, Q4_KX8: 8, IQ4_NLX8: 8, IQ4_XSX8: 8}   # rows per line of `w`
+# ... and IQ1_S .. IQ3_S (iquants.h): super-blocks of 256 values, kept in the file's layout, q8_K activations
+IQ_TYPES = {"IQ2_XXS": (GT_IQ2_XXS, 66), "IQ2_XS": (GT_IQ2_XS, 74), "IQ2_S": (GT_IQ2_S, 82),
+            "IQ3_XXS": (GT_IQ3_XXS, 98), "IQ3_S": (GT_IQ3_S, 110), "IQ1_S": (GT_IQ1_S, 50), "IQ1_M": (GT_IQ1_M, 56)}
+TYPES.update({name: t for name, (t, _) in IQ_TYPES.items()})
+TYPE_SIZES.update({t: (256, size) for t, size in IQ_TYPES.values()})
+K_TYPES += tuple(t for t, _ in IQ_TYPES.values())
+INT_TYPES += tuple(t for t, _ in IQ_TYPES.values())
 
 # Bytes each thread must have to read before a team pays for its fork and join: below this the
 # caller's thread does the work alone. A team waits for its slowest member, and on a busy machine

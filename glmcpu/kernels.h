@@ -466,7 +466,7 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
         gemm_rows_legacy(type, n, w, row_bytes, r0, r1, T, xq, xd, xs, out, ldo);
         return;
     }
-    if ((type >= GT_Q2_K && type <= GT_Q6_K) || type == GT_IQ4_XS) {
+    if ((type >= GT_Q2_K && type <= GT_Q6_K) || type == GT_IQ4_XS || is_iq_q8_K(type)) {
         gemm_rows_k(type, n, w, row_bytes, r0, r1, T, xq, xd, (const int16_t *)xs, out, ldo);
         return;
     }

@@ -730,6 +730,8 @@ GLMCPU_INLINE void vec_dot4_iq4_xs_q8_K(int n, const block_iq4_xs *w, const int 
 #endif
 }
 
+#include "iquants.h"       /* IQ1_S .. IQ3_S rows, also dispatched by gemm_rows_k */
+
 /* Rows r0..r1 of a K-quant matrix against T tokens of q8_K activations: out[t*ldo + r]. */
 static void gemm_rows_k(int type, int n, const uint8_t *w, size_t row_bytes, int r0, int r1, int T,
                         const int8_t *xq, const float *xd, const int16_t *xb, float *out, int ldo) {
@@ -748,6 +750,7 @@ static void gemm_rows_k(int type, int n, const uint8_t *w, size_t row_bytes, int
             KCASE(GT_Q4_K, vec_dot4_q4_K_q8_K, block_q4_K, TC); \
             KCASE(GT_Q5_K, vec_dot4_q5_K_q8_K, block_q5_K, TC); \
             KCASE(GT_IQ4_XS, vec_dot4_iq4_xs_q8_K, block_iq4_xs, TC); \
+            IQ_KCASES(KCASE, TC); \
             default: KCASE(GT_Q6_K, vec_dot4_q6_K_q8_K, block_q6_K, TC); }
             TC_CONST(tc, KTYPES);
 #undef KTYPES

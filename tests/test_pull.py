@@ -276,7 +276,7 @@ def test_catalogue_is_consistent():
     assert {"glm-4-9b-chat", "glm-4-9b-0414", "glm-4-32b-0414", "glm-4.5-air", "intellect-3"} <= families
 
 
-@pytest.mark.parametrize("code,named", [(16, "IQ2_XXS, which glmcpu cannot run"),
+@pytest.mark.parametrize("code,named", [(39, "MXFP4, which glmcpu cannot run"),
                                         (31, "Q4_0_4_4 (ggml type 31: an ARM repack llama.cpp wrote"),
                                         (200, "ggml type 200, which no mainline llama.cpp")])
 def test_pull_refuses_a_file_it_cannot_run_before_downloading(fake_hub, tmp_path, code, named):
