@@ -67,56 +67,25 @@ static inline int x8_value(int kind, const uint8_t *B, int r, int i) {
 }
 
 #if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-#define XW 1
-#define XI __m256i
-#define XF __m256
-#define XN(op) _mm256_##op
-#define XSI(op) _mm256_##op##_si256
+#define XBITS 256           /* one group */
 #define XLOAD(o) _mm256_loadu_si256((const __m256i *)(B0 + (o)))
 #define XSCALES() _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)B0))
 #define XSIGN(x, v) _mm256_sign_epi8(x, v)
-#define XBCAST16(p) _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p)))
-#define XFN gemv_x8_256
 #include "groups_body.h"
-#undef XW
-#undef XI
-#undef XF
-#undef XN
-#undef XSI
-#undef XLOAD
-#undef XSCALES
-#undef XSIGN
-#undef XBCAST16
-#undef XFN
 #endif
 
 #if defined(GLMCPU_AVX512)
+/* AVX-512 has no sign_epi8: negate where v < 0 (v = 0 meets |v| = 0 anyway) */
 static inline __m512i sign512(__m512i x, __m512i v) {
     return _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(v), _mm512_setzero_si512(), x);
 }
-#define XW 2
-#define XI __m512i
-#define XF __m512
-#define XN(op) _mm512_##op
-#define XSI(op) _mm512_##op##_si512
+#define XBITS 512           /* two adjacent groups, one per 256-bit half */
 #define XLOAD(o) _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(B0 + (o)))), \
                                     _mm256_loadu_si256((const __m256i *)(B1 + (o))), 1)
 #define XSCALES() _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)B0))), \
                                      _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)B1)), 1)
 #define XSIGN(x, v) sign512(x, v)
-#define XBCAST16(p) _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(p)))
-#define XFN gemv_x8_512
 #include "groups_body.h"
-#undef XW
-#undef XI
-#undef XF
-#undef XN
-#undef XSI
-#undef XLOAD
-#undef XSCALES
-#undef XSIGN
-#undef XBCAST16
-#undef XFN
 #endif
 
 /* 8 rows x TC tokens (TC <= TCMAX) of one 32-block group: out[t*ldo + r]. Each token's sums run

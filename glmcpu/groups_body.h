@@ -1,14 +1,25 @@
 /* The 32-value-block group kernel, written once and included by groups.h for each register
- * width: 256 bits (one group of 8 rows: XW = 1) and, on AVX-512, 512 bits (two adjacent groups,
- * 16 rows: XW = 2). Every lane does the same arithmetic in either width, so two groups in one
- * 512-bit pass equal two 256-bit passes bit for bit. groups.h defines, per width:
- *   XI, XF        integer and float vector types
- *   XN(op)        _mm256_##op / _mm512_##op;  XSI(op): the same for the _si256 / _si512 ops
+ * width XBITS: 256 (one group of 8 rows) and, on AVX-512, 512 (two adjacent groups, 16 rows).
+ * Every lane does the same arithmetic in either width, so two groups in one 512-bit pass equal
+ * two 256-bit passes bit for bit. groups.h defines, per width:
  *   XLOAD(o)      32 bytes at offset o of the block column of each group (B0, B1)
  *   XSCALES()     the groups' 8 (16) fp16 row scales as floats
  *   XSIGN(x, v)   x negated where v < 0 (AVX2's sign_epi8; v is never 0 where it matters)
- *   XBCAST16(p)   16 bytes in every 128-bit lane
- *   XFN           the function's name                                                       */
+ * and the rest follows from the width's intrinsic names. */
+#define XCAT_(a, b, c) a##b##c
+#define XCAT(a, b, c) XCAT_(a, b, c)
+#define XW (XBITS / 256)                          /* groups per register */
+#define XI XCAT(__m, XBITS, i)
+#define XF XCAT(__m, XBITS, )
+#define XN(op) XCAT(_mm, XBITS, _##op)            /* _mm256_op / _mm512_op */
+#if XBITS == 256
+#define XSI(op) _mm256_##op##_si256                /* and, or, setzero */
+#define XBCAST16(p) _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p)))
+#else
+#define XSI(op) _mm512_##op##_si512
+#define XBCAST16(p) _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(p)))
+#endif
+#define XFN XCAT(gemv_x8_, XBITS, )
 
 GLMCPU_INLINE void XFN(const int kind, int n, const uint8_t *w0, const uint8_t *w1, const int TC,
                        const int8_t *xq, const float *xd, const float *xs, float *out, int ldo, int pf) {
@@ -97,3 +108,17 @@ GLMCPU_INLINE void XFN(const int kind, int n, const uint8_t *w0, const uint8_t *
     }
     for (int t = 0; t < TC; t++) XN(storeu_ps)(out + (size_t)t * ldo, acc[t]);
 }
+
+#undef XCAT_
+#undef XCAT
+#undef XW
+#undef XI
+#undef XF
+#undef XN
+#undef XSI
+#undef XBCAST16
+#undef XFN
+#undef XBITS
+#undef XLOAD
+#undef XSCALES
+#undef XSIGN

@@ -56,6 +56,13 @@ enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q5_0 = 6, GT_Q5_1 = 
 
 #define QK 32
 
+/* kernels specialised at each call on a constant (a type, a token count) */
+#if defined(__GNUC__)
+#define GLMCPU_INLINE static inline __attribute__((always_inline))
+#else
+#define GLMCPU_INLINE static inline
+#endif
+
 /* CALL(TC) with TC the constant 1..4 equal to tc, so each inlined kernel is specialised for its
  * token count: a pass of 2 or 3 tokens (a draft check) reads the weights once, not once a token */
 #define TC_CONST(tc, CALL) do { switch (tc) { case 4: CALL(4); break; case 3: CALL(3); break; \
@@ -249,80 +256,58 @@ static float vec_dot_q8_0_q8_0(int n, const block_q8_0 *w, const int8_t *xq, con
     return sum;
 }
 
-static float vec_dot_f32_f32(int n, const float *w, const float *x) {
-    int j = 0;
-    float sum = 0.0f;
+/* Float weights (F32, F16, BF16) against float activations: one body, a loader per width that
+ * turns a type's weights into floats. */
 #if defined(GLMCPU_AVX512)
-    __m512 acc = _mm512_setzero_ps();
-    for (; j + 16 <= n; j += 16)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(w + j), _mm512_loadu_ps(x + j), acc);
-    sum = _mm512_reduce_add_ps(acc);
-#elif defined(GLMCPU_AVX2)
-    __m256 acc = _mm256_setzero_ps();
-    for (; j + 8 <= n; j += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), acc);
-    sum = hsum256(acc);
-#elif defined(GLMCPU_NEON)
-    float32x4_t acc = vdupq_n_f32(0.0f);
-    for (; j + 4 <= n; j += 4) acc = vfmaq_f32(acc, vld1q_f32(w + j), vld1q_f32(x + j));
-    sum = vaddvq_f32(acc);
-#endif
-    for (; j < n; j++) sum += w[j] * x[j];
-    return sum;
+#define FW 16
+typedef __m512 fvec;
+static inline fvec fw_load(int type, const void *w, int j) {
+    const __m256i *h = (const __m256i *)((const uint16_t *)w + j);
+    if (type == GT_F16) return _mm512_cvtph_ps(_mm256_loadu_si256(h));
+    if (type == GT_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(h)), 16));
+    return _mm512_loadu_ps((const float *)w + j);
 }
-
-static float vec_dot_f16_f32(int n, const uint16_t *w, const float *x) {
-    int j = 0;
-    float sum = 0.0f;
-#if defined(GLMCPU_AVX512)
-    __m512 acc = _mm512_setzero_ps();
-    for (; j + 16 <= n; j += 16)
-        acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(w + j))),
-                              _mm512_loadu_ps(x + j), acc);
-    sum = _mm512_reduce_add_ps(acc);
+static inline fvec fw_fma(fvec a, const float *x, fvec acc) { return _mm512_fmadd_ps(a, _mm512_loadu_ps(x), acc); }
+static inline float fw_sum(fvec acc) { return _mm512_reduce_add_ps(acc); }
+#define FW_ZERO _mm512_setzero_ps()
 #elif defined(GLMCPU_AVX2)
-    __m256 acc = _mm256_setzero_ps();
-    for (; j + 8 <= n; j += 8)
-        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + j))),
-                              _mm256_loadu_ps(x + j), acc);
-    sum = hsum256(acc);
-#elif defined(GLMCPU_NEON)
-    float32x4_t acc = vdupq_n_f32(0.0f);
-    for (; j + 4 <= n; j += 4)
-        acc = vfmaq_f32(acc, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(w + j))), vld1q_f32(x + j));
-    sum = vaddvq_f32(acc);
-#endif
-    for (; j < n; j++) sum += fp16_to_fp32(w[j]) * x[j];
-    return sum;
+#define FW 8
+typedef __m256 fvec;
+static inline fvec fw_load(int type, const void *w, int j) {
+    const __m128i *h = (const __m128i *)((const uint16_t *)w + j);
+    if (type == GT_F16) return _mm256_cvtph_ps(_mm_loadu_si128(h));
+    if (type == GT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(h)), 16));
+    return _mm256_loadu_ps((const float *)w + j);
 }
+static inline fvec fw_fma(fvec a, const float *x, fvec acc) { return _mm256_fmadd_ps(a, _mm256_loadu_ps(x), acc); }
+static inline float fw_sum(fvec acc) { return hsum256(acc); }
+#define FW_ZERO _mm256_setzero_ps()
+#elif defined(GLMCPU_NEON)
+#define FW 4
+typedef float32x4_t fvec;
+static inline fvec fw_load(int type, const void *w, int j) {
+    const uint16_t *h = (const uint16_t *)w + j;
+    if (type == GT_F16) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
+    if (type == GT_BF16) return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(h), 16));
+    return vld1q_f32((const float *)w + j);
+}
+static inline fvec fw_fma(fvec a, const float *x, fvec acc) { return vfmaq_f32(acc, a, vld1q_f32(x)); }
+static inline float fw_sum(fvec acc) { return vaddvq_f32(acc); }
+#define FW_ZERO vdupq_n_f32(0.0f)
+#endif
 
-static float vec_dot_bf16_f32(int n, const uint16_t *w, const float *x) {
+GLMCPU_INLINE float vec_dot_float(const int type, int n, const void *w, const float *x) {
     int j = 0;
     float sum = 0.0f;
-#if defined(GLMCPU_AVX512)
-    __m512 acc = _mm512_setzero_ps();
-    for (; j + 16 <= n; j += 16) {
-        __m512i wi = _mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + j))), 16);
-        acc = _mm512_fmadd_ps(_mm512_castsi512_ps(wi), _mm512_loadu_ps(x + j), acc);
-    }
-    sum = _mm512_reduce_add_ps(acc);
-#elif defined(GLMCPU_AVX2)
-    __m256 acc = _mm256_setzero_ps();
-    for (; j + 8 <= n; j += 8) {
-        __m256i wi = _mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + j))), 16);
-        acc = _mm256_fmadd_ps(_mm256_castsi256_ps(wi), _mm256_loadu_ps(x + j), acc);
-    }
-    sum = hsum256(acc);
-#elif defined(GLMCPU_NEON)
-    float32x4_t acc = vdupq_n_f32(0.0f);
-    for (; j + 4 <= n; j += 4)
-        acc = vfmaq_f32(acc, vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(w + j), 16)),
-                        vld1q_f32(x + j));
-    sum = vaddvq_f32(acc);
+#if defined(FW)
+    fvec acc = FW_ZERO;
+    for (; j + FW <= n; j += FW) acc = fw_fma(fw_load(type, w, j), x + j, acc);
+    sum = fw_sum(acc);
 #endif
-    for (; j < n; j++) sum += bf16_to_fp32(w[j]) * x[j];
+    for (; j < n; j++) {
+        const uint16_t h = type == GT_F32 ? 0 : ((const uint16_t *)w)[j];
+        sum += (type == GT_F16 ? fp16_to_fp32(h) : type == GT_BF16 ? bf16_to_fp32(h) : ((const float *)w)[j]) * x[j];
+    }
     return sum;
 }
 
@@ -496,9 +481,9 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
                 v = vec_dot_q8_0_q8_0(n, (const block_q8_0 *)row, xq + (size_t)t * n,
                                       xd + (size_t)t * nb);
                 break;
-            case GT_F16: v = vec_dot_f16_f32(n, (const uint16_t *)row, x + (size_t)t * n); break;
-            case GT_BF16: v = vec_dot_bf16_f32(n, (const uint16_t *)row, x + (size_t)t * n); break;
-            default: v = vec_dot_f32_f32(n, (const float *)row, x + (size_t)t * n); break;
+            case GT_F16: v = vec_dot_float(GT_F16, n, row, x + (size_t)t * n); break;
+            case GT_BF16: v = vec_dot_float(GT_BF16, n, row, x + (size_t)t * n); break;
+            default: v = vec_dot_float(GT_F32, n, row, x + (size_t)t * n); break;
             }
             out[(size_t)t * ldo + r] = v;
         }
@@ -509,18 +494,7 @@ static void gemm_rows(int type, int n, const uint8_t *w, size_t row_bytes, int r
 static uint64_t stream_xor(const uint8_t *p, size_t n) {
     size_t i = 0;
     uint64_t r = 0;
-#if defined(GLMCPU_AVX512)
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-    for (; i + 256 <= n; i += 256) {
-        a0 = _mm512_xor_si512(a0, _mm512_loadu_si512((const void *)(p + i)));
-        a1 = _mm512_xor_si512(a1, _mm512_loadu_si512((const void *)(p + i + 64)));
-        a2 = _mm512_xor_si512(a2, _mm512_loadu_si512((const void *)(p + i + 128)));
-        a3 = _mm512_xor_si512(a3, _mm512_loadu_si512((const void *)(p + i + 192)));
-    }
-    uint64_t t[8];
-    _mm512_storeu_si512((void *)t, _mm512_xor_si512(_mm512_xor_si512(a0, a1), _mm512_xor_si512(a2, a3)));
-    for (int j = 0; j < 8; j++) r ^= t[j];
-#elif defined(GLMCPU_AVX2)
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)     /* 256-bit loads read DRAM as fast as 512-bit ones */
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
     for (; i + 128 <= n; i += 128) {
         a0 = _mm256_xor_si256(a0, _mm256_loadu_si256((const __m256i *)(p + i)));

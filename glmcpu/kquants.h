@@ -261,11 +261,6 @@ static float vec_dot_q3_K_q8_K(int n, const block_q3_K *w, const int8_t *xq, con
  * token's sums run in the same order whatever TC is, so batched and single-token results are
  * bit-identical. Scales are applied in integer (int16 x int16 pairs, VNNI dpwssd where there is
  * one), mins and offsets through the activation sums, then one float multiply per super-block. */
-#if defined(__GNUC__)
-#define GLMCPU_INLINE static inline __attribute__((always_inline))
-#else
-#define GLMCPU_INLINE static inline
-#endif
 #define KX(t) (xq + (size_t)(t) * n)                 /* token t's int8 activations */
 #define KD(t) (xd + (size_t)(t) * (n / QK_K))        /* its scales */
 #define KB(t) (xb + (size_t)(t) * (n / 16))          /* its 16-sums */

@@ -9,9 +9,9 @@ float CAT(PFX, q4_0)(int n, const void *w, const int8_t *q, const float *d, cons
     return vec_dot_q4_0_q8_0(n, w, q, d, s);
 }
 float CAT(PFX, q8_0)(int n, const void *w, const int8_t *q, const float *d) { return vec_dot_q8_0_q8_0(n, w, q, d); }
-float CAT(PFX, f16)(int n, const void *w, const float *x) { return vec_dot_f16_f32(n, w, x); }
-float CAT(PFX, bf16)(int n, const void *w, const float *x) { return vec_dot_bf16_f32(n, w, x); }
-float CAT(PFX, f32)(int n, const void *w, const float *x) { return vec_dot_f32_f32(n, w, x); }
+float CAT(PFX, f16)(int n, const void *w, const float *x) { return vec_dot_float(GT_F16, n, w, x); }
+float CAT(PFX, bf16)(int n, const void *w, const float *x) { return vec_dot_float(GT_BF16, n, w, x); }
+float CAT(PFX, f32)(int n, const void *w, const float *x) { return vec_dot_float(GT_F32, n, w, x); }
 void CAT(PFX, q4_0x4)(int n, const void *w, const int8_t *q, const float *d, const float *s, float *r) {
     vec_dot4_q4_0_q8_0(n, w, q, d, s, r);
 }
