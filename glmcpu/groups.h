@@ -66,10 +66,45 @@ static inline int x8_value(int kind, const uint8_t *B, int r, int i) {
     return (nib | (int)((h >> (8 * j + (i < 16 ? 0 : 4) + k)) & 1) << 4) - 16;
 }
 
+/* ---- 256-value super-blocks in 8-row groups: Q4_K and IQ4_XS ----------------------------------
+ * As Q4_0's groups: one 32-byte load holds 4 nibble bytes of 8 rows. Per super-block of 8 rows:
+ * d[r] (Q4_K: and dmin[r]); the 6-bit scale of sub-block j of row r at sc[j][r] (Q4_K unsigned,
+ * with its min at m[j][r]; IQ4_XS signed, ls - 32), unpacked at load; then
+ * qs[((p*8 + k)*8 + r)*4 + i] = the nibbles of row r's values 64p + 4k + i (low) and
+ * 64p + 32 + 4k + i (high): Q4_K's own order (its qs[32p + 4k + i]); IQ4_XS's nibbles are moved
+ * there at load. Each sub-block's integer sum is scaled in integer, Q4_K's mins (and IQ4_XS's
+ * +128 offset with VNNI) go through the activations' 16-sums, and one float multiply per
+ * super-block and token. */
+typedef struct {
+    uint16_t d[8], dmin[8];
+    uint8_t sc[8][8], m[8][8];
+    uint8_t qs[1024];
+} block_q4_Kx8;
+_Static_assert(sizeof(block_q4_Kx8) == 1184, "q4_Kx8 block is 1184 bytes");
+typedef struct {
+    uint16_t d[8];
+    int8_t sc[8][8];
+    uint8_t qs[1024];
+} block_iq4_xsx8;
+_Static_assert(sizeof(block_iq4_xsx8) == 1104, "iq4_xsx8 block is 1104 bytes");
+
+/* tokens sharing one unpacking of the nibbles (AVX2: 2 sums per token, 4 tokens, the unpacked
+ * pair and the mask take 11 of the 16 registers); and groups per pass of a token chunk, so the
+ * chunk's activations stay in L1 while 4 groups' weights (L2) pass (AVX2, 27392 x 4096, 512
+ * tokens: 1 token a pass 178 GOP/s, 4 tokens 223, + IN_REG 300, + 4 groups 318) */
+#define KX8TC 4
+#define KX8G 4
+
+/* where a kind's fields lie in its block */
+static inline int kx8_bytes(int kind) { return kind == X8_Q4_K ? (int)sizeof(block_q4_Kx8) : (int)sizeof(block_iq4_xsx8); }
+static inline int kx8_sc(int kind) { return kind == X8_Q4_K ? 32 : 16; }
+static inline int kx8_qs(int kind) { return kind == X8_Q4_K ? 160 : 80; }
+
 #if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
 #define XBITS 256           /* one group */
 #define XLOAD(o) _mm256_loadu_si256((const __m256i *)(B0 + (o)))
-#define XSCALES() _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)B0))
+#define XLOAD8(o) _mm_loadl_epi64((const __m128i *)(B0 + (o)))
+#define XSCALES(o) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(B0 + (o))))
 #define XSIGN(x, v) _mm256_sign_epi8(x, v)
 #include "groups_body.h"
 #endif
@@ -82,8 +117,10 @@ static inline __m512i sign512(__m512i x, __m512i v) {
 #define XBITS 512           /* two adjacent groups, one per 256-bit half */
 #define XLOAD(o) _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(B0 + (o)))), \
                                     _mm256_loadu_si256((const __m256i *)(B1 + (o))), 1)
-#define XSCALES() _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)B0))), \
-                                     _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)B1)), 1)
+#define XLOAD8(o) _mm_unpacklo_epi64(_mm_loadl_epi64((const __m128i *)(B0 + (o))), \
+                                    _mm_loadl_epi64((const __m128i *)(B1 + (o))))
+#define XSCALES(o) _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(B0 + (o))))), \
+                                      _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(B1 + (o)))), 1)
 #define XSIGN(x, v) sign512(x, v)
 #include "groups_body.h"
 #endif
@@ -143,145 +180,12 @@ GLMCPU_INLINE void gemm_x8_groups(const int kind, int n, const uint8_t *w, int g
     }
 }
 
-/* ---- 256-value super-blocks in 8-row groups: Q4_K and IQ4_XS ----------------------------------
- * As Q4_0's groups: one 32-byte load holds 4 nibble bytes of 8 rows. Per super-block of 8 rows:
- * d[r] (Q4_K: and dmin[r]); the 6-bit scale of sub-block j of row r at sc[j][r] (Q4_K unsigned,
- * with its min at m[j][r]; IQ4_XS signed, ls - 32), unpacked at load; then
- * qs[((p*8 + k)*8 + r)*4 + i] = the nibbles of row r's values 64p + 4k + i (low) and
- * 64p + 32 + 4k + i (high): Q4_K's own order (its qs[32p + 4k + i]); IQ4_XS's nibbles are moved
- * there at load. Each sub-block's integer sum is scaled in integer, Q4_K's mins (and IQ4_XS's
- * +128 offset with VNNI) go through the activations' 16-sums, and one float multiply per
- * super-block and token. */
-typedef struct {
-    uint16_t d[8], dmin[8];
-    uint8_t sc[8][8], m[8][8];
-    uint8_t qs[1024];
-} block_q4_Kx8;
-_Static_assert(sizeof(block_q4_Kx8) == 1184, "q4_Kx8 block is 1184 bytes");
-typedef struct {
-    uint16_t d[8];
-    int8_t sc[8][8];
-    uint8_t qs[1024];
-} block_iq4_xsx8;
-_Static_assert(sizeof(block_iq4_xsx8) == 1104, "iq4_xsx8 block is 1104 bytes");
-
-/* tokens sharing one unpacking of the nibbles (AVX2: 2 sums per token, 4 tokens, the unpacked
- * pair and the mask take 11 of the 16 registers); and groups per pass of a token chunk, so the
- * chunk's activations stay in L1 while 4 groups' weights (L2) pass (AVX2, 27392 x 4096, 512
- * tokens: 1 token a pass 178 GOP/s, 4 tokens 223, + IN_REG 300, + 4 groups 318) */
-#define KX8TC 4
-#define KX8G 4
-
-/* where a kind's fields lie in its block */
-static inline int kx8_bytes(int kind) { return kind == X8_Q4_K ? (int)sizeof(block_q4_Kx8) : (int)sizeof(block_iq4_xsx8); }
-static inline int kx8_sc(int kind) { return kind == X8_Q4_K ? 32 : 16; }
-static inline int kx8_qs(int kind) { return kind == X8_Q4_K ? 160 : 80; }
-
 GLMCPU_INLINE void gemv_k_x8(const int kind, int n, const uint8_t *w, const int TC, const int8_t *xq,
                              const float *xd, const int16_t *xb, float *out, int ldo, int pf) {
-    const int nb = n / QK_K, bytes = kx8_bytes(kind), q4k = kind == X8_Q4_K;
 #if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-    const int sgn = x8_signed(kind);
-    __m256 acc[KX8TC];
-    for (int t = 0; t < KX8TC; t++) acc[t] = _mm256_setzero_ps();
-    const __m256i m4 = _mm256_set1_epi8(0x0f), lo16 = _mm256_set1_epi32(0xffff);
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-        (const __m128i *)(sgn ? (const void *)KVALUES_IQ4 : (const void *)KVALUES_IQ4_U)));
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *B = w + (size_t)b * bytes;
-        if (pf) KPREFETCH(B + PFD, (size_t)bytes);
-        __m256i isum[KX8TC];
-        for (int t = 0; t < KX8TC; t++) isum[t] = _mm256_setzero_si256();
-        for (int p = 0; p < 4; p++) {
-            /* scales of sub-blocks 2p and 2p+1, one per row lane */
-            const __m128i r0 = _mm_loadl_epi64((const __m128i *)(B + kx8_sc(kind) + 16 * p));
-            const __m128i r1 = _mm_loadl_epi64((const __m128i *)(B + kx8_sc(kind) + 16 * p + 8));
-            __m256i sclo = q4k ? _mm256_cvtepu8_epi32(r0) : _mm256_cvtepi8_epi32(r0);
-            __m256i schi = q4k ? _mm256_cvtepu8_epi32(r1) : _mm256_cvtepi8_epi32(r1);
-#if !defined(GLMCPU_VNNI)
-            /* the scale in both int16 halves of its lane, for madd_epi16 */
-            sclo = _mm256_or_si256(_mm256_and_si256(sclo, lo16), _mm256_slli_epi32(sclo, 16));
-            schi = _mm256_or_si256(_mm256_and_si256(schi, lo16), _mm256_slli_epi32(schi, 16));
-#endif
-            __m256i slo[KX8TC], shi[KX8TC];     /* sub-blocks 2p and 2p+1, per row */
-            for (int t = 0; t < KX8TC; t++) slo[t] = shi[t] = _mm256_setzero_si256();
-            for (int h = 0; h < 2; h++)
-                for (int k = 0; k < 4; k++) {      /* one 32-byte load, unpacked once for every token */
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(B + kx8_qs(kind) + (p * 8 + 4 * h + k) * 32));
-                    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                    if (!q4k) {
-                        lo = _mm256_shuffle_epi8(table, lo);
-                        hi = _mm256_shuffle_epi8(table, hi);
-                    }
-                    const __m256i alo = sgn ? _mm256_abs_epi8(lo) : lo, ahi = sgn ? _mm256_abs_epi8(hi) : hi;
-                    for (int t = 0; t < TC; t++) {
-                        const int8_t *x = xq + (size_t)t * n + b * QK_K + 64 * p + 16 * h + 4 * k;
-                        int32_t xl, xh;
-                        memcpy(&xl, x, 4);
-                        memcpy(&xh, x + 32, 4);
-                        __m256i bl = _mm256_set1_epi32(xl), bh = _mm256_set1_epi32(xh);
-#if defined(GLMCPU_VNNI)
-                        slo[t] = _mm256_dpbusd_epi32(slo[t], alo, bl);
-                        shi[t] = _mm256_dpbusd_epi32(shi[t], ahi, bh);
+    gemv_k_x8_256(kind, n, w, w, TC, xq, xd, xb, out, ldo, pf);
 #else
-                        if (sgn) {      /* int16 pairs <= 2 * 127 * 127, scaled into int32 at once */
-                            slo[t] = _mm256_add_epi32(slo[t], _mm256_madd_epi16(
-                                _mm256_maddubs_epi16(alo, _mm256_sign_epi8(bl, lo)), sclo));
-                            shi[t] = _mm256_add_epi32(shi[t], _mm256_madd_epi16(
-                                _mm256_maddubs_epi16(ahi, _mm256_sign_epi8(bh, hi)), schi));
-                        } else {        /* 8 pair sums of |15 * 128 * 2| fit int16 */
-                            slo[t] = _mm256_add_epi16(slo[t], _mm256_maddubs_epi16(alo, bl));
-                            shi[t] = _mm256_add_epi16(shi[t], _mm256_maddubs_epi16(ahi, bh));
-                        }
-#endif
-                        IN_REG(slo[t]);
-                        IN_REG(shi[t]);
-                    }
-                }
-            for (int t = 0; t < TC; t++) {
-#if defined(GLMCPU_VNNI)
-                isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(_mm256_mullo_epi32(slo[t], sclo),
-                                                                     _mm256_mullo_epi32(shi[t], schi)));
-#else
-                isum[t] = _mm256_add_epi32(isum[t], sgn ? _mm256_add_epi32(slo[t], shi[t])
-                                           : _mm256_add_epi32(_mm256_madd_epi16(slo[t], sclo),
-                                                              _mm256_madd_epi16(shi[t], schi)));
-#endif
-            }
-        }
-        /* Q4_K's mins, or IQ4_XS's offset (128 * its scales), through the 16-sums of the
-         * activations: sum over j of c[j][r] * (sum of sub-block j's activations), int16 pairs */
-        __m256i mv[4];
-        if (!sgn) {
-            const uint8_t *c = B + (q4k ? 96 : kx8_sc(kind));
-            for (int i = 0; i < 4; i++) {
-                const __m128i c0 = _mm_loadl_epi64((const __m128i *)(c + 16 * i));
-                const __m128i c1 = _mm_loadl_epi64((const __m128i *)(c + 16 * i + 8));
-                mv[i] = q4k ? _mm256_or_si256(_mm256_cvtepu8_epi32(c0), _mm256_slli_epi32(_mm256_cvtepu8_epi32(c1), 16))
-                            : _mm256_or_si256(_mm256_and_si256(_mm256_cvtepi8_epi32(c0), lo16),
-                                              _mm256_slli_epi32(_mm256_cvtepi8_epi32(c1), 16));
-            }
-        }
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)B));
-        const __m256 dmw = q4k ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(B + 16))) : dw;
-        for (int t = 0; t < TC; t++) {
-            const __m256 dx = _mm256_set1_ps(xd[(size_t)t * nb + b]);
-            __m256i s = isum[t];
-            if (!sgn) {
-                const int16_t *bs = xb + (size_t)t * (n / 16) + 16 * b;
-                __m256i mi = _mm256_setzero_si256();
-                for (int i = 0; i < 4; i++) {
-                    uint32_t pair = (uint16_t)(bs[4 * i] + bs[4 * i + 1]) | ((uint32_t)(uint16_t)(bs[4 * i + 2] + bs[4 * i + 3]) << 16);
-                    mi = _mm256_add_epi32(mi, _mm256_madd_epi16(mv[i], _mm256_set1_epi32((int32_t)pair)));
-                }
-                if (q4k) acc[t] = _mm256_fnmadd_ps(_mm256_mul_ps(dmw, dx), _mm256_cvtepi32_ps(mi), acc[t]);
-                else s = _mm256_sub_epi32(s, _mm256_slli_epi32(mi, 7));
-            }
-            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), _mm256_cvtepi32_ps(s), acc[t]);
-        }
-    }
-    store_rows8(acc, TC, out, ldo);
-#else
+    const int nb = n / QK_K, bytes = kx8_bytes(kind), q4k = kind == X8_Q4_K;
     (void)pf;
     for (int t = 0; t < TC; t++) {
         const int8_t *xt = xq + (size_t)t * n;
@@ -315,7 +219,8 @@ GLMCPU_INLINE void gemv_k_x8(const int kind, int n, const uint8_t *w, const int 
 #endif
 }
 
-/* Groups g0..g1 of a Q4_K / IQ4_XS x8 matrix against T tokens of q8_K activations. */
+/* Groups g0..g1 of a Q4_K / IQ4_XS x8 matrix against T tokens of q8_K activations (AVX-512, 2+
+ * tokens: two groups per 512-bit pass, the same bits as one at a time). */
 GLMCPU_INLINE void gemm_k_x8_groups(const int kind, int n, const uint8_t *w, int g0, int g1, int T,
                                     const int8_t *xq, const float *xd, const int16_t *xb, float *out, int ldo) {
     const int nb = n / QK_K;
@@ -323,7 +228,18 @@ GLMCPU_INLINE void gemm_k_x8_groups(const int kind, int n, const uint8_t *w, int
     for (int gb = g0; gb < g1; gb += KX8G)
     FOR_TC(t, tc, T, KX8TC)
     for (int g = gb; g < g1 && g < gb + KX8G; g++) {
-#define GO(TC) gemv_k_x8(kind, n, w + (size_t)g * line, TC, xq + (size_t)t * n, xd + (size_t)t * nb, \
+        const uint8_t *a = w + (size_t)g * line;
+#if defined(GLMCPU_AVX512)
+        if (T > 1 && g + 1 < g1 && g + 1 < gb + KX8G) {
+#define GO(TC) gemv_k_x8_512(kind, n, a, a + line, TC, xq + (size_t)t * n, xd + (size_t)t * nb, \
+                             xb + (size_t)t * (n / 16), out + (size_t)t * ldo + 8 * g, ldo, t == 0)
+            TC_CONST(tc, GO);
+#undef GO
+            g++;
+            continue;
+        }
+#endif
+#define GO(TC) gemv_k_x8(kind, n, a, TC, xq + (size_t)t * n, xd + (size_t)t * nb, \
                          xb + (size_t)t * (n / 16), out + (size_t)t * ldo + 8 * g, ldo, t == 0)
         TC_CONST(tc, GO);
 #undef GO

@@ -1,9 +1,10 @@
-/* The 32-value-block group kernel, written once and included by groups.h for each register
+/* The group kernels (32-value blocks, 256-value super-blocks), written once and included by groups.h for each register
  * width XBITS: 256 (one group of 8 rows) and, on AVX-512, 512 (two adjacent groups, 16 rows).
  * Every lane does the same arithmetic in either width, so two groups in one 512-bit pass equal
  * two 256-bit passes bit for bit. groups.h defines, per width:
  *   XLOAD(o)      32 bytes at offset o of the block column of each group (B0, B1)
- *   XSCALES()     the groups' 8 (16) fp16 row scales as floats
+ *   XLOAD8(o)     8 bytes at offset o of each group, in one 128-bit register
+ *   XSCALES(o)    the groups' 8 (16) fp16 row scales at offset o as floats
  *   XSIGN(x, v)   x negated where v < 0 (AVX2's sign_epi8; v is never 0 where it matters)
  * and the rest follows from the width's intrinsic names. */
 #define XCAT_(a, b, c) a##b##c
@@ -20,6 +21,7 @@
 #define XBCAST16(p) _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(p)))
 #endif
 #define XFN XCAT(gemv_x8_, XBITS, )
+#define XKFN XCAT(gemv_k_x8_, XBITS, )
 
 GLMCPU_INLINE void XFN(const int kind, int n, const uint8_t *w0, const uint8_t *w1, const int TC,
                        const int8_t *xq, const float *xd, const float *xs, float *out, int ldo, int pf) {
@@ -90,7 +92,7 @@ GLMCPU_INLINE void XFN(const int kind, int n, const uint8_t *w0, const uint8_t *
                 IN_REG(sb[t]);
             }
         }
-        const XF dw = XSCALES();
+        const XF dw = XSCALES(0);
         for (int t = 0; t < TC; t++) {
             XI s32;
 #if defined(GLMCPU_VNNI)
@@ -109,6 +111,108 @@ GLMCPU_INLINE void XFN(const int kind, int n, const uint8_t *w0, const uint8_t *
     for (int t = 0; t < TC; t++) XN(storeu_ps)(out + (size_t)t * ldo, acc[t]);
 }
 
+
+/* Q4_K / IQ4_XS super-blocks of one (two) groups: gemv_k_x8 in groups.h says what it computes */
+GLMCPU_INLINE void XKFN(const int kind, int n, const uint8_t *w0, const uint8_t *w1, const int TC,
+                        const int8_t *xq, const float *xd, const int16_t *xb, float *out, int ldo, int pf) {
+    const int nb = n / QK_K, bytes = kx8_bytes(kind), q4k = kind == X8_Q4_K, sgn = x8_signed(kind);
+    XF acc[KX8TC];
+    for (int t = 0; t < KX8TC; t++) acc[t] = XN(setzero_ps)();
+    const XI m4 = XN(set1_epi8)(0x0f), lo16 = XN(set1_epi32)(0xffff);
+    const XI table = XBCAST16(sgn ? (const void *)KVALUES_IQ4 : (const void *)KVALUES_IQ4_U);
+    (void)w1; (void)lo16;
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *B0 = w0 + (size_t)b * bytes, *B1 = w1 + (size_t)b * bytes;
+        (void)B1;
+        if (pf) {
+            KPREFETCH(B0 + PFD, (size_t)bytes);
+            if (XW == 2) KPREFETCH(B1 + PFD, (size_t)bytes);
+        }
+        XI isum[KX8TC];
+        for (int t = 0; t < KX8TC; t++) isum[t] = XSI(setzero)();
+        for (int p = 0; p < 4; p++) {
+            /* scales of sub-blocks 2p and 2p+1, one per row lane */
+            const __m128i r0 = XLOAD8(kx8_sc(kind) + 16 * p), r1 = XLOAD8(kx8_sc(kind) + 16 * p + 8);
+            XI sclo = q4k ? XN(cvtepu8_epi32)(r0) : XN(cvtepi8_epi32)(r0);
+            XI schi = q4k ? XN(cvtepu8_epi32)(r1) : XN(cvtepi8_epi32)(r1);
+#if !defined(GLMCPU_VNNI)
+            /* the scale in both int16 halves of its lane, for madd_epi16 */
+            sclo = XSI(or)(XSI(and)(sclo, lo16), XN(slli_epi32)(sclo, 16));
+            schi = XSI(or)(XSI(and)(schi, lo16), XN(slli_epi32)(schi, 16));
+#endif
+            XI slo[KX8TC], shi[KX8TC];          /* sub-blocks 2p and 2p+1, per row */
+            for (int t = 0; t < KX8TC; t++) slo[t] = shi[t] = XSI(setzero)();
+            for (int h = 0; h < 2; h++)
+                for (int k = 0; k < 4; k++) {      /* one 32-byte load per group, unpacked once for every token */
+                    XI v = XLOAD(kx8_qs(kind) + (p * 8 + 4 * h + k) * 32);
+                    XI lo = XSI(and)(v, m4), hi = XSI(and)(XN(srli_epi16)(v, 4), m4);
+                    if (!q4k) {
+                        lo = XN(shuffle_epi8)(table, lo);
+                        hi = XN(shuffle_epi8)(table, hi);
+                    }
+                    const XI alo = sgn ? XN(abs_epi8)(lo) : lo, ahi = sgn ? XN(abs_epi8)(hi) : hi;
+                    for (int t = 0; t < TC; t++) {
+                        const int8_t *x = xq + (size_t)t * n + b * QK_K + 64 * p + 16 * h + 4 * k;
+                        int32_t xl, xh;
+                        memcpy(&xl, x, 4);
+                        memcpy(&xh, x + 32, 4);
+                        const XI bl = XN(set1_epi32)(xl), bh = XN(set1_epi32)(xh);
+#if defined(GLMCPU_VNNI)
+                        slo[t] = XN(dpbusd_epi32)(slo[t], alo, bl);
+                        shi[t] = XN(dpbusd_epi32)(shi[t], ahi, bh);
+#else
+                        if (sgn) {      /* int16 pairs <= 2 * 127 * 127, scaled into int32 at once */
+                            slo[t] = XN(add_epi32)(slo[t], XN(madd_epi16)(XN(maddubs_epi16)(alo, XSIGN(bl, lo)), sclo));
+                            shi[t] = XN(add_epi32)(shi[t], XN(madd_epi16)(XN(maddubs_epi16)(ahi, XSIGN(bh, hi)), schi));
+                        } else {        /* 8 pair sums of |15 * 128 * 2| fit int16 */
+                            slo[t] = XN(add_epi16)(slo[t], XN(maddubs_epi16)(alo, bl));
+                            shi[t] = XN(add_epi16)(shi[t], XN(maddubs_epi16)(ahi, bh));
+                        }
+#endif
+                        IN_REG(slo[t]);
+                        IN_REG(shi[t]);
+                    }
+                }
+            for (int t = 0; t < TC; t++) {
+#if defined(GLMCPU_VNNI)
+                isum[t] = XN(add_epi32)(isum[t], XN(add_epi32)(XN(mullo_epi32)(slo[t], sclo), XN(mullo_epi32)(shi[t], schi)));
+#else
+                isum[t] = XN(add_epi32)(isum[t], sgn ? XN(add_epi32)(slo[t], shi[t])
+                                        : XN(add_epi32)(XN(madd_epi16)(slo[t], sclo), XN(madd_epi16)(shi[t], schi)));
+#endif
+            }
+        }
+        /* Q4_K's mins, or IQ4_XS's offset (128 * its scales), through the 16-sums of the
+         * activations: sum over j of c[j][r] * (sum of sub-block j's activations), int16 pairs */
+        XI mv[4];
+        if (!sgn) {
+            const int c = q4k ? 96 : kx8_sc(kind);
+            for (int i = 0; i < 4; i++) {
+                const __m128i c0 = XLOAD8(c + 16 * i), c1 = XLOAD8(c + 16 * i + 8);
+                mv[i] = q4k ? XSI(or)(XN(cvtepu8_epi32)(c0), XN(slli_epi32)(XN(cvtepu8_epi32)(c1), 16))
+                            : XSI(or)(XSI(and)(XN(cvtepi8_epi32)(c0), lo16), XN(slli_epi32)(XN(cvtepi8_epi32)(c1), 16));
+            }
+        }
+        const XF dw = XSCALES(0), dmw = q4k ? XSCALES(16) : dw;
+        for (int t = 0; t < TC; t++) {
+            const XF dx = XN(set1_ps)(xd[(size_t)t * nb + b]);
+            XI s = isum[t];
+            if (!sgn) {
+                const int16_t *bs = xb + (size_t)t * (n / 16) + 16 * b;
+                XI mi = XSI(setzero)();
+                for (int i = 0; i < 4; i++) {
+                    uint32_t pair = (uint16_t)(bs[4 * i] + bs[4 * i + 1]) | ((uint32_t)(uint16_t)(bs[4 * i + 2] + bs[4 * i + 3]) << 16);
+                    mi = XN(add_epi32)(mi, XN(madd_epi16)(mv[i], XN(set1_epi32)((int32_t)pair)));
+                }
+                if (q4k) acc[t] = XN(fnmadd_ps)(XN(mul_ps)(dmw, dx), XN(cvtepi32_ps)(mi), acc[t]);
+                else s = XN(sub_epi32)(s, XN(slli_epi32)(mi, 7));
+            }
+            acc[t] = XN(fmadd_ps)(XN(mul_ps)(dw, dx), XN(cvtepi32_ps)(s), acc[t]);
+        }
+    }
+    for (int t = 0; t < TC; t++) XN(storeu_ps)(out + (size_t)t * ldo, acc[t]);
+}
+
 #undef XCAT_
 #undef XCAT
 #undef XW
@@ -118,6 +222,8 @@ GLMCPU_INLINE void XFN(const int kind, int n, const uint8_t *w0, const uint8_t *
 #undef XSI
 #undef XBCAST16
 #undef XFN
+#undef XKFN
+#undef XLOAD8
 #undef XBITS
 #undef XLOAD
 #undef XSCALES
