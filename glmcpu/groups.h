@@ -27,7 +27,7 @@ _Static_assert(sizeof(block_q8_0x8) == 272, "q8_0x8 block is 272 bytes");
 /* tokens per pass over a block column (4 accumulators: tried 8 on AVX-512, no faster) */
 #define TCMAX 4
 
-enum { X8_Q4_0, X8_IQ4_NL, X8_Q5_0, X8_Q8_0, X8_Q4_K, X8_IQ4_XS };
+enum { X8_Q4_0, X8_IQ4_NL, X8_Q5_0, X8_Q8_0, X8_Q4_K, X8_IQ4_XS, X8_Q2_K };
 
 /* the codebook + 128, as unsigned bytes for VNNI's u8 x s8 products (1..241) */
 static const uint8_t KVALUES_IQ4_U[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
@@ -86,6 +86,16 @@ typedef struct {
     int8_t sc[8][8];
     uint8_t qs[1024];
 } block_iq4_xsx8;
+/* Q2_K (16 sub-blocks of 16 under 4-bit scales and mins): d[r], dmin[r]; sc[s][r] = row r's
+ * scales[s] (scale low nibble, min high), and qs[((h*8 + k)*8 + r)*4 + i] = row r's qs[32h + 4k + i],
+ * whose bits 2c, 2c+1 are value 128h + 32c + 4k + i (sub-block 8h + 2c + k / 4). The file's bytes
+ * in another order (672 per 8 x 256 values). */
+typedef struct {
+    uint16_t d[8], dmin[8];
+    uint8_t sc[16][8];
+    uint8_t qs[512];
+} block_q2_Kx8;
+_Static_assert(sizeof(block_q2_Kx8) == 672, "q2_Kx8 block is 672 bytes");
 _Static_assert(sizeof(block_iq4_xsx8) == 1104, "iq4_xsx8 block is 1104 bytes");
 
 /* tokens sharing one unpacking of the nibbles (AVX2: 2 sums per token, 4 tokens, the unpacked
@@ -96,7 +106,10 @@ _Static_assert(sizeof(block_iq4_xsx8) == 1104, "iq4_xsx8 block is 1104 bytes");
 #define KX8G 4
 
 /* where a kind's fields lie in its block */
-static inline int kx8_bytes(int kind) { return kind == X8_Q4_K ? (int)sizeof(block_q4_Kx8) : (int)sizeof(block_iq4_xsx8); }
+static inline int kx8_bytes(int kind) {
+    return kind == X8_Q4_K ? (int)sizeof(block_q4_Kx8) : kind == X8_Q2_K ? (int)sizeof(block_q2_Kx8)
+         : (int)sizeof(block_iq4_xsx8);
+}
 static inline int kx8_sc(int kind) { return kind == X8_Q4_K ? 32 : 16; }
 static inline int kx8_qs(int kind) { return kind == X8_Q4_K ? 160 : 80; }
 
@@ -186,6 +199,27 @@ GLMCPU_INLINE void gemv_k_x8(const int kind, int n, const uint8_t *w, const int 
     gemv_k_x8_256(kind, n, w, w, TC, xq, xd, xb, out, ldo, pf);
 #else
     const int nb = n / QK_K, bytes = kx8_bytes(kind), q4k = kind == X8_Q4_K;
+    if (kind == X8_Q2_K) {
+        (void)pf;
+        for (int t = 0; t < TC; t++)
+            for (int r = 0; r < 8; r++) {
+                float acc = 0.0f;
+                for (int b = 0; b < nb; b++) {
+                    const block_q2_Kx8 *B = (const block_q2_Kx8 *)(w + (size_t)b * bytes);
+                    int is = 0, im = 0;
+                    for (int v = 0; v < QK_K; v++) {
+                        const int h = v / 128, c = (v % 128) / 32, l = v % 32, s = v / 16;
+                        const int q = (B->qs[((h * 8 + l / 4) * 8 + r) * 4 + l % 4] >> (2 * c)) & 3;
+                        is += (B->sc[s][r] & 0x0f) * q * xq[(size_t)t * n + b * QK_K + v];
+                    }
+                    for (int s = 0; s < 16; s++) im += (B->sc[s][r] >> 4) * xb[(size_t)t * (n / 16) + 16 * b + s];
+                    const float dx = xd[(size_t)t * nb + b];
+                    acc += fp16_to_fp32(B->d[r]) * dx * (float)is - fp16_to_fp32(B->dmin[r]) * dx * (float)im;
+                }
+                out[(size_t)t * ldo + r] = acc;
+            }
+        return;
+    }
     (void)pf;
     for (int t = 0; t < TC; t++) {
         const int8_t *xt = xq + (size_t)t * n;
@@ -257,6 +291,7 @@ static void gemm_groups(int type, int n, const uint8_t *w, int r0, int r1, int T
     case GT_Q5_0X8: gemm_x8_groups(X8_Q5_0, n, w, g0, g1, T, xq, xd, xs, out, ldo); break;
     case GT_Q8_0X8: gemm_x8_groups(X8_Q8_0, n, w, g0, g1, T, xq, xd, xs, out, ldo); break;
     case GT_Q4_KX8: gemm_k_x8_groups(X8_Q4_K, n, w, g0, g1, T, xq, xd, xb, out, ldo); break;
+    case GT_Q2_KX8: gemm_k_x8_groups(X8_Q2_K, n, w, g0, g1, T, xq, xd, xb, out, ldo); break;
     default: gemm_k_x8_groups(X8_IQ4_XS, n, w, g0, g1, T, xq, xd, xb, out, ldo); break;
     }
 }
