@@ -95,13 +95,6 @@ static inline void scales_q4_K(const uint8_t *s, uint8_t *sc, uint8_t *m) {
     }
 }
 
-/* sum over the 8 sub-blocks of m[j] * (sum of their 32 activations) */
-static inline int mins_q8_K(const uint8_t *m, const int16_t *xb) {
-    int s = 0;
-    for (int j = 0; j < 8; j++) s += m[j] * (xb[2 * j] + xb[2 * j + 1]);
-    return s;
-}
-
 #if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
 /* acc (8 x int32) += sum of pairs of (u8 q) * (s8 x), times the int16 scale sc in every lane */
 static inline __m256i dot_scaled(__m256i acc, __m256i q, __m256i x, __m256i sc) {
@@ -128,130 +121,73 @@ static inline __m256i bits_to_0x10(uint32_t bits) {
 }
 #endif
 
-/* ---- K-quant rows . q8_K activations: the scalar twins ----------------------------------
- * Integer sums per super-block are exact, so the SIMD kernels (vec_dot4_*) and these agree up
- * to the order of the float additions. */
+/* ---- K-quant rows . q8_K activations: the scalar twin ----------------------------------
+ * Each type's super-block decoded into one form: unsigned values q[v], a scale sc[s] and an
+ * offset m[s] per 16 values, so that row . x = dx * (d * sum_s sc[s] (q . x)_s - dmin * sum_s m[s] xb[s])
+ * (Q4_K/Q5_K/Q2_K: their mins; Q6_K's "- 32" and Q3_K's "- 4 where the high bit is clear" are
+ * offsets of sc[s] * 32 and sc[s] * 4 with dmin = d). Integer sums per super-block are exact, so
+ * the SIMD kernels (vec_dot4_*) and this agree up to the order of the float additions. */
+typedef struct { uint8_t q[QK_K]; int sc[16], m[16]; float d, dmin; } kblock;
 
-static float vec_dot_q4_K_q8_K(int n, const block_q4_K *w, const int8_t *xq, const float *xd,
-                               const int16_t *xb) {
-    int nb = n / QK_K;
-    float sum = 0.0f;
-    for (int b = 0; b < nb; b++) {
+static void decode_k(int type, const uint8_t *blk, kblock *k) {
+    if (type == GT_Q4_K || type == GT_Q5_K) {
+        const block_q4_K *w4 = (const block_q4_K *)blk;
+        const block_q5_K *w5 = (const block_q5_K *)blk;
+        const uint8_t *qs = type == GT_Q4_K ? w4->qs : w5->qs;
         uint8_t sc[8], m[8];
-        scales_q4_K(w[b].scales, sc, m);
-        const int8_t *x = xq + b * QK_K;
-        int isum = 0;
-        for (int p = 0; p < 4; p++) {
-            int s0 = 0, s1 = 0;
-            for (int l = 0; l < 32; l++) {
-                s0 += (w[b].qs[32 * p + l] & 0x0f) * x[64 * p + l];
-                s1 += (w[b].qs[32 * p + l] >> 4) * x[64 * p + 32 + l];
+        scales_q4_K(type == GT_Q4_K ? w4->scales : w5->scales, sc, m);
+        for (int s = 0; s < 16; s++) { k->sc[s] = sc[s / 2]; k->m[s] = m[s / 2]; }
+        for (int p = 0; p < 4; p++)
+            for (int l = 0; l < 32; l++) {      /* bit 2p (2p + 1) of qh[l]: bit 4 of value 64p + l (+ 32) */
+                const int hb = type == GT_Q5_K ? w5->qh[l] >> (2 * p) : 0;
+                k->q[64 * p + l] = (qs[32 * p + l] & 0x0f) | ((hb & 1) << 4);
+                k->q[64 * p + 32 + l] = (qs[32 * p + l] >> 4) | ((hb & 2) << 3);
             }
-            isum += sc[2 * p] * s0 + sc[2 * p + 1] * s1;
-        }
-        sum += xd[b] * (fp16_to_fp32(w[b].d) * (float)isum
-                        - fp16_to_fp32(w[b].dmin) * (float)mins_q8_K(m, xb + 16 * b));
-    }
-    return sum;
-}
-
-static float vec_dot_q5_K_q8_K(int n, const block_q5_K *w, const int8_t *xq, const float *xd,
-                               const int16_t *xb) {
-    int nb = n / QK_K;
-    float sum = 0.0f;
-    for (int b = 0; b < nb; b++) {
-        uint8_t sc[8], m[8];
-        scales_q4_K(w[b].scales, sc, m);
-        const int8_t *x = xq + b * QK_K;
-        int isum = 0;
-        for (int p = 0; p < 4; p++) {
-            int s0 = 0, s1 = 0;
-            for (int l = 0; l < 32; l++) {
-                int hb = w[b].qh[l] >> (2 * p);
-                s0 += ((w[b].qs[32 * p + l] & 0x0f) | ((hb & 1) << 4)) * x[64 * p + l];
-                s1 += ((w[b].qs[32 * p + l] >> 4) | ((hb & 2) << 3)) * x[64 * p + 32 + l];
-            }
-            isum += sc[2 * p] * s0 + sc[2 * p + 1] * s1;
-        }
-        sum += xd[b] * (fp16_to_fp32(w[b].d) * (float)isum
-                        - fp16_to_fp32(w[b].dmin) * (float)mins_q8_K(m, xb + 16 * b));
-    }
-    return sum;
-}
-
-static float vec_dot_q6_K_q8_K(int n, const block_q6_K *w, const int8_t *xq, const float *xd,
-                               const int16_t *xb) {
-    int nb = n / QK_K;
-    float sum = 0.0f;
-    for (int b = 0; b < nb; b++) {
-        const int8_t *x = xq + b * QK_K;
-        const int8_t *sc = w[b].scales;
-        int isum = 0, off = 0;
-        for (int s = 0; s < 16; s++) off += sc[s] * xb[16 * b + s];      /* the "- 32" */
+        k->d = fp16_to_fp32(type == GT_Q4_K ? w4->d : w5->d);
+        k->dmin = fp16_to_fp32(type == GT_Q4_K ? w4->dmin : w5->dmin);
+    } else if (type == GT_Q6_K) {
+        const block_q6_K *w = (const block_q6_K *)blk;
+        for (int s = 0; s < 16; s++) { k->sc[s] = w->scales[s]; k->m[s] = 32 * w->scales[s]; }
         for (int h = 0; h < 2; h++)
-            for (int k = 0; k < 4; k++) {
-                int s0 = 0, s1 = 0;
+            for (int c = 0; c < 4; c++)
                 for (int l = 0; l < 32; l++) {
-                    int lo = k & 1 ? w[b].ql[64 * h + 32 + l] : w[b].ql[64 * h + l];
-                    int q = ((k & 2 ? lo >> 4 : lo) & 0x0f) | (((w[b].qh[32 * h + l] >> (2 * k)) & 3) << 4);
-                    if (l < 16) s0 += q * x[128 * h + 32 * k + l];
-                    else s1 += q * x[128 * h + 32 * k + l];
+                    const int lo = w->ql[64 * h + 32 * (c & 1) + l] >> (c & 2 ? 4 : 0);
+                    k->q[128 * h + 32 * c + l] = (lo & 0x0f) | (((w->qh[32 * h + l] >> (2 * c)) & 3) << 4);
                 }
-                isum += sc[8 * h + 2 * k] * s0 + sc[8 * h + 2 * k + 1] * s1;
-            }
-        sum += xd[b] * fp16_to_fp32(w[b].d) * (float)(isum - 32 * off);
-    }
-    return sum;
-}
-
-static float vec_dot_q2_K_q8_K(int n, const block_q2_K *w, const int8_t *xq, const float *xd,
-                               const int16_t *xb) {
-    int nb = n / QK_K;
-    float sum = 0.0f;
-    for (int b = 0; b < nb; b++) {
-        const int8_t *x = xq + b * QK_K;
-        int isum = 0, msum = 0;
-        for (int s = 0; s < 16; s++) msum += (w[b].scales[s] >> 4) * xb[16 * b + s];
-        for (int h = 0; h < 2; h++)
-            for (int k = 0; k < 4; k++) {
-                int s0 = 0, s1 = 0;
-                for (int l = 0; l < 16; l++) {
-                    s0 += ((w[b].qs[32 * h + l] >> (2 * k)) & 3) * x[128 * h + 32 * k + l];
-                    s1 += ((w[b].qs[32 * h + 16 + l] >> (2 * k)) & 3) * x[128 * h + 32 * k + 16 + l];
-                }
-                isum += (w[b].scales[8 * h + 2 * k] & 0x0f) * s0 + (w[b].scales[8 * h + 2 * k + 1] & 0x0f) * s1;
-            }
-        sum += xd[b] * (fp16_to_fp32(w[b].d) * (float)isum - fp16_to_fp32(w[b].dmin) * (float)msum);
-    }
-    return sum;
-}
-
-static float vec_dot_q3_K_q8_K(int n, const block_q3_K *w, const int8_t *xq, const float *xd,
-                               const int16_t *xb) {
-    int nb = n / QK_K;
-    float sum = 0.0f;
-    for (int b = 0; b < nb; b++) {
-        const int8_t *x = xq + b * QK_K;
-        int sc[16];
+        k->d = k->dmin = fp16_to_fp32(w->d);
+    } else if (type == GT_Q2_K) {
+        const block_q2_K *w = (const block_q2_K *)blk;
+        for (int s = 0; s < 16; s++) { k->sc[s] = w->scales[s] & 0x0f; k->m[s] = w->scales[s] >> 4; }
+        for (int v = 0; v < QK_K; v++) k->q[v] = (w->qs[32 * (v / 128) + v % 32] >> (2 * ((v % 128) / 32))) & 3;
+        k->d = fp16_to_fp32(w->d);
+        k->dmin = fp16_to_fp32(w->dmin);
+    } else {                                    /* Q3_K */
+        const block_q3_K *w = (const block_q3_K *)blk;
         for (int s = 0; s < 16; s++) {
-            int lo = (w[b].scales[s % 8] >> (4 * (s / 8))) & 0x0f;
-            int hi = (w[b].scales[8 + s % 4] >> (2 * (s / 4))) & 3;
-            sc[s] = (lo | (hi << 4)) - 32;
+            const int lo = (w->scales[s % 8] >> (4 * (s / 8))) & 0x0f, hi = (w->scales[8 + s % 4] >> (2 * (s / 4))) & 3;
+            k->sc[s] = (lo | (hi << 4)) - 32;
+            k->m[s] = 4 * k->sc[s];
         }
-        int isum = 0;
-        /* q - 4 * !hbit = (q2 + 4 * hbit) - 4: sum the unsigned 3-bit values, take 4 * xb off */
-        for (int h = 0; h < 2; h++)
-            for (int k = 0; k < 4; k++) {
-                int s0 = 0, s1 = 0, bit = 4 * h + k;
-                for (int l = 0; l < 32; l++) {
-                    int q = ((w[b].qs[32 * h + l] >> (2 * k)) & 3) | (((w[b].hmask[l] >> bit) & 1) << 2);
-                    if (l < 16) s0 += q * x[128 * h + 32 * k + l];
-                    else s1 += q * x[128 * h + 32 * k + l];
-                }
-                int s = 8 * h + 2 * k;
-                isum += sc[s] * (s0 - 4 * xb[16 * b + s]) + sc[s + 1] * (s1 - 4 * xb[16 * b + s + 1]);
-            }
-        sum += xd[b] * fp16_to_fp32(w[b].d) * (float)isum;
+        for (int v = 0; v < QK_K; v++)          /* bit 2 of value 32c + l: bit c of hmask[l] */
+            k->q[v] = ((w->qs[32 * (v / 128) + v % 32] >> (2 * ((v % 128) / 32))) & 3) | (((w->hmask[v % 32] >> (v / 32)) & 1) << 2);
+        k->d = k->dmin = fp16_to_fp32(w->d);
+    }
+}
+
+static float vec_dot_k_q8_K(int type, int n, const uint8_t *w, size_t bsize, const int8_t *xq, const float *xd,
+                            const int16_t *xb) {
+    float sum = 0.0f;
+    for (int b = 0; b < n / QK_K; b++) {
+        kblock k;
+        decode_k(type, w + (size_t)b * bsize, &k);
+        int isum = 0, msum = 0;
+        for (int s = 0; s < 16; s++) {
+            int dot = 0;
+            for (int l = 0; l < 16; l++) dot += k.q[16 * s + l] * xq[b * QK_K + 16 * s + l];
+            isum += k.sc[s] * dot;
+            msum += k.m[s] * xb[16 * b + s];
+        }
+        sum += xd[b] * (k.d * (float)isum - k.dmin * (float)msum);
     }
     return sum;
 }
@@ -285,20 +221,27 @@ static inline void scales_q4_K_simd(const uint8_t *s, __m256i *sc, __m256i *mdup
     *mdup = _mm256_set_m128i(_mm_unpackhi_epi16(m, m), _mm_unpacklo_epi16(m, m));
 }
 /* One super-block of 8 unpacked 32-value pieces q (scales sc, int16) into each token's sum:
- * d*dx * sum(sc * q.x) - dm*dx * sum(mins * 16-sums of x); integer until the two multiplies.
- * Q4_K (AVX2), Q5_K and Q2_K share it. */
-GLMCPU_INLINE void add_block_k(const __m256i q[8], const __m256i sc[8], __m256i mins, float d, float dm,
+ * d*dx * sum(sc * q.x) - (mins or offsets) * 16-sums of x, integer until the multiplies. mins (int16
+ * per 16-sum) are Q4_K/Q5_K/Q2_K's mins, times dm (shift < 0), or Q3_K/Q6_K's offsets, times
+ * 2^shift in integer (the "- 4" and "- 32" of their values, as multiples of their scales). */
+GLMCPU_INLINE void add_block_k(const __m256i q[8], const __m256i sc[8], __m256i mins, int shift, float d, float dm,
                                int b, int n, int TC, const int8_t *xq, const float *xd, const int16_t *xb,
                                __m256 acc[4]) {
+    /* piece outer, each token's running sum in a register (AVX2's 16 hold no more: the pieces
+     * and scales of a block wait in L1) */
+    __m256i ai[4];
+    for (int t = 0; t < TC; t++) ai[t] = _mm256_setzero_si256();
+    for (int j = 0; j < 8; j++)
+        for (int t = 0; t < TC; t++) {
+            ai[t] = dot_scaled(ai[t], q[j], _mm256_loadu_si256((const __m256i *)(KX(t) + b * QK_K + 32 * j)), sc[j]);
+            IN_REG(ai[t]);
+        }
     for (int t = 0; t < TC; t++) {
-        const int8_t *x = KX(t) + b * QK_K;
-        __m256i ai = _mm256_setzero_si256();
-        for (int j = 0; j < 8; j++)
-            ai = dot_scaled(ai, q[j], _mm256_loadu_si256((const __m256i *)(x + 32 * j)), sc[j]);
         __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), mins);
         float dx = KD(t)[b];
-        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(ai), acc[t]);
-        acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), acc[t]);
+        if (shift >= 0) ai[t] = _mm256_sub_epi32(ai[t], _mm256_slli_epi32(mi, shift));
+        acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(ai[t]), acc[t]);
+        if (shift < 0) acc[t] = _mm256_fnmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), acc[t]);
     }
 }
 #endif
@@ -339,9 +282,20 @@ static inline __m512i four16(__m512i v, int a) {
 }
 #endif
 
-GLMCPU_INLINE void vec_dot4_q4_K_q8_K(int n, const block_q4_K *w, const int TC, const int8_t *xq,
-                                      const float *xd, const int16_t *xb, float *res) {
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+/* scale vector of piece i (32 values = sub-blocks 2i, 2i+1 of 16) from 16 int16 scales */
+static inline __m256i piece_scales(__m256i sc16, int i) {
+    __m256i half = _mm256_broadcastsi128_si256(i >= 4 ? _mm256_extracti128_si256(sc16, 1)
+                                                      : _mm256_castsi256_si128(sc16));
+    int k = i & 3;
+    return _mm256_shuffle_epi8(half, _mm256_set_m128i(_mm_set1_epi16((short)(((4 * k + 3) << 8) | (4 * k + 2))),
+                                                      _mm_set1_epi16((short)(((4 * k + 1) << 8) | (4 * k)))));
+}
+#endif
+
 #if defined(GLMCPU_AVX512)
+GLMCPU_INLINE void vec_dot4_q4_K_512(int n, const block_q4_K *w, const int TC, const int8_t *xq,
+                                     const float *xd, const int16_t *xb, float *res) {
     /* two sub-blocks (64 values, contiguous in x) per 512-bit step */
     int nb = n / QK_K;
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -372,66 +326,10 @@ GLMCPU_INLINE void vec_dot4_q4_K_q8_K(int n, const block_q4_K *w, const int TC, 
         }
     }
     for (int t = 0; t < TC; t++) res[t] = _mm512_reduce_add_ps(acc[t]) - hsum256(accm[t]);
-#elif defined(GLMCPU_AVX2)
-    int nb = n / QK_K;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    for (int b = 0; b < nb; b++) {
-        __m256i scv, mdup, q[8], sc[8];
-        KAHEAD(w + b);
-        scales_q4_K_simd(w[b].scales, &scv, &mdup);
-        for (int p = 0; p < 4; p++) {       /* sub-block j = 2p + s holds values 32j..32j+31 */
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * p));
-            q[2 * p] = _mm256_and_si256(v, m4);
-            q[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-        }
-        for (int j = 0; j < 8; j++) sc[j] = lane16(scv, j);
-        float d = fp16_to_fp32(w[b].d), dm = fp16_to_fp32(w[b].dmin);
-        add_block_k(q, sc, mdup, d, dm, b, n, TC, xq, xd, xb, acc);
-    }
-    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
-#elif defined(GLMCPU_NEON)
-    neon_dot_q4_K(n, w, TC, xq, xd, xb, res);
-#else
-    for (int t = 0; t < TC; t++) res[t] = vec_dot_q4_K_q8_K(n, w, KX(t), KD(t), KB(t));
-#endif
 }
 
-GLMCPU_INLINE void vec_dot4_q5_K_q8_K(int n, const block_q5_K *w, const int TC, const int8_t *xq,
-                                      const float *xd, const int16_t *xb, float *res) {
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-    int nb = n / QK_K;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const __m256i m4 = _mm256_set1_epi8(0x0f), b4 = _mm256_set1_epi8(0x10);
-    for (int b = 0; b < nb; b++) {
-        __m256i scv, mdup, q[8], sc[8];
-        KAHEAD(w + b);
-        scales_q4_K_simd(w[b].scales, &scv, &mdup);
-        __m256i hb = _mm256_loadu_si256((const __m256i *)w[b].qh);
-        for (int p = 0; p < 4; p++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * p));
-            /* bit 2p of qh[l] is bit 4 of value 64p + l, bit 2p + 1 of value 64p + 32 + l; the
-             * 16-bit shifts leak bits across bytes only above the two bits read */
-            q[2 * p] = _mm256_or_si256(_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), b4));
-            q[2 * p + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), m4),
-                                           _mm256_and_si256(_mm256_slli_epi16(hb, 3), b4));
-            hb = _mm256_srli_epi16(hb, 2);
-        }
-        for (int j = 0; j < 8; j++) sc[j] = lane16(scv, j);
-        float d = fp16_to_fp32(w[b].d), dm = fp16_to_fp32(w[b].dmin);
-        add_block_k(q, sc, mdup, d, dm, b, n, TC, xq, xd, xb, acc);
-    }
-    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
-#elif defined(GLMCPU_NEON)
-    neon_dot_q5_K(n, w, TC, xq, xd, xb, res);
-#else
-    for (int t = 0; t < TC; t++) res[t] = vec_dot_q5_K_q8_K(n, w, KX(t), KD(t), KB(t));
-#endif
-}
-
-GLMCPU_INLINE void vec_dot4_q6_K_q8_K(int n, const block_q6_K *w, const int TC, const int8_t *xq,
-                                      const float *xd, const int16_t *xb, float *res) {
-#if defined(GLMCPU_AVX512)
+GLMCPU_INLINE void vec_dot4_q6_K_512(int n, const block_q6_K *w, const int TC, const int8_t *xq,
+                                     const float *xd, const int16_t *xb, float *res) {
     /* pieces 2m, 2m+1 (64 values, sub-blocks 4m..4m+3, one per 128-bit quarter) per step */
     int nb = n / QK_K;
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
@@ -468,143 +366,134 @@ GLMCPU_INLINE void vec_dot4_q6_K_q8_K(int n, const block_q6_K *w, const int TC, 
         }
     }
     for (int t = 0; t < TC; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
-#elif defined(GLMCPU_AVX2)
-    /* one 32-value piece at a time into each token's running sum: 16 registers hold no more
-     * (the 8 pieces and 8 scale vectors of a block spilled to the stack) */
-    int nb = n / QK_K;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x30);
-    for (int b = 0; b < nb; b++) {
-        KAHEAD(w + b);
-        __m256i ai[4];
-        for (int t = 0; t < TC; t++) ai[t] = _mm256_setzero_si256();
-        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[b].scales));
-        for (int h = 0; h < 2; h++) {
-            /* piece 4h + k = values 128h + 32k + l: k = 0 low nibbles of ql[64h..], 1 of
-             * ql[64h + 32..], 2 and 3 their high nibbles; its high 2 bits are bits 2k, 2k+1 of
-             * qh[32h + l]; it spans sub-blocks 8h + 2k (low 128 bits) and 8h + 2k + 1 (high) */
-            __m256i half = _mm256_broadcastsi128_si256(h ? _mm256_extracti128_si256(sc16, 1)
-                                                         : _mm256_castsi256_si128(sc16));
-            for (int k = 0; k < 4; k++) {
-                __m256i l = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h + 32 * (k & 1)));
-                __m256i hb = _mm256_loadu_si256((const __m256i *)(w[b].qh + 32 * h));
-                if (k >= 2) l = _mm256_srli_epi16(l, 4);
-                hb = k == 0 ? _mm256_slli_epi16(hb, 4) : k == 1 ? _mm256_slli_epi16(hb, 2)
-                   : k == 2 ? hb : _mm256_srli_epi16(hb, 2);
-                __m256i q = _mm256_or_si256(_mm256_and_si256(l, m4), _mm256_and_si256(hb, m3));
-                __m256i sc = _mm256_shuffle_epi8(half, _mm256_set_m128i(
-                    _mm_set1_epi16((short)(((4 * k + 3) << 8) | (4 * k + 2))),
-                    _mm_set1_epi16((short)(((4 * k + 1) << 8) | (4 * k)))));
-                for (int t = 0; t < TC; t++) {
-                    ai[t] = dot_scaled(ai[t], q, _mm256_loadu_si256((const __m256i *)(KX(t) + b * QK_K + 128 * h + 32 * k)), sc);
-                    IN_REG(ai[t]);
-                }
+}
+#endif
+
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+/* A super-block of Q4_K, Q5_K, Q6_K, Q2_K or Q3_K unpacked: 8 pieces of 32 unsigned values
+ * (piece i = values 32i..32i+31), their int16 scales per 16 (sc[i]: sub-blocks 2i, 2i+1 of 16, or
+ * sub-block i of 32 twice), and the int16 mins or offsets per 16-sum for add_block_k. Returns the
+ * offsets' shift (-1: mins, in float times *dm). */
+GLMCPU_INLINE int unpack_k(const int type, const uint8_t *blk, __m256i q[8], __m256i sc[8], __m256i *mins,
+                           float *d, float *dm) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f), m2 = _mm256_set1_epi8(3);
+    if (type == GT_Q4_K || type == GT_Q5_K) {
+        const block_q4_K *w4 = (const block_q4_K *)blk;
+        const block_q5_K *w5 = (const block_q5_K *)blk;
+        __m256i scv;
+        scales_q4_K_simd(type == GT_Q4_K ? w4->scales : w5->scales, &scv, mins);
+        /* Q5_K: bit 2p of qh[l] is bit 4 of value 64p + l, bit 2p + 1 of value 64p + 32 + l; the
+         * 16-bit shifts leak bits across bytes only above the two bits read */
+        __m256i hb = type == GT_Q5_K ? _mm256_loadu_si256((const __m256i *)w5->qh) : _mm256_setzero_si256();
+        const __m256i b4 = _mm256_set1_epi8(0x10);
+        for (int p = 0; p < 4; p++) {       /* sub-block j = 2p + s holds values 32j..32j+31 */
+            __m256i v = _mm256_loadu_si256((const __m256i *)((type == GT_Q4_K ? w4->qs : w5->qs) + 32 * p));
+            q[2 * p] = _mm256_and_si256(v, m4);
+            q[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+            if (type == GT_Q5_K) {
+                q[2 * p] = _mm256_or_si256(q[2 * p], _mm256_and_si256(_mm256_slli_epi16(hb, 4), b4));
+                q[2 * p + 1] = _mm256_or_si256(q[2 * p + 1], _mm256_and_si256(_mm256_slli_epi16(hb, 3), b4));
+                hb = _mm256_srli_epi16(hb, 2);
             }
         }
-        float d = fp16_to_fp32(w[b].d);
-        for (int t = 0; t < TC; t++) {
-            /* the "- 32" of every value: 32 * sc[s] * (sum of sub-block s's activations) */
-            __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), sc16);
-            __m256i s = _mm256_sub_epi32(ai[t], _mm256_slli_epi32(off, 5));
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * KD(t)[b]), _mm256_cvtepi32_ps(s), acc[t]);
-        }
+        for (int j = 0; j < 8; j++) sc[j] = lane16(scv, j);
+        *d = fp16_to_fp32(type == GT_Q4_K ? w4->d : w5->d);
+        *dm = fp16_to_fp32(type == GT_Q4_K ? w4->dmin : w5->dmin);
+        return -1;
     }
-    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
-#elif defined(GLMCPU_NEON)
-    neon_dot_q6_K(n, w, TC, xq, xd, res);
-#else
-    for (int t = 0; t < TC; t++) res[t] = vec_dot_q6_K_q8_K(n, w, KX(t), KD(t), KB(t));
-#endif
-}
-
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-/* scale vector of piece i (32 values = sub-blocks 2i, 2i+1 of 16) from 16 int16 scales */
-static inline __m256i piece_scales(__m256i sc16, int i) {
-    __m256i half = _mm256_broadcastsi128_si256(i >= 4 ? _mm256_extracti128_si256(sc16, 1)
-                                                      : _mm256_castsi256_si128(sc16));
-    int k = i & 3;
-    return _mm256_shuffle_epi8(half, _mm256_set_m128i(_mm_set1_epi16((short)(((4 * k + 3) << 8) | (4 * k + 2))),
-                                                      _mm_set1_epi16((short)(((4 * k + 1) << 8) | (4 * k)))));
-}
-#endif
-
-/* Q2_K / Q3_K (llama.cpp's Q2_K/Q3_K mixes; not tuned): piece 4h + k = values 128h + 32k + l
- * holds bits 2k..2k+1 of qs[32h + l] */
-GLMCPU_INLINE void vec_dot4_q2_K_q8_K(int n, const block_q2_K *w, const int TC, const int8_t *xq,
-                                      const float *xd, const int16_t *xb, float *res) {
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-    int nb = n / QK_K;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const __m256i m2 = _mm256_set1_epi8(3);
-    for (int b = 0; b < nb; b++) {
-        __m256i q[8], sc[8];
-        KAHEAD(w + b);
-        __m128i raw = _mm_loadu_si128((const __m128i *)w[b].scales);
-        __m256i sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, _mm_set1_epi8(0x0f)));
-        __m256i m16 = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0f)));
+    __m256i sc16;
+    if (type == GT_Q6_K) {                  /* piece 4h + k: k = 0 low nibbles of ql[64h..], 1 of
+                                             * ql[64h + 32..], 2 and 3 their high nibbles; its high 2
+                                             * bits are bits 2k, 2k+1 of qh[32h + l] */
+        const block_q6_K *w = (const block_q6_K *)blk;
+        const __m256i m3 = _mm256_set1_epi8(0x30);
+        sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w->scales));
         for (int h = 0; h < 2; h++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * h));
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h));
+            __m256i l1 = _mm256_loadu_si256((const __m256i *)(w->ql + 64 * h + 32));
+            __m256i hb = _mm256_loadu_si256((const __m256i *)(w->qh + 32 * h));
+            q[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m3));
+            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m3));
+            q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m3));
+            q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                           _mm256_and_si256(_mm256_srli_epi16(hb, 2), m3));
+        }
+        *d = *dm = fp16_to_fp32(w->d);
+    } else if (type == GT_Q2_K) {            /* piece 4h + k holds bits 2k..2k+1 of qs[32h + l] */
+        const block_q2_K *w = (const block_q2_K *)blk;
+        __m128i raw = _mm_loadu_si128((const __m128i *)w->scales);
+        sc16 = _mm256_cvtepu8_epi16(_mm_and_si128(raw, _mm_set1_epi8(0x0f)));
+        *mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0f)));
+        for (int h = 0; h < 2; h++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * h));
             for (int k = 0; k < 4; k++) q[4 * h + k] = _mm256_and_si256(_mm256_srli_epi16(v, 2 * k), m2);
         }
-        for (int i = 0; i < 8; i++) sc[i] = piece_scales(sc16, i);
-        float d = fp16_to_fp32(w[b].d), dm = fp16_to_fp32(w[b].dmin);
-        add_block_k(q, sc, m16, d, dm, b, n, TC, xq, xd, xb, acc);
-    }
-    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
-#elif defined(GLMCPU_NEON)
-    neon_dot_q2_K(n, w, TC, xq, xd, xb, res);
-#else
-    for (int t = 0; t < TC; t++) res[t] = vec_dot_q2_K_q8_K(n, w, KX(t), KD(t), KB(t));
-#endif
-}
-
-/* Q3_K: bit 2 of value 32c + l is bit c of hmask[l] (c = 4h + k for piece 4h + k); the "- 4 when
- * that bit is clear" is taken as "- 4" off q + 4 * bit, through the activation sums */
-GLMCPU_INLINE void vec_dot4_q3_K_q8_K(int n, const block_q3_K *w, const int TC, const int8_t *xq,
-                                      const float *xd, const int16_t *xb, float *res) {
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-    int nb = n / QK_K;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const __m256i m2 = _mm256_set1_epi8(3), b2 = _mm256_set1_epi8(4);
-    for (int b = 0; b < nb; b++) {
-        __m256i q[8], sc[8];
-        KAHEAD(w + b);
+        *d = fp16_to_fp32(w->d);
+        *dm = fp16_to_fp32(w->dmin);
+    } else {                                /* Q3_K: bit 2 of value 32c + l is bit c of hmask[l]; the
+                                             * "- 4 when that bit is clear" is taken as "- 4" off
+                                             * q + 4 * bit, through the activation sums */
+        const block_q3_K *w = (const block_q3_K *)blk;
         /* the 16 6-bit scales in registers (scalar stores read back as a vector stalled the load,
          * and their 96 scalar ops outweighed the dot products: 5.6 GB/s): low 4 bits of scale s are
          * nibble s / 8 of scales[s % 8], high 2 bits are bits 2(s / 4).. of scales[8 + s % 4] */
         uint64_t l8;
         uint32_t h4;
-        memcpy(&l8, w[b].scales, 8);
-        memcpy(&h4, w[b].scales + 8, 4);
+        memcpy(&l8, w->scales, 8);
+        memcpy(&h4, w->scales + 8, 4);
         __m128i lo = _mm_set_epi64x((long long)((l8 >> 4) & 0x0f0f0f0f0f0f0f0fULL), (long long)(l8 & 0x0f0f0f0f0f0f0f0fULL));
         __m128i hi = _mm_set_epi32((int)((h4 >> 6) & 0x03030303), (int)((h4 >> 4) & 0x03030303),
                                    (int)((h4 >> 2) & 0x03030303), (int)(h4 & 0x03030303));
-        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), _mm_set1_epi8(32)));
-        __m256i hm = _mm256_loadu_si256((const __m256i *)w[b].hmask);
+        sc16 = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), _mm_set1_epi8(32)));
+        const __m256i hm = _mm256_loadu_si256((const __m256i *)w->hmask), b2 = _mm256_set1_epi8(4);
         for (int h = 0; h < 2; h++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * h));
+            __m256i v = _mm256_loadu_si256((const __m256i *)(w->qs + 32 * h));
             for (int k = 0; k < 4; k++) {
                 __m256i hb = _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(hm, 4 * h + k), 2), b2);
                 q[4 * h + k] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 2 * k), m2), hb);
             }
         }
-        for (int i = 0; i < 8; i++) sc[i] = piece_scales(sc16, i);
-        float d = fp16_to_fp32(w[b].d);
-        for (int t = 0; t < TC; t++) {
-            const int8_t *x = KX(t) + b * QK_K;
-            __m256i ai = _mm256_setzero_si256();
-            for (int i = 0; i < 8; i++)
-                ai = dot_scaled(ai, q[i], _mm256_loadu_si256((const __m256i *)(x + 32 * i)), sc[i]);
-            __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), sc16);
-            ai = _mm256_sub_epi32(ai, _mm256_slli_epi32(off, 2));
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * KD(t)[b]), _mm256_cvtepi32_ps(ai), acc[t]);
-        }
+        *d = *dm = fp16_to_fp32(w->d);
+    }
+    for (int i = 0; i < 8; i++) sc[i] = piece_scales(sc16, i);
+    if (type == GT_Q2_K) return -1;
+    *mins = sc16;
+    return type == GT_Q6_K ? 5 : 2;
+}
+#endif
+
+/* Rows of Q4_K, Q5_K, Q6_K, Q2_K or Q3_K against TC tokens (<= 4) of q8_K activations. */
+GLMCPU_INLINE void vec_dot4_k(const int type, int n, const uint8_t *w, const int TC, const int8_t *xq,
+                              const float *xd, const int16_t *xb, float *res) {
+    const size_t bsize = type == GT_Q4_K ? sizeof(block_q4_K) : type == GT_Q5_K ? sizeof(block_q5_K)
+                       : type == GT_Q6_K ? sizeof(block_q6_K) : type == GT_Q2_K ? sizeof(block_q2_K)
+                       : sizeof(block_q3_K);
+#if defined(GLMCPU_AVX512)
+    /* two sub-blocks (64 values) per 512-bit step where it paid off */
+    if (type == GT_Q4_K) { vec_dot4_q4_K_512(n, (const block_q4_K *)w, TC, xq, xd, xb, res); return; }
+    if (type == GT_Q6_K) { vec_dot4_q6_K_512(n, (const block_q6_K *)w, TC, xq, xd, xb, res); return; }
+#endif
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int b = 0; b < n / QK_K; b++) {
+        const uint8_t *blk = w + (size_t)b * bsize;
+        __m256i q[8], sc[8], mins;
+        float d, dm;
+        KPREFETCH(blk + PFD, bsize);
+        const int shift = unpack_k(type, blk, q, sc, &mins, &d, &dm);
+        add_block_k(q, sc, mins, shift, d, dm, b, n, TC, xq, xd, xb, acc);
     }
     for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
 #elif defined(GLMCPU_NEON)
-    neon_dot_q3_K(n, w, TC, xq, xd, res);
+    switch (type) {
+    case GT_Q4_K: neon_dot_q4_K(n, (const block_q4_K *)w, TC, xq, xd, xb, res); break;
+    case GT_Q5_K: neon_dot_q5_K(n, (const block_q5_K *)w, TC, xq, xd, xb, res); break;
+    case GT_Q6_K: neon_dot_q6_K(n, (const block_q6_K *)w, TC, xq, xd, res); break;
+    case GT_Q2_K: neon_dot_q2_K(n, (const block_q2_K *)w, TC, xq, xd, xb, res); break;
+    default: neon_dot_q3_K(n, (const block_q3_K *)w, TC, xq, xd, res); break;
+    }
 #else
-    for (int t = 0; t < TC; t++) res[t] = vec_dot_q3_K_q8_K(n, w, KX(t), KD(t), KB(t));
+    for (int t = 0; t < TC; t++) res[t] = vec_dot_k_q8_K(type, n, w, bsize, KX(t), KD(t), KB(t));
 #endif
 }
 
@@ -739,17 +628,16 @@ static void gemm_rows_k(int type, int n, const uint8_t *w, size_t row_bytes, int
             const float *d = KD(t);
             const int16_t *s = KB(t);
 #define KCASE(tp, name, blk, TC) case tp: name(n, (const blk *)row, TC, q, d, s, res); break
+#define KKCASE(tp, TC) case tp: vec_dot4_k(tp, n, row, TC, q, d, s, res); break
 #define KTYPES(TC) switch (type) { \
-            KCASE(GT_Q2_K, vec_dot4_q2_K_q8_K, block_q2_K, TC); \
-            KCASE(GT_Q3_K, vec_dot4_q3_K_q8_K, block_q3_K, TC); \
-            KCASE(GT_Q4_K, vec_dot4_q4_K_q8_K, block_q4_K, TC); \
-            KCASE(GT_Q5_K, vec_dot4_q5_K_q8_K, block_q5_K, TC); \
+            KKCASE(GT_Q2_K, TC); KKCASE(GT_Q3_K, TC); KKCASE(GT_Q4_K, TC); KKCASE(GT_Q5_K, TC); \
             KCASE(GT_IQ4_XS, vec_dot4_iq4_xs_q8_K, block_iq4_xs, TC); \
             IQ_KCASES(KCASE, TC); \
-            default: KCASE(GT_Q6_K, vec_dot4_q6_K_q8_K, block_q6_K, TC); }
+            default: vec_dot4_k(GT_Q6_K, n, row, TC, q, d, s, res); }
             TC_CONST(tc, KTYPES);
 #undef KTYPES
 #undef KCASE
+#undef KKCASE
             for (int j = 0; j < tc; j++) out[(size_t)(t + j) * ldo + r] = res[j];
         }
     }
