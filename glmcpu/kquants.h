@@ -127,6 +127,12 @@ static inline __m256i bits_to_0x10(uint32_t bits) {
  * (Q4_K/Q5_K/Q2_K: their mins; Q6_K's "- 32" and Q3_K's "- 4 where the high bit is clear" are
  * offsets of sc[s] * 32 and sc[s] * 4 with dmin = d). Integer sums per super-block are exact, so
  * the SIMD kernels (vec_dot4_*) and this agree up to the order of the float additions. */
+/* the 8 sub-block factors ls - 32 of an IQ4_XS super-block */
+static inline void scales_iq4_xs(const block_iq4_xs *x, int16_t *sc) {
+    for (int s = 0; s < 8; s++)
+        sc[s] = (int16_t)((((x->scales_l[s / 2] >> (4 * (s % 2))) & 0x0f) | (((x->scales_h >> (2 * s)) & 3) << 4)) - 32);
+}
+
 typedef struct { uint8_t q[QK_K]; int sc[16], m[16]; float d, dmin; } kblock;
 
 static void decode_k(int type, const uint8_t *blk, kblock *k) {
@@ -161,6 +167,14 @@ static void decode_k(int type, const uint8_t *blk, kblock *k) {
         for (int v = 0; v < QK_K; v++) k->q[v] = (w->qs[32 * (v / 128) + v % 32] >> (2 * ((v % 128) / 32))) & 3;
         k->d = fp16_to_fp32(w->d);
         k->dmin = fp16_to_fp32(w->dmin);
+    } else if (type == GT_IQ4_XS) {              /* codebook + 128, offsets 128 * sc */
+        const block_iq4_xs *w = (const block_iq4_xs *)blk;
+        int16_t s16[8];
+        scales_iq4_xs(w, s16);
+        for (int s = 0; s < 16; s++) { k->sc[s] = s16[s / 2]; k->m[s] = 128 * s16[s / 2]; }
+        for (int v = 0; v < QK_K; v++)          /* value 32j + i: nibble i % 16 of qs[16j + i % 16], low for i < 16 */
+            k->q[v] = (uint8_t)(KVALUES_IQ4[(w->qs[16 * (v / 32) + v % 16] >> (4 * ((v % 32) / 16))) & 0x0f] + 128);
+        k->d = k->dmin = fp16_to_fp32(w->d);
     } else {                                    /* Q3_K */
         const block_q3_K *w = (const block_q3_K *)blk;
         for (int s = 0; s < 16; s++) {
@@ -223,19 +237,23 @@ static inline void scales_q4_K_simd(const uint8_t *s, __m256i *sc, __m256i *mdup
 /* One super-block of 8 unpacked 32-value pieces q (scales sc, int16) into each token's sum:
  * d*dx * sum(sc * q.x) - (mins or offsets) * 16-sums of x, integer until the multiplies. mins (int16
  * per 16-sum) are Q4_K/Q5_K/Q2_K's mins, times dm (shift < 0), or Q3_K/Q6_K's offsets, times
- * 2^shift in integer (the "- 4" and "- 32" of their values, as multiples of their scales). */
+ * 2^shift in integer (the "- 4" and "- 32" of their values, as multiples of their scales). sgn: the
+ * pieces are signed (IQ4_XS's codebook values, never 0), taken as |q| against x with q's sign. */
 GLMCPU_INLINE void add_block_k(const __m256i q[8], const __m256i sc[8], __m256i mins, int shift, float d, float dm,
-                               int b, int n, int TC, const int8_t *xq, const float *xd, const int16_t *xb,
+                               int sgn, int b, int n, int TC, const int8_t *xq, const float *xd, const int16_t *xb,
                                __m256 acc[4]) {
     /* piece outer, each token's running sum in a register (AVX2's 16 hold no more: the pieces
      * and scales of a block wait in L1) */
     __m256i ai[4];
     for (int t = 0; t < TC; t++) ai[t] = _mm256_setzero_si256();
-    for (int j = 0; j < 8; j++)
+    for (int j = 0; j < 8; j++) {
+        const __m256i qa = sgn ? _mm256_sign_epi8(q[j], q[j]) : q[j];     /* signed pieces: |q| . (x, q's sign) */
         for (int t = 0; t < TC; t++) {
-            ai[t] = dot_scaled(ai[t], q[j], _mm256_loadu_si256((const __m256i *)(KX(t) + b * QK_K + 32 * j)), sc[j]);
+            __m256i x = _mm256_loadu_si256((const __m256i *)(KX(t) + b * QK_K + 32 * j));
+            ai[t] = dot_scaled(ai[t], qa, sgn ? _mm256_sign_epi8(x, q[j]) : x, sc[j]);
             IN_REG(ai[t]);
         }
+    }
     for (int t = 0; t < TC; t++) {
         __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), mins);
         float dx = KD(t)[b];
@@ -290,6 +308,14 @@ static inline __m256i piece_scales(__m256i sc16, int i) {
     int k = i & 3;
     return _mm256_shuffle_epi8(half, _mm256_set_m128i(_mm_set1_epi16((short)(((4 * k + 3) << 8) | (4 * k + 2))),
                                                       _mm_set1_epi16((short)(((4 * k + 1) << 8) | (4 * k)))));
+}
+#endif
+
+
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+/* the 32 signed codebook values of a block's 16 nibble bytes (value j in byte j) */
+static inline __m256i values_iq4(const uint8_t *qs, __m256i table) {
+    return _mm256_shuffle_epi8(table, unpack_q4_0(qs));
 }
 #endif
 
@@ -401,6 +427,19 @@ GLMCPU_INLINE int unpack_k(const int type, const uint8_t *blk, __m256i q[8], __m
         *dm = fp16_to_fp32(type == GT_Q4_K ? w4->dmin : w5->dmin);
         return -1;
     }
+    if (type == GT_IQ4_XS) {                 /* signed codebook values, sub-block j = piece j */
+        const block_iq4_xs *w = (const block_iq4_xs *)blk;
+        const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES_IQ4));
+        int16_t s16[8];
+        scales_iq4_xs(w, s16);
+        for (int j = 0; j < 8; j++) {
+            q[j] = values_iq4(w->qs + 16 * j, table);
+            sc[j] = _mm256_set1_epi16(s16[j]);
+        }
+        *mins = _mm256_setzero_si256();
+        *d = *dm = fp16_to_fp32(w->d);
+        return 0;
+    }
     __m256i sc16;
     if (type == GT_Q6_K) {                  /* piece 4h + k: k = 0 low nibbles of ql[64h..], 1 of
                                              * ql[64h + 32..], 2 and 3 their high nibbles; its high 2
@@ -462,12 +501,12 @@ GLMCPU_INLINE int unpack_k(const int type, const uint8_t *blk, __m256i q[8], __m
 }
 #endif
 
-/* Rows of Q4_K, Q5_K, Q6_K, Q2_K or Q3_K against TC tokens (<= 4) of q8_K activations. */
+/* Rows of Q4_K, Q5_K, Q6_K, Q2_K, Q3_K or IQ4_XS against TC tokens (<= 4) of q8_K activations. */
 GLMCPU_INLINE void vec_dot4_k(const int type, int n, const uint8_t *w, const int TC, const int8_t *xq,
                               const float *xd, const int16_t *xb, float *res) {
     const size_t bsize = type == GT_Q4_K ? sizeof(block_q4_K) : type == GT_Q5_K ? sizeof(block_q5_K)
                        : type == GT_Q6_K ? sizeof(block_q6_K) : type == GT_Q2_K ? sizeof(block_q2_K)
-                       : sizeof(block_q3_K);
+                       : type == GT_IQ4_XS ? sizeof(block_iq4_xs) : sizeof(block_q3_K);
 #if defined(GLMCPU_AVX512)
     /* two sub-blocks (64 values) per 512-bit step where it paid off */
     if (type == GT_Q4_K) { vec_dot4_q4_K_512(n, (const block_q4_K *)w, TC, xq, xd, xb, res); return; }
@@ -481,7 +520,7 @@ GLMCPU_INLINE void vec_dot4_k(const int type, int n, const uint8_t *w, const int
         float d, dm;
         KPREFETCH(blk + PFD, bsize);
         const int shift = unpack_k(type, blk, q, sc, &mins, &d, &dm);
-        add_block_k(q, sc, mins, shift, d, dm, b, n, TC, xq, xd, xb, acc);
+        add_block_k(q, sc, mins, shift, d, dm, type == GT_IQ4_XS, b, n, TC, xq, xd, xb, acc);
     }
     for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
 #elif defined(GLMCPU_NEON)
@@ -490,6 +529,7 @@ GLMCPU_INLINE void vec_dot4_k(const int type, int n, const uint8_t *w, const int
     case GT_Q5_K: neon_dot_q5_K(n, (const block_q5_K *)w, TC, xq, xd, xb, res); break;
     case GT_Q6_K: neon_dot_q6_K(n, (const block_q6_K *)w, TC, xq, xd, res); break;
     case GT_Q2_K: neon_dot_q2_K(n, (const block_q2_K *)w, TC, xq, xd, xb, res); break;
+    case GT_IQ4_XS: neon_dot_iq4_xs(n, (const block_iq4_xs *)w, TC, xq, xd, res); break;
     default: neon_dot_q3_K(n, (const block_q3_K *)w, TC, xq, xd, res); break;
     }
 #else
@@ -509,11 +549,6 @@ GLMCPU_INLINE void vec_dot4_k(const int type, int n, const uint8_t *w, const int
  * and as llama.cpp does): integer sums scaled in integer, one float multiply per super-block and
  * token. */
 
-/* the 8 sub-block factors ls - 32 of an IQ4_XS super-block */
-static inline void scales_iq4_xs(const block_iq4_xs *x, int16_t *sc) {
-    for (int s = 0; s < 8; s++)
-        sc[s] = (int16_t)((((x->scales_l[s / 2] >> (4 * (s % 2))) & 0x0f) | (((x->scales_h >> (2 * s)) & 3) << 4)) - 32);
-}
 
 /* integer dot of one 32-value codebook block (16 nibble bytes) with 32 int8 activations */
 static inline int dot_iq4_block(const uint8_t *qs, const int8_t *x) {
@@ -522,12 +557,6 @@ static inline int dot_iq4_block(const uint8_t *qs, const int8_t *x) {
     return isum;
 }
 
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-/* the 32 signed codebook values of a block's 16 nibble bytes (value j in byte j) */
-static inline __m256i values_iq4(const uint8_t *qs, __m256i table) {
-    return _mm256_shuffle_epi8(table, unpack_q4_0(qs));
-}
-#endif
 
 /* TC tokens (<= 4) of Q8_0 activations at once, each block's values looked up once. */
 GLMCPU_INLINE void vec_dot4_iq4_nl_q8_0(int n, const block_iq4_nl *w, const int TC, const int8_t *xq,
@@ -568,52 +597,6 @@ GLMCPU_INLINE void vec_dot4_iq4_nl_q8_0(int n, const block_iq4_nl *w, const int 
 #endif
 }
 
-/* TC tokens of q8_K activations: per super-block sum(sc * q.x) in integer, then d * dx. */
-GLMCPU_INLINE void vec_dot4_iq4_xs_q8_K(int n, const block_iq4_xs *w, const int TC, const int8_t *xq,
-                                        const float *xd, const int16_t *xb, float *res) {
-    int nb = n / QK_K;
-    (void)xb;                                       /* no mins, no offsets */
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)KVALUES_IQ4));
-    for (int b = 0; b < nb; b++) {
-        int16_t s16[8];
-        __m256i v[8], av[8], sc[8];
-        KAHEAD(w + b);
-        scales_iq4_xs(w + b, s16);
-        for (int j = 0; j < 8; j++) {
-            v[j] = values_iq4(w[b].qs + 16 * j, table);
-            av[j] = _mm256_sign_epi8(v[j], v[j]);
-            sc[j] = _mm256_set1_epi16(s16[j]);
-        }
-        float d = fp16_to_fp32(w[b].d);
-        for (int t = 0; t < TC; t++) {
-            const int8_t *x = KX(t) + b * QK_K;
-            __m256i ai = _mm256_setzero_si256();
-            for (int j = 0; j < 8; j++)
-                ai = dot_scaled(ai, av[j], _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x + 32 * j)), v[j]), sc[j]);
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * KD(t)[b]), _mm256_cvtepi32_ps(ai), acc[t]);
-        }
-    }
-    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
-#elif defined(GLMCPU_NEON)
-    (void)nb;
-    neon_dot_iq4_xs(n, w, TC, xq, xd, res);
-#else
-    for (int t = 0; t < TC; t++) {
-        float sum = 0.0f;
-        for (int b = 0; b < nb; b++) {
-            int16_t s16[8];
-            scales_iq4_xs(w + b, s16);
-            int isum = 0;
-            for (int j = 0; j < 8; j++) isum += s16[j] * dot_iq4_block(w[b].qs + 16 * j, KX(t) + b * QK_K + 32 * j);
-            sum += fp16_to_fp32(w[b].d) * KD(t)[b] * (float)isum;
-        }
-        res[t] = sum;
-    }
-#endif
-}
-
 #include "iquants.h"       /* IQ1_S .. IQ3_S rows, also dispatched by gemm_rows_k */
 
 /* Rows r0..r1 of a K-quant matrix against T tokens of q8_K activations: out[t*ldo + r]. */
@@ -631,7 +614,7 @@ static void gemm_rows_k(int type, int n, const uint8_t *w, size_t row_bytes, int
 #define KKCASE(tp, TC) case tp: vec_dot4_k(tp, n, row, TC, q, d, s, res); break
 #define KTYPES(TC) switch (type) { \
             KKCASE(GT_Q2_K, TC); KKCASE(GT_Q3_K, TC); KKCASE(GT_Q4_K, TC); KKCASE(GT_Q5_K, TC); \
-            KCASE(GT_IQ4_XS, vec_dot4_iq4_xs_q8_K, block_iq4_xs, TC); \
+            KKCASE(GT_IQ4_XS, TC); \
             IQ_KCASES(KCASE, TC); \
             default: vec_dot4_k(GT_Q6_K, n, row, TC, q, d, s, res); }
             TC_CONST(tc, KTYPES);
