@@ -22,7 +22,6 @@
 #endif
 #define XFN XCAT(gemv_x8_, XBITS, )
 #define XKFN XCAT(gemv_k_x8_, XBITS, )
-#define XK16FN XCAT(gemv_k16_x8_, XBITS, )
 
 GLMCPU_INLINE void XFN(const int kind, int n, const uint8_t *w0, const uint8_t *w1, const int TC,
                        const int8_t *xq, const float *xd, const float *xs, float *out, int ldo, int pf) {
@@ -114,86 +113,17 @@ GLMCPU_INLINE void XFN(const int kind, int n, const uint8_t *w0, const uint8_t *
 
 
 
-/* Q2_K super-blocks of one (two) groups: 16 sub-blocks of 16, each load's 4 crumbs meet 4 slices
- * of the activations; per sub-block an integer sum, scaled in integer; the mins through the
- * activations' 16-sums, as Q4_K's */
-GLMCPU_INLINE void XK16FN(int n, const uint8_t *w0, const uint8_t *w1, const int TC,
-                          const int8_t *xq, const float *xd, const int16_t *xb, float *out, int ldo, int pf) {
-    const int nb = n / QK_K, bytes = (int)sizeof(block_q2_Kx8);
-    XF acc[KX8TC];
-    for (int t = 0; t < KX8TC; t++) acc[t] = XN(setzero_ps)();
-    const XI m2 = XN(set1_epi8)(3), m4 = XN(set1_epi32)(0x0f), lo16 = XN(set1_epi32)(0xffff);
-    (void)w1; (void)lo16;
-    for (int b = 0; b < nb; b++) {
-        const uint8_t *B0 = w0 + (size_t)b * bytes, *B1 = w1 + (size_t)b * bytes;
-        (void)B1;
-        if (pf) {
-            KPREFETCH(B0 + PFD, (size_t)bytes);
-            if (XW == 2) KPREFETCH(B1 + PFD, (size_t)bytes);
-        }
-        XI isum[KX8TC];
-        for (int t = 0; t < KX8TC; t++) isum[t] = XSI(setzero)();
-        for (int h = 0; h < 2; h++)
-            for (int c = 0; c < 4; c++)
-                for (int half = 0; half < 2; half++) {
-                    const int sub = 8 * h + 2 * c + half;
-                    XI s[KX8TC];
-                    for (int t = 0; t < KX8TC; t++) s[t] = XSI(setzero)();
-                    for (int k = 4 * half; k < 4 * half + 4; k++) {
-                        const XI q = XSI(and)(XN(srli_epi16)(XLOAD(160 + (h * 8 + k) * 32), 2 * c), m2);
-                        for (int t = 0; t < TC; t++) {
-                            int32_t x4;
-                            memcpy(&x4, xq + (size_t)t * n + b * QK_K + 128 * h + 32 * c + 4 * k, 4);
-#if defined(GLMCPU_VNNI)
-                            s[t] = XN(dpbusd_epi32)(s[t], q, XN(set1_epi32)(x4));
-#else                       /* 4 pair sums of |3 * 127 * 2| fit int16 */
-                            s[t] = XN(add_epi16)(s[t], XN(maddubs_epi16)(q, XN(set1_epi32)(x4)));
-#endif
-                            IN_REG(s[t]);
-                        }
-                    }
-                    XI sc = XSI(and)(XN(cvtepu8_epi32)(XLOAD8(32 + 8 * sub)), m4);
-#if defined(GLMCPU_VNNI)
-                    for (int t = 0; t < TC; t++) isum[t] = XN(add_epi32)(isum[t], XN(mullo_epi32)(s[t], sc));
-#else
-                    sc = XSI(or)(sc, XN(slli_epi32)(sc, 16));      /* in both int16 halves */
-                    for (int t = 0; t < TC; t++) isum[t] = XN(add_epi32)(isum[t], XN(madd_epi16)(s[t], sc));
-#endif
-                }
-        /* mins of sub-blocks 2i and 2i+1 as the int16 pair of each row's lane */
-        XI mv[8];
-        for (int i = 0; i < 8; i++)
-            mv[i] = XSI(or)(XN(srli_epi32)(XN(cvtepu8_epi32)(XLOAD8(32 + 16 * i)), 4),
-                            XN(slli_epi32)(XN(srli_epi32)(XN(cvtepu8_epi32)(XLOAD8(40 + 16 * i)), 4), 16));
-        const XF dw = XSCALES(0), dmw = XSCALES(16);
-        for (int t = 0; t < TC; t++) {
-            const int16_t *bs = xb + (size_t)t * (n / 16) + 16 * b;
-            XI mi = XSI(setzero)();
-            for (int i = 0; i < 8; i++) {
-                uint32_t pair = (uint16_t)bs[2 * i] | ((uint32_t)(uint16_t)bs[2 * i + 1] << 16);
-                mi = XN(add_epi32)(mi, XN(madd_epi16)(mv[i], XN(set1_epi32)((int32_t)pair)));
-            }
-            const XF dx = XN(set1_ps)(xd[(size_t)t * nb + b]);
-            acc[t] = XN(fmadd_ps)(XN(mul_ps)(dw, dx), XN(cvtepi32_ps)(isum[t]), acc[t]);
-            acc[t] = XN(fnmadd_ps)(XN(mul_ps)(dmw, dx), XN(cvtepi32_ps)(mi), acc[t]);
-        }
-    }
-    for (int t = 0; t < TC; t++) XN(storeu_ps)(out + (size_t)t * ldo, acc[t]);
-}
-
-/* Q4_K / IQ4_XS super-blocks of one (two) groups: gemv_k_x8 in groups.h says what it computes */
+/* Q4_K / IQ4_XS / Q2_K super-blocks of one (two) groups: gemv_k_x8 in groups.h says what it computes */
 GLMCPU_INLINE void XKFN(const int kind, int n, const uint8_t *w0, const uint8_t *w1, const int TC,
                         const int8_t *xq, const float *xd, const int16_t *xb, float *out, int ldo, int pf) {
-    if (kind == X8_Q2_K) {
-        XK16FN(n, w0, w1, TC, xq, xd, xb, out, ldo, pf);
-        return;
-    }
     const int nb = n / QK_K, bytes = kx8_bytes(kind), q4k = kind == X8_Q4_K, sgn = x8_signed(kind);
+    const int q2k = kind == X8_Q2_K, dmin = kind != X8_IQ4_XS;       /* mins in float under dmin */
+    const XI m2 = XN(set1_epi8)(3), m4s = XN(set1_epi32)(0x0f);
     XF acc[KX8TC];
     for (int t = 0; t < KX8TC; t++) acc[t] = XN(setzero_ps)();
     const XI m4 = XN(set1_epi8)(0x0f), lo16 = XN(set1_epi32)(0xffff);
     const XI table = XBCAST16(sgn ? (const void *)KVALUES_IQ4 : (const void *)KVALUES_IQ4_U);
-    (void)w1; (void)lo16;
+    (void)w1; (void)lo16; (void)m2; (void)m4s;
     for (int b = 0; b < nb; b++) {
         const uint8_t *B0 = w0 + (size_t)b * bytes, *B1 = w1 + (size_t)b * bytes;
         (void)B1;
@@ -203,6 +133,35 @@ GLMCPU_INLINE void XKFN(const int kind, int n, const uint8_t *w0, const uint8_t 
         }
         XI isum[KX8TC];
         for (int t = 0; t < KX8TC; t++) isum[t] = XSI(setzero)();
+        if (q2k) {                          /* 16 sub-blocks of 16: each load's 4 crumbs meet 4 slices of x */
+            for (int h = 0; h < 2; h++)
+                for (int c = 0; c < 4; c++)
+                    for (int half = 0; half < 2; half++) {
+                        const int sub = 8 * h + 2 * c + half;
+                        XI s[KX8TC];
+                        for (int t = 0; t < KX8TC; t++) s[t] = XSI(setzero)();
+                        for (int k = 4 * half; k < 4 * half + 4; k++) {
+                            const XI q = XSI(and)(XN(srli_epi16)(XLOAD(160 + (h * 8 + k) * 32), 2 * c), m2);
+                            for (int t = 0; t < TC; t++) {
+                                int32_t x4;
+                                memcpy(&x4, xq + (size_t)t * n + b * QK_K + 128 * h + 32 * c + 4 * k, 4);
+    #if defined(GLMCPU_VNNI)
+                                s[t] = XN(dpbusd_epi32)(s[t], q, XN(set1_epi32)(x4));
+    #else                       /* 4 pair sums of |3 * 127 * 2| fit int16 */
+                                s[t] = XN(add_epi16)(s[t], XN(maddubs_epi16)(q, XN(set1_epi32)(x4)));
+    #endif
+                                IN_REG(s[t]);
+                            }
+                        }
+                        XI sc = XSI(and)(XN(cvtepu8_epi32)(XLOAD8(32 + 8 * sub)), m4s);
+    #if defined(GLMCPU_VNNI)
+                        for (int t = 0; t < TC; t++) isum[t] = XN(add_epi32)(isum[t], XN(mullo_epi32)(s[t], sc));
+    #else
+                        sc = XSI(or)(sc, XN(slli_epi32)(sc, 16));      /* in both int16 halves */
+                        for (int t = 0; t < TC; t++) isum[t] = XN(add_epi32)(isum[t], XN(madd_epi16)(s[t], sc));
+    #endif
+                    }
+        } else
         for (int p = 0; p < 4; p++) {
             /* scales of sub-blocks 2p and 2p+1, one per row lane */
             const __m128i r0 = XLOAD8(kx8_sc(kind) + 16 * p), r1 = XLOAD8(kx8_sc(kind) + 16 * p + 8);
@@ -255,29 +214,34 @@ GLMCPU_INLINE void XKFN(const int kind, int n, const uint8_t *w0, const uint8_t 
 #endif
             }
         }
-        /* Q4_K's mins, or IQ4_XS's offset (128 * its scales), through the 16-sums of the
-         * activations: sum over j of c[j][r] * (sum of sub-block j's activations), int16 pairs */
-        XI mv[4];
-        if (!sgn) {
-            const int c = q4k ? 96 : kx8_sc(kind);
-            for (int i = 0; i < 4; i++) {
-                const __m128i c0 = XLOAD8(c + 16 * i), c1 = XLOAD8(c + 16 * i + 8);
-                mv[i] = q4k ? XSI(or)(XN(cvtepu8_epi32)(c0), XN(slli_epi32)(XN(cvtepu8_epi32)(c1), 16))
-                            : XSI(or)(XSI(and)(XN(cvtepi8_epi32)(c0), lo16), XN(slli_epi32)(XN(cvtepi8_epi32)(c1), 16));
+        /* Q4_K's and Q2_K's mins, or IQ4_XS's offset (128 * its scales), through the 16-sums of the
+         * activations: sum over sub-blocks j of c[j][r] * (sum of j's activations), as int16 pairs
+         * of sub-blocks 2i, 2i+1 (Q2_K: 16 sub-blocks of 16, the others 8 of 32) */
+        const int npair = q2k ? 8 : 4, per = q2k ? 1 : 2;
+        XI mv[8];
+        for (int i = 0; i < npair && !sgn; i++) {
+            XI c[2];
+            for (int h = 0; h < 2; h++) {
+                const __m128i r = XLOAD8((q2k ? 32 : q4k ? 96 : kx8_sc(kind)) + 8 * (2 * i + h));
+                c[h] = q2k ? XN(srli_epi32)(XN(cvtepu8_epi32)(r), 4) : q4k ? XN(cvtepu8_epi32)(r)
+                     : XSI(and)(XN(cvtepi8_epi32)(r), lo16);
             }
+            mv[i] = XSI(or)(c[0], XN(slli_epi32)(c[1], 16));
         }
-        const XF dw = XSCALES(0), dmw = q4k ? XSCALES(16) : dw;
+        const XF dw = XSCALES(0), dmw = dmin ? XSCALES(16) : dw;
         for (int t = 0; t < TC; t++) {
             const XF dx = XN(set1_ps)(xd[(size_t)t * nb + b]);
             XI s = isum[t];
             if (!sgn) {
                 const int16_t *bs = xb + (size_t)t * (n / 16) + 16 * b;
                 XI mi = XSI(setzero)();
-                for (int i = 0; i < 4; i++) {
-                    uint32_t pair = (uint16_t)(bs[4 * i] + bs[4 * i + 1]) | ((uint32_t)(uint16_t)(bs[4 * i + 2] + bs[4 * i + 3]) << 16);
+                for (int i = 0; i < npair; i++) {
+                    const int lo = per == 1 ? bs[2 * i] : bs[4 * i] + bs[4 * i + 1];
+                    const int hi = per == 1 ? bs[2 * i + 1] : bs[4 * i + 2] + bs[4 * i + 3];
+                    const uint32_t pair = (uint16_t)lo | ((uint32_t)(uint16_t)hi << 16);
                     mi = XN(add_epi32)(mi, XN(madd_epi16)(mv[i], XN(set1_epi32)((int32_t)pair)));
                 }
-                if (q4k) acc[t] = XN(fnmadd_ps)(XN(mul_ps)(dmw, dx), XN(cvtepi32_ps)(mi), acc[t]);
+                if (dmin) acc[t] = XN(fnmadd_ps)(XN(mul_ps)(dmw, dx), XN(cvtepi32_ps)(mi), acc[t]);
                 else s = XN(sub_epi32)(s, XN(slli_epi32)(mi, 7));
             }
             acc[t] = XN(fmadd_ps)(XN(mul_ps)(dw, dx), XN(cvtepi32_ps)(s), acc[t]);
@@ -296,7 +260,6 @@ GLMCPU_INLINE void XKFN(const int kind, int n, const uint8_t *w0, const uint8_t 
 #undef XBCAST16
 #undef XFN
 #undef XKFN
-#undef XK16FN
 #undef XLOAD8
 #undef XBITS
 #undef XLOAD

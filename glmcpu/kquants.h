@@ -96,14 +96,13 @@ static inline void scales_q4_K(const uint8_t *s, uint8_t *sc, uint8_t *m) {
 }
 
 #if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-/* acc (8 x int32) += sum of pairs of (u8 q) * (s8 x), times the int16 scale sc in every lane */
-static inline __m256i dot_scaled(__m256i acc, __m256i q, __m256i x, __m256i sc) {
+/* acc (int32 lanes) += sum of pairs of (u8 q) * (s8 x), times the int16 scale sc in every lane; W: 256 or 512 */
 #if defined(GLMCPU_VNNI)
-    return _mm256_dpwssd_epi32(acc, _mm256_maddubs_epi16(q, x), sc);
+#define DOT_SCALED(W, acc, q, x, sc) _mm##W##_dpwssd_epi32(acc, _mm##W##_maddubs_epi16(q, x), sc)
 #else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), sc));
+#define DOT_SCALED(W, acc, q, x, sc) _mm##W##_add_epi32(acc, _mm##W##_madd_epi16(_mm##W##_maddubs_epi16(q, x), sc))
 #endif
-}
+static inline __m256i dot_scaled(__m256i acc, __m256i q, __m256i x, __m256i sc) { return DOT_SCALED(256, acc, q, x, sc); }
 static inline int hsum_i32_256(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
@@ -280,13 +279,7 @@ GLMCPU_INLINE void add_block_k(const __m256i q[8], const __m256i sc[8], __m256i 
 #define X8PREFETCH(blk) KPREFETCH((const char *)(blk) + PFD, sizeof(*(blk)))
 
 #if defined(GLMCPU_AVX512)
-static inline __m512i dot_scaled512(__m512i acc, __m512i q, __m512i x, __m512i sc) {
-#if defined(GLMCPU_VNNI)
-    return _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(q, x), sc);
-#else
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(q, x), sc));
-#endif
-}
+static inline __m512i dot_scaled512(__m512i acc, __m512i q, __m512i x, __m512i sc) { return DOT_SCALED(512, acc, q, x, sc); }
 /* int16 lanes a (low 256 bits) and b (high 256 bits) of v's first 16, each broadcast */
 static inline __m512i two16(__m512i v, int a, int b) {
     return _mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16((short)a)),
