@@ -280,16 +280,28 @@ GLMCPU_INLINE void add_block_k(const __m256i q[8], const __m256i sc[8], __m256i 
 
 #if defined(GLMCPU_AVX512)
 static inline __m512i dot_scaled512(__m512i acc, __m512i q, __m512i x, __m512i sc) { return DOT_SCALED(512, acc, q, x, sc); }
-/* int16 lanes a (low 256 bits) and b (high 256 bits) of v's first 16, each broadcast */
-static inline __m512i two16(__m512i v, int a, int b) {
-    return _mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16((short)a)),
-                                                       _mm256_set1_epi16((short)b), 1), v);
-}
-/* four int16 lanes, one per 128-bit quarter */
-static inline __m512i four16(__m512i v, int a) {
-    return _mm512_permutexvar_epi16(_mm512_set_epi16(
-        a + 3, a + 3, a + 3, a + 3, a + 3, a + 3, a + 3, a + 3, a + 2, a + 2, a + 2, a + 2, a + 2, a + 2, a + 2, a + 2,
-        a + 1, a + 1, a + 1, a + 1, a + 1, a + 1, a + 1, a + 1, a, a, a, a, a, a, a, a), v);
+#endif
+#if defined(GLMCPU_AVX512)
+/* add_block_k with two pieces per 512-bit step (AVX-512 Q6_K, where it paid off); the
+ * mins go to accm */
+GLMCPU_INLINE void add_block_k512(const __m256i q[8], const __m256i sc[8], __m256i mins, int shift, float d, float dm,
+                                  int b, int n, int TC, const int8_t *xq, const float *xd, const int16_t *xb,
+                                  __m512 acc[4], __m256 accm[4]) {
+    __m512i q2[4], s2[4];
+    for (int m = 0; m < 4; m++) {
+        q2[m] = _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * m]), q[2 * m + 1], 1);
+        s2[m] = _mm512_inserti64x4(_mm512_castsi256_si512(sc[2 * m]), sc[2 * m + 1], 1);
+    }
+    for (int t = 0; t < TC; t++) {
+        __m512i ai = _mm512_setzero_si512();
+        for (int m = 0; m < 4; m++)
+            ai = dot_scaled512(ai, q2[m], _mm512_loadu_si512((const void *)(KX(t) + b * QK_K + 64 * m)), s2[m]);
+        __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), mins);
+        float dx = KD(t)[b];
+        if (shift >= 0) ai = _mm512_sub_epi32(ai, _mm512_zextsi256_si512(_mm256_slli_epi32(mi, shift)));
+        acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dx), _mm512_cvtepi32_ps(ai), acc[t]);
+        if (shift < 0) accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), accm[t]);
+    }
 }
 #endif
 
@@ -312,81 +324,6 @@ static inline __m256i values_iq4(const uint8_t *qs, __m256i table) {
 }
 #endif
 
-#if defined(GLMCPU_AVX512)
-GLMCPU_INLINE void vec_dot4_q4_K_512(int n, const block_q4_K *w, const int TC, const int8_t *xq,
-                                     const float *xd, const int16_t *xb, float *res) {
-    /* two sub-blocks (64 values, contiguous in x) per 512-bit step */
-    int nb = n / QK_K;
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    __m256 accm[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    for (int b = 0; b < nb; b++) {
-        __m256i scv, mdup;
-        __m512i q[4], sc[4];
-        KAHEAD(w + b);
-        scales_q4_K_simd(w[b].scales, &scv, &mdup);
-        __m512i sc8 = _mm512_castsi256_si512(scv);
-        for (int p = 0; p < 4; p++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w[b].qs + 32 * p));
-            q[p] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, m4)),
-                                      _mm256_and_si256(_mm256_srli_epi16(v, 4), m4), 1);
-            sc[p] = two16(sc8, 2 * p, 2 * p + 1);
-        }
-        float d = fp16_to_fp32(w[b].d), dm = fp16_to_fp32(w[b].dmin);
-        for (int t = 0; t < TC; t++) {
-            const int8_t *x = KX(t) + b * QK_K;
-            __m512i ai = _mm512_setzero_si512();
-            for (int p = 0; p < 4; p++)
-                ai = dot_scaled512(ai, q[p], _mm512_loadu_si512((const void *)(x + 64 * p)), sc[p]);
-            __m256i mi = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), mdup);
-            float dx = KD(t)[b];
-            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * dx), _mm512_cvtepi32_ps(ai), acc[t]);
-            accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(dm * dx), _mm256_cvtepi32_ps(mi), accm[t]);
-        }
-    }
-    for (int t = 0; t < TC; t++) res[t] = _mm512_reduce_add_ps(acc[t]) - hsum256(accm[t]);
-}
-
-GLMCPU_INLINE void vec_dot4_q6_K_512(int n, const block_q6_K *w, const int TC, const int8_t *xq,
-                                     const float *xd, const int16_t *xb, float *res) {
-    /* pieces 2m, 2m+1 (64 values, sub-blocks 4m..4m+3, one per 128-bit quarter) per step */
-    int nb = n / QK_K;
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    const __m256i m4 = _mm256_set1_epi8(0x0f), m3 = _mm256_set1_epi8(0x30);
-    for (int b = 0; b < nb; b++) {
-        __m256i q[8];
-        __m512i q2[4], sc[4];
-        KAHEAD(w + b);
-        __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w[b].scales));
-        __m512i sc512 = _mm512_castsi256_si512(sc16);
-        for (int h = 0; h < 2; h++) {
-            __m256i l0 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h));
-            __m256i l1 = _mm256_loadu_si256((const __m256i *)(w[b].ql + 64 * h + 32));
-            __m256i hb = _mm256_loadu_si256((const __m256i *)(w[b].qh + 32 * h));
-            q[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m3));
-            q[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m3));
-            q[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m3));
-            q[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                                           _mm256_and_si256(_mm256_srli_epi16(hb, 2), m3));
-        }
-        for (int m = 0; m < 4; m++) {
-            q2[m] = _mm512_inserti64x4(_mm512_castsi256_si512(q[2 * m]), q[2 * m + 1], 1);
-            sc[m] = four16(sc512, 4 * m);
-        }
-        float d = fp16_to_fp32(w[b].d);
-        for (int t = 0; t < TC; t++) {
-            const int8_t *x = KX(t) + b * QK_K;
-            __m512i ai = _mm512_setzero_si512();
-            for (int m = 0; m < 4; m++)
-                ai = dot_scaled512(ai, q2[m], _mm512_loadu_si512((const void *)(x + 64 * m)), sc[m]);
-            __m256i off = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(KB(t) + 16 * b)), sc16);
-            ai = _mm512_sub_epi32(ai, _mm512_zextsi256_si512(_mm256_slli_epi32(off, 5)));
-            acc[t] = _mm512_fmadd_ps(_mm512_set1_ps(d * KD(t)[b]), _mm512_cvtepi32_ps(ai), acc[t]);
-        }
-    }
-    for (int t = 0; t < TC; t++) res[t] = _mm512_reduce_add_ps(acc[t]);
-}
-#endif
 
 #if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
 /* A super-block of Q4_K, Q5_K, Q6_K, Q2_K or Q3_K unpacked: 8 pieces of 32 unsigned values
@@ -500,22 +437,33 @@ GLMCPU_INLINE void vec_dot4_k(const int type, int n, const uint8_t *w, const int
     const size_t bsize = type == GT_Q4_K ? sizeof(block_q4_K) : type == GT_Q5_K ? sizeof(block_q5_K)
                        : type == GT_Q6_K ? sizeof(block_q6_K) : type == GT_Q2_K ? sizeof(block_q2_K)
                        : type == GT_IQ4_XS ? sizeof(block_iq4_xs) : sizeof(block_q3_K);
-#if defined(GLMCPU_AVX512)
-    /* two sub-blocks (64 values) per 512-bit step where it paid off */
-    if (type == GT_Q4_K) { vec_dot4_q4_K_512(n, (const block_q4_K *)w, TC, xq, xd, xb, res); return; }
-    if (type == GT_Q6_K) { vec_dot4_q6_K_512(n, (const block_q6_K *)w, TC, xq, xd, xb, res); return; }
-#endif
 #if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
+#if defined(GLMCPU_AVX512)
+    const int wide = type == GT_Q6_K;   /* two pieces per 512-bit step: Q6_K 7% faster, Q4_K 10% slower */
+#endif
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+#if defined(GLMCPU_AVX512)
+    __m256 accm[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    __m512 acc2[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+#endif
     for (int b = 0; b < n / QK_K; b++) {
         const uint8_t *blk = w + (size_t)b * bsize;
         __m256i q[8], sc[8], mins;
         float d, dm;
         KPREFETCH(blk + PFD, bsize);
         const int shift = unpack_k(type, blk, q, sc, &mins, &d, &dm);
+#if defined(GLMCPU_AVX512)
+        if (wide) add_block_k512(q, sc, mins, shift, d, dm, b, n, TC, xq, xd, xb, acc2, accm);
+        else
+#endif
         add_block_k(q, sc, mins, shift, d, dm, type == GT_IQ4_XS, b, n, TC, xq, xd, xb, acc);
     }
-    for (int t = 0; t < TC; t++) res[t] = hsum256(acc[t]);
+    for (int t = 0; t < TC; t++) {
+#if defined(GLMCPU_AVX512)
+        if (wide) { res[t] = _mm512_reduce_add_ps(acc2[t]) - hsum256(accm[t]); continue; }
+#endif
+        res[t] = hsum256(acc[t]);
+    }
 #elif defined(GLMCPU_NEON)
     switch (type) {
     case GT_Q4_K: neon_dot_q4_K(n, (const block_q4_K *)w, TC, xq, xd, xb, res); break;
