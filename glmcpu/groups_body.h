@@ -21,6 +21,11 @@
 #define XBCAST16(p) _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(p)))
 #endif
 #define XFN XCAT(gemv_x8_, XBITS, )
+/* B0, B1: block column b of each group, prefetched PFD bytes ahead on a group's first pass (pf) */
+#define XBLOCK(b, bytes) \
+    const uint8_t *B0 = w0 + (size_t)(b) * (bytes), *B1 = w1 + (size_t)(b) * (bytes); \
+    (void)B1; \
+    if (pf) { KPREFETCH(B0 + PFD, (size_t)(bytes)); if (XW == 2) KPREFETCH(B1 + PFD, (size_t)(bytes)); }
 #define XKFN XCAT(gemv_k_x8_, XBITS, )
 
 GLMCPU_INLINE void XFN(const int kind, int n, const uint8_t *w0, const uint8_t *w1, const int TC,
@@ -33,12 +38,7 @@ GLMCPU_INLINE void XFN(const int kind, int n, const uint8_t *w0, const uint8_t *
     for (int t = 0; t < TCMAX; t++) acc[t] = XN(setzero_ps)();
     (void)w1; (void)ones; (void)m5; (void)table; (void)one_chain;
     for (int b = 0; b < nb; b++) {
-        const uint8_t *B0 = w0 + (size_t)b * bytes, *B1 = w1 + (size_t)b * bytes;
-        (void)B1;
-        if (pf) {
-            KPREFETCH(B0 + PFD, (size_t)bytes);
-            if (XW == 2) KPREFETCH(B1 + PFD, (size_t)bytes);
-        }
+        XBLOCK(b, bytes);
         const XI h = kind == X8_Q5_0 ? XLOAD(16) : XSI(setzero)();
         /* k outer, each token's sums in registers: sa takes the values meeting activations 4k..4k+3,
          * sb those meeting 16+4k..16+4k+3 (in int16 without VNNI where they fit, see x8_one_chain) */
@@ -125,12 +125,7 @@ GLMCPU_INLINE void XKFN(const int kind, int n, const uint8_t *w0, const uint8_t 
     const XI table = XBCAST16(sgn ? (const void *)KVALUES_IQ4 : (const void *)KVALUES_IQ4_U);
     (void)w1; (void)lo16; (void)m2; (void)m4s;
     for (int b = 0; b < nb; b++) {
-        const uint8_t *B0 = w0 + (size_t)b * bytes, *B1 = w1 + (size_t)b * bytes;
-        (void)B1;
-        if (pf) {
-            KPREFETCH(B0 + PFD, (size_t)bytes);
-            if (XW == 2) KPREFETCH(B1 + PFD, (size_t)bytes);
-        }
+        XBLOCK(b, bytes);
         XI isum[KX8TC];
         for (int t = 0; t < KX8TC; t++) isum[t] = XSI(setzero)();
         if (q2k) {                          /* 16 sub-blocks of 16: each load's 4 crumbs meet 4 slices of x */
@@ -259,6 +254,7 @@ GLMCPU_INLINE void XKFN(const int kind, int n, const uint8_t *w0, const uint8_t 
 #undef XSI
 #undef XBCAST16
 #undef XFN
+#undef XBLOCK
 #undef XKFN
 #undef XLOAD8
 #undef XBITS
