@@ -121,6 +121,17 @@ static inline __m256i unpack_q4_0(const uint8_t *qs) {
 }
 #endif
 
+#if defined(GLMCPU_NEON)
+/* 32 int8 products of a (two halves of 16) with x[0..31], as 4 int32 lanes: int16 pairs (|127 * 127 * 2|
+ * fits) widened, no dotprod needed */
+static inline int32x4_t neon_dot32(int8x16_t a0, int8x16_t a1, const int8_t *x) {
+    int8x16_t x0 = vld1q_s8(x), x1 = vld1q_s8(x + 16);
+    int16x8_t p0 = vmlal_s8(vmull_s8(vget_low_s8(a0), vget_low_s8(x0)), vget_high_s8(a0), vget_high_s8(x0));
+    int16x8_t p1 = vmlal_s8(vmull_s8(vget_low_s8(a1), vget_low_s8(x1)), vget_high_s8(a1), vget_high_s8(x1));
+    return vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1));
+}
+#endif
+
 /* ---- activations -> int8 blocks -------------------------------------------------- */
 
 static void quantize_row_q8(int n, const float *x, int8_t *xq, float *xd, float *xs) {
@@ -175,14 +186,8 @@ static float vec_dot_q4_0_q8_0(int n, const block_q4_0 *w, const int8_t *xq, con
     const uint8x16_t m4 = vdupq_n_u8(0x0f);
     for (; b < nb; b++) {
         uint8x16_t raw = vld1q_u8(w[b].qs);
-        int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(raw, m4));
-        int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(raw, 4));
-        int8x16_t x0 = vld1q_s8(xq + b * QK), x1 = vld1q_s8(xq + b * QK + 16);
-        int16x8_t p0 = vmull_s8(vget_low_s8(lo), vget_low_s8(x0));
-        p0 = vmlal_s8(p0, vget_high_s8(lo), vget_high_s8(x0));
-        int16x8_t p1 = vmull_s8(vget_low_s8(hi), vget_low_s8(x1));
-        p1 = vmlal_s8(p1, vget_high_s8(hi), vget_high_s8(x1));
-        int32x4_t p = vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1));
+        int32x4_t p = neon_dot32(vreinterpretq_s8_u8(vandq_u8(raw, m4)), vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)),
+                                 xq + b * QK);
         float dw = fp16_to_fp32(w[b].d);
         acc = vmlaq_n_f32(acc, vcvtq_f32_s32(p), dw * xd[b]);
         corr += dw * xs[b];
@@ -237,13 +242,7 @@ static float vec_dot_q8_0_q8_0(int n, const block_q8_0 *w, const int8_t *xq, con
 #elif defined(GLMCPU_NEON)
     float32x4_t acc = vdupq_n_f32(0.0f);
     for (; b < nb; b++) {
-        int8x16_t q0 = vld1q_s8(w[b].qs), q1 = vld1q_s8(w[b].qs + 16);
-        int8x16_t x0 = vld1q_s8(xq + b * QK), x1 = vld1q_s8(xq + b * QK + 16);
-        int16x8_t p0 = vmull_s8(vget_low_s8(q0), vget_low_s8(x0));
-        p0 = vmlal_s8(p0, vget_high_s8(q0), vget_high_s8(x0));
-        int16x8_t p1 = vmull_s8(vget_low_s8(q1), vget_low_s8(x1));
-        p1 = vmlal_s8(p1, vget_high_s8(q1), vget_high_s8(x1));
-        int32x4_t p = vaddq_s32(vpaddlq_s16(p0), vpaddlq_s16(p1));
+        int32x4_t p = neon_dot32(vld1q_s8(w[b].qs), vld1q_s8(w[b].qs + 16), xq + b * QK);
         acc = vmlaq_n_f32(acc, vcvtq_f32_s32(p), fp16_to_fp32(w[b].d) * xd[b]);
     }
     sum = vaddvq_f32(acc);
@@ -258,30 +257,30 @@ static float vec_dot_q8_0_q8_0(int n, const block_q8_0 *w, const int8_t *xq, con
 
 /* Float weights (F32, F16, BF16) against float activations: one body, a loader per width that
  * turns a type's weights into floats. */
+#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
 #if defined(GLMCPU_AVX512)
-#define FW 16
-typedef __m512 fvec;
+#define FWB 512                                    /* register width; the 16-bit weights' load is half */
+#define FW_HALF(p) _mm256_loadu_si256((const __m256i *)(p))
+#define FW_SUM(v) _mm512_reduce_add_ps(v)
+#else
+#define FWB 256
+#define FW_HALF(p) _mm_loadu_si128((const __m128i *)(p))
+#define FW_SUM(v) hsum256(v)
+#endif
+#define FW_CAT_(a, b, c) a##b##c
+#define FW_CAT(a, b, c) FW_CAT_(a, b, c)
+#define FWN(op) FW_CAT(_mm, FWB, _##op)
+#define FW (FWB / 32)
+typedef FW_CAT(__m, FWB, ) fvec;
 static inline fvec fw_load(int type, const void *w, int j) {
-    const __m256i *h = (const __m256i *)((const uint16_t *)w + j);
-    if (type == GT_F16) return _mm512_cvtph_ps(_mm256_loadu_si256(h));
-    if (type == GT_BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(h)), 16));
-    return _mm512_loadu_ps((const float *)w + j);
+    const uint16_t *h = (const uint16_t *)w + j;
+    if (type == GT_F16) return FWN(cvtph_ps)(FW_HALF(h));
+    if (type == GT_BF16) return FW_CAT(FWN(castsi), FWB, _ps)(FWN(slli_epi32)(FWN(cvtepu16_epi32)(FW_HALF(h)), 16));
+    return FWN(loadu_ps)((const float *)w + j);
 }
-static inline fvec fw_fma(fvec a, const float *x, fvec acc) { return _mm512_fmadd_ps(a, _mm512_loadu_ps(x), acc); }
-static inline float fw_sum(fvec acc) { return _mm512_reduce_add_ps(acc); }
-#define FW_ZERO _mm512_setzero_ps()
-#elif defined(GLMCPU_AVX2)
-#define FW 8
-typedef __m256 fvec;
-static inline fvec fw_load(int type, const void *w, int j) {
-    const __m128i *h = (const __m128i *)((const uint16_t *)w + j);
-    if (type == GT_F16) return _mm256_cvtph_ps(_mm_loadu_si128(h));
-    if (type == GT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(h)), 16));
-    return _mm256_loadu_ps((const float *)w + j);
-}
-static inline fvec fw_fma(fvec a, const float *x, fvec acc) { return _mm256_fmadd_ps(a, _mm256_loadu_ps(x), acc); }
-static inline float fw_sum(fvec acc) { return hsum256(acc); }
-#define FW_ZERO _mm256_setzero_ps()
+static inline fvec fw_fma(fvec a, const float *x, fvec acc) { return FWN(fmadd_ps)(a, FWN(loadu_ps)(x), acc); }
+static inline float fw_sum(fvec acc) { return FW_SUM(acc); }
+#define FW_ZERO FWN(setzero_ps)()
 #elif defined(GLMCPU_NEON)
 #define FW 4
 typedef float32x4_t fvec;
@@ -532,6 +531,11 @@ static uint64_t stream_xor(const uint8_t *p, size_t n) {
 
 /* The few vector operations attention needs, AV_N float lanes wide; with AV_N = 1 they are plain
  * C, and the same source below is the scalar twin (the same order of sums in every lane). */
+/* the element-wise operations of each width, one line each */
+#define AV_BINOP(name, f) static inline av_f32 av_##name(av_f32 a, av_f32 b) { return f(a, b); }
+#define AV_X86_OPS(P) AV_BINOP(mul, P##_mul_ps) AV_BINOP(add, P##_add_ps) AV_BINOP(sub, P##_sub_ps) \
+    AV_BINOP(div, P##_div_ps) AV_BINOP(max, P##_max_ps) AV_BINOP(min, P##_min_ps)
+#define AV_SCALAR_OP(name, op) static inline av_f32 av_##name(av_f32 a, av_f32 b) { return a op b; }
 #if defined(GLMCPU_AVX512)
 #define AV_N 16
 typedef __m512 av_f32;
@@ -554,12 +558,7 @@ static inline av_f32 av_load_q8(const int8_t *q, float d) {      /* 16 int8 time
 }
 static inline void av_store_m(float *p, av_f32 x, av_mask m) { _mm512_mask_storeu_ps(p, m, x); }
 static inline av_f32 av_fma(av_f32 a, av_f32 b, av_f32 c) { return _mm512_fmadd_ps(a, b, c); }
-static inline av_f32 av_mul(av_f32 a, av_f32 b) { return _mm512_mul_ps(a, b); }
-static inline av_f32 av_add(av_f32 a, av_f32 b) { return _mm512_add_ps(a, b); }
-static inline av_f32 av_sub(av_f32 a, av_f32 b) { return _mm512_sub_ps(a, b); }
-static inline av_f32 av_div(av_f32 a, av_f32 b) { return _mm512_div_ps(a, b); }
-static inline av_f32 av_max(av_f32 a, av_f32 b) { return _mm512_max_ps(a, b); }   /* a > b ? a : b */
-static inline av_f32 av_min(av_f32 a, av_f32 b) { return _mm512_min_ps(a, b); }   /* a < b ? a : b */
+AV_X86_OPS(_mm512)     /* max: a > b ? a : b, min: a < b ? a : b */
 static inline av_f32 av_keep_ge(av_f32 x, av_f32 lo, av_f32 r) {     /* x >= lo ? r : 0 */
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), r);
 }
@@ -588,12 +587,7 @@ static inline av_f32 av_load_q8(const int8_t *q, float d) {
 }
 static inline void av_store_m(float *p, av_f32 x, av_mask m) { (void)m; _mm256_storeu_ps(p, x); }
 static inline av_f32 av_fma(av_f32 a, av_f32 b, av_f32 c) { return _mm256_fmadd_ps(a, b, c); }
-static inline av_f32 av_mul(av_f32 a, av_f32 b) { return _mm256_mul_ps(a, b); }
-static inline av_f32 av_add(av_f32 a, av_f32 b) { return _mm256_add_ps(a, b); }
-static inline av_f32 av_sub(av_f32 a, av_f32 b) { return _mm256_sub_ps(a, b); }
-static inline av_f32 av_div(av_f32 a, av_f32 b) { return _mm256_div_ps(a, b); }
-static inline av_f32 av_max(av_f32 a, av_f32 b) { return _mm256_max_ps(a, b); }
-static inline av_f32 av_min(av_f32 a, av_f32 b) { return _mm256_min_ps(a, b); }
+AV_X86_OPS(_mm256)
 static inline av_f32 av_keep_ge(av_f32 x, av_f32 lo, av_f32 r) {
     return _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GE_OQ), r);
 }
@@ -623,10 +617,7 @@ static inline av_f32 av_load_q8(const int8_t *q, float d) {
 }
 static inline void av_store_m(float *p, av_f32 x, av_mask m) { (void)m; vst1q_f32(p, x); }
 static inline av_f32 av_fma(av_f32 a, av_f32 b, av_f32 c) { return vfmaq_f32(c, a, b); }
-static inline av_f32 av_mul(av_f32 a, av_f32 b) { return vmulq_f32(a, b); }
-static inline av_f32 av_add(av_f32 a, av_f32 b) { return vaddq_f32(a, b); }
-static inline av_f32 av_sub(av_f32 a, av_f32 b) { return vsubq_f32(a, b); }
-static inline av_f32 av_div(av_f32 a, av_f32 b) { return vdivq_f32(a, b); }
+AV_BINOP(mul, vmulq_f32) AV_BINOP(add, vaddq_f32) AV_BINOP(sub, vsubq_f32) AV_BINOP(div, vdivq_f32)
 /* as x86's max/min (the second operand where either is NaN), so the clamp in av_exp agrees */
 static inline av_f32 av_max(av_f32 a, av_f32 b) { return vbslq_f32(vcgtq_f32(a, b), a, b); }
 static inline av_f32 av_min(av_f32 a, av_f32 b) { return vbslq_f32(vcltq_f32(a, b), a, b); }
@@ -653,10 +644,7 @@ static inline av_f32 av_load_bm(const uint16_t *p, av_mask m) {
 static inline av_f32 av_load_q8(const int8_t *q, float d) { return (float)*q * d; }
 static inline void av_store_m(float *p, av_f32 x, av_mask m) { (void)m; *p = x; }
 static inline av_f32 av_fma(av_f32 a, av_f32 b, av_f32 c) { return a * b + c; }   /* two roundings */
-static inline av_f32 av_mul(av_f32 a, av_f32 b) { return a * b; }
-static inline av_f32 av_add(av_f32 a, av_f32 b) { return a + b; }
-static inline av_f32 av_sub(av_f32 a, av_f32 b) { return a - b; }
-static inline av_f32 av_div(av_f32 a, av_f32 b) { return a / b; }
+AV_SCALAR_OP(mul, *) AV_SCALAR_OP(add, +) AV_SCALAR_OP(sub, -) AV_SCALAR_OP(div, /)
 static inline av_f32 av_max(av_f32 a, av_f32 b) { return a > b ? a : b; }
 static inline av_f32 av_min(av_f32 a, av_f32 b) { return a < b ? a : b; }
 static inline av_f32 av_keep_ge(av_f32 x, av_f32 lo, av_f32 r) { return x >= lo ? r : 0.0f; }
