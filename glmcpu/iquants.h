@@ -48,13 +48,8 @@ typedef struct { uint16_t d; uint8_t qs[64]; uint8_t scales_signs[32]; } block_i
 typedef struct { uint16_t d; uint8_t qs[64]; uint8_t qh[8]; uint8_t signs[32]; uint8_t scales[4]; } block_iq3_s;
 typedef struct { uint16_t d; uint8_t qs[32]; uint16_t qh[8]; } block_iq1_s;
 typedef struct { uint8_t qs[32]; uint8_t qh[16]; uint8_t scales[8]; } block_iq1_m;
-_Static_assert(sizeof(block_iq2_xxs) == 66, "IQ2_XXS block is 66 bytes");
-_Static_assert(sizeof(block_iq2_xs) == 74, "IQ2_XS block is 74 bytes");
-_Static_assert(sizeof(block_iq2_s) == 82, "IQ2_S block is 82 bytes");
-_Static_assert(sizeof(block_iq3_xxs) == 98, "IQ3_XXS block is 98 bytes");
-_Static_assert(sizeof(block_iq3_s) == 110, "IQ3_S block is 110 bytes");
-_Static_assert(sizeof(block_iq1_s) == 50, "IQ1_S block is 50 bytes");
-_Static_assert(sizeof(block_iq1_m) == 56, "IQ1_M block is 56 bytes");
+BLOCK_BYTES(block_iq2_xxs, 66) BLOCK_BYTES(block_iq2_xs, 74) BLOCK_BYTES(block_iq2_s, 82) BLOCK_BYTES(block_iq3_xxs, 98)
+BLOCK_BYTES(block_iq3_s, 110) BLOCK_BYTES(block_iq1_s, 50) BLOCK_BYTES(block_iq1_m, 56)
 
 /* the types that run through iq_rows below */
 static inline int is_iq_q8_K(int type) {

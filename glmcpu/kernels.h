@@ -55,6 +55,8 @@ enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q5_0 = 6, GT_Q5_1 = 
        GT_IQ4_XSX8 = 1023 };
 
 #define QK 32
+/* a block layout's size, checked at compile time against ggml's */
+#define BLOCK_BYTES(T, n) _Static_assert(sizeof(T) == (n), #T " is " #n " bytes");
 
 /* kernels specialised at each call on a constant (a type, a token count) */
 #if defined(__GNUC__)

@@ -37,14 +37,8 @@ typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t q
  * low 4 bits = nibble s of ql[64h + m]; value i = 128h + 32k + l: high 2 bits = bits 2k..2k+1
  * of qh[32h + l]; value = d * sc * (q - 32). */
 typedef struct { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; } block_q6_K;
-_Static_assert(sizeof(block_q4_1) == 20, "Q4_1 block is 20 bytes");
-_Static_assert(sizeof(block_q5_0) == 22, "Q5_0 block is 22 bytes");
-_Static_assert(sizeof(block_q5_1) == 24, "Q5_1 block is 24 bytes");
-_Static_assert(sizeof(block_q2_K) == 84, "Q2_K block is 84 bytes");
-_Static_assert(sizeof(block_q3_K) == 110, "Q3_K block is 110 bytes");
-_Static_assert(sizeof(block_q4_K) == 144, "Q4_K block is 144 bytes");
-_Static_assert(sizeof(block_q5_K) == 176, "Q5_K block is 176 bytes");
-_Static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
+BLOCK_BYTES(block_q4_1, 20) BLOCK_BYTES(block_q5_0, 22) BLOCK_BYTES(block_q5_1, 24) BLOCK_BYTES(block_q2_K, 84)
+BLOCK_BYTES(block_q3_K, 110) BLOCK_BYTES(block_q4_K, 144) BLOCK_BYTES(block_q5_K, 176) BLOCK_BYTES(block_q6_K, 210)
 /* IQ4_NL: one block of 32 = an fp16 scale and Q4_0's nibble layout (value j: LOW nibble of qs[j],
  * value j+16: HIGH nibble); value = d * KVALUES_IQ4[q], llama.cpp's kvalues_iq4nl codebook.
  * IQ4_XS: a super-block of 256 = fp16 d, then 8 sub-blocks of 32, each IQ4_NL's nibbles
@@ -52,8 +46,7 @@ _Static_assert(sizeof(block_q6_K) == 210, "Q6_K block is 210 bytes");
  * bits 2s, 2s+1 of scales_h); value = d * (ls - 32) * KVALUES_IQ4[q]. */
 typedef struct { uint16_t d; uint8_t qs[16]; } block_iq4_nl;
 typedef struct { uint16_t d; uint16_t scales_h; uint8_t scales_l[4]; uint8_t qs[128]; } block_iq4_xs;
-_Static_assert(sizeof(block_iq4_nl) == 18, "IQ4_NL block is 18 bytes");
-_Static_assert(sizeof(block_iq4_xs) == 136, "IQ4_XS block is 136 bytes");
+BLOCK_BYTES(block_iq4_nl, 18) BLOCK_BYTES(block_iq4_xs, 136)
 static const int8_t KVALUES_IQ4[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
 #include "kquants_neon.h"      /* the NEON bodies of the kernels below (arm64 builds only) */

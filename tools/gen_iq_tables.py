@@ -26,11 +26,10 @@ def grid_bytes(cls) -> np.ndarray:
     return g.astype(np.int16).astype(np.uint8)          # -1 -> 0xff; the others are 1..62 as they are
 
 
-def words(name, ctype, values, digits, per_line) -> str:
-    lines = [f"static const {ctype} {name}[{len(values)}] = {{"]
-    for i in range(0, len(values), per_line):
-        lines.append("    " + " ".join(f"0x{int(v):0{digits}x}," for v in values[i:i + per_line]))
-    return "\n".join(lines) + "\n};\n"
+def words(name, ctype, values, digits) -> str:
+    """One line per table: a generated header of data, not code to read (and no runs of lines for
+    the duplicates tool to pair)."""
+    return f"static const {ctype} {name}[{len(values)}] = {{" + ", ".join(f"0x{int(v):0{digits}x}" for v in values) + "};\n"
 
 
 def render() -> str:
@@ -43,13 +42,13 @@ def render() -> str:
         assert g.shape[1] == width, name
         packed = sum(g[:, j] << np.uint64(8 * j) for j in range(width))
         ctype, digits = ("uint64_t", 16) if width == 8 else ("uint32_t", 8)
-        parts.append(words(name, ctype, packed, digits, 4 if width == 8 else 8))
+        parts.append(words(name, ctype, packed, digits))
     ksigns = np.frombuffer(quants.IQ2_XXS.ksigns, np.uint8)
     parts.append("/* 7 stored sign bits -> 8 (the 8th makes the count of minus signs even) */\n"
-                 + words("KSIGNS_IQ2XS", "uint8_t", ksigns, 2, 16))
+                 + words("KSIGNS_IQ2XS", "uint8_t", ksigns, 2))
     masks = [sum(0xff << (8 * j) for j in range(8) if b >> j & 1) for b in range(256)]
     parts.append("/* byte j is 0xff where bit j of the index is set: 8 sign bits as a byte mask */\n"
-                 + words("SIGN_MASK8", "uint64_t", masks, 16, 4))
+                 + words("SIGN_MASK8", "uint64_t", masks, 16))
     parts.append("#endif\n")
     return "\n".join(parts)
 
