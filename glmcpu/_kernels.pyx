@@ -355,12 +355,8 @@ def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4, alloc=None):
     alloc(shape, dtype) makes the output (np.empty by default)."""
     cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, k, i, bsz, nk, qs0, hd
     cdef uint32_t qh, h
-    if wtype == 12:
-        return _repack_q4_Kx8(w, threads, alloc or np.empty), Q4_KX8
-    if wtype == 23:
-        return _repack_iq4_xsx8(w, threads, alloc or np.empty), IQ4_XSX8
-    if wtype == 10:
-        return _repack_q2_Kx8(w, threads, alloc or np.empty), Q2_KX8
+    if wtype in (12, 23, 10):
+        return _repack_kx8(w, wtype, threads, alloc or np.empty), {12: Q4_KX8, 23: IQ4_XSX8, 10: Q2_KX8}[wtype]
     if wtype == 2 or wtype == 20:
         bsz, nk, qs0, hd, ptype = 18, 4, 2, 0, (Q4_0X8 if wtype == 2 else IQ4_NLX8)
     elif wtype == 6:
@@ -396,87 +392,58 @@ def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4, alloc=None):
     return packed, ptype
 
 
-def _repack_q4_Kx8(const uint8_t[:, ::1] w, int threads, alloc):
-    cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, p, k, j
-    if N % 8 or rb % 144:
-        raise ValueError("repack_x8 needs whole groups of 8 rows of whole blocks")
-    nb, G = rb // 144, N // 8
-    packed = alloc((G, nb * 1184), np.uint8)
-    cdef uint8_t[:, ::1] out = packed
-    cdef const uint8_t *src
-    cdef uint8_t *dst
-    with nogil:
-        for g in prange(G, num_threads=max(1, threads), schedule='static'):
-            for b in range(nb):
-                dst = &out[g, b * 1184]
-                for r in range(8):
-                    src = &w[g * 8 + r, b * 144]
-                    memcpy(dst + 2 * r, src, 2)                          # d[r]
-                    memcpy(dst + 16 + 2 * r, src + 2, 2)                 # dmin[r]
-                    for j in range(4):                                   # sc[j][r], m[j][r] from
-                        dst[32 + 8 * j + r] = src[4 + j] & 63            # the 12 packed bytes, as
-                        dst[96 + 8 * j + r] = src[8 + j] & 63            # kquants.h scales_q4_K
-                        dst[32 + 8 * (j + 4) + r] = (src[12 + j] & 0x0f) | ((src[4 + j] >> 6) << 4)
-                        dst[96 + 8 * (j + 4) + r] = (src[12 + j] >> 4) | ((src[8 + j] >> 6) << 4)
-                    for p in range(4):                                   # qs[((p*8 + k)*8 + r)*4 + i]
-                        for k in range(8):
-                            memcpy(dst + 160 + ((p * 8 + k) * 8 + r) * 4, src + 16 + 32 * p + 4 * k, 4)
-    return packed
-
-
-def _repack_iq4_xsx8(const uint8_t[:, ::1] w, int threads, alloc):
-    cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, j, v, s, e
-    cdef int ls
+cdef void _kx8_row(int wtype, const uint8_t *src, uint8_t *dst, int r) noexcept nogil:
+    """Row r's super-block src into its group's block dst (groups.h: block_q4_Kx8, block_iq4_xsx8,
+    block_q2_Kx8)."""
+    cdef int j, p, k, v, s, e, ls
     cdef uint8_t lo, hi
-    if N % 8 or rb % 136:
+    if wtype == 12:                                              # Q4_K: d, dmin, scales[12], qs[128]
+        memcpy(dst + 2 * r, src, 2)                              # d[r]
+        memcpy(dst + 16 + 2 * r, src + 2, 2)                     # dmin[r]
+        for j in range(4):                                       # sc[j][r], m[j][r] from the 12
+            dst[32 + 8 * j + r] = src[4 + j] & 63                # packed bytes, as kquants.h's
+            dst[96 + 8 * j + r] = src[8 + j] & 63                # scales_q4_K
+            dst[32 + 8 * (j + 4) + r] = (src[12 + j] & 0x0f) | ((src[4 + j] >> 6) << 4)
+            dst[96 + 8 * (j + 4) + r] = (src[12 + j] >> 4) | ((src[8 + j] >> 6) << 4)
+        for p in range(4):                                       # qs[((p*8 + k)*8 + r)*4 + i]
+            for k in range(8):
+                memcpy(dst + 160 + ((p * 8 + k) * 8 + r) * 4, src + 16 + 32 * p + 4 * k, 4)
+    elif wtype == 23:                                            # IQ4_XS: d, scales_h, scales_l[4], qs[128]
+        memcpy(dst + 2 * r, src, 2)                              # d[r]
+        for j in range(8):                                       # sc[j][r] = ls - 32
+            ls = ((src[4 + j // 2] >> (4 * (j % 2))) & 0x0f) | (((src[2 + (j // 4)] >> (2 * (j % 4))) & 3) << 4)
+            dst[16 + 8 * j + r] = <uint8_t>(<int8_t>(ls - 32))
+        # byte l of piece p: value 64p + l's nibble (low), 64p + 32 + l's (high); value 32s + e of
+        # the file is nibble e // 16 of qs[16s + e % 16]
+        for v in range(128):
+            s, e = (v // 32) * 2, v % 32                         # v = 32 * p + l
+            lo = src[8 + 16 * s + e % 16] >> (4 * (e // 16)) & 0x0f
+            hi = src[8 + 16 * (s + 1) + e % 16] >> (4 * (e // 16)) & 0x0f
+            dst[80 + (((v // 32) * 8 + e // 4) * 8 + r) * 4 + e % 4] = lo | (hi << 4)
+    else:                                                        # Q2_K: scales[16], qs[64], d, dmin
+        memcpy(dst + 2 * r, src + 80, 2)                         # d[r]
+        memcpy(dst + 16 + 2 * r, src + 82, 2)                    # dmin[r]
+        for s in range(16):                                      # sc[s][r]
+            dst[32 + 8 * s + r] = src[s]
+        for p in range(2):                                       # qs[((h*8 + k)*8 + r)*4 + i]
+            for k in range(8):
+                memcpy(dst + 160 + ((p * 8 + k) * 8 + r) * 4, src + 16 + 32 * p + 4 * k, 4)
+
+
+def _repack_kx8(const uint8_t[:, ::1] w, int wtype, int threads, alloc):
+    """Q4_K, IQ4_XS or Q2_K rows -> 8-row groups of super-blocks (1184, 1104 or 672 bytes each)."""
+    cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r
+    cdef int sb = {12: 144, 23: 136, 10: 84}[wtype], gb = {12: 1184, 23: 1104, 10: 672}[wtype]
+    if N % 8 or rb % sb:
         raise ValueError("repack_x8 needs whole groups of 8 rows of whole blocks")
-    nb, G = rb // 136, N // 8
-    packed = alloc((G, nb * 1104), np.uint8)
+    nb, G = rb // sb, N // 8
+    packed = alloc((G, nb * gb), np.uint8)
     cdef uint8_t[:, ::1] out = packed
-    cdef const uint8_t *src
-    cdef uint8_t *dst
     with nogil:
         for g in prange(G, num_threads=max(1, threads), schedule='static'):
             for b in range(nb):
-                dst = &out[g, b * 1104]
                 for r in range(8):
-                    src = &w[g * 8 + r, b * 136]                         # d, scales_h, scales_l[4], qs[128]
-                    memcpy(dst + 2 * r, src, 2)                          # d[r]
-                    for j in range(8):                                   # sc[j][r] = ls - 32
-                        ls = ((src[4 + j // 2] >> (4 * (j % 2))) & 0x0f) | (((src[2 + (j // 4)] >> (2 * (j % 4))) & 3) << 4)
-                        dst[16 + 8 * j + r] = <uint8_t>(<int8_t>(ls - 32))
-                    # byte l of piece p: value 64p + l's nibble (low), 64p + 32 + l's (high); value
-                    # 32s + e of the file is nibble e % 16 of qs[16s + e % 16], low for e < 16
-                    for v in range(128):
-                        s, e = (v // 32) * 2, v % 32                     # v = 32 * p + l
-                        lo = src[8 + 16 * s + e % 16] >> (4 * (e // 16)) & 0x0f
-                        hi = src[8 + 16 * (s + 1) + e % 16] >> (4 * (e // 16)) & 0x0f
-                        dst[80 + (((v // 32) * 8 + (e % 32) // 4) * 8 + r) * 4 + e % 4] = lo | (hi << 4)
-    return packed
-
-
-def _repack_q2_Kx8(const uint8_t[:, ::1] w, int threads, alloc):
-    cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, s, h, k
-    if N % 8 or rb % 84:
-        raise ValueError("repack_x8 needs whole groups of 8 rows of whole blocks")
-    nb, G = rb // 84, N // 8
-    packed = alloc((G, nb * 672), np.uint8)
-    cdef uint8_t[:, ::1] out = packed
-    cdef const uint8_t *src
-    cdef uint8_t *dst
-    with nogil:
-        for g in prange(G, num_threads=max(1, threads), schedule='static'):
-            for b in range(nb):
-                dst = &out[g, b * 672]
-                for r in range(8):
-                    src = &w[g * 8 + r, b * 84]                          # scales[16], qs[64], d, dmin
-                    memcpy(dst + 2 * r, src + 80, 2)                     # d[r]
-                    memcpy(dst + 16 + 2 * r, src + 82, 2)                # dmin[r]
-                    for s in range(16):                                  # sc[s][r]
-                        dst[32 + 8 * s + r] = src[s]
-                    for h in range(2):                                   # qs[((h*8 + k)*8 + r)*4 + i]
-                        for k in range(8):
-                            memcpy(dst + 160 + ((h * 8 + k) * 8 + r) * 4, src + 16 + 32 * h + 4 * k, 4)
+                    _kx8_row(wtype, &w[g * 8 + r, b * sb], &out[g, b * gb], r)
     return packed
 
 
