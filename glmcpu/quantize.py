@@ -13,9 +13,13 @@ checked tensor by tensor against llama.cpp itself in tests/test_quantize.py:
   order (blk.N numerically, whatever the file order);
 - ffn_down likewise by layer (for MoE models the layer is read from the name, so ffn_down_exps and
   ffn_down_shexp both count); attn_output gets one step more for Q2_K / Q3_K_M / Q3_K_L;
-- with exactly 8 experts attn_k and attn_v become Q8_0, and attn_output Q5_K for Q2_K to Q4_K_M;
+- with exactly 8 experts attn_k and attn_v become Q8_0, and attn_output Q5_K for Q2_K to Q4_K_M and
+  the IQ4 types;
 - a K-quant whose rows are not whole 256-blocks falls back: Q2_K, Q3_K -> Q4_0, Q4_K -> Q5_0,
-  Q5_K -> Q5_1, Q6_K -> Q8_0; anything still not whole blocks is F16 (llama.cpp refuses there).
+  Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL; anything still not whole blocks is F16 (llama.cpp
+  refuses there);
+- IQ4_NL / IQ4_XS (no importance matrix): attn_v Q5_K with 4+ query heads per KV head, ffn_down Q5_K
+  in the first eighth of the layers.
 """
 import os
 import re
@@ -41,9 +45,12 @@ FILE_TYPES = {
     "q4_k_s": (LFT.MOSTLY_Q4_K_S, GT.Q4_K), "q4_k_m": (LFT.MOSTLY_Q4_K_M, GT.Q4_K),
     "q5_k_s": (LFT.MOSTLY_Q5_K_S, GT.Q5_K), "q5_k_m": (LFT.MOSTLY_Q5_K_M, GT.Q5_K),
     "q6_k": (LFT.MOSTLY_Q6_K, GT.Q6_K),
+    "iq4_nl": (LFT.MOSTLY_IQ4_NL, GT.IQ4_NL), "iq4_xs": (LFT.MOSTLY_IQ4_XS, GT.IQ4_XS),
 }
+IQ4_FILES = (LFT.MOSTLY_IQ4_NL, LFT.MOSTLY_IQ4_XS)
 FLOATS = (GT.F32, GT.F16, GT.BF16)
-K_FALLBACK = {GT.Q2_K: GT.Q4_0, GT.Q3_K: GT.Q4_0, GT.Q4_K: GT.Q5_0, GT.Q5_K: GT.Q5_1, GT.Q6_K: GT.Q8_0}
+K_FALLBACK = {GT.Q2_K: GT.Q4_0, GT.Q3_K: GT.Q4_0, GT.Q4_K: GT.Q5_0, GT.Q5_K: GT.Q5_1, GT.Q6_K: GT.Q8_0,
+              GT.IQ4_XS: GT.IQ4_NL}
 EXPERTS_BUMPED = 8          # llama.cpp gives Mixtral-style 8-expert models more bits in attention
 QUANTIZATION_VERSION = 2    # general.quantization_version, as ggml writes it (GGML_QNT_VERSION)
 VALUES_PER_PASS = 1 << 24   # source values made float32 at a time (64 MiB), so expert stacks fit
@@ -79,6 +86,8 @@ def attn_v_type(ftype, new, i, n, n_gqa):
         return GT.Q5_K if i < 2 else GT.Q4_K
     if ftype == LFT.MOSTLY_Q3_K_L:
         return GT.Q5_K
+    if ftype in IQ4_FILES and n_gqa >= 4:
+        return GT.Q5_K
     if ftype in (LFT.MOSTLY_Q4_K_M, LFT.MOSTLY_Q5_K_M) and use_more_bits(i, n):
         return GT.Q6_K
     if ftype == LFT.MOSTLY_Q4_K_S and i < 4:
@@ -96,14 +105,14 @@ def ffn_down_type(ftype, new, i, n):
         return GT.Q5_K
     if ftype in (LFT.MOSTLY_Q4_K_M, LFT.MOSTLY_Q5_K_M) and use_more_bits(i, n):
         return GT.Q6_K
-    if ftype == LFT.MOSTLY_Q4_K_S and i < n // 8:
+    if (ftype == LFT.MOSTLY_Q4_K_S or ftype in IQ4_FILES) and i < n // 8:   # IQ4: without an imatrix
         return GT.Q5_K
     return new
 
 
 def attn_output_type(ftype, new, n_expert):
     if n_expert == EXPERTS_BUMPED:
-        low = (LFT.MOSTLY_Q2_K, LFT.MOSTLY_Q3_K_S, LFT.MOSTLY_Q3_K_M, LFT.MOSTLY_Q4_K_S, LFT.MOSTLY_Q4_K_M)
+        low = (LFT.MOSTLY_Q2_K, LFT.MOSTLY_Q3_K_S, LFT.MOSTLY_Q3_K_M, LFT.MOSTLY_Q4_K_S, LFT.MOSTLY_Q4_K_M) + IQ4_FILES
         return GT.Q5_K if ftype in low else new
     return {LFT.MOSTLY_Q2_K: GT.Q3_K, LFT.MOSTLY_Q3_K_M: GT.Q4_K, LFT.MOSTLY_Q3_K_L: GT.Q5_K}.get(ftype, new)
 

@@ -1,4 +1,5 @@
-"""NumPy quantisers for the K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) in ggml's block layout.
+"""NumPy quantisers for the K-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K) and IQ4_NL / IQ4_XS in ggml's block
+layout.
 
 gguf-py reads these formats (gguf.quants.dequantize) but cannot write them; it does write
 Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, which `quantize` hands to it. Every quantiser here works on all blocks
@@ -234,28 +235,112 @@ def quantize_q6_k(x):
     return out
 
 
+# --- IQ4_NL / IQ4_XS: 4-bit indices into llama.cpp's non-linear codebook -----------------------
+# IQ4_NL: blocks of 32, value = d * IQ4_VALUES[q]; qs[16] as Q4_0 (value j low nibble of qs[j],
+#   value j + 16 the high one). IQ4_XS: super-blocks of 256 = 8 such blocks under 6-bit scales
+#   ls (value = d * (ls - 32) * IQ4_VALUES[q]): low 4 bits of ls_j in nibble j % 2 of scales_l[j / 2],
+#   high 2 bits in bits 2j, 2j + 1 of scales_h.
+IQ4_NL_BLOCK = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
+IQ4_XS_BLOCK = np.dtype([("d", "<f2"), ("scales_h", "<u2"), ("scales_l", "u1", 4), ("qs", "u1", 128)])
+assert (IQ4_NL_BLOCK.itemsize, IQ4_XS_BLOCK.itemsize) == (18, 136)
+IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
+IQ4_EDGES = (IQ4_VALUES[1:] + IQ4_VALUES[:-1]) / 2
+IQ4_TRIES = 7                   # llama.cpp's ntry: scales mapping the peak to -127 + t, |t| <= 7
+
+
+def iq4_index(a):
+    """The nearest codebook entry of each value (a tie goes up, as llama.cpp's best_index_int8)."""
+    return np.searchsorted(IQ4_EDGES, a, side="right").astype(np.uint8)
+
+
+def fit_iq4(x):
+    """Per 32-value row of x [n, 32]: the scale d with x ~ d * IQ4_VALUES[index], weighted by x^2:
+    llama.cpp's search without an importance matrix (a first guess mapping the peak to +127, then
+    15 mapping it to -127 + t, each refitted by least squares; the largest gain wins)."""
+    w = x * x
+    peak = np.take_along_axis(x, np.abs(x).argmax(1)[:, None], 1)[:, 0]   # [n], signed
+    live = np.abs(peak) >= 1e-15
+    peak = np.where(live, peak, 1)
+
+    def fit(inv):
+        v = IQ4_VALUES[iq4_index(x * inv[:, None])]
+        return np.einsum("ij,ij->i", w * v, x), np.einsum("ij,ij->i", w * v, v)
+
+    sqx, sq2 = fit(-IQ4_VALUES[0] / peak)
+    d = np.where(sq2 > 0, sqx / np.where(sq2 > 0, sq2, 1), 0)
+    best = d * sqx
+    for t in range(-IQ4_TRIES, IQ4_TRIES + 1):
+        sqx, sq2 = fit((t + IQ4_VALUES[0]) / peak)
+        better = (sq2 > 0) & (sqx * sqx > best * sq2)
+        d = np.where(better, sqx / np.where(sq2 > 0, sq2, 1), d)
+        best = np.where(better, d * sqx, best)
+    return np.where(live, d, 0).astype(np.float32)
+
+
+def pack_iq4(x, scale):
+    """qs [n, 16] of 32-value rows x [n, 32] for their final scales [n]."""
+    inv = np.where(scale != 0, 1 / np.where(scale != 0, scale, 1), 0)
+    idx = iq4_index(x * inv[:, None])
+    return idx[:, :16] | (idx[:, 16:] << 4)
+
+
+def quantize_iq4_nl(x):
+    """IQ4_NL blocks of x [n, 32]."""
+    d = to_f16(fit_iq4(x))
+    out = np.empty(len(x), IQ4_NL_BLOCK)
+    out["d"] = d
+    out["qs"] = pack_iq4(x, d.astype(np.float32))       # the codes of the scale as stored
+    return out
+
+
+def quantize_iq4_xs(x):
+    """IQ4_XS blocks of x [n, 256]: each 32-value block's scale as llama.cpp fits it, then 6-bit
+    signed scales against d = -(the largest-magnitude one) / 32."""
+    n = x.shape[0]
+    sub = x.reshape(n * 8, 32)
+    s = fit_iq4(sub).reshape(n, 8)
+    top = np.take_along_axis(s, np.abs(s).argmax(1)[:, None], 1)[:, 0]
+    d = to_f16(-top / 32).astype(np.float32)          # as stored
+    inv = np.where(d != 0, 1 / np.where(d != 0, d, 1), 0)
+    r = inv[:, None] * s
+    ls = np.rint(r)
+    ls = np.where((ls == 0) & (r != 0), np.sign(r), ls)    # a live block keeps a step (llama.cpp zeroes it)
+    ls = np.clip(ls, -32, 31).astype(np.int16)                                # [n, 8]
+    out = np.empty(n, IQ4_XS_BLOCK)
+    out["d"] = d
+    out["qs"] = pack_iq4(sub, (d[:, None] * ls).reshape(-1).astype(np.float32)).reshape(n, 128)
+    u = (ls + 32).astype(np.uint16)
+    out["scales_l"] = (u[:, 0::2] & 0xF) | ((u[:, 1::2] & 0xF) << 4)
+    out["scales_h"] = ((u >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(1, dtype=np.uint16)
+    return out
+
+
 K_QUANTS = {GT.Q2_K: quantize_q2_k, GT.Q3_K: quantize_q3_k,
             GT.Q4_K: lambda x: quantize_k_min(x, 15, Q4_K_BLOCK),
             GT.Q5_K: lambda x: quantize_k_min(x, 31, Q5_K_BLOCK),
-            GT.Q6_K: quantize_q6_k}
+            GT.Q6_K: quantize_q6_k, GT.IQ4_XS: quantize_iq4_xs}
 
 
 def quantize(data, qtype, threads=None):
     """float array [..., n_cols] -> uint8 array [..., bytes per row] of ggml type qtype, as
     gguf.quants.quantize returns (and GGUFWriter takes with raw_dtype). K-quants run on `threads`
     threads (default: every CPU)."""
-    if qtype not in K_QUANTS:
+    if qtype == GT.IQ4_NL:
+        run, bs = quantize_iq4_nl, 32
+    elif qtype in K_QUANTS:
+        run, bs = K_QUANTS[qtype], QK_K
+    else:
         return gguf_quants.quantize(np.asarray(data, np.float32), qtype)
     data = np.asarray(data, np.float32)
-    if data.shape[-1] % QK_K:
-        raise ValueError(f"rows of {data.shape[-1]} values are not whole {QK_K}-blocks")
-    blocks = data.reshape(-1, QK_K)                                           # [n_blocks, 256]
+    if data.shape[-1] % bs:
+        raise ValueError(f"rows of {data.shape[-1]} values are not whole {bs}-blocks")
+    blocks = data.reshape(-1, bs)                                             # [n_blocks, bs]
     chunks = [blocks[i:i + CHUNK_BLOCKS] for i in range(0, len(blocks), CHUNK_BLOCKS)]
     threads = threads or os.cpu_count() or 1
     if threads > 1 and len(chunks) > 1:       # NumPy drops the GIL inside each whole-array pass
         with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
-            parts = list(pool.map(K_QUANTS[qtype], chunks))
+            parts = list(pool.map(run, chunks))
     else:
-        parts = [K_QUANTS[qtype](c) for c in chunks]
+        parts = [run(c) for c in chunks]
     out = np.concatenate(parts).view(np.uint8)
     return out.reshape(*data.shape[:-1], -1)
