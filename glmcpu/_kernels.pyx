@@ -15,7 +15,7 @@ cdef extern from "kernels.h" nogil:
     enum:       # the ggml type codes the kernels run, and glmcpu's repacked ones: defined in kernels.h only
         GT_F32, GT_F16, GT_Q4_0, GT_Q4_1, GT_Q5_0, GT_Q5_1, GT_Q8_0, GT_Q2_K, GT_Q3_K, GT_Q4_K, GT_Q5_K,
         GT_Q6_K, GT_IQ4_NL, GT_IQ4_XS, GT_BF16, GT_Q4_0X8, GT_Q5_0X8, GT_Q8_0X8, GT_Q4_KX8, GT_IQ4_NLX8,
-        GT_IQ4_XSX8, GT_Q2_KX8
+        GT_IQ4_XSX8, GT_Q2_KX8, GT_Q5_1X8
     int QK
     void quantize_row_q8(int n, const float *x, int8_t *xq, float *xd, float *xs)
     float fp16_to_fp32(uint16_t h)
@@ -61,7 +61,7 @@ ISA = GLMCPU_ISA.decode()
 TYPES = {"F32": GT_F32, "F16": GT_F16, "Q4_0": GT_Q4_0, "Q4_1": GT_Q4_1, "Q5_0": GT_Q5_0, "Q5_1": GT_Q5_1,
          "Q8_0": GT_Q8_0, "Q2_K": GT_Q2_K, "Q3_K": GT_Q3_K, "Q4_K": GT_Q4_K, "Q5_K": GT_Q5_K, "Q6_K": GT_Q6_K,
          "IQ4_NL": GT_IQ4_NL, "IQ4_XS": GT_IQ4_XS, "BF16": GT_BF16, "Q4_0X8": GT_Q4_0X8, "Q5_0X8": GT_Q5_0X8, "Q8_0X8": GT_Q8_0X8, "Q4_KX8": GT_Q4_KX8,
-         "IQ4_NLX8": GT_IQ4_NLX8, "IQ4_XSX8": GT_IQ4_XSX8, "Q2_KX8": GT_Q2_KX8}
+         "IQ4_NLX8": GT_IQ4_NLX8, "IQ4_XSX8": GT_IQ4_XSX8, "Q2_KX8": GT_Q2_KX8, "Q5_1X8": GT_Q5_1X8}
 Q4_0X8 = GT_Q4_0X8  # Q4_0 repacked by repack_x8: one line of `w` per group of 8 rows
 Q5_0X8 = GT_Q5_0X8  # Q5_0 likewise
 Q8_0X8 = GT_Q8_0X8  # Q8_0 likewise
@@ -69,16 +69,18 @@ Q4_KX8 = GT_Q4_KX8  # Q4_K likewise (scales unpacked: 1184 bytes per 8 x 256 val
 IQ4_NLX8 = GT_IQ4_NLX8  # IQ4_NL likewise (Q4_0's layout)
 IQ4_XSX8 = GT_IQ4_XSX8  # IQ4_XS likewise (scales unpacked, nibbles in Q4_K's order: 1104 bytes)
 Q2_KX8 = GT_Q2_KX8  # Q2_K likewise (the file's bytes in another order: 672)
+Q5_1X8 = GT_Q5_1X8  # Q5_1 likewise (Q5_0's layout after the 8 mins: 192)
 # type -> (block size, bytes per block); a repacked "block" is 8 rows' blocks
 TYPE_SIZES = {GT_F32: (1, 4), GT_F16: (1, 2), GT_Q4_0: (32, 18), GT_Q4_1: (32, 20), GT_Q5_0: (32, 22),
               GT_Q5_1: (32, 24), GT_Q8_0: (32, 34), GT_Q2_K: (256, 84), GT_Q3_K: (256, 110),
               GT_Q4_K: (256, 144), GT_Q5_K: (256, 176), GT_Q6_K: (256, 210), GT_BF16: (1, 2),
               GT_IQ4_NL: (32, 18), GT_IQ4_XS: (256, 136),
               Q4_0X8: (32, 144), Q5_0X8: (32, 176), Q8_0X8: (32, 272), Q4_KX8: (256, 1184),
-              IQ4_NLX8: (32, 144), IQ4_XSX8: (256, 1104), Q2_KX8: (256, 672)}
+              IQ4_NLX8: (32, 144), IQ4_XSX8: (256, 1104), Q2_KX8: (256, 672),
+              Q5_1X8: (32, 192)}
 K_TYPES = (GT_Q2_K, GT_Q3_K, GT_Q4_K, GT_Q5_K, GT_Q6_K, Q4_KX8, GT_IQ4_XS, IQ4_XSX8, Q2_KX8)   # activations as q8_K (quantize_q8_K)
-INT_TYPES = (GT_Q4_0, GT_Q4_1, GT_Q5_0, GT_Q5_1, GT_Q8_0, Q4_0X8, Q5_0X8, Q8_0X8, GT_IQ4_NL, IQ4_NLX8, GT_IQ4_XS) + K_TYPES
-GROUP = {Q4_0X8: 8, Q5_0X8: 8, Q8_0X8: 8, Q4_KX8: 8, IQ4_NLX8: 8, IQ4_XSX8: 8, Q2_KX8: 8}   # rows per line of `w`
+INT_TYPES = (GT_Q4_0, GT_Q4_1, GT_Q5_0, GT_Q5_1, GT_Q8_0, Q4_0X8, Q5_0X8, Q8_0X8, GT_IQ4_NL, IQ4_NLX8, GT_IQ4_XS, Q5_1X8) + K_TYPES
+GROUP = {Q4_0X8: 8, Q5_0X8: 8, Q8_0X8: 8, Q4_KX8: 8, IQ4_NLX8: 8, IQ4_XSX8: 8, Q2_KX8: 8, Q5_1X8: 8}   # rows per line of `w`
 # ... and IQ1_S .. IQ3_S (iquants.h): super-blocks of 256 values, kept in the file's layout, q8_K activations
 IQ_TYPES = {"IQ2_XXS": (GT_IQ2_XXS, 66), "IQ2_XS": (GT_IQ2_XS, 74), "IQ2_S": (GT_IQ2_S, 82),
             "IQ3_XXS": (GT_IQ3_XXS, 98), "IQ3_S": (GT_IQ3_S, 110), "IQ1_S": (GT_IQ1_S, 50), "IQ1_M": (GT_IQ1_M, 56)}
@@ -348,12 +350,12 @@ def gemm_chunked(Chunked m, const float[:, ::1] x, out_arr, int threads=1):
 
 
 def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4, alloc=None):
-    """Q4_0, IQ4_NL, Q5_0, Q8_0, Q2_K, Q4_K or IQ4_XS rows [N, row_bytes] (N a multiple of 8) -> 8-row
-    groups laid out as groups.h's block_q4_0x8 (Q4_0 and IQ4_NL) / block_q5_0x8 / block_q8_0x8 /
+    """Q4_0, IQ4_NL, Q5_0, Q5_1, Q8_0, Q2_K, Q4_K or IQ4_XS rows [N, row_bytes] (N a multiple of 8) -> 8-row
+    groups laid out as groups.h's block_q4_0x8 (Q4_0 and IQ4_NL) / block_q5_0x8 / block_q5_1x8 / block_q8_0x8 /
     block_q2_Kx8 / block_q4_Kx8 / block_iq4_xsx8: [N/8, 8 * row_bytes] (Q4_K: 1184 bytes per 8 x 256
     values, IQ4_XS 1104). Returns (groups, its x8 type).
     alloc(shape, dtype) makes the output (np.empty by default)."""
-    cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, k, i, bsz, nk, qs0, hd
+    cdef Py_ssize_t N = w.shape[0], rb = w.shape[1], nb, G, g, b, r, k, i, bsz, nk, qs0, hd, mo = 0
     cdef uint32_t qh, h
     if wtype in (12, 23, 10):
         return _repack_kx8(w, wtype, threads, alloc or np.empty), {12: Q4_KX8, 23: IQ4_XSX8, 10: Q2_KX8}[wtype]
@@ -361,6 +363,8 @@ def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4, alloc=None):
         bsz, nk, qs0, hd, ptype = 18, 4, 2, 0, (Q4_0X8 if wtype == 2 else IQ4_NLX8)
     elif wtype == 6:
         bsz, nk, qs0, hd, ptype = 22, 4, 6, 32, Q5_0X8
+    elif wtype == 7:                                     # Q5_1: Q5_0's layout after 8 mins (mo)
+        bsz, nk, qs0, hd, mo, ptype = 24, 4, 8, 32, 16, Q5_1X8
     elif wtype == 8:
         bsz, nk, qs0, hd, ptype = 34, 8, 2, 0, Q8_0X8
     else:
@@ -379,16 +383,18 @@ def repack_x8(const uint8_t[:, ::1] w, int wtype, int threads=4, alloc=None):
                 for r in range(8):
                     src = &w[g * 8 + r, b * bsz]
                     memcpy(dst + 2 * r, src, 2)                          # d[r]
+                    if mo:                                               # m[r]
+                        memcpy(dst + 16 + 2 * r, src + 2, 2)
                     for k in range(nk):                                  # qs[(k*8 + r)*4 + i]
-                        memcpy(dst + 16 + hd + (k * 8 + r) * 4, src + qs0 + 4 * k, 4)
-                    if hd:                                               # Q5_0: h[r], see kernels.h
-                        memcpy(&qh, src + 2, 4)
+                        memcpy(dst + 16 + mo + hd + (k * 8 + r) * 4, src + qs0 + 4 * k, 4)
+                    if hd:                                               # Q5_0/Q5_1: h[r], see groups.h
+                        memcpy(&qh, src + 2 + mo // 8, 4)
                         h = 0
                         for k in range(4):
                             for i in range(4):
                                 h = h | (((qh >> (4 * k + i)) & 1) << (8 * i + k))
                                 h = h | (((qh >> (16 + 4 * k + i)) & 1) << (8 * i + 4 + k))
-                        memcpy(dst + 16 + 4 * r, &h, 4)
+                        memcpy(dst + 16 + mo + 4 * r, &h, 4)
     return packed, ptype
 
 

@@ -3,7 +3,7 @@
  * bytes of all 8 rows, so a broadcast of 4 activation bytes meets 8 rows at once and the per-row
  * sums need no horizontal adds. Two kernel bodies, one per block shape, each taking a `kind`
  * (a constant at every call, so each kind's code is specialised):
- *  - 32-value blocks under one fp16 scale: Q4_0, IQ4_NL (the same bytes, other values), Q5_0,
+ *  - 32-value blocks under one fp16 scale: Q4_0, IQ4_NL (the same bytes, other values), Q5_0, Q5_1,
  *    Q8_0 (groups_body.h, in 256-bit and, on AVX-512, 512-bit registers);
  *  - 256-value super-blocks under 8 sub-block scales: Q4_K, IQ4_XS (gemv_k_x8).
  * How each block's bytes become values is all that differs between the kinds of a shape. */
@@ -22,18 +22,23 @@ typedef struct { uint16_t d[8]; uint32_t h[8]; uint8_t qs[128]; } block_q5_0x8;
 _Static_assert(sizeof(block_q5_0x8) == 176, "q5_0x8 block is 176 bytes");
 /* block_q8_0x8: d[r], then qs[(k*8 + r)*4 + i] = row r's qs[4k + i] (k = 0..7). */
 typedef struct { uint16_t d[8]; int8_t qs[256]; } block_q8_0x8;
+/* block_q5_1x8: Q5_1 (Q5_0 with a min: value = d * q + m, q 0..31; llama.cpp's fallback for Q5_K
+ * where rows are not whole 256-blocks): d[r], m[r], then h and qs as block_q5_0x8. */
+typedef struct { uint16_t d[8], m[8]; uint32_t h[8]; uint8_t qs[128]; } block_q5_1x8;
+BLOCK_BYTES(block_q5_1x8, 192)
 _Static_assert(sizeof(block_q8_0x8) == 272, "q8_0x8 block is 272 bytes");
 
 /* tokens per pass over a block column (4 accumulators: tried 8 on AVX-512, no faster) */
 #define TCMAX 4
 
-enum { X8_Q4_0, X8_IQ4_NL, X8_Q5_0, X8_Q8_0, X8_Q4_K, X8_IQ4_XS, X8_Q2_K };
+enum { X8_Q4_0, X8_IQ4_NL, X8_Q5_0, X8_Q8_0, X8_Q4_K, X8_IQ4_XS, X8_Q2_K, X8_Q5_1 };
 
 /* the codebook + 128, as unsigned bytes for VNNI's u8 x s8 products (1..241) */
 static const uint8_t KVALUES_IQ4_U[16] = {1, 24, 45, 63, 79, 93, 106, 118, 129, 141, 153, 166, 181, 197, 217, 241};
 
 static inline int x8_bytes(int kind) {
     return kind == X8_Q5_0 ? (int)sizeof(block_q5_0x8) : kind == X8_Q8_0 ? (int)sizeof(block_q8_0x8)
+         : kind == X8_Q5_1 ? (int)sizeof(block_q5_1x8)
          : (int)sizeof(block_q4_0x8);
 }
 /* values used as signed bytes (the u8 x s8 products take |w| and x with w's sign), else as
@@ -47,8 +52,12 @@ static inline int x8_signed(int kind) {
 #endif
 }
 static inline float x8_offset(int kind) {
-    return x8_signed(kind) ? 0.0f : kind == X8_Q4_0 ? 8.0f : kind == X8_Q5_0 ? 16.0f : 128.0f;
+    return x8_signed(kind) || kind == X8_Q5_1 ? 0.0f : kind == X8_Q4_0 ? 8.0f : kind == X8_Q5_0 ? 16.0f : 128.0f;
 }
+/* where a 32-block kind's fifth bits (h) and nibbles (qs) lie in its block; Q5_1's mins at 16 */
+static inline int x8_h(int kind) { return kind == X8_Q5_1 ? 32 : 16; }
+static inline int x8_qs(int kind) { return kind == X8_Q5_0 ? 48 : kind == X8_Q5_1 ? 64 : 16; }
+static inline int x8_five(int kind) { return kind == X8_Q5_0 || kind == X8_Q5_1; }
 /* Q4_0 without VNNI: all 8 int16 pair sums of a block (|15 * 127 * 2| each) fit one register */
 static inline int x8_one_chain(int kind) { return kind == X8_Q4_0; }
 
@@ -56,14 +65,13 @@ static inline int x8_one_chain(int kind) { return kind == X8_Q4_0; }
 static inline int x8_value(int kind, const uint8_t *B, int r, int i) {
     const int k = (i % 16) / 4, j = i % 4;
     if (kind == X8_Q8_0) return ((const int8_t *)B)[16 + ((i / 4) * 8 + r) * 4 + j];
-    const int qs = 16 + (kind == X8_Q5_0 ? 32 : 0);
-    const uint8_t q = B[qs + (k * 8 + r) * 4 + j];
+    const uint8_t q = B[x8_qs(kind) + (k * 8 + r) * 4 + j];
     const int nib = i < 16 ? q & 0x0f : q >> 4;
     if (kind == X8_IQ4_NL) return KVALUES_IQ4[nib];
     if (kind == X8_Q4_0) return nib - 8;
     uint32_t h;
-    memcpy(&h, B + 16 + 4 * r, 4);
-    return (nib | (int)((h >> (8 * j + (i < 16 ? 0 : 4) + k)) & 1) << 4) - 16;
+    memcpy(&h, B + x8_h(kind) + 4 * r, 4);
+    return (nib | (int)((h >> (8 * j + (i < 16 ? 0 : 4) + k)) & 1) << 4) - (kind == X8_Q5_0 ? 16 : 0);
 }
 
 /* ---- 256-value super-blocks in 8-row groups: Q4_K and IQ4_XS ----------------------------------
@@ -154,9 +162,11 @@ GLMCPU_INLINE void gemv_x8(const int kind, int n, const uint8_t *w, const int TC
                 const uint8_t *B = w + (size_t)b * bytes;
                 int isum = 0;
                 for (int i = 0; i < QK; i++) isum += x8_value(kind, B, r, i) * xq[(size_t)t * n + b * QK + i];
-                uint16_t d;
+                uint16_t d, m;
                 memcpy(&d, B + 2 * r, 2);
+                memcpy(&m, B + 16 + 2 * r, 2);
                 acc += fp16_to_fp32(d) * xd[t * nb + b] * (float)isum;
+                if (kind == X8_Q5_1) acc += fp16_to_fp32(m) * xs[t * nb + b];       /* the min times sum(x) */
             }
             out[(size_t)t * ldo + r] = acc;
         }
@@ -289,6 +299,7 @@ static void gemm_groups(int type, int n, const uint8_t *w, int r0, int r1, int T
     case GT_Q4_0X8: gemm_x8_groups(X8_Q4_0, n, w, g0, g1, T, xq, xd, xs, out, ldo); break;
     case GT_IQ4_NLX8: gemm_x8_groups(X8_IQ4_NL, n, w, g0, g1, T, xq, xd, xs, out, ldo); break;
     case GT_Q5_0X8: gemm_x8_groups(X8_Q5_0, n, w, g0, g1, T, xq, xd, xs, out, ldo); break;
+    case GT_Q5_1X8: gemm_x8_groups(X8_Q5_1, n, w, g0, g1, T, xq, xd, xs, out, ldo); break;
     case GT_Q8_0X8: gemm_x8_groups(X8_Q8_0, n, w, g0, g1, T, xq, xd, xs, out, ldo); break;
     case GT_Q4_KX8: gemm_k_x8_groups(X8_Q4_K, n, w, g0, g1, T, xq, xd, xb, out, ldo); break;
     case GT_Q2_KX8: gemm_k_x8_groups(X8_Q2_K, n, w, g0, g1, T, xq, xd, xb, out, ldo); break;

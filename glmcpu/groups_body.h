@@ -39,7 +39,7 @@ GLMCPU_INLINE void XFN(const int kind, int n, const uint8_t *w0, const uint8_t *
     (void)w1; (void)ones; (void)m5; (void)table; (void)one_chain;
     for (int b = 0; b < nb; b++) {
         XBLOCK(b, bytes);
-        const XI h = kind == X8_Q5_0 ? XLOAD(16) : XSI(setzero)();
+        const XI h = x8_five(kind) ? XLOAD(x8_h(kind)) : XSI(setzero)();
         /* k outer, each token's sums in registers: sa takes the values meeting activations 4k..4k+3,
          * sb those meeting 16+4k..16+4k+3 (in int16 without VNNI where they fit, see x8_one_chain) */
         XI sa[TCMAX], sb[TCMAX];
@@ -50,10 +50,10 @@ GLMCPU_INLINE void XFN(const int kind, int n, const uint8_t *w0, const uint8_t *
                 v0 = XLOAD(16 + 32 * k);
                 v1 = XLOAD(16 + 32 * (k + 4));
             } else {
-                const XI v = XLOAD(16 + (kind == X8_Q5_0 ? 32 : 0) + 32 * k);
+                const XI v = XLOAD(x8_qs(kind) + 32 * k);
                 v0 = XSI(and)(v, m4);
                 v1 = XSI(and)(XN(srli_epi16)(v, 4), m4);
-                if (kind == X8_Q5_0) {      /* fifth bits, as block_q5_0x8 lays them out */
+                if (x8_five(kind)) {        /* fifth bits, as block_q5_0x8 lays them out */
                     v0 = XSI(or)(v0, XSI(and)(XN(slli_epi32)(h, 4 - k), m5));
                     v1 = XSI(or)(v1, XSI(and)(XN(srli_epi32)(h, k), m5));
                 }
@@ -106,6 +106,7 @@ GLMCPU_INLINE void XFN(const int kind, int n, const uint8_t *w0, const uint8_t *
             const XF v = XN(fmsub_ps)(XN(set1_ps)(xd[t * nb + b]), XN(cvtepi32_ps)(s32),
                                       XN(set1_ps)(off * xs[t * nb + b]));
             acc[t] = XN(fmadd_ps)(dw, v, acc[t]);
+            if (kind == X8_Q5_1) acc[t] = XN(fmadd_ps)(XSCALES(16), XN(set1_ps)(xs[t * nb + b]), acc[t]);  /* m * sum(x) */
         }
     }
     for (int t = 0; t < TC; t++) XN(storeu_ps)(out + (size_t)t * ldo, acc[t]);

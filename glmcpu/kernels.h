@@ -51,7 +51,7 @@ enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q5_0 = 6, GT_Q5_1 = 
        GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14, GT_IQ4_NL = 20, GT_IQ4_XS = 23,
        GT_BF16 = 30,
        /* glmcpu's own: Q4_0 / Q5_0 / Q8_0 repacked in 8-row groups, see block_q4_0x8... */
-       GT_Q4_0X8 = 1002, GT_Q5_0X8 = 1006, GT_Q8_0X8 = 1008, GT_Q2_KX8 = 1010, GT_Q4_KX8 = 1012, GT_IQ4_NLX8 = 1020,
+       GT_Q4_0X8 = 1002, GT_Q5_0X8 = 1006, GT_Q5_1X8 = 1007, GT_Q8_0X8 = 1008, GT_Q2_KX8 = 1010, GT_Q4_KX8 = 1012, GT_IQ4_NLX8 = 1020,
        GT_IQ4_XSX8 = 1023 };
 
 #define QK 32

@@ -76,7 +76,7 @@ K = _choose()
 VARIANT = K.ISA
 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K = (K.TYPES[n] for n in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K"))
 Q4_0X8, Q5_0X8, Q8_0X8, Q4_KX8 = K.Q4_0X8, K.Q5_0X8, K.Q8_0X8, K.Q4_KX8
-PACKED = (Q4_0X8, Q5_0X8, Q8_0X8, Q4_KX8, K.IQ4_NLX8, K.IQ4_XSX8, K.Q2_KX8)       # types in 8-row groups
+PACKED = (Q4_0X8, Q5_0X8, Q8_0X8, Q4_KX8, K.IQ4_NLX8, K.IQ4_XSX8, K.Q2_KX8, K.Q5_1X8)       # types in 8-row groups
 
 
 def is_expert(tensor_name: str) -> bool:
@@ -126,7 +126,7 @@ def memory_available(root: str = "/") -> int:
 
 
 REPACK_MODES = ("auto", "none", "all")
-PACKABLE = (Q4_0, Q5_0, Q8_0, Q4_K, K.TYPES["Q2_K"], K.TYPES["IQ4_NL"], K.TYPES["IQ4_XS"])   # file types with an 8-row layout
+PACKABLE = (Q4_0, Q5_0, Q5_1, Q8_0, Q4_K, K.TYPES["Q2_K"], K.TYPES["IQ4_NL"], K.TYPES["IQ4_XS"])   # file types with an 8-row layout
 
 
 def repack_mode(mode=None) -> str:
@@ -201,8 +201,8 @@ def huge_empty(shape, dtype=np.uint8) -> np.ndarray:
 
 
 def repack(w, wtype: int, ram_copy: bool = True, pack: bool = True):
-    """(weight lines, type) in the fastest layout for this type: Q4_0, Q5_0, Q8_0, Q2_K, Q4_K, IQ4_NL
-    and IQ4_XS rows in groups of 8, the other K-quants as a RAM copy of the file's rows (unless ram_copy=False: routed
+    """(weight lines, type) in the fastest layout for this type: Q4_0, Q5_0, Q5_1, Q8_0, Q2_K, Q4_K,
+    IQ4_NL and IQ4_XS rows in groups of 8, the other K-quants as a RAM copy of the file's rows (unless ram_copy=False: routed
     experts, which gain nothing from a plain copy). Returns w itself when it stays in the file
     (always with pack=False)."""
     if not pack:

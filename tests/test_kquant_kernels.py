@@ -158,14 +158,14 @@ def test_q5_0_repacks_to_q5_0x8(ram_copy):
 
 
 X8 = {GT.Q4_K: ("Q4_KX8", 256, 1184), GT.IQ4_XS: ("IQ4_XSX8", 256, 1104), GT.IQ4_NL: ("IQ4_NLX8", 32, 144),
-      GT.Q2_K: ("Q2_KX8", 256, 672)}
+      GT.Q2_K: ("Q2_KX8", 256, 672), GT.Q5_1: ("Q5_1X8", 32, 192)}
 
 
 @pytest.mark.parametrize("qtype", list(X8))
 @pytest.mark.parametrize("rows,cols,T", [(8, 256, 1), (16, 512, 5), (24, 4096, 9), (64, 4096, 4), (8, 768, 13),
                                         (16, 4096, 2), (8, 512, 3), (8, 768, 7), (16, 4352, 8)])
 def test_in_8_row_groups(K, qtype, rows, cols, T):
-    """Q4_K, IQ4_XS, Q2_K and IQ4_NL repacked into 8-row groups (groups.h: the layout these tensors run in
+    """Q4_K, IQ4_XS, Q2_K, IQ4_NL and Q5_1 repacked into 8-row groups (groups.h: the layout these tensors run in
     on x86): the file rows' sums (float order aside), and a batch equals its tokens one at a time
     bit for bit (8+ tokens: AVX-512's two-group pass for IQ4_NL)."""
     name, block, nbytes = X8[qtype]
