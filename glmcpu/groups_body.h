@@ -92,7 +92,8 @@ GLMCPU_INLINE void XFN(const int kind, int n, const uint8_t *w0, const uint8_t *
                 IN_REG(sb[t]);
             }
         }
-        const XF dw = XSCALES(0);
+        const XF dw = XSCALES(0), mw = kind == X8_Q5_1 ? XSCALES(16) : dw;    /* Q5_1's mins */
+        (void)mw;
         for (int t = 0; t < TC; t++) {
             XI s32;
 #if defined(GLMCPU_VNNI)
@@ -106,7 +107,7 @@ GLMCPU_INLINE void XFN(const int kind, int n, const uint8_t *w0, const uint8_t *
             const XF v = XN(fmsub_ps)(XN(set1_ps)(xd[t * nb + b]), XN(cvtepi32_ps)(s32),
                                       XN(set1_ps)(off * xs[t * nb + b]));
             acc[t] = XN(fmadd_ps)(dw, v, acc[t]);
-            if (kind == X8_Q5_1) acc[t] = XN(fmadd_ps)(XSCALES(16), XN(set1_ps)(xs[t * nb + b]), acc[t]);  /* m * sum(x) */
+            if (kind == X8_Q5_1) acc[t] = XN(fmadd_ps)(mw, XN(set1_ps)(xs[t * nb + b]), acc[t]);   /* m * sum(x) */
         }
     }
     for (int t = 0; t < TC; t++) XN(storeu_ps)(out + (size_t)t * ldo, acc[t]);

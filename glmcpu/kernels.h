@@ -39,18 +39,11 @@ static const char GLMCPU_ISA[] = "neon";
 static const char GLMCPU_ISA[] = "generic";
 #endif
 
-#if defined(GLMCPU_AVX2) || defined(GLMCPU_AVX512)
-/* The 8 row sums of each of TC tokens, one 8-float store per token: out[t*ldo + 0..7]. */
-static inline void store_rows8(const __m256 *acc, int TC, float *out, int ldo) {
-    for (int t = 0; t < TC; t++) _mm256_storeu_ps(out + (size_t)t * ldo, acc[t]);
-}
-#endif
-
 /* ggml tensor types we run (values of ggml_type / gguf.GGMLQuantizationType). */
 enum { GT_F32 = 0, GT_F16 = 1, GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 = 8,
        GT_Q2_K = 10, GT_Q3_K = 11, GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14, GT_IQ4_NL = 20, GT_IQ4_XS = 23,
        GT_BF16 = 30,
-       /* glmcpu's own: Q4_0 / Q5_0 / Q8_0 repacked in 8-row groups, see block_q4_0x8... */
+       /* glmcpu's own: a ggml type repacked in 8-row groups (groups.h), 1000 + its code */
        GT_Q4_0X8 = 1002, GT_Q5_0X8 = 1006, GT_Q5_1X8 = 1007, GT_Q8_0X8 = 1008, GT_Q2_KX8 = 1010, GT_Q4_KX8 = 1012, GT_IQ4_NLX8 = 1020,
        GT_IQ4_XSX8 = 1023 };
 

@@ -269,7 +269,6 @@ GLMCPU_INLINE void add_block_k(const __m256i q[8], const __m256i sc[8], __m256i 
  * back to back, so this runs into the next row too. 4 super-blocks ahead (336 bytes of Q2_K) left a
  * 40-layer Q2_K decode at 12 GB/s, 1 KB ahead gives 23 (2 threads, gate|up 27392 x 4096). */
 #define KAHEAD(blk) KPREFETCH((const char *)(blk) + PFD, sizeof(*(blk)))
-#define X8PREFETCH(blk) KPREFETCH((const char *)(blk) + PFD, sizeof(*(blk)))
 
 #if defined(GLMCPU_AVX512)
 static inline __m512i dot_scaled512(__m512i acc, __m512i q, __m512i x, __m512i sc) { return DOT_SCALED(512, acc, q, x, sc); }
