@@ -29,6 +29,7 @@ class PromptCache:
         self.per = net.cfg.kv_bytes(1, net.kv_type)
         self.single = hasattr(net, "clients")         # a cluster's workers hold one sequence
         self.caches = []                              # least recently used first
+        self.busy = set()                             # id()s of caches a running generation holds (batching.py)
         self.index = self._scan() if directory and not self.single else {}      # file -> tokens
 
     def latest(self):
@@ -37,17 +38,21 @@ class PromptCache:
     def take(self, ids):
         """The cache to compute `ids` in, holding the longest prefix of ids[:-1] that is kept (at
         least the last token is left to compute: its logits start the answer). A prefix shared with
-        another conversation is copied, not cut from it."""
+        another conversation, or held by a generation still running (`busy`), is copied, not cut
+        from it."""
         best, keep = None, -1
         for c in self.caches:
             n = common_prefix(c.tokens, ids[:-1])
             if n > keep:
                 best, keep = c, n
-        dropped = find_drop(best.tokens, ids[:-1], keep) if best is not None and not self.single else None
+        dropped = find_drop(best.tokens, ids[:-1], keep) if best is not None and not self.single \
+            and id(best) not in self.busy else None
         if dropped:                     # old turns dropped (a chat past --ctx): keep the turns after them
             drop(best, keep, *dropped)
             keep += dropped[1]
-        if best is None or (keep < len(best.tokens) and not self.single):
+        if best is not None and id(best) in self.busy and self.single:
+            raise RuntimeError("a cluster's workers hold one sequence: it serves one generation at a time")
+        if best is None or ((keep < len(best.tokens) or id(best) in self.busy) and not self.single):
             cache = self.new()
             if best is not None and keep > 0:
                 copy_prefix(best, cache, keep)
@@ -63,8 +68,12 @@ class PromptCache:
         self.caches.append(cache)
         self.net.begin(cache)           # a cluster whose worker came back starts this cache again
         cache.pos, cache.tokens = min(keep, cache.pos), cache.tokens[:min(keep, cache.pos)]
-        while len(self.caches) > 1 and self.per * (sum(c.pos for c in self.caches) + len(ids)) > self.ram:
-            self._save(self.caches.pop(0))
+        while self.per * (sum(c.pos for c in self.caches) + len(ids)) > self.ram:
+            idle = [c for c in self.caches[:-1] if id(c) not in self.busy]
+            if not idle:
+                break
+            self.caches.remove(idle[0])
+            self._save(idle[0])
         return cache
 
     def new(self):

@@ -294,8 +294,35 @@ class KVCache:
 def commit(cache, ids):
     """The step's tokens join the cache only once all of it, the head included, has come back: a
     step that raises (a cluster that lost a worker) leaves the cache as it was, to be run again."""
-    cache.pos += len(ids)
-    cache.tokens += [int(i) for i in ids]
+    for c, a, b in segments(cache, len(ids)):
+        c.pos += b - a
+        c.tokens += [int(i) for i in ids[a:b]]
+
+
+class Batch:
+    """The tokens of several sequences in one forward pass (continuous batching): `parts` are
+    (cache, n) in the order their tokens follow each other in the step's ids, each sequence's n
+    tokens at its own positions cache.pos... The layers read every weight once for all of them;
+    attention runs per sequence over its own cache (Attention.mix). The kernels give a row the
+    same bits whatever rows share its batch, so each sequence computes what it would alone."""
+
+    def __init__(self, parts):
+        """parts: (cache, n) or (cache, n, logits wanted: False for a prompt's chunk before its last)."""
+        self.caches = [p[0] for p in parts]
+        if len({id(c) for c in self.caches}) != len(self.caches) or any(p[1] < 1 for p in parts):
+            raise ValueError("a batch holds each cache once, with a token or more")
+        edges = np.cumsum([0] + [int(p[1]) for p in parts])
+        self.parts = [(c, int(a), int(b)) for c, a, b in zip(self.caches, edges, edges[1:])]
+        # the row of each wanted sequence's last token: the logits forward returns, in this order
+        self.lasts = [b - 1 for (_, _, b), p in zip(self.parts, parts) if len(p) < 3 or p[2]]
+
+    def positions(self) -> np.ndarray:
+        return np.concatenate([np.arange(c.pos, c.pos + b - a, dtype=np.int32) for c, a, b in self.parts])
+
+
+def segments(cache, T: int) -> list:
+    """[(cache, first row, end row)] of a step of T tokens: one sequence, or a Batch's."""
+    return cache.parts if isinstance(cache, Batch) else [(cache, 0, T)]
 
 
 def optional_vector(w, name: str):
@@ -356,7 +383,7 @@ class Attention:
         yield from self.wo.row_blocks(self.mix(x, cache, l, pos, th), th)
 
     def mix(self, x, cache, l: int, pos, th):          # -> the heads' outputs [T, nq * head_dim]
-        c, T, pos0, hd, d = self.cfg, x.shape[0], cache.pos, self.cfg.head_dim, self.dev
+        c, T, hd, d = self.cfg, x.shape[0], self.cfg.head_dim, self.dev
         qkv = run_parts(self.qkv, x, th)                                      # [T, width]
         q = d.xp.ascontiguousarray(qkv[:, :self.nq * hd]).reshape(T, self.nq, hd)
         k = d.xp.ascontiguousarray(qkv[:, self.nq * hd:(self.nq + self.nkv) * hd]).reshape(T, self.nkv, hd)
@@ -366,10 +393,15 @@ class Attention:
             k = d.head_norm(k, self.k_norm, c.eps)
         d.rope(q, pos, c)
         d.rope(k, pos, c)
-        kc, vc = cache.layer(l)
-        kc, vc = kc[self.kv0:self.kv1], vc[self.kv0:self.kv1]                # [nkv, n_ctx, head_dim]
-        d.kv_write(kc, vc, pos0, k, v, cache.type)
-        return d.attention(q, kc, vc, pos0, self.scale, th, self.groups).reshape(T, -1)
+        parts = segments(cache, T)
+        outs = []
+        for c, a, b in parts:                                              # each sequence over its own cache
+            kc, vc = c.layer(l)
+            kc, vc = kc[self.kv0:self.kv1], vc[self.kv0:self.kv1]            # [nkv, n_ctx, head_dim]
+            d.kv_write(kc, vc, c.pos, k[a:b], v[a:b], c.type)
+            outs.append(d.attention(q[a:b], kc, vc, c.pos, self.scale, th, self.groups))
+        out = outs[0] if len(outs) == 1 else d.xp.concatenate(outs, 0)
+        return out.reshape(T, -1)
 
 
 class DenseFFN:
@@ -582,25 +614,31 @@ class Model:
         h += y
 
     def forward(self, ids, cache: KVCache, all_logits: bool = False, hidden: bool = False):
-        """Run tokens `ids` at positions cache.pos.. and advance the cache.
-        Returns logits [T, n_vocab] (all_logits) or [1, n_vocab] for the last token; with
+        """Run tokens `ids` at positions cache.pos.. and advance the cache (or the caches of a Batch,
+        each its own tokens at its own positions). Returns logits [T, n_vocab] (all_logits) or
+        [1, n_vocab] for the last token (a Batch: [sequences, n_vocab], each one's last); with
         hidden=True also the final-normed hidden states of every token, [T, d_model] (what
         GLM-4.5's MTP draft head reads)."""
         T = len(ids)
-        pos = np.arange(cache.pos, cache.pos + T, dtype=np.int32)
+        pos = cache.positions() if isinstance(cache, Batch) else np.arange(cache.pos, cache.pos + T, dtype=np.int32)
         h = self.embed(self.embd, ids)                                   # [T, d_model]
         on = CPU_DEVICE                                                  # where h is
         for l, L in enumerate(self.layers):
             if L.dev is not on:                                          # a crossing (CPU <-> GPU)
                 h, on = L.dev.asarray(on.to_host(h)), L.dev
             self.run_layer(L, h, cache, l, pos)
+        lasts = cache.lasts if isinstance(cache, Batch) else [T - 1]
+        if not (lasts or all_logits or hidden):                          # prompt chunks, none at its end
+            commit(cache, ids)
+            return np.zeros((0, self.cfg.n_vocab), np.float32)
         if not (all_logits or hidden):
-            h = h[-1:]
+            h = h[-1:] if lasts == [T - 1] else h[lasts]
         d = self.head_dev
         if d is not on:
             h, on = d.asarray(on.to_host(h)), d
         normed = d.rmsnorm(d.xp.ascontiguousarray(h), self.out_norm_dev, self.cfg.eps)   # rows are independent
-        logits = self.output(normed if all_logits else d.xp.ascontiguousarray(normed[-1:]), self.threads)
+        rows = d.xp.ascontiguousarray(normed[lasts]) if hidden and not all_logits else normed  # h kept whole for hidden
+        logits = self.output(rows, self.threads)
         commit(cache, ids)
         logits = d.to_host(logits)
         return (logits, d.to_host(normed)) if hidden else logits
