@@ -197,7 +197,7 @@ class Scheduler:
 
     def step(self):
         """One forward pass over every busy slot (see the module's docstring)."""
-        parts, rows = [], []
+        parts = []
         decoding = [j for j in self.slots if j is not None and not j.pending]
         for job in decoding:
             parts.append((job, [job.history[-1]], True))
@@ -218,7 +218,6 @@ class Scheduler:
             return
         dt = time.perf_counter() - t0
         n_prompt = sum(len(toks) for j, toks, _ in parts if j.pending)
-        self.counts["steps"] += 1
         if n_prompt:
             self.counts["prompt_tokens"] += n_prompt
             self.counts["prompt_seconds"] += dt
@@ -281,37 +280,41 @@ class Scheduler:
         job.out.put(("error", error))
 
     def metrics(self) -> str:
-        """Prometheus text exposition (version 0.0.4), llama-server's figures under glmcpu_ names."""
-        c, st = self.counts, self.status()
-        rate = lambda n, s: c[n] / c[s] if c[s] else 0.0       # noqa: E731
-        lines = []
+        st = self.status()
+        return prometheus(self.counts, len(st["slots"]), st["busy"], st["waiting"])
 
-        def metric(name, kind, help_, samples):
-            lines.append(f"# HELP glmcpu_{name} {help_}")
-            lines.append(f"# TYPE glmcpu_{name} {kind}")
-            for labels, v in samples:
-                lines.append(f"glmcpu_{name}{labels} {float(v)!r}")
 
-        metric("requests_total", "counter", "Generations ended, by how.",
-               [(f'{{outcome="{o}"}}', c[f"requests_{o}"]) for o in ("stop", "length", "cancelled", "error")])
-        metric("requests_rejected_total", "counter", "Requests refused with 503: every slot busy and the queue full.",
-               [("", c["rejected"])])
-        metric("prompt_tokens_total", "counter", "Prompt tokens computed (not those reused from a kept cache).",
-               [("", c["prompt_tokens"])])
-        metric("tokens_predicted_total", "counter", "Tokens generated.", [("", c["tokens_predicted"])])
-        metric("prompt_seconds_total", "counter", "Seconds of forward passes that carried prompt tokens.",
-               [("", c["prompt_seconds"])])
-        metric("decode_seconds_total", "counter", "Seconds of forward passes that carried generated tokens.",
-               [("", c["decode_seconds"])])
-        metric("steps_total", "counter", "Forward passes run.", [("", c["steps"])])
-        metric("prompt_tokens_per_second", "gauge", "prompt_tokens_total / prompt_seconds_total.",
-               [("", rate("prompt_tokens", "prompt_seconds"))])
-        metric("decode_tokens_per_second", "gauge", "tokens_predicted_total / decode_seconds_total: all streams together.",
-               [("", rate("tokens_predicted", "decode_seconds"))])
-        metric("slots", "gauge", "Generation slots (--parallel).", [("", len(st["slots"]))])
-        metric("slots_busy", "gauge", "Slots running a generation.", [("", st["busy"])])
-        metric("queue_length", "gauge", "Requests waiting for a slot.", [("", st["waiting"])])
-        return "\n".join(lines) + "\n"
+def prometheus(c, slots: int, busy: int, waiting: int) -> str:
+    """Prometheus text exposition (version 0.0.4) of a server's counts: llama-server's figures
+    under glmcpu_ names."""
+    rate = lambda n, s: c[n] / c[s] if c[s] else 0.0       # noqa: E731
+    lines = []
+
+    def metric(name, kind, help_, samples):
+        lines.append(f"# HELP glmcpu_{name} {help_}")
+        lines.append(f"# TYPE glmcpu_{name} {kind}")
+        for labels, v in samples:
+            lines.append(f"glmcpu_{name}{labels} {float(v)!r}")
+
+    metric("requests_total", "counter", "Generations ended, by how.",
+           [(f'{{outcome="{o}"}}', c[f"requests_{o}"]) for o in ("stop", "length", "cancelled", "error")])
+    metric("requests_rejected_total", "counter", "Requests refused with 503: every slot busy and the queue full.",
+           [("", c["rejected"])])
+    metric("prompt_tokens_total", "counter", "Prompt tokens computed (not those reused from a kept cache).",
+           [("", c["prompt_tokens"])])
+    metric("tokens_predicted_total", "counter", "Tokens generated.", [("", c["tokens_predicted"])])
+    metric("prompt_seconds_total", "counter", "Seconds of forward passes that carried prompt tokens.",
+           [("", c["prompt_seconds"])])
+    metric("decode_seconds_total", "counter", "Seconds of forward passes that carried generated tokens.",
+           [("", c["decode_seconds"])])
+    metric("prompt_tokens_per_second", "gauge", "prompt_tokens_total / prompt_seconds_total.",
+           [("", rate("prompt_tokens", "prompt_seconds"))])
+    metric("decode_tokens_per_second", "gauge", "tokens_predicted_total / decode_seconds_total: all streams together.",
+           [("", rate("tokens_predicted", "decode_seconds"))])
+    metric("slots", "gauge", "Generation slots (--parallel).", [("", slots)])
+    metric("slots_busy", "gauge", "Slots running a generation.", [("", busy)])
+    metric("queue_length", "gauge", "Requests waiting for a slot.", [("", waiting)])
+    return "\n".join(lines) + "\n"
 
 
 def default_parallel(model, free: int, cap: int = 4) -> tuple:

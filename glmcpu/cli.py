@@ -325,10 +325,20 @@ def cmd_serve(a):
 def serve(model, a):
     from .server import API, Server
 
+    from .batching import default_parallel
+    from . import ops
+
     defaults = sampling_kwargs(a)
     defaults.pop("ignore_eos")
+    if a.parallel is not None and a.parallel < 1:
+        raise GlmcpuError(f"--parallel {a.parallel}: give 1 or more slots")
+    if a.parallel:
+        parallel, parallel_note = a.parallel, f"{a.parallel} slot{'s' * (a.parallel > 1)} (--parallel)"
+    else:
+        resident = sum(t.n_bytes for n, t in model.file.tensors.items() if not ops.is_expert(n))
+        parallel, parallel_note = default_parallel(model, ops.memory_available() - resident)
     api = API(model, name=a.name, api_key=a.api_key or os.environ.get("GLMCPU_API_KEY"),
-              max_waiting=a.queue, defaults=defaults)
+              max_waiting=a.queue, defaults=defaults, parallel=parallel)
     try:
         server = Server(api, a.host, a.port, verbose=a.verbose, max_connections=a.max_connections,
                         head_timeout=a.head_timeout)
@@ -338,6 +348,7 @@ def serve(model, a):
     print(f"glmcpu serving {api.name} at {server.url} (chat page at /, OpenAI API at {server.url}/v1"
           f"{', API key required' if api.api_key else ''}). Ctrl-C to stop.", flush=True)
     print(model.ctx_note, file=sys.stderr, flush=True)
+    print(parallel_note + ("" if parallel > 1 else "; generations take turns"), file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -614,7 +625,12 @@ def build_parser():
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or env GLMCPU_API_KEY)")
     s.add_argument("--name", help="the model id clients ask for (default: the file name without .gguf)")
-    s.add_argument("--queue", type=int, default=16, help="requests that may wait for the model; more get 503")
+    s.add_argument("--parallel", "-np", type=int, default=None,
+                   help="generations decoding together in one pass, each with its own KV cache (default: "
+                        "as many full contexts as fit in the free memory, at most 4); 1: one at a time, "
+                        "which keeps speculative drafts")
+    s.add_argument("--queue", type=int, default=16,
+                   help="requests that may wait for a free slot; more get 503 with Retry-After (default 16)")
     s.add_argument("--max-connections", type=int, default=64,
                    help="open connections served at once; more are answered 503 (default 64)")
     s.add_argument("--head-timeout", type=float, default=10.0,

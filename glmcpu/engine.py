@@ -114,18 +114,11 @@ class Model:
         sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
         stops = set() if ignore_eos else self.tokenizer.stop_ids
         self.last_stats = {}
-        detok = Detokenizer(self.tokenizer)
         cache = self.reuse_cache(ids)
         d = cache.draft
         n_draft = self.draft_tokens or (DEFAULT_DRAFT_TOKENS[type(d).__name__] if d else 0)
-        for tok in generate_ids(self.net, cache, ids, sampler, max_tokens, stops, self.last_stats,
-                                progress, draft=d, n_draft=n_draft):
-            piece = detok.push(tok)
-            if piece:
-                yield piece
-        rest = detok.flush()
-        if rest:
-            yield rest
+        yield from detokenize(self.tokenizer, generate_ids(self.net, cache, ids, sampler, max_tokens, stops,
+                                                           self.last_stats, progress, draft=d, n_draft=n_draft))
 
     @property
     def cache(self):
@@ -269,6 +262,22 @@ def default_context(cfg, kv_type, free: int, resident: int) -> tuple:
         return ctx, f"context {ctx} tokens, the file's ({gb:.1f} GB of {kind} KV cache at most)"
     return ctx, (f"context {ctx} of the file's {cfg.n_ctx_train} tokens: {gb:.1f} GB of {kind} KV cache, what half "
                  f"the free memory beside the weights holds (--ctx N to choose, --kv-type f16 for twice as many)")
+
+
+def detokenize(tokenizer, ids):
+    """Text pieces of a stream of token ids, each as soon as it ends a character; closing this
+    closes the stream."""
+    detok = Detokenizer(tokenizer)
+    try:
+        for tok in ids:
+            piece = detok.push(tok)
+            if piece:
+                yield piece
+        rest = detok.flush()
+        if rest:
+            yield rest
+    finally:
+        ids.close()
 
 
 def answer(pieces):

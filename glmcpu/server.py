@@ -16,6 +16,8 @@ Accepted and ignored: frequency_penalty, presence_penalty, logit_bias, user, too
 calls), response_format. Refused with 400: n != 1, logprobs, echo. Extensions as llama.cpp's
 server has them: top_k, min_p, repeat_penalty, ignore_eos, and seed -1 for a random seed.
 """
+import collections
+import contextlib
 import hmac
 import io
 import json
@@ -31,8 +33,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
+from .batching import PROMPT_CHUNK, QueueFull, Scheduler, prometheus
 from .errors import ContextOverflow, GlmcpuError
-from .engine import answer
+from .engine import answer, detokenize
 from .generate import check_fits
 
 MAX_BODY = 1 << 20          # bytes of request JSON; a prompt that fills a 128k context is ~600 KB
@@ -88,8 +91,9 @@ class Generation:
     `finish_reason` is "stop" or "length". Text that could begin a stop string is held back
     until it is known not to, so a stream never shows part of one."""
 
-    def __init__(self, model, pieces, max_tokens, stops=()):
-        self.model, self.pieces, self.max_tokens = model, pieces, max_tokens
+    def __init__(self, pieces, finish, stops=()):
+        """finish(): "stop" or "length", asked once the pieces have run out."""
+        self.pieces, self.finish = pieces, finish
         self.stops = [s for s in stops if s]
         self.finish_reason = None
         self.text = ""
@@ -113,9 +117,7 @@ class Generation:
                     sent = end
             if sent < len(self.text):
                 yield self.text[sent:]
-            s = self.model.last_stats
-            full = s.get("prompt_tokens", 0) + s.get("gen_tokens", 0) >= self.model.ctx
-            self.finish_reason = "length" if s.get("gen_tokens", 0) >= self.max_tokens or full else "stop"
+            self.finish_reason = self.finish()
         finally:
             self.pieces.close()         # stops the model at once if we leave early
 
@@ -128,11 +130,16 @@ class Generation:
 class API:
     """What the server does with a parsed request, kept apart from HTTP."""
 
-    def __init__(self, model, name=None, api_key=None, max_waiting=16, defaults=None):
+    def __init__(self, model, name=None, api_key=None, max_waiting=16, defaults=None, parallel=1,
+                 chunk=PROMPT_CHUNK):
+        """parallel > 1: that many generations decode together in one forward pass (batching.py);
+        1: one at a time, in turns (speculative drafts, where the model has one, then work)."""
         self.model = model
         self.name = name or os.path.splitext(os.path.basename(model.path))[0]
         self.api_key = api_key
         self.turns = Turns(max_waiting)
+        self.scheduler = Scheduler(model, parallel, max_waiting, chunk) if parallel > 1 else None
+        self.counts = collections.Counter()      # the turns' figures for /metrics (the scheduler keeps its own)
         self.defaults = dict(max_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
                              repeat_penalty=1.0, seed=None)
         self.defaults.update(defaults or {})
@@ -153,7 +160,51 @@ class API:
     def stop(self):
         """The server is going away: the model's step in flight ends, no other starts (then its
         owner may close the model)."""
+        if self.scheduler is not None:
+            self.scheduler.close()
         self.runner.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, ids, kw, alive):
+        """Generate from token ids: (text pieces, finish(), stats) where finish() says "stop" or
+        "length" once the pieces have run out, and stats fill in as they go (engine last_stats)."""
+        if self.scheduler is not None:
+            try:
+                job = self.scheduler.submit(ids, **kw)
+            except QueueFull as e:
+                raise APIError(503, str(e), code="server_busy", kind="server_error") from None
+            return detokenize(self.model.tokenizer, job.tokens(alive)), lambda: job.finish_reason or "cancelled", job.stats
+        m, stats = self.model, self.model.last_stats
+
+        def finish():
+            s = m.last_stats
+            full = s.get("prompt_tokens", 0) + s.get("gen_tokens", 0) >= m.ctx
+            return "length" if s.get("gen_tokens", 0) >= kw["max_tokens"] or full else "stop"
+        return self.generate(ids, **kw), finish, stats
+
+    def count(self, stats, outcome):
+        """A generation of the turns ended (finish reason, "cancelled" or "error"): /metrics."""
+        c = self.counts
+        c[f"requests_{outcome}"] += 1
+        c["prompt_tokens"] += stats.get("prompt_tokens", 0) - stats.get("cached_tokens", 0)
+        c["prompt_seconds"] += stats.get("prompt_seconds", 0.0)
+        c["tokens_predicted"] += stats.get("gen_tokens", 0)
+        c["decode_seconds"] += stats.get("gen_seconds", 0.0)
+
+    def health(self) -> dict:
+        if self.scheduler is not None:
+            st = self.scheduler.status()
+        else:
+            busy = min(self.turns.pending(), 1)
+            st = {"slots": [{"id": 0, "state": "generating" if busy else "idle"}], "busy": busy,
+                  "waiting": self.turns.pending() - busy}
+        return {"status": "ok", "model": self.name, **st, "pending": st["busy"] + st["waiting"],
+                "cancelled": self.cancelled}
+
+    def metrics(self) -> str:
+        if self.scheduler is not None:
+            return self.scheduler.metrics()
+        h = self.health()
+        return prometheus(self.counts, len(h["slots"]), h["busy"], h["waiting"])
 
     def check_key(self, header):
         if not self.api_key:
@@ -258,8 +309,7 @@ class API:
                            code="context_length_exceeded") from None
         return ids
 
-    def usage(self):
-        s = self.model.last_stats
+    def usage(self, s):
         p, c = s.get("prompt_tokens", 0), s.get("gen_tokens", 0)
         usage = {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
                  "prompt_tokens_details": {"cached_tokens": s.get("cached_tokens", 0)}}
@@ -420,9 +470,10 @@ class Handler(BaseHTTPRequestHandler):
             if method == "GET" and path in ("/", "/index.html"):
                 return self.send(200, chat_page(), "text/html; charset=utf-8")
             if method == "GET" and path == "/health":
-                return self.send_json(200, {"status": "ok", "model": self.api.name,
-                                            "pending": self.api.turns.pending(),
-                                            "cancelled": self.api.cancelled})
+                return self.send_json(200, self.api.health())
+            if method == "GET" and path == "/metrics":
+                self.api.check_key(self.headers.get("Authorization"))
+                return self.send(200, self.api.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
             if not path.startswith("/v1/"):
                 raise APIError(404, f"no such path: {method} {path}", code="unknown_url")
             self.api.check_key(self.headers.get("Authorization"))
@@ -494,25 +545,26 @@ class Handler(BaseHTTPRequestHandler):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
-        with api.turns:
+        with api.turns if api.scheduler is None else contextlib.nullcontext():
             if self.client_gone():      # gave up while waiting: do not compute for nobody
                 self.close_connection = True
                 return
-            pieces = api.generate(ids, **kw)
-            gen = Generation(api.model, answer(pieces) if chat else pieces, kw["max_tokens"], stops)
+            pieces, finish, stats = api.run(ids, kw, lambda: not self.client_gone())
+            gen = Generation(answer(pieces) if chat else pieces, finish, stops)
+            failed = False
             try:
                 if stream:
                     self.stream(gen, rid, created, "chat.completion.chunk" if chat else kind, chat,
-                                include_usage)
+                                include_usage, stats)
                 else:
-                    text, left = "", False
+                    text = ""
                     for piece in gen:
                         if self.client_gone():
-                            left = self.close_connection = True
-                            api.cancelled += 1
                             break
                         text += piece
-                    if left:
+                    if gen.finish_reason in (None, "cancelled"):     # the client left
+                        self.close_connection = True
+                        api.cancelled += 1
                         return
                     choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                                "logprobs": None, "finish_reason": gen.finish_reason} if chat else
@@ -520,13 +572,16 @@ class Handler(BaseHTTPRequestHandler):
                                "finish_reason": gen.finish_reason})
                     self.send_json(200, {"id": rid, "object": kind, "created": created,
                                          "model": api.name, "choices": [choice],
-                                         "usage": api.usage()})
+                                         "usage": api.usage(stats)})
             except GlmcpuError as e:        # e.g. a cluster that lost every worker
+                failed = True
                 raise APIError(500, str(e), kind="server_error") from None
             finally:
                 gen.pieces.close()
+                if api.scheduler is None:
+                    api.count(stats, "error" if failed else gen.finish_reason or "cancelled")
 
-    def stream(self, gen, rid, created, kind, chat, include_usage):
+    def stream(self, gen, rid, created, kind, chat, include_usage, stats):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -556,9 +611,12 @@ class Handler(BaseHTTPRequestHandler):
                     api.cancelled += 1
                     return
                 event(choice(piece))
+            if gen.finish_reason == "cancelled":        # the client left while its job waited
+                api.cancelled += 1
+                return
             event(choice("", gen.finish_reason), **({"usage": None} if include_usage else {}))
             if include_usage:
-                event(None, usage=api.usage())
+                event(None, usage=api.usage(stats))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):     # the client left

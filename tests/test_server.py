@@ -224,7 +224,10 @@ def test_client_that_leaves_mid_stream_frees_the_model(client, server):
     # 500 tokens would take far longer than this; the next request runs as soon as the
     # server notices the closed socket (at its next token)
     assert r.choices[0].message.content is not None and time.perf_counter() - t < 15
-    assert health(server) == {"status": "ok", "model": "demo", "pending": 0, "cancelled": cancelled + 1}
+    h = health(server)
+    assert (h["status"], h["model"], h["pending"], h["busy"], h["waiting"], h["cancelled"]) == \
+        ("ok", "demo", 0, 0, 0, cancelled + 1), h
+    assert all(slot["state"] == "idle" for slot in h["slots"]), h
 
 
 def test_turns_are_first_come_first_served_with_a_bounded_line():
@@ -321,12 +324,10 @@ def wait(cond, what, timeout=30):
 
 
 def test_stop_strings_are_cut_and_never_streamed_in_part():
-    from types import SimpleNamespace
 
     from glmcpu.engine import answer
     from glmcpu.server import Generation
 
-    model = SimpleNamespace(ctx=100, last_stats={"prompt_tokens": 3, "gen_tokens": 4})
     closed = []
 
     def pieces():
@@ -334,10 +335,10 @@ def test_stop_strings_are_cut_and_never_streamed_in_part():
             yield from ["\n\nAnd the", " LO", "RD said", " unto"]
         finally:
             closed.append(True)
-    g = Generation(model, answer(pieces()), max_tokens=10, stops=["LORD said", "xyz"])
+    g = Generation(answer(pieces()), lambda: "length", stops=["LORD said", "xyz"])
     assert list(g) == ["And the", " "] and g.text == "And the " and g.finish_reason == "stop"
     assert closed == [True]         # the model's generator is closed at the stop string
-    g = Generation(model, pieces(), max_tokens=4, stops=["LOST"])
+    g = Generation(pieces(), lambda: "length", stops=["LOST"])
     assert "".join(g) == "\n\nAnd the LORD said unto" and g.finish_reason == "length"
 
 
