@@ -218,6 +218,8 @@ class Scheduler:
             return
         dt = time.perf_counter() - t0
         n_prompt = sum(len(toks) for j, toks, _ in parts if j.pending)
+        self.counts["steps"] += 1
+        self.counts["step_rows"] += len(ids)
         if n_prompt:
             self.counts["prompt_tokens"] += n_prompt
             self.counts["prompt_seconds"] += dt
@@ -307,6 +309,9 @@ def prometheus(c, slots: int, busy: int, waiting: int) -> str:
            [("", c["prompt_seconds"])])
     metric("decode_seconds_total", "counter", "Seconds of forward passes that carried generated tokens.",
            [("", c["decode_seconds"])])
+    metric("steps_total", "counter", "Forward passes run (--parallel above 1).", [("", c["steps"])])
+    metric("step_tokens_total", "counter", "Tokens those passes carried: over steps_total, the mean batch.",
+           [("", c["step_rows"])])
     metric("prompt_tokens_per_second", "gauge", "prompt_tokens_total / prompt_seconds_total.",
            [("", rate("prompt_tokens", "prompt_seconds"))])
     metric("decode_tokens_per_second", "gauge", "tokens_predicted_total / decode_seconds_total: all streams together.",
