@@ -82,12 +82,12 @@ class Job:
 
 
 class Scheduler:
-    """`parallel` slots over one engine.Model (not a cluster: its workers hold one sequence)."""
+    """`parallel` slots over one engine.Model (a cluster's: up to the slots it was loaded for)."""
 
     def __init__(self, model, parallel: int, max_waiting: int = 16, chunk: int = PROMPT_CHUNK):
-        if model.cluster is not None and parallel > 1:
-            raise GlmcpuError("--parallel above 1 with --workers: a cluster's workers hold one sequence's "
-                              "KV cache (batching over a cluster is not wired yet)")
+        if model.cluster is not None and parallel > model.cluster.slots:
+            raise GlmcpuError(f"{parallel} slots: this cluster was loaded for {model.cluster.slots} sequences "
+                              "at once (load(..., slots=N))")
         self.model, self.net = model, model.net
         self.slots = [None] * max(1, int(parallel))
         self.max_waiting, self.chunk = int(max_waiting), max(1, int(chunk))
@@ -115,6 +115,7 @@ class Scheduler:
         with self.cond:
             if self.closed or self.error is not None:
                 raise GlmcpuError(f"the model has stopped{f': {self.error}' if self.error else ''}")
+            self.drop_waiting_cancelled()       # a client that left waiting holds no place in the line
             if len(self.waiting) >= self.max_waiting and None not in self.slots:
                 self.counts["rejected"] += 1
                 raise QueueFull(f"the server is busy ({len(self.slots)} generating, {len(self.waiting)} "
@@ -154,6 +155,7 @@ class Scheduler:
                     if self.closed:
                         break
                     self.drop_cancelled()
+                    self.drop_waiting_cancelled()
                     admit = []
                     while self.waiting and None in self.slots:
                         job = self.waiting.popleft()
@@ -182,6 +184,13 @@ class Scheduler:
         for i, job in enumerate(self.slots):
             if job is not None and job.cancelled:
                 self.release(i, "cancelled")
+
+    def drop_waiting_cancelled(self):
+        """End the waiting jobs whose reader left (self.cond held)."""
+        if any(j.cancelled for j in self.waiting):
+            for job in [j for j in self.waiting if j.cancelled]:
+                self.waiting.remove(job)
+                self.end(job, "cancelled")
 
     def start(self, job):
         """A job's first moment in a slot: its cache (the kept one sharing the longest prefix)."""
@@ -326,7 +335,8 @@ def default_parallel(model, free: int, cap: int = 4) -> tuple:
     """(slots, a line saying why): as many full-context KV caches as the memory beside the weights
     holds, 1..cap. A slot's cache takes memory as it fills, so this bounds the worst case."""
     if model.cluster is not None:
-        return 1, "1 slot: a cluster's workers hold one sequence"
+        n = model.cluster.slots
+        return n, f"{n} slot{'s' * (n > 1)}: the cluster's workers hold a KV cache for each (--parallel N)"
     per = model.cfg.kv_bytes(model.ctx, model.kv_type)
     n = int(max(1, min(cap, free // max(per, 1))))
     return n, (f"{n} slot{'s' * (n > 1)}: {'at most ' if n == cap else ''}{n} full contexts of "

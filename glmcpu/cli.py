@@ -71,7 +71,8 @@ def cluster_kwargs(a):
         return {}
     shares = parse_shares(a.shares)
     return dict(workers=a.workers, key=a.key, worker_key=a.worker_key, insecure=a.insecure,
-                timeout=a.timeout, shares=shares, wire=a.wire, topology=a.topology)
+                timeout=a.timeout, shares=shares, wire=a.wire, topology=a.topology,
+                slots=max(1, getattr(a, "parallel", None) or 1))      # serve --parallel: a KV slot each
 
 
 def cmd_worker(a):
@@ -627,8 +628,9 @@ def build_parser():
     s.add_argument("--name", help="the model id clients ask for (default: the file name without .gguf)")
     s.add_argument("--parallel", "-np", type=int, default=None,
                    help="generations decoding together in one pass, each with its own KV cache (default: "
-                        "as many full contexts as fit in the free memory, at most 4); 1: one at a time, "
-                        "which keeps speculative drafts")
+                        "as many full contexts as fit in the free memory, at most 4; with --workers 1, as "
+                        "each worker then holds a KV cache per slot); 1: one at a time, which keeps "
+                        "speculative drafts")
     s.add_argument("--queue", type=int, default=16,
                    help="requests that may wait for a free slot; more get 503 with Retry-After (default 16)")
     s.add_argument("--max-connections", type=int, default=64,

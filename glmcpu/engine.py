@@ -21,7 +21,7 @@ DEFAULT_DRAFT_TOKENS = {"MTPDraft": 1, "LookupDraft": 3}
 
 class Model:
     def __init__(self, path, threads=None, ctx=None, mlock=False, workers=None, key=None,
-                 worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32", topology=None, progress=None,
+                 worker_key=None, insecure=False, timeout=5.0, shares=None, wire="f32", topology=None, slots=1, progress=None,
                  repack=None, draft="auto", draft_tokens=None, draft_vocab=None, kv_type=None, cache_ram=None,
                  cache_dir=None, cache_disk=None, gpu=None, gpu_layers=None, cpu_moe=False, n_cpu_moe=None):
         self.file = GGUFFile(path)
@@ -51,7 +51,7 @@ class Model:
                                   "`worker --gpu` is not wired yet)")
             self.placement = device.ON_CPU
             self.net = connect(self.file, cls, workers, key, worker_key, insecure, timeout, shares,
-                               self.threads, self.ctx, wire, progress, repack, self.kv_type, topology)
+                               self.threads, self.ctx, wire, progress, repack, self.kv_type, topology, slots)
         else:
             self.placement = device.place(self.file, cfg, gpu, gpu_layers, cpu_moe, n_cpu_moe, self.ctx)
             self.net = cls(self.file, self.threads, progress=progress, packing=ops.plan_packing(self.file, repack),
@@ -183,7 +183,8 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
         also timeout= (seconds, default 5), shares=, wire= ("f32", "f16" or "q8_0") and topology=
         ("star": every sync through the root; "mesh": every node runs the layers and sends its
         parts straight to all the others, on any wire; default $GLMCPU_TOPOLOGY, else mesh for up
-        to 3 workers).
+        to 3 workers) and slots= (sequences run at once, batching.Scheduler's parallel: each worker
+        holds a KV cache for each; default 1).
     progress: progress(done, total) is called as layers are built.
     repack: "auto" (default, or GLMCPU_REPACK), "none" or "all": which weights are copied into RAM
         in the kernels' faster layouts. auto copies the non-expert weights when they fit in 80% of
@@ -218,7 +219,7 @@ def load(path, threads=None, ctx=None, mlock=False, workers=None, progress=None,
 
 
 def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads, n_ctx, wire, progress, repack,
-            kv_type, topology=None):
+            kv_type, topology=None, slots=1):
     from .cluster import Cluster
     from .net.link import load_keypair, load_public
     if insecure:
@@ -231,7 +232,8 @@ def connect(f, cls, workers, key, worker_key, insecure, timeout, shares, threads
     if isinstance(workers, str):
         workers = [w for w in workers.split(",") if w]
     return Cluster(f, cls, workers, keypair, server_key, timeout=timeout, shares=shares, threads=threads,
-                   n_ctx=n_ctx, wire=wire, progress=progress, repack=repack, kv_type=kv_type, topology=topology)
+                   n_ctx=n_ctx, wire=wire, progress=progress, repack=repack, kv_type=kv_type, topology=topology,
+                   slots=slots)
 
 
 DEFAULT_KV_TYPE = "f16"

@@ -24,13 +24,15 @@ class PromptCache:
         """net: the model (or cluster) making caches; new_draft(): the draft state kept beside each;
         identity: what the model's KV depends on (file, KV types): disk entries of another are ignored."""
         self.net, self.n_ctx, self.new_draft = net, n_ctx, new_draft
-        self.ram, self.dir, self.disk = ram_bytes, directory, disk_bytes
+        self.ram, self.disk = ram_bytes, disk_bytes
         self.identity = identity
         self.per = net.cfg.kv_bytes(1, net.kv_type)
-        self.single = hasattr(net, "clients")         # a cluster's workers hold one sequence
+        cluster = hasattr(net, "clients")           # its caches hold the root's KV heads only: never on disk
+        self.single = cluster and net.slots == 1      # its workers hold one sequence: one cache
         self.caches = []                              # least recently used first
         self.busy = set()                             # id()s of caches a running generation holds (batching.py)
-        self.index = self._scan() if directory and not self.single else {}      # file -> tokens
+        self.dir = None if cluster else directory
+        self.index = self._scan() if self.dir else {}      # file -> tokens
 
     def latest(self):
         return self.caches[-1] if self.caches else None
@@ -105,7 +107,7 @@ class PromptCache:
         return index
 
     def _save(self, cache):
-        if not self.dir or self.single or cache.pos < MIN_SAVE:
+        if not self.dir or cache.pos < MIN_SAVE:
             return
         n, tokens = cache.pos, [int(t) for t in cache.tokens[:cache.pos]]
         if any(common_prefix(t, tokens) == n for t in self.index.values()):

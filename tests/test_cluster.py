@@ -602,3 +602,63 @@ def test_drafts_over_a_cluster(tiny, workers, mode):
     if mode == "lookup":
         assert s["accepted"] > 0 and m.cluster.stats["round_trips"] + m.cluster.stats["mesh_steps"] > 0
     m.cluster.close()
+
+
+@pytest.mark.parametrize("fault", [None, "kill:attn:30", "stop:attn:45"])
+def test_batched_sequences_over_a_cluster_equal_alone(tiny, workers, fault, cluster_topology):
+    """serve --parallel over workers: 4 generations (greedy, seeded sampling, a repeat penalty)
+    through 3 KV slots per worker, prompts joining between decode steps, each the tokens it
+    gives alone in one process; a worker lost mid-batch (its KV heads with it) is a failover and
+    a replay of every sequence, and changes no token."""
+    from glmcpu.batching import Scheduler
+
+    _, path, _ = tiny("glm4_moe", "q8_0")
+    one = glmcpu.load(path, threads=1, draft="none")
+    prompts = [PROMPT, [3, 4, 5], list(range(20, 61)), [99] + PROMPT[:4]]
+    kws = [dict(temperature=0), dict(temperature=0.8, seed=5), dict(temperature=0.7, seed=1, top_k=0),
+           dict(temperature=0, repeat_penalty=1.3)]
+
+    def run(model, parallel, chunk=64):
+        s = Scheduler(model, parallel, chunk=chunk)
+        try:
+            jobs = [s.submit(p, max_tokens=10, ignore_eos=True, **kw) for p, kw in zip(prompts, kws)]
+            return [list(j.tokens()) for j in jobs], s.counts
+        finally:
+            s.close()
+    want = []
+    for p, kw in zip(prompts, kws):
+        one.reset()
+        want.append(run_one(one, p, kw))
+    _, eps = workers(path, 2, "--insecure", faults=[fault, None])
+    m = glmcpu.load(path, threads=1, workers=eps, insecure=True, timeout=1.5, slots=3, draft="none")
+    got, counts = run(m, 3, chunk=8)
+    assert got == want
+    assert counts["step_rows"] > counts["steps"] + counts["prompt_tokens"] / 8     # steps carried several sequences
+    st = m.cluster.status()
+    assert st["failovers"] == (fault is not None) and (st["replays"] >= 1) == (fault is not None), st
+    with pytest.raises(glmcpu.GlmcpuError, match="loaded for 3"):
+        Scheduler(m, 4)
+    m.cluster.close()
+
+
+def run_one(model, prompt, kw):
+    """The tokens of one generation alone (a scheduler of one slot)."""
+    from glmcpu.batching import Scheduler
+
+    s = Scheduler(model, 1)
+    try:
+        return list(s.submit(prompt, max_tokens=10, ignore_eos=True, **kw).tokens())
+    finally:
+        s.close()
+
+
+def test_a_worker_refuses_slots_past_its_memory(tiny, workers):
+    """A KV cache per slot counts against --memory: 64 slots of 2048 positions (~48 MB of this
+    worker's KV heads) are refused in 30 MB, 2 slots fit."""
+    _, path, _ = tiny("glm4", "q8_0")
+    _, eps = workers(path, 1, "--insecure", "--memory", "0.03")
+    with pytest.raises(ClusterError, match="for 64 sequences"):
+        glmcpu.load(path, threads=1, workers=eps, insecure=True, ctx=2048, slots=64, kv_type="f32")
+    m = glmcpu.load(path, threads=1, workers=eps, insecure=True, ctx=2048, slots=2, kv_type="f32")
+    assert m.cluster.slots == 2 and m.cluster.status()["alive"] == "1/1"
+    m.cluster.close()

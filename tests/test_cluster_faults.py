@@ -210,7 +210,7 @@ def test_a_hostile_root_cannot_take_a_worker_past_its_memory(tiny, tmp_path):
             if meta["missing"]:
                 assert peer.ask("put", {"s": s, "digest": digest, "entries": entries}, arrays)[0] == "ok"
                 assert peer.ask("load", load)[1]["missing"] == []
-            op, meta, _ = peer.ask("attn", {"s": s, "e": epoch, "layer": 0, "pos0": ctx - 1, "wire": "f32"}, [x])
+            op, meta, _ = peer.ask("attn", {"s": s, "e": epoch, "layer": 0, "seg": [[0, ctx - 1, 1, True]], "wire": "f32"}, [x])
             assert op == "ok", meta
             seen.append(rss_mb(p.pid))
             assert seen[-1] < base + 512, seen

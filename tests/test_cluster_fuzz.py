@@ -119,7 +119,7 @@ def templates(path, m, session):
     c = m.cluster
     shares = [[k, l, a, b, c.digests[(k, l, a, b)]] for k, l, a, b in c.shares_of(1)]
     load = {"s": session, "e": 1, "config": c.config, "ctx": 64, "fingerprint": c.file.fingerprint(),
-            "shares": shares}
+            "shares": shares, "slots": 2}
     k, l, a, b = c.plan.shares_of(1)[0]
     rec = Recorder(FileWeights(c.file))
     c.build(rec, k, l, a, b)
@@ -131,7 +131,7 @@ def templates(path, m, session):
     ids = np.array([[0, 1], [2, 3], [4, 5]], np.int32)
     return [("hello", {}, []), ("ping", {"s": session}, []), ("load", load, []),
             ("put", {"s": session, "digest": shares[0][4], "entries": entries}, arrays),
-            ("attn", dict(base, layer=0, pos0=0), [x]), ("ffn", dict(base, layer=0), [x]),
+            ("attn", dict(base, layer=0, seg=[[0, 0, 3, True]]), [x]), ("ffn", dict(base, layer=0), [x]),
             ("moe", dict(base, layer=moe_layer), [x, ids, np.full((3, 2), 0.5, np.float32)]),
             ("head", dict(base, layer=-1), [x]),
             ("mesh", {"s": session, "e": 1, "phase": "bind", "node": 1, "n": 2, "timeout": 0.2,
@@ -139,8 +139,8 @@ def templates(path, m, session):
                                                           for k, t in c.plan.tables.items()}}, []),
             ("mesh", {"s": session, "e": 1, "phase": "connect", "peers": {}}, []),
             ("mesh", {"s": session, "e": 1, "phase": "ready"}, []),
-            ("step", {"s": session, "e": 1, "step": 1, "pos0": 0, "all": False}, [x]),
-            ("attn", dict(base, layer=0, pos0=0, wire="q8_0"),
+            ("step", {"s": session, "e": 1, "step": 1, "seg": [[0, 0, 2, False], [1, 5, 1, True]], "all": False}, [x]),
+            ("attn", dict(base, layer=0, seg=[[1, 0, 3, True]], wire="q8_0"),
              [np.zeros((3, d), np.int8), np.ones((3, d // 32), np.float16)]),
             ("bye", {"s": session}, [])]
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import ops
 from ..errors import GlmcpuError
+from ..models.glm4 import Batch, segments
 from ..net import wire as wirecodec
 from ..net.link import Client, Keepalive, LinkError, LinkLost
 from ..net.mesh import Mesh, MeshError, new_key
@@ -82,7 +83,7 @@ class DraftHead:
             try:
                 return self.head.forward(*args, **kw)
             except WorkerLost:
-                self.cluster.live = None
+                self.cluster.forget()
 
 
 class Cluster:
@@ -91,7 +92,8 @@ class Cluster:
 
     def __init__(self, f, model_cls, endpoints, keypair=None, worker_key=None, timeout=5.0, shares=None,
                  threads=1, n_ctx=4096, wire="f32", progress=None, digest_cache=None, repack=None,
-                 kv_type=("f32", "f32"), topology=None):
+                 kv_type=("f32", "f32"), topology=None, slots=1):
+        """slots: sequences run at once (serve --parallel): each worker holds a KV cache for each."""
         if wire not in wirecodec.CODECS:
             raise ClusterError(f"--wire {wire}: use f32 (exact), f16 (half the bytes) or q8_0 (about a quarter)")
         if topology is None:
@@ -105,6 +107,9 @@ class Cluster:
         self.mesh_again = False           # a mesh dropped with nobody lost: set up again at the next request
         self.top = 0                      # this step's head: the workers' best `top` logits only (0: all)
         self.timeout = timeout
+        if not 1 <= int(slots) <= 64:
+            raise ClusterError(f"--parallel {slots}: a cluster runs 1 to 64 sequences at once")
+        self.slots = int(slots)
         self.file, self.model_cls, self.n_ctx, self.wire, self.kv_type = f, model_cls, n_ctx, wire, tuple(kv_type)
         self.cfg = model_cls.config_class.from_gguf(f)
         self.session = secrets.token_hex(16)
@@ -155,7 +160,8 @@ class Cluster:
         self.digests = self._digests(digest_cache)
         self.config = {k: (float(v) if isinstance(v, float) else v) for k, v in dataclasses.asdict(cfg).items()}
         self.shipped = 0
-        self.live = None                  # the cache whose sequence the workers' KV caches hold
+        self.clock = 0                    # bind()s so far: when each slot was last used
+        self.forget()                     # lines[i]: the cache whose sequence the workers' KV slot i holds
         self.needs_replay = False
         for i, c in enumerate(self.clients):
             try:
@@ -234,7 +240,7 @@ class Cluster:
         self.epochs[i] += 1
         shares = [[k, l, a, b, self.digests[(k, l, a, b)]] for k, l, a, b in self.shares_of(i + 1)]
         meta = {"s": self.session, "e": self.epochs[i], "config": self.config, "ctx": self.n_ctx, "kv": list(self.kv_type),
-                "fingerprint": self.file.fingerprint(), "shares": shares}
+                "fingerprint": self.file.fingerprint(), "shares": shares, "slots": self.slots}
         missing = self._request_load(c, meta)
         if not missing:
             return
@@ -299,17 +305,21 @@ class Cluster:
         return None if head is None else DraftHead(self, head)
 
     def forward(self, ids, cache, all_logits=False, hidden=False, top=0):
-        """The model's forward; the sequence so far is replayed first when the workers hold
-        another one, or when a worker holding KV heads is lost meanwhile (the step's tokens are
-        committed to the cache only once all of it came back, so the replay ends where the step
-        starts). A cache cut back (a draft's rejected guesses) needs nothing: each request names
-        its first position. top > 0: of the last row's logits only the `top` best are wanted (the
-        sampler's choice needs no more): workers send those, the others come back as -inf."""
+        """The model's forward (of one cache, or of a glm4.Batch of several: each sequence in its
+        own KV slot on the workers). A sequence whose slot the workers no longer hold (another took
+        it, or a worker holding KV heads was lost meanwhile) is replayed first (the step's tokens
+        are committed to the cache only once all of it came back, so the replay ends where the
+        step starts). A cache cut back (a draft's rejected guesses) needs nothing: each request
+        names its first position. top > 0: of the last row's logits only the `top` best are wanted
+        (the sampler's choice needs no more): workers send those, the others come back as -inf."""
+        caches = [c for c, _, _ in segments(cache, len(ids))]
+        if isinstance(cache, Batch) and not (cache.lasts or all_logits):
+            cache.lasts = [len(ids) - 1]     # every node runs the head each step: one row, not used
         while True:
             try:
-                if cache is not self.live and cache.pos > 0:
-                    self.replay(cache)
-                self.live = cache
+                while not all(any(c is h for h in self.lines) for c in caches):
+                    for c in caches:          # (a replay that lost a worker forgets the others' slots)
+                        self.bind(c, caches)
                 self.top = int(top) if not all_logits and 0 < top <= wirecodec.MAX_TOP else 0
                 try:
                     out = self.run(ids, cache, all_logits, hidden)
@@ -320,7 +330,32 @@ class Cluster:
             except WorkerLost as e:
                 if e.replay or self.needs_replay:
                     self.needs_replay = False
-                    self.live = None
+                    self.forget()
+
+    def forget(self):
+        """The workers' KV slots hold nothing known: each sequence is replayed at its next step."""
+        self.lines = [None] * self.slots
+        self.used = [0] * self.slots
+
+    def line(self, cache) -> int:
+        return next(i for i, c in enumerate(self.lines) if c is cache)
+
+    def bind(self, cache, step):
+        """A KV slot on the workers for cache: its own, else a free one or the least recently used
+        one that no other cache of this step needs, its sequence so far replayed into it."""
+        self.clock += 1
+        if any(c is cache for c in self.lines):
+            i = self.line(cache)
+        else:
+            taken = [i for i, c in enumerate(self.lines) if c is not None and any(c is s for s in step)]
+            free = [i for i in range(self.slots) if i not in taken]
+            if not free:
+                raise GlmcpuError(f"a step of {len(step)} sequences; this cluster was loaded for {self.slots}")
+            i = min(free, key=lambda j: (self.lines[j] is not None, self.used[j]))
+            self.lines[i] = cache
+            if cache.pos > 0:
+                self.replay(cache)
+        self.used[i] = self.clock
 
     def replay(self, cache):
         history = list(cache.tokens[:cache.pos])
@@ -328,13 +363,21 @@ class Cluster:
         while True:                       # until one whole pass gets through
             cache.pos, cache.tokens = 0, []
             self.needs_replay = False
-            self.live = cache
+            if not any(c is cache for c in self.lines):     # another replay's fault forgot the slots
+                self.lines[self.used.index(min(self.used))] = cache
             try:
                 for s in range(0, len(history), 256):
                     self.run(history[s:s + 256], cache, False)
                 return
             except WorkerLost:            # lost another one meanwhile: again, without it
+                self.forget()
                 continue
+
+    def seg(self, cache, T) -> list:
+        """The sequences of a request's T rows as the workers take them: [[slot, first position,
+        rows, logits wanted], ...]."""
+        wanted = set(cache.lasts) if isinstance(cache, Batch) else {T - 1}
+        return [[self.line(c), int(c.pos), b - a, b - 1 in wanted] for c, a, b in segments(cache, T)]
 
     # ---- the mesh ------------------------------------------------------------------------------
 
@@ -397,7 +440,7 @@ class Cluster:
         if self.mesh is None:
             return self.model.forward(ids, cache, all_logits, hidden)
         self.steps += 1
-        meta = {"s": self.session, "step": self.steps, "pos0": int(cache.pos), "all": bool(all_logits),
+        meta = {"s": self.session, "step": self.steps, "seg": self.seg(cache, len(ids)), "all": bool(all_logits),
                 "top": self.top}
         rows = self.model.embed(self.model.embd, ids)
         mesh = self.mesh
@@ -483,7 +526,7 @@ class Cluster:
         meta = {"layer": mod.layer, "s": self.session, "wire": self.wire}
         extra = []
         if kind == "attn":
-            meta["pos0"] = int(args[0].pos)
+            meta["seg"] = self.seg(args[0], x.shape[0])
         elif kind == "head":
             meta["top"] = self.top
         elif kind == "moe":
@@ -564,7 +607,7 @@ class Cluster:
                 mod.fallback.pop(i + 1, None)
             back += 1
         if back:
-            self.live = None
+            self.forget()
             if self.topology == "mesh" and all(self.alive):
                 self.setup_mesh()
         return back

@@ -20,7 +20,7 @@ from .. import ops
 from ..errors import GlmcpuError
 from ..generate import PREFILL_CHUNK
 from ..models import model_class
-from ..models.glm4 import KV_TYPES, KVCache
+from ..models.glm4 import KV_TYPES, Batch, KVCache
 from ..net import wire as wirecodec
 from ..net.mesh import Mesh, MeshError
 from ..net.protocol import ProtocolError
@@ -36,6 +36,7 @@ LIMITS = {"d_model": 1 << 16, "n_head": 1 << 10, "n_head_kv": 1 << 10, "head_dim
           "n_ff": 1 << 20, "n_vocab": 1 << 23, "n_ctx_train": 1 << 24, "n_expert": 1 << 12,
           "n_expert_used": 1 << 8, "n_ff_exp": 1 << 20, "n_expert_shared": 1 << 6, "n_dense_lead": 1 << 12}
 MAX_TOKENS = PREFILL_CHUNK     # rows of one request: a root never sends more than a prefill chunk
+MAX_SLOTS = 64                 # sequences a load may hold KV caches for (a root's serve --parallel)
 
 
 def measure_bandwidth(threads, mib=128) -> float:
@@ -97,7 +98,7 @@ class WorkerService:
         self.wanted = set()           # digests the current load asked the root for
         self.held = {}                # digest -> bytes in RAM of a shipped share that is built
         self.need = 0                 # bytes the current load holds beyond its missing shares
-        self.kv = None
+        self.kvs = []            # one KV cache per sequence the root runs at once (its slots)
         self.n_ctx = 0
         # for tests: "kill:attn:5" or "stop:moe:3" ends or stops this process at its 5th attn request
         fault = fault or os.environ.get("GLMCPU_WORKER_FAULT")
@@ -171,7 +172,7 @@ class WorkerService:
 
     def _free(self):
         self.drop_mesh()
-        self.session, self.epoch, self.cfg, self.kv = None, None, None, None
+        self.session, self.epoch, self.cfg, self.kvs = None, None, None, []
         self.modules, self.built, self.wanted, self.held = {}, {}, set(), {}
         self.store.pin(())
         self.busy_seconds, self.requests = 0.0, 0
@@ -217,7 +218,9 @@ class WorkerService:
                                 f"{time.monotonic() - self.last_seen:.1f} s ago); wait for that root to "
                                 "finish, or use another worker")
         shares, kv = meta.get("shares"), meta.get("kv", ["f32", "f32"])
-        n_ctx, epoch = meta.get("ctx"), meta.get("e")
+        n_ctx, epoch, slots = meta.get("ctx"), meta.get("e"), meta.get("slots", 1)
+        if type(slots) is not int or not 1 <= slots <= MAX_SLOTS:
+            raise ProtocolError(f"load: slots {slots!r}: 1 to {MAX_SLOTS} sequences")
         if not isinstance(kv, list) or len(kv) != 2 or not all(t in KV_TYPES for t in kv):
             raise ProtocolError(f"load: KV cache types {kv!r}: use two of {', '.join(KV_TYPES)}")
         kv = tuple(kv)
@@ -239,13 +242,14 @@ class WorkerService:
         # what this load holds in RAM besides its own file's pages, counted before anything is built
         G = cfg.n_head // cfg.n_head_kv           # the KV heads its query heads read, in every layer they hold
         kv_heads = sum((b - 1) // G + 1 - a // G for kind, _, a, b, _ in parsed if kind == "attn")
-        need = cfg.kv_bytes(n_ctx, kv) // (cfg.n_layer * cfg.n_head_kv) * kv_heads + ops.rope_table_bytes(cfg.n_rot, n_ctx) + scratch_bytes(cfg, parsed)
+        need = cfg.kv_bytes(n_ctx, kv) // (cfg.n_layer * cfg.n_head_kv) * kv_heads * slots + ops.rope_table_bytes(cfg.n_rot, n_ctx) + scratch_bytes(cfg, parsed)
         if not own:
             sizes = {d: self.held.get(d) or self.store.size(d) for *_, d in parsed}
             need += sum(v for v in sizes.values() if v)
         if need > self.memory * 2**30:
-            raise ProtocolError(f"load: its KV cache, rope tables, activations and shipped shares need {need / 2**30:.2f} GB; "
-                                f"this worker offers {self.memory:g} GB (--memory)")
+            raise ProtocolError(f"load: its KV cache{f's for {slots} sequences' if slots > 1 else ''}, rope tables, "
+                                f"activations and shipped shares need {need / 2**30:.2f} GB; this worker offers "
+                                f"{self.memory:g} GB (--memory)")
         self.store.pin(d for *_, d in parsed)           # this load's own puts never evict its shares
         # its own file: what fits in the memory it offers; shipped shares are already in RAM
         packing = (ops.plan_packing(self.file, self.repack, available=self.memory * 2**30) if own else
@@ -286,7 +290,7 @@ class WorkerService:
         self.built = {d: m for m, d in modules.values()}
         self.held = {d: sizes[d] or 0 for d in self.built} if not own else {}
         self.wanted = set()
-        self.kv = KVCache(cfg, n_ctx, kv)      # a new epoch starts clean
+        self.kvs = [KVCache(cfg, n_ctx, kv) for _ in range(slots)]     # a new epoch starts clean (zero pages)
         return {"missing": [], "loaded": len(modules)}
 
     def put(self, meta, arrays):
@@ -432,23 +436,20 @@ class WorkerService:
         if self.mesh is None or self.mesh_layers is None:
             raise ProtocolError("step: no mesh is set up")
         cfg = self.cfg
-        step, pos0, every = meta.get("step"), meta.get("pos0"), meta.get("all")
+        step, every = meta.get("step"), meta.get("all")
         if type(step) is not int or not step > 0 or not isinstance(every, bool):
             raise ProtocolError("step: bad step")
         top = self._top(meta)
         if len(arrays) != 1:
             raise ProtocolError("step: expected the embedded rows")
         h = np.array(wirecodec.decode(arrays, "f32", cfg.d_model, MAX_TOKENS))
-        T = h.shape[0]
-        if type(pos0) is not int or not 0 <= pos0 <= self.n_ctx - T:
-            raise ProtocolError(f"step: positions {pos0!r}.. are outside the context of {self.n_ctx}")
+        batch = self._batch("step", meta, h.shape[0])
         m = self.mesh_layers
         m["run"].begin(step)
-        self.kv.pos = pos0
-        pos = np.arange(pos0, pos0 + T, dtype=np.int32)
+        pos = batch.positions()
         try:
             for l, L in enumerate(m["layers"]):
-                m["model"].run_layer(L, h, self.kv, l, pos)
+                m["model"].run_layer(L, h, batch, l, pos)
         except MeshError as e:
             raise MeshFault(f"step: {e}") from None
         self.last_seen = time.monotonic()     # a long step (a prefill) is the root heard from, not a silence
@@ -456,10 +457,32 @@ class WorkerService:
         if head is None:
             return []
         self.tick("head")
-        rows = np.ascontiguousarray(h if every else h[-1:])
+        rows = np.ascontiguousarray(h if every else h[batch.lasts])
         normed = m["model"].rmsnorm(rows, m["out_norm"])
         y = np.ascontiguousarray(head(normed, self.threads), np.float32)
         return wirecodec.encode_top(y, top) if top else [y]
+
+    def _batch(self, op, meta, T) -> Batch:
+        """The sequences of a request's T rows: "seg" [[slot, first position, rows, logits wanted], ...]
+        in row order, each over that slot's KV cache."""
+        seg = meta.get("seg")
+        if not isinstance(seg, list) or not 1 <= len(seg) <= len(self.kvs):
+            raise ProtocolError(f"{op}: no sequences, or more than the {len(self.kvs)} slots loaded")
+        parts, slots = [], set()
+        for e in seg:
+            if (not isinstance(e, list) or len(e) != 4 or not all(type(v) is int for v in e[:3])
+                    or not isinstance(e[3], bool) or not 0 <= e[0] < len(self.kvs) or e[0] in slots
+                    or e[2] < 1 or not 0 <= e[1] <= self.n_ctx - e[2]):
+                raise ProtocolError(f"{op}: bad sequence {shown(e)}: [slot, first position, rows, logits "
+                                    f"wanted] with slots 0..{len(self.kvs) - 1} once each, in a context "
+                                    f"of {self.n_ctx}")
+            slots.add(e[0])
+            kv = self.kvs[e[0]]
+            kv.pos = e[1]
+            parts.append((kv, e[2], e[3]))
+        if sum(p[1] for p in parts) != T:
+            raise ProtocolError(f"{op}: the sequences' rows do not add up to the {T} sent")
+        return Batch(parts)
 
     @staticmethod
     def _top(meta) -> int:
@@ -487,11 +510,8 @@ class WorkerService:
         T = x.shape[0]
         th = self.threads
         if op == "attn":
-            pos0 = meta.get("pos0")
-            if not isinstance(pos0, int) or isinstance(pos0, bool) or not 0 <= pos0 <= self.n_ctx - T:
-                raise ProtocolError(f"attn: positions {pos0!r}.. are outside the context of {self.n_ctx}")
-            self.kv.pos = pos0
-            y = mod(x, self.kv, meta["layer"], np.arange(pos0, pos0 + T, dtype=np.int32), th)
+            batch = self._batch("attn", meta, T)
+            y = mod(x, batch, meta["layer"], batch.positions(), th)
         elif op == "moe":
             ids, w = arrays[nx:]
             k = cfg.n_expert_used
@@ -507,3 +527,7 @@ class WorkerService:
             return wirecodec.encode_top(y, top) if top else wirecodec.encode(y, "f32")
         return wirecodec.encode(y, wirecodec.reply_codec(codec))
 
+
+def shown(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
