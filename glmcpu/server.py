@@ -17,6 +17,7 @@ calls), response_format. Refused with 400: n != 1, logprobs, echo. Extensions as
 server has them: top_k, min_p, repeat_penalty, ignore_eos, and seed -1 for a random seed.
 """
 import collections
+import collections.abc
 import contextlib
 import hmac
 import io
@@ -84,6 +85,23 @@ class Turns:
         with self.cond:
             self.serving += 1
             self.cond.notify_all()
+
+
+class LastStats(collections.abc.Mapping):
+    """A model's last_stats as they are when read: model.generate puts a new dict there when it
+    starts, so one taken before would be the previous generation's."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getitem__(self, key):
+        return self.model.last_stats[key]
+
+    def __iter__(self):
+        return iter(self.model.last_stats)
+
+    def __len__(self):
+        return len(self.model.last_stats)
 
 
 class Generation:
@@ -173,13 +191,14 @@ class API:
             except QueueFull as e:
                 raise APIError(503, str(e), code="server_busy", kind="server_error") from None
             return detokenize(self.model.tokenizer, job.tokens(alive)), lambda: job.finish_reason or "cancelled", job.stats
-        m, stats = self.model, self.model.last_stats
+        m = self.model
+        kw = dict(kw, max_tokens=min(kw["max_tokens"], m.ctx - len(ids)))     # as the scheduler caps it
 
         def finish():
             s = m.last_stats
             full = s.get("prompt_tokens", 0) + s.get("gen_tokens", 0) >= m.ctx
             return "length" if s.get("gen_tokens", 0) >= kw["max_tokens"] or full else "stop"
-        return self.generate(ids, **kw), finish, stats
+        return self.generate(ids, **kw), finish, LastStats(m)
 
     def count(self, stats, outcome):
         """A generation of the turns ended (finish reason, "cancelled" or "error"): /metrics."""
