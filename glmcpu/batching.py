@@ -23,7 +23,11 @@ from .generate import PREFILL_CHUNK, check_finite, check_fits
 from .models.glm4 import Batch
 from .sampling import Sampler
 
-PROMPT_CHUNK = 64       # prompt tokens per step beside running streams: each step costs them ~+50%
+# prompt tokens per step beside running streams: a token of prompt costs about what it costs
+# alone (35 ms on the 40-layer 9B-shape Q4_0 file, 2 threads), so a 64-token chunk makes a step of
+# 4 streams 2.5 s instead of 0.26 (tools/bench_batch.py --beside); smaller chunks keep the streams
+# smoother and the new request's first token later
+PROMPT_CHUNK = 64
 
 
 class QueueFull(GlmcpuError):

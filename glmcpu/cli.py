@@ -339,7 +339,7 @@ def serve(model, a):
         resident = sum(t.n_bytes for n, t in model.file.tensors.items() if not ops.is_expert(n))
         parallel, parallel_note = default_parallel(model, ops.memory_available() - resident)
     api = API(model, name=a.name, api_key=a.api_key or os.environ.get("GLMCPU_API_KEY"),
-              max_waiting=a.queue, defaults=defaults, parallel=parallel)
+              max_waiting=a.queue, defaults=defaults, parallel=parallel, chunk=a.prompt_chunk)
     try:
         server = Server(api, a.host, a.port, verbose=a.verbose, max_connections=a.max_connections,
                         head_timeout=a.head_timeout)
@@ -631,6 +631,9 @@ def build_parser():
                         "as many full contexts as fit in the free memory, at most 4; with --workers 1, as "
                         "each worker then holds a KV cache per slot); 1: one at a time, which keeps "
                         "speculative drafts")
+    s.add_argument("--prompt-chunk", type=int, default=64,
+                   help="prompt tokens read per step beside generating slots (default 64): fewer keep "
+                        "streams smoother, more give a new request its first token sooner")
     s.add_argument("--queue", type=int, default=16,
                    help="requests that may wait for a free slot; more get 503 with Retry-After (default 16)")
     s.add_argument("--max-connections", type=int, default=64,

@@ -11,7 +11,8 @@ alternating order), 6 steps of one random token per sequence are timed (median).
 it counts the distinct routed experts per MoE layer in those steps and the bytes a step reads:
 the non-expert weights (the embedding excepted) plus that many experts per layer. "predicted x"
 is B tokens over those bytes, against one token's: what a step bound by memory reads, and what
-the step times give ("measured x")."""
+the step times give ("measured x"). --beside: a step of 4 sequences' tokens with a prompt chunk
+of that many tokens beside them (a new request's, as `serve` reads it)."""
 import argparse
 import os
 import statistics
@@ -35,8 +36,11 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--beside", default="16,64",
+                    help="also time a step of 4 sequences' tokens plus a prompt chunk of these sizes (new cache)")
     a = ap.parse_args()
     sizes = [int(b) for b in a.batches.split(",")]
+    chunks = [int(n) for n in a.beside.split(",") if n] if max(sizes) >= 4 else []
     m = glmcpu.load(a.model, ctx=1024, draft="none", threads=a.threads)
     net, cfg, f = m.net, m.cfg, m.file
     distinct = []
@@ -65,6 +69,11 @@ def main():
             times.setdefault(B, []).append(statistics.median(ts))
             if distinct:
                 experts.setdefault(B, []).append(float(np.mean(distinct)))
+        for n in chunks:
+            ids = [int(t) for t in rng.integers(0, vocab, 4 + n)]
+            t = time.perf_counter()
+            net.forward(ids, Batch([(c, 1) for c in caches[:4]] + [(net.new_cache(1024), n)]))
+            times.setdefault(f"4 + {n}", []).append(time.perf_counter() - t)
     n_moe = cfg.n_layer - getattr(cfg, "n_dense_lead", cfg.n_layer)
     own = [n for n in f.tensors if not n.startswith(f"blk.{cfg.n_layer}.") and "nextn" not in n]   # no MTP block
     per_expert = sum(f.tensors[n].n_bytes for n in own if ops.is_expert(n)) / max(1, n_moe * cfg.n_expert)
@@ -81,6 +90,10 @@ def main():
         t1, b1 = t1 or t / B, b1 or read / B
         print(f"| {B} | {t * 1e3:.0f} | {B / t:.1f} | {B * t1 / t:.2f}x | {e:.1f} | {read / 2**30:.2f} | "
               f"{B * b1 / read:.2f}x |")
+    for n in chunks:
+        print(f"\nA step of 4 sequences' tokens with a {n}-token prompt chunk beside them: "
+              f"{statistics.median(times[f'4 + {n}']) * 1e3:.0f} ms (one prompt token: "
+              f"{(statistics.median(times[f'4 + {n}']) - statistics.median(times[4])) / n * 1e3:.1f} ms)")
 
 
 if __name__ == "__main__":
