@@ -34,6 +34,7 @@ class Tokenizer:
         self.stop_ids = set(stop_ids) | {i for t in STOP_TEXTS if (i := tok.token_to_id(t)) is not None}
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
+        env.filters["tojson"] = _tojson
         try:
             self._template = env.from_string(self.chat_template)
         except jinja2.TemplateError as e:
@@ -118,6 +119,13 @@ def _first_line(e) -> str:
 
 def _raise(msg):
     raise jinja2.exceptions.TemplateError(msg)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """tojson as transformers' chat templates have it: GLM-4.5's and GLM-4-0414's templates pass
+    ensure_ascii and indent, which jinja2's own refuses, and a prompt wants no HTML escapes."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
 
 
 class Detokenizer:
