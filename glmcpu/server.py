@@ -487,7 +487,11 @@ class Handler(BaseHTTPRequestHandler):
         self.body_read = False
         try:
             if method == "GET" and path in ("/", "/index.html"):
-                return self.send(200, chat_page(), "text/html; charset=utf-8")
+                page = chat_page()
+                return self.send(200, page, "text/html; charset=utf-8",
+                                 [("Content-Security-Policy", page_policy(page))])
+            if method == "GET" and path == "/marked.min.js":        # the page's Markdown renderer
+                return self.send(200, data_file("marked.min.js"), "text/javascript; charset=utf-8")
             if method == "GET" and path == "/health":
                 return self.send_json(200, self.api.health())
             if method == "GET" and path == "/metrics":
@@ -768,5 +772,21 @@ def drain(sock, limit=1 << 20):
         limit -= len(got)
 
 
+def data_file(name) -> bytes:
+    return (resources.files("glmcpu") / "data" / name).read_bytes()
+
+
 def chat_page() -> bytes:
-    return (resources.files("glmcpu") / "data" / "chat.html").read_bytes()
+    return data_file("chat.html")
+
+
+def page_policy(page: bytes) -> str:
+    """The chat page's Content-Security-Policy: it loads nothing but its own script (by hash) and
+    /marked.min.js, and talks only to this server, so neither a slip in its handling of model
+    output (an inline onerror=, a <script>) nor an image URL the model writes can run or load."""
+    import base64, hashlib, re       # here: only the page needs them
+    hashes = " ".join("'sha256-%s'" % base64.b64encode(hashlib.sha256(s).digest()).decode()
+                      for s in re.findall(rb"<script>(.*?)</script>", page, re.S))
+    return (f"default-src 'none'; script-src 'self' {hashes}; style-src 'unsafe-inline'; "
+            "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+            "frame-ancestors 'none'")

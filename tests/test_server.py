@@ -262,7 +262,9 @@ def find_chromium():
     return browser, driver
 
 
-def test_chat_page_streams_in_chromium(server):
+@pytest.fixture(scope="module")
+def chromium():
+    """A headless Chromium under selenium, shared by the page's tests (each starts afresh)."""
     browser, driver = find_chromium()
     if not (browser and driver):
         pytest.skip("no chromium/chromedriver: install Debian's chromium and chromium-driver")
@@ -273,40 +275,225 @@ def test_chat_page_streams_in_chromium(server):
     options.binary_location = browser
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     d = webdriver.Chrome(service=Service(driver), options=options)
-    try:
-        d.get(f"{server}/?key={KEY}")
-        wait(lambda: d.find_element("id", "model").text == "demo", "the model name")
-        d.find_element("id", "max-tokens").clear()
-        d.find_element("id", "max-tokens").send_keys("12")
-        d.find_element("id", "input").send_keys("Who made the light?")
-        d.find_element("id", "send").click()
-        wait(lambda: d.find_elements("css selector", ".stats"), "the tokens/s line", timeout=120)
-        answer = d.find_element("id", "answer").text
-        assert answer.strip() and d.execute_script("return chunks") >= 2
-        assert "tokens/s" in d.find_element("css selector", ".stats").text
-        assert not d.find_elements("css selector", ".error")
+    yield d
+    d.quit()
 
-        # Stop: the page aborts its fetch and the server ends that generation. The page's
-        # requests get ignore_eos here, so the answer cannot end on its own before the click.
-        d.execute_script("""const f = window.fetch;
-            window.fetch = (url, opts) => {
-                if (opts && opts.body) opts.body = JSON.stringify({...JSON.parse(opts.body), ignore_eos: true});
-                return f(url, opts); };""")
-        cancelled = health(server)["cancelled"]
-        d.find_element("id", "max-tokens").clear()
-        d.find_element("id", "max-tokens").send_keys("400")
-        d.find_element("id", "input").send_keys("Tell me of Noah")
-        chunks = d.execute_script("return chunks")
-        d.find_element("id", "send").click()
-        wait(lambda: d.execute_script("return chunks") >= chunks + 3, "streamed text", timeout=120)
-        d.find_element("id", "stop").click()
-        wait(lambda: len(d.find_elements("css selector", ".stats")) == 2, "the end of the answer")
-        assert d.find_elements("css selector", ".stats")[-1].text == "stopped", page_text(d)
-        wait(lambda: health(server)["cancelled"] > cancelled, "the server to cancel the generation")
-        assert health(server)["pending"] == 0
-    finally:
-        d.quit()
+
+def open_page(d, server):
+    """The chat page with nothing kept in the browser, its model named."""
+    d.get(f"{server}/?key={KEY}")
+    d.execute_script("localStorage.clear()")
+    d.refresh()
+    wait(lambda: d.find_element("id", "model").text == "demo", "the model name")
+    d.get_log("browser")                    # forget what came before
+
+
+def set_max_tokens(d, n):
+    d.find_element("id", "max-tokens").clear()
+    d.find_element("id", "max-tokens").send_keys(str(n))
+
+
+def notes(d):
+    """The texts of the answers' notes shown (tokens/s, "stopped")."""
+    return [e.text for e in d.find_elements("css selector", ".stats") if e.is_displayed()]
+
+
+def kept(d):
+    return d.execute_script("return JSON.parse(localStorage.getItem('glmcpu-chats') || '[]')")
+
+
+def no_console_errors(d):
+    errors = [e for e in d.get_log("browser") if e["level"] == "SEVERE"]
+    assert not errors, errors               # a refused script or resource (CSP) shows up here
+
+
+def test_chat_page_streams_keeps_stops_and_regenerates_in_chromium(server, chromium):
+    d = chromium
+    open_page(d, server)
+    set_max_tokens(d, 12)
+    d.find_element("id", "input").send_keys("Who made the light?")
+    d.find_element("id", "send").click()
+    wait(lambda: notes(d), "the tokens/s line", timeout=120)
+    answer = d.find_element("id", "answer").text
+    assert answer.strip() and d.execute_script("return chunks") >= 2
+    assert "tokens/s" in notes(d)[0]
+    assert not d.find_elements("css selector", ".error")
+
+    # Kept across a reload: listed, and shown as it was.
+    d.refresh()
+    wait(lambda: d.find_element("id", "model").text == "demo", "the model name")
+    [item] = d.find_elements("css selector", "#list li")
+    assert item.text.startswith("Who made the light?") and "current" in item.get_attribute("class")
+    shown = d.find_elements("css selector", "#log .msg")
+    assert [e.text for e in shown] == ["Who made the light?", answer], page_text(d)
+    assert "tokens/s" in notes(d)[0]
+
+    # Stop: the page aborts its fetch and the server ends that generation. The page's
+    # requests get ignore_eos here, so the answer cannot end on its own before the click.
+    d.execute_script("""const f = window.fetch;
+        window.fetch = (url, opts) => {
+            if (opts && opts.body) {
+                window.lastBody = {...JSON.parse(opts.body), ignore_eos: true};
+                opts.body = JSON.stringify(window.lastBody); }
+            return f(url, opts); };""")
+    cancelled = health(server)["cancelled"]
+    set_max_tokens(d, 400)
+    d.find_element("id", "input").send_keys("Tell me of Noah")
+    chunks = d.execute_script("return chunks")
+    d.find_element("id", "send").click()
+    wait(lambda: d.execute_script("return chunks") >= chunks + 3, "streamed text", timeout=120)
+    assert d.find_element("id", "send").get_property("disabled")
+    d.find_element("id", "stop").click()
+    wait(lambda: len(notes(d)) == 2, "the end of the answer")
+    assert notes(d)[-1] == "stopped", page_text(d)
+    wait(lambda: health(server)["cancelled"] > cancelled, "the server to cancel the generation")
+    assert health(server)["pending"] == 0
+    [conv] = kept(d)
+    assert [m["role"] for m in conv["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert conv["messages"][-1]["note"] == "stopped" and conv["messages"][-1]["content"].strip()
+
+    # Regenerate: the last answer is replaced by a new one.
+    set_max_tokens(d, 6)
+    d.find_element("id", "regenerate").click()
+    wait(lambda: len(notes(d)) == 2 and "tokens/s" in notes(d)[-1], "the regenerated answer", timeout=120)
+    assert len(d.find_elements("css selector", "#log .msg.assistant")) == 2
+    assert [m["role"] for m in d.execute_script("return window.lastBody.messages")] == ["user", "assistant", "user"]
+    [conv] = kept(d)
+    assert len(conv["messages"]) == 4 and conv["messages"][-1].get("note") != "stopped"
+    assert conv["messages"][-1]["content"].strip() == d.find_element("css selector", "#answer .md").text
+    assert not d.find_elements("css selector", ".error")
+    no_console_errors(d)
+
+
+# A stand-in for the server's stream: the SSE chunks of the given deltas (what the page was
+# sent is kept in window.sent). Markdown, thinking and HTML can then be checked whatever the
+# demo model says.
+FAKE_STREAM = """
+window.fakeDeltas = arguments[0];
+if (!window.realFetch) window.realFetch = window.fetch;
+window.fetch = async (url, opts) => {
+    if (!String(url).endsWith("/v1/chat/completions")) return window.realFetch(url, opts);
+    window.sent = JSON.parse(opts.body);
+    const enc = new TextEncoder();
+    const body = new ReadableStream({ start(c) {
+        for (const delta of window.fakeDeltas)
+            c.enqueue(enc.encode("data: " + JSON.stringify({choices: [{index: 0, delta, finish_reason: null}]}) + "\\n\\n"));
+        c.enqueue(enc.encode("data: [DONE]\\n\\n"));
+        c.close(); } });
+    return new Response(body, {status: 200, headers: {"Content-Type": "text/event-stream"}});
+};"""
+
+MARKDOWN = ("Here:\n\n```python\nprint(\"<b>hi</b>\")\n```\n\n"
+            "<img src=x onerror=\"window.injected = 1\"><script>window.injected = 2</script>"
+            "<b>bold?</b> <iframe src=\"/health\"></iframe>\n\n"
+            "[bad](javascript:window.injected=3) [worse](&#106;avascript:window.injected=4) "
+            "[good](https://example.com/a?b=1) ![pic](https://example.com/x.png) **done**")
+
+
+def say(d, text, deltas):
+    chunks = d.execute_script("return chunks") + sum(bool(x.get("content") or x.get("reasoning_content")) for x in deltas)
+    d.execute_script(FAKE_STREAM, deltas)
+    d.find_element("id", "input").send_keys(text)
+    d.find_element("id", "send").click()
+    wait(lambda: d.execute_script("return chunks") == chunks and not d.execute_script("return controller"),
+         "the stand-in answer")
+
+
+def check_rendered(d):
+    """The two stand-in answers as the page shows them, live or after a reload."""
+    first, second = d.find_elements("css selector", "#log .msg.assistant")
+    [code] = first.find_elements("css selector", ".md pre > code")
+    assert code.get_attribute("class") == "language-python"
+    assert code.get_property("textContent") == 'print("<b>hi</b>")\n'
+    # raw HTML is shown as text, never made into elements; bad links are text, images links
+    md = first.find_element("css selector", ".md")
+    for tag in ("img", "script", "iframe", "b"):
+        assert not md.find_elements("tag name", tag), tag
+    assert '<img src=x onerror="window.injected = 1">' in md.text and "<b>bold?</b>" in md.text
+    assert d.execute_script("return window.injected") is None
+    links = {a.text: (a.get_attribute("href"), a.get_attribute("target"))
+             for a in md.find_elements("tag name", "a")}
+    assert links == {"good": ("https://example.com/a?b=1", "_blank"),
+                     "pic": ("https://example.com/x.png", "_blank")}, links
+    assert "bad" in md.text and "worse" in md.text
+    assert md.find_element("tag name", "strong").text == "done"
+    # thinking folded: there, closed, not in the answer; both ways it may come
+    for msg, thought in ((first, "The user wants code."), (second, "Inline thoughts.")):
+        think = msg.find_element("css selector", "details.think")
+        assert think.is_displayed() and think.get_attribute("open") is None
+        assert think.find_element("tag name", "summary").text == "Thinking"
+        assert think.find_element("tag name", "div").get_property("textContent") == thought
+        assert thought not in msg.text
+    assert second.find_element("css selector", ".md").text == "The answer."
+
+
+def test_chat_page_markdown_thinking_and_conversations_in_chromium(server, chromium):
+    from selenium.webdriver.common.keys import Keys
+
+    d = chromium
+    open_page(d, server)
+    pieces = [MARKDOWN[i:i + 7] for i in range(0, len(MARKDOWN), 7)]      # cut anywhere, tags too
+    say(d, "Show me code", [{"role": "assistant"}, {"reasoning_content": "The user wants "},
+                            {"reasoning_content": "code."}] + [{"content": p} for p in pieces])
+    say(d, "And think inline", [{"content": "<th"}, {"content": "ink>Inline thoughts.</think>"},
+                                {"content": "\n\nThe answer."}])
+    check_rendered(d)
+    # earlier answers go back without their thinking
+    sent = [m["content"] for m in d.execute_script("return window.sent.messages")]
+    assert sent == ["Show me code", MARKDOWN, "And think inline"], sent
+    [conv] = kept(d)
+    assert conv["messages"][1] == {"role": "assistant", "content": MARKDOWN,
+                                   "reasoning": "The user wants code."}
+    assert conv["messages"][3]["reasoning"] == "Inline thoughts."
+    assert conv["messages"][3]["content"] == "The answer."
+
+    d.refresh()
+    wait(lambda: d.find_element("id", "model").text == "demo", "the model name")
+    check_rendered(d)
+    d.find_element("css selector", "details.think summary").click()      # unfolds
+    assert "The user wants code." in d.find_elements("css selector", "#log .msg.assistant")[0].text
+
+    # A second conversation; rename, switch, delete.
+    d.find_element("id", "new").click()
+    wait(lambda: not d.find_elements("css selector", "#log .msg"), "an empty log")
+    say(d, "Another one", [{"content": "Yes."}])
+    items = d.find_elements("css selector", "#list li")
+    assert [i.text.split("\n")[0] for i in items] == ["Another one", "Show me code"]
+    items[1].find_element("css selector", ".rename").click()
+    box = d.find_element("css selector", "#list li input")
+    assert box.get_property("value") == "Show me code"
+    box.send_keys(Keys.CONTROL + "a")            # (clear() would blur it, which ends a rename)
+    box.send_keys("Code and thinking\n")
+    wait(lambda: not d.find_elements("css selector", "#list li input"), "the rename to end")
+    d.find_elements("css selector", "#list li .title")[1].click()
+    wait(lambda: len(d.find_elements("css selector", "#log .msg")) == 4, "the first conversation")
+    check_rendered(d)
+    d.refresh()
+    wait(lambda: len(d.find_elements("css selector", "#log .msg")) == 4, "the first conversation")
+    titles = [e.get_property("textContent") for e in d.find_elements("css selector", "#list .title")]
+    assert titles == ["Another one", "Code and thinking"], titles       # the last written first
+    assert "current" in d.find_elements("css selector", "#list li")[1].get_attribute("class")
+    d.execute_script("window.confirm = () => true")
+    d.find_elements("css selector", "#list li .delete")[1].click()         # the one shown
+    wait(lambda: len(d.find_elements("css selector", "#list li")) == 1, "the deletion")
+    assert not d.find_elements("css selector", "#log .msg")
+    assert [c["title"] for c in kept(d)] == ["Another one"]
+    no_console_errors(d)
+
+    # Behind the cleaning, the page's Content-Security-Policy: no inline handler runs, nothing
+    # outside this server loads. The renderer comes from the server, like the page.
+    d.execute_script("""document.body.insertAdjacentHTML("beforeend",
+        '<img src="data:," onerror="window.injected = 5"><img src="http://192.0.2.1/x.png">')""")
+    time.sleep(0.5)
+    assert d.execute_script("return window.injected") is None
+    refused = [e["message"] for e in d.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert any("inline event handler" in m for m in refused) and any("192.0.2.1" in m for m in refused), refused
+    with urllib.request.urlopen(server + "/") as r:
+        assert "script-src 'self' 'sha256-" in r.headers["Content-Security-Policy"]
+    with urllib.request.urlopen(server + "/marked.min.js") as r:
+        assert r.headers["Content-Type"].startswith("text/javascript") and b"(MIT Licensed)" in r.read(300)
 
 
 def page_text(d):
