@@ -70,14 +70,17 @@ class ChatFormat:
     # ---- the prompt side -------------------------------------------------------------------------
 
     def render_inputs(self, messages, tools, template: str):
-        """(messages, template keywords) for the file's template from OpenAI messages (checked by
-        `check_messages`) and tools: what this format's templates want, polyfilled where the
-        template does not know tools, tool calls or tool results."""
+        """(messages, template keywords) for the file's template from OpenAI messages (checked, with
+        each tool call's arguments as an object: check_tool_calls) and tools (check_tools): what
+        this format's templates want, polyfilled where the template does not know tools, tool
+        calls or tool results."""
         template = template or ""
         knows_tools = "tools" in template
         knows_calls = ("tool_calls" in template) if self.syntax else ("metadata" in template)
+        # a result's role: GLM-4.5's templates take "tool"; GLM-4's "observation" (GLM-4-9B-chat's
+        # writes any role as <|role|>, and like GLM-4-0414's knows a call by its metadata)
         result_role = "tool" if self.syntax else "observation"
-        if result_role not in template:
+        if result_role not in template and not (result_role == "observation" and knows_calls):
             result_role = "observation" if "observation" in template else "user"
         names = {c["id"]: c["function"]["name"] for m in messages for c in m.get("tool_calls") or ()}
         out = []
@@ -201,7 +204,7 @@ class ChatFormat:
             alts.append(f"call{k}")
         many = parallel and self.syntax is not None
         ws = 'WS: /[ \\t\\n]*/'
-        head = (f"start: calls\ncalls: call (WS call)*\n" if many else "start: call\n")
+        head = "start: calls\ncalls: call (WS call)*\n" if many else "start: call\n"
         return head + f"call: {' | '.join(alts)}\n" + "\n".join(rules) + f"\n{ws}\n"
 
     def _xml_rules(self, k, name, schema, lit, special):
@@ -283,6 +286,31 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
+@dataclass
+class ChatTurn:
+    """A checked chat request, rendered: what generating and reading its answer need. The hook for
+    constraints: `tool_grammar()` is the grammar its tool_choice asks for (None: unconstrained)."""
+    prompt: str
+    format: ChatFormat
+    tools: list                 # the request's tools, checked
+    tool_choice: str            # "auto", "none", "required" or the name of the function to call
+    parallel: bool = True       # parallel_tool_calls
+    reasoning: bool = True      # reasoning_content apart (False: --reasoning-format none, inline)
+    think_open: bool = False    # the prompt ends inside <think>: the answer starts with its reasoning
+
+    def parser(self, lead=None) -> "StreamParser":
+        return self.format.parser(self.tools, self.tool_choice != "none", self.reasoning, self.think_open,
+                                  self.parallel, lead)
+
+    def tool_grammar(self, special=frozenset()):
+        """For tool_choice "required" or a named function: the llguidance Lark grammar of the calls
+        the answer must be (ChatFormat.grammar), else None."""
+        if self.tool_choice in ("auto", "none"):
+            return None
+        return self.format.grammar(self.tools, None if self.tool_choice == "required" else self.tool_choice,
+                                   self.parallel, special)
+
+
 # ---- checking a request's tools and messages ---------------------------------------------------
 
 def check_tools(tools):
@@ -342,7 +370,7 @@ def check_tool_calls(calls, param):
         elif isinstance(args, str):
             try:
                 args = json.loads(args)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ChatFormatError("a tool call's arguments must be a JSON object", f"{param}[{j}]") from None
         if not isinstance(args, dict):
             raise ChatFormatError("a tool call's arguments must be a JSON object", f"{param}[{j}]")

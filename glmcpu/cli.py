@@ -339,7 +339,8 @@ def serve(model, a):
         resident = sum(t.n_bytes for n, t in model.file.tensors.items() if not ops.is_expert(n))
         parallel, parallel_note = default_parallel(model, ops.memory_available() - resident)
     api = API(model, name=a.name, api_key=a.api_key or os.environ.get("GLMCPU_API_KEY"),
-              max_waiting=a.queue, defaults=defaults, parallel=parallel, chunk=a.prompt_chunk)
+              max_waiting=a.queue, defaults=defaults, parallel=parallel, chunk=a.prompt_chunk,
+              reasoning_format=a.reasoning_format)
     try:
         server = Server(api, a.host, a.port, verbose=a.verbose, max_connections=a.max_connections,
                         head_timeout=a.head_timeout)
@@ -640,6 +641,9 @@ def build_parser():
                    help="open connections served at once; more are answered 503 (default 64)")
     s.add_argument("--head-timeout", type=float, default=10.0,
                    help="seconds a client has to send a request's line and headers (default 10)")
+    s.add_argument("--reasoning-format", choices=("deepseek", "none", "auto"), default="deepseek",
+                   help="deepseek (default; auto is the same): a GLM-4.5 answer's <think> block comes back "
+                        "apart, as reasoning_content; none: inline, in the content")
     s.add_argument("--verbose", "-v", action="store_true", help="log every request")
     add_sampling(s)
     add_engine(s)

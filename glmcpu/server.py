@@ -12,9 +12,15 @@ Every error is answered in OpenAI's shape, http.server's own refusals included (
 line: 400, an unknown method: 405, headers too long: 431, a version HTTP/2 or later: 505); a bug
 is a 500 with that body, logged in one line with --verbose and never with a traceback.
 
-Accepted and ignored: frequency_penalty, presence_penalty, logit_bias, user, tools (no tool
-calls), response_format. Refused with 400: n != 1, logprobs, echo. Extensions as llama.cpp's
-server has them: top_k, min_p, repeat_penalty, ignore_eos, and seed -1 for a random seed.
+Chat requests take tools, tool_choice, parallel_tool_calls, assistant messages with tool_calls
+and tool messages, put into the file's own template as its format wants (chat_format.py); the
+answer comes back as message.tool_calls (finish_reason "tool_calls") and message.reasoning_content
+(GLM-4.5's <think> block; inline with --reasoning-format none), streamed as OpenAI streams them.
+Also chat_template_kwargs (e.g. {"enable_thinking": false}) and reasoning_format, as llama-server.
+
+Accepted and ignored: frequency_penalty, presence_penalty, logit_bias, user, response_format.
+Refused with 400: n != 1, logprobs, echo. Extensions as llama.cpp's server has them: top_k, min_p,
+repeat_penalty, ignore_eos, and seed -1 for a random seed.
 """
 import collections
 import collections.abc
@@ -35,8 +41,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
 from .batching import PROMPT_CHUNK, QueueFull, Scheduler, prometheus
+from .chat_format import (THINK_OPEN, ChatFormatError, ChatTurn, Lead, check_tool_calls, check_tool_choice,
+                          check_tools, detect)
 from .errors import ContextOverflow, GlmcpuError
-from .engine import answer, detokenize
+from .engine import detokenize
 from .generate import check_fits
 
 MAX_BODY = 1 << 20          # bytes of request JSON; a prompt that fills a 128k context is ~600 KB
@@ -44,6 +52,8 @@ MAX_DISCARD = 16 << 20      # an unwanted body up to this size is read, so its s
 MAX_CONNECTIONS = 64        # connections served at once; each holds a thread
 HEAD_TIMEOUT = 10           # seconds for a request line and headers, idle keep-alive included
 ROLES = ("system", "user", "assistant", "observation", "tool")
+REASONING_FORMATS = ("deepseek", "none", "auto")     # auto: deepseek, as llama-server's
+TEMPLATE_OWN = ("messages", "tools", "add_generation_prompt")   # chat_template_kwargs may not set these
 
 
 class APIError(Exception):
@@ -149,10 +159,14 @@ class API:
     """What the server does with a parsed request, kept apart from HTTP."""
 
     def __init__(self, model, name=None, api_key=None, max_waiting=16, defaults=None, parallel=1,
-                 chunk=PROMPT_CHUNK):
+                 chunk=PROMPT_CHUNK, reasoning_format="deepseek"):
         """parallel > 1: that many generations decode together in one forward pass (batching.py);
-        1: one at a time, in turns (speculative drafts, where the model has one, then work)."""
+        1: one at a time, in turns (speculative drafts, where the model has one, then work).
+        reasoning_format "none" keeps GLM-4.5's <think> block in the content; "deepseek" (or
+        "auto") returns it as reasoning_content."""
         self.model = model
+        self.reasoning_format = reasoning_format
+        self.format = detect(getattr(model.cfg, "arch", None), model.tokenizer.chat_template)
         self.name = name or os.path.splitext(os.path.basename(model.path))[0]
         self.api_key = api_key
         self.turns = Turns(max_waiting)
@@ -281,21 +295,56 @@ class API:
             raise APIError(400, "'stream_options' must be an object", param="stream_options")
         return kw, stop or [], stream, bool(opts.get("include_usage"))
 
-    def chat_prompt(self, body):
+    def chat_prompt(self, body) -> ChatTurn:
+        """The request's messages, tools and template options rendered with the file's template."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "'messages' must be a non-empty list of {role, content} objects",
                            param="messages")
-        out = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise APIError(400, f"messages[{i}] needs a 'role', one of {', '.join(ROLES)}",
-                               param=f"messages[{i}].role")
-            out.append({"role": m["role"], "content": text_of(m.get("content"), f"messages[{i}].content")})
         try:
-            return self.model.tokenizer.render(out)
-        except Exception as e:          # jinja2 errors, raise_exception() in the file's template
+            tools = check_tools(body.get("tools"))
+            choice = check_tool_choice(body.get("tool_choice"), tools)
+            out = [self.message(m, i) for i, m in enumerate(messages)]
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        parallel = body.get("parallel_tool_calls")
+        parallel = True if parallel is None else parallel
+        if not isinstance(parallel, bool):
+            raise APIError(400, "'parallel_tool_calls' must be true or false", param="parallel_tool_calls")
+        kwargs = body.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict) or any(k in TEMPLATE_OWN or not k.isidentifier() for k in kwargs):
+            raise APIError(400, "'chat_template_kwargs' must be an object of template variables (not "
+                                f"{', '.join(TEMPLATE_OWN)})", param="chat_template_kwargs")
+        reasoning = body.get("reasoning_format") or self.reasoning_format
+        if reasoning not in REASONING_FORMATS:
+            raise APIError(400, f"'reasoning_format' must be one of {', '.join(REASONING_FORMATS)}",
+                           param="reasoning_format")
+        tok = self.model.tokenizer
+        try:
+            msgs, extra = self.format.render_inputs(out, tools, tok.chat_template)
+            prompt = tok.render(msgs, **extra, **kwargs)
+        except Exception as e:          # jinja2 errors, raise_exception() in the file's template, deep JSON
             raise APIError(400, f"the chat template refused these messages: {e}", param="messages")
+        unicode(prompt, "tools" if tools else "messages")      # a lone surrogate in a tool or an argument
+        return ChatTurn(prompt, self.format, tools, choice, parallel, reasoning != "none",
+                        prompt.rstrip().endswith(THINK_OPEN))
+
+    @staticmethod
+    def message(m, i):
+        """messages[i], checked: role and text content; an assistant's tool_calls (arguments as
+        objects) and reasoning_content; a tool result's tool_call_id."""
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise APIError(400, f"messages[{i}] needs a 'role', one of {', '.join(ROLES)}",
+                           param=f"messages[{i}].role")
+        out = {"role": m["role"], "content": text_of(m.get("content"), f"messages[{i}].content")}
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            out["tool_calls"] = check_tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+        if m["role"] == "assistant" and isinstance(m.get("reasoning_content"), str):
+            out["reasoning_content"] = unicode(m["reasoning_content"], f"messages[{i}].reasoning_content")
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str):
+                out[key] = unicode(m[key], f"messages[{i}].{key}")
+        return out
 
     def completion_prompt(self, body):
         prompt = body.get("prompt")
@@ -319,7 +368,9 @@ class API:
         return prompt, kw, stops, stream, usage
 
     def token_ids(self, prompt, chat):
-        """The prompt as token ids, checked against the context before the turn is taken."""
+        """The prompt (a ChatTurn's, for chat) as token ids, checked against the context before
+        the turn is taken."""
+        prompt = prompt.prompt if isinstance(prompt, ChatTurn) else prompt
         ids = self.model.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         try:
             check_fits(len(ids), self.model.ctx)
@@ -336,6 +387,34 @@ class API:
             usage["completion_tokens_details"] = {"accepted_prediction_tokens": s["accepted"],
                                                   "rejected_prediction_tokens": s["drafted"] - s["accepted"]}
         return usage
+
+
+def chat_message(parser) -> dict:
+    """OpenAI's choices[0].message of a parsed answer: content (null beside tool calls and
+    nothing else), reasoning_content where the model reasoned, tool_calls where it called."""
+    msg = {"role": "assistant", "content": parser.content or (None if parser.calls else "")}
+    if parser.reasoning_text:
+        msg["reasoning_content"] = parser.reasoning_text
+    if parser.calls:
+        msg["tool_calls"] = parser.tool_calls
+    return msg
+
+
+def chat_delta(ev) -> dict:
+    """A StreamParser event as a streamed choice's delta."""
+    if ev[0] == "content":
+        return {"content": ev[1]}
+    if ev[0] == "reasoning":
+        return {"reasoning_content": ev[1]}
+    if ev[0] == "call":
+        return {"tool_calls": [{"index": ev[1], "id": ev[2], "type": "function",
+                                "function": {"name": ev[3], "arguments": ""}}]}
+    return {"tool_calls": [{"index": ev[1], "function": {"arguments": ev[2]}}]}
+
+
+def finish_reason(gen, parser) -> str:
+    """"tool_calls" for an answer that called tools and ended by itself, else the generation's."""
+    return "tool_calls" if parser and parser.calls and gen.finish_reason == "stop" else gen.finish_reason
 
 
 def refuse(body, key, ok, message):
@@ -573,11 +652,15 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             pieces, finish, stats = api.run(ids, kw, lambda: not self.client_gone())
-            gen = Generation(answer(pieces) if chat else pieces, finish, stops)
+            if chat:        # the answer without its opening newline, read into reasoning, content, calls
+                lead = Lead(pieces)
+                gen, parser = Generation(lead, finish, stops), prompt.parser(lead)
+            else:
+                gen, parser = Generation(pieces, finish, stops), None
             failed = False
             try:
                 if stream:
-                    self.stream(gen, rid, created, "chat.completion.chunk" if chat else kind, chat,
+                    self.stream(gen, rid, created, "chat.completion.chunk" if chat else kind, parser,
                                 include_usage, stats)
                 else:
                     text = ""
@@ -585,14 +668,19 @@ class Handler(BaseHTTPRequestHandler):
                         if self.client_gone():
                             break
                         text += piece
+                        if parser:
+                            parser.feed(piece)
                     if gen.finish_reason in (None, "cancelled"):     # the client left
                         self.close_connection = True
                         api.cancelled += 1
                         return
-                    choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                               "logprobs": None, "finish_reason": gen.finish_reason} if chat else
-                              {"index": 0, "text": text, "logprobs": None,
-                               "finish_reason": gen.finish_reason})
+                    if parser:
+                        parser.finish()
+                        choice = {"index": 0, "message": chat_message(parser), "logprobs": None,
+                                  "finish_reason": finish_reason(gen, parser)}
+                    else:
+                        choice = {"index": 0, "text": text, "logprobs": None,
+                                  "finish_reason": gen.finish_reason}
                     self.send_json(200, {"id": rid, "object": kind, "created": created,
                                          "model": api.name, "choices": [choice],
                                          "usage": api.usage(stats)})
@@ -604,7 +692,9 @@ class Handler(BaseHTTPRequestHandler):
                 if api.scheduler is None:
                     api.count(stats, "error" if failed else gen.finish_reason or "cancelled")
 
-    def stream(self, gen, rid, created, kind, chat, include_usage, stats):
+    def stream(self, gen, rid, created, kind, parser, include_usage, stats):
+        """Server-sent events of a generation; with a parser (chat), the answer's reasoning,
+        content and tool calls as OpenAI's deltas."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -619,25 +709,30 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             self.wfile.flush()
 
-        def choice(text, finish=None, role=False):
-            if not chat:
-                return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            delta = {"role": "assistant", "content": text} if role else (
-                {"content": text} if text or not finish else {})
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        def choice(text, finish=None):
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+        def delta(d, finish=None):
+            return {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
 
         try:
-            if chat:
-                event(choice("", role=True))
+            if parser:
+                event(delta({"role": "assistant", "content": ""}))
             for piece in gen:
                 if self.client_gone():
                     api.cancelled += 1
                     return
-                event(choice(piece))
+                if not parser:
+                    event(choice(piece))
+                for ev in parser.feed(piece) if parser else ():
+                    event(delta(chat_delta(ev)))
             if gen.finish_reason == "cancelled":        # the client left while its job waited
                 api.cancelled += 1
                 return
-            event(choice("", gen.finish_reason), **({"usage": None} if include_usage else {}))
+            for ev in parser.finish() if parser else ():
+                event(delta(chat_delta(ev)))
+            last = delta({}, finish_reason(gen, parser)) if parser else choice("", gen.finish_reason)
+            event(last, **({"usage": None} if include_usage else {}))
             if include_usage:
                 event(None, usage=api.usage(stats))
             self.wfile.write(b"data: [DONE]\n\n")
