@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 
+from .constrain import Constraint
 from .errors import GlmcpuError
 from .generate import PREFILL_CHUNK, check_finite, check_fits
 from .models.glm4 import Batch
@@ -106,14 +107,17 @@ class Scheduler:
     # ---- the readers' side -------------------------------------------------------------------
 
     def submit(self, ids, max_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
-               repeat_penalty=1.0, seed=None, ignore_eos=False) -> Job:
+               repeat_penalty=1.0, seed=None, ignore_eos=False, grammar=None) -> Job:
         """Queue a generation continuing token ids `ids`; QueueFull when the waiting line is full.
-        max_tokens is capped by the context left after the prompt."""
+        max_tokens is capped by the context left after the prompt; grammar (constrain.py) holds
+        the answer to it."""
         ids = [int(i) for i in ids]
         if not ids:
             raise GlmcpuError("the prompt is empty")
         check_fits(len(ids), self.model.ctx)
-        sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+        sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed,
+                          constraint=None if grammar is None else Constraint(grammar, self.model.tokenizer,
+                                                                             self.model.cfg.n_vocab))
         stops = frozenset() if ignore_eos else frozenset(self.model.tokenizer.stop_ids)
         job = Job(self, ids, sampler, min(int(max_tokens), self.model.ctx - len(ids)), stops)
         with self.cond:
@@ -271,6 +275,8 @@ class Scheduler:
         job.out.put(("tok", tok))
         if job.stats["gen_tokens"] >= job.max_tokens or job.cache.pos >= job.cache.n_ctx:
             self.release(i, "length")
+        elif job.sampler.stopped:               # its grammar is complete
+            self.release(i, "stop")
 
     def release(self, i, reason, error=None):
         """Slot i is free at once; its cache stays kept for the next turn of that conversation."""

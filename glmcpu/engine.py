@@ -4,6 +4,7 @@ import os
 import numpy as np
 
 from . import device, ops
+from .constrain import Constraint, from_request
 from .errors import GlmcpuError
 from .draft import MODES, make as make_draft
 from .generate import check_fits, generate_ids, prefill
@@ -102,8 +103,9 @@ class Model:
         return prefill(self.net, cache, ids, all_logits=True)
 
     def generate(self, prompt, max_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
-                 repeat_penalty=1.0, seed=None, ignore_eos=False, progress=None):
-        """Yield text pieces continuing `prompt` (a string, or a list of token ids).
+                 repeat_penalty=1.0, seed=None, ignore_eos=False, progress=None, grammar=None):
+        """Yield text pieces continuing `prompt` (a string, or a list of token ids); grammar: held
+        to that grammar (constrain.json_schema(...), .json_object(), .gbnf(...), .lark(...)).
         The KV cache is kept between calls: a prompt that starts like the previous conversation
         (the next turn of a chat) only computes its new tokens. progress(done, total) follows
         the prompt's prefill. Not thread-safe: one generation at a time per Model."""
@@ -111,11 +113,12 @@ class Model:
         if not ids:
             raise GlmcpuError("the prompt is empty")
         check_fits(len(ids), self.ctx)
-        sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed)
+        constraint = None if grammar is None else Constraint(grammar, self.tokenizer, self.cfg.n_vocab)
+        sampler = Sampler(temperature, top_k, top_p, min_p, repeat_penalty, seed=seed, constraint=constraint)
         stops = set() if ignore_eos else self.tokenizer.stop_ids
         self.last_stats = {}
         cache = self.reuse_cache(ids)
-        d = cache.draft
+        d = cache.draft if constraint is None else None     # a draft's check knows no grammar
         n_draft = self.draft_tokens or (DEFAULT_DRAFT_TOKENS[type(d).__name__] if d else 0)
         yield from detokenize(self.tokenizer, generate_ids(self.net, cache, ids, sampler, max_tokens, stops,
                                                            self.last_stats, progress, draft=d, n_draft=n_draft))
@@ -154,10 +157,14 @@ class Model:
     def __exit__(self, *exc):
         self.close()
 
-    def chat(self, messages, template_kwargs=None, **kwargs):
+    def chat(self, messages, template_kwargs=None, response_format=None, **kwargs):
         """Render `messages` ([{"role", "content"}]) with the file's chat template, then generate.
-        template_kwargs go to the template (e.g. enable_thinking=False for GLM-4.5). The newline GLM
-        models write after <|assistant|> is not part of the answer: it is left out."""
+        template_kwargs go to the template (e.g. enable_thinking=False for GLM-4.5); response_format
+        as OpenAI's ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": ...}})
+        holds the answer to it, as does grammar= (constrain.py). The newline GLM models write after
+        <|assistant|> is not part of the answer: it is left out."""
+        if response_format is not None:
+            kwargs["grammar"] = from_request(response_format, kwargs.pop("grammar", None))
         yield from answer(self.generate(self.tokenizer.render(messages, **(template_kwargs or {})), **kwargs))
 
     def __repr__(self):

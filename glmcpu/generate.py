@@ -94,7 +94,7 @@ def generate_ids(model, cache, prompt_ids, sampler, max_tokens, stop_ids, stats,
             history.append(tok)
             stats["gen_tokens"] += 1
             yield tok
-        if stats["gen_tokens"] >= max_tokens or cache.pos >= cache.n_ctx:
+        if stats["gen_tokens"] >= max_tokens or cache.pos >= cache.n_ctx or sampler.stopped:
             return
         t = time.perf_counter()                 # time the work, not the consumer of the ids
         tok = history[-1]

@@ -13,9 +13,15 @@ class Sampler:
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
     seed: int | None = None
+    constraint: object = None       # constrain.Constraint: tokens its grammar forbids are never chosen
 
     def __post_init__(self):
         self.rng = np.random.default_rng(self.seed)
+
+    @property
+    def stopped(self) -> bool:
+        """The constraint's grammar is complete: the answer ends (only a stop token may follow)."""
+        return self.constraint is not None and self.constraint.done
 
     @property
     def greedy(self) -> bool:
@@ -26,12 +32,15 @@ class Sampler:
         one when greedy, the top-k's k (top-p and min-p then work within those), all when a
         penalty may reorder them. A cluster's workers then send those, not whole logit slices;
         every other logit may be -inf and the choice is the same."""
-        if self.repeat_penalty != 1.0 and len(history):
+        if (self.repeat_penalty != 1.0 and len(history)) or self.constraint is not None:
             return 0
         return 1 if self.greedy else max(self.top_k, 0)
 
     def __call__(self, logits: np.ndarray, history) -> int:
-        return self.draw(*self.distribution(logits, history))
+        tok = self.draw(*self.distribution(logits, history))
+        if self.constraint is not None:
+            self.constraint.accept(tok)
+        return tok
 
     def draw(self, ids, p) -> int:
         """A token from a distribution of distribution(): the first when greedy."""
@@ -41,6 +50,8 @@ class Sampler:
         """The tokens this sampler may pick and their probabilities (ids, p summing to 1), best
         first; greedy: the argmax alone."""
         logits = np.asarray(logits, dtype=np.float32).reshape(-1)
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits)
         if self.repeat_penalty != 1.0 and len(history):
             seen = np.unique(np.asarray(history[-self.repeat_last_n:], dtype=np.int64))
             seen = seen[seen < logits.shape[0]]

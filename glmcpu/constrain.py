@@ -1,0 +1,146 @@
+"""Constrained sampling: an answer held to a grammar, token by token, by llguidance (the library
+llama.cpp's `--grammar`/`json_schema` uses when built with it): before each choice, every token
+that cannot continue a valid output gets -inf; the grammar consumes the token chosen; once it is
+complete, only a stop token is left (llguidance allows the tokenizer's EOS tokens then).
+
+Grammars: a JSON schema (OpenAI's response_format json_schema, llama.cpp's json_schema field),
+any JSON object (response_format json_object), a Lark or llama.cpp GBNF grammar (the `grammar`
+field), or a chat format's tool calls (chat_format.ChatTurn.tool_grammar: tool_choice required or
+a named function). JSON is written with ", " and ": " and no other whitespace, so a model cannot
+wander off into blank space; strings keep every character JSON allows.
+
+Why llguidance and not xgrammar: tools/bench_constrain.py times both on the same token sequences
+over a 151k byte-level BPE vocabulary (README: Structured outputs)."""
+import json
+import time
+
+import numpy as np
+
+from .errors import GlmcpuError
+
+# JSON as json.dumps writes it: the separators, no other whitespace
+JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+
+
+class GrammarError(GlmcpuError):
+    """A grammar or schema llguidance cannot compile (the message says where)."""
+
+
+def _llguidance():
+    try:
+        import llguidance
+    except ImportError:
+        raise GlmcpuError("constrained output (response_format, grammar, tool_choice) needs the "
+                          "llguidance package: pip install llguidance") from None
+    return llguidance
+
+
+def json_schema(schema) -> str:
+    """The grammar of JSON valid under `schema` (a dict or its text)."""
+    llg = _llguidance()
+    try:
+        return llg.LLMatcher.grammar_from_json_schema(schema if isinstance(schema, str) else json.dumps(schema),
+                                                      defaults=JSON_OPTIONS)
+    except ValueError as e:
+        raise GrammarError(f"the JSON schema is not valid JSON ({e})") from None
+
+
+def json_object() -> str:
+    """Any JSON object."""
+    return json_schema({"type": "object"})
+
+
+def lark(text: str) -> str:
+    return _llguidance().LLMatcher.grammar_from_lark(text)
+
+
+def gbnf(text: str) -> str:
+    """A llama.cpp GBNF grammar (root ::= ...), or Lark."""
+    try:
+        return _llguidance().grammar_from("gbnf", text)
+    except ValueError as e:
+        raise GrammarError(f"the grammar is not valid GBNF or Lark ({e})") from None
+
+
+def ll_tokenizer(tokenizer, n_vocab: int):
+    """llguidance's view of a glmcpu Tokenizer over the model's n_vocab rows (kept on it: building
+    one takes ~0.3 s for 151k tokens); its EOS tokens are the tokenizer's stop ids."""
+    cache = getattr(tokenizer, "_llg", None)
+    if cache is None or cache[0] != n_vocab:
+        llg = _llguidance()
+        stops = sorted(i for i in tokenizer.stop_ids if i < n_vocab)
+        tok = llg.LLTokenizer(tokenizer.tok.to_str(), n_vocab=n_vocab, eos_token=stops or None)
+        tokenizer._llg = cache = (n_vocab, tok)
+    return cache[1]
+
+
+def check(grammar: str, tokenizer, n_vocab: int):
+    """GrammarError unless the grammar compiles (before a request takes a slot)."""
+    Constraint(grammar, tokenizer, n_vocab)
+
+
+class Constraint:
+    """One generation's grammar state: mask the logits, then accept the token chosen."""
+
+    def __init__(self, grammar: str, tokenizer, n_vocab: int):
+        llg = _llguidance()
+        self.n_vocab = n_vocab
+        self.matcher = llg.LLMatcher(ll_tokenizer(tokenizer, n_vocab), grammar, log_level=0)
+        if self.matcher.is_error():
+            raise GrammarError(f"the grammar does not compile: {self.matcher.get_error()}")
+        self.words = np.zeros((n_vocab + 31) // 32, np.int32)     # llguidance's bitmask, reused
+        self.seconds, self.masks = 0.0, 0          # time spent computing masks (tools/bench_constrain.py)
+
+    @property
+    def done(self) -> bool:
+        """The output is complete: nothing but a stop token may follow."""
+        return self.matcher.is_stopped()
+
+    def allowed(self) -> np.ndarray:
+        """bool [n_vocab]: the tokens that may come next."""
+        t = time.perf_counter()
+        self.matcher.unsafe_compute_mask_ptr(self.words.ctypes.data, self.words.nbytes)
+        bits = np.unpackbits(self.words.view(np.uint8), bitorder="little")[:self.n_vocab].view(bool)
+        self.seconds += time.perf_counter() - t
+        self.masks += 1
+        return bits
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """A copy of logits [n_vocab] with every token the grammar forbids at -inf."""
+        return np.where(self.allowed(), logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+
+    def accept(self, token: int):
+        if not self.matcher.consume_token(int(token)):
+            raise GlmcpuError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+
+
+def from_request(response_format=None, grammar=None, schema=None):
+    """The grammar an OpenAI-style request asks for, or None: response_format {"type": "text" |
+    "json_object" | "json_schema", "json_schema": {"schema": ...}}, llama.cpp's `grammar` (GBNF or
+    Lark) or `json_schema`. GrammarError for a shape it cannot read."""
+    asked = [x for x in (grammar, schema) if x is not None]
+    rf = response_format
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+            raise GrammarError("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                               "{\"type\": \"json_schema\", \"json_schema\": {\"name\", \"schema\"}}")
+        if rf["type"] != "text":
+            asked.append(rf)
+    if len(asked) > 1:
+        raise GrammarError("give one of response_format, grammar and json_schema")
+    if not asked:
+        return None
+    if grammar is not None:
+        if not isinstance(grammar, str) or not grammar.strip():
+            raise GrammarError("grammar must be a GBNF (or Lark) grammar in a string")
+        return gbnf(grammar)
+    if schema is not None:
+        if not isinstance(schema, dict):
+            raise GrammarError("json_schema must be a JSON schema object")
+        return json_schema(schema)
+    if rf["type"] == "json_object":
+        return json_object()
+    js = rf.get("json_schema")
+    if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
+        raise GrammarError("response_format json_schema needs \"json_schema\": {\"name\": ..., \"schema\": {...}}")
+    return json_schema(js.get("schema") or {"type": "object"})
