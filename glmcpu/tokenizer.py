@@ -13,6 +13,7 @@ GLM4_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}
               r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 KNOWN_PRE = ("chatglm-bpe", "glm4", "default", None)
 CONTROL = 3                 # llama.cpp token type of special tokens
+USER_DEFINED = 4            # added tokens that are not special (GLM-4.5's <think>, <tool_call>... where so marked)
 STOP_TEXTS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 
 # used when a file carries no tokenizer.chat_template
@@ -63,6 +64,8 @@ class Tokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([t for t, ty in zip(tokens, types) if ty == CONTROL])
+        # matched whole in text before BPE, as llama.cpp does: a prompt's <tool_call> is that one token
+        tok.add_tokens([t for t, ty in zip(tokens, types) if ty == USER_DEFINED])
         stops = [f.number(k, -1, minimum=None) for k in ("tokenizer.ggml.eos_token_id",
                                                           "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")]
         return cls(tok, f.text("tokenizer.chat_template"), [s for s in stops if 0 <= s < len(tokens)],
