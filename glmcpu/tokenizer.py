@@ -42,13 +42,15 @@ class Tokenizer:
             raise ModelFileError(f"{source} is not a valid Jinja template ({_first_line(e)})") from None
 
     @classmethod
-    def from_gguf(cls, f) -> "Tokenizer":
+    def from_gguf(cls, f, any_pre=False) -> "Tokenizer":
+        """any_pre: take another byte-level BPE's vocabulary (split as GLM-4 splits; for tools that
+        want a real 151k vocabulary, such as a llama.cpp vocab-only file)."""
         kind = f.text("tokenizer.ggml.model")
         if kind != "gpt2":
             raise ModelFileError(f"{f.path}: tokenizer type {kind!r} is not byte-level BPE ('gpt2'), "
                                  "which every GLM-4 file uses")
         pre = f.text("tokenizer.ggml.pre")
-        if pre not in KNOWN_PRE:
+        if pre not in KNOWN_PRE and not any_pre:
             raise ModelFileError(f"{f.path}: pre-tokenizer {pre!r} is not a GLM one ({', '.join(p for p in KNOWN_PRE if p)})")
         tokens = f.strings("tokenizer.ggml.tokens", nonempty=True)
         merges = f.strings("tokenizer.ggml.merges", [])
