@@ -30,6 +30,8 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from .constrain import json_expr
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
@@ -198,7 +200,7 @@ class ChatFormat:
         for k, fn in enumerate(fns):
             schema = fn.get("parameters") or {"type": "object"}
             if not self.syntax:
-                rules.append(f"call{k}: {json.dumps(fn['name'] + chr(10))} %json {json.dumps(schema)}")
+                rules.append(f"call{k}: {json.dumps(fn['name'] + chr(10))} {json_expr(schema)}")
             else:
                 rules += self._xml_rules(k, fn["name"], schema, lit, special)
             alts.append(f"call{k}")
@@ -218,7 +220,7 @@ class ChatFormat:
 
         def value(tag, sub):
             if value_kind(sub) == "json":
-                return f"%json {json.dumps(sub)}" + (f" {json.dumps(nl)}" if nl else "") + f" {lit(s.value_close)}"
+                return json_expr(sub) + (f" {json.dumps(nl)}" if nl else "") + f" {lit(s.value_close)}"
             if s.value_close in special:        # a special token ends the text by itself
                 rules.append(f"{tag}: /(?s:.*)/")
                 return f"{tag} {lit(s.value_close)}"

@@ -12,6 +12,7 @@ wander off into blank space; strings keep every character JSON allows.
 Why llguidance and not xgrammar: tools/bench_constrain.py times both on the same token sequences
 over a 151k byte-level BPE vocabulary (README: Structured outputs)."""
 import json
+import re
 import time
 
 import numpy as np
@@ -36,13 +37,22 @@ def _llguidance():
 
 
 def json_schema(schema) -> str:
-    """The grammar of JSON valid under `schema` (a dict or its text)."""
-    llg = _llguidance()
-    try:
-        return llg.LLMatcher.grammar_from_json_schema(schema if isinstance(schema, str) else json.dumps(schema),
-                                                      defaults=JSON_OPTIONS)
-    except ValueError as e:
-        raise GrammarError(f"the JSON schema is not valid JSON ({e})") from None
+    """The Lark grammar of JSON valid under `schema` (a dict, or its text), written as JSON_OPTIONS
+    says unless the schema's own "x-guidance" says otherwise."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError as e:
+            raise GrammarError(f"the JSON schema is not valid JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise GrammarError("a JSON schema must be an object")
+    return "start: " + json_expr(schema)
+
+
+def json_expr(schema: dict) -> str:
+    """`%json {schema}` for a Lark rule, written as JSON_OPTIONS says (unless the schema's own
+    "x-guidance" says otherwise)."""
+    return "%json " + json.dumps(dict(schema, **{"x-guidance": {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}}))
 
 
 def json_object() -> str:
@@ -50,16 +60,35 @@ def json_object() -> str:
     return json_schema({"type": "object"})
 
 
-def lark(text: str) -> str:
-    return _llguidance().LLMatcher.grammar_from_lark(text)
-
-
 def gbnf(text: str) -> str:
-    """A llama.cpp GBNF grammar (root ::= ...), or Lark."""
+    """A llama.cpp GBNF grammar (root ::= ...), or Lark, as Lark."""
     try:
-        return _llguidance().grammar_from("gbnf", text)
-    except ValueError as e:
+        return _llguidance().gbnf_to_lark.any_to_lark(text)
+    except Exception as e:          # its converter raises what its parser raises
         raise GrammarError(f"the grammar is not valid GBNF or Lark ({e})") from None
+
+
+def special_tags(tokenizer) -> frozenset:
+    """The texts of the tokenizer's special (control) tokens: in a grammar they are single tokens,
+    written <tag> (llguidance's token syntax), not strings."""
+    return frozenset(t.content for t in tokenizer.tok.get_added_tokens_decoder().values() if t.special)
+
+
+def with_thinking(grammar: str, mode, special=frozenset()) -> str:
+    """A chat answer whose text is `grammar` (Lark with a start rule), after its thinking: mode None
+    (nothing before it), "optional" (a <think>...</think> block may come first: GLM-4.5 thinks
+    unless told not to), "open" (the prompt ended inside <think>: reasoning and </think> first)."""
+    if mode is None:
+        return grammar
+    body = re.sub(r"(?m)^start(\s*:)", r"answer\1", grammar)
+    if "</think>" in special:       # a special token ends the reasoning by itself
+        reasoning = "reasoning <" + "/think>\nreasoning: /(?s:.*)/"
+    else:                           # the rule's text ends where "</think>" is written
+        reasoning = 'reasoning\nreasoning[suffix="</think>"]: /(?s:.*)/'
+    opener = ("<think>" if "<think>" in special else '"<think>"') + " "
+    if mode == "optional":
+        return f"start: thinking? answer\nthinking: {opener}{reasoning}\n{body}"
+    return f"start: thinking answer\nthinking: {reasoning}\n{body}"
 
 
 def ll_tokenizer(tokenizer, n_vocab: int):
@@ -79,13 +108,19 @@ def check(grammar: str, tokenizer, n_vocab: int):
     Constraint(grammar, tokenizer, n_vocab)
 
 
+def lark(text: str) -> str:
+    return text
+
+
 class Constraint:
     """One generation's grammar state: mask the logits, then accept the token chosen."""
 
     def __init__(self, grammar: str, tokenizer, n_vocab: int):
+        """grammar: Lark (llguidance's dialect: %json, <special tokens>), as this module builds it."""
         llg = _llguidance()
         self.n_vocab = n_vocab
-        self.matcher = llg.LLMatcher(ll_tokenizer(tokenizer, n_vocab), grammar, log_level=0)
+        self.matcher = llg.LLMatcher(ll_tokenizer(tokenizer, n_vocab), llg.LLMatcher.grammar_from_lark(grammar),
+                                     log_level=0)
         if self.matcher.is_error():
             raise GrammarError(f"the grammar does not compile: {self.matcher.get_error()}")
         self.words = np.zeros((n_vocab + 31) // 32, np.int32)     # llguidance's bitmask, reused

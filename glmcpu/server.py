@@ -3,10 +3,10 @@
 Standard library only. Every connection runs in its own thread, up to `max_connections` at once
 (more are answered 503 by the accepting thread and closed); a connection gets `head_timeout`
 seconds for each request's line and headers (and no longer idle between keep-alive requests).
-Generations take turns in arrival order (`Turns`): one model, one KV cache, so the next turn of a
-conversation reuses the prefix the model already holds. The model itself only runs on one runner
-thread. A client that goes away (closed socket) ends its generation at the next token, freeing
-the model for the queue.
+With --parallel N (batching.py) up to N generations decode together in one forward pass, each with
+its own KV cache; with 1 they take turns in arrival order (`Turns`). Either way the model runs on one
+thread, and kept KV caches let the next turn of a conversation reuse its prefix. A client that
+goes away (closed socket) ends its generation at the next token, freeing its slot.
 
 Every error is answered in OpenAI's shape, http.server's own refusals included (a garbled request
 line: 400, an unknown method: 405, headers too long: 431, a version HTTP/2 or later: 505); a bug
@@ -18,7 +18,11 @@ answer comes back as message.tool_calls (finish_reason "tool_calls") and message
 (GLM-4.5's <think> block; inline with --reasoning-format none), streamed as OpenAI streams them.
 Also chat_template_kwargs (e.g. {"enable_thinking": false}) and reasoning_format, as llama-server.
 
-Accepted and ignored: frequency_penalty, presence_penalty, logit_bias, user, response_format.
+Structured outputs: response_format json_object / json_schema, and llama.cpp's grammar (GBNF or
+Lark) and json_schema fields; tool_choice "required" or a named function; each enforced by
+constrained sampling (constrain.py, llguidance), after GLM-4.5's thinking where it thinks.
+
+Accepted and ignored: frequency_penalty, presence_penalty, logit_bias, user.
 Refused with 400: n != 1, logprobs, echo. Extensions as llama.cpp's server has them: top_k, min_p,
 repeat_penalty, ignore_eos, and seed -1 for a random seed.
 """
@@ -40,6 +44,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
+from . import constrain
 from .batching import PROMPT_CHUNK, QueueFull, Scheduler, prometheus
 from .chat_format import (THINK_OPEN, ChatFormatError, ChatTurn, Lead, check_tool_calls, check_tool_choice,
                           check_tools, detect)
@@ -365,7 +370,35 @@ class API:
         self.check_model(body)
         prompt = self.chat_prompt(body) if chat else self.completion_prompt(body)
         kw, stops, stream, usage = self.sampling(body)
+        kw["grammar"] = self.grammar(body, prompt if chat else None)
         return prompt, kw, stops, stream, usage
+
+    def grammar(self, body, turn):
+        """The grammar the answer is held to (constrain.py), or None: response_format, llama.cpp's
+        grammar / json_schema, or a chat turn's tool_choice required or named; after any thinking
+        GLM-4.5 does first. Checked here: a grammar that does not compile is a 400."""
+        tok, n_vocab, calls = self.model.tokenizer, self.model.cfg.n_vocab, None
+        param = next((k for k in ("response_format", "grammar", "json_schema") if body.get(k) is not None),
+                     "response_format")
+        try:
+            grammar = constrain.from_request(body.get("response_format"), body.get("grammar"),
+                                             body.get("json_schema"))
+            special = constrain.special_tags(tok)
+            calls = turn.tool_grammar(special) if turn is not None else None
+            if calls is not None and grammar is not None:
+                raise constrain.GrammarError(f"tool_choice {turn.tool_choice!r} holds the answer to tool calls; "
+                                             f"it cannot also follow {param}")
+            grammar = calls or grammar
+            if grammar is None:
+                return None
+            if turn is not None:
+                grammar = constrain.with_thinking(grammar, thinking_mode(turn), special)
+            constrain.check(grammar, tok, n_vocab)
+        except constrain.GrammarError as e:
+            raise APIError(400, str(e), param="tool_choice" if calls is not None else param) from None
+        except ChatFormatError as e:
+            raise APIError(400, str(e), param=e.param) from None
+        return grammar
 
     def token_ids(self, prompt, chat):
         """The prompt (a ChatTurn's, for chat) as token ids, checked against the context before
@@ -415,6 +448,18 @@ def chat_delta(ev) -> dict:
 def finish_reason(gen, parser) -> str:
     """"tool_calls" for an answer that called tools and ended by itself, else the generation's."""
     return "tool_calls" if parser and parser.calls and gen.finish_reason == "stop" else gen.finish_reason
+
+
+def thinking_mode(turn):
+    """What may come before a constrained answer (constrain.with_thinking): GLM-4.5's thinking
+    unless the prompt closed it (enable_thinking false writes <think></think>), or the rest of a
+    thinking the prompt opened."""
+    p = turn.prompt.rstrip()
+    if turn.think_open:
+        return "open"
+    if turn.format.name == "glm4" or p.endswith("</think>"):
+        return None
+    return "optional"
 
 
 def refuse(body, key, ok, message):

@@ -281,7 +281,7 @@ def test_a_template_without_tools_gets_them_polyfilled(demo):
 def test_grammar_specs_name_every_function_and_their_values():
     g = FORMATS["glm45"].grammar(TOOLS, name="get_weather", parallel=False, special={"<tool_call>", "</tool_call>"})
     assert g.startswith("start: call\n") and '<tool_call> "get_weather" "\\n"' in g and "</tool_call>" in g
-    assert '%json {"type": "integer"}' in g and 'suffix="</arg_value>"' in g and "write_file" not in g
+    assert '%json {"type": "integer", "x-guidance"' in g and 'suffix="</arg_value>"' in g and "write_file" not in g
     g = FORMATS["glm4"].grammar(TOOLS)
     assert g.count("%json") == 3 and '"plan\\n"' in g
     g = FORMATS["xml"].grammar(TOOLS)
