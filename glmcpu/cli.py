@@ -351,6 +351,8 @@ def serve(model, a):
           f"{', API key required' if api.api_key else ''}). Ctrl-C to stop.", flush=True)
     print(model.ctx_note, file=sys.stderr, flush=True)
     print(parallel_note + ("" if parallel > 1 else "; generations take turns"), file=sys.stderr, flush=True)
+    if threading.current_thread() is threading.main_thread():
+        server.watch_signals()
     try:
         server.serve_forever()
     except KeyboardInterrupt:

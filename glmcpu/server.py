@@ -34,6 +34,7 @@ import io
 import json
 import os
 import select
+import signal
 import socket
 import sys
 import threading
@@ -845,6 +846,33 @@ class Server(ThreadingHTTPServer):
         self.max_connections, self.head_timeout = max_connections, head_timeout
         self.slots = threading.BoundedSemaphore(max_connections)    # one per connection thread
         super().__init__((host, port), Handler)
+
+    signals = None                  # the read end of the signal wakeup pipe (watch_signals)
+
+    def watch_signals(self):
+        """SIGTERM, SIGHUP and SIGINT end serve_forever for certain. CPython 3.11 runs a signal's
+        Python handler only once the main thread sees its eval breaker, which another thread
+        taking the GIL can clear: an idle server could then miss a SIGTERM. The handler's C part
+        always writes the signal to the wakeup fd, which the loop reads (service_actions)."""
+        r, w = os.pipe()
+        for fd in (r, w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(w)
+        self.signals = r
+
+    def service_actions(self):
+        """Run by serve_forever after every select (at least every 0.5 s)."""
+        if self.signals is None:
+            return
+        try:
+            got = os.read(self.signals, 64)
+        except BlockingIOError:
+            return
+        for sig in got:
+            if sig == signal.SIGINT:
+                raise KeyboardInterrupt
+            if sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+                raise SystemExit(128 + sig)
 
     def process_request(self, request, client_address):
         """A thread for the connection if one of `max_connections` is free, else a 503 from this
