@@ -254,6 +254,18 @@ def detect(arch, template) -> ChatFormat:
     return FORMATS["glm45"] if arch == "glm4moe" else FORMATS["glm4"]
 
 
+def thinking_mode(fmt: ChatFormat, prompt: str):
+    """What may come before a constrained answer (constrain.with_thinking): the reasoning a GLM-4.5
+    (or INTELLECT-3) model writes first unless the prompt closed it (enable_thinking false writes
+    <think></think>): "optional"; the rest of a thinking the prompt opened: "open"; GLM-4: None."""
+    p = prompt.rstrip()
+    if p.endswith(THINK_OPEN):
+        return "open"
+    if fmt.name == "glm4" or p.endswith(THINK_CLOSE):
+        return None
+    return "optional"
+
+
 def with_system(messages, text):
     """messages with `text` added to the first system message (one made first if none)."""
     out = [dict(m) for m in messages]

@@ -284,6 +284,7 @@ def cmd_run(a):
 
 def run_model(model, a):
     kw = sampling_kwargs(a)
+    kw["grammar"] = run_grammar(a)
     if a.prompt is not None or not sys.stdin.isatty():
         prompt = a.prompt if a.prompt is not None else sys.stdin.read()
         kw["progress"] = StepBar("reading the prompt: tokens", after=0.5)
@@ -310,6 +311,24 @@ def run_model(model, a):
 
     history = os.path.join(os.path.expanduser("~"), ".cache", "glmcpu", "chat_history")
     return tui.run(model, kw, system=a.system, stats_extra=extra, history_file=history)
+
+
+def run_grammar(a):
+    """`run --json-schema` / `--grammar-file`: the Lark grammar the answers are held to, or None."""
+    from . import constrain
+
+    if a.json_schema and a.grammar_file:
+        raise GlmcpuError("give --json-schema or --grammar-file, not both")
+    if a.json_schema:
+        text = a.json_schema
+        if text.startswith("@"):
+            with open(text[1:]) as f:
+                text = f.read()
+        return constrain.json_schema(text)
+    if a.grammar_file:
+        with open(a.grammar_file) as f:
+            return constrain.gbnf(f.read())
+    return None
 
 
 def expert_lines(model) -> list:
@@ -617,6 +636,9 @@ def build_parser():
     r.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
     r.add_argument("--system", help="system message for the chat")
     r.add_argument("--stats", action="store_true", help="print per-layer expert hit counts (MoE models)")
+    r.add_argument("--json-schema", "-j", metavar="SCHEMA",
+                   help="answers are JSON valid under this schema (JSON text, or @FILE), by constrained sampling")
+    r.add_argument("--grammar-file", metavar="FILE", help="answers follow this GBNF (llama.cpp's) or Lark grammar")
     add_sampling(r)
     add_engine(r)
     add_cluster(r)

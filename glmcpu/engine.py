@@ -4,7 +4,8 @@ import os
 import numpy as np
 
 from . import device, ops
-from .constrain import Constraint, from_request
+from .chat_format import detect, thinking_mode
+from .constrain import Constraint, from_request, special_tags, with_thinking
 from .errors import GlmcpuError
 from .draft import MODES, make as make_draft
 from .generate import check_fits, generate_ids, prefill
@@ -161,11 +162,16 @@ class Model:
         """Render `messages` ([{"role", "content"}]) with the file's chat template, then generate.
         template_kwargs go to the template (e.g. enable_thinking=False for GLM-4.5); response_format
         as OpenAI's ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": ...}})
-        holds the answer to it, as does grammar= (constrain.py). The newline GLM models write after
+        holds the answer to it, as does grammar= (constrain.py: Lark text), after any thinking the
+        model does first (GLM-4.5, unless enable_thinking=False). The newline GLM models write after
         <|assistant|> is not part of the answer: it is left out."""
         if response_format is not None:
-            kwargs["grammar"] = from_request(response_format, kwargs.pop("grammar", None))
-        yield from answer(self.generate(self.tokenizer.render(messages, **(template_kwargs or {})), **kwargs))
+            kwargs["grammar"] = from_request(response_format)
+        prompt = self.tokenizer.render(messages, **(template_kwargs or {}))
+        if kwargs.get("grammar") is not None:          # after any thinking the model does first
+            fmt = detect(self.cfg.arch, self.tokenizer.chat_template)
+            kwargs["grammar"] = with_thinking(kwargs["grammar"], thinking_mode(fmt, prompt), special_tags(self.tokenizer))
+        yield from answer(self.generate(prompt, **kwargs))
 
     def __repr__(self):
         c = self.cfg

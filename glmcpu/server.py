@@ -47,7 +47,7 @@ from importlib import resources
 
 from . import constrain
 from .batching import PROMPT_CHUNK, QueueFull, Scheduler, prometheus
-from .chat_format import (THINK_OPEN, ChatFormatError, ChatTurn, Lead, check_tool_calls, check_tool_choice,
+from .chat_format import (THINK_OPEN, ChatFormatError, ChatTurn, Lead, check_tool_calls, check_tool_choice, thinking_mode,
                           check_tools, detect)
 from .errors import ContextOverflow, GlmcpuError
 from .engine import detokenize
@@ -393,7 +393,7 @@ class API:
             if grammar is None:
                 return None
             if turn is not None:
-                grammar = constrain.with_thinking(grammar, thinking_mode(turn), special)
+                grammar = constrain.with_thinking(grammar, thinking_mode(turn.format, turn.prompt), special)
             constrain.check(grammar, tok, n_vocab)
         except constrain.GrammarError as e:
             raise APIError(400, str(e), param="tool_choice" if calls is not None else param) from None
@@ -449,18 +449,6 @@ def chat_delta(ev) -> dict:
 def finish_reason(gen, parser) -> str:
     """"tool_calls" for an answer that called tools and ended by itself, else the generation's."""
     return "tool_calls" if parser and parser.calls and gen.finish_reason == "stop" else gen.finish_reason
-
-
-def thinking_mode(turn):
-    """What may come before a constrained answer (constrain.with_thinking): GLM-4.5's thinking
-    unless the prompt closed it (enable_thinking false writes <think></think>), or the rest of a
-    thinking the prompt opened."""
-    p = turn.prompt.rstrip()
-    if turn.think_open:
-        return "open"
-    if turn.format.name == "glm4" or p.endswith("</think>"):
-        return None
-    return "optional"
 
 
 def refuse(body, key, ok, message):
