@@ -205,7 +205,7 @@ class ChatFormat:
                 rules += self._xml_rules(k, fn["name"], schema, lit, special)
             alts.append(f"call{k}")
         many = parallel and self.syntax is not None
-        ws = 'WS: /[ \\t\\n]*/'
+        ws = 'WS: /[ \\t\\n]{0,4}/'        # bounded: no wandering off into blank space
         head = "start: calls\ncalls: call (WS call)*\n" if many else "start: call\n"
         return head + f"call: {' | '.join(alts)}\n" + "\n".join(rules) + f"\n{ws}\n"
 
@@ -219,12 +219,17 @@ class ChatFormat:
         rules, parts = [], []
 
         def value(tag, sub):
-            if value_kind(sub) == "json":
+            kind = value_kind(sub)
+            if kind == "json":
                 return json_expr(sub) + (f" {json.dumps(nl)}" if nl else "") + f" {lit(s.value_close)}"
+            if kind == "string" and text_choices(sub) is not None:     # enum, const: one of these texts
+                rules.append(f"{tag}: " + " | ".join(json.dumps(v) for v in text_choices(sub)))
+                return tag + (f" {json.dumps(nl)}" if nl else "") + f" {lit(s.value_close)}"
+            text = text_lexeme(sub if kind == "string" else None)      # a string's pattern and lengths
             if s.value_close in special:        # a special token ends the text by itself
-                rules.append(f"{tag}: /(?s:.*)/")
+                rules.append(f"{tag}: {text}")
                 return f"{tag} {lit(s.value_close)}"
-            rules.append(f"{tag}[suffix={json.dumps(nl + s.value_close)}]: /(?s:.*)/")  # the rule eats its end
+            rules.append(f"{tag}[suffix={json.dumps(nl + s.value_close)}]: {text}")  # the rule eats its end
             return tag
 
         for j, (key, sub) in enumerate(props.items()):
@@ -294,6 +299,35 @@ def value_kind(schema) -> str:
     if "const" in schema and isinstance(schema["const"], str):
         return "string"
     return "any"
+
+
+def text_choices(schema):
+    """The texts a string parameter may be (its enum or const), or None."""
+    if isinstance(schema.get("const"), str):
+        return [schema["const"]]
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+        return enum
+    return None
+
+
+def text_lexeme(schema) -> str:
+    """The Lark lexeme of a string parameter's raw text (written without JSON's quotes): any text,
+    held to the schema's pattern (searched for, as JSON Schema does, unless anchored), minLength
+    and maxLength, so that a bounded string ends."""
+    schema = schema if isinstance(schema, dict) else {}
+    parts = []
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str):
+        head = pattern.startswith("^")
+        tail = pattern.endswith("$") and not pattern.endswith("\\$")
+        body = re.sub(r"(?<!\\)/", r"\/", pattern[int(head):len(pattern) - int(tail)])   # Lark's /.../
+        parts.append(("" if head else "(?s:.*)") + f"(?:{body})" + ("" if tail else "(?s:.*)"))
+    lo, hi = schema.get("minLength"), schema.get("maxLength")
+    if isinstance(lo, int) and lo > 0 or isinstance(hi, int):
+        lo = lo if isinstance(lo, int) and lo > 0 else 0
+        parts.append(f"(?s:.{{{lo},{hi if isinstance(hi, int) else ''}}})")
+    return " & ".join(f"/{p}/" for p in parts) or "/(?s:.*)/"
 
 
 def new_call_id() -> str:

@@ -7,7 +7,8 @@ Grammars: a JSON schema (OpenAI's response_format json_schema, llama.cpp's json_
 any JSON object (response_format json_object), a Lark or llama.cpp GBNF grammar (the `grammar`
 field), or a chat format's tool calls (chat_format.ChatTurn.tool_grammar: tool_choice required or
 a named function). JSON is written with ", " and ": " and no other whitespace, so a model cannot
-wander off into blank space; strings keep every character JSON allows.
+wander off into blank space; strings keep every character JSON allows; a number has at most
+MAX_DIGITS digits in a row where it could end instead (llguidance's number has no length limit).
 
 Why llguidance and not xgrammar: tools/bench_constrain.py times both on the same token sequences
 over a 151k byte-level BPE vocabulary (README: Structured outputs)."""
@@ -21,6 +22,10 @@ from .errors import GlmcpuError
 
 # JSON as json.dumps writes it: the separators, no other whitespace
 JSON_OPTIONS = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+# digits in a row a JSON number may have where it could end instead: llguidance's number has no
+# length limit, and a model that likes a digit (greedy, or a small one) writes 2.2222... until
+# max_tokens; llama.cpp's JSON grammars allow 16 digits in each part of a number
+MAX_DIGITS = 16
 
 
 class GrammarError(GlmcpuError):
@@ -100,6 +105,26 @@ def ll_tokenizer(tokenizer, n_vocab: int):
         stops = sorted(i for i in tokenizer.stop_ids if i < n_vocab)
         tok = llg.LLTokenizer(tokenizer.tok.to_str(), n_vocab=n_vocab, eos_token=stops or None)
         tokenizer._llg = cache = (n_vocab, tok)
+        digit_table(tokenizer, n_vocab)         # here, so that a first grammar's compile time is its own
+    return cache[1]
+
+
+def digit_table(tokenizer, n_vocab: int):
+    """Per token (kept on the tokenizer; ~40 ms for 151k tokens): its leading and trailing ASCII
+    digits (for a token of digits only, its length, negated in `trail`), and whether it starts
+    with a quote."""
+    cache = getattr(tokenizer, "_digits", None)
+    if cache is None or cache[0] != n_vocab:
+        ll = ll_tokenizer(tokenizer, n_vocab)
+        lead, trail = np.zeros(n_vocab, np.int32), np.zeros(n_vocab, np.int32)
+        quote = np.zeros(n_vocab, bool)
+        for i in range(n_vocab):
+            b = ll.decode_bytes([i])
+            n = len(b) - len(b.lstrip(b"0123456789"))
+            lead[i] = n
+            trail[i] = -n if n == len(b) and n else len(b) - len(b.rstrip(b"0123456789"))
+            quote[i] = b[:1] == b'"'
+        tokenizer._digits = cache = (n_vocab, (lead, trail, quote))
     return cache[1]
 
 
@@ -125,6 +150,9 @@ class Constraint:
             raise GrammarError(f"the grammar does not compile: {self.matcher.get_error()}")
         self.words = np.zeros((n_vocab + 31) // 32, np.int32)     # llguidance's bitmask, reused
         self.seconds, self.masks = 0.0, 0          # time spent computing masks (tools/bench_constrain.py)
+        # JSON in the grammar: its numbers are held to MAX_DIGITS digits in a row (cap_digits)
+        self.digits = digit_table(tokenizer, n_vocab) if "%json" in grammar else None
+        self.run = 0                # digits at the end of the output so far
 
     @property
     def done(self) -> bool:
@@ -142,11 +170,28 @@ class Constraint:
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
         """A copy of logits [n_vocab] with every token the grammar forbids at -inf."""
-        return np.where(self.allowed(), logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+        allowed = self.allowed()
+        if self.run and self.digits is not None:
+            allowed = self.cap_digits(allowed)
+        return np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+
+    def cap_digits(self, allowed: np.ndarray) -> np.ndarray:
+        """`allowed` less the tokens that would make the digits in a row more than MAX_DIGITS,
+        where the grammar allows something else and no quote (in a JSON number, not a string)."""
+        lead, _, quote = self.digits
+        longer = allowed & (lead > MAX_DIGITS - self.run)
+        if longer.any() and not (allowed & quote).any():
+            rest = allowed & ~longer
+            if rest.any():
+                return rest
+        return allowed
 
     def accept(self, token: int):
         if not self.matcher.consume_token(int(token)):
             raise GlmcpuError(f"the grammar refused token {token}: {self.matcher.get_error()}")
+        if self.digits is not None and 0 <= token < self.n_vocab:
+            t = int(self.digits[1][token])
+            self.run = self.run - t if t < 0 else t
 
 
 def from_request(response_format=None, grammar=None, schema=None):
