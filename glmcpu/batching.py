@@ -226,9 +226,14 @@ class Scheduler:
             budget -= len(take)
             parts.append((job, take, len(take) == len(job.pending)))
         ids = [t for _, toks, _ in parts for t in toks]
+        # a cluster's workers send each row's `top` best logits alone when every sampler's choice
+        # needs no more (Sampler.needs; generate.forward does the same for one sequence)
+        needs = [j.sampler.needs(j.history) for j, _, want in parts if want]
+        top = 0 if not needs or 0 in needs else max(needs)
+        kw = {"top": top} if top and getattr(self.net, "sparse_logits", False) else {}
         t0 = time.perf_counter()
         try:
-            logits = self.net.forward(ids, Batch([(j.cache, len(toks), want) for j, toks, want in parts]))
+            logits = self.net.forward(ids, Batch([(j.cache, len(toks), want) for j, toks, want in parts]), **kw)
         except Exception as e:              # e.g. a cluster that lost every worker: these jobs end
             for job, _, _ in parts:
                 self.release(self.slots.index(job), "error", e)

@@ -662,3 +662,41 @@ def test_a_worker_refuses_slots_past_its_memory(tiny, workers):
     m = glmcpu.load(path, threads=1, workers=eps, insecure=True, ctx=2048, slots=2, kv_type="f32")
     assert m.cluster.slots == 2 and m.cluster.status()["alive"] == "1/1"
     m.cluster.close()
+
+
+def test_batched_steps_take_only_the_best_logits_from_workers(tiny, workers, cluster_topology):
+    """Every sampler of a batched step needs only its top-k (greedy, top-k 40): the workers send
+    each row's best logits alone (fewer bytes back), and each answer is still the one alone."""
+    from glmcpu.batching import Scheduler
+
+    _, path, _ = tiny("glm4", "q8_0")
+    one = glmcpu.load(path, threads=1, draft="none")
+    prompts = [PROMPT, [3, 4, 5], list(range(20, 41))]
+    kws = [dict(temperature=0), dict(temperature=0.8, seed=5), dict(temperature=1.0, seed=2, top_k=40)]
+    want = []
+    for p, kw in zip(prompts, kws):
+        one.reset()
+        want.append(run_one(one, p, kw))
+    _, eps = workers(path, 2, "--insecure")
+    m = glmcpu.load(path, threads=1, workers=eps, insecure=True, slots=3, draft="none")
+    c = m.cluster
+    sent = []
+    exchange = c.exchange if cluster_topology == "star" else c.exchange_mesh
+
+    def spy(mod, x, args):                  # the head's `top` of each batched step
+        if mod.kind == "head":
+            sent.append(c.top)
+        return exchange(mod, x, args)
+    if cluster_topology == "star":
+        c.exchange = spy
+    else:
+        c.exchange_mesh = spy
+    s = Scheduler(m, 3, chunk=8)
+    try:
+        jobs = [s.submit(p, max_tokens=10, ignore_eos=True, **kw) for p, kw in zip(prompts, kws)]
+        got = [list(j.tokens()) for j in jobs]
+    finally:
+        s.close()
+    assert got == want
+    assert sent and min(sent) == 40 and s.counts["step_rows"] > s.counts["steps"]
+    m.cluster.close()

@@ -194,9 +194,11 @@ def child_main(args):
         kw = dict(workers=args.endpoints.split(","), timeout=60, wire=args.wires.split(",")[0],
                   topology="mesh" if "mesh" in args.topologies.split(",") else "star")
         kw.update(insecure=True) if args.insecure else kw.update(key=args.key, worker_key=args.worker_key)
+    if args.child == "root" and args.batch > 1:
+        kw["slots"] = args.batch
     m = glmcpu.load(args.model, threads=args.threads, **kw)
     prompt = list(range(1000, 1008))
-    decode_rate(m, 4, prompt)
+    decode_rate(m, 4, prompt, batch=args.batch)
     print("ready", flush=True)
     c = getattr(m, "cluster", None)
     for line in sys.stdin:
@@ -206,7 +208,7 @@ def child_main(args):
             if c.use_mesh(topology[0] == "mesh") != (topology[0] == "mesh"):
                 raise SystemExit("the mesh could not be set up")
         first = []
-        rate = decode_rate(m, n, prompt, (lambda: first.append(counters(c))) if c else None)
+        rate = decode_rate(m, n, prompt, (lambda: first.append(counters(c))) if c else None, args.batch)
         out = {"rate": rate}
         if c:
             d = counters(c) - first[0]              # the decode steps alone, not the prompt's
@@ -238,7 +240,7 @@ def netns_main(args):
         print(f"netns: cannot make rate-limited network namespaces here ({getattr(e, 'stderr', '') or e})",
               file=sys.stderr)
         sys.exit(3)
-    base = ["--child", "single", "--threads", "1", args.model]
+    base = ["--child", "single", "--threads", "1", "--batch", str(args.batch), args.model]
     topologies = args.topologies.split(",")
     links = [(m, t) for m in mbits for t in topologies]          # each link speed, each topology
     rates = {"alone": [], "ceiling": [], **{k: [] for k in links}}
@@ -270,7 +272,7 @@ def netns_main(args):
             eps = ",".join(f"tcp://{node_addr(i)}:5599" for i in range(1, n))
             root = Child(["ip", "netns", "exec", node_ns(0), "taskset", "-c", "0"],
                          ["--child", "root", "--threads", "1", "--endpoints", eps, "--wires", args.wires,
-                          "--topologies", args.topologies, args.model]
+                          "--topologies", args.topologies, "--batch", str(args.batch), args.model]
                          + (["--insecure"] if args.insecure else keys))
             root.wait_ready()
             for m in mbits:
@@ -362,15 +364,35 @@ def counters(c):
                      c.stats["net_seconds"], c.stats["tokens"], c.stats["syncs"]], float)
 
 
-def decode_rate(m, n, prompt, at_first=None):
+def decode_rate(m, n, prompt, at_first=None, batch=1):
     """Decode tok/s of n tokens after the prompt; at_first() is called once the first token (the
-    prompt's step) is out, so that counters taken then and at the end cover decode steps alone."""
+    prompt's step) is out, so that counters taken then and at the end cover decode steps alone.
+    batch > 1: that many sequences (the prompt, each with its own first id) decode together, one
+    forward pass a step (glm4.Batch, as serve --parallel runs them): all their tokens a second."""
+    if batch > 1:
+        return batch_rate(m, n, prompt, at_first, batch)
     m.reset()
     for i, _ in enumerate(m.generate(prompt, max_tokens=n, seed=0, ignore_eos=True)):  # default sampling
         if i == 0 and at_first is not None:
             at_first()
     s = m.last_stats
     return s["gen_tokens"] / s["gen_seconds"]
+
+
+def batch_rate(m, n, prompt, at_first, batch):
+    import time
+    from glmcpu.models.glm4 import Batch
+    net = m.net
+    caches = [net.new_cache(len(prompt) + n + 1) for _ in range(batch)]
+    last = [int(np.argmax(net.forward([prompt[0] + i] + prompt[1:], c)[-1])) for i, c in enumerate(caches)]
+    if at_first is not None:
+        at_first()
+    t = time.perf_counter()
+    kw = {"top": 1} if getattr(net, "sparse_logits", False) else {}       # greedy: the best logit of each row
+    for _ in range(n):
+        logits = net.forward(last, Batch([(c, 1) for c in caches]), **kw)
+        last = [int(x) for x in np.argmax(logits, 1)]
+    return batch * n / (time.perf_counter() - t)
 
 
 def main():
@@ -390,6 +412,9 @@ def main():
     ap.add_argument("--nodes", type=int, default=2, help="--netns: root + workers")
     ap.add_argument("--insecure", action="store_true", help="--netns: plain TCP (default: CurveZMQ keys)")
     ap.add_argument("--switch", action="store_true", help="--netns: 2 nodes meet at a bridge too (default: a cable)")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="--netns: sequences decoding together in one pass, in every process (serve --parallel): "
+                         "rates are all their tokens a second")
     ap.add_argument("--apart", action="store_true",
                     help="loopback with one model loaded at a time (files near half the RAM)")
     ap.add_argument("--child", choices=("single", "root"), help=argparse.SUPPRESS)
