@@ -98,7 +98,7 @@ def with_thinking(grammar: str, mode, special=frozenset()) -> str:
 
 def ll_tokenizer(tokenizer, n_vocab: int):
     """llguidance's view of a glmcpu Tokenizer over the model's n_vocab rows (kept on it: building
-    one takes ~0.3 s for 151k tokens); its EOS tokens are the tokenizer's stop ids."""
+    one takes ~1 s for 151k tokens); its EOS tokens are the tokenizer's stop ids."""
     cache = getattr(tokenizer, "_llg", None)
     if cache is None or cache[0] != n_vocab:
         llg = _llguidance()
