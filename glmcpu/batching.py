@@ -48,7 +48,6 @@ class Job:
         self.finish_reason = None
         self.stats = {"prompt_tokens": len(ids), "cached_tokens": 0, "prompt_seconds": 0.0,
                       "gen_tokens": 0, "gen_seconds": 0.0}
-        self.submitted = time.perf_counter()
         # the scheduler's, while running
         self.cache = self.pending = self.history = None
         self.started = self.first = None

@@ -30,7 +30,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from .constrain import json_expr
+from .constrain import json_expr, with_thinking
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -257,6 +257,11 @@ def detect(arch, template) -> ChatFormat:
     if "<function=" in t or "<parameter=" in t:
         return FORMATS["xml"]
     return FORMATS["glm45"] if arch == "glm4moe" else FORMATS["glm4"]
+
+
+def answer_grammar(fmt: ChatFormat, prompt: str, grammar: str, special=frozenset()) -> str:
+    """`grammar` (Lark) for the answer a chat prompt gets, after the thinking the model may do first."""
+    return with_thinking(grammar, thinking_mode(fmt, prompt), special)
 
 
 def thinking_mode(fmt: ChatFormat, prompt: str):

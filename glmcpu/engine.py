@@ -4,8 +4,8 @@ import os
 import numpy as np
 
 from . import device, ops
-from .chat_format import detect, thinking_mode
-from .constrain import Constraint, from_request, special_tags, with_thinking
+from .chat_format import answer_grammar, detect
+from .constrain import Constraint, from_request, special_tags
 from .errors import GlmcpuError
 from .draft import MODES, make as make_draft
 from .generate import check_fits, generate_ids, prefill
@@ -169,8 +169,8 @@ class Model:
             kwargs["grammar"] = from_request(response_format)
         prompt = self.tokenizer.render(messages, **(template_kwargs or {}))
         if kwargs.get("grammar") is not None:          # after any thinking the model does first
-            fmt = detect(self.cfg.arch, self.tokenizer.chat_template)
-            kwargs["grammar"] = with_thinking(kwargs["grammar"], thinking_mode(fmt, prompt), special_tags(self.tokenizer))
+            kwargs["grammar"] = answer_grammar(detect(self.cfg.arch, self.tokenizer.chat_template), prompt,
+                                               kwargs["grammar"], special_tags(self.tokenizer))
         yield from answer(self.generate(prompt, **kwargs))
 
     def __repr__(self):

@@ -47,7 +47,7 @@ from importlib import resources
 
 from . import constrain
 from .batching import PROMPT_CHUNK, QueueFull, Scheduler, prometheus
-from .chat_format import (THINK_OPEN, ChatFormatError, ChatTurn, Lead, check_tool_calls, check_tool_choice, thinking_mode,
+from .chat_format import (THINK_OPEN, ChatFormatError, ChatTurn, Lead, check_tool_calls, check_tool_choice, answer_grammar,
                           check_tools, detect)
 from .errors import ContextOverflow, GlmcpuError
 from .engine import detokenize
@@ -393,7 +393,7 @@ class API:
             if grammar is None:
                 return None
             if turn is not None:
-                grammar = constrain.with_thinking(grammar, thinking_mode(turn.format, turn.prompt), special)
+                grammar = answer_grammar(turn.format, turn.prompt, grammar, special)
             constrain.check(grammar, tok, n_vocab)
         except constrain.GrammarError as e:
             raise APIError(400, str(e), param="tool_choice" if calls is not None else param) from None

@@ -469,11 +469,11 @@ class WorkerService:
         if not isinstance(seg, list) or not 1 <= len(seg) <= len(self.kvs):
             raise ProtocolError(f"{op}: no sequences, or more than the {len(self.kvs)} slots loaded")
         parts, slots = [], set()
-        for e in seg:
+        for j, e in enumerate(seg):
             if (not isinstance(e, list) or len(e) != 4 or not all(type(v) is int for v in e[:3])
                     or not isinstance(e[3], bool) or not 0 <= e[0] < len(self.kvs) or e[0] in slots
                     or e[2] < 1 or not 0 <= e[1] <= self.n_ctx - e[2]):
-                raise ProtocolError(f"{op}: bad sequence {shown(e)}: [slot, first position, rows, logits "
+                raise ProtocolError(f"{op}: bad sequence {j}: [slot, first position, rows, logits "
                                     f"wanted] with slots 0..{len(self.kvs) - 1} once each, in a context "
                                     f"of {self.n_ctx}")
             slots.add(e[0])
@@ -527,7 +527,3 @@ class WorkerService:
             return wirecodec.encode_top(y, top) if top else wirecodec.encode(y, "f32")
         return wirecodec.encode(y, wirecodec.reply_codec(codec))
 
-
-def shown(v) -> str:
-    text = repr(v)
-    return text if len(text) <= 60 else text[:57] + "..."

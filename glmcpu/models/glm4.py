@@ -632,7 +632,7 @@ class Model:
             commit(cache, ids)
             return np.zeros((0, self.cfg.n_vocab), np.float32)
         if not (all_logits or hidden):
-            h = h[-1:] if lasts == [T - 1] else h[lasts]
+            h = h[lasts]
         d = self.head_dev
         if d is not on:
             h, on = d.asarray(on.to_host(h)), d
